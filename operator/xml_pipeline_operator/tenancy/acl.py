@@ -1,0 +1,344 @@
+"""Redis ACL users for organisms on a shared Redis: one user per organism, confined to its prefix.
+
+The user of an organism may touch only keys and Pub/Sub channels under its prefix and may run only
+the commands the library, the pump and the workers issue (`ORGANISM_COMMANDS`). Everything that
+acts on the whole server (FLUSHALL, KEYS, CONFIG, ACL, SCRIPT FLUSH, FUNCTION, SELECT, ...) is
+denied. Key patterns are checked by Redis for every command, including the commands a Lua script
+runs (scripts run with the caller's permissions), so EVAL/EVALSHA cannot escape the prefix.
+
+The one leak Redis itself leaves open: SCAN has no key argument, so key patterns do not filter it.
+A tenant allowed to SCAN sees the *names* (never the values) of other tenants' keys. The library
+lists and clears threads with SCAN, so it is allowed by default; `allow_scan=False` closes the leak
+at the price of `buffer_list_threads`/`buffer_clear`/`info` failing with NOPERM
+(docs/multi-tenancy.md, "Limits").
+
+Everything here takes an *admin* client (a redis-py client authenticated as a user allowed to run
+ACL and COMMAND). Functions are idempotent: applying the same desired state twice writes nothing
+the second time.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from xml_pipeline.memory.keys import validate_prefix
+
+# -- the permission set --------------------------------------------------------------------------
+
+#: Every command an organism's user may run, lower-case, `container|sub` for subcommands. Grouped by
+#: who needs it; a test proves none of FORBIDDEN_COMMANDS is here, and the library's contract suite
+#: runs with exactly this set (so it is sufficient as well as strict).
+ORGANISM_COMMANDS: tuple[str, ...] = (
+    # Connection. AUTH and HELLO need no permission (Redis exempts them), so a client can always
+    # re-authenticate after a reconnect. redis-py sends CLIENT SETNAME (client_name=) and, on
+    # Redis >= 7.2, CLIENT SETINFO on connect; the health check sends PING.
+    "ping", "echo", "client|setname", "client|getname", "client|setinfo", "client|id",
+    # Plain keys: registry (chain/uuid), append ids (op), temporary worker data (tmp), heartbeats.
+    "get", "set", "setnx", "getdel", "getex", "mget", "incr", "incrby",
+    "exists", "type", "del", "unlink", "expire", "pexpire", "ttl", "pttl",
+    # Lists: the context buffer (one LIST per thread) and blocking hand-offs.
+    "rpush", "lpush", "lrange", "lindex", "llen", "ltrim", "lpop", "rpop", "lrem",
+    "blpop", "brpop", "lmove", "blmove",
+    # Hashes, sets and sorted sets: worker bookkeeping (heartbeats, delivery counts, deadlines).
+    "hset", "hget", "hmget", "hgetall", "hdel", "hincrby", "hexists", "hlen",
+    "sadd", "srem", "smembers", "sismember", "scard",
+    "zadd", "zrem", "zrange", "zrangebyscore", "zscore", "zcard",
+    # Streams: WorkerTasks through a consumer group, reclaiming tasks of dead consumers, trimming,
+    # and the dead-letter stream.
+    "xadd", "xread", "xreadgroup", "xack", "xautoclaim", "xclaim", "xpending", "xtrim", "xdel",
+    "xlen", "xrange", "xrevrange",
+    "xgroup|create", "xgroup|createconsumer", "xgroup|delconsumer", "xgroup|setid", "xgroup|destroy",
+    "xinfo|stream", "xinfo|groups", "xinfo|consumers",
+    # Lua: the atomic append (index + TTL + idempotency in one step). redis-py's Script object runs
+    # EVALSHA and falls back to SCRIPT LOAD on NOSCRIPT. SCRIPT FLUSH/KILL are server-wide: denied.
+    "eval", "evalsha", "eval_ro", "evalsha_ro", "script|load", "script|exists",
+    # Transactions (redis-py pipelines with transaction=True; WATCH keys are permission-checked).
+    "multi", "exec", "discard", "watch", "unwatch",
+    # Pub/Sub, confined to channels under the prefix by the `&<prefix>*` rule.
+    "publish", "subscribe", "unsubscribe", "psubscribe", "punsubscribe",
+    # Listing threads, clearing the prefix, info(): SCAN (see the module docstring for its limit).
+    "scan",
+)
+
+#: Commands that must never be granted to a tenant: they act on the whole server or on every
+#: tenant's data (or reveal other tenants' data or activity).
+FORBIDDEN_COMMANDS: frozenset[str] = frozenset({
+    "flushall", "flushdb", "keys", "randomkey", "dbsize", "swapdb", "select", "move", "migrate",
+    "config", "debug", "acl", "shutdown", "module", "monitor", "replicaof", "slaveof", "sync", "psync",
+    "save", "bgsave", "bgrewriteaof", "lastsave", "failover", "cluster", "latency", "slowlog",
+    "memory", "object", "info", "pubsub", "function", "fcall", "fcall_ro",
+    "script|flush", "script|kill", "client|kill", "client|list", "client|pause", "client|no-evict",
+    "client|tracking", "client|info", "client|reply",
+})
+
+#: Subcommands that exist only on newer servers; they are granted only where the server knows them
+#: (ACL SETUSER rejects an unknown name, e.g. CLIENT SETINFO on Redis 7.0).
+_VERSION_DEPENDENT: frozenset[str] = frozenset({"client|setinfo"})
+
+
+class Change(enum.Enum):
+    """What `ensure_user` had to do."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+
+
+@dataclass(frozen=True)
+class AclUser:
+    """A Redis ACL user as ACL GETUSER describes it (passwords are SHA-256 hex digests)."""
+
+    username: str
+    enabled: bool
+    password_hashes: frozenset[str]
+    #: `-@all`, `+get`, ... as a set: Redis does not keep the order stable.
+    command_rules: frozenset[str]
+    key_patterns: frozenset[str]
+    channel_patterns: frozenset[str]
+    has_selectors: bool
+
+
+def username_for(namespace: str, name: str) -> str:
+    """The ACL username of Organism `namespace/name`. Namespaces have no dots, so this is unique."""
+    return f"xp.{namespace}.{name}"
+
+
+def password_hash(password: str) -> str:
+    """How Redis stores a password (ACL GETUSER shows these)."""
+    return hashlib.sha256(password.encode("utf-8")).hexdigest()
+
+
+def server_commands(admin: redis.Redis) -> frozenset[str]:
+    """The names of `ORGANISM_COMMANDS` this server knows (COMMAND INFO, one round trip)."""
+    tops = sorted({c.split("|")[0] for c in ORGANISM_COMMANDS})
+    info = admin.execute_command("COMMAND", "INFO", *tops)
+    known: set[str] = set()
+    entries: Iterable[Any] = info.values() if isinstance(info, Mapping) else info
+    for entry in entries:
+        if not entry:
+            continue
+        name = _s(entry["name"] if isinstance(entry, Mapping) else entry[0]).lower()
+        known.add(name)
+        subs = entry.get("subcommands", []) if isinstance(entry, Mapping) else (entry[9] if len(entry) > 9 else [])
+        for sub in subs or []:
+            known.add(_s(sub[0]).lower())
+    return frozenset(known)
+
+
+#: A user that never logs in (off, no password, no keys), used once per server to learn how it
+#: describes our command rules; overwritten, never accumulated.
+PROBE_USER = "xp-operator-acl-probe"
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    """What one Redis server knows and how it words our rules. Compute once per server
+    (`server_profile`) and pass it to `ensure_user`, so a check costs one ACL GETUSER."""
+
+    available: frozenset[str]
+    #: allow_scan → the command rules as ACL GETUSER shows them. Redis rewrites `-@all +get ...`
+    #: into its own shortest form (`+@list -lset ...`, version dependent), so the comparison uses
+    #: the server's wording of our rules, learnt from a probe user.
+    described: Mapping[bool, frozenset[str]]
+
+
+def server_profile(admin: redis.Redis) -> ServerProfile:
+    """Learn the server's commands and its description of our rules (a few round trips, once)."""
+    available = server_commands(admin)
+    described: dict[bool, frozenset[str]] = {}
+    try:
+        for allow_scan in (True, False):
+            cmds = [f"+{c}" for c in granted_commands(available, allow_scan=allow_scan)]
+            admin.execute_command("ACL", "SETUSER", PROBE_USER, "reset", "-@all", *cmds)
+            raw = _pairs(admin.execute_command("ACL", "GETUSER", PROBE_USER))
+            described[allow_scan] = frozenset(_s(raw.get("commands", b"")).split())
+    finally:
+        admin.execute_command("ACL", "DELUSER", PROBE_USER)
+    return ServerProfile(available=available, described=described)
+
+
+def granted_commands(available: frozenset[str] | None = None, *, allow_scan: bool = True) -> tuple[str, ...]:
+    """`ORGANISM_COMMANDS` minus what the server lacks (version-dependent ones) and SCAN if denied."""
+    out = []
+    for cmd in ORGANISM_COMMANDS:
+        if cmd == "scan" and not allow_scan:
+            continue
+        if cmd in _VERSION_DEPENDENT and (available is None or cmd not in available):
+            continue
+        out.append(cmd)
+    return tuple(out)
+
+
+def acl_rules(prefix: str, *, available: frozenset[str] | None = None, allow_scan: bool = True) -> list[str]:
+    """The ACL SETUSER rules (without passwords and on/off) confining a user to `prefix`.
+
+    `resetkeys ~<prefix>* resetchannels &<prefix>* -@all +<each granted command>`. The prefix is
+    validated first: it has no glob characters, so the pattern matches exactly the prefix's keys.
+    """
+    validate_prefix(prefix, "backend.redis.prefix")
+    return ["resetkeys", f"~{prefix}*", "resetchannels", f"&{prefix}*", "-@all",
+            *(f"+{c}" for c in granted_commands(available, allow_scan=allow_scan))]
+
+
+# -- reading and writing users -------------------------------------------------------------------
+
+def get_user(admin: redis.Redis, username: str) -> AclUser | None:
+    """The user as Redis has it now, or None when it does not exist."""
+    raw = admin.execute_command("ACL", "GETUSER", username)
+    if raw is None:
+        return None
+    fields = _pairs(raw)
+    flags = {_s(f) for f in fields.get("flags", [])}
+    selectors = fields.get("selectors") or []
+    return AclUser(
+        username=username,
+        enabled="on" in flags,
+        password_hashes=frozenset(_s(p) for p in fields.get("passwords", [])),
+        command_rules=frozenset(_s(fields.get("commands", b"")).split()),
+        key_patterns=frozenset(_s(fields.get("keys", b"")).split()),
+        channel_patterns=frozenset(_s(fields.get("channels", b"")).split()),
+        has_selectors=bool(selectors),
+    )
+
+
+def user_exists(admin: redis.Redis, username: str) -> bool:
+    return get_user(admin, username) is not None
+
+
+def list_users(admin: redis.Redis) -> frozenset[str]:
+    """Every username the server has (ACL USERS, one round trip)."""
+    return frozenset(_s(u) for u in admin.execute_command("ACL", "USERS"))
+
+
+def desired_user(username: str, prefix: str, passwords: Sequence[str], profile: ServerProfile, *,
+                 enabled: bool = True, allow_scan: bool = True) -> AclUser:
+    """The AclUser that `ensure_user` converges to (what ACL GETUSER shows afterwards)."""
+    validate_prefix(prefix, "backend.redis.prefix")
+    return AclUser(
+        username=username,
+        enabled=enabled,
+        password_hashes=frozenset(password_hash(p) for p in passwords),
+        command_rules=profile.described[allow_scan],
+        key_patterns=frozenset({f"~{prefix}*"}),
+        channel_patterns=frozenset({f"&{prefix}*"}),
+        has_selectors=False,
+    )
+
+
+def ensure_user(admin: redis.Redis, username: str, password: str, prefix: str, *,
+                also_accept: Sequence[str] = (), enabled: bool = True, allow_scan: bool = True,
+                profile: ServerProfile | None = None) -> Change:
+    """Make `username` exist exactly as desired: confined to `prefix`, accepting `password` (and the
+    passwords in `also_accept`, for a rotation in progress) and no other.
+
+    Reads the user first and writes nothing when it already matches. Pass a cached `profile`
+    (server_profile) when calling it for many users. A needed change is one
+    ACL SETUSER, which Redis applies atomically: passwords are added before stale ones are removed
+    in the same call, and connections already authenticated stay authenticated.
+    """
+    if not password:
+        raise ValueError("password must be a non-empty string")
+    if profile is None:
+        profile = server_profile(admin)
+    want = desired_user(username, prefix, [password, *also_accept], profile, enabled=enabled,
+                        allow_scan=allow_scan)
+    have = get_user(admin, username)
+    if have == want:
+        return Change.UNCHANGED
+    rules = ["on" if enabled else "off", "clearselectors",
+             *acl_rules(prefix, available=profile.available, allow_scan=allow_scan)]
+    rules += [f">{p}" for p in (password, *also_accept)]
+    if have is not None:
+        rules += [f"!{h}" for h in sorted(have.password_hashes - want.password_hashes)]
+    admin.execute_command("ACL", "SETUSER", username, *rules)
+    return Change.CREATED if have is None else Change.UPDATED
+
+
+def disable_user(admin: redis.Redis, username: str) -> bool:
+    """Refuse new logins of `username` and drop its open connections (keeps the user and its data).
+
+    `off` alone would let connections that are already authenticated go on working, so they are
+    killed too. Returns False when the user does not exist.
+    """
+    user = get_user(admin, username)
+    if user is None:
+        return False
+    if user.enabled:
+        admin.execute_command("ACL", "SETUSER", username, "off")
+    admin.execute_command("CLIENT", "KILL", "USER", username)
+    return True
+
+
+def delete_user(admin: redis.Redis, username: str) -> bool:
+    """Delete `username` (Redis also closes its connections). False when it did not exist."""
+    return int(admin.execute_command("ACL", "DELUSER", username)) > 0
+
+
+def save_acl(admin: redis.Redis) -> bool:
+    """ACL SAVE when the server uses an ACL file, so users survive a restart. False when it has none
+    (the operator then relies on recovery.py to re-create users after a restart)."""
+    try:
+        admin.execute_command("ACL", "SAVE")
+        return True
+    except redis.ResponseError as e:
+        if "ACL file" in str(e) or "aclfile" in str(e).lower():
+            return False
+        raise
+
+
+# -- password rotation: explicit steps the operator drives -----------------------------------------
+
+class RotationStep(enum.Enum):
+    """The next step of a password change. Each is idempotent and safe to repeat after a crash.
+
+    The order never locks a running pod out: Redis accepts the new password before the Secret
+    hands it to pods, and the old one is removed only once every pod runs with the new one.
+    """
+
+    #: ensure_user(password=new, also_accept=[old]): Redis accepts both.
+    ACCEPT_NEW = "accept-new"
+    #: write the new password into the Secret (pods pick it up as they roll).
+    PUBLISH_NEW = "publish-new"
+    #: wait: pods still run with the old password.
+    WAIT_FOR_PODS = "wait-for-pods"
+    #: ensure_user(password=new): Redis forgets the old password.
+    RETIRE_OLD = "retire-old"
+    DONE = "done"
+
+
+def next_rotation_step(*, accepted_hashes: frozenset[str], secret_password: str, new_password: str,
+                       pods_current: bool) -> RotationStep:
+    """Pure: where a rotation from the Secret's password to `new_password` stands.
+
+    `accepted_hashes` is what Redis accepts now (AclUser.password_hashes); `pods_current` is True
+    when every pod was started with the Secret's current password. The new password must be stored
+    durably by the operator before the first step, so a crash never loses it.
+    """
+    new_hash = password_hash(new_password)
+    if new_hash not in accepted_hashes:
+        return RotationStep.ACCEPT_NEW
+    if secret_password != new_password:
+        return RotationStep.PUBLISH_NEW
+    if accepted_hashes == {new_hash}:
+        return RotationStep.DONE
+    if not pods_current:
+        return RotationStep.WAIT_FOR_PODS
+    return RotationStep.RETIRE_OLD
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _s(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def _pairs(raw: Any) -> dict[str, Any]:
+    """ACL GETUSER reply (a flat list of pairs, or a dict under RESP3/callbacks) as {str: value}."""
+    if isinstance(raw, Mapping):
+        return {_s(k): v for k, v in raw.items()}
+    items = list(raw)
+    return {_s(items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}

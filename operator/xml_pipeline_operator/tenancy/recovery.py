@@ -1,0 +1,80 @@
+"""Redis forgets, the operator remembers: re-create organism users a shared Redis has lost.
+
+A Redis that restarts without an ACL file (or with a stale one) comes back without the users the
+operator made. Pods then fail to authenticate on their next reconnect (WRONGPASS), and keep
+retrying. The operator's periodic check notices and re-creates the users from the desired state
+(the Organisms and their Secrets); the pods' next attempt succeeds and their backends recover
+without a restart.
+
+One check costs two round trips when nothing is wrong: `INFO server` (has the server restarted?
+its run_id changes) and `ACL USERS` (is anyone missing?). After a restart every desired user is
+re-applied (ensure_user compares first, so unchanged users cost one ACL GETUSER each), which also
+repairs users an old ACL file brought back with stale passwords or rules.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import redis
+
+from .acl import Change, ensure_user, list_users, server_profile
+
+
+@dataclass(frozen=True)
+class DesiredUser:
+    """What one organism's user must look like (from the Organism and its Secret)."""
+
+    username: str
+    prefix: str
+    password: str = field(repr=False)
+    also_accept: tuple[str, ...] = field(default=(), repr=False)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    restarted: bool
+    #: Users that did not exist and were created again.
+    recreated: tuple[str, ...]
+    #: Users that existed but differed from the desired state and were corrected.
+    repaired: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.recreated or self.repaired)
+
+
+def server_run_id(admin: redis.Redis) -> str:
+    """The server's run_id: a new one after every restart."""
+    return str(admin.info("server")["run_id"])
+
+
+class UserRecovery:
+    """Keeps the run_id seen last; `check()` re-creates missing users. One per shared Redis."""
+
+    def __init__(self, admin: redis.Redis) -> None:
+        self._admin = admin
+        self._run_id: str | None = None
+
+    def check(self, desired: Iterable[DesiredUser]) -> RecoveryReport:
+        wanted = list(desired)
+        run_id = server_run_id(self._admin)
+        restarted = self._run_id is not None and run_id != self._run_id
+        existing = list_users(self._admin)
+        todo = wanted if restarted or self._run_id is None else [u for u in wanted if u.username not in existing]
+        recreated: list[str] = []
+        repaired: list[str] = []
+        if todo:
+            profile = server_profile(self._admin)
+            for u in todo:
+                change = ensure_user(self._admin, u.username, u.password, u.prefix, also_accept=u.also_accept,
+                                     enabled=u.enabled, profile=profile)
+                if change is Change.CREATED:
+                    recreated.append(u.username)
+                elif change is Change.UPDATED:
+                    repaired.append(u.username)
+        # Remember the run_id only once every user is in place: if ensure_user failed half way, the
+        # next check sees the restart again and re-applies everything.
+        self._run_id = run_id
+        return RecoveryReport(restarted=restarted, recreated=tuple(recreated), repaired=tuple(repaired))

@@ -1,0 +1,74 @@
+"""Fixtures for the multi-tenancy tests: a shared redis-server with an admin password, and
+organism users confined to their prefixes (made by the code under test, tenancy.acl)."""
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+from redis_server import RedisServer
+
+from xml_pipeline_operator.tenancy import acl
+
+ADMIN_PASSWORD = "admin-" + secrets.token_hex(8)
+_seq = itertools.count()
+
+
+@dataclass(frozen=True)
+class Org:
+    """An organism's credentials on the shared Redis."""
+
+    server: RedisServer
+    username: str
+    password: str
+    prefix: str
+
+    def client(self, **kw: object) -> redis.Redis:
+        """A client logged in as this organism's user (never the admin)."""
+        opts: dict[str, object] = {"socket_timeout": 5, **kw}
+        return redis.Redis.from_url(self.server.url, username=self.username, password=self.password,
+                                    **opts)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    """The shared Redis of many organisms; the `default` user is the operator's admin."""
+    server = RedisServer(password=ADMIN_PASSWORD).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def admin(shared_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = shared_redis.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_org(shared_redis: RedisServer, admin: redis.Redis) -> Iterator[Callable[..., Org]]:
+    """Create organism users with unique prefixes on the shared Redis; removed with their keys after."""
+    made: list[Org] = []
+
+    def make(name: str | None = None, *, prefix: str | None = None, server: RedisServer | None = None,
+             allow_scan: bool = True) -> Org:
+        n = next(_seq)
+        name = name or f"org{n}"
+        srv = server or shared_redis
+        org = Org(srv, acl.username_for("t", f"{name}-{n}"), secrets.token_urlsafe(24),
+                  prefix or f"xp:t.{name}-{n}:")
+        adm = admin if srv is shared_redis else srv.client()
+        acl.ensure_user(adm, org.username, org.password, org.prefix, allow_scan=allow_scan)
+        made.append(org)
+        return org
+
+    yield make
+    for org in made:
+        if org.server is shared_redis and org.server.proc is not None:
+            admin.execute_command("ACL", "DELUSER", org.username)
+            keys = list(admin.scan_iter(match=f"{org.prefix}*", count=1000))
+            if keys:
+                admin.unlink(*keys)

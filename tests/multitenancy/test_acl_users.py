@@ -1,0 +1,161 @@
+"""ensure_user / disable_user / delete_user / password rotation on a real redis-server."""
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import pytest
+import redis
+from redis.exceptions import AuthenticationError, ConnectionError, NoPermissionError
+
+from xml_pipeline.errors import ConfigError
+from xml_pipeline_operator.tenancy import acl
+from xml_pipeline_operator.tenancy.acl import Change, RotationStep
+
+from .conftest import Org
+
+
+def _login(org: Org, password: str) -> redis.Redis:
+    return redis.Redis.from_url(org.server.url, username=org.username, password=password, socket_timeout=5)
+
+
+def test_rules_shape() -> None:
+    rules = acl.acl_rules("xp:team-a.orders:")
+    assert rules[:5] == ["resetkeys", "~xp:team-a.orders:*", "resetchannels", "&xp:team-a.orders:*", "-@all"]
+    granted = {r[1:] for r in rules[5:]}
+    assert all(r.startswith("+") for r in rules[5:])
+    assert not granted & acl.FORBIDDEN_COMMANDS
+    assert "client|setinfo" not in granted  # only where the server knows it
+    assert "scan" not in {r[1:] for r in acl.acl_rules("xp:a:", allow_scan=False)}
+
+
+@pytest.mark.parametrize("prefix", ["xp:*", "xp:a", "xp:[ab]:", "", "xp:buffer:", "x p:"])
+def test_unsafe_prefix_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        acl.acl_rules(prefix)
+    assert err.value.field == "backend.redis.prefix"
+
+
+def test_ensure_user_is_idempotent(admin: redis.Redis) -> None:
+    name, pw = "xp.t.idem", secrets.token_urlsafe(16)
+    try:
+        assert acl.ensure_user(admin, name, pw, "xp:t.idem:") is Change.CREATED
+        before = acl.get_user(admin, name)
+        assert acl.ensure_user(admin, name, pw, "xp:t.idem:") is Change.UNCHANGED
+        assert acl.get_user(admin, name) == before
+        assert before == acl.desired_user(name, "xp:t.idem:", [pw], acl.server_profile(admin))
+        # A different prefix or a disabled flag is a real change, applied in place.
+        assert acl.ensure_user(admin, name, pw, "xp:t.idem2:") is Change.UPDATED
+        assert acl.get_user(admin, name).key_patterns == {"~xp:t.idem2:*"}  # type: ignore[union-attr]
+        # Drift made by hand (an extra command, an extra password) is corrected.
+        admin.execute_command("ACL", "SETUSER", name, "+flushall", ">intruder")
+        assert acl.ensure_user(admin, name, pw, "xp:t.idem2:") is Change.UPDATED
+        user = acl.get_user(admin, name)
+        assert user is not None and "+flushall" not in user.command_rules
+        assert user.password_hashes == {acl.password_hash(pw)}
+    finally:
+        acl.delete_user(admin, name)
+
+
+def test_ensure_user_writes_nothing_when_unchanged(admin: redis.Redis) -> None:
+    name, pw = "xp.t.quiet", secrets.token_urlsafe(16)
+    profile = acl.server_profile(admin)  # learnt once per server, as the operator does
+    acl.ensure_user(admin, name, pw, "xp:t.quiet:", profile=profile)
+    try:
+        # ACL LOG is silent, but commandstats counts every ACL SETUSER the server ran.
+        def setuser_calls() -> int:
+            stats = admin.info("commandstats")
+            return int(stats.get("cmdstat_acl|setuser", {}).get("calls", 0))
+        before = setuser_calls()
+        for _ in range(3):
+            assert acl.ensure_user(admin, name, pw, "xp:t.quiet:", profile=profile) is Change.UNCHANGED
+        assert setuser_calls() == before
+    finally:
+        acl.delete_user(admin, name)
+
+
+def test_disable_keeps_data_and_drops_connections(make_org: Callable[..., Org], admin: redis.Redis) -> None:
+    a = make_org("dis")
+    with a.client() as ra:
+        ra.set(f"{a.prefix}chain:x", "u")
+        assert acl.disable_user(admin, a.username)
+        # The authenticated connection was killed; reconnecting cannot log in any more.
+        with pytest.raises((AuthenticationError, ConnectionError)):
+            ra.get(f"{a.prefix}chain:x")
+    assert admin.get(f"{a.prefix}chain:x") == b"u"
+    user = acl.get_user(admin, a.username)
+    assert user is not None and not user.enabled
+    assert acl.disable_user(admin, a.username)  # idempotent
+    assert not acl.disable_user(admin, "xp.t.nobody")
+
+
+def test_delete_user(make_org: Callable[..., Org], admin: redis.Redis) -> None:
+    a = make_org("del")
+    with a.client() as ra:
+        assert ra.ping()
+        assert acl.delete_user(admin, a.username)
+        with pytest.raises((AuthenticationError, ConnectionError)):
+            ra.ping()
+    assert not acl.user_exists(admin, a.username)
+    assert not acl.delete_user(admin, a.username)
+
+
+def test_password_rotation_never_locks_pods_out(make_org: Callable[..., Org], admin: redis.Redis) -> None:
+    """Drive the rotation steps like the operator does, with an 'old pod' (a connection pool using the
+    old password that reconnects between steps) and a 'new pod' started once the Secret changed."""
+    a = make_org("rot")
+    old, new = a.password, secrets.token_urlsafe(24)
+    secret = {"redis-password": old}
+    old_pod = _login(a, old)
+    new_pod: redis.Redis | None = None
+    seen: list[RotationStep] = []
+    for _ in range(10):
+        user = acl.get_user(admin, a.username)
+        assert user is not None
+        step = acl.next_rotation_step(accepted_hashes=user.password_hashes, secret_password=secret["redis-password"],
+                                      new_password=new, pods_current=new_pod is not None)
+        seen.append(step)
+        if step is RotationStep.DONE:
+            break
+        # The old pod reconnects (a fresh TCP connection and AUTH) at every step before retirement.
+        old_pod.connection_pool.disconnect()
+        assert old_pod.set(f"{a.prefix}k", step.value)
+        if step is RotationStep.ACCEPT_NEW:
+            acl.ensure_user(admin, a.username, new, a.prefix, also_accept=[secret["redis-password"]])
+        elif step is RotationStep.PUBLISH_NEW:
+            secret["redis-password"] = new
+        elif step is RotationStep.WAIT_FOR_PODS:
+            new_pod = _login(a, secret["redis-password"])  # the rollout starts pods with the new Secret
+            assert new_pod.get(f"{a.prefix}k") is not None
+        elif step is RotationStep.RETIRE_OLD:
+            acl.ensure_user(admin, a.username, new, a.prefix)
+    assert seen == [RotationStep.ACCEPT_NEW, RotationStep.PUBLISH_NEW, RotationStep.WAIT_FOR_PODS,
+                    RotationStep.RETIRE_OLD, RotationStep.DONE]
+    assert new_pod is not None and new_pod.ping()
+    old_pod.connection_pool.disconnect()
+    with pytest.raises(AuthenticationError):
+        old_pod.ping()
+    new_pod.close()
+    old_pod.close()
+
+
+def test_rotation_steps_pure() -> None:
+    h = acl.password_hash
+    step = acl.next_rotation_step
+    assert step(accepted_hashes=frozenset({h("o")}), secret_password="o", new_password="n",
+                pods_current=True) is RotationStep.ACCEPT_NEW
+    # A Secret edited by hand (new password in the Secret, Redis unaware): Redis accepts it first.
+    assert step(accepted_hashes=frozenset({h("o")}), secret_password="n", new_password="n",
+                pods_current=False) is RotationStep.ACCEPT_NEW
+    assert step(accepted_hashes=frozenset({h("o"), h("n")}), secret_password="o", new_password="n",
+                pods_current=True) is RotationStep.PUBLISH_NEW
+    assert step(accepted_hashes=frozenset({h("n")}), secret_password="n", new_password="n",
+                pods_current=False) is RotationStep.DONE
+
+
+def test_strict_user_cannot_scan_but_works(make_org: Callable[..., Org]) -> None:
+    s = make_org("strict2", allow_scan=False)
+    with s.client() as rs:
+        assert rs.set(f"{s.prefix}x", 1)
+        with pytest.raises(NoPermissionError):
+            list(rs.scan_iter(match=f"{s.prefix}*"))

@@ -1,0 +1,147 @@
+"""With organism A's credentials, B's keys and every server-wide command are out of reach (NOPERM)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import redis
+from redis.exceptions import NoPermissionError
+
+from xml_pipeline_operator.tenancy import acl
+
+from .conftest import Org
+
+
+@pytest.fixture
+def pair(make_org: Callable[..., Org], admin: redis.Redis) -> tuple[Org, Org]:
+    a, b = make_org("a"), make_org("b")
+    admin.set(f"{b.prefix}chain:console.greeter", "uuid-b")
+    admin.rpush(f"{b.prefix}buffer:{{t1}}", b"slot0", b"slot1")
+    admin.xadd(f"{b.prefix}tasks", {"task": "x"})
+    admin.xgroup_create(f"{b.prefix}tasks", "workers", id="0")
+    return a, b
+
+
+# -- B's keys --------------------------------------------------------------------------------------
+
+CROSS_TENANT: dict[str, Callable[[redis.Redis, str], object]] = {
+    "GET": lambda r, p: r.get(f"{p}chain:console.greeter"),
+    "SET": lambda r, p: r.set(f"{p}chain:console.greeter", "mine"),
+    "MGET (own + B)": lambda r, p: r.mget("xp:t.nobody:x", f"{p}chain:console.greeter"),
+    "LRANGE": lambda r, p: r.lrange(f"{p}buffer:{{t1}}", 0, -1),
+    "RPUSH": lambda r, p: r.rpush(f"{p}buffer:{{t1}}", b"forged"),
+    "EXISTS": lambda r, p: r.exists(f"{p}buffer:{{t1}}"),
+    "TYPE": lambda r, p: r.type(f"{p}buffer:{{t1}}"),
+    "TTL": lambda r, p: r.ttl(f"{p}buffer:{{t1}}"),
+    "EXPIRE": lambda r, p: r.expire(f"{p}buffer:{{t1}}", 1),
+    "DEL": lambda r, p: r.delete(f"{p}buffer:{{t1}}"),
+    "UNLINK": lambda r, p: r.unlink(f"{p}buffer:{{t1}}"),
+    "XADD": lambda r, p: r.xadd(f"{p}tasks", {"task": "forged"}),
+    "XREADGROUP": lambda r, p: r.xreadgroup("workers", "spy", {f"{p}tasks": ">"}, count=1),
+    "XAUTOCLAIM": lambda r, p: r.xautoclaim(f"{p}tasks", "workers", "spy", 0),
+    "XGROUP CREATE": lambda r, p: r.xgroup_create(f"{p}tasks", "spies", id="0"),
+    "WATCH": lambda r, p: r.execute_command("WATCH", f"{p}chain:console.greeter"),
+    "EVAL with B's key in KEYS": lambda r, p: r.eval("return redis.call('GET', KEYS[1])", 1, f"{p}chain:console.greeter"),
+    "EVAL naming B's key inside the script": lambda r, p: r.eval(
+        f"return redis.call('GET', '{p}chain:console.greeter')", 0),
+    "EVAL deleting B's key inside the script": lambda r, p: r.eval(
+        f"return redis.call('DEL', '{p}buffer:{{t1}}')", 0),
+    "PUBLISH to B's channel": lambda r, p: r.publish(f"{p}events", "x"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(CROSS_TENANT))
+def test_a_cannot_touch_b(pair: tuple[Org, Org], admin: redis.Redis, op: str) -> None:
+    a, b = pair
+    with a.client() as ra:
+        with pytest.raises(redis.ResponseError) as err:
+            CROSS_TENANT[op](ra, b.prefix)
+    # NOPERM (redis-py's NoPermissionError), or the wording Redis uses when a script is refused.
+    assert isinstance(err.value, NoPermissionError) or "can't access" in str(err.value), err.value
+    # B's data is intact.
+    assert admin.get(f"{b.prefix}chain:console.greeter") == b"uuid-b"
+    assert admin.lrange(f"{b.prefix}buffer:{{t1}}", 0, -1) == [b"slot0", b"slot1"]
+    assert admin.xlen(f"{b.prefix}tasks") == 1
+
+
+def test_a_cannot_subscribe_to_b(pair: tuple[Org, Org]) -> None:
+    a, b = pair
+    with a.client() as ra:
+        ps = ra.pubsub()
+        with pytest.raises(NoPermissionError):
+            ps.subscribe(f"{b.prefix}events")
+            ps.get_message(timeout=1)
+        ps.close()
+
+
+def test_a_works_in_its_own_prefix(pair: tuple[Org, Org]) -> None:
+    a, _ = pair
+    with a.client() as ra:
+        assert ra.set(f"{a.prefix}chain:x", "u1")
+        assert ra.eval("return redis.call('RPUSH', KEYS[1], ARGV[1])", 1, f"{a.prefix}buffer:{{t}}", "s") == 1
+        assert ra.publish(f"{a.prefix}events", "hello") == 0
+        assert ra.unlink(f"{a.prefix}chain:x", f"{a.prefix}buffer:{{t}}") == 2
+
+
+def test_scan_shows_names_not_values_by_default(pair: tuple[Org, Org]) -> None:
+    """The documented limit (redis/redis#8152): SCAN is not filtered by key patterns. A sees the
+    *names* of B's keys when it scans, and nothing more: every access to them is refused."""
+    a, b = pair
+    with a.client() as ra:
+        names = [k.decode() for k in ra.scan_iter(match=f"{b.prefix}*")]
+        assert f"{b.prefix}chain:console.greeter" in names
+        for name in names:
+            with pytest.raises(NoPermissionError):
+                ra.get(name)
+
+
+def test_scan_refused_in_strict_mode(make_org: Callable[..., Org], pair: tuple[Org, Org]) -> None:
+    _, b = pair
+    strict = make_org("strict", allow_scan=False)
+    with strict.client() as rs:
+        with pytest.raises(NoPermissionError):
+            rs.scan(0, match=f"{b.prefix}*")
+        with pytest.raises(NoPermissionError):
+            rs.scan(0)
+
+
+# -- server-wide commands ----------------------------------------------------------------------------
+
+#: Each forbidden command with arguments of the right arity (Redis checks arity before the ACL, so a
+#: wrong arity would give a misleading error instead of NOPERM). `{own}` is a key of A's prefix.
+FORBIDDEN_CALLS: dict[str, tuple[str, ...]] = {
+    "flushall": ("FLUSHALL",), "flushdb": ("FLUSHDB",), "keys": ("KEYS", "*"),
+    "randomkey": ("RANDOMKEY",), "dbsize": ("DBSIZE",), "swapdb": ("SWAPDB", "0", "1"),
+    "select": ("SELECT", "1"), "move": ("MOVE", "{own}", "1"),
+    "migrate": ("MIGRATE", "127.0.0.1", "1", "{own}", "0", "100"),
+    "config": ("CONFIG", "GET", "requirepass"), "debug": ("DEBUG", "SLEEP", "0"),
+    "acl": ("ACL", "LIST"), "shutdown": ("SHUTDOWN", "NOSAVE"), "module": ("MODULE", "LIST"),
+    "monitor": ("MONITOR",), "replicaof": ("REPLICAOF", "NO", "ONE"), "slaveof": ("SLAVEOF", "NO", "ONE"),
+    "sync": ("SYNC",), "psync": ("PSYNC", "?", "-1"), "save": ("SAVE",), "bgsave": ("BGSAVE",),
+    "bgrewriteaof": ("BGREWRITEAOF",), "lastsave": ("LASTSAVE",), "failover": ("FAILOVER", "ABORT"),
+    "cluster": ("CLUSTER", "INFO"), "latency": ("LATENCY", "LATEST"), "slowlog": ("SLOWLOG", "GET"),
+    "memory": ("MEMORY", "USAGE", "{own}"), "object": ("OBJECT", "ENCODING", "{own}"), "info": ("INFO",),
+    "pubsub": ("PUBSUB", "CHANNELS"), "function": ("FUNCTION", "LIST"), "fcall": ("FCALL", "f", "0"),
+    "fcall_ro": ("FCALL_RO", "f", "0"), "script|flush": ("SCRIPT", "FLUSH"), "script|kill": ("SCRIPT", "KILL"),
+    "client|kill": ("CLIENT", "KILL", "ID", "999999"), "client|list": ("CLIENT", "LIST"),
+    "client|pause": ("CLIENT", "PAUSE", "1"), "client|no-evict": ("CLIENT", "NO-EVICT", "off"),
+    "client|tracking": ("CLIENT", "TRACKING", "off"), "client|info": ("CLIENT", "INFO"),
+    "client|reply": ("CLIENT", "REPLY", "ON"),
+}
+
+
+def test_every_forbidden_command_is_exercised() -> None:
+    assert set(FORBIDDEN_CALLS) == acl.FORBIDDEN_COMMANDS
+    assert not acl.FORBIDDEN_COMMANDS & set(acl.ORGANISM_COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(FORBIDDEN_CALLS))
+def test_server_wide_commands_refused(make_org: Callable[..., Org], admin: redis.Redis, command: str) -> None:
+    a = make_org("a")
+    own = f"{a.prefix}k"
+    admin.set(own, "v")
+    args = [own if x == "{own}" else x for x in FORBIDDEN_CALLS[command]]
+    with a.client(socket_timeout=2) as ra:
+        with pytest.raises(NoPermissionError):
+            ra.execute_command(*args)
+    assert admin.get(own) == b"v"  # nothing was flushed

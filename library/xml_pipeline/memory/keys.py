@@ -3,13 +3,19 @@
 Every key starts with the tenant prefix, then a key-space name. The keys of one thread carry the
 thread id as a Redis Cluster hash tag (`{...}`), so they live in one slot:
 
-    {prefix}buffer:{<thread_id>}           LIST of signed slot blobs (index = position)
-    {prefix}uuid:{<thread_id>}             STRING: the call chain of that thread (registry reverse map)
-    {prefix}op:{<thread_id>}:<append_id>   STRING: index given to an append (idempotent retries)
-    {prefix}chain:<chain>                  STRING: the thread uuid of a call chain (registry forward map)
-    {prefix}tmp:{<id>}                     STRING: temporary worker data (payloads, responses)
+    {prefix}buffer:{<thread_id>}   LIST of signed slot blobs (index = position)
+    {prefix}op:{<thread_id>}       HASH append_id -> index given to that append (idempotent retries)
+    {prefix}uuid:{<thread_id>}     STRING: the call chain of that thread (registry reverse map)
+    {prefix}chain:<chain>          STRING: the thread uuid of a call chain (registry forward map);
+                                   the one key that cannot share the thread's hash tag
+    {prefix}tmp:{<id>}             STRING: temporary worker data (payloads, responses)
+    {prefix}<space>:...            tasks / results / dlq / ingress / egress / meta: the pump's keys,
+                                   built with RedisKeys.key()
 
-docs/storage.md explains the layout and the guarantees in full.
+Thread ids and tmp ids may not contain '{' or '}' (it would move the hash tag). Listing and
+clearing SCAN with a MATCH pattern made of the escaped prefix and one key space, so a validated
+prefix can never match another tenant's keys. docs/storage.md explains the layout and the
+guarantees in full.
 """
 from __future__ import annotations
 
@@ -55,3 +61,75 @@ def validate_prefix(prefix: object, field: str = "redis_prefix") -> str:
 def prefixes_overlap(a: str, b: str) -> bool:
     """True when one tenant's keys could fall under the other's prefix (equal, or one starts the other)."""
     return a.startswith(b) or b.startswith(a)
+
+
+_GLOB_SPECIAL = frozenset("*?[]\\^")
+
+
+def glob_escape(text: str) -> str:
+    """`text` with Redis glob characters escaped, for a SCAN MATCH pattern that matches it literally."""
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+def check_tagged_id(value: object, what: str) -> str:
+    """Return `value` if it can be a hash-tagged id (thread id, tmp id), else raise ValueError."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    if "{" in value or "}" in value:
+        raise ValueError(f"{what} {value!r} may not contain '{{' or '}}' (they would move the Redis hash tag)")
+    return value
+
+
+class RedisKeys:
+    """Builds the keys and SCAN patterns of one tenant prefix (the layout in this module's docstring)."""
+
+    __slots__ = ("prefix", "_chain")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = validate_prefix(prefix)
+        self._chain = f"{prefix}chain:"
+
+    # -- one thread (all share the hash tag {thread_id}) ------------------------------------------
+    def buffer(self, thread_id: str) -> str:
+        return f"{self.prefix}buffer:{{{thread_id}}}"
+
+    def op(self, thread_id: str) -> str:
+        return f"{self.prefix}op:{{{thread_id}}}"
+
+    def uuid(self, thread_id: str) -> str:
+        return f"{self.prefix}uuid:{{{thread_id}}}"
+
+    def chain(self, chain: str) -> str:
+        return self._chain + chain
+
+    def tmp(self, tmp_id: str) -> str:
+        return f"{self.prefix}tmp:{{{tmp_id}}}"
+
+    def key(self, space: str, *parts: str) -> str:
+        """`{prefix}<space>:<part>:<part>...` for any key space (the pump's streams use this)."""
+        if space not in KEY_SPACES:
+            raise ValueError(f"unknown key space {space!r} (allowed: {', '.join(sorted(KEY_SPACES))})")
+        for p in parts:
+            if not isinstance(p, str) or not p:
+                raise ValueError(f"key parts must be non-empty strings, got {p!r}")
+        return self.prefix + ":".join((space, *parts))
+
+    # -- parsing and patterns ---------------------------------------------------------------------
+    def pattern(self, space: str) -> str:
+        """SCAN MATCH pattern for every key of `space` under this prefix (and nothing else)."""
+        if space not in KEY_SPACES:
+            raise ValueError(f"unknown key space {space!r} (allowed: {', '.join(sorted(KEY_SPACES))})")
+        return f"{glob_escape(self.prefix)}{space}:*"
+
+    def thread_of(self, key: str) -> str:
+        """The thread id of a `{prefix}buffer:{<thread_id>}` key."""
+        head = f"{self.prefix}buffer:{{"
+        if not (key.startswith(head) and key.endswith("}")):
+            raise ValueError(f"{key!r} is not a buffer key of prefix {self.prefix!r}")
+        return key[len(head):-1]
+
+    def chain_of(self, key: str) -> str:
+        """The call chain of a `{prefix}chain:<chain>` key."""
+        if not key.startswith(self._chain):
+            raise ValueError(f"{key!r} is not a chain key of prefix {self.prefix!r}")
+        return key[len(self._chain):]

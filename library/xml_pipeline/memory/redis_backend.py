@@ -1,0 +1,464 @@
+"""RedisBackend: the SharedBackend on a Redis server (distributed deployments, pods).
+
+What it guarantees, and why (docs/storage.md has the full story):
+- Every multi-key write is one Lua script (redis_scripts.py): the append assigns the index, checks
+  max_slots, records its append_id and refreshes the TTL of the thread's buffer and registry keys in
+  one atomic step and one round trip (EVALSHA, EVAL on NOSCRIPT).
+- Automatic retries (bounded, exponential backoff with jitter) only for operations where repeating is
+  harmless: reads, and writes whose repetition leaves the same state. An append is made harmless by
+  its append_id (generated per call when not given), so a retry after a timeout that hid a success
+  returns the first index instead of storing the slot twice. `client` itself never retries.
+- After the retries, BackendUnavailable names the URL with any password redacted; `ping()` never
+  raises. The pool reconnects by itself once the server is back.
+- Listing and clearing use SCAN with a MATCH built from the validated, escaped prefix; never KEYS.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from ..errors import BackendError, BackendUnavailable, ThreadFullError
+from . import redis_scripts as scripts
+from .config import BackendConfig, redact_url
+from .keys import RedisKeys, check_tagged_id
+from .signing import Signer
+
+__all__ = ["RedisBackend", "UnsignedBackendWarning", "ACL_COMMANDS", "DEFAULT_TEMP_TTL"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: TTL of temporary keys (and the dedup window of appends) when the config sets no TTL.
+DEFAULT_TEMP_TTL = 86400
+#: SCAN COUNT hint: keys examined per round trip while listing, counting or clearing.
+SCAN_COUNT = 1000
+#: info() stops counting after this many keys per key space (and says so with counts_capped).
+INFO_COUNT_LIMIT = 100_000
+_BATCH = 500
+
+#: Every command this backend sends, including those its Lua scripts call (Redis checks a script's
+#: commands against the caller's ACL too). An ACL user for one tenant needs these plus `~<prefix>*`.
+ACL_COMMANDS: tuple[str, ...] = (
+    "evalsha", "eval", "rpush", "lrange", "lindex", "llen", "hget", "hset", "expire", "exists",
+    "get", "mget", "set", "del", "unlink", "scan", "ping", "info",
+)
+
+# Backoff between retries: 20 ms, 40 ms, 80 ms ... (full jitter), never above 0.5 s.
+_BACKOFF_BASE = 0.02
+_BACKOFF_CAP = 0.5
+
+
+class UnsignedBackendWarning(UserWarning):
+    """A Redis backend runs without a configured signing key (integrity against corruption only)."""
+
+
+_warned_prefixes: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+def _signer_for(config: BackendConfig) -> Signer:
+    signer = config.signer()
+    if signer is not None:
+        return signer
+    with _warn_lock:
+        first = config.redis_prefix not in _warned_prefixes
+        _warned_prefixes.add(config.redis_prefix)
+    if first:
+        msg = (f"Redis backend (prefix {config.redis_prefix!r}) has no signing key: set XP_SIGNING_KEY "
+               "or backend.signing_key. Until then slots are signed with a key derived from the prefix, "
+               "which detects corruption but NOT forgery by anyone who can write to this Redis.")
+        log.warning(msg)
+        warnings.warn(msg, UnsignedBackendWarning, stacklevel=3)
+    # Derived from non-secret data every process of the organism shares, so pump and workers agree.
+    return Signer.derive("xml-pipeline redis backend", config.redis_prefix)
+
+
+def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(url without userinfo, username, password) — credentials never stay in the URL we pass on."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None, None
+    host = parts.netloc.rpartition("@")[2]
+    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return clean, user, password
+
+
+def _pack_head(command: bytes, script: bytes, numkeys: int, nargs: int) -> bytes:
+    count = 3 + numkeys + nargs
+    nk = str(numkeys).encode()
+    return b"*%d\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        count, len(command), command, len(script), script, len(nk), nk)
+
+
+def _pack_args(args: Iterable[Any]) -> bytes:
+    """RESP bulk strings for str / bytes / int arguments (the only types our scripts take)."""
+    out = []
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        elif isinstance(a, int):
+            a = b"%d" % a
+        elif not isinstance(a, bytes):
+            a = bytes(a)
+        out.append(b"$%d\r\n%b\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+def _ignore(_error: Exception) -> None:
+    return None
+
+
+def _retryable(error: Exception) -> bool:
+    # Wrong credentials do not get better by asking again.
+    return not isinstance(error, AuthenticationError)
+
+
+class RedisBackend:
+    """SharedBackend on Redis. Thread-safe; one connection pool per instance (per process)."""
+
+    is_shared = True
+
+    def __init__(self, config: BackendConfig | None = None) -> None:
+        if config is None:
+            config = BackendConfig(backend_type="redis")
+        self.config = config
+        self.keys = RedisKeys(config.redis_prefix)
+        self._prefix = config.redis_prefix
+        self._ttl = config.ttl or 0
+        self._url = redact_url(config.redis_url)
+        url, url_user, url_password = _split_credentials(config.redis_url)
+        self._username = config.redis_username or url_user
+        self._password = config.redis_password or url_password
+        self._signer = _signer_for(config)
+        # The pool's connections never retry on their own (Retry(..., 0)): `client` is handed to the
+        # pump for stream commands that are not idempotent (XADD). Our idempotent operations go
+        # through self._retry instead.
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url,
+            username=self._username,
+            password=self._password,
+            max_connections=config.max_connections,
+            timeout=config.connect_timeout + config.socket_timeout,  # wait for a free pooled connection
+            socket_connect_timeout=config.connect_timeout,
+            socket_timeout=config.socket_timeout,
+            socket_keepalive=True,
+            health_check_interval=config.health_check_interval,
+            retry=Retry(NoBackoff(), 0),
+            client_name=f"xml-pipeline:{config.redis_prefix}",
+        )
+        #: The redis-py client (no automatic retries). The distributed worker mode builds its stream
+        #: keys with `key()` so they stay under this tenant's prefix.
+        self.client: redis.Redis = redis.Redis(connection_pool=self._pool)
+        self._retry = Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE),
+                            config.retries, supported_errors=(RedisConnectionError, RedisTimeoutError))
+        self._ping_retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError))
+        # RESP heads "EVALSHA <sha> <numkeys>" / "EVAL <source> <numkeys>" of each script, packed once.
+        self._script_heads = {sc.name: _pack_head(b"EVALSHA", sc.sha.encode(), sc.numkeys, sc.nargs)
+                              for sc in scripts.ALL}
+        self._eval_heads = {sc.name: _pack_head(b"EVAL", sc.source.encode(), sc.numkeys, sc.nargs)
+                            for sc in scripts.ALL}
+        self._pb = self._prefix.encode()
+        self._plen = len(self._pb)
+        self._append_tail = _pack_args((self._ttl, 0, self._prefix))
+        self._closed = False
+        log.debug("redis backend on %s, prefix %r, ttl %s", self._url, self._prefix, self._ttl or "none")
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def signer(self) -> Signer:
+        return self._signer
+
+    @property
+    def url(self) -> str:
+        """The server URL with any password redacted."""
+        return self._url
+
+    def key(self, space: str, *parts: str) -> str:
+        """A key of this tenant in `space` (e.g. key("tasks") -> "xp:tasks"), for the pump's streams."""
+        return self.keys.key(space, *parts)
+
+    def __repr__(self) -> str:
+        return f"RedisBackend(url={self._url!r}, prefix={self._prefix!r}, ttl={self._ttl or None})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Workers rebuild their own pool from the config (connections cannot cross processes).
+        return (RedisBackend, (self.config,))
+
+    # -- running commands -------------------------------------------------------------------------
+    def execute(self, fn: Callable[[redis.Redis], T], *, idempotent: bool, what: str = "command") -> T:
+        """Run `fn(client)` with this backend's error mapping; retried only if `idempotent`."""
+        return self._do(what, lambda: fn(self.client), idempotent)
+
+    def _do(self, what: str, fn: Callable[[], T], retry: bool = True) -> T:
+        try:
+            if retry:
+                return self._retry.call_with_retry(fn, _ignore, _retryable)
+            return fn()
+        except AuthenticationError as e:
+            raise BackendUnavailable(
+                f"Redis at {self._url} rejected the credentials of user {self._username or 'default'!r} "
+                f"({what}): {self._scrub(e)}") from None
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            attempts = 1 + (self._retry.get_retries() if retry else 0)
+            raise BackendUnavailable(
+                f"Redis at {self._url} is unavailable: {what} failed after {attempts} attempt(s) "
+                f"({type(e).__name__}: {self._scrub(e)})") from None
+        except ResponseError as e:
+            raise BackendError(f"Redis at {self._url} refused {what}: {self._scrub(e)}") from None
+        except RedisError as e:
+            raise BackendError(f"Redis at {self._url}: {what} failed: {self._scrub(e)}") from None
+
+    def _scrub(self, error: Exception) -> str:
+        text = str(error)
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    def _eval(self, script: scripts.LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        return self._roundtrip(self._script_heads[script.name], _pack_args((*keys, *args)), script)
+
+    def _roundtrip(self, head: bytes, body: bytes, script: scripts.LuaScript) -> Any:
+        """One EVALSHA on a pooled connection, EVAL on NOSCRIPT.
+
+        Our scripts' arguments are packed once into one buffer and sent with one sendall (redis-py's
+        generic path encodes argument by argument and records metrics per command; on the append
+        hot path that costs more than the script itself). Errors are redis-py's, and a connection
+        that failed mid-command is dropped, exactly as the client would do.
+        """
+        pool = self._pool
+        conn = pool.get_connection()
+        try:
+            try:
+                conn.send_packed_command([head + body])
+                return conn.read_response()
+            except NoScriptError:
+                # Server restarted or SCRIPT FLUSH: EVAL runs the script and caches it again.
+                conn.send_packed_command([self._eval_heads[script.name] + body])
+                return conn.read_response()
+        except ResponseError:
+            raise
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
+    def _scan(self, space: str) -> Iterator[bytes]:
+        return self.client.scan_iter(match=self.keys.pattern(space), count=SCAN_COUNT)
+
+    # -- Context Buffer -------------------------------------------------------------------------
+    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+                      append_id: str | None = None) -> int:
+        check_tagged_id(thread_id, "thread_id")
+        if not isinstance(slot, (bytes, bytearray, memoryview)):
+            raise TypeError(f"slot must be bytes, got {type(slot).__name__}")
+        if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int)
+                                      or max_slots < 1):
+            raise ValueError(f"max_slots must be None or an integer >= 1, got {max_slots!r}")
+        if append_id is None:
+            # One id per call: every retry of this call carries it, so the server stores the slot once.
+            append_id = secrets.token_urlsafe(12)
+        elif not isinstance(append_id, str) or not append_id:
+            raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
+        tid = thread_id.encode()
+        aid = append_id.encode()
+        n = self._plen + len(tid)
+        tail = self._append_tail if max_slots is None else _pack_args((self._ttl, max_slots, self._prefix))
+        # KEYS buffer:{T} op:{T} uuid:{T}, ARGV slot append_id ttl max_slots prefix, packed in one go.
+        body = b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+            n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid,
+            len(slot), slot, len(aid), aid, tail)
+        head = self._script_heads["append"]
+        index: int = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
+        if index == scripts.THREAD_FULL:
+            raise ThreadFullError(thread_id, max_slots or 0)
+        return index
+
+    def buffer_get_thread(self, thread_id: str) -> list[bytes]:
+        key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
+        return self._do("buffer_get_thread", lambda: self.client.lrange(key, 0, -1))
+
+    def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
+        key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        return self._do("buffer_get_slot", lambda: self.client.lindex(key, index))
+
+    def buffer_thread_len(self, thread_id: str) -> int:
+        key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
+        return int(self._do("buffer_thread_len", lambda: self.client.llen(key)))
+
+    def buffer_thread_exists(self, thread_id: str) -> bool:
+        key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
+        return bool(self._do("buffer_thread_exists", lambda: self.client.exists(key)))
+
+    def buffer_delete_thread(self, thread_id: str) -> bool:
+        check_tagged_id(thread_id, "thread_id")
+        keys = (self.keys.buffer(thread_id), self.keys.op(thread_id))
+        # Retried: deleting twice leaves the same state (a retry after a lost reply reports False).
+        return bool(self._do("buffer_delete_thread", lambda: self.client.delete(*keys)))
+
+    def buffer_list_threads(self) -> list[str]:
+        def run() -> list[str]:
+            found: set[str] = set()  # SCAN may return a key twice
+            for raw in self._scan("buffer"):
+                try:
+                    found.add(self.keys.thread_of(raw.decode()))
+                except (UnicodeDecodeError, ValueError):
+                    continue  # not a key of our layout (never written by this library)
+            return sorted(found)
+        return self._do("buffer_list_threads", run)
+
+    def buffer_clear(self) -> int:
+        """Delete every thread of this prefix (buffers and their append ids); returns the thread count."""
+        return self._do("buffer_clear", lambda: self._clear(("buffer", "op"), count_space="buffer"))
+
+    # -- Thread Registry ------------------------------------------------------------------------
+    def registry_set(self, chain: str, uuid: str) -> None:
+        self._check_chain(chain)
+        check_tagged_id(uuid, "uuid")
+        keys = (self.keys.chain(chain), self.keys.uuid(uuid))
+        args = (chain, uuid, self._ttl, self._prefix)
+        self._do("registry_set", lambda: self._eval(scripts.REGISTRY_SET, keys, args))
+
+    def registry_get_or_create(self, chain: str, uuid: str) -> str:
+        self._check_chain(chain)
+        check_tagged_id(uuid, "uuid")
+        keys = (self.keys.chain(chain), self.keys.uuid(uuid))
+        args = (chain, uuid, self._ttl, self._prefix)
+        # Retrying is harmless: a repeat finds the mapping the first attempt made and returns it.
+        winner = self._do("registry_get_or_create", lambda: self._eval(scripts.GET_OR_CREATE, keys, args))
+        return winner.decode() if isinstance(winner, bytes) else str(winner)
+
+    def registry_get_uuid(self, chain: str) -> str | None:
+        key = self.keys.chain(self._check_chain(chain))
+        value = self._do("registry_get_uuid", lambda: self.client.get(key))
+        return None if value is None else value.decode()
+
+    def registry_get_chain(self, uuid: str) -> str | None:
+        key = self.keys.uuid(check_tagged_id(uuid, "uuid"))
+        value = self._do("registry_get_chain", lambda: self.client.get(key))
+        return None if value is None else value.decode()
+
+    def registry_delete(self, uuid: str) -> bool:
+        check_tagged_id(uuid, "uuid")
+        keys, args = (self.keys.uuid(uuid),), (uuid, self._prefix)
+        return bool(self._do("registry_delete", lambda: self._eval(scripts.REGISTRY_DELETE, keys, args)))
+
+    def registry_list_all(self) -> dict[str, str]:
+        def run() -> dict[str, str]:
+            keys = list(dict.fromkeys(self._scan("chain")))
+            out: dict[str, str] = {}
+            for i in range(0, len(keys), _BATCH):
+                batch = keys[i:i + _BATCH]
+                for raw, value in zip(batch, self.client.mget(batch)):
+                    if value is not None:  # expired or deleted between SCAN and MGET
+                        out[self.keys.chain_of(raw.decode())] = value.decode()
+            return out
+        return self._do("registry_list_all", run)
+
+    def registry_clear(self) -> int:
+        """Delete every registry entry of this prefix; returns the number of mappings removed."""
+        return self._do("registry_clear", lambda: self._clear(("chain", "uuid"), count_space="chain"))
+
+    @staticmethod
+    def _check_chain(chain: object) -> str:
+        if not isinstance(chain, str) or not chain:
+            raise ValueError(f"chain must be a non-empty string, got {chain!r}")
+        return chain
+
+    # -- Temporary data -------------------------------------------------------------------------
+    def temp_put(self, key: str, data: bytes, *, ttl: int | None = None) -> None:
+        name = self.keys.tmp(check_tagged_id(key, "temp key"))
+        if ttl is None:
+            ttl = self._ttl or DEFAULT_TEMP_TTL
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+            raise ValueError(f"ttl must be a whole number of seconds >= 1, got {ttl!r}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes, got {type(data).__name__}")
+        self._do("temp_put", lambda: self.client.set(name, data, ex=ttl))
+
+    def temp_get(self, key: str) -> bytes | None:
+        name = self.keys.tmp(check_tagged_id(key, "temp key"))
+        return self._do("temp_get", lambda: self.client.get(name))
+
+    def temp_delete(self, *keys: str) -> int:
+        if not keys:
+            return 0
+        names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k in keys]
+        return int(self._do("temp_delete", lambda: self.client.delete(*names)))
+
+    # -- SCAN helpers -----------------------------------------------------------------------------
+    def _clear(self, spaces: Iterable[str], *, count_space: str) -> int:
+        removed = 0
+        for space in spaces:
+            batch: list[bytes] = []
+            for raw in self._scan(space):
+                batch.append(raw)
+                if len(batch) >= _BATCH:
+                    n = self.client.unlink(*batch)
+                    removed += n if space == count_space else 0
+                    batch = []
+            if batch:
+                n = self.client.unlink(*batch)
+                removed += n if space == count_space else 0
+        return removed
+
+    def _count(self, space: str, limit: int = INFO_COUNT_LIMIT) -> tuple[int, bool]:
+        seen: set[bytes] = set()
+        for raw in self._scan(space):
+            seen.add(raw)
+            if len(seen) >= limit:
+                return len(seen), True
+        return len(seen), False
+
+    # -- Lifecycle and monitoring -----------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        server = self._do("info", lambda: self.client.info("server"))
+        threads, capped_t = self._do("info", lambda: self._count("buffer"))
+        entries, capped_r = self._do("info", lambda: self._count("chain"))
+        return {
+            "backend": "redis",
+            "url": self._url,
+            "prefix": self._prefix,
+            "ttl": self._ttl or None,
+            "buffer_threads": threads,
+            "registry_entries": entries,
+            "counts_capped": capped_t or capped_r,
+            "server_version": server.get("redis_version"),
+            "signing": "derived (no key configured)" if self._signer.derived else "configured",
+        }
+
+    def ping(self) -> bool:
+        """True if the server answers PING; False (never an exception) otherwise."""
+        try:
+            return bool(self._ping_retry.call_with_retry(self.client.ping, _ignore))
+        except Exception:  # noqa: BLE001 - ping reports health, it must not raise
+            return False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.disconnect()
+
+    def __enter__(self) -> "RedisBackend":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,4 +1,5 @@
-"""Helpers of the packaging tests: where things are, the scenarios of values, running helm."""
+"""Helpers of the packaging tests: where things are, the scenarios of values, running helm, and the
+operator's built objects (through its pure builders) for the checks that cover them too."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +118,38 @@ def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> di
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     """name -> value (str) or valueFrom (dict)."""
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def operator_organisms() -> list[dict[str, Any]]:
+    """Organisms covering every workload shape the operator builds (Redis modes, persistence,
+    workers, non-Redis backends)."""
+    specs = {
+        "dedicated-workers": {"backend": {"type": "redis", "redis": {"mode": "dedicated"}},
+                              "workers": {"replicas": 2, "processes": 2}},
+        "dedicated-persistent": {"backend": {"type": "redis", "redis": {
+            "mode": "dedicated", "dedicated": {"persistence": {"enabled": True, "size": "2Gi"}}}}},
+        "shared": {"backend": {"type": "redis", "redis": {"mode": "shared"}}, "workers": {"replicas": 1}},
+        "external": {"backend": {"type": "redis", "redis": {"mode": "external", "external": {
+            "url": "rediss://redis.example:6380/0", "passwordSecretRef": {"name": "redis-pw"}}}}},
+        "memory": {"backend": {"type": "memory"}},
+        "manager": {"backend": {"type": "manager"}},
+    }
+    return [{"apiVersion": "xml-pipeline.dev/v1alpha1", "kind": "Organism",
+             "metadata": {"name": name, "namespace": "team-a", "uid": f"uid-{name}", "generation": 1},
+             "spec": spec} for name, spec in specs.items()]
+
+
+def operator_workloads() -> list[dict[str, Any]]:
+    """Every object the operator's pure builders produce for operator_organisms()."""
+    desired = pytest.importorskip("xml_pipeline_operator.desired",
+                                  reason="the operator's pure builders are not there yet")
+    from xml_pipeline_operator.model import parse_organism
+    from xml_pipeline_operator.settings import OperatorSettings
+
+    settings = OperatorSettings(shared_redis_url="redis://shared-redis.xp.svc:6379",
+                                shared_redis_password="not-used-by-builders")
+    objects: list[dict[str, Any]] = []
+    for body in operator_organisms():
+        state = desired.build(parse_organism(body, settings), settings)
+        objects += [state.config_map, *state.workloads]
+    return objects

@@ -62,6 +62,8 @@ def make_org(shared_redis: RedisServer, admin: redis.Redis) -> Iterator[Callable
                   prefix or f"xp:t.{name}-{n}:")
         adm = admin if srv is shared_redis else srv.client()
         acl.ensure_user(adm, org.username, org.password, org.prefix, allow_scan=allow_scan)
+        if adm is not admin:
+            adm.close()
         made.append(org)
         return org
 

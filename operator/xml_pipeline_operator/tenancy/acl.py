@@ -37,14 +37,18 @@ ORGANISM_COMMANDS: tuple[str, ...] = (
     # re-authenticate after a reconnect. redis-py sends CLIENT SETNAME (client_name=) and, on
     # Redis >= 7.2, CLIENT SETINFO on connect; the health check sends PING.
     "ping", "echo", "client|setname", "client|getname", "client|setinfo", "client|id",
+    # RedisBackend.info() reports the server version. Only the `server` section (version, uptime,
+    # run_id): INFO's other sections (keyspace sizes, clients, commandstats) stay denied.
+    "info|server",
     # Plain keys: registry (chain/uuid), append ids (op), temporary worker data (tmp), heartbeats.
     "get", "set", "setnx", "getdel", "getex", "mget", "incr", "incrby",
     "exists", "type", "del", "unlink", "expire", "pexpire", "ttl", "pttl",
     # Lists: the context buffer (one LIST per thread) and blocking hand-offs.
     "rpush", "lpush", "lrange", "lindex", "llen", "ltrim", "lpop", "rpop", "lrem",
     "blpop", "brpop", "lmove", "blmove",
-    # Hashes, sets and sorted sets: worker bookkeeping (heartbeats, delivery counts, deadlines).
-    "hset", "hget", "hmget", "hgetall", "hdel", "hincrby", "hexists", "hlen",
+    # Hashes: the append ids of a thread (`op:{T}`, HSETNX/HGET/HDEL in the append script) and
+    # worker bookkeeping. Sets and sorted sets: heartbeats, delivery counts, deadlines.
+    "hset", "hsetnx", "hget", "hmget", "hgetall", "hdel", "hincrby", "hexists", "hlen",
     "sadd", "srem", "smembers", "sismember", "scard",
     "zadd", "zrem", "zrange", "zrangebyscore", "zscore", "zcard",
     # Streams: WorkerTasks through a consumer group, reclaiming tasks of dead consumers, trimming,

@@ -36,6 +36,15 @@ class ConfigError(XmlPipelineError, ValueError):
             msg += f" (allowed: {allowed})"
         super().__init__(msg)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (manager server, worker pools): rebuild from the fields.
+        return (_rebuild_config_error, (self.field, self.problem, self.allowed, self.line, self.source))
+
+
+def _rebuild_config_error(field: str, problem: str, allowed: str | None, line: int | None,
+                          source: str | None) -> ConfigError:
+    return ConfigError(field, problem, allowed, line=line, source=source)
+
 
 class BackendError(XmlPipelineError):
     """The shared backend failed to carry out an operation."""
@@ -57,3 +66,6 @@ class ThreadFullError(BackendError):
         self.thread_id = thread_id
         self.limit = limit
         super().__init__(f"thread {thread_id!r} is full: it already holds {limit} slots (max_slots_per_thread)")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (ThreadFullError, (self.thread_id, self.limit))

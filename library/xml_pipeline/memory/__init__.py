@@ -1,0 +1,63 @@
+"""xml_pipeline.memory: the shared backend (memory | manager | redis), the Context Buffer and slots.
+
+    from xml_pipeline.memory import get_shared_backend, BackendConfig
+    backend = get_shared_backend(BackendConfig(backend_type="manager"))
+
+RedisBackend is imported on first use, so processes on memory or manager never load redis-py.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    SlotIntegrityError,
+    ThreadFullError,
+    XmlPipelineError,
+)
+from .config import BackendConfig
+from .context_buffer import ContextBuffer, get_context_buffer
+from .factory import get_shared_backend
+from .inmemory import InMemoryBackend
+from .manager import ManagerBackend
+from .protocol import SharedBackend
+from .serialization import deserialize_slot, serialize_slot
+from .slots import BufferSlot, SlotMetadata
+
+if TYPE_CHECKING:
+    from .redis_backend import RedisBackend
+
+__all__ = [
+    "SharedBackend",
+    "InMemoryBackend",
+    "ManagerBackend",
+    "RedisBackend",
+    "BackendConfig",
+    "get_shared_backend",
+    "serialize_slot",
+    "deserialize_slot",
+    "get_context_buffer",
+    "ContextBuffer",
+    "BufferSlot",
+    "SlotMetadata",
+    "XmlPipelineError",
+    "ConfigError",
+    "BackendError",
+    "BackendUnavailable",
+    "SlotIntegrityError",
+    "ThreadFullError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisBackend":
+        from .redis_backend import RedisBackend
+        globals()["RedisBackend"] = RedisBackend
+        return RedisBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"RedisBackend"})

@@ -1,0 +1,608 @@
+"""ManagerBackend: data shared between the processes of one machine through a multiprocessing server.
+
+The design, and why:
+
+- ONE object lives in the server: an InMemoryBackend (so the TTL emulation, atomic index, dedup and
+  slot limit are the same code as the memory backend). It is registered in the BaseManager server
+  under a fixed id at start, so clients need no `create`/`incref` round trips and no nested proxies.
+- ONE round trip per operation: the client speaks the manager server's own wire protocol directly
+  (send `(id, method, args, kwargs)`, receive `('#RETURN', result)`) on a per-thread connection. No
+  lock proxies: atomicity comes from the server object's lock, held for the whole operation.
+- Bounded waits: client sockets carry SO_RCVTIMEO/SO_SNDTIMEO (`socket_timeout`) and a connect
+  timeout, so a dead server gives BackendUnavailable at once (refused / EOF) and a hung one after
+  `socket_timeout` seconds, never a hang. Reads and idempotent writes are retried once on a fresh
+  connection (this is what makes a client survive a server restart); a plain append is not, because
+  repeating it could store the slot twice.
+- Addresses: `manager_address` is `127.0.0.1:PORT` / `localhost:PORT` or a Unix socket path, always
+  with `manager_authkey` (multiprocessing's HMAC challenge in both directions). Without an address the
+  backend starts a private server on a Unix socket in a private temp dir, with a random authkey,
+  and exposes `address`/`authkey`/`client_config()` so other processes can connect. The backend
+  pickles as (address, authkey, config): a spawned child that receives it reconnects lazily.
+- The signing key: the server hands its key ring to every client over the authenticated connection.
+  It is the configured key, else one derived from the authkey (HMAC), so a restarted server with the
+  same authkey signs and verifies with the same key.
+- The server process is a fresh interpreter (`python -c ...serve()`), not a multiprocessing child:
+  no fork of a threaded parent, and no re-import of the user's __main__ (which makes spawn fail for
+  scripts without an `if __name__ == "__main__"` guard, like the spec's snippets). It stops when its
+  owner closes the backend or dies (its stdin is a lifeline). Clients work in processes made by
+  spawn, forkserver or fork (a forked child opens its own sockets).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import multiprocessing
+import os
+import pickle
+import select
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from multiprocessing import connection as mpc
+from multiprocessing.managers import BaseManager, Server
+from types import TracebackType
+from typing import Any
+
+from ..errors import BackendError, BackendUnavailable, ConfigError
+from .config import BackendConfig
+from .inmemory import InMemoryBackend
+from .signing import Signer
+
+Address = tuple[str, int] | str
+
+PROTOCOL = 1
+#: Seconds a starting server may take to report its address (a cold interpreter start).
+_START_TIMEOUT = 30.0
+#: id of the one store object inside the server (fixed, so clients need no `create` round trip).
+_IDENT = "xp-store"
+_NO_KWARGS: dict[str, Any] = {}
+_ADDRESS_FIELD = "backend.manager_address"
+_ADDRESS_ALLOWED = "'127.0.0.1:PORT', 'localhost:PORT' or an absolute Unix socket path ('/run/xp.sock', 'unix:///run/xp.sock')"
+
+#: Operations that may be repeated without changing the outcome: retried once on a fresh
+#: connection when the old one turns out to be dead (e.g. after a server restart).
+_IDEMPOTENT = frozenset({
+    "hello", "info", "buffer_get_thread", "buffer_get_slot", "buffer_thread_len", "buffer_thread_exists",
+    "buffer_list_threads", "registry_set", "registry_get_or_create", "registry_get_uuid",
+    "registry_get_chain", "registry_list_all", "temp_put", "temp_get",
+})
+_EXPOSED = (
+    "hello", "info", "buffer_append", "buffer_get_thread", "buffer_get_slot", "buffer_thread_len",
+    "buffer_thread_exists", "buffer_delete_thread", "buffer_list_threads", "buffer_clear",
+    "registry_set", "registry_get_or_create", "registry_get_uuid", "registry_get_chain",
+    "registry_delete", "registry_list_all", "registry_clear", "temp_put", "temp_get", "temp_delete",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses and keys
+# ---------------------------------------------------------------------------------------------
+def parse_address(value: object) -> Address:
+    """'127.0.0.1:5000' → ('127.0.0.1', 5000); '/run/xp.sock' or 'unix:///run/xp.sock' → the path.
+
+    Only loopback TCP or Unix sockets: the manager protocol is pickle, fine between the processes
+    of one machine, not something to expose on a network.
+    """
+    if not isinstance(value, str) or not value:
+        raise ConfigError(_ADDRESS_FIELD, f"must be a non-empty string, got {value!r}", _ADDRESS_ALLOWED)
+    if value.startswith("unix://"):
+        value = value[len("unix://"):]
+    if value.startswith("/"):
+        if len(os.fsencode(value)) > 107:
+            raise ConfigError(_ADDRESS_FIELD, f"Unix socket path {value!r} is longer than 107 bytes", _ADDRESS_ALLOWED)
+        return value
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(_ADDRESS_FIELD, f"{value!r} is not host:port or a socket path", _ADDRESS_ALLOWED)
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        loopback = ipaddress.IPv4Address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(_ADDRESS_FIELD, f"host {host!r} is not a loopback IPv4 address", _ADDRESS_ALLOWED)
+    return (host, int(port_text))
+
+
+def format_address(address: Address) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+def _authkey_bytes(value: str | bytes) -> bytes:
+    key = value.encode() if isinstance(value, str) else bytes(value)
+    if len(key) < 16:
+        raise ConfigError("backend.manager_authkey", f"is {len(key)} bytes long, at least 16 are required",
+                          "a random secret of 16 or more characters shared by the server and its clients")
+    return key
+
+
+def derive_manager_signer(authkey: bytes) -> Signer:
+    """The signing key of a server with no configured key: secret (derived from the authkey) and
+    stable across restarts with the same authkey."""
+    return Signer((hmac.new(authkey, b"xml-pipeline manager signing key v1", hashlib.sha256).digest(),))
+
+
+# ---------------------------------------------------------------------------------------------
+# Server side (runs in the manager process)
+# ---------------------------------------------------------------------------------------------
+_server_settings: dict[str, Any] = {}
+
+
+class _ServerStore(InMemoryBackend):
+    """The one object of the server. `hello` tells a client the protocol and the signing keys."""
+
+    def hello(self) -> dict[str, Any]:
+        return {"protocol": PROTOCOL, "keys": self.signer.keys, "ttl": self.ttl, "pid": os.getpid()}
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out["backend"] = "manager"
+        out["server_pid"] = os.getpid()
+        return out
+
+
+class _StoreServer(Server):
+    def __init__(self, registry: dict[str, Any], address: Any, authkey: bytes, serializer: str) -> None:
+        super().__init__(registry, address, authkey, serializer)
+        keys: tuple[bytes, ...] = _server_settings.get("keys") or derive_manager_signer(authkey).keys
+        config = _server_settings.get("config") or BackendConfig(backend_type="manager")
+        store = _ServerStore(config, signer=Signer(keys))
+        self.id_to_obj[_IDENT] = (store, set(_EXPOSED), None)
+        self.id_to_refcount[_IDENT] = 1  # never released
+
+    def handle_request(self, conn: Any) -> None:  # type: ignore[override]
+        _tune_socket(conn.fileno())
+        super().handle_request(conn)
+
+
+def _the_store() -> _ServerStore:
+    """The registered typeid 'store': a standard proxy to the same one object (for debugging)."""
+    server = multiprocessing.current_process()._manager_server  # type: ignore[attr-defined]
+    return server.id_to_obj[_IDENT][0]  # type: ignore[no-any-return]
+
+
+class _StoreManager(BaseManager):
+    _Server = _StoreServer
+
+
+_StoreManager.register("store", callable=_the_store, exposed=_EXPOSED)
+
+
+def _write_msg(stream: Any, obj: object) -> None:
+    data = pickle.dumps(obj)
+    stream.write(struct.pack("!I", len(data)) + data)
+    stream.flush()
+
+
+def _read_exact(stream: Any, n: int, deadline: float | None) -> bytes:
+    buf = b""
+    fd = stream.fileno()
+    while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError("no answer")
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+def _read_msg(stream: Any, deadline: float | None = None) -> Any:
+    (n,) = struct.unpack("!I", _read_exact(stream, 4, deadline))
+    return pickle.loads(_read_exact(stream, n, deadline))
+
+
+def serve() -> None:
+    """Entry point of the manager server process (a fresh interpreter started by ManagerBackend).
+
+    Settings arrive as one pickle on stdin; stdin then stays open as a lifeline: when the process
+    that started us closes it or dies, the server exits (no orphaned servers). Started with
+    `python -c`, so the starting program's __main__ is never re-imported (the spawn start method
+    would re-run a script that lacks an `if __name__ == "__main__"` guard).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the owner; the lifeline stops us
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    settings = _read_msg(stdin)
+    _server_settings.update(config=settings["config"], keys=settings["keys"])
+    try:
+        server = _StoreServer(_StoreManager._registry, settings["address"], settings["authkey"], "pickle")
+    except Exception as e:  # noqa: BLE001 - reported to the owner, which raises BackendUnavailable
+        _write_msg(stdout, ("error", f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+    _write_msg(stdout, ("ok", server.address))
+
+    def lifeline() -> None:
+        while os.read(stdin.fileno(), 4096):
+            pass
+        if isinstance(server.address, str):
+            try:
+                os.unlink(server.address)
+            except OSError:
+                pass
+        os._exit(0)
+
+    threading.Thread(target=lifeline, name="xp-lifeline", daemon=True).start()
+    server.serve_forever()
+
+
+def _stop_server(proc: subprocess.Popen[bytes], cleanup: tuple[str, ...]) -> None:
+    """Close the lifeline, wait briefly, then make sure; remove the socket file / private dir."""
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    finally:
+        for path in cleanup:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
+def _tune_socket(fd: int, timeout: float | None = None) -> None:
+    """TCP_NODELAY (replies over 16 KiB are sent in two writes), and kernel-level I/O timeouts that
+    multiprocessing's blocking Connection honours (a read past the timeout raises BlockingIOError)."""
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        if s.family in (socket.AF_INET, socket.AF_INET6):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if timeout is not None:
+            sec = int(timeout)
+            tv = struct.pack("ll", sec, int((timeout - sec) * 1e6))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    finally:
+        s.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Before binding a Unix socket: remove a socket file nobody listens on any more."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Client side
+# ---------------------------------------------------------------------------------------------
+class ManagerBackend:
+    """Shared backend served by a multiprocessing manager process on this machine."""
+
+    def __init__(self, config: BackendConfig | None = None, *, address: str | None = None,
+                 authkey: str | bytes | None = None, start_server: bool = False) -> None:
+        """Connect to the server at `address` (or `config.manager_address`), or start one.
+
+        No address: start a private server (Unix socket in a private temp dir, random authkey
+        unless one is configured). `start_server=True` with an address: start the server bound at
+        that address (port 0 picks a free port; `address` tells which). A server this backend
+        started stops when the backend is closed or its process exits.
+        """
+        self.config = config if config is not None else BackendConfig(backend_type="manager")
+        text = address if address is not None else self.config.manager_address
+        raw_key = authkey if authkey is not None else self.config.manager_authkey
+        self._server: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+        if text is None:
+            key = _authkey_bytes(raw_key) if raw_key is not None else os.urandom(32)
+            private_dir = tempfile.mkdtemp(prefix="xp-manager-")  # mode 0700: only this user connects
+            self._init_client(self._start(os.path.join(private_dir, "store.sock"), key, (private_dir,)), key)
+        else:
+            addr = parse_address(text)
+            if raw_key is None:
+                raise ConfigError("backend.manager_authkey", "is required when backend.manager_address is set",
+                                  "a random secret of 16 or more characters shared by the server and its clients")
+            key = _authkey_bytes(raw_key)
+            if start_server:
+                addr = self._start(addr, key, (addr,) if isinstance(addr, str) else ())
+            self._init_client(addr, key)
+        try:
+            self._handshake()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction ---------------------------------------------------------------------------
+    def _start(self, address: Address, authkey: bytes, cleanup: tuple[str, ...]) -> Address:
+        if isinstance(address, str):
+            _remove_stale_socket(address)
+        import xml_pipeline
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(xml_pipeline.__file__ or "")))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from xml_pipeline.memory.manager import serve; serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+        finalizer = weakref.finalize(self, _stop_server, proc, cleanup)
+        where = format_address(address)
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            _write_msg(proc.stdin, {"address": address, "authkey": authkey, "config": self.config,
+                                    "keys": self.config.signing_keys})
+            status, detail = _read_msg(proc.stdout, time.monotonic() + _START_TIMEOUT)
+        except (OSError, EOFError, TimeoutError) as e:
+            finalizer()
+            raise BackendUnavailable(f"the manager server for {where} did not start "
+                                     f"(exit code {proc.poll()}): {type(e).__name__} {e}") from None
+        if status != "ok":
+            finalizer()
+            raise BackendUnavailable(f"the manager server could not listen on {where}: {detail}")
+        self._server, self._finalizer = proc, finalizer
+        return detail  # type: ignore[no-any-return]
+
+    def _init_client(self, address: Address, authkey: bytes) -> None:
+        self._address = address
+        self._authkey = authkey
+        self._timeout = float(self.config.socket_timeout)
+        self._connect_timeout = float(self.config.connect_timeout)
+        self._closed = False
+        self._signer: Signer | None = None
+        self._server_ttl: int | None = None
+        self._reset_connections()
+
+    def _reset_connections(self) -> None:
+        self._pid = os.getpid()
+        self._local = threading.local()
+        self._conns: weakref.WeakSet[mpc.Connection] = weakref.WeakSet()
+        self._conns_lock = threading.Lock()
+
+    def _handshake(self) -> None:
+        hello = self._call("hello", ())
+        if hello.get("protocol") != PROTOCOL:
+            raise BackendError(f"manager server at {self.address} speaks protocol {hello.get('protocol')}, "
+                               f"this client speaks {PROTOCOL}")
+        self._signer = Signer(tuple(hello["keys"]))
+        self._server_ttl = hello.get("ttl")
+
+    # -- pickling: a child gets (address, authkey, config) and reconnects on first use --------------
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_attach, (self._address, self._authkey, self.config))
+
+    # -- public properties ----------------------------------------------------------------------
+    @property
+    def is_shared(self) -> bool:
+        return True
+
+    @property
+    def address(self) -> str:
+        """Where the server listens: 'host:port' or a Unix socket path."""
+        return format_address(self._address)
+
+    @property
+    def authkey(self) -> bytes:
+        return self._authkey
+
+    @property
+    def owns_server(self) -> bool:
+        return self._server is not None
+
+    @property
+    def signer(self) -> Signer:
+        if self._signer is None:
+            self._handshake()
+        assert self._signer is not None
+        return self._signer
+
+    @property
+    def ttl(self) -> int | None:
+        """The TTL the server applies (the server's configuration decides)."""
+        if self._signer is None:
+            self._handshake()
+        return self._server_ttl
+
+    def client_config(self) -> BackendConfig:
+        """A config other processes can use to connect to this server (contains the authkey)."""
+        return self.config.replace(backend_type="manager", manager_address=self.address,
+                                   manager_authkey=self._authkey)
+
+    # -- the one round trip ----------------------------------------------------------------------
+    def _open(self) -> mpc.Connection:
+        family = socket.AF_UNIX if isinstance(self._address, str) else socket.AF_INET
+        sock = socket.socket(family)
+        try:
+            sock.settimeout(self._connect_timeout)
+            sock.connect(self._address)
+            sock.setblocking(True)
+            conn = mpc.Connection(sock.detach())
+        except OSError as e:
+            sock.close()
+            raise self._unavailable(e) from e
+        try:
+            _tune_socket(conn.fileno(), self._timeout)
+            mpc.answer_challenge(conn, self._authkey)
+            mpc.deliver_challenge(conn, self._authkey)
+            conn.send((None, "accept_connection", (f"xp-client-{os.getpid()}",), _NO_KWARGS))
+            kind, result = conn.recv()
+            if kind != "#RETURN":
+                raise BackendError(f"manager server at {self.address} refused the connection: {result}")
+        except multiprocessing.AuthenticationError as e:
+            conn.close()
+            raise BackendUnavailable(f"manager server at {self.address} rejected the authkey "
+                                     "(check backend.manager_authkey)") from e
+        except (OSError, EOFError) as e:
+            conn.close()
+            raise self._unavailable(e) from e
+        with self._conns_lock:
+            self._conns.add(conn)
+        return conn
+
+    def _unavailable(self, e: BaseException) -> BackendUnavailable:
+        if isinstance(e, (BlockingIOError, TimeoutError, socket.timeout)):
+            why = f"no answer within {self._timeout:g} s"
+        elif isinstance(e, EOFError):
+            why = "the server closed the connection"
+        else:
+            why = f"{type(e).__name__}: {e}"
+        return BackendUnavailable(f"manager server at {self.address} is unavailable ({why})")
+
+    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any] = _NO_KWARGS) -> Any:
+        if self._closed:
+            raise BackendUnavailable(f"manager backend for {self.address} is closed")
+        if self._pid != os.getpid():  # forked: never share the parent's sockets
+            self._reset_connections()
+        conn: mpc.Connection | None = getattr(self._local, "conn", None)
+        reused = conn is not None
+        if conn is None:
+            conn = self._local.conn = self._open()
+        try:
+            conn.send((_IDENT, method, args, kwargs))
+            kind, result = conn.recv()
+        except (OSError, EOFError) as e:
+            self._local.conn = None
+            conn.close()
+            if reused and method in _IDEMPOTENT:
+                return self._call(method, args, kwargs)  # fresh connection, once (reused is now False)
+            raise self._unavailable(e) from e
+        if kind == "#RETURN":
+            return result
+        if kind == "#ERROR":
+            raise result
+        raise BackendError(f"manager server at {self.address} failed on {method}: {result}")
+
+    # -- Context Buffer -------------------------------------------------------------------------
+    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+                      append_id: str | None = None) -> int:
+        kwargs = _NO_KWARGS if max_slots is None and append_id is None else \
+            {"max_slots": max_slots, "append_id": append_id}
+        if append_id is not None:
+            # With an id a repeat stores nothing, so a retry on a fresh connection is safe.
+            try:
+                return int(self._call("buffer_append", (thread_id, slot), kwargs))
+            except BackendUnavailable:
+                return int(self._call("buffer_append", (thread_id, slot), kwargs))
+        return int(self._call("buffer_append", (thread_id, slot), kwargs))
+
+    def buffer_get_thread(self, thread_id: str) -> list[bytes]:
+        return self._call("buffer_get_thread", (thread_id,))  # type: ignore[no-any-return]
+
+    def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
+        return self._call("buffer_get_slot", (thread_id, index))  # type: ignore[no-any-return]
+
+    def buffer_thread_len(self, thread_id: str) -> int:
+        return int(self._call("buffer_thread_len", (thread_id,)))
+
+    def buffer_thread_exists(self, thread_id: str) -> bool:
+        return bool(self._call("buffer_thread_exists", (thread_id,)))
+
+    def buffer_delete_thread(self, thread_id: str) -> bool:
+        return bool(self._call("buffer_delete_thread", (thread_id,)))
+
+    def buffer_list_threads(self) -> list[str]:
+        return self._call("buffer_list_threads", ())  # type: ignore[no-any-return]
+
+    def buffer_clear(self) -> int:
+        return int(self._call("buffer_clear", ()))
+
+    # -- Thread Registry ------------------------------------------------------------------------
+    def registry_set(self, chain: str, uuid: str) -> None:
+        self._call("registry_set", (chain, uuid))
+
+    def registry_get_or_create(self, chain: str, uuid: str) -> str:
+        return self._call("registry_get_or_create", (chain, uuid))  # type: ignore[no-any-return]
+
+    def registry_get_uuid(self, chain: str) -> str | None:
+        return self._call("registry_get_uuid", (chain,))  # type: ignore[no-any-return]
+
+    def registry_get_chain(self, uuid: str) -> str | None:
+        return self._call("registry_get_chain", (uuid,))  # type: ignore[no-any-return]
+
+    def registry_delete(self, uuid: str) -> bool:
+        return bool(self._call("registry_delete", (uuid,)))
+
+    def registry_list_all(self) -> dict[str, str]:
+        return self._call("registry_list_all", ())  # type: ignore[no-any-return]
+
+    def registry_clear(self) -> int:
+        return int(self._call("registry_clear", ()))
+
+    # -- Temporary data -------------------------------------------------------------------------
+    def temp_put(self, key: str, data: bytes, *, ttl: int | None = None) -> None:
+        self._call("temp_put", (key, data), _NO_KWARGS if ttl is None else {"ttl": ttl})
+
+    def temp_get(self, key: str) -> bytes | None:
+        return self._call("temp_get", (key,))  # type: ignore[no-any-return]
+
+    def temp_delete(self, *keys: str) -> int:
+        return int(self._call("temp_delete", keys))
+
+    # -- Lifecycle and monitoring ---------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = self._call("info", ())
+        out["address"] = self.address
+        out["owns_server"] = self.owns_server
+        return out
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._call("hello", ()))
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        """Close this client's connections; if this backend started the server, stop it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pid == os.getpid():
+            with self._conns_lock:
+                conns = list(self._conns)
+                self._conns.clear()
+            for conn in conns:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+        finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None and self._pid == os.getpid():
+            finalizer()
+        self._server = None
+
+    def __enter__(self) -> "ManagerBackend":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ManagerBackend(address={self.address!r}, owns_server={self.owns_server}, closed={self._closed})"
+
+
+def _attach(address: Address, authkey: bytes, config: BackendConfig) -> ManagerBackend:
+    """Unpickle: a client of the same server that connects on first use (never owns the server)."""
+    backend = ManagerBackend.__new__(ManagerBackend)
+    backend.config = config
+    backend._server = None
+    backend._finalizer = None
+    backend._init_client(address, authkey)
+    return backend

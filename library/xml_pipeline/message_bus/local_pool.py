@@ -1,0 +1,293 @@
+"""Local mode: cpu_bound handlers in a pool of worker processes on this machine.
+
+Why not concurrent.futures.ProcessPoolExecutor: when one of its workers dies, the whole pool breaks
+and every task in flight fails with it. Here each worker owns one pipe and runs one task at a time,
+so the pump knows exactly which task a dead worker held: that task (and only that one) gets an
+error response, a new worker takes the dead one's place, and the pump keeps running.
+
+Safe under spawn and forkserver: a worker starts from `_worker_main` (a module-level function), gets
+the backend by pickling (a ManagerBackend reconnects by address and authkey, a RedisBackend builds
+its own pool) and imports handlers by reference. No state is inherited by forking a threaded parent.
+
+Event-driven, no polling: the pump's event loop watches each worker's pipe and process sentinel
+(`loop.add_reader`), so a result or a death wakes it at once.
+
+`ThreadWorkerPool` is the same interface for the single-process memory backend, whose data other
+processes cannot see: cpu_bound handlers then run in threads of the pump process (said in a log
+line), still through the temp key space.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from ..memory.protocol import SharedBackend
+from .worker_task import WORKER_DIED, WorkerResult, WorkerTask, execute_task
+
+log = logging.getLogger(__name__)
+
+#: A worker that dies this many times in a row before it ever got ready means the pool cannot start.
+MAX_BOOT_FAILURES = 3
+
+
+class Dispatcher(Protocol):
+    """Where the pump sends WorkerTasks: a local pool, threads, or a Redis Stream."""
+
+    async def start(self) -> None: ...
+    async def run(self, task: WorkerTask) -> WorkerResult: ...
+    async def close(self) -> None: ...
+    def describe(self) -> str: ...
+
+
+# -- the worker process -------------------------------------------------------------------------------
+def _worker_main(conn: Connection, backend: SharedBackend, name: str, log_level: int) -> None:
+    """Entry point of a worker process: receive tasks on `conn`, answer with WorkerResults."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C is the parent's business: it drains and then tells us to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            break  # the pump went away
+        if task is None:
+            break
+        result = execute_task(backend, task, worker=name)
+        try:
+            conn.send(result)
+        except (BrokenPipeError, OSError):
+            break
+    try:
+        backend.close()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+
+
+# -- the pool (pump side) -----------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    process: Any
+    conn: Connection
+    ready: bool = False
+    dead: bool = False
+    task: WorkerTask | None = None
+    future: asyncio.Future[WorkerResult] | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return f"worker-{self.index}"
+
+
+class LocalWorkerPool:
+    """N worker processes, one task each at a time, replaced when they die."""
+
+    def __init__(self, backend: SharedBackend, *, workers: int, start_method: str = "spawn") -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if start_method not in ("spawn", "forkserver"):
+            raise ValueError(f"start_method must be 'spawn' or 'forkserver', got {start_method!r}")
+        self.backend = backend
+        self.size = workers
+        self.start_method = start_method
+        self._ctx = multiprocessing.get_context(start_method)
+        self._workers: list[_Worker] = []
+        self._pending: collections.deque[tuple[WorkerTask, asyncio.Future[WorkerResult]]] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._boot_failures = 0
+        self._broken: str | None = None
+        self._next_index = 0
+        self.deaths = 0
+
+    def describe(self) -> str:
+        return f"{self.size} worker process(es) ({self.start_method})"
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for _ in range(self.size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        assert self._loop is not None
+        parent, child = self._ctx.Pipe(duplex=True)
+        index = self._next_index
+        self._next_index += 1
+        proc = self._ctx.Process(target=_worker_main, name=f"xml-pipeline-worker-{index}",
+                                 args=(child, self.backend, f"worker-{index}", logging.getLogger().getEffectiveLevel()),
+                                 daemon=True)
+        proc.start()
+        child.close()
+        w = _Worker(index=index, process=proc, conn=parent)
+        self._workers.append(w)
+        self._loop.add_reader(parent.fileno(), self._on_readable, w)
+        self._loop.add_reader(proc.sentinel, self._on_exit, w)
+
+    async def run(self, task: WorkerTask) -> WorkerResult:
+        if self._broken:
+            return WorkerResult(task.task_id, error=self._broken, error_type=WORKER_DIED)
+        if self._closing:
+            raise RuntimeError("the worker pool is closed")
+        assert self._loop is not None, "start() the pool first"
+        fut: asyncio.Future[WorkerResult] = self._loop.create_future()
+        self._pending.append((task, fut))
+        self._assign()
+        return await fut
+
+    def _assign(self) -> None:
+        for w in self._workers:
+            if not self._pending:
+                return
+            if w.dead or w.task is not None:
+                continue
+            task, fut = self._pending.popleft()
+            if fut.cancelled():
+                continue
+            try:
+                w.conn.send(task)
+            except OSError:
+                self._pending.appendleft((task, fut))
+                self._on_death(w)
+                continue
+            w.task, w.future = task, fut
+
+    def _on_readable(self, w: _Worker) -> None:
+        try:
+            msg = w.conn.recv()
+        except (EOFError, OSError):
+            self._on_death(w)
+            return
+        if isinstance(msg, tuple) and msg and msg[0] == "ready":
+            w.ready = True
+            self._boot_failures = 0
+            return
+        fut, w.task, w.future = w.future, None, None
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+        self._assign()
+
+    def _on_exit(self, w: _Worker) -> None:
+        self._on_death(w)
+
+    def _on_death(self, w: _Worker) -> None:
+        if w.dead:
+            return
+        w.dead = True
+        assert self._loop is not None
+        self._loop.remove_reader(w.conn.fileno())
+        self._loop.remove_reader(w.process.sentinel)
+        w.process.join(timeout=1)
+        code = w.process.exitcode
+        w.conn.close()
+        self._workers.remove(w)
+        if self._closing and w.task is None:
+            return
+        self.deaths += 1
+        if w.task is not None and w.future is not None:
+            what = f"signal {-code}" if isinstance(code, int) and code < 0 else f"exit code {code}"
+            log.error("worker process %s (pid %s) died (%s) while running listener %r (task %s); "
+                      "the task gets an error response and a new worker starts",
+                      w.name, w.process.pid, what, w.task.listener, w.task.task_id)
+            if not w.future.done():
+                w.future.set_result(WorkerResult(
+                    w.task.task_id, error=f"worker process died ({what}) while running listener {w.task.listener!r}",
+                    error_type=WORKER_DIED, worker=w.name))
+        else:
+            log.error("worker process %s (pid %s) exited unexpectedly (exit code %s)", w.name, w.process.pid, code)
+        if not w.ready:
+            self._boot_failures += 1
+            if self._boot_failures >= MAX_BOOT_FAILURES:
+                self._broken = (f"worker processes cannot start ({self._boot_failures} died during start-up, "
+                                f"last exit code {code}); check the handler imports and the backend")
+                log.error("%s", self._broken)
+                while self._pending:
+                    task, fut = self._pending.popleft()
+                    if not fut.done():
+                        fut.set_result(WorkerResult(task.task_id, error=self._broken, error_type=WORKER_DIED))
+                return
+        if not self._closing:
+            self._spawn()
+            self._assign()
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for w in self._workers if w.task is not None) + len(self._pending)
+
+    async def close(self) -> None:
+        """Stop the workers. Call after the pump drained: tasks still queued get an error."""
+        if self._closing:
+            return
+        self._closing = True
+        assert self._loop is not None
+        while self._pending:
+            task, fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_result(WorkerResult(task.task_id, error="the worker pool was closed", error_type=WORKER_DIED))
+        workers = list(self._workers)
+        for w in workers:
+            self._loop.remove_reader(w.conn.fileno())
+            self._loop.remove_reader(w.process.sentinel)
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        await self._loop.run_in_executor(None, _join_all, [w.process for w in workers], 5.0)
+        for w in workers:
+            if w.future is not None and not w.future.done():
+                w.future.set_result(WorkerResult(w.task.task_id if w.task else "", error="the worker pool was closed",
+                                                 error_type=WORKER_DIED))
+            w.conn.close()
+        self._workers.clear()
+
+
+def _join_all(procs: list[Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(2)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+class ThreadWorkerPool:
+    """cpu_bound handlers in threads of the pump process (for the unshared memory backend)."""
+
+    def __init__(self, backend: SharedBackend, *, workers: int) -> None:
+        self.backend = backend
+        self.size = max(1, workers)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def describe(self) -> str:
+        return f"{self.size} thread(s) in the pump process (memory backend: nothing is shared between processes)"
+
+    async def start(self) -> None:
+        log.info("memory backend: cpu_bound listeners run in %d thread(s) of the pump process; "
+                 "use the manager or redis backend for worker processes", self.size)
+        self._executor = concurrent.futures.ThreadPoolExecutor(self.size, thread_name_prefix="xp-cpu")
+
+    async def run(self, task: WorkerTask) -> WorkerResult:
+        assert self._executor is not None, "start() the pool first"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(execute_task, self.backend, task,
+                                                                            worker="thread"))
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

@@ -1,0 +1,433 @@
+"""The XML envelope an organism exchanges, parsed safely, and what handlers return.
+
+    <message xmlns="https://xml-pipeline.dev/v1" id="..." from="console" to="greeter"
+             thread="..." type="request" in-reply-to="...">
+      <payload><greet name="Ada"/></payload>
+    </message>
+
+Messages come from outside (files, stdin, the ingress stream of a pod), so parsing treats them as
+untrusted: defusedxml with DTDs forbidden (no entity expansion: no billion laughs; no external
+entities or DTDs: no file or network reads), a size limit, and an error that says what is wrong.
+
+The payload is an XML *fragment* (text and/or elements) carried verbatim: the pump never rebuilds it,
+so a 1 MB payload costs one scan, not a tree. A fragment stands alone: namespace prefixes used inside
+it must be declared inside it.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from xml.etree.ElementTree import Element, ParseError, tostring
+from xml.sax.saxutils import escape, quoteattr
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import DefusedXMLParser, fromstring
+
+from ..errors import XmlPipelineError
+
+NS = "https://xml-pipeline.dev/v1"
+#: Names of listeners and external senders. No '.', which separates the hops of a call chain.
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
+#: Thread ids and message ids: uuids from the registry, or ids an external client chose.
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: Default size limit of one message (bytes of XML).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+MessageKind = Literal["request", "response", "error"]
+KINDS: tuple[str, ...] = ("request", "response", "error")
+_ATTRS = frozenset({"id", "from", "to", "thread", "type", "in-reply-to"})
+_XML_DECL = re.compile(rb"^\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._-]+)[\"']")
+_UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+class MessageError(XmlPipelineError, ValueError):
+    """An XML message is malformed, unsafe or not a valid envelope. The text says what and where."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One envelope. `payload` is the XML fragment inside <payload>, exactly as sent."""
+
+    sender: str
+    to: str
+    payload: str
+    thread: str | None = None
+    kind: MessageKind = "request"
+    id: str = field(default_factory=new_id)
+    in_reply_to: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in (("from", self.sender), ("to", self.to)):
+            if not isinstance(value, str) or not NAME_RE.match(value):
+                raise MessageError(f"attribute {name!r} must be a name matching {NAME_RE.pattern}, got {value!r}")
+        for name, value in (("id", self.id), ("thread", self.thread), ("in-reply-to", self.in_reply_to)):
+            if value is not None and (not isinstance(value, str) or not ID_RE.match(value)):
+                raise MessageError(f"attribute {name!r} must match {ID_RE.pattern}, got {value!r}")
+        if self.kind not in KINDS:
+            raise MessageError(f"attribute 'type' must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.payload, str):
+            raise MessageError(f"payload must be a str (an XML fragment), got {type(self.payload).__name__}")
+
+    # -- convenience for handlers -----------------------------------------------------------------
+    @property
+    def is_error(self) -> bool:
+        return self.kind == "error"
+
+    def element(self) -> Element | None:
+        """The payload's first element, parsed safely (None if the payload is only text)."""
+        wrapper = _fragment_tree(self.payload)
+        return wrapper[0] if len(wrapper) else None
+
+    def text(self) -> str:
+        """All text of the payload, without markup."""
+        return "".join(_fragment_tree(self.payload).itertext())
+
+    def to_xml(self) -> str:
+        attrs = [f"xmlns={quoteattr(NS)}", f"id={quoteattr(self.id)}", f"from={quoteattr(self.sender)}",
+                 f"to={quoteattr(self.to)}"]
+        if self.thread is not None:
+            attrs.append(f"thread={quoteattr(self.thread)}")
+        attrs.append(f"type={quoteattr(self.kind)}")
+        if self.in_reply_to is not None:
+            attrs.append(f"in-reply-to={quoteattr(self.in_reply_to)}")
+        return f"<message {' '.join(attrs)}><payload>{self.payload}</payload></message>"
+
+    def with_(self, **changes: Any) -> "Message":
+        data = {f: getattr(self, f) for f in ("sender", "to", "payload", "thread", "kind", "id", "in_reply_to")}
+        data.update(changes)
+        return Message(**data)
+
+
+# -- what handlers return --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer the caller: the message goes back one hop along the call chain."""
+
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Call another listener: the call chain grows by one hop ("a" calls "b" → "a.b")."""
+
+    to: str
+    payload: str
+
+
+Action = Reply | Call
+HandlerResult = None | str | bytes | Element | Reply | Call | Sequence["Reply | Call"]
+
+
+def normalize_result(result: object) -> list[Action]:
+    """Turn whatever a handler returned into a list of Reply/Call with checked payloads.
+
+    None → nothing; str/bytes/Element → a Reply; Reply/Call or a list of them as given. Every payload
+    must be a well-formed XML fragment (raises MessageError otherwise), so a message the pump emits
+    always parses.
+    """
+    if result is None:
+        return []
+    items: Iterable[object]
+    if isinstance(result, (list, tuple)):
+        items = result
+    else:
+        items = (result,)
+    out: list[Action] = []
+    for item in items:
+        if isinstance(item, Reply):
+            out.append(Reply(_as_fragment(item.payload)))
+        elif isinstance(item, Call):
+            if not isinstance(item.to, str) or not NAME_RE.match(item.to):
+                raise MessageError(f"Call.to must be a listener name, got {item.to!r}")
+            out.append(Call(item.to, _as_fragment(item.payload)))
+        elif isinstance(item, (str, bytes, Element)):
+            out.append(Reply(_as_fragment(item)))
+        else:
+            raise MessageError(
+                f"a handler returned {type(item).__name__}; allowed: None, str (XML fragment), "
+                "an Element, Reply, Call, or a list of Reply/Call")
+    return out
+
+
+def actions_to_json(actions: Sequence[Action]) -> list[dict[str, str]]:
+    return [{"op": "reply", "payload": a.payload} if isinstance(a, Reply)
+            else {"op": "call", "to": a.to, "payload": a.payload} for a in actions]
+
+
+def actions_from_json(data: object) -> list[Action]:
+    if not isinstance(data, list):
+        raise MessageError("worker response is not a list of actions")
+    out: list[Action] = []
+    for d in data:
+        if not isinstance(d, dict) or not isinstance(d.get("payload"), str):
+            raise MessageError("worker response holds a malformed action")
+        if d.get("op") == "reply":
+            out.append(Reply(d["payload"]))
+        elif d.get("op") == "call" and isinstance(d.get("to"), str):
+            out.append(Call(d["to"], d["payload"]))
+        else:
+            raise MessageError(f"worker response holds an unknown action {d.get('op')!r}")
+    return out
+
+
+def text_payload(text: str, tag: str | None = None) -> str:
+    """A fragment holding `text` escaped, optionally inside <tag>…</tag>."""
+    body = escape(text)
+    return f"<{tag}>{body}</{tag}>" if tag else body
+
+
+def error_payload(listener: str, error_type: str, detail: str) -> str:
+    return (f"<error listener={quoteattr(listener)} type={quoteattr(error_type)}>"
+            f"{escape(detail)}</error>")
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+def _parser(target: object) -> DefusedXMLParser:
+    # forbid_dtd: no DOCTYPE at all, which rules out entity expansion and external entities/DTDs.
+    p = DefusedXMLParser(target=target, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    # Exact byte offsets need unbuffered character data (see _Scanner).
+    p.parser.buffer_text = False
+    return p
+
+
+def _explain(e: Exception) -> str:
+    if isinstance(e, DefusedXmlException):
+        return (f"{type(e).__name__}: DTDs and entity declarations are not allowed "
+                "(they enable entity expansion and external entity attacks)")
+    if isinstance(e, ParseError):
+        line, col = getattr(e, "position", (None, None))
+        msg = str(e).split(":")[0]
+        return f"not well-formed XML at line {line}, column {col}: {msg}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _check_encoding(raw: bytes) -> None:
+    m = _XML_DECL.match(raw[:200])
+    if m and m.group(1).decode().lower() not in _UTF8:
+        raise MessageError(f"XML declaration names encoding {m.group(1).decode()!r}; messages must be UTF-8")
+
+
+class _NullTarget:
+    """Parse for well-formedness only: build nothing."""
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None: ...
+    def end(self, tag: str) -> None: ...
+    def data(self, data: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def check_fragment(fragment: str) -> str:
+    """Return `fragment` if it is a well-formed, safe XML fragment, else raise MessageError."""
+    if "<!" in fragment and ("<!DOCTYPE" in fragment or "<!ENTITY" in fragment):
+        raise MessageError("payload: DTDs and entity declarations are not allowed")
+    p = _parser(_NullTarget())
+    try:
+        p.feed(b"<payload>")
+        p.feed(fragment.encode("utf-8"))
+        p.feed(b"</payload>")
+        p.close()
+    except (ParseError, DefusedXmlException) as e:
+        raise MessageError(f"payload is not a well-formed XML fragment: {_explain(e)}") from None
+    return fragment
+
+
+def _as_fragment(value: object) -> str:
+    if isinstance(value, Element):
+        return tostring(value, encoding="unicode")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MessageError("payload bytes are not UTF-8") from None
+    if not isinstance(value, str):
+        raise MessageError(f"payload must be an XML fragment (str), got {type(value).__name__}")
+    return check_fragment(value)
+
+
+def _fragment_tree(fragment: str) -> Element:
+    try:
+        return fromstring(f"<payload>{fragment}</payload>", forbid_dtd=True)
+    except (ParseError, DefusedXmlException) as e:
+        raise MessageError(f"payload is not a well-formed XML fragment: {_explain(e)}") from None
+
+
+def _local(tag: str) -> tuple[str | None, str]:
+    if tag.startswith("{"):
+        ns, _, local = tag[1:].partition("}")
+        return ns, local
+    return None, tag
+
+
+class _Scanner:
+    """Parser target that records the envelope's structure and the byte range of <payload>'s content."""
+
+    def __init__(self) -> None:
+        self.expat: Any = None
+        self.depth = 0
+        self.root: tuple[str, dict[str, str]] | None = None
+        self.children: list[str] = []
+        self.payload_start: int | None = None
+        self.payload_end: int | None = None
+        self.stray_text = False
+        #: byte ranges of depth-1 elements (used to split a <messages> document)
+        self.ranges: list[tuple[str, int, int]] = []
+        self._child_start = 0
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        if self.depth == 0:
+            self.root = (tag, dict(attrib))
+        elif self.depth == 1:
+            self.children.append(tag)
+            self._child_start = self.expat.CurrentByteIndex
+            if _local(tag)[1] == "payload" and self.payload_start is None:
+                self.payload_start = self._child_start
+        self.depth += 1
+
+    def end(self, tag: str) -> None:
+        self.depth -= 1
+        if self.depth == 1:
+            # For an end tag the index is where "</tag>" starts; for an empty element <x/> it is
+            # just after "/>" (checked in _content_range).
+            end = self.expat.CurrentByteIndex
+            self.ranges.append((tag, self._child_start, end))
+            if _local(tag)[1] == "payload" and self.payload_end is None:
+                self.payload_end = end
+
+    def data(self, data: str) -> None:
+        if self.depth == 1 and data.strip():
+            self.stray_text = True
+
+    def close(self) -> None:
+        return None
+
+
+def _tag_end(raw: bytes, start: int) -> tuple[int, bool]:
+    """Index just after the '>' closing the start tag at `start`, and whether it was '/>'."""
+    quote = 0
+    i = start
+    n = len(raw)
+    while i < n:
+        c = raw[i]
+        if quote:
+            if c == quote:
+                quote = 0
+        elif c in (0x22, 0x27):  # " '
+            quote = c
+        elif c == 0x3E:  # >
+            return i + 1, raw[i - 1] == 0x2F  # '/'
+        i += 1
+    raise MessageError("unterminated start tag")  # unreachable for well-formed input
+
+
+def _element_end(raw: bytes, end_index: int, empty: bool, content_start: int) -> int:
+    """Index just after an element whose end event was at `end_index`."""
+    if empty:
+        return content_start
+    gt = raw.index(b">", end_index)
+    return gt + 1
+
+
+def _scan(raw: bytes, what: str) -> _Scanner:
+    _check_encoding(raw)
+    scanner = _Scanner()
+    p = _parser(scanner)
+    scanner.expat = p.parser
+    try:
+        p.feed(raw)
+        p.close()
+    except (ParseError, DefusedXmlException) as e:
+        raise MessageError(f"{what}: {_explain(e)}") from None
+    except RecursionError:
+        raise MessageError(f"{what}: nested too deeply") from None
+    return scanner
+
+
+def _as_bytes(data: str | bytes, max_bytes: int) -> bytes:
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if len(raw) > max_bytes:
+        raise MessageError(f"message is {len(raw)} bytes, the limit is {max_bytes}")
+    if not raw.strip():
+        raise MessageError("message is empty")
+    return raw
+
+
+def parse_message(data: str | bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse one untrusted <message> document. Raises MessageError saying what is wrong."""
+    raw = _as_bytes(data, max_bytes)
+    s = _scan(raw, "malformed message")
+    return _envelope(raw, s)
+
+
+def _envelope(raw: bytes, s: _Scanner) -> Message:
+    assert s.root is not None
+    tag, attrib = s.root
+    ns, local = _local(tag)
+    if local != "message" or ns not in (None, NS):
+        shown = f"{{{ns}}}{local}" if ns else local
+        raise MessageError(f"root element must be <message xmlns={NS!r}>, got <{shown}>")
+    unknown = sorted(set(attrib) - _ATTRS)
+    if unknown:
+        raise MessageError(f"<message> has unknown attribute {unknown[0]!r} (allowed: {', '.join(sorted(_ATTRS))})")
+    for required in ("from", "to"):
+        if required not in attrib:
+            raise MessageError(f"<message> is missing the attribute {required!r}")
+    payloads = [c for c in s.children if _local(c)[1] == "payload"]
+    others = [c for c in s.children if _local(c)[1] != "payload"]
+    if len(payloads) != 1 or others:
+        raise MessageError(f"<message> must contain exactly one <payload> element and nothing else, "
+                           f"found {[_local(c)[1] for c in s.children] or 'no elements'}")
+    if _local(payloads[0])[0] not in (None, NS):
+        raise MessageError(f"<payload> must be in namespace {NS!r}")
+    if s.stray_text:
+        raise MessageError("<message> holds text outside <payload>")
+    assert s.payload_start is not None and s.payload_end is not None
+    content_start, empty = _tag_end(raw, s.payload_start)
+    fragment = "" if empty else raw[content_start:s.payload_end].decode("utf-8")
+    kwargs: dict[str, Any] = dict(sender=attrib["from"], to=attrib["to"], payload=fragment,
+                                  thread=attrib.get("thread"), kind=attrib.get("type", "request"),
+                                  in_reply_to=attrib.get("in-reply-to"))
+    if "id" in attrib:
+        kwargs["id"] = attrib["id"]
+    msg = Message(**kwargs)
+    # The fragment must also stand alone (prefixes declared outside <payload> would not travel).
+    if ":" in fragment and "<" in fragment:
+        check_fragment(fragment)
+    return msg
+
+
+def split_messages(data: str | bytes, *, max_bytes: int = 256 * 1024 * 1024) -> list[Message]:
+    """Parse a file of messages: one <message>, several <message> elements one after another, or a
+    <messages> document holding them. Raises MessageError naming the message's position."""
+    raw = _as_bytes(data, max_bytes)
+    _check_encoding(raw)
+    body = re.sub(rb"^\s*<\?xml[^>]*\?>", b"", raw, count=1)
+    return _split(b"<messages>" + body + b"</messages>")
+
+
+def _split(doc: bytes) -> list[Message]:
+    s = _scan(doc, "malformed input")
+    ranges = []
+    for tag, start, end_idx in s.ranges:
+        content_start, empty = _tag_end(doc, start)
+        ranges.append((tag, start, _element_end(doc, end_idx, empty, content_start)))
+    if len(ranges) == 1 and _local(ranges[0][0])[1] == "messages":
+        _, start, stop = ranges[0]
+        return _split(doc[start:stop])
+    out: list[Message] = []
+    for n, (tag, start, stop) in enumerate(ranges, 1):
+        if _local(tag)[1] != "message":
+            raise MessageError(f"message {n}: expected <message>, got <{_local(tag)[1]}>")
+        try:
+            out.append(parse_message(doc[start:stop]))
+        except MessageError as e:
+            raise MessageError(f"message {n}: {e}") from None
+    if not out:
+        raise MessageError("input holds no <message>")
+    return out

@@ -1,0 +1,436 @@
+"""StreamPump: the asyncio router of an organism.
+
+Every message is addressed to a listener by name. The pump
+
+1. gives it a thread from the ThreadRegistry (a thread is a call chain: console calls greeter →
+   "system.<organism>.console.greeter"; greeter calls primes → "...greeter.primes"; a reply goes
+   back one hop, to the caller, on the pruned chain's thread),
+2. appends it to the ContextBuffer (every message, including replies and errors),
+3. runs the listener's handler: plain listeners in the pump's event loop (write them `async def`
+   if they wait on I/O), cpu_bound listeners in a worker through the spec's data flow
+   (worker_task.py: temp keys in, WorkerTask, response key back, temp keys deleted),
+4. routes what the handler returned: a reply to the caller, a Call to another listener, and
+   anything addressed to a name that is not a listener (an external sender such as "console") to
+   the pump's output (`on_output`: the CLI prints it, a pod writes it to its egress stream).
+
+A handler that raises, a worker that dies, or a call to an unknown listener becomes an error
+response (type="error") sent back along the chain, plus a log line. The pump keeps running.
+
+Conversations: everything caused by one injected message belongs to its conversation. An output
+reaching the external sender carries `in-reply-to` = the id of the message that started the
+conversation (threads are shared by every conversation on the same chain, message ids are not),
+and `on_done(request_id)` fires once the conversation has nothing left in flight.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BackendError, SlotIntegrityError
+from ..memory.context_buffer import ContextBuffer
+from ..memory.protocol import SharedBackend
+from ..organism import ListenerSpec, Organism
+from .local_pool import Dispatcher
+from .message import Action, Call, Message, MessageError, Reply, error_payload, new_id, normalize_result
+from .thread_registry import ThreadRegistry, get_registry
+from .worker_task import WorkerResult, WorkerTask, load_response, new_key, store_inputs
+
+log = logging.getLogger(__name__)
+
+#: A call chain longer than this is a loop (a calls b calls a ...): the call fails with an error.
+MAX_CHAIN_HOPS = 32
+
+OutputCallback = Callable[[Message], Awaitable[None] | None]
+DoneCallback = Callable[[str], Awaitable[None] | None]
+
+
+@dataclass(eq=False)
+class _Conversation:
+    request: Message
+    inflight: int = 0
+    outputs: list[Message] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    message: Message
+    conversation: str  # id of the message that started it
+
+
+@dataclass
+class PumpStats:
+    messages: int = 0
+    outputs: int = 0
+    errors: int = 0
+    worker_tasks: int = 0
+    conversations: int = 0
+
+
+class StreamPump:
+    """Routes an organism's messages. Use `async with StreamPump(...) as pump:` or start()/stop()."""
+
+    def __init__(self, organism: Organism, backend: SharedBackend, *, dispatcher: Dispatcher | None = None,
+                 on_output: OutputCallback | None = None, on_done: DoneCallback | None = None,
+                 concurrency: int = 64, io_threads: int = 8, keep_outputs: bool = True) -> None:
+        self.organism = organism
+        self.backend = backend
+        self.dispatcher = dispatcher
+        self.buffer = ContextBuffer(backend)
+        self.registry: ThreadRegistry = get_registry(backend=backend)
+        self.on_output = on_output
+        self.on_done = on_done
+        self.keep_outputs = keep_outputs
+        self.stats = PumpStats()
+        self._listeners = {ls.name: ls for ls in organism.listeners}
+        if organism.has_cpu_bound and dispatcher is None:
+            raise ValueError("the organism has cpu_bound listeners: give the pump a dispatcher "
+                             "(LocalWorkerPool, ThreadWorkerPool or RedisDispatcher)")
+        self._concurrency = concurrency
+        self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="xp-pump-io")
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._consumers: list[asyncio.Task[None]] = []
+        self._conversations: dict[str, _Conversation] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._running = False
+        self._accepting = False
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> "StreamPump":
+        if self._running:
+            return self
+        await self._run_io(self.registry.initialize_root, self.organism.name)
+        if self.dispatcher is not None:
+            await self.dispatcher.start()
+        self._consumers = [asyncio.create_task(self._consume(), name=f"xp-pump-{i}")
+                           for i in range(self._concurrency)]
+        self._running = self._accepting = True
+        return self
+
+    async def stop(self, *, drain: bool = True, timeout: float | None = None) -> bool:
+        """Stop accepting messages, let in-flight conversations finish (up to `timeout` seconds),
+        then stop the consumers and the dispatcher. Returns False if the drain timed out."""
+        self._accepting = False
+        drained = True
+        if drain and self._running:
+            drained = await self.join(timeout)
+        for _ in self._consumers:
+            self._queue.put_nowait(None)
+        for task in self._consumers:
+            if not drained:
+                task.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+        self._consumers.clear()
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        self._running = False
+        self._io.shutdown(wait=False, cancel_futures=True)
+        return drained
+
+    async def __aenter__(self) -> "StreamPump":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def join(self, timeout: float | None = None) -> bool:
+        """Wait until no conversation is in flight. False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    @property
+    def inflight(self) -> int:
+        return len(self._conversations)
+
+    # -- feeding messages in ----------------------------------------------------------------------------
+    async def inject(self, message: Message) -> str:
+        """Accept a message from outside the organism; return its conversation id (= message.id).
+
+        Problems with the message itself (unknown listener, a sender named like a listener) become
+        an error output for that conversation, not an exception: a bad message must not stop a pump.
+        """
+        await self._start_conversation(message)
+        return message.id
+
+    async def request(self, message: Message, timeout: float | None = None) -> list[Message]:
+        """Inject a message and wait for its conversation to finish; return its outputs."""
+        conv = await self._start_conversation(message)
+        await asyncio.wait_for(conv.done.wait(), timeout)
+        return list(conv.outputs)
+
+    async def _start_conversation(self, message: Message) -> _Conversation:
+        if not self._accepting:
+            raise RuntimeError("the pump is not accepting messages (not started, or stopping)")
+        if message.id in self._conversations:
+            raise MessageError(f"a conversation with message id {message.id!r} is already in flight")
+        conv = _Conversation(request=message, inflight=1)
+        self._conversations[message.id] = conv
+        self._idle.clear()
+        self.stats.conversations += 1
+        try:
+            item = await self._run_io(self._admit, message)
+        except (MessageError, ValueError) as e:
+            log.warning("rejected message %s from %r to %r: %s", message.id, message.sender, message.to, e)
+            await self._emit(_Item(message, message.id), Message(
+                sender="pump", to=message.sender, payload=error_payload(message.to, "MessageError", str(e)),
+                thread=message.thread, kind="error"), append=False)
+            self._finish(message.id)
+            return conv
+        except BaseException:
+            self._finish(message.id)
+            raise
+        self._queue.put_nowait(item)
+        return conv
+
+    def _admit(self, message: Message) -> _Item:
+        """(io thread) Validate an external message and register its thread."""
+        if message.to not in self._listeners:
+            raise MessageError(f"unknown listener {message.to!r} (listeners: {', '.join(self._listeners)})")
+        if message.sender in self._listeners:
+            raise MessageError(f"'from' must name the external sender, not a listener ({message.sender!r})")
+        thread = self._external_thread(message)
+        return _Item(message.with_(thread=thread), message.id)
+
+    def _external_thread(self, message: Message) -> str:
+        reg = self.registry
+        sender, target = message.sender, message.to
+        if message.thread is None:
+            return reg.register_thread(new_key(), sender, target)
+        chain = reg.lookup(message.thread)
+        if chain is None:
+            return reg.register_thread(message.thread, sender, target)
+        hops = chain.split(".")
+        if hops[-2:] == [sender, target]:
+            return message.thread
+        if hops[-1] == sender:  # the sender continues on a thread it got a response on
+            return reg.extend_chain(message.thread, target)
+        return reg.register_thread(new_key(), sender, target)
+
+    # -- the routing loop ---------------------------------------------------------------------------------
+    async def _consume(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            try:
+                await self._process(item)
+            except Exception:  # noqa: BLE001 - one message must never stop the pump
+                log.exception("pump: unexpected failure while routing message %s to %r (thread %s)",
+                              item.message.id, item.message.to, item.message.thread)
+            finally:
+                self._finish(item.conversation)
+
+    def _finish(self, conv_id: str) -> None:
+        conv = self._conversations.get(conv_id)
+        if conv is None:
+            return
+        conv.inflight -= 1
+        if conv.inflight > 0:
+            return
+        del self._conversations[conv_id]
+        conv.done.set()
+        if not self.keep_outputs:
+            conv.outputs.clear()
+        if not self._conversations:
+            self._idle.set()
+        if self.on_done is not None:
+            self._call_back(self.on_done, conv_id)
+
+    def _call_back(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        try:
+            result = fn(arg)
+        except Exception:  # noqa: BLE001
+            log.exception("pump: callback %r failed", fn)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(_log_task_error)
+
+    async def _process(self, item: _Item) -> None:
+        msg = item.message
+        listener = self._listeners[msg.to]
+        self.stats.messages += 1
+        actions: list[Action] | None = None
+        error: tuple[str, str] | None = None
+        if listener.cpu_bound:
+            keys = await self._run_io(self._accept_for_worker, msg)
+            task = WorkerTask(task_id=new_key(), listener=listener.name, handler=listener.handler,
+                              payload_key=keys[0], metadata_key=keys[1])
+            self.stats.worker_tasks += 1
+            assert self.dispatcher is not None
+            try:
+                result = await self.dispatcher.run(task)
+            except BaseException:
+                await self._run_io(self.backend.temp_delete, *keys)
+                raise
+            actions, error = await self._run_io(self._collect, result, keys)
+        else:
+            await self._run_io(self._append, msg)
+            actions, error = await self._run_plain(listener, msg)
+        outgoing = await self._run_io(self._route, msg, listener, actions or [], error)
+        for out, external in outgoing:
+            if out.kind == "error":
+                self.stats.errors += 1
+            if external:
+                await self._emit(item, out)
+            else:
+                self._forward(item, out)
+
+    def _forward(self, item: _Item, out: Message) -> None:
+        conv = self._conversations.get(item.conversation)
+        if conv is not None:
+            conv.inflight += 1
+        self._queue.put_nowait(_Item(out, item.conversation))
+
+    async def _emit(self, item: _Item, out: Message, *, append: bool = True) -> None:
+        conv = self._conversations.get(item.conversation)
+        out = out.with_(in_reply_to=item.conversation)
+        if append and out.thread is not None:
+            await self._run_io(self._append, out)
+        self.stats.outputs += 1
+        if conv is not None and self.keep_outputs:
+            conv.outputs.append(out)
+        if self.on_output is not None:
+            try:
+                result = self.on_output(out)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001
+                log.exception("pump: on_output failed for message %s", out.id)
+
+    async def _run_plain(self, listener: ListenerSpec, msg: Message) -> tuple[list[Action] | None, tuple[str, str] | None]:
+        assert listener.func is not None, f"listener {listener.name} was loaded without its handler"
+        try:
+            result = listener.func(msg)
+            if inspect.isawaitable(result):
+                result = await result
+            return normalize_result(result), None
+        except Exception as e:  # noqa: BLE001 - the handler's failure becomes an error response
+            log.error("listener %s (handler %s) raised on thread %s: %s: %s", listener.name, listener.handler,
+                      msg.thread, type(e).__name__, e, exc_info=True)
+            return None, ("HandlerError", f"{type(e).__name__}: {e}")
+
+    # -- blocking steps (run in the io threads: backends do network round trips) -------------------------
+    async def _run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    def _append(self, msg: Message) -> None:
+        assert msg.thread is not None
+        self.buffer.append(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id)
+
+    def _accept_for_worker(self, msg: Message) -> tuple[str, str]:
+        self._append(msg)
+        return store_inputs(self.backend, msg, chain=None)
+
+    def _collect(self, result: WorkerResult, keys: tuple[str, str]) -> tuple[list[Action] | None, tuple[str, str] | None]:
+        """Fetch the worker's response, then delete every temp key of the task."""
+        doomed = list(keys)
+        try:
+            if not result.ok:
+                return None, (result.error_type or "WorkerError", result.error or "unknown error")
+            assert result.response_key is not None
+            doomed.append(result.response_key)
+            try:
+                return load_response(self.backend, result.response_key), None
+            except SlotIntegrityError as e:
+                log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
+                return None, ("IntegrityError", f"SlotIntegrityError: {e}")
+            except (LookupError, MessageError, ValueError) as e:
+                log.error("task %s: cannot read the response: %s", result.task_id, e)
+                return None, ("MissingData", f"{type(e).__name__}: {e}")
+        finally:
+            try:
+                self.backend.temp_delete(*doomed)
+            except BackendError as e:  # they expire with the TTL anyway
+                log.warning("could not delete temp keys of task %s: %s", result.task_id, e)
+
+    def _route(self, msg: Message, listener: ListenerSpec, actions: list[Action],
+               error: tuple[str, str] | None) -> list[tuple[Message, bool]]:
+        """(io thread) Turn a handler's actions into addressed messages: (message, is_external)."""
+        assert msg.thread is not None
+        out: list[tuple[Message, bool]] = []
+        if error is not None:
+            actions = [Reply(error_payload(listener.name, error[0], error[1]))]
+            kind = "error"
+        else:
+            kind = "response"
+        for action in actions:
+            if isinstance(action, Call):
+                chain = self.registry.lookup(msg.thread) or ""
+                if action.to not in self._listeners:
+                    problem = (f"listener {listener.name!r} called {action.to!r}, which is not a listener "
+                               f"(listeners: {', '.join(self._listeners)})")
+                elif chain.count(".") + 1 >= MAX_CHAIN_HOPS:
+                    problem = f"call chain longer than {MAX_CHAIN_HOPS} hops (a loop?): {chain}"
+                else:
+                    thread = self.registry.extend_chain(msg.thread, action.to)
+                    out.append((Message(sender=listener.name, to=action.to, payload=action.payload,
+                                        thread=thread, in_reply_to=None), False))
+                    continue
+                log.error("%s", problem)
+                out.extend(self._reply(msg, listener, error_payload(listener.name, "RoutingError", problem), "error"))
+            else:
+                out.extend(self._reply(msg, listener, action.payload, kind))
+        return out
+
+    def _reply(self, msg: Message, listener: ListenerSpec, payload: str, kind: str) -> list[tuple[Message, bool]]:
+        assert msg.thread is not None
+        caller, thread = self.registry.prune_for_response(msg.thread)
+        if caller is None or thread is None:
+            # Nobody left on the chain (an unknown or expired thread): answer the sender directly.
+            caller, thread = msg.sender, msg.thread
+        reply = Message(sender=listener.name, to=caller, payload=payload, thread=thread, kind=kind,  # type: ignore[arg-type]
+                        in_reply_to=msg.id)
+        return [(reply, caller not in self._listeners)]
+
+
+def _log_task_error(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("pump: callback failed: %r", task.exception())
+
+
+async def run_messages(pump: StreamPump, messages: list[Message], *,
+                       on_progress: Callable[[int, int], None] | None = None,
+                       window: int = 256) -> float:
+    """Inject `messages` (at most `window` conversations in flight at once) and wait for all of them.
+
+    Returns the elapsed seconds. `on_progress(done, total)` is called as conversations finish.
+    """
+    start = time.perf_counter()
+    total = len(messages)
+    done = 0
+    slots = asyncio.Semaphore(window)
+    finished = asyncio.Event()
+    if total == 0:
+        return 0.0
+    previous = pump.on_done
+
+    def _done(conv_id: str) -> Any:
+        nonlocal done
+        done += 1
+        slots.release()
+        if on_progress is not None:
+            on_progress(done, total)
+        if done >= total:
+            finished.set()
+        return previous(conv_id) if previous is not None else None
+
+    pump.on_done = _done
+    try:
+        for m in messages:
+            await slots.acquire()
+            await pump.inject(m)
+        await finished.wait()
+    finally:
+        pump.on_done = previous
+    return time.perf_counter() - start

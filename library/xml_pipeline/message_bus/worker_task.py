@@ -1,0 +1,180 @@
+"""The worker data flow (spec: "Worker Data Flow"): what crosses between the pump and a worker.
+
+    pump    store payload + metadata in the backend's temp key space (signed), submit a WorkerTask
+    worker  fetch + verify both, run the handler, store the response (signed) under a response uuid,
+            return a WorkerResult naming it
+    pump    fetch + verify the response, delete the three temp keys, route the response on
+
+A WorkerTask carries only ids and the handler reference, so it is tiny on any transport (a pipe to a
+local process, a Redis Stream entry to a worker pod) whatever the payload size. Every temp value is
+an envelope signed with the backend's key ring, with a one-byte domain tag inside (payload,
+metadata, response), so a value can neither be forged nor swapped for another kind of value. The
+metadata and the response are JSON, not pickle: nothing a worker reads can run code.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import traceback
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import BackendError, SlotIntegrityError
+from ..memory.protocol import SharedBackend
+from ..organism import resolve_handler
+from .message import Action, Message, MessageError, actions_from_json, actions_to_json, normalize_result
+
+log = logging.getLogger(__name__)
+
+_PAYLOAD, _META, _RESPONSE = b"P", b"M", b"R"
+
+#: error_type values of a WorkerResult
+HANDLER_ERROR = "HandlerError"
+WORKER_DIED = "WorkerDied"
+INTEGRITY_ERROR = "IntegrityError"
+MISSING_DATA = "MissingData"
+DEAD_LETTER = "DeadLetter"
+BACKEND_ERROR = "BackendError"
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerTask:
+    """One cpu_bound handler call: ids and a handler reference, never the payload itself."""
+
+    task_id: str
+    listener: str
+    handler: str  # "package.module:function"
+    payload_key: str
+    metadata_key: str
+    #: Distributed mode: the results stream of the pump that submitted the task.
+    reply_to: str = ""
+    #: Distributed mode: failed attempts so far (handler errors; deaths are counted by Redis).
+    failures: int = 0
+
+    def to_fields(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> "WorkerTask":
+        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in fields.items()}
+        try:
+            return cls(task_id=d["task_id"], listener=d["listener"], handler=d["handler"],
+                       payload_key=d["payload_key"], metadata_key=d["metadata_key"],
+                       reply_to=d.get("reply_to", ""), failures=int(d.get("failures", "0")))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"malformed task entry: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResult:
+    """What a worker reports: the key of its stored response, or why there is none."""
+
+    task_id: str
+    response_key: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    worker: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_fields(self) -> dict[str, str]:
+        return {k: ("" if v is None else str(v)) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> "WorkerResult":
+        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in fields.items()}
+        return cls(task_id=d.get("task_id", ""), response_key=d.get("response_key") or None,
+                   error=d.get("error") or None, error_type=d.get("error_type") or None,
+                   worker=d.get("worker", ""))
+
+
+# -- temp values --------------------------------------------------------------------------------------
+def _put(backend: SharedBackend, key: str, tag: bytes, body: bytes) -> None:
+    backend.temp_put(key, backend.signer.sign(tag + body))
+
+
+def _get(backend: SharedBackend, key: str, tag: bytes, what: str) -> bytes:
+    blob = backend.temp_get(key)
+    if blob is None:
+        raise LookupError(f"{what} {key} is gone (expired or already consumed)")
+    body = backend.signer.verify(blob)  # SlotIntegrityError before anything is decoded
+    if body[:1] != tag:
+        raise SlotIntegrityError(f"{what} {key} holds a different kind of value")
+    return body[1:]
+
+
+def store_inputs(backend: SharedBackend, message: Message, *, chain: str | None = None) -> tuple[str, str]:
+    """Pump side, step 1: store payload and metadata; return (payload_key, metadata_key)."""
+    payload_key, metadata_key = new_key(), new_key()
+    meta = {"from": message.sender, "to": message.to, "thread": message.thread, "type": message.kind,
+            "id": message.id, "in_reply_to": message.in_reply_to, "chain": chain}
+    _put(backend, payload_key, _PAYLOAD, message.payload.encode("utf-8"))
+    _put(backend, metadata_key, _META, json.dumps(meta, separators=(",", ":")).encode())
+    return payload_key, metadata_key
+
+
+def load_inputs(backend: SharedBackend, task: WorkerTask) -> Message:
+    """Worker side: fetch and verify payload + metadata, rebuild the message."""
+    payload = _get(backend, task.payload_key, _PAYLOAD, "payload").decode("utf-8")
+    meta = json.loads(_get(backend, task.metadata_key, _META, "metadata"))
+    return Message(sender=meta["from"], to=meta["to"], payload=payload, thread=meta.get("thread"),
+                   kind=meta.get("type", "request"), id=meta["id"], in_reply_to=meta.get("in_reply_to"))
+
+
+def store_response(backend: SharedBackend, actions: list[Action]) -> str:
+    key = new_key()
+    _put(backend, key, _RESPONSE, json.dumps(actions_to_json(actions), separators=(",", ":")).encode())
+    return key
+
+
+def load_response(backend: SharedBackend, key: str) -> list[Action]:
+    """Pump side, step 3: fetch and verify the response."""
+    return actions_from_json(json.loads(_get(backend, key, _RESPONSE, "response")))
+
+
+def call_handler(func: Any, message: Message) -> list[Action]:
+    """Run a handler (sync or async) and normalize what it returned."""
+    result = func(message)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_await(result))
+    return normalize_result(result)
+
+
+async def _await(aw: Any) -> Any:
+    return await aw
+
+
+def execute_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") -> WorkerResult:
+    """Worker side, step 2: everything a worker does for one task. Never raises for a task's fault."""
+    try:
+        message = load_inputs(backend, task)
+    except SlotIntegrityError as e:
+        log.error("task %s (%s): input failed its integrity check: %s", task.task_id, task.listener, e)
+        return WorkerResult(task.task_id, error=f"SlotIntegrityError: {e}", error_type=INTEGRITY_ERROR, worker=worker)
+    except (LookupError, ValueError, KeyError, MessageError) as e:
+        log.error("task %s (%s): cannot load its input: %s", task.task_id, task.listener, e)
+        return WorkerResult(task.task_id, error=f"{type(e).__name__}: {e}", error_type=MISSING_DATA, worker=worker)
+    try:
+        func = resolve_handler(task.handler)
+        actions = call_handler(func, message)
+    except Exception as e:  # noqa: BLE001 - a handler's failure becomes an error response
+        log.error("listener %s (handler %s) raised on thread %s: %s: %s\n%s", task.listener, task.handler,
+                  message.thread, type(e).__name__, e, traceback.format_exc().rstrip())
+        return WorkerResult(task.task_id, error=f"{type(e).__name__}: {e}", error_type=HANDLER_ERROR, worker=worker)
+    try:
+        key = store_response(backend, actions)
+    except BackendError as e:
+        log.error("task %s: cannot store the response: %s", task.task_id, e)
+        return WorkerResult(task.task_id, error=f"{type(e).__name__}: {e}", error_type=BACKEND_ERROR, worker=worker)
+    return WorkerResult(task.task_id, response_key=key, worker=worker)

@@ -52,8 +52,9 @@ _BATCH = 500
 #: Every command this backend sends, including those its Lua scripts call (Redis checks a script's
 #: commands against the caller's ACL too). An ACL user for one tenant needs these plus `~<prefix>*`.
 ACL_COMMANDS: tuple[str, ...] = (
-    "evalsha", "eval", "rpush", "lrange", "lindex", "llen", "hget", "hset", "expire", "exists",
-    "get", "mget", "set", "del", "unlink", "scan", "ping", "info",
+    "evalsha", "eval", "rpush", "rpop", "lrange", "lindex", "llen", "hsetnx", "hget", "hdel",
+    "expire", "exists", "get", "mget", "set", "del", "unlink", "scan", "ping", "info|server",
+    "client|setname",
 )
 
 # Backoff between retries: 20 ms, 40 ms, 80 ms ... (full jitter), never above 0.5 s.
@@ -174,7 +175,8 @@ class RedisBackend:
                             for sc in scripts.ALL}
         self._pb = self._prefix.encode()
         self._plen = len(self._pb)
-        self._append_tail = _pack_args((self._ttl, 0, self._prefix))
+        # Packed (ttl, max_slots, prefix) tails of the append, per max_slots value seen.
+        self._append_tails: dict[int, bytes] = {0: _pack_args((self._ttl, 0, self._prefix))}
         self._closed = False
         log.debug("redis backend on %s, prefix %r, ttl %s", self._url, self._prefix, self._ttl or "none")
 
@@ -205,6 +207,8 @@ class RedisBackend:
         return self._do(what, lambda: fn(self.client), idempotent)
 
     def _do(self, what: str, fn: Callable[[], T], retry: bool = True) -> T:
+        if self._closed:
+            raise BackendUnavailable(f"the redis backend for {self._url} is closed ({what})")
         try:
             if retry:
                 return self._retry.call_with_retry(fn, _ignore, _retryable)
@@ -278,7 +282,11 @@ class RedisBackend:
         tid = thread_id.encode()
         aid = append_id.encode()
         n = self._plen + len(tid)
-        tail = self._append_tail if max_slots is None else _pack_args((self._ttl, max_slots, self._prefix))
+        tail = self._append_tails.get(max_slots or 0)
+        if tail is None:
+            tail = _pack_args((self._ttl, max_slots or 0, self._prefix))
+            if len(self._append_tails) < 64:
+                self._append_tails[max_slots or 0] = tail
         # KEYS buffer:{T} op:{T} uuid:{T}, ARGV slot append_id ttl max_slots prefix, packed in one go.
         body = b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
             n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid,
@@ -446,6 +454,8 @@ class RedisBackend:
 
     def ping(self) -> bool:
         """True if the server answers PING; False (never an exception) otherwise."""
+        if self._closed:
+            return False
         try:
             return bool(self._ping_retry.call_with_retry(self.client.ping, _ignore))
         except Exception:  # noqa: BLE001 - ping reports health, it must not raise

@@ -107,8 +107,9 @@ class AclUser:
 
 
 def username_for(namespace: str, name: str) -> str:
-    """The ACL username of Organism `namespace/name`. Namespaces have no dots, so this is unique."""
-    return f"xp.{namespace}.{name}"
+    """The ACL username of Organism `namespace/name` (the operator's redis_admin.acl_username).
+    Namespaces have no dots, so this is unique."""
+    return f"xp-{namespace}.{name}"
 
 
 def password_hash(password: str) -> str:

@@ -1,0 +1,167 @@
+"""Compare desired objects with the cluster and write only the differences.
+
+The comparison is "desired is contained in actual": fields the API server adds (defaults, status,
+resourceVersion, clusterIP...) are not differences. Lists are compared element by element and,
+when they differ, patched whole (JSON merge patch semantics, the same on a real API server and on
+kmock). Resource quantities compare by value ("0.5" == "500m"). An unchanged object costs one GET
+and no write, which is what makes an idle resync write nothing.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .desired import credentials as creds
+from .kube import ApiError, Kube
+from .model import Organism
+
+Action = Literal["created", "patched", "unchanged", "deleted"]
+_QUANTITY_KEYS = ("requests", "limits")
+
+
+class NameConflict(Exception):
+    """An object with the name the Organism needs exists but belongs to someone else."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind, self.name = kind, name
+        super().__init__(f"{kind} {name!r} already exists and is not owned by this Organism; "
+                         "rename or remove it (the operator never takes over foreign objects)")
+
+
+@dataclass
+class Outcome:
+    kind: str
+    name: str
+    action: Action
+    body: dict[str, Any] | None = None
+    changed: list[str] = field(default_factory=list)  # top-level paths that differed (for events)
+
+
+# ------------------------------------------------------------------------------------------- diffing
+def diff(desired: Any, actual: Any, path: tuple[str, ...] = ()) -> Any:
+    """A JSON merge patch turning `actual` into something containing `desired`, or None if it already does."""
+    if isinstance(desired, Mapping):
+        if not isinstance(actual, Mapping):
+            return desired
+        patch: dict[str, Any] = {}
+        for key, want in desired.items():
+            if key not in actual:
+                patch[key] = want
+                continue
+            sub = diff(want, actual[key], path + (key,))
+            if sub is not None:
+                patch[key] = sub
+        return patch or None
+    if isinstance(desired, list):
+        if not isinstance(actual, list) or len(desired) != len(actual):
+            return desired
+        if any(diff(d, a, path) is not None for d, a in zip(desired, actual)):
+            return desired
+        return None
+    return None if _same_scalar(desired, actual, path) else desired
+
+
+def _same_scalar(desired: Any, actual: Any, path: tuple[str, ...]) -> bool:
+    if desired == actual and type(desired) is type(actual):
+        return True
+    if any(k in path for k in _QUANTITY_KEYS) and isinstance(desired, (str, int)) and isinstance(actual, (str, int)):
+        from kubernetes.utils.quantity import parse_quantity
+        try:
+            return bool(parse_quantity(desired) == parse_quantity(actual))
+        except ValueError:
+            return False
+    return False
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def _comparable(desired: Mapping[str, Any]) -> dict[str, Any]:
+    """What to compare: the spec/data and our labels/annotations, not identity or ownership."""
+    out = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "metadata")}
+    meta = desired.get("metadata", {})
+    out["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ applying
+def apply_object(kube: Kube, desired: dict[str, Any], owner_uid: str) -> Outcome:
+    """Create the object, or patch the fields that differ. Never takes over a foreign object."""
+    kind, meta = desired["kind"], desired["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    current = kube.get(kind, namespace, name)
+    if current is None:
+        try:
+            return Outcome(kind, name, "created", kube.create(kind, namespace, desired))
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            # Created meanwhile (an earlier run of ours, interrupted): compare with that one instead.
+            current = kube.get(kind, namespace, name)
+            if current is None:
+                raise
+    if not owned_by(current, owner_uid):
+        raise NameConflict(kind, name)
+    patch = diff(_comparable(desired), current)
+    if patch is None:
+        return Outcome(kind, name, "unchanged", current)
+    return Outcome(kind, name, "patched", kube.patch(kind, namespace, name, patch), changed=_paths(patch))
+
+
+def delete_if_owned(kube: Kube, kind: str, namespace: str, name: str, owner_uid: str) -> Outcome | None:
+    """Delete a leftover of this Organism (e.g. the worker Deployment after a switch to memory)."""
+    current = kube.get(kind, namespace, name)
+    if current is None or not owned_by(current, owner_uid):
+        return None  # absent, or someone else's: not ours to delete
+    kube.delete(kind, namespace, name, uid=current["metadata"].get("uid"))
+    return Outcome(kind, name, "deleted")
+
+
+def ensure_credentials(kube: Kube, org: Organism) -> tuple[Outcome, dict[str, str]]:
+    """The <name>-credentials Secret: created once with fresh values, afterwards only completed.
+
+    Returns the outcome and the decoded values (kept in memory only, for the shared-Redis seam).
+    """
+    desired_values = creds.generate(org)
+    desired = creds.credentials_secret(org, desired_values)
+    name = desired["metadata"]["name"]
+    current = kube.get("Secret", org.namespace, name)
+    if current is None:
+        try:
+            return Outcome("Secret", name, "created", kube.create("Secret", org.namespace, desired)), desired_values
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            current = kube.get("Secret", org.namespace, name)
+            if current is None:
+                raise
+    if not owned_by(current, org.uid):
+        raise NameConflict("Secret", name)
+    values = creds.decode(current.get("data"))
+    changes = creds.completion(org, values, desired_values)
+    patch: dict[str, Any] = {}
+    if changes:
+        patch["data"] = creds.encode(changes)
+        values.update(changes)
+    label_patch = diff({"labels": desired["metadata"]["labels"]}, current.get("metadata", {}))
+    if label_patch:
+        patch["metadata"] = label_patch
+    if not patch:
+        return Outcome("Secret", name, "unchanged", current), values
+    # The changed key names (never values) go into the outcome, for the event.
+    return (Outcome("Secret", name, "patched", kube.patch("Secret", org.namespace, name, patch),
+                    changed=[f"data.{k}" for k in sorted(changes)] + (["metadata.labels"] if label_patch else [])),
+            values)
+
+
+def _paths(patch: Mapping[str, Any], prefix: str = "", depth: int = 3) -> list[str]:
+    out: list[str] = []
+    for key, value in patch.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping) and depth > 1:
+            out += _paths(value, path, depth - 1)
+        else:
+            out.append(path)
+    return out

@@ -1,0 +1,158 @@
+"""The dedicated Redis: a Service plus a Deployment (or a StatefulSet with a PVC when persistent).
+
+The password never appears in the pod spec or in process arguments: redis-server reads its
+`requirepass` line from stdin (`redis-server -`), fed by a shell here-document expanded from an
+environment variable that comes from the Secret. The variable is unset before exec, so it is not in
+redis-server's environment either; the probes authenticate through REDISCLI_AUTH (read by redis-cli
+from its environment, so it is not on a command line).
+"""
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from ..model import Organism
+from ..settings import OperatorSettings
+from .naming import PASSWORD_KEY, REDIS_PORT, labels, redis_name, secret_name, selector_labels
+from .security import REDIS_GID, REDIS_UID, container_security_context, pod_basics, pod_security_context
+
+#: Fraction of the container memory limit given to Redis as maxmemory (the rest: buffers, AOF rewrite).
+MAXMEMORY_FRACTION = Decimal("0.8")
+
+_START = (
+    "set -eu\n"
+    'pw="$REDIS_PASSWORD"\n'
+    "unset REDIS_PASSWORD REDISCLI_AUTH\n"
+    "exec redis-server - {args} <<END_OF_CONFIG\n"
+    "requirepass $pw\n"
+    "END_OF_CONFIG\n"
+)
+
+_PING = ["sh", "-c", "redis-cli -h 127.0.0.1 -p 6379 ping | grep -q PONG"]
+
+
+def endpoint(org: Organism, settings: OperatorSettings) -> str | None:
+    """The Redis URL the pods use (never with credentials), or None without the redis backend."""
+    if org.redis is None:
+        return None
+    if org.redis.mode == "dedicated":
+        return f"redis://{redis_name(org.name)}.{org.namespace}.svc:{REDIS_PORT}/0"
+    if org.redis.mode == "shared":
+        return settings.shared_redis_url
+    assert org.redis.external is not None
+    return org.redis.external.url
+
+
+def redis_args(org: Organism) -> list[str]:
+    """redis-server options (none secret, so they may be seen in the pod spec and in `ps`)."""
+    assert org.redis is not None
+    persistent = org.redis.persistence.enabled
+    args = ["--port", str(REDIS_PORT), "--dir", "/data",
+            # AOF only when the data outlives the pod anyway; never RDB snapshots (no fork spikes).
+            "--appendonly", "yes" if persistent else "no", "--save", "''",
+            # Evicting keys would silently break threads: refuse writes instead when memory is full.
+            "--maxmemory-policy", "noeviction"]
+    limit = org.redis.resources.limits.get("memory")
+    if limit:
+        from kubernetes.utils.quantity import parse_quantity
+        args += ["--maxmemory", str(int(parse_quantity(limit) * MAXMEMORY_FRACTION))]
+    return args
+
+
+def start_script(org: Organism) -> str:
+    return _START.format(args=" ".join(redis_args(org)))
+
+
+def redis_service(org: Organism) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": redis_name(org.name),
+            "namespace": org.namespace,
+            "labels": labels(org.name, "redis"),
+            "ownerReferences": [org.owner_reference],
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(org.name, "redis"),
+            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
+        },
+    }
+
+
+def _pod_template(org: Organism, settings: OperatorSettings, persistent: bool) -> dict[str, Any]:
+    assert org.redis is not None
+    password_ref = {"secretKeyRef": {"name": secret_name(org.name), "key": PASSWORD_KEY}}
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}}]
+    if not persistent:
+        volumes.insert(0, {"name": "data", "emptyDir": {}})
+    return {
+        "metadata": {"labels": labels(org.name, "redis")},
+        "spec": {
+            **pod_basics(),
+            "securityContext": pod_security_context(REDIS_UID, REDIS_GID),
+            "containers": [{
+                "name": "redis",
+                "image": settings.redis_image,
+                "command": ["sh", "-c", start_script(org)],
+                "env": [{"name": "REDIS_PASSWORD", "valueFrom": password_ref},
+                        {"name": "REDISCLI_AUTH", "valueFrom": password_ref}],
+                "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+                "readinessProbe": {"exec": {"command": _PING}, "periodSeconds": 5, "timeoutSeconds": 3},
+                "livenessProbe": {"exec": {"command": _PING}, "initialDelaySeconds": 15, "periodSeconds": 10,
+                                  "timeoutSeconds": 5, "failureThreshold": 6},
+                "resources": org.redis.resources.to_k8s(),
+                "securityContext": container_security_context(REDIS_UID, REDIS_GID),
+                "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                 {"name": "tmp", "mountPath": "/tmp"}],
+            }],
+            "volumes": volumes,
+        },
+    }
+
+
+def redis_workload(org: Organism, settings: OperatorSettings) -> dict[str, Any]:
+    """Deployment (ephemeral data) or StatefulSet with a PersistentVolumeClaim (persistence on)."""
+    assert org.redis is not None
+    persistence = org.redis.persistence
+    meta = {
+        "name": redis_name(org.name),
+        "namespace": org.namespace,
+        "labels": labels(org.name, "redis"),
+        "ownerReferences": [org.owner_reference],
+    }
+    if not persistence.enabled:
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": 1,
+                # One instance at a time: two would each hold half of the organism's state.
+                "strategy": {"type": "Recreate"},
+                "selector": {"matchLabels": selector_labels(org.name, "redis")},
+                "template": _pod_template(org, settings, persistent=False),
+            },
+        }
+    claim_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
+                                  "resources": {"requests": {"storage": persistence.size}}}
+    if persistence.storage_class:
+        claim_spec["storageClassName"] = persistence.storage_class
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "serviceName": redis_name(org.name),
+            "selector": {"matchLabels": selector_labels(org.name, "redis")},
+            # Neither deleting the Organism nor scaling deletes the data volume.
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+            "template": _pod_template(org, settings, persistent=True),
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data", "labels": labels(org.name, "redis")},
+                "spec": claim_spec,
+            }],
+        },
+    }

@@ -1,0 +1,141 @@
+"""Pump and worker Deployments with the XP_* environment of the contract and the config mounted."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from ..model import Organism, Resources
+from .naming import (CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, PASSWORD_KEY, SIGNING_KEY_KEY,
+                     USERNAME_KEY, config_map_name, labels, pump_name, secret_name, selector_labels, worker_name)
+from .security import APP_GID, APP_UID, container_security_context, pod_basics, pod_security_context
+
+Role = Literal["pump", "worker"]
+
+_HEALTHCHECK = ["xml-pipeline", "healthcheck"]
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def xp_env(org: Organism, role: Role, endpoint: str | None) -> list[dict[str, Any]]:
+    """The container environment: exactly the XP_* variables of the contract, secrets by reference.
+
+    Without the redis backend the XP_REDIS_* variables are left out (BackendConfig.from_env skips
+    unset variables; there is no Redis to describe).
+    """
+    creds = secret_name(org.name)
+    env: list[dict[str, Any]] = [
+        {"name": "XP_ORGANISM", "value": org.name},
+        {"name": "XP_ROLE", "value": role},
+        {"name": "XP_BACKEND_TYPE", "value": org.backend_type},
+    ]
+    if org.redis is not None:
+        assert endpoint is not None
+        external = org.redis.external
+        user = _secret_env("XP_REDIS_USERNAME", creds, USERNAME_KEY)
+        password = _secret_env("XP_REDIS_PASSWORD", creds, PASSWORD_KEY)
+        if external is not None:
+            password = _secret_env("XP_REDIS_PASSWORD", external.password.name, external.password.key)
+            if external.username is not None:
+                user = _secret_env("XP_REDIS_USERNAME", external.username.name, external.username.key)
+        env += [
+            {"name": "XP_REDIS_URL", "value": endpoint},
+            user,
+            password,
+            {"name": "XP_REDIS_PREFIX", "value": org.redis.prefix},
+            {"name": "XP_REDIS_TTL", "value": str(org.redis.ttl)},
+        ]
+    env += [
+        _secret_env("XP_SIGNING_KEY", creds, SIGNING_KEY_KEY),
+        {"name": "XP_CONFIG", "value": CONFIG_PATH},
+    ]
+    return env
+
+
+def config_hash(org: Organism, organism_yaml: str, endpoint: str | None) -> str:
+    """Hash of everything a pod reads once at start. Written on the pod templates, so a change of
+    config, TTL, prefix, endpoint, image or worker processes rolls the pods (a replica count change
+    only scales)."""
+    material = {
+        "organism.yaml": organism_yaml,
+        "image": org.image,
+        "env": xp_env(org, "pump", endpoint),
+        "processes": org.workers.processes if org.workers else None,
+    }
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+def _container(org: Organism, role: Role, endpoint: str | None, resources: Resources) -> dict[str, Any]:
+    return {
+        "name": role,
+        "image": org.image,
+        "command": ["xml-pipeline", role],
+        "env": xp_env(org, role, endpoint),
+        # The heartbeat the healthcheck reads is refreshed by the process under /tmp.
+        "livenessProbe": {"exec": {"command": _HEALTHCHECK}, "initialDelaySeconds": 10, "periodSeconds": 15,
+                          "timeoutSeconds": 5, "failureThreshold": 4},
+        "readinessProbe": {"exec": {"command": _HEALTHCHECK}, "periodSeconds": 5, "timeoutSeconds": 5},
+        "resources": resources.to_k8s(),
+        "securityContext": container_security_context(APP_UID, APP_GID),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def _template(org: Organism, role: Role, endpoint: str | None, resources: Resources,
+              digest: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "labels": labels(org.name, role),
+            "annotations": {CONFIG_HASH_ANNOTATION: digest},
+        },
+        "spec": {
+            **pod_basics(),
+            "securityContext": pod_security_context(APP_UID, APP_GID),
+            "terminationGracePeriodSeconds": 30,
+            "containers": [_container(org, role, endpoint, resources)],
+            "volumes": [
+                {"name": "config", "configMap": {"name": config_map_name(org.name),
+                                                 "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
+                {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+            ],
+        },
+    }
+
+
+def _deployment(org: Organism, role: Role, name: str, replicas: int, strategy: dict[str, Any],
+                template: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": org.namespace,
+            "labels": labels(org.name, role),
+            "ownerReferences": [org.owner_reference],
+        },
+        "spec": {
+            "replicas": replicas,
+            "strategy": strategy,
+            "selector": {"matchLabels": selector_labels(org.name, role)},
+            "template": template,
+        },
+    }
+
+
+def pump_deployment(org: Organism, endpoint: str | None, digest: str) -> dict[str, Any]:
+    # Recreate: never two pumps at once during a rollout.
+    return _deployment(org, "pump", pump_name(org.name), 1, {"type": "Recreate"},
+                       _template(org, "pump", endpoint, org.pump_resources, digest))
+
+
+def worker_deployment(org: Organism, endpoint: str | None, digest: str) -> dict[str, Any]:
+    assert org.workers is not None
+    strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}}
+    return _deployment(org, "worker", worker_name(org.name), org.workers.replicas, strategy,
+                       _template(org, "worker", endpoint, org.workers.resources, digest))

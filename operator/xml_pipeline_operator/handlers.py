@@ -1,0 +1,160 @@
+"""kopf registrations, kept thin: each handler delegates to `Reconciler` and reports.
+
+Handlers are synchronous on purpose: kopf runs them in a thread pool, so the blocking `kubernetes`
+client never stalls the event loop (which, in the tests, also serves the kmock API).
+
+`register()` puts everything into a given registry, so one process (or one test) can run several
+operators side by side without kopf's global default registry.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from . import GROUP, PLURAL, VERSION
+from .desired.naming import MANAGED_BY, ORGANISM_LABEL
+from .kube import ApiError, Kube
+from .metrics import METRICS
+from .reconcile import Reconciler, Result
+from .redis_admin import RedisAdmin, Tenant, make_admin
+from .settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+FINALIZER = "xml-pipeline.dev/finalizer"
+ANNOTATION_PREFIX = "xml-pipeline.dev"
+WORKLOAD_FILTER = {ORGANISM_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
+    """kopf's own knobs: where it keeps its state, what it posts as events, what it watches."""
+    # Handler progress and the last handled spec live in annotations: the CRD's structural schema
+    # would prune kopf's default status.kopf field.
+    kopf_settings.persistence.finalizer = FINALIZER
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    # Only warnings and errors become Kubernetes Events automatically; our own events are explicit.
+    # (Otherwise every successful resync would post an event: a write on an idle cluster.)
+    kopf_settings.posting.level = logging.WARNING
+    # Watch only our workloads server-side; handlers filter by the same labels client-side too.
+    for resource in (("apps", "deployments"), ("apps", "statefulsets")):
+        kopf_settings.watching.label_selectors[resource] = f"{ORGANISM_LABEL},app.kubernetes.io/managed-by={MANAGED_BY}"
+    kopf_settings.watching.server_timeout = 600
+    kopf_settings.watching.client_timeout = 660
+    kopf_settings.peering.standalone = True
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kube: Kube | None = None,
+             admin: RedisAdmin | None = None) -> Reconciler:
+    """Register all handlers of one operator instance; returns its Reconciler (for tests and metrics)."""
+    kube = kube or Kube()
+    reconciler = Reconciler(kube, settings, admin or make_admin(settings))
+    seen: dict[str, tuple[Any, ...]] = {}
+    seen_lock = threading.Lock()
+
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings, reconciler.settings)
+
+    @kopf.on.cleanup(registry=registry)
+    def cleanup(**_: Any) -> None:
+        kube.close()
+
+    def run(namespace: str, name: str, retry: int, source: str) -> Result | None:
+        try:
+            result = reconciler.reconcile(namespace, name)
+        except ApiError as e:
+            METRICS.inc("xpo_reconciles_total", result="error")
+            raise kopf.TemporaryError(f"Kubernetes API error: {e}", delay=settings.retry_delay(retry)) from None
+        if result is None:
+            return None  # deleted meanwhile
+        for event in result.events:
+            kopf.event(dict(result.body), type=event.type, reason=event.reason, message=event.message)
+        METRICS.inc("xpo_reconciles_total", result="retry" if result.retry else "ok")
+        METRICS.set_phase(f"{namespace}/{name}", result.status.get("phase", ""))
+        logger.debug("reconciled %s/%s (%s): phase=%s", namespace, name, source, result.status.get("phase"))
+        return result
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
+    def organism_changed(namespace: str, name: str, retry: int, reason: str, **_: Any) -> None:
+        result = run(namespace, name, retry, str(reason))
+        if result is not None and result.retry:
+            raise kopf.TemporaryError(result.retry, delay=settings.retry_delay(retry))
+
+    if settings.resync_seconds > 0:
+        @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, interval=settings.resync_seconds,
+                    initial_delay=settings.resync_seconds, idle=None)
+        def organism_resync(namespace: str, name: str, **_: Any) -> None:
+            # Repairs drift (an edited or deleted Deployment, a lost status). Errors are retried on
+            # the next tick.
+            run(namespace, name, 0, "resync")
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
+    def organism_deleted(body: kopf.Body, namespace: str, name: str, retry: int, **_: Any) -> None:
+        # Children go with the Organism through their ownerReferences (garbage collection). What GC
+        # cannot reach is outside the cluster: the Organism's ACL user on a shared Redis.
+        redis = (body.get("status") or {}).get("redis") or {}
+        if redis.get("mode") == "shared":
+            tenant = Tenant(namespace=namespace, name=name, prefix=str(redis.get("prefix", "")),
+                            username=_shared_username(namespace, name))
+            try:
+                reconciler.admin.release_tenant(tenant)
+            except Exception as e:  # noqa: BLE001 -- any failure of the seam is retried, never lost
+                raise kopf.TemporaryError(f"releasing the shared-Redis tenant failed: {e}",
+                                          delay=settings.retry_delay(retry)) from None
+        reconciler.forget(namespace, name)
+        METRICS.forget_phase(f"{namespace}/{name}")
+        kopf.info(dict(body), reason="Deleted", message="Organism cleanup finished; owned objects are garbage-collected")
+
+    def workload_event(type: str | None, body: kopf.Body, namespace: str, **_: Any) -> None:
+        """An owned Deployment/StatefulSet changed: refresh the Organism (status, or repair a deletion)."""
+        if type is None:
+            return  # initial listing: the resume handlers reconcile every Organism anyway
+        uid = str(body.get("metadata", {}).get("uid"))
+        summary = _summary(body)
+        with seen_lock:
+            if type == "DELETED":
+                seen.pop(uid, None)
+            else:
+                last = seen.get(uid)
+                seen[uid] = summary
+                # ADDED: we just created it, the creating pass reports on it. Unchanged summary: only
+                # metadata moved (e.g. our own annotation patches).
+                if type == "ADDED" or last == summary:
+                    return
+        owner = _owner_name(body)
+        if owner is not None:
+            run(namespace, owner, 0, f"{body.get('kind', 'workload')} {type}")
+
+    for plural in ("deployments", "statefulsets"):
+        kopf.on.event("apps", "v1", plural, labels=WORKLOAD_FILTER, registry=registry)(workload_event)
+
+    return reconciler
+
+
+def _summary(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    return (meta.get("generation"), spec.get("replicas"), status.get("observedGeneration"), status.get("replicas"),
+            status.get("readyReplicas"), status.get("updatedReplicas"), status.get("availableReplicas"))
+
+
+def _owner_name(body: Mapping[str, Any]) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Organism" and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
+            return str(ref.get("name"))
+    return None
+
+
+def _shared_username(namespace: str, name: str) -> str:
+    from .redis_admin import acl_username
+    return acl_username(namespace, name)
+

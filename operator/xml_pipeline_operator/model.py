@@ -1,0 +1,398 @@
+"""Typed Organism spec: parsing and validation.
+
+The CRD's schema and CEL rules reject bad specs at the API server, but a spec can still slip past
+(the CRD applied without its schema, an older CRD version, `--validate=false` tooling, a bug in a
+rule). So everything the schema promises is checked again here, and more (requests above limits,
+unknown keys). Every error is a `SpecError` naming the field path and the allowed values; the
+handlers turn it into Ready=False with a reason derived from the field (`InvalidBackendRedisTtl`).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal, cast
+
+from xml_pipeline.errors import ConfigError
+from xml_pipeline.memory.keys import validate_prefix
+
+from .settings import TTL_MAX, TTL_MIN, OperatorSettings, check_redis_url
+
+BackendType = Literal["memory", "manager", "redis"]
+RedisMode = Literal["dedicated", "shared", "external"]
+BACKEND_TYPES: tuple[str, ...] = ("memory", "manager", "redis")
+REDIS_MODES: tuple[str, ...] = ("dedicated", "shared", "external")
+MAX_NAME_LEN = 40  # leaves room for "-credentials", "-redis-0" and pod-name hashes within 63
+MAX_WORKER_REPLICAS = 100
+MAX_PROCESSES = 64
+MAX_CONFIG_BYTES = 512 * 1024  # a ConfigMap holds at most 1 MiB; keep well below
+
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(\d+(\.\d*)?|\.\d+)))?$")
+_SIZE = re.compile(r"^(\d+(\.\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+
+
+class SpecError(ConfigError):
+    """A spec value the operator cannot honour. `reason` is a CamelCase condition reason."""
+
+    def __init__(self, field: str, problem: str, allowed: str | tuple[str, ...] | list[str] | None = None,
+                 *, reason: str | None = None) -> None:
+        super().__init__(field, problem, allowed)
+        self.reason = reason or reason_for(field)
+
+
+def reason_for(field_path: str) -> str:
+    """'spec.backend.redis.ttl' -> 'InvalidBackendRedisTtl' (condition reasons are CamelCase)."""
+    path = re.sub(r"\[\d+\]", "", field_path)
+    parts = [p for p in re.split(r"[._\-\[\]]", path) if p]
+    if parts and parts[0] == "spec":
+        parts = parts[1:]
+    return "Invalid" + "".join(p[:1].upper() + p[1:] for p in parts) if parts else "InvalidSpec"
+
+
+# --------------------------------------------------------------------------------------------- types
+@dataclass(frozen=True)
+class Resources:
+    """Container resources, as the Kubernetes API spells them (quantities as strings)."""
+
+    requests: dict[str, str] = field(default_factory=dict)
+    limits: dict[str, str] = field(default_factory=dict)
+
+    def to_k8s(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        if self.requests:
+            out["requests"] = dict(self.requests)
+        if self.limits:
+            out["limits"] = dict(self.limits)
+        return out
+
+
+DEFAULT_APP_RESOURCES = Resources(requests={"cpu": "100m", "memory": "128Mi"}, limits={"memory": "512Mi"})
+DEFAULT_REDIS_RESOURCES = Resources(requests={"cpu": "50m", "memory": "64Mi"}, limits={"memory": "256Mi"})
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ExternalRedis:
+    url: str
+    password: SecretKeyRef
+    username: SecretKeyRef | None = None
+
+
+@dataclass(frozen=True)
+class Persistence:
+    enabled: bool = False
+    size: str = "1Gi"
+    storage_class: str | None = None
+
+
+@dataclass(frozen=True)
+class RedisSpec:
+    mode: RedisMode
+    prefix: str
+    #: True when the prefix was derived (xp:<namespace>.<name>:) rather than written in the spec.
+    prefix_is_default: bool
+    ttl: int
+    external: ExternalRedis | None = None
+    resources: Resources = DEFAULT_REDIS_RESOURCES
+    persistence: Persistence = Persistence()
+
+
+@dataclass(frozen=True)
+class WorkersSpec:
+    replicas: int
+    processes: int
+    resources: Resources = DEFAULT_APP_RESOURCES
+
+
+@dataclass(frozen=True)
+class Organism:
+    """One Organism, validated, with every default resolved."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    image: str
+    #: organism.yaml body without a backend section (the operator writes that one).
+    config: dict[str, Any]
+    backend_type: BackendType
+    redis: RedisSpec | None  # None unless backend_type == "redis"
+    pump_resources: Resources
+    workers: WorkersSpec | None  # None: no worker Deployment
+
+    @property
+    def owner_reference(self) -> dict[str, Any]:
+        from . import API_VERSION, KIND
+        return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+
+def default_prefix(namespace: str, name: str) -> str:
+    return f"xp:{namespace}.{name}:"
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def parse_organism(body: Mapping[str, Any], settings: OperatorSettings) -> Organism:
+    """Validate an Organism object (as the API returns it) and resolve its defaults.
+
+    Raises SpecError naming the first offending field.
+    """
+    meta = body.get("metadata") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or len(name) > MAX_NAME_LEN or not _DNS_1035.match(name):
+        raise SpecError("metadata.name",
+                        f"{name!r} is not a DNS-1035 label of at most {MAX_NAME_LEN} characters "
+                        "(it prefixes the names of Services and workloads)",
+                        "lowercase letters, digits and '-', starting with a letter, e.g. 'orders'")
+    namespace = str(meta.get("namespace") or "default")
+    spec = body.get("spec")
+    if spec is None:
+        spec = {}
+    spec = _mapping(spec, "spec")
+    _known(spec, "spec", ("image", "config", "backend", "pump", "workers"))
+
+    image = spec.get("image", settings.default_image)
+    if not isinstance(image, str) or not image or len(image) > 512 or any(c.isspace() for c in image):
+        raise SpecError("spec.image", f"{image!r} is not an image reference",
+                        "e.g. ghcr.io/xml-pipeline/xml-pipeline:0.1.0 (no whitespace, at most 512 characters)")
+
+    config = _parse_config(spec.get("config"))
+
+    backend = _mapping(spec.get("backend", {}), "spec.backend")
+    _known(backend, "spec.backend", ("type", "redis"))
+    backend_type = backend.get("type", "redis")
+    if backend_type not in BACKEND_TYPES:
+        raise SpecError("spec.backend.type", f"unknown backend type {backend_type!r}", BACKEND_TYPES)
+
+    redis: RedisSpec | None = None
+    raw_redis = backend.get("redis")
+    if backend_type == "redis":
+        redis = _parse_redis(_mapping(raw_redis if raw_redis is not None else {}, "spec.backend.redis"),
+                             namespace, name, settings)
+    elif raw_redis is not None:
+        _mapping(raw_redis, "spec.backend.redis")  # kept for a later switch back; must still be a mapping
+
+    pump = _mapping(spec.get("pump", {}), "spec.pump")
+    _known(pump, "spec.pump", ("resources",))
+    pump_resources = _parse_resources(pump.get("resources"), "spec.pump.resources", DEFAULT_APP_RESOURCES)
+
+    workers: WorkersSpec | None = None
+    if "workers" in spec and spec["workers"] is not None:
+        if backend_type != "redis":
+            raise SpecError("spec.workers",
+                            f"worker pods need the redis backend (spec.backend.type is {backend_type!r})",
+                            "remove spec.workers, or set spec.backend.type: redis")
+        w = _mapping(spec["workers"], "spec.workers")
+        _known(w, "spec.workers", ("replicas", "processes", "resources"))
+        replicas = _int(w.get("replicas", 1), "spec.workers.replicas", 0, MAX_WORKER_REPLICAS)
+        pool = config.get("process_pool") or {}
+        processes = _int(w.get("processes", pool.get("workers", 1)),
+                         "spec.workers.processes" if "processes" in w else "spec.config.process_pool.workers",
+                         1, MAX_PROCESSES)
+        workers = WorkersSpec(replicas=replicas, processes=processes,
+                              resources=_parse_resources(w.get("resources"), "spec.workers.resources",
+                                                         DEFAULT_APP_RESOURCES))
+
+    return Organism(
+        name=name, namespace=namespace, uid=str(meta.get("uid") or ""),
+        generation=int(meta.get("generation") or 0), image=image, config=config,
+        backend_type=cast(BackendType, backend_type), redis=redis,
+        pump_resources=pump_resources, workers=workers,
+    )
+
+
+def check_prefix_unchanged(org: Organism, recorded: str | None) -> None:
+    """Refuse a prefix change: the organism's live keys are under the recorded prefix."""
+    if org.redis is None or not recorded or org.redis.prefix == recorded:
+        return
+    raise SpecError("spec.backend.redis.prefix",
+                    f"cannot change from {recorded!r} to {org.redis.prefix!r}: the organism's keys live "
+                    "under the recorded prefix (status.redis.prefix)",
+                    f"{recorded!r} (revert the change), or create a new Organism for a new prefix",
+                    reason="PrefixImmutable")
+
+
+def _parse_config(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    config = dict(_mapping(raw, "spec.config"))
+    if "backend" in config:
+        raise SpecError("spec.config.backend", "is not allowed: the operator writes organism.yaml's backend "
+                        "section from spec.backend", "move these settings to spec.backend")
+    listeners = config.get("listeners")
+    if listeners is not None:
+        if not isinstance(listeners, list):
+            raise SpecError("spec.config.listeners", f"must be a list, got {type(listeners).__name__}",
+                            "a list of listener mappings")
+        for i, item in enumerate(listeners):
+            _mapping(item, f"spec.config.listeners[{i}]")
+    pool = config.get("process_pool")
+    if pool is not None:
+        pool = _mapping(pool, "spec.config.process_pool")
+        if "workers" in pool:
+            _int(pool["workers"], "spec.config.process_pool.workers", 1, MAX_PROCESSES)
+    try:
+        size = len(json.dumps(config))
+    except (TypeError, ValueError):
+        raise SpecError("spec.config", "is not plain data (JSON-serialisable)", "mappings, lists, "
+                        "strings, numbers, booleans") from None
+    if size > MAX_CONFIG_BYTES:
+        raise SpecError("spec.config", f"is {size} bytes, the maximum is {MAX_CONFIG_BYTES}",
+                        "a smaller organism.yaml")
+    return config
+
+
+def _parse_redis(r: Mapping[str, Any], namespace: str, name: str, settings: OperatorSettings) -> RedisSpec:
+    path = "spec.backend.redis"
+    _known(r, path, ("mode", "prefix", "ttl", "external", "dedicated"))
+    mode = r.get("mode", "dedicated")
+    if mode not in REDIS_MODES:
+        raise SpecError(f"{path}.mode", f"unknown Redis mode {mode!r}", REDIS_MODES)
+    if mode == "shared" and not settings.shared_redis_url:
+        raise SpecError(f"{path}.mode", "shared mode needs a shared Redis, but this operator has no "
+                        "XPO_SHARED_REDIS_URL (ask the platform team, or use another mode)",
+                        ("dedicated", "external"), reason="SharedRedisNotConfigured")
+
+    if "prefix" in r and r["prefix"] is not None:
+        prefix, is_default = r["prefix"], False
+    else:
+        prefix, is_default = default_prefix(namespace, name), True
+    try:
+        validate_prefix(prefix, f"{path}.prefix")
+    except ConfigError as e:
+        raise SpecError(e.field, e.problem, e.allowed) from None
+
+    ttl = _int(r.get("ttl", settings.default_ttl), f"{path}.ttl", TTL_MIN, TTL_MAX)
+
+    external: ExternalRedis | None = None
+    if mode == "external":
+        if "external" not in r or r["external"] is None:
+            raise SpecError(f"{path}.external", "is required with mode external",
+                            "{url: rediss://host:port, passwordSecretRef: {name: ..., key: ...}}")
+        external = _parse_external(_mapping(r["external"], f"{path}.external"))
+    elif r.get("external") is not None:
+        raise SpecError(f"{path}.external", f"is only allowed with mode external (mode is {mode!r})",
+                        "remove it, or set mode: external")
+
+    resources, persistence = DEFAULT_REDIS_RESOURCES, Persistence()
+    if r.get("dedicated") is not None:
+        if mode != "dedicated":
+            raise SpecError(f"{path}.dedicated", f"is only allowed with mode dedicated (mode is {mode!r})",
+                            "remove it, or set mode: dedicated")
+        d = _mapping(r["dedicated"], f"{path}.dedicated")
+        _known(d, f"{path}.dedicated", ("resources", "persistence"))
+        resources = _parse_resources(d.get("resources"), f"{path}.dedicated.resources", DEFAULT_REDIS_RESOURCES)
+        persistence = _parse_persistence(d.get("persistence"), f"{path}.dedicated.persistence")
+    return RedisSpec(mode=cast(RedisMode, mode), prefix=prefix, prefix_is_default=is_default, ttl=ttl,
+                     external=external, resources=resources, persistence=persistence)
+
+
+def _parse_external(e: Mapping[str, Any]) -> ExternalRedis:
+    path = "spec.backend.redis.external"
+    _known(e, path, ("url", "passwordSecretRef", "usernameSecretRef"))
+    url = e.get("url")
+    if not isinstance(url, str) or not url:
+        raise SpecError(f"{path}.url", "is required", "redis://host[:port][/db] or rediss://host[:port][/db]")
+    try:
+        check_redis_url(f"{path}.url", url)
+    except ConfigError as err:
+        raise SpecError(err.field, err.problem, err.allowed) from None
+    if e.get("passwordSecretRef") is None:
+        raise SpecError(f"{path}.passwordSecretRef", "is required", "{name: <secret>, key: <key, default password>}")
+    password = _secret_ref(e["passwordSecretRef"], f"{path}.passwordSecretRef", "password")
+    username = None
+    if e.get("usernameSecretRef") is not None:
+        username = _secret_ref(e["usernameSecretRef"], f"{path}.usernameSecretRef", "username")
+    return ExternalRedis(url=url, password=password, username=username)
+
+
+def _secret_ref(raw: Any, path: str, default_key: str) -> SecretKeyRef:
+    ref = _mapping(raw, path)
+    _known(ref, path, ("name", "key"))
+    name, key = ref.get("name"), ref.get("key", default_key)
+    if not isinstance(name, str) or len(name) > 253 or not _DNS_1123_SUBDOMAIN.match(name):
+        raise SpecError(f"{path}.name", f"{name!r} is not a Secret name",
+                        "a DNS subdomain: lowercase letters, digits, '-' and '.'")
+    if not isinstance(key, str) or len(key) > 253 or not _SECRET_KEY.match(key):
+        raise SpecError(f"{path}.key", f"{key!r} is not a Secret key", "letters, digits, '-', '_' and '.'")
+    return SecretKeyRef(name=name, key=key)
+
+
+def _parse_persistence(raw: Any, path: str) -> Persistence:
+    if raw is None:
+        return Persistence()
+    p = _mapping(raw, path)
+    _known(p, path, ("enabled", "size", "storageClassName"))
+    enabled = p.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SpecError(f"{path}.enabled", f"must be a boolean, got {enabled!r}", ("true", "false"))
+    size = p.get("size", "1Gi")
+    if not isinstance(size, str) or not _SIZE.match(size) or Decimal(_SIZE.match(size).group(1)) <= 0:  # type: ignore[union-attr]
+        raise SpecError(f"{path}.size", f"{size!r} is not a storage size", "e.g. 1Gi, 500Mi, 10G")
+    sc = p.get("storageClassName")
+    if sc is not None and (not isinstance(sc, str) or not sc or len(sc) > 253):
+        raise SpecError(f"{path}.storageClassName", f"{sc!r} is not a StorageClass name",
+                        "a StorageClass name, or omit for the cluster default")
+    return Persistence(enabled=enabled, size=size, storage_class=sc)
+
+
+def _parse_resources(raw: Any, path: str, default: Resources) -> Resources:
+    """Explicit resources replace the defaults as a whole (mixing them could put requests above limits)."""
+    if raw is None:
+        return default
+    res = _mapping(raw, path)
+    _known(res, path, ("requests", "limits"))
+    parsed: dict[str, dict[str, str]] = {}
+    for section in ("requests", "limits"):
+        values = _mapping(res.get(section) or {}, f"{path}.{section}")
+        _known(values, f"{path}.{section}", ("cpu", "memory"))
+        out: dict[str, str] = {}
+        for key, value in values.items():
+            text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+            if not isinstance(text, str) or not _QUANTITY.match(text) or _quantity(text) < 0:
+                raise SpecError(f"{path}.{section}.{key}", f"{value!r} is not a quantity",
+                                "e.g. 250m or 1 (cpu), 256Mi or 1Gi (memory)")
+            out[key] = text
+        parsed[section] = out
+    for key, request in parsed["requests"].items():
+        limit = parsed["limits"].get(key)
+        if limit is not None and _quantity(request) > _quantity(limit):
+            raise SpecError(f"{path}.requests.{key}", f"{request} is above the limit {limit}",
+                            f"at most limits.{key} ({limit})")
+    return Resources(requests=parsed["requests"], limits=parsed["limits"])
+
+
+def _quantity(text: str) -> Decimal:
+    from kubernetes.utils.quantity import parse_quantity
+    return cast(Decimal, parse_quantity(text))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SpecError(path, f"must be a mapping, got {type(value).__name__}", "a mapping of fields")
+    return value
+
+
+def _known(value: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> None:
+    for key in value:
+        if key not in allowed:
+            raise SpecError(f"{path}.{key}", "is not a known field", allowed)
+
+
+def _int(value: Any, path: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(path, f"must be an integer, got {value!r}", f"{low}..{high}")
+    if not low <= value <= high:
+        raise SpecError(path, f"{value} is out of range", f"{low}..{high}")
+    return value

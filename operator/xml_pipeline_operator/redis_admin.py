@@ -1,0 +1,67 @@
+"""The seam for shared-mode Redis: one ACL user per Organism on the platform's shared Redis.
+
+Shared mode renders like the other modes (the pods reach XPO_SHARED_REDIS_URL with the Organism's own
+user name and password from its `<name>-credentials` Secret), but the ACL user itself must be created
+on the shared Redis with access to the Organism's key prefix only. That belongs to the multi-tenancy
+work: it replaces `PendingRedisAdmin` by a real implementation of `RedisAdmin` and changes nothing
+else. Until then the RedisReady condition says plainly that the ACL user is pending.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .settings import OperatorSettings
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One Organism as a tenant of the shared Redis."""
+
+    namespace: str
+    name: str
+    prefix: str
+    username: str
+
+
+@dataclass(frozen=True)
+class TenantState:
+    """Outcome of ensure_tenant, reported as the RedisReady condition."""
+
+    ready: bool
+    reason: str
+    message: str
+
+
+def acl_username(namespace: str, name: str) -> str:
+    """The ACL user of an Organism on the shared Redis (unique per namespace/name)."""
+    return f"xp-{namespace}.{name}"
+
+
+class RedisAdmin(Protocol):
+    def ensure_tenant(self, tenant: Tenant, password: str) -> TenantState:
+        """Create or update the tenant's ACL user (idempotent). Must never log the password."""
+
+    def release_tenant(self, tenant: Tenant) -> None:
+        """Remove the tenant's ACL user (and, by policy, its keys) when the Organism is deleted."""
+
+
+class PendingRedisAdmin:
+    """Placeholder until multi-tenant ACL management lands: provisions nothing, says so."""
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+
+    def ensure_tenant(self, tenant: Tenant, password: str) -> TenantState:
+        del password
+        return TenantState(
+            ready=False, reason="SharedRedisAclPending",
+            message=f"ACL user {tenant.username!r} for prefix {tenant.prefix!r} is not provisioned on the "
+                    "shared Redis: shared-mode ACL management is not implemented in this operator version")
+
+    def release_tenant(self, tenant: Tenant) -> None:
+        del tenant
+
+
+def make_admin(settings: OperatorSettings) -> RedisAdmin:
+    return PendingRedisAdmin(settings)

@@ -1,0 +1,141 @@
+"""Operator settings, read once from the XPO_* environment (the chart sets it) and validated.
+
+A bad value stops the operator at start with a message naming the variable and the allowed values
+(exit code 2), instead of surfacing later as a broken Organism.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from urllib.parse import urlsplit
+
+from xml_pipeline.errors import ConfigError
+
+DEFAULT_REDIS_IMAGE = "redis:7.2.5-alpine"
+IMAGE_REPOSITORY = "ghcr.io/xml-pipeline/xml-pipeline"
+TTL_MIN, TTL_MAX = 60, 31_536_000  # one minute .. one year; the CRD enforces the same range
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("xml-pipeline")
+    except metadata.PackageNotFoundError:  # running from a source tree without installing
+        return "0.1.0"
+
+
+def default_image() -> str:
+    """The image of this very release: pump and workers run the same code as the operator."""
+    return f"{IMAGE_REPOSITORY}:{_version()}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatorSettings:
+    """Everything the operator is configured with. Immutable."""
+
+    #: Namespaces to watch; empty tuple = the whole cluster.
+    namespaces: tuple[str, ...] = ()
+    default_image: str = field(default_factory=default_image)
+    default_ttl: int = 86_400
+    redis_image: str = DEFAULT_REDIS_IMAGE
+    #: Coordinates of the platform's shared Redis (mode shared). The URL never carries credentials.
+    shared_redis_url: str | None = None
+    shared_redis_username: str = "default"
+    shared_redis_password: str | None = field(default=None, repr=False)
+    health_port: int = 8080
+    log_level: str = "INFO"
+    #: Seconds between periodic reconciles of every Organism (repairs drift); 0 disables them.
+    resync_seconds: float = 300.0
+    #: First retry delay after a transient failure (missing Secret, API error); doubles per retry.
+    retry_base_seconds: float = 5.0
+    retry_max_seconds: float = 300.0
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+    def retry_delay(self, retry: int) -> float:
+        """Exponential backoff for the n-th retry (0-based), capped."""
+        return float(min(self.retry_base_seconds * (2 ** min(retry, 20)), self.retry_max_seconds))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "OperatorSettings":
+        """Build from XPO_* variables; unset or empty variables keep their defaults."""
+        def get(name: str) -> str | None:
+            value = environ.get(name, "").strip()
+            return value or None
+
+        kwargs: dict[str, object] = {}
+        if (raw := get("XPO_NAMESPACES")) is not None:
+            names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+            for n in names:
+                if len(n) > 63 or not _DNS_LABEL.match(n):
+                    raise ConfigError("XPO_NAMESPACES", f"{n!r} is not a namespace name",
+                                      "comma-separated DNS labels, e.g. 'team-a,team-b'; empty = all namespaces")
+            kwargs["namespaces"] = names
+        if (raw := get("XPO_DEFAULT_IMAGE")) is not None:
+            if any(c.isspace() for c in raw):
+                raise ConfigError("XPO_DEFAULT_IMAGE", f"{raw!r} contains whitespace", "an image reference")
+            kwargs["default_image"] = raw
+        if (raw := get("XPO_REDIS_IMAGE")) is not None:
+            if any(c.isspace() for c in raw):
+                raise ConfigError("XPO_REDIS_IMAGE", f"{raw!r} contains whitespace", "an image reference")
+            kwargs["redis_image"] = raw
+        if (raw := get("XPO_DEFAULT_TTL")) is not None:
+            kwargs["default_ttl"] = _int("XPO_DEFAULT_TTL", raw, TTL_MIN, TTL_MAX)
+        if (raw := get("XPO_SHARED_REDIS_URL")) is not None:
+            kwargs["shared_redis_url"] = check_redis_url("XPO_SHARED_REDIS_URL", raw)
+        if (raw := get("XPO_SHARED_REDIS_USERNAME")) is not None:
+            kwargs["shared_redis_username"] = raw
+        if (raw := environ.get("XPO_SHARED_REDIS_PASSWORD")):
+            kwargs["shared_redis_password"] = raw  # not stripped: a password is taken verbatim
+        if (raw := get("XPO_HEALTH_PORT")) is not None:
+            kwargs["health_port"] = _int("XPO_HEALTH_PORT", raw, 1, 65535)
+        if (raw := get("XPO_LOG_LEVEL")) is not None:
+            if raw.upper() not in LOG_LEVELS:
+                raise ConfigError("XPO_LOG_LEVEL", f"unknown level {raw!r}", LOG_LEVELS)
+            kwargs["log_level"] = raw.upper()
+        if (raw := get("XPO_RESYNC_SECONDS")) is not None:
+            kwargs["resync_seconds"] = float(_int("XPO_RESYNC_SECONDS", raw, 0, 86_400))
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    @property
+    def log_level_number(self) -> int:
+        return int(getattr(logging, self.log_level))
+
+
+def check_redis_url(field_name: str, url: str) -> str:
+    """A redis:// or rediss:// URL with a host and no credentials (they travel through Secrets)."""
+    allowed = "redis://host[:port][/db] or rediss://host[:port][/db], without user or password"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a non-numeric or out-of-range port
+    except ValueError:
+        raise ConfigError(field_name, "is not a valid URL", allowed) from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(field_name, f"must use redis:// or rediss:// and name a host (scheme {parts.scheme!r})",
+                          allowed)
+    if "@" in parts.netloc:
+        # Never echo the URL back: it may contain a password.
+        raise ConfigError(field_name, "must not contain credentials", allowed)
+    if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]{1,2}", parts.path):
+        raise ConfigError(field_name, f"database path {parts.path!r} is not a number", allowed)
+    if parts.query or parts.fragment:
+        raise ConfigError(field_name, "must not have a query or fragment", allowed)
+    del port
+    return url
+
+
+def _int(name: str, raw: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {raw!r}", f"{low}..{high}") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"{value} is out of range", f"{low}..{high}")
+    return value

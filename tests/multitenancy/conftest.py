@@ -33,6 +33,22 @@ class Org:
                                     **opts)  # type: ignore[arg-type]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In test_contract_restricted.py, keep the contract tests' "redis" parametrizations only."""
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        kind = callspec.params.get("kind") if callspec is not None else None
+        if item.module is not None and item.module.__name__.endswith("test_contract_restricted") \
+                and kind not in (None, "redis"):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def shared_redis() -> Iterator[RedisServer]:
     """The shared Redis of many organisms; the `default` user is the operator's admin."""

@@ -5,7 +5,7 @@ The public surfaces live in subpackages: `xml_pipeline.memory` (backends, Contex
 """
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from .errors import (
     BackendError,
@@ -16,10 +16,18 @@ from .errors import (
     XmlPipelineError,
 )
 
-try:
-    __version__ = version("xml-pipeline")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importlib.metadata costs ~30 ms, paid by every pod, worker and manager server start.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            value = version("xml-pipeline")
+        except PackageNotFoundError:  # a source tree that was never installed
+            value = "0.0.0+unknown"
+        globals()["__version__"] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "__version__",

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, cast
 
+import yaml
 from xml_pipeline.errors import ConfigError
 from xml_pipeline.memory.keys import validate_prefix
+from xml_pipeline.organism import parse_organism as parse_library_organism
 
 from .settings import TTL_MAX, TTL_MIN, OperatorSettings, check_redis_url
 
@@ -28,6 +30,8 @@ MAX_NAME_LEN = 40  # leaves room for "-credentials", "-redis-0" and pod-name has
 MAX_WORKER_REPLICAS = 100
 MAX_PROCESSES = 64
 MAX_CONFIG_BYTES = 512 * 1024  # a ConfigMap holds at most 1 MiB; keep well below
+#: Keys of spec.config: organism.yaml minus `backend` (which the operator writes).
+CONFIG_KEYS = ("organism", "process_pool", "listeners")
 
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -123,7 +127,7 @@ class Organism:
     uid: str
     generation: int
     image: str
-    #: organism.yaml body without a backend section (the operator writes that one).
+    #: organism.yaml body without a backend section (the operator writes that one and organism.name).
     config: dict[str, Any]
     backend_type: BackendType
     redis: RedisSpec | None  # None unless backend_type == "redis"
@@ -166,7 +170,7 @@ def parse_organism(body: Mapping[str, Any], settings: OperatorSettings) -> Organ
         raise SpecError("spec.image", f"{image!r} is not an image reference",
                         "e.g. ghcr.io/xml-pipeline/xml-pipeline:0.1.0 (no whitespace, at most 512 characters)")
 
-    config = _parse_config(spec.get("config"))
+    config = _parse_config(spec.get("config"), name)
 
     backend = _mapping(spec.get("backend", {}), "spec.backend")
     _known(backend, "spec.backend", ("type", "redis"))
@@ -222,25 +226,23 @@ def check_prefix_unchanged(org: Organism, recorded: str | None) -> None:
                     reason="PrefixImmutable")
 
 
-def _parse_config(raw: Any) -> dict[str, Any]:
+def _parse_config(raw: Any, name: str) -> dict[str, Any]:
+    """spec.config, checked by the library's own organism.yaml validator (the one the pods run), so
+    a listener typo is reported on the Organism instead of crash-looping the pods."""
     if raw is None:
-        return {}
+        raise SpecError("spec.config", "is required: an organism needs at least one listener",
+                        "{listeners: [{name: greeter, handler: 'package.module:function'}]}")
     config = dict(_mapping(raw, "spec.config"))
     if "backend" in config:
         raise SpecError("spec.config.backend", "is not allowed: the operator writes organism.yaml's backend "
                         "section from spec.backend", "move these settings to spec.backend")
-    listeners = config.get("listeners")
-    if listeners is not None:
-        if not isinstance(listeners, list):
-            raise SpecError("spec.config.listeners", f"must be a list, got {type(listeners).__name__}",
-                            "a list of listener mappings")
-        for i, item in enumerate(listeners):
-            _mapping(item, f"spec.config.listeners[{i}]")
+    _known(config, "spec.config", CONFIG_KEYS)
+    about = config.get("organism")
+    if about is not None:
+        _known(_mapping(about, "spec.config.organism"), "spec.config.organism", ("description",))
     pool = config.get("process_pool")
-    if pool is not None:
-        pool = _mapping(pool, "spec.config.process_pool")
-        if "workers" in pool:
-            _int(pool["workers"], "spec.config.process_pool.workers", 1, MAX_PROCESSES)
+    if pool is not None and "workers" in _mapping(pool, "spec.config.process_pool"):
+        _int(pool["workers"], "spec.config.process_pool.workers", 1, MAX_PROCESSES)
     try:
         size = len(json.dumps(config))
     except (TypeError, ValueError):
@@ -249,6 +251,11 @@ def _parse_config(raw: Any) -> dict[str, Any]:
     if size > MAX_CONFIG_BYTES:
         raise SpecError("spec.config", f"is {size} bytes, the maximum is {MAX_CONFIG_BYTES}",
                         "a smaller organism.yaml")
+    doc = {"organism": {"name": name, **(about or {})}, **{k: v for k, v in config.items() if k != "organism"}}
+    try:
+        parse_library_organism(yaml.safe_dump(doc), environ={}, resolve_handlers=False)
+    except ConfigError as e:
+        raise SpecError(f"spec.config.{e.field}", e.problem, e.allowed) from None
     return config
 
 

@@ -19,8 +19,11 @@ def backend_section(org: Organism, endpoint: str | None) -> dict[str, Any]:
 
 
 def organism_document(org: Organism, endpoint: str | None) -> dict[str, Any]:
-    doc = copy.deepcopy(org.config)
+    config = copy.deepcopy(org.config)
+    # organism.name is always metadata.name: the registry's root chain and XP_ORGANISM agree.
+    doc: dict[str, Any] = {"organism": {"name": org.name, **(config.pop("organism", None) or {})}}
     doc["backend"] = backend_section(org, endpoint)
+    doc.update(config)
     if org.workers is not None:
         # Worker processes per pod: spec.workers.processes wins over the config's own value.
         pool = dict(doc.get("process_pool") or {})

@@ -136,7 +136,9 @@ def operator_organisms() -> list[dict[str, Any]]:
     }
     return [{"apiVersion": "xml-pipeline.dev/v1alpha1", "kind": "Organism",
              "metadata": {"name": name, "namespace": "team-a", "uid": f"uid-{name}", "generation": 1},
-             "spec": spec} for name, spec in specs.items()]
+             # spec.config (with at least one listener) is required by the CRD and the operator's model.
+             "spec": {"config": {"listeners": [{"name": "greeter", "handler": "xml_pipeline.examples.greeter:handle"}]},
+                      **spec}} for name, spec in specs.items()]
 
 
 def operator_workloads() -> list[dict[str, Any]]:

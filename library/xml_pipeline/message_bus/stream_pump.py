@@ -317,7 +317,8 @@ class StreamPump:
             return normalize_result(result), None
         except Exception as e:  # noqa: BLE001 - the handler's failure becomes an error response
             log.error("listener %s (handler %s) raised on thread %s: %s: %s", listener.name, listener.handler,
-                      msg.thread, type(e).__name__, e, exc_info=True)
+                      msg.thread, type(e).__name__, e)
+            log.debug("traceback of the failure above", exc_info=True)
             return None, ("HandlerError", f"{type(e).__name__}: {e}")
 
     # -- blocking steps (run in the io threads: backends do network round trips) -------------------------

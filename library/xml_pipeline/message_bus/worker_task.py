@@ -169,8 +169,10 @@ def execute_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") 
         func = resolve_handler(task.handler)
         actions = call_handler(func, message)
     except Exception as e:  # noqa: BLE001 - a handler's failure becomes an error response
-        log.error("listener %s (handler %s) raised on thread %s: %s: %s\n%s", task.listener, task.handler,
-                  message.thread, type(e).__name__, e, traceback.format_exc().rstrip())
+        # One line at ERROR (what failed, where); the traceback at DEBUG (-vv).
+        log.error("listener %s (handler %s) raised on thread %s: %s: %s", task.listener, task.handler,
+                  message.thread, type(e).__name__, e)
+        log.debug("traceback of the failure above:\n%s", traceback.format_exc().rstrip())
         return WorkerResult(task.task_id, error=f"{type(e).__name__}: {e}", error_type=HANDLER_ERROR, worker=worker)
     try:
         key = store_response(backend, actions)

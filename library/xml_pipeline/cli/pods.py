@@ -1,0 +1,238 @@
+"""`xml-pipeline pump`, `worker` and `healthcheck`: the processes of pump and worker pods.
+
+Configuration comes from the pod contract: XP_CONFIG names the mounted organism.yaml, and the XP_*
+variables override its backend section. SIGTERM (how Kubernetes stops a pod) drains in-flight work
+and exits 0. Both refresh a heartbeat file under /tmp that `xml-pipeline healthcheck` (the liveness
+probe) checks.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from multiprocessing.connection import wait as mp_wait
+from typing import Any
+
+from ..errors import ConfigError
+from ..memory.factory import get_shared_backend
+from ..memory.protocol import SharedBackend
+from ..organism import Organism, load_organism
+from . import EXIT_FAILURE, EXIT_OK
+
+log = logging.getLogger("xml_pipeline.cli")
+
+#: How often the pump refreshes its heartbeat file.
+PUMP_HEARTBEAT_SECONDS = 2.0
+
+
+def config_path(args: argparse.Namespace) -> str:
+    path = getattr(args, "config", None) or os.environ.get("XP_CONFIG")
+    if not path:
+        raise ConfigError("XP_CONFIG", "is not set: point it at the organism.yaml "
+                          "(pods: /etc/xml-pipeline/organism.yaml) or pass --config")
+    return path
+
+
+def load(args: argparse.Namespace) -> Organism:
+    return load_organism(config_path(args))
+
+
+def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
+    """Block until the backend answers (pods may start before their Redis). False if asked to stop."""
+    delay = 0.2
+    warned = False
+    while not stopping():
+        if backend.ping():
+            if warned:
+                log.info("backend is reachable again")
+            return True
+        if not warned:
+            log.warning("backend %s does not answer yet; waiting", backend)
+            warned = True
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# pump
+# ---------------------------------------------------------------------------------------------------
+def cmd_pump(args: argparse.Namespace) -> int:
+    organism = load(args)
+    backend = get_shared_backend(organism.backend)
+    try:
+        return asyncio.run(_pump_main(organism, backend, args.heartbeat_file))
+    finally:
+        backend.close()
+
+
+async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file: str) -> int:
+    from ..message_bus.distributed import IngressBridge, RedisDispatcher, touch
+    from ..message_bus.stream_pump import StreamPump
+    from .run import make_dispatcher
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def heartbeat() -> None:
+        while True:
+            touch(heartbeat_file)
+            await asyncio.sleep(PUMP_HEARTBEAT_SECONDS)
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        if not await loop.run_in_executor(None, _wait_for_backend, backend, stop.is_set):
+            return EXIT_OK
+        redis_mode = organism.backend.backend_type == "redis"
+        if redis_mode:
+            dispatcher = RedisDispatcher(backend) if organism.has_cpu_bound else None
+        else:
+            dispatcher = make_dispatcher(organism, backend)
+        pump = StreamPump(organism, backend, dispatcher=dispatcher, keep_outputs=False)
+        await pump.start()
+        bridge = IngressBridge(backend, pump, claim_idle_seconds=organism.process_pool.claim_idle_seconds) \
+            if redis_mode else None
+        if bridge is not None:
+            await bridge.start()
+            log.info("pump of organism %r ready: ingress %s → listeners %s → egress %s; cpu_bound work: %s",
+                     organism.name, bridge.streams.ingress, ", ".join(organism.listener_names),
+                     bridge.streams.egress, dispatcher.describe() if dispatcher else "none")
+        else:
+            log.warning("pump of organism %r runs on the %s backend: there is no ingress stream without "
+                        "Redis, so this pump only idles (use backend type redis in a cluster)",
+                        organism.name, organism.backend.backend_type)
+        await stop.wait()
+        log.info("stop requested: no new messages; draining %d conversation(s) (up to %.0f s)",
+                 pump.inflight, organism.process_pool.drain_seconds)
+        if bridge is not None:
+            await bridge.stop()
+        drained = await pump.stop(drain=True, timeout=organism.process_pool.drain_seconds)
+        if not drained:
+            log.error("drain timed out; unfinished messages stay pending in the ingress stream")
+            return EXIT_FAILURE
+        log.info("pump stopped cleanly (%d messages, %d outputs)", pump.stats.messages, pump.stats.outputs)
+        return EXIT_OK
+    finally:
+        beat.cancel()
+
+
+# ---------------------------------------------------------------------------------------------------
+# worker
+# ---------------------------------------------------------------------------------------------------
+def _require_redis(organism: Organism) -> None:
+    if organism.backend.backend_type != "redis":
+        raise ConfigError("backend.type", f"is {organism.backend.backend_type!r}, but worker processes share data "
+                          "with the pump only through Redis (set backend.type or XP_BACKEND_TYPE)", ["redis"])
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    organism = load(args)
+    _require_redis(organism)
+    processes = args.processes if args.processes is not None else organism.process_pool.workers
+    if processes < 1:
+        raise ConfigError("--processes", f"must be >= 1, got {processes}")
+    if not organism.has_cpu_bound:
+        log.warning("organism %r has no cpu_bound listener: this worker will wait for tasks that never come",
+                    organism.name)
+    if processes == 1:
+        return _worker_single(organism, args.heartbeat_file)
+    return _supervise(processes, config_path(args), args.heartbeat_file)
+
+
+def _worker_single(organism: Organism, heartbeat_file: str | None, *, name: str | None = None,
+                   parent_pid: int | None = None) -> int:
+    from ..message_bus.distributed import DistributedWorker
+    backend = get_shared_backend(organism.backend)
+    worker = DistributedWorker(backend, organism, name=name, heartbeat_file=heartbeat_file, parent_pid=parent_pid)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("worker %s: %s received; finishing the task in hand", worker.name, signal.Signals(signum).name)
+        worker.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        if not _wait_for_backend(backend, lambda: worker.stopping):
+            return EXIT_OK
+        worker.run()
+    finally:
+        backend.close()
+    return EXIT_OK
+
+
+def _child_main(path: str, index: int, parent_pid: int, level: int) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s")
+    organism = load_organism(path)
+    sys.exit(_worker_single(organism, None, parent_pid=parent_pid))
+
+
+def _supervise(processes: int, path: str, heartbeat_file: str) -> int:
+    """Run `processes` consumer processes; restart the ones that die; SIGTERM stops them all."""
+    from ..message_bus.distributed import touch
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("%s received: stopping %d worker process(es) after their current task",
+                     signal.Signals(signum).name, len(children))
+        stopping = True
+        for p in children.values():
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+
+    children: dict[int, Any] = {}
+    level = logging.getLogger().getEffectiveLevel()
+
+    def start(index: int) -> None:
+        p = ctx.Process(target=_child_main, args=(path, index, os.getpid(), level), name=f"xp-worker-{index}")
+        p.start()
+        children[index] = p
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for i in range(processes):
+        start(i)
+    failures = 0
+    while children:
+        touch(heartbeat_file)
+        mp_wait([p.sentinel for p in children.values()], timeout=PUMP_HEARTBEAT_SECONDS)
+        for index, p in list(children.items()):
+            if p.is_alive():
+                continue
+            p.join()
+            del children[index]
+            if stopping:
+                continue
+            failures += 1
+            log.error("worker process %d (pid %s) exited with %s; starting a new one", index, p.pid, p.exitcode)
+            time.sleep(min(5.0, 0.2 * failures))
+            start(index)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
+# healthcheck
+# ---------------------------------------------------------------------------------------------------
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    try:
+        age = time.time() - os.stat(args.file).st_mtime
+    except FileNotFoundError:
+        print(f"unhealthy: no heartbeat file {args.file}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:
+        print(f"unhealthy: cannot read {args.file}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    if age > args.max_age:
+        print(f"unhealthy: heartbeat {args.file} is {age:.0f} s old (max {args.max_age:g} s)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK

@@ -1,0 +1,175 @@
+"""`xml-pipeline send` and `xml-pipeline backend ping|info|threads|clear`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ..errors import ConfigError
+from ..memory.config import BackendConfig
+from ..memory.factory import get_shared_backend
+from ..memory.protocol import SharedBackend
+from . import EXIT_FAILURE, EXIT_OK, UsageError
+
+
+def backend_config(args: argparse.Namespace) -> BackendConfig:
+    """XP_CONFIG (or --config) + XP_* environment, then the command-line overrides."""
+    env = dict(os.environ)
+    if getattr(args, "config", None):
+        env["XP_CONFIG"] = args.config
+    if env.get("XP_CONFIG") and not os.path.exists(env["XP_CONFIG"]):
+        raise ConfigError("XP_CONFIG" if not getattr(args, "config", None) else "--config",
+                          f"file {env['XP_CONFIG']!r} does not exist")
+    config = BackendConfig.from_env(env)
+    changes: dict[str, Any] = {}
+    if getattr(args, "backend_type", None):
+        changes["backend_type"] = args.backend_type
+    if getattr(args, "url", None):
+        changes["redis_url"] = args.url
+        changes.setdefault("backend_type", "redis")
+    if getattr(args, "prefix", None):
+        changes["redis_prefix"] = args.prefix
+    return config.replace(**changes) if changes else config
+
+
+def _open_backend(config: BackendConfig, what: str) -> SharedBackend:
+    if config.backend_type == "memory":
+        raise ConfigError("backend.type", f"is 'memory': that backend lives inside one process, there is "
+                          f"nothing to {what} from outside it", ["manager", "redis"])
+    if config.backend_type == "manager" and not config.manager_address:
+        raise ConfigError("backend.manager_address", "is required to reach a manager backend from another process",
+                          "'127.0.0.1:PORT' or a Unix socket path, with backend.manager_authkey")
+    return get_shared_backend(config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# send
+# ---------------------------------------------------------------------------------------------------
+def _read_arg(value: str) -> bytes:
+    if value == "-":
+        return sys.stdin.buffer.read()
+    if value.startswith("@"):
+        try:
+            with open(value[1:], "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise UsageError(f"MESSAGE: cannot read {value[1:]!r}: {e.strerror or e}") from None
+    return value.encode("utf-8")
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from ..message_bus.distributed import send_message
+    from ..message_bus.message import Message, check_fragment, parse_message
+
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    raw = _read_arg(args.message)
+    if args.to:
+        message = Message(sender=args.sender, to=args.to, payload=check_fragment(raw.decode("utf-8")),
+                          thread=args.thread)
+    else:
+        if args.thread:
+            raise UsageError("--thread goes with --to (a full <message> carries its own thread attribute)")
+        message = parse_message(raw)
+    config = backend_config(args)
+    if config.backend_type != "redis":
+        raise ConfigError("backend.type", f"is {config.backend_type!r}: `send` talks to a pump through its Redis "
+                          "ingress stream", ["redis"])
+    backend = get_shared_backend(config)
+    try:
+        response = send_message(backend, message, wait=args.timeout if args.wait else None)
+    finally:
+        backend.close()
+    if not args.wait:
+        print(message.id)
+        return EXIT_OK
+    if response is None:
+        print(f"xml-pipeline send: no response to message {message.id} within {args.timeout:g} s", file=sys.stderr)
+        return EXIT_FAILURE
+    print(response.to_xml())
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
+# backend
+# ---------------------------------------------------------------------------------------------------
+def cmd_backend(args: argparse.Namespace) -> int:
+    config = backend_config(args)
+    if args.action == "ping":
+        backend = _open_backend(config, "ping")
+        try:
+            ok = backend.ping()
+        finally:
+            backend.close()
+        where = _where(config)
+        if args.json:
+            print(json.dumps({"ok": ok, "backend": config.backend_type, "endpoint": where}))
+        else:
+            print(f"{'ok' if ok else 'unreachable'}: {config.backend_type} backend at {where}")
+        return EXIT_OK if ok else EXIT_FAILURE
+    backend = _open_backend(config, args.action)
+    try:
+        if args.action == "info":
+            data = backend.info()
+            if config.backend_type == "redis":
+                from ..message_bus.distributed import stream_info
+                data["streams"] = stream_info(backend)
+            _print(data, args.json)
+        elif args.action == "threads":
+            chains = {u: c for c, u in backend.registry_list_all().items()}
+            rows = [{"thread": t, "chain": chains.get(t), "slots": backend.buffer_thread_len(t)}
+                    for t in sorted(backend.buffer_list_threads())]
+            if args.json:
+                print(json.dumps(rows))
+            else:
+                for r in rows:
+                    print(f"{r['thread']}  {r['slots']:>6} slot(s)  {r['chain'] or '-'}")
+                print(f"{len(rows)} thread(s)", file=sys.stderr)
+        else:  # clear
+            removed = {"threads": backend.buffer_clear(), "registry_entries": backend.registry_clear()}
+            if config.backend_type == "redis":
+                removed["stream_and_temp_keys"] = _clear_streams(backend)
+            if args.json:
+                print(json.dumps({"prefix": config.redis_prefix, "removed": removed}))
+            else:
+                print(f"cleared prefix {config.redis_prefix!r}: " + ", ".join(f"{v} {k}" for k, v in removed.items()))
+    finally:
+        backend.close()
+    return EXIT_OK
+
+
+def _clear_streams(backend: Any) -> int:
+    """Delete this prefix's streams and temp keys (SCAN with the escaped prefix, never KEYS)."""
+    removed = 0
+    for space in ("tasks", "results", "dlq", "ingress", "egress", "tmp"):
+        batch = []
+        for key in backend.client.scan_iter(match=backend.keys.pattern(space), count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += backend.client.unlink(*batch)
+                batch = []
+        if batch:
+            removed += backend.client.unlink(*batch)
+    # key("tasks") itself is "{prefix}tasks" (no trailing ':'), which the patterns above do not match.
+    for space in ("tasks", "dlq", "ingress", "egress"):
+        removed += backend.client.unlink(backend.key(space))
+    return int(removed)
+
+
+def _where(config: BackendConfig) -> str:
+    if config.backend_type == "redis":
+        return f"{config.redacted_url} (prefix {config.redis_prefix!r})"
+    return str(config.manager_address)
+
+
+def _print(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, default=str, sort_keys=True))
+        return
+    for k in sorted(data):
+        v = data[k]
+        if isinstance(v, dict):
+            v = ", ".join(f"{ik}={iv}" for ik, iv in v.items())
+        print(f"{k:<18} {v}")

@@ -1,0 +1,683 @@
+"""Distributed mode: WorkerTasks through Redis Streams, for worker pods on any machine.
+
+Streams (all under the organism's prefix, so tenants never meet):
+
+    {prefix}tasks             WorkerTasks; consumer group "workers" (one consumer per worker process)
+    {prefix}results:<pump>    WorkerResults for one pump process (it XREAD BLOCKs on it)
+    {prefix}dlq               tasks that failed max_attempts times, with the last error
+    {prefix}ingress           messages for the pump; consumer group "pump"
+    {prefix}egress            every output of the pump (responses to external senders)
+
+How a task stays safe:
+- A worker takes a task with XREADGROUP; it stays in the group's pending list until the worker
+  XACKs it (and XDELs it: the stream only holds unfinished tasks) in one MULTI with the result.
+- While a task runs, a heartbeat thread re-claims it for its own consumer every heartbeat_seconds
+  (XCLAIM ... JUSTID, only while it still owns it: a Lua script checks first), which resets its idle
+  time. A worker that dies stops heartbeating; after claim_idle_seconds another worker's XAUTOCLAIM
+  takes the task over. Long tasks of live workers are never stolen (heartbeat < claim idle).
+- Failures: a handler error re-queues the task with failures+1; a death is counted by Redis
+  (delivery count). When failures + deaths reach max_attempts the task goes to the dead-letter
+  stream and the pump gets an error result — the caller still gets exactly one response.
+- Exactly one response: a task may run twice (a stalled worker comes back after its task was
+  reclaimed). The pump keeps a future per task id and takes the first result; a later duplicate
+  is dropped and its response key deleted.
+- No polling: the pump blocks in XREAD on its results stream, workers in XREADGROUP.
+- With a TTL, every stream gets the TTL on each write (EXPIRE in the same MULTI); a worker whose
+  tasks stream expired while idle recreates the group (NOGROUP).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..organism import Organism
+from .message import Message, MessageError, error_payload, parse_message
+from .worker_task import (
+    BACKEND_ERROR,
+    DEAD_LETTER,
+    HANDLER_ERROR,
+    WORKER_DIED,
+    WorkerResult,
+    WorkerTask,
+    execute_task,
+)
+
+log = logging.getLogger(__name__)
+
+WORKER_GROUP = "workers"
+PUMP_GROUP = "pump"
+#: Outputs kept in the egress stream (approximate MAXLEN), dead letters kept in the dlq.
+EGRESS_MAXLEN = 10_000
+DLQ_MAXLEN = 10_000
+RESULTS_MAXLEN = 100_000
+#: Errors worth another attempt. Integrity failures and missing inputs will not get better.
+RETRYABLE = frozenset({HANDLER_ERROR, BACKEND_ERROR, WORKER_DIED})
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+#: Redis commands of this module (beyond the backend's ACL_COMMANDS), for tenant ACL users.
+STREAM_ACL_COMMANDS: tuple[str, ...] = (
+    "xadd", "xreadgroup", "xread", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xgroup",
+    "xrevrange", "xlen", "xinfo", "expire", "multi", "exec", "evalsha", "eval", "del",
+)
+
+# Re-claim a running task for its own consumer, only if that consumer still owns it.
+_HEARTBEAT_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def consumer_name(role: str) -> str:
+    """Unique per process and readable: <role>-<host>-<pid>-<random>."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Streams:
+    """Key names of one organism's streams and the small Redis steps shared by pump and workers."""
+
+    def __init__(self, backend: Any) -> None:
+        if getattr(backend.config, "backend_type", None) != "redis" or not hasattr(backend, "client"):
+            raise ValueError("distributed mode needs the redis backend")
+        self.backend = backend
+        self.client: redis.Redis = backend.client
+        self.ttl: int | None = backend.config.ttl
+        self.tasks = backend.key("tasks")
+        self.dlq = backend.key("dlq")
+        self.ingress = backend.key("ingress")
+        self.egress = backend.key("egress")
+        self.results_prefix = backend.key("results") + ":"
+        # Blocking reads must return before the socket timeout fires.
+        self.block_ms = max(50, min(1000, int(backend.config.socket_timeout * 500)))
+
+    def results(self, pump_id: str) -> str:
+        return self.backend.key("results", pump_id)
+
+    def expire(self, pipe: Any, key: str) -> None:
+        if self.ttl:
+            pipe.expire(key, self.ttl)
+
+    def ensure_group(self, stream: str, group: str) -> None:
+        """Create the consumer group (and the stream) if missing; read from the stream's start."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xgroup_create(stream, group, id="0", mkstream=True)
+        self.expire(pipe, stream)
+        results = pipe.execute(raise_on_error=False)
+        err = results[0]
+        if isinstance(err, Exception) and "BUSYGROUP" not in str(err):
+            raise err
+
+
+# ==================================================================================================
+# Pump side: submit tasks, receive results
+# ==================================================================================================
+class RedisDispatcher:
+    """The pump's Dispatcher in distributed mode: XADD tasks, XREAD BLOCK results (no polling)."""
+
+    def __init__(self, backend: Any, *, pump_id: str | None = None) -> None:
+        self.streams = Streams(backend)
+        self.backend = backend
+        self.pump_id = pump_id or consumer_name("pump")
+        self.results_key = self.streams.results(self.pump_id)
+        self._futures: dict[str, asyncio.Future[WorkerResult]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+        self.duplicates = 0
+
+    def describe(self) -> str:
+        return f"Redis stream {self.streams.tasks} (worker pods, consumer group {WORKER_GROUP!r})"
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(None, self.streams.ensure_group, self.streams.tasks, WORKER_GROUP)
+        self._reader = threading.Thread(target=self._read_results, name="xp-results", daemon=True)
+        self._reader.start()
+
+    async def run(self, task: WorkerTask) -> WorkerResult:
+        assert self._loop is not None, "start() the dispatcher first"
+        task = WorkerTask(task.task_id, task.listener, task.handler, task.payload_key, task.metadata_key,
+                          reply_to=self.results_key, failures=0)
+        fut: asyncio.Future[WorkerResult] = self._loop.create_future()
+        self._futures[task.task_id] = fut
+        try:
+            await self._loop.run_in_executor(None, self._submit, task)
+            return await fut
+        finally:
+            self._futures.pop(task.task_id, None)
+
+    def _submit(self, task: WorkerTask) -> None:
+        s = self.streams
+        pipe = s.client.pipeline(transaction=True)
+        pipe.xadd(s.tasks, task.to_fields())
+        s.expire(pipe, s.tasks)
+        self.backend.execute(lambda _c: pipe.execute(), idempotent=False, what="submit task")
+
+    def _read_results(self) -> None:
+        s = self.streams
+        last = "0-0"
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                resp = s.client.xread({self.results_key: last}, count=256, block=s.block_ms)
+                backoff = 0.2
+            except _REDIS_DOWN as e:
+                log.warning("results stream %s: Redis unavailable (%s); retrying in %.1f s",
+                            self.results_key, type(e).__name__, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except Exception:  # noqa: BLE001 - the reader must survive anything
+                log.exception("results stream %s: read failed", self.results_key)
+                self._stop.wait(1.0)
+                continue
+            if not resp:
+                continue
+            ids = []
+            for _stream, entries in resp:
+                for entry_id, fields in entries:
+                    last = _s(entry_id)
+                    ids.append(entry_id)
+                    result = WorkerResult.from_fields(fields)
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._deliver, result)
+            try:
+                s.client.xdel(self.results_key, *ids)  # trim what we consumed
+            except redis.RedisError:
+                pass
+
+    def _deliver(self, result: WorkerResult) -> None:
+        fut = self._futures.get(result.task_id)
+        if fut is None or fut.done():
+            # A task that ran twice (its first worker stalled and came back): one response only.
+            self.duplicates += 1
+            log.info("dropped a duplicate result for task %s (from %s)", result.task_id, result.worker or "?")
+            if result.response_key:
+                assert self._loop is not None
+                self._loop.run_in_executor(None, self._drop_response, result.response_key)
+            return
+        fut.set_result(result)
+
+    def _drop_response(self, key: str) -> None:
+        try:
+            self.backend.temp_delete(key)
+        except Exception:  # noqa: BLE001 - it expires with the TTL anyway
+            pass
+
+    async def close(self) -> None:
+        self._stop.set()
+        for task_id, fut in list(self._futures.items()):
+            if not fut.done():
+                fut.set_result(WorkerResult(task_id, error="the pump stopped before a worker answered",
+                                            error_type=WORKER_DIED))
+        if self._reader is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5.0)
+        try:
+            self.streams.client.delete(self.results_key)
+        except redis.RedisError:
+            pass
+
+
+# ==================================================================================================
+# Worker side: the loop of `xml-pipeline worker`
+# ==================================================================================================
+class DistributedWorker:
+    """One consumer of the tasks stream. `run()` blocks until `request_stop()` (SIGTERM)."""
+
+    def __init__(self, backend: Any, organism: Organism, *, name: str | None = None,
+                 heartbeat_file: str | None = None, parent_pid: int | None = None) -> None:
+        self.streams = Streams(backend)
+        self.backend = backend
+        self.organism = organism
+        self.name = name or consumer_name("worker")
+        pool = organism.process_pool
+        self.max_attempts = pool.max_attempts
+        self.claim_idle_ms = int(pool.claim_idle_seconds * 1000)
+        self.heartbeat_s = pool.heartbeat_seconds
+        self.heartbeat_file = heartbeat_file
+        self.parent_pid = parent_pid
+        self._handlers = {ls.name: ls.handler for ls in organism.listeners if ls.cpu_bound}
+        self._stop = threading.Event()
+        self._claim_cursor = "0-0"
+        self._heartbeat_sha: str | None = None
+        self.completed = 0
+        self.current: str | None = None
+
+    def request_stop(self) -> None:
+        """Finish the task in hand, then return from run() (SIGTERM)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        s = self.streams
+        log.info("worker %s: consuming %s (group %s), claim idle %.1f s, heartbeat %.1f s, max attempts %d",
+                 self.name, s.tasks, WORKER_GROUP, self.claim_idle_ms / 1000, self.heartbeat_s, self.max_attempts)
+        self._with_redis(lambda: s.ensure_group(s.tasks, WORKER_GROUP))
+        next_claim = 0.0
+        while not self._stop.is_set():
+            self.touch()
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("worker %s: parent process is gone; exiting", self.name)
+                break
+            entry = None
+            if time.monotonic() >= next_claim:
+                entry = self._with_redis(self._reclaim_one)
+                if entry is None:
+                    next_claim = time.monotonic() + max(0.05, self.claim_idle_ms / 2000)
+            if entry is None:
+                entry = self._with_redis(self._read_one)
+            if entry is not None:
+                self._handle(*entry)
+        self._leave()
+        log.info("worker %s: stopped after %d task(s)", self.name, self.completed)
+
+    def touch(self) -> None:
+        if self.heartbeat_file:
+            touch(self.heartbeat_file)
+
+    # -- Redis steps ------------------------------------------------------------------------------------
+    def _with_redis(self, fn: Callable[[], Any]) -> Any:
+        """Run one Redis step; on an outage, wait with backoff (a stop request ends the wait)."""
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                return fn()
+            except _REDIS_DOWN as e:
+                log.warning("worker %s: Redis unavailable (%s: %s); retrying in %.1f s",
+                            self.name, type(e).__name__, e, backoff)
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                # The stream expired (TTL) or was deleted while idle: recreate the group.
+                log.info("worker %s: consumer group missing (%s); recreating it", self.name, e)
+                self.streams.ensure_group(self.streams.tasks, WORKER_GROUP)
+                continue
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+        return None
+
+    def _read_one(self) -> tuple[str, dict[Any, Any], int] | None:
+        s = self.streams
+        resp = s.client.xreadgroup(WORKER_GROUP, self.name, {s.tasks: ">"}, count=1, block=s.block_ms)
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                return _s(entry_id), fields, 1
+        return None
+
+    def _reclaim_one(self) -> tuple[str, dict[Any, Any], int] | None:
+        """Take over one task whose worker has been silent for claim_idle (it died)."""
+        s = self.streams
+        resp = s.client.xautoclaim(s.tasks, WORKER_GROUP, self.name, self.claim_idle_ms,
+                                   start_id=self._claim_cursor, count=1)
+        cursor, entries = _s(resp[0]), resp[1]
+        self._claim_cursor = cursor
+        for entry_id, fields in entries:
+            if not fields:
+                continue
+            eid = _s(entry_id)
+            pending = s.client.xpending_range(s.tasks, WORKER_GROUP, min=eid, max=eid, count=1)
+            deliveries = int(pending[0]["times_delivered"]) if pending else 2
+            log.warning("worker %s: reclaimed task entry %s (delivered %d times; its worker went silent)",
+                        self.name, eid, deliveries)
+            return eid, fields, deliveries
+        return None
+
+    def _heartbeat(self, entry_id: str, done: threading.Event) -> None:
+        s = self.streams
+        while not done.wait(self.heartbeat_s):
+            self.touch()
+            try:
+                if self._heartbeat_sha is None:
+                    self._heartbeat_sha = s.client.script_load(_HEARTBEAT_LUA)
+                owned = s.client.evalsha(self._heartbeat_sha, 1, s.tasks, WORKER_GROUP, self.name, entry_id)
+                if not owned:
+                    log.warning("worker %s: task entry %s was reclaimed by another worker; the pump "
+                                "keeps only the first result", self.name, entry_id)
+                    return
+            except redis.RedisError as e:
+                if "NOSCRIPT" in str(e):
+                    self._heartbeat_sha = None
+                    continue
+                log.warning("worker %s: heartbeat for %s failed: %s", self.name, entry_id, e)
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.error("worker %s: parent process is gone; exiting", self.name)
+                os._exit(1)
+
+    def _handle(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
+        try:
+            task = WorkerTask.from_fields(fields)
+        except ValueError as e:
+            log.error("worker %s: dropping malformed task entry %s: %s", self.name, entry_id, e)
+            self._with_redis(lambda: self._dead_letter(entry_id, None, {_s(k): _s(v) for k, v in fields.items()},
+                                                      f"malformed task: {e}"))
+            return
+        if not task.reply_to.startswith(self.streams.results_prefix):
+            log.error("worker %s: task %s names a reply stream outside this organism (%r); dead-lettered",
+                      self.name, task.task_id, task.reply_to)
+            self._with_redis(lambda: self._dead_letter(entry_id, None, task.to_fields(), "foreign reply_to"))
+            return
+        prior = task.failures + max(0, deliveries - 1)
+        if prior >= self.max_attempts:
+            error = (f"task failed {prior} time(s) (its workers died or stalled); "
+                     f"moved to the dead-letter stream {self.streams.dlq}")
+            log.error("worker %s: task %s (listener %s): %s", self.name, task.task_id, task.listener, error)
+            self._with_redis(lambda: self._dead_letter(entry_id, task, task.to_fields(), error))
+            return
+        expected = self._handlers.get(task.listener)
+        if expected is None or expected != task.handler:
+            result = WorkerResult(task.task_id, error=f"listener {task.listener!r} with handler {task.handler!r} "
+                                  f"is not a cpu_bound listener of organism {self.organism.name!r} here",
+                                  error_type="UnknownListener", worker=self.name)
+        else:
+            done = threading.Event()
+            beat = threading.Thread(target=self._heartbeat, args=(entry_id, done), daemon=True)
+            self.current = task.task_id
+            beat.start()
+            try:
+                result = execute_task(self.backend, task, worker=self.name)
+            finally:
+                done.set()
+                beat.join()
+                self.current = None
+        if result.ok:
+            self._with_redis(lambda: self._finish(entry_id, task, result))
+            self.completed += 1
+        elif result.error_type in RETRYABLE and prior + 1 < self.max_attempts:
+            log.warning("worker %s: task %s failed (attempt %d of %d): %s; re-queued", self.name, task.task_id,
+                        prior + 1, self.max_attempts, result.error)
+            self._with_redis(lambda: self._requeue(entry_id, task, prior + 1))
+        else:
+            attempts = prior + 1
+            error = (f"{result.error} (failed {attempts} time(s); moved to the dead-letter stream "
+                     f"{self.streams.dlq})")
+            self._with_redis(lambda: self._dead_letter(entry_id, task, task.to_fields(), error,
+                                                      error_type=result.error_type))
+
+    def _finish(self, entry_id: str, task: WorkerTask, result: WorkerResult) -> None:
+        s = self.streams
+        pipe = s.client.pipeline(transaction=True)
+        pipe.xadd(task.reply_to, result.to_fields(), maxlen=RESULTS_MAXLEN, approximate=True)
+        s.expire(pipe, task.reply_to)
+        pipe.xack(s.tasks, WORKER_GROUP, entry_id)
+        pipe.xdel(s.tasks, entry_id)
+        pipe.execute()
+
+    def _requeue(self, entry_id: str, task: WorkerTask, failures: int) -> None:
+        s = self.streams
+        again = WorkerTask(task.task_id, task.listener, task.handler, task.payload_key, task.metadata_key,
+                           reply_to=task.reply_to, failures=failures)
+        pipe = s.client.pipeline(transaction=True)
+        pipe.xadd(s.tasks, again.to_fields())
+        s.expire(pipe, s.tasks)
+        pipe.xack(s.tasks, WORKER_GROUP, entry_id)
+        pipe.xdel(s.tasks, entry_id)
+        pipe.execute()
+
+    def _dead_letter(self, entry_id: str, task: WorkerTask | None, fields: dict[str, str], error: str,
+                     *, error_type: str | None = None) -> None:
+        s = self.streams
+        pipe = s.client.pipeline(transaction=True)
+        dead = dict(fields, error=error, error_type=error_type or DEAD_LETTER, entry_id=entry_id,
+                    worker=self.name, failed_at=str(time.time()))
+        pipe.xadd(s.dlq, dead, maxlen=DLQ_MAXLEN, approximate=True)
+        s.expire(pipe, s.dlq)
+        if task is not None and task.reply_to.startswith(s.results_prefix):
+            res = WorkerResult(task.task_id, error=error, error_type=DEAD_LETTER, worker=self.name)
+            pipe.xadd(task.reply_to, res.to_fields(), maxlen=RESULTS_MAXLEN, approximate=True)
+            s.expire(pipe, task.reply_to)
+        pipe.xack(s.tasks, WORKER_GROUP, entry_id)
+        pipe.xdel(s.tasks, entry_id)
+        pipe.execute()
+
+    def _leave(self) -> None:
+        """Remove this consumer from the group if it holds no pending task."""
+        s = self.streams
+        try:
+            pending = s.client.xpending_range(s.tasks, WORKER_GROUP, min="-", max="+", count=1,
+                                              consumername=self.name)
+            if not pending:
+                s.client.xgroup_delconsumer(s.tasks, WORKER_GROUP, self.name)
+        except redis.RedisError:
+            pass
+
+
+def touch(path: str) -> None:
+    """Refresh a heartbeat file (`xml-pipeline healthcheck` checks its age)."""
+    p = Path(path)
+    try:
+        p.touch()
+    except FileNotFoundError:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+    except OSError as e:  # a read-only /tmp must not kill the worker; the probe will say so
+        log.debug("cannot touch heartbeat file %s: %s", path, e)
+
+
+# ==================================================================================================
+# The pump pod: ingress → StreamPump → egress
+# ==================================================================================================
+class IngressBridge:
+    """Feeds a StreamPump from the ingress stream and writes its outputs to the egress stream.
+
+    An ingress entry is acknowledged (XACK + XDEL) when its conversation has finished, so a pump
+    that dies mid-conversation leaves the entry pending; the next pump reclaims it after
+    claim_idle_seconds (at-least-once for pump crashes).
+    """
+
+    def __init__(self, backend: Any, pump: Any, *, consumer: str | None = None,
+                 claim_idle_seconds: float = 30.0, max_inflight: int = 256) -> None:
+        self.streams = Streams(backend)
+        self.backend = backend
+        self.pump = pump
+        self.consumer = consumer or consumer_name("pump")
+        self.claim_idle_ms = int(claim_idle_seconds * 1000)
+        self.max_inflight = max_inflight
+        self._entries: dict[str, str] = {}  # conversation id -> ingress entry id
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+        self._slots: threading.Semaphore = threading.Semaphore(max_inflight)
+        pump.on_output = self._on_output
+        pump.on_done = self._on_done
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        s = self.streams
+        await self._loop.run_in_executor(None, s.ensure_group, s.ingress, PUMP_GROUP)
+        self._reader = threading.Thread(target=self._read, name="xp-ingress", daemon=True)
+        self._reader.start()
+
+    async def stop(self) -> None:
+        """Stop reading new messages (in-flight conversations are the pump's to drain)."""
+        self._stop.set()
+        if self._reader is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5.0)
+
+    def _read(self) -> None:
+        s = self.streams
+        backoff = 0.2
+        cursor = "0-0"
+        claimed_all = False
+        while not self._stop.is_set():
+            try:
+                if not claimed_all:
+                    # Entries a dead pump left unacknowledged.
+                    resp = s.client.xautoclaim(s.ingress, PUMP_GROUP, self.consumer, self.claim_idle_ms,
+                                               start_id=cursor, count=64)
+                    cursor = _s(resp[0])
+                    entries = [(_s(i), f) for i, f in resp[1] if f]
+                    claimed_all = cursor == "0-0"
+                    if entries:
+                        log.warning("pump: took over %d unfinished message(s) of a previous pump", len(entries))
+                else:
+                    resp = s.client.xreadgroup(PUMP_GROUP, self.consumer, {s.ingress: ">"}, count=64,
+                                               block=s.block_ms)
+                    entries = [(_s(i), f) for _k, es in (resp or []) for i, f in es]
+                backoff = 0.2
+            except _REDIS_DOWN as e:
+                log.warning("ingress %s: Redis unavailable (%s); retrying in %.1f s", s.ingress,
+                            type(e).__name__, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except ResponseError as e:
+                if "NOGROUP" in str(e):
+                    s.ensure_group(s.ingress, PUMP_GROUP)
+                    continue
+                log.exception("ingress %s: read failed", s.ingress)
+                self._stop.wait(1.0)
+                continue
+            for entry_id, fields in entries:
+                while not self._slots.acquire(timeout=0.5):
+                    if self._stop.is_set():
+                        return
+                assert self._loop is not None
+                asyncio.run_coroutine_threadsafe(self._accept(entry_id, fields), self._loop)
+
+    async def _accept(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        raw = fields.get(b"xml", fields.get("xml", b""))
+        try:
+            message = parse_message(raw)
+        except MessageError as e:
+            log.warning("ingress entry %s is not a valid message: %s", entry_id, e)
+            reply_id = _s(fields.get(b"id", fields.get("id", entry_id)))
+            bad = Message(sender="pump", to="unknown", kind="error",
+                          payload=error_payload("pump", "MessageError", str(e)),
+                          in_reply_to=reply_id if _valid_id(reply_id) else None)
+            await self._write_egress(bad)
+            await self._ack(entry_id)
+            return
+        if message.id in self._entries:
+            log.warning("ingress entry %s repeats message id %s, which is in flight; ignored", entry_id, message.id)
+            await self._ack(entry_id)
+            return
+        self._entries[message.id] = entry_id
+        try:
+            await self.pump.inject(message)
+        except Exception as e:  # noqa: BLE001 - e.g. the pump is stopping: leave it pending for the next pump
+            log.warning("ingress entry %s not accepted (%s); it stays pending", entry_id, e)
+            self._entries.pop(message.id, None)
+            self._slots.release()
+
+    async def _on_output(self, message: Message) -> None:
+        await self._write_egress(message)
+
+    async def _write_egress(self, message: Message) -> None:
+        s = self.streams
+        fields = {"xml": message.to_xml(), "in_reply_to": message.in_reply_to or "", "thread": message.thread or "",
+                  "type": message.kind, "from": message.sender, "to": message.to}
+
+        def write() -> None:
+            pipe = s.client.pipeline(transaction=True)
+            pipe.xadd(s.egress, fields, maxlen=EGRESS_MAXLEN, approximate=True)
+            s.expire(pipe, s.egress)
+            self.backend.execute(lambda _c: pipe.execute(), idempotent=False, what="write egress")
+
+        assert self._loop is not None
+        await self._loop.run_in_executor(None, write)
+
+    async def _on_done(self, conv_id: str) -> None:
+        entry_id = self._entries.pop(conv_id, None)
+        if entry_id is not None:
+            await self._ack(entry_id)
+
+    async def _ack(self, entry_id: str) -> None:
+        s = self.streams
+
+        def ack() -> None:
+            pipe = s.client.pipeline(transaction=True)
+            pipe.xack(s.ingress, PUMP_GROUP, entry_id)
+            pipe.xdel(s.ingress, entry_id)
+            pipe.execute()
+
+        assert self._loop is not None
+        try:
+            await self._loop.run_in_executor(None, ack)
+        except redis.RedisError as e:
+            log.warning("could not acknowledge ingress entry %s: %s", entry_id, e)
+        finally:
+            self._slots.release()
+
+
+def _valid_id(value: str) -> bool:
+    from .message import ID_RE
+    return bool(ID_RE.match(value))
+
+
+# ==================================================================================================
+# Clients: `xml-pipeline send`
+# ==================================================================================================
+def send_message(backend: Any, message: Message, *, wait: float | None = None) -> Message | None:
+    """Put `message` on the ingress stream; with `wait`, block up to that many seconds for the first
+    egress output answering it (in-reply-to = message.id). Returns None on timeout or without wait."""
+    s = Streams(backend)
+    client = s.client
+    start_id = "0-0"
+    if wait is not None:
+        last = client.xrevrange(s.egress, count=1)
+        start_id = _s(last[0][0]) if last else "0-0"
+    pipe = client.pipeline(transaction=True)
+    pipe.xadd(s.ingress, {"xml": message.to_xml(), "id": message.id})
+    s.expire(pipe, s.ingress)
+    backend.execute(lambda _c: pipe.execute(), idempotent=False, what="send to ingress")
+    if wait is None:
+        return None
+    deadline = time.monotonic() + wait
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        resp = client.xread({s.egress: start_id}, count=256, block=max(1, min(s.block_ms, int(left * 1000))))
+        for _k, entries in resp or []:
+            for entry_id, fields in entries:
+                start_id = _s(entry_id)
+                if _s(fields.get(b"in_reply_to", b"")) == message.id:
+                    return parse_message(fields[b"xml"])
+
+
+def dead_letters(backend: Any, count: int = 100) -> list[dict[str, str]]:
+    """The newest entries of the dead-letter stream (for inspection and tests)."""
+    s = Streams(backend)
+    return [{**{_s(k): _s(v) for k, v in f.items()}, "_id": _s(i)} for i, f in s.client.xrevrange(s.dlq, count=count)]
+
+
+def stream_info(backend: Any) -> dict[str, Any]:
+    """Lengths and pending counts of the organism's streams."""
+    s = Streams(backend)
+    out: dict[str, Any] = {}
+    for name, key, group in (("tasks", s.tasks, WORKER_GROUP), ("ingress", s.ingress, PUMP_GROUP),
+                             ("egress", s.egress, None), ("dlq", s.dlq, None)):
+        try:
+            length = s.client.xlen(key)
+            pending = None
+            if group and length is not None:
+                try:
+                    pending = s.client.xpending(key, group).get("pending")
+                except ResponseError:
+                    pending = None
+            out[name] = {"length": length, "pending": pending} if group else {"length": length}
+        except redis.RedisError as e:
+            out[name] = {"error": str(e)}
+    return json.loads(json.dumps(out))

@@ -23,6 +23,7 @@ ENV_SIGNING_KEY = "XP_SIGNING_KEY"
 
 _lock = threading.Lock()
 _default: tuple[str | None, Signer] | None = None
+_random: Signer | None = None  # kept for the life of the process, whatever XP_SIGNING_KEY does
 
 
 def default_signer() -> Signer:
@@ -30,7 +31,7 @@ def default_signer() -> Signer:
 
     Re-read when XP_SIGNING_KEY changes, so a rotation applied to the environment takes effect.
     """
-    global _default
+    global _default, _random
     raw = os.environ.get(ENV_SIGNING_KEY) or None
     current = _default
     if current is not None and current[0] == raw:
@@ -38,8 +39,10 @@ def default_signer() -> Signer:
     with _lock:
         if _default is None or _default[0] != raw:
             keys = parse_keys(raw, ENV_SIGNING_KEY)
-            # After a fork the child keeps the parent's random key, which is what fork users expect.
-            _default = (raw, Signer(keys) if keys else Signer.random())
+            if not keys and _random is None:
+                # After a fork the child keeps the parent's random key, as fork users expect.
+                _random = Signer.random()
+            _default = (raw, Signer(keys) if keys else _random)  # type: ignore[assignment]
         return _default[1]
 
 

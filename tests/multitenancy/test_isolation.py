@@ -145,3 +145,16 @@ def test_server_wide_commands_refused(make_org: Callable[..., Org], admin: redis
         with pytest.raises(NoPermissionError):
             ra.execute_command(*args)
     assert admin.get(own) == b"v"  # nothing was flushed
+
+
+def test_refusals_are_recorded_in_the_acl_log(pair: tuple[Org, Org], admin: redis.Redis) -> None:
+    """ACL LOG names the user and the refused key: the audit trail an operator of the shared Redis has
+    (and what the pod tests check stays empty)."""
+    from .test_pods_restricted import acl_denials
+
+    a, b = pair
+    with a.client() as ra:
+        with pytest.raises(NoPermissionError):
+            ra.get(f"{b.prefix}chain:console.greeter")
+    denials = acl_denials(admin, a.username)
+    assert denials and any(f"{b.prefix}chain:console.greeter" in str(d.get("object")) for d in denials)

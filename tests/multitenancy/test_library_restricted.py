@@ -64,6 +64,8 @@ def exercise(b: RedisBackend) -> None:
 
 
 def test_library_runs_with_restricted_user(make_org: Callable[..., Org], admin: redis.Redis) -> None:
+    from .test_pods_restricted import acl_denials
+
     a, b = make_org("lib-a"), make_org("lib-b")
     with backend_for(b) as bb:
         bb.buffer_append("t-1", b"b's slot")
@@ -71,6 +73,7 @@ def test_library_runs_with_restricted_user(make_org: Callable[..., Org], admin: 
         exercise(ba)
     # B's thread is still there and A's buffer_clear/registry_clear touched none of B's keys.
     assert admin.llen(f"{b.prefix}buffer:{{t-1}}") == 1
+    assert acl_denials(admin, a.username) == []  # not a single command was refused
 
 
 def test_restricted_backend_cannot_reach_other_prefix(make_org: Callable[..., Org]) -> None:

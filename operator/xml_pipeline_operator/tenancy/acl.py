@@ -220,13 +220,13 @@ def list_users(admin: redis.Redis) -> frozenset[str]:
 
 
 def desired_user(username: str, prefix: str, passwords: Sequence[str], profile: ServerProfile, *,
-                 enabled: bool = True, allow_scan: bool = True) -> AclUser:
+                 enabled: bool = True, allow_scan: bool = True, extra_hashes: Iterable[str] = ()) -> AclUser:
     """The AclUser that `ensure_user` converges to (what ACL GETUSER shows afterwards)."""
     validate_prefix(prefix, "backend.redis.prefix")
     return AclUser(
         username=username,
         enabled=enabled,
-        password_hashes=frozenset(password_hash(p) for p in passwords),
+        password_hashes=frozenset(password_hash(p) for p in passwords) | frozenset(extra_hashes),
         command_rules=profile.described[allow_scan],
         key_patterns=frozenset({f"~{prefix}*"}),
         channel_patterns=frozenset({f"&{prefix}*"}),
@@ -235,10 +235,11 @@ def desired_user(username: str, prefix: str, passwords: Sequence[str], profile: 
 
 
 def ensure_user(admin: redis.Redis, username: str, password: str, prefix: str, *,
-                also_accept: Sequence[str] = (), enabled: bool = True, allow_scan: bool = True,
-                profile: ServerProfile | None = None) -> Change:
+                also_accept: Sequence[str] = (), also_accept_hashes: Iterable[str] = (), enabled: bool = True,
+                allow_scan: bool = True, profile: ServerProfile | None = None) -> Change:
     """Make `username` exist exactly as desired: confined to `prefix`, accepting `password` (and the
-    passwords in `also_accept`, for a rotation in progress) and no other.
+    passwords in `also_accept`, or the SHA-256 digests in `also_accept_hashes`, while a rotation is
+    in progress) and no other.
 
     Reads the user first and writes nothing when it already matches. Pass a cached `profile`
     (server_profile) when calling it for many users. A needed change is one
@@ -249,14 +250,17 @@ def ensure_user(admin: redis.Redis, username: str, password: str, prefix: str, *
         raise ValueError("password must be a non-empty string")
     if profile is None:
         profile = server_profile(admin)
+    extra = frozenset(also_accept_hashes)
+    if any(len(h) != 64 or any(c not in "0123456789abcdef" for c in h) for h in extra):
+        raise ValueError("also_accept_hashes must be lower-case SHA-256 hex digests")
     want = desired_user(username, prefix, [password, *also_accept], profile, enabled=enabled,
-                        allow_scan=allow_scan)
+                        allow_scan=allow_scan, extra_hashes=extra)
     have = get_user(admin, username)
     if have == want:
         return Change.UNCHANGED
     rules = ["on" if enabled else "off", "clearselectors",
              *acl_rules(prefix, available=profile.available, allow_scan=allow_scan)]
-    rules += [f">{p}" for p in (password, *also_accept)]
+    rules += [f">{p}" for p in (password, *also_accept)] + [f"#{h}" for h in sorted(extra)]
     if have is not None:
         rules += [f"!{h}" for h in sorted(have.password_hashes - want.password_hashes)]
     admin.execute_command("ACL", "SETUSER", username, *rules)

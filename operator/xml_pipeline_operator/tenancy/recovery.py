@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from .acl import Change, ensure_user, list_users, server_profile
+from .acl import Change, ServerProfile, ensure_user, list_users, server_profile
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class DesiredUser:
     prefix: str
     password: str = field(repr=False)
     also_accept: tuple[str, ...] = field(default=(), repr=False)
+    #: SHA-256 digests of passwords still accepted during a rotation (see acl.RotationStep).
+    also_accept_hashes: frozenset[str] = field(default=frozenset(), repr=False)
     enabled: bool = True
 
 
@@ -56,6 +58,14 @@ class UserRecovery:
     def __init__(self, admin: redis.Redis) -> None:
         self._admin = admin
         self._run_id: str | None = None
+        #: The server's profile (acl.server_profile), learnt on first need and again after a
+        #: restart (the restarted server may be another version). Callers may reuse it.
+        self.profile: ServerProfile | None = None
+
+    def current_profile(self) -> ServerProfile:
+        if self.profile is None:
+            self.profile = server_profile(self._admin)
+        return self.profile
 
     def check(self, desired: Iterable[DesiredUser]) -> RecoveryReport:
         wanted = list(desired)
@@ -65,11 +75,14 @@ class UserRecovery:
         todo = wanted if restarted or self._run_id is None else [u for u in wanted if u.username not in existing]
         recreated: list[str] = []
         repaired: list[str] = []
+        if restarted:
+            self.profile = None
         if todo:
-            profile = server_profile(self._admin)
+            profile = self.current_profile()
             for u in todo:
                 change = ensure_user(self._admin, u.username, u.password, u.prefix, also_accept=u.also_accept,
-                                     enabled=u.enabled, profile=profile)
+                                     also_accept_hashes=u.also_accept_hashes, enabled=u.enabled,
+                                     profile=profile)
                 if change is Change.CREATED:
                     recreated.append(u.username)
                 elif change is Change.UPDATED:

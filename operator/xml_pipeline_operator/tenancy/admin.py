@@ -1,0 +1,338 @@
+"""SharedRedisAdmin: the operator's real `RedisAdmin` for `backend.redis.mode: shared`.
+
+It ties the pure pieces of this package to the operator's seam (redis_admin.py):
+
+- `observe()` is fed by a kopf index with every Organism (kopf fills its indexes before any handler
+  runs), so the overlap check sees all shared Organisms, also right after an operator restart;
+- `ensure_tenant()` refuses an overlapping prefix (naming the Organism that holds it) or makes the
+  ACL user exist exactly as desired, and remembers the desired state for recovery;
+- `release_tenant()` runs the deletion policy: Delete disables the user (closing its connections, so
+  nothing writes any more), removes the keys in resumable batches, then deletes the user; Retain
+  only disables the user;
+- `periodic()` (called from a per-Organism kopf timer, rate-limited to once per interval for the
+  whole operator) advances the usage sampler and re-creates users the server has lost.
+
+Passwords are never logged and never put in messages.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from xml_pipeline.memory.config import redact_url
+
+from ..redis_admin import Tenant, TenantState
+from ..settings import OperatorSettings
+from . import acl, overlap
+from .cleanup import CleanupProgress, cleanup_prefix
+from .recovery import DesiredUser, UserRecovery
+from .usage import Usage, UsageSampler
+
+logger = logging.getLogger(__name__)
+
+#: How long a password the Secret no longer holds is still accepted after the Secret changed. Pods
+#: read the password at start, so they need a restart (`kubectl rollout restart`) within this time.
+PASSWORD_GRACE_SECONDS = 3600.0
+#: Seconds between usage ticks and between lost-user checks (for the whole operator).
+USAGE_INTERVAL_SECONDS = 30.0
+USER_CHECK_INTERVAL_SECONDS = 30.0
+#: How long one release_tenant call may spend deleting keys before it hands back (and is retried).
+CLEANUP_BUDGET_SECONDS = 10.0
+#: After a failed connection, answer from the failure for this long instead of connecting again
+#: (a reconcile of every Organism must not wait for a dead Redis each time).
+UNAVAILABLE_HOLD_SECONDS = 5.0
+#: Cleanup progress lives in the shared Redis under a key no tenant can match: prefixes start with
+#: [A-Za-z0-9_.-], this key starts with '{'.
+PROGRESS_KEY = "{xp-operator}:cleanup:"
+PROGRESS_TTL_SECONDS = 7 * 86400
+
+
+class CleanupInProgress(Exception):
+    """release_tenant deleted a bounded share of the keys; call it again to continue."""
+
+    def __init__(self, progress: CleanupProgress) -> None:
+        self.progress = progress
+        super().__init__(f"deleted {progress.deleted} keys under {progress.prefix!r} so far; continuing")
+
+
+def tenant_from_body(namespace: str, name: str, body: Mapping[str, Any]) -> overlap.Tenant | None:
+    """The shared-Redis tenant an Organism object describes, or None if it does not use shared mode."""
+    spec = body.get("spec") or {}
+    backend = spec.get("backend") or {}
+    r = backend.get("redis") or {}
+    if not isinstance(r, Mapping) or backend.get("type", "redis") != "redis" or r.get("mode") != "shared":
+        return None
+    status_prefix = ((body.get("status") or {}).get("redis") or {}).get("prefix")
+    prefix = r.get("prefix") or status_prefix or f"xp:{namespace}.{name}:"
+    created = str((body.get("metadata") or {}).get("creationTimestamp") or "")
+    return overlap.Tenant(namespace, name, str(prefix), created)
+
+
+def deletion_policy(body: Mapping[str, Any]) -> str:
+    """spec.backend.redis.deletionPolicy: Delete (default) or Retain."""
+    r = ((body.get("spec") or {}).get("backend") or {}).get("redis") or {}
+    policy = r.get("deletionPolicy", "Delete") if isinstance(r, Mapping) else "Delete"
+    return "Retain" if policy == "Retain" else "Delete"
+
+
+class SharedRedisAdmin:
+    """Administers organism users on one shared Redis. Thread-safe (kopf runs handlers in threads)."""
+
+    def __init__(self, settings: OperatorSettings, *, client: redis.Redis | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 password_grace: float = PASSWORD_GRACE_SECONDS,
+                 usage_interval: float = USAGE_INTERVAL_SECONDS,
+                 user_check_interval: float = USER_CHECK_INTERVAL_SECONDS,
+                 cleanup_budget: float = CLEANUP_BUDGET_SECONDS) -> None:
+        if not settings.shared_redis_url:
+            raise ValueError("SharedRedisAdmin needs settings.shared_redis_url (XPO_SHARED_REDIS_URL)")
+        self.settings = settings
+        self.url = redact_url(settings.shared_redis_url)
+        self._client_obj = client
+        self._clock = clock
+        self.password_grace = password_grace
+        self.usage_interval = usage_interval
+        self.user_check_interval = user_check_interval
+        self.cleanup_budget = cleanup_budget
+        #: Interval of the per-Organism kopf timer that publishes usage and drives periodic().
+        self.timer_seconds = min(usage_interval, user_check_interval)
+        self._lock = threading.Lock()
+        self._periodic_lock = threading.Lock()
+        self._observed: dict[tuple[str, str], overlap.Tenant] = {}
+        self._policies: dict[tuple[str, str], str] = {}
+        self._desired: dict[tuple[str, str], DesiredUser] = {}
+        self._retiring: dict[tuple[str, str], tuple[frozenset[str], float]] = {}
+        self._failed: tuple[float, TenantState] | None = None
+        self._recovery: UserRecovery | None = None
+        self._sampler: UsageSampler | None = None
+        self._last_usage = float("-inf")
+        self._last_check = float("-inf")
+
+    # -- connection --------------------------------------------------------------------------------
+    def client(self) -> redis.Redis:
+        if self._client_obj is None:
+            s = self.settings
+            self._client_obj = redis.Redis.from_url(
+                s.shared_redis_url or "", username=s.shared_redis_username or None,
+                password=s.shared_redis_password, socket_connect_timeout=2.0, socket_timeout=10.0,
+                health_check_interval=30, client_name="xml-pipeline-operator",
+                retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 2))
+        return self._client_obj
+
+    def recovery(self) -> UserRecovery:
+        if self._recovery is None:
+            self._recovery = UserRecovery(self.client())
+        return self._recovery
+
+    def _unavailable(self, e: Exception, what: str) -> TenantState:
+        if isinstance(e, redis.AuthenticationError):
+            state = TenantState(False, "SharedRedisAuthFailed",
+                                f"the shared Redis at {self.url} refused the operator's credentials "
+                                f"(XPO_SHARED_REDIS_USERNAME/PASSWORD) while {what}")
+        elif isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+            state = TenantState(False, "SharedRedisUnavailable",
+                                f"the shared Redis at {self.url} is unreachable while {what}: {type(e).__name__}")
+        else:
+            state = TenantState(False, "SharedRedisError",
+                                f"the shared Redis at {self.url} refused {what}: {str(e)[:300]}")
+        if state.reason != "SharedRedisError":
+            self._failed = (self._clock(), state)
+        return state
+
+    def _recent_failure(self) -> TenantState | None:
+        if self._failed is not None and self._clock() - self._failed[0] < UNAVAILABLE_HOLD_SECONDS:
+            return self._failed[1]
+        return None
+
+    # -- what exists -------------------------------------------------------------------------------
+    def observe(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        """Record the Organism (kopf index handler): shared ones take part in the overlap check."""
+        t = tenant_from_body(namespace, name, body)
+        with self._lock:
+            if t is None:
+                self._observed.pop((namespace, name), None)
+                self._policies.pop((namespace, name), None)
+            else:
+                self._observed[(namespace, name)] = t
+                self._policies[(namespace, name)] = deletion_policy(body)
+
+    def conflict_of(self, namespace: str, name: str, prefix: str) -> overlap.Tenant | None:
+        with self._lock:
+            known = self._observed.get((namespace, name))
+            # Not observed yet (a direct call): treat it as the newest, so it never displaces anyone.
+            created = known.created if known is not None else "\uffff"
+            candidate = overlap.Tenant(namespace, name, prefix, created)
+            return overlap.find_conflict(candidate, list(self._observed.values()))
+
+    # -- RedisAdmin --------------------------------------------------------------------------------
+    def ensure_tenant(self, tenant: Tenant, password: str) -> TenantState:
+        key = (tenant.namespace, tenant.name)
+        if not password or not tenant.username:
+            return TenantState(False, "SharedRedisCredentialsMissing",
+                               f"the Secret {tenant.name}-credentials has no redis-username/redis-password yet")
+        conflict = self.conflict_of(tenant.namespace, tenant.name, tenant.prefix)
+        if conflict is not None:
+            with self._lock:
+                self._desired.pop(key, None)
+            candidate = overlap.Tenant(tenant.namespace, tenant.name, tenant.prefix)
+            try:  # a user made before the conflict was known must not keep the other's keys
+                acl.disable_user(self.client(), tenant.username)
+            except redis.RedisError:
+                pass
+            return TenantState(False, "PrefixOverlap", overlap.conflict_message(candidate, conflict))
+        failed = self._recent_failure()
+        if failed is not None:
+            return failed
+        try:
+            client = self.client()
+            profile = self.recovery().current_profile()
+            extra = self._still_accepted(key, acl.get_user(client, tenant.username), password)
+            change = acl.ensure_user(client, tenant.username, password, tenant.prefix,
+                                     also_accept_hashes=extra, profile=profile)
+        except redis.RedisError as e:
+            return self._unavailable(e, f"provisioning ACL user {tenant.username!r}")
+        self._failed = None
+        with self._lock:
+            self._desired[key] = DesiredUser(tenant.username, tenant.prefix, password, also_accept_hashes=extra)
+        if change is not acl.Change.UNCHANGED:
+            logger.info("ACL user %s %s on %s (prefix %s)", tenant.username, change.value, self.url, tenant.prefix)
+        message = (f"ACL user {tenant.username!r} may use keys and channels under {tenant.prefix!r} only, "
+                   f"on {self.url}")
+        if extra:
+            message += (f"; {len(extra)} previous password(s) stay accepted for at most "
+                        f"{int(self.password_grace)} s: restart the pods to pick up the new one")
+        return TenantState(True, "AclUserReady", message)
+
+    def _still_accepted(self, key: tuple[str, str], user: acl.AclUser | None, password: str) -> frozenset[str]:
+        """Passwords Redis accepts besides the Secret's: kept for the grace period after a change."""
+        old = (user.password_hashes - {acl.password_hash(password)}) if user is not None else frozenset()
+        now = self._clock()
+        with self._lock:
+            if not old:
+                self._retiring.pop(key, None)
+                return frozenset()
+            since = self._retiring.get(key)
+            if since is None or not old <= since[0]:
+                since = (old, now)
+                self._retiring[key] = since
+            if now - since[1] < self.password_grace:
+                return old
+            self._retiring.pop(key, None)
+            return frozenset()
+
+    def release_tenant(self, tenant: Tenant, policy: str | None = None) -> None:
+        """Apply the deletion policy (`policy`, else the Organism's spec.backend.redis.deletionPolicy
+        as observed). Raises CleanupInProgress when keys remain: call again to continue."""
+        key = (tenant.namespace, tenant.name)
+        if policy is None:
+            with self._lock:
+                policy = self._policies.get(key, "Delete")
+        client = self.client()
+        conflict = self.conflict_of(tenant.namespace, tenant.name, tenant.prefix) if tenant.prefix else None
+        with self._lock:
+            admitted = key in self._desired
+        owned = admitted or acl.user_exists(client, tenant.username)
+        if conflict is not None or not tenant.prefix or not owned:
+            # This Organism never owned its prefix (it was refused, or never got a user): keys there
+            # may be another organism's. Only a user of its own name may go.
+            acl.delete_user(client, tenant.username)
+            self._forget(key)
+            return
+        if policy == "Retain":
+            acl.disable_user(client, tenant.username)
+            self._forget(key)
+            logger.info("ACL user %s disabled; keys under %s retained", tenant.username, tenant.prefix)
+            return
+        # Delete: no new writes first (disabling also closes the user's connections), then the keys.
+        acl.disable_user(client, tenant.username)
+        progress_key = PROGRESS_KEY + tenant.prefix
+        raw = client.get(progress_key)
+        start = CleanupProgress.from_dict(json.loads(raw)) if raw else None
+        deadline = time.monotonic() + self.cleanup_budget
+
+        def persist(p: CleanupProgress) -> None:
+            client.set(progress_key, json.dumps(p.as_dict()), ex=PROGRESS_TTL_SECONDS)
+
+        progress = start or CleanupProgress(prefix=tenant.prefix)
+        while not progress.done and time.monotonic() < deadline:
+            progress = cleanup_prefix(client, tenant.prefix, start=progress, max_batches=20, on_batch=persist)
+        if not progress.done:
+            raise CleanupInProgress(progress)
+        acl.delete_user(client, tenant.username)
+        client.delete(progress_key)
+        self._forget(key)
+        logger.info("removed %d keys under %s and ACL user %s", progress.deleted, tenant.prefix, tenant.username)
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._desired.pop(key, None)
+            self._retiring.pop(key, None)
+            self._observed.pop(key, None)
+            self._policies.pop(key, None)
+            if self._sampler is not None:
+                self._sampler.latest.pop(key, None)
+
+    # -- periodic work -----------------------------------------------------------------------------
+    def periodic(self) -> None:
+        """Usage tick and lost-user check, each at most once per interval for the whole operator.
+        Called by every shared Organism's timer; concurrent callers skip instead of waiting."""
+        if not self._periodic_lock.acquire(blocking=False):
+            return
+        try:
+            now = self._clock()
+            with self._lock:
+                desired = list(self._desired.values())
+                tenants = {k: d.prefix for k, d in self._desired.items()}
+            if now - self._last_check >= self.user_check_interval:
+                self._last_check = now
+                try:
+                    report = self.recovery().check(desired)
+                except redis.RedisError as e:
+                    logger.warning("lost-user check on %s failed: %s", self.url, type(e).__name__)
+                else:
+                    if report.changed:
+                        logger.warning("shared Redis %s %s: re-created %d ACL user(s), repaired %d", self.url,
+                                       "restarted" if report.restarted else "lost users",
+                                       len(report.recreated), len(report.repaired))
+            if now - self._last_usage >= self.usage_interval:
+                self._last_usage = now
+                if self._sampler is None:
+                    self._sampler = UsageSampler(self.client())
+                self._sampler.set_tenants(tenants)
+                try:
+                    self._sampler.tick()
+                except redis.RedisError as e:
+                    logger.warning("usage tick on %s failed: %s", self.url, type(e).__name__)
+        finally:
+            self._periodic_lock.release()
+
+    def usage_of(self, namespace: str, name: str) -> Usage | None:
+        """The organism's usage as of the last complete round, or None before the first one."""
+        if self._sampler is None:
+            return None
+        return self._sampler.latest.get((namespace, name))
+
+    def desired_users(self) -> list[DesiredUser]:
+        with self._lock:
+            return list(self._desired.values())
+
+
+def usage_patch(current: Mapping[str, Any] | None, usage: Usage) -> dict[str, Any] | None:
+    """The status.usage to write, or None when the change is not worth a write (idle organisms are
+    not rewritten every round: same threads and keys, bytes within 10 %)."""
+    new = usage.as_status()
+    if current:
+        same_counts = current.get("threads") == new["threads"] and current.get("keys") == new["keys"]
+        old_bytes = int(current.get("approxBytes") or 0)
+        close = abs(int(new["approxBytes"]) - old_bytes) <= 0.1 * max(old_bytes, 1)
+        if same_counts and close:
+            return None
+    return new

@@ -41,7 +41,8 @@ def check_log(buffer: ContextBuffer, thread_id: str, given: dict[Any, int]) -> N
 # -- real processes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, method", [("manager", "spawn"), ("manager", "forkserver"), ("redis", "spawn")])
+# (8 processes on Redis: tests/library/test_redis_concurrency.py)
+@pytest.mark.parametrize("kind, method", [("manager", "spawn"), ("manager", "forkserver")])
 def test_eight_processes_share_one_thread_and_one_chain(make_backend: MakeBackend, kind: str, method: str) -> None:
     backend = make_backend(kind, redis_ttl=600)
     ctx = multiprocessing.get_context(method)

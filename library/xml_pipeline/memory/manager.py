@@ -237,8 +237,10 @@ def serve() -> None:
     server.serve_forever()
 
 
-def _stop_server(proc: subprocess.Popen[bytes], cleanup: tuple[str, ...]) -> None:
+def _stop_server(proc: subprocess.Popen[bytes], cleanup: tuple[str, ...], owner_pid: int) -> None:
     """Close the lifeline, wait briefly, then make sure; remove the socket file / private dir."""
+    if os.getpid() != owner_pid:
+        return  # a forked copy of the owner exiting: the server belongs to the original process
     try:
         if proc.stdin is not None:
             proc.stdin.close()
@@ -343,7 +345,7 @@ class ManagerBackend:
             [sys.executable, "-c", "from xml_pipeline.memory.manager import serve; serve()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
         )
-        finalizer = weakref.finalize(self, _stop_server, proc, cleanup)
+        finalizer = weakref.finalize(self, _stop_server, proc, cleanup, os.getpid())
         where = format_address(address)
         try:
             assert proc.stdin is not None and proc.stdout is not None

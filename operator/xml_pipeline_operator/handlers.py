@@ -54,6 +54,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
     """Register all handlers of one operator instance; returns its Reconciler (for tests and metrics)."""
     kube = kube or Kube()
     reconciler = Reconciler(kube, settings, admin or make_admin(settings))
+    # Shared-Redis tenancy (an index of shared Organisms for the overlap check, the usage timer).
+    from .tenancy.handlers import register_tenancy
+    register_tenancy(registry, reconciler.admin)
     seen: dict[str, tuple[Any, ...]] = {}
     seen_lock = threading.Lock()
 

@@ -26,6 +26,7 @@ BackendType = Literal["memory", "manager", "redis"]
 RedisMode = Literal["dedicated", "shared", "external"]
 BACKEND_TYPES: tuple[str, ...] = ("memory", "manager", "redis")
 REDIS_MODES: tuple[str, ...] = ("dedicated", "shared", "external")
+DELETION_POLICIES: tuple[str, ...] = ("Delete", "Retain")
 MAX_NAME_LEN = 40  # leaves room for "-credentials", "-redis-0" and pod-name hashes within 63
 MAX_WORKER_REPLICAS = 100
 MAX_PROCESSES = 64
@@ -109,6 +110,8 @@ class RedisSpec:
     external: ExternalRedis | None = None
     resources: Resources = DEFAULT_REDIS_RESOURCES
     persistence: Persistence = Persistence()
+    #: Shared mode, on deletion: Delete the organism's keys and ACL user, or Retain the keys (user disabled).
+    deletion_policy: str = "Delete"
 
 
 @dataclass(frozen=True)
@@ -261,8 +264,11 @@ def _parse_config(raw: Any, name: str) -> dict[str, Any]:
 
 def _parse_redis(r: Mapping[str, Any], namespace: str, name: str, settings: OperatorSettings) -> RedisSpec:
     path = "spec.backend.redis"
-    _known(r, path, ("mode", "prefix", "ttl", "external", "dedicated"))
+    _known(r, path, ("mode", "prefix", "ttl", "external", "dedicated", "deletionPolicy"))
     mode = r.get("mode", "dedicated")
+    deletion_policy = r.get("deletionPolicy", "Delete")
+    if deletion_policy not in DELETION_POLICIES:
+        raise SpecError(f"{path}.deletionPolicy", f"unknown deletion policy {deletion_policy!r}", DELETION_POLICIES)
     if mode not in REDIS_MODES:
         raise SpecError(f"{path}.mode", f"unknown Redis mode {mode!r}", REDIS_MODES)
     if mode == "shared" and not settings.shared_redis_url:
@@ -301,7 +307,8 @@ def _parse_redis(r: Mapping[str, Any], namespace: str, name: str, settings: Oper
         resources = _parse_resources(d.get("resources"), f"{path}.dedicated.resources", DEFAULT_REDIS_RESOURCES)
         persistence = _parse_persistence(d.get("persistence"), f"{path}.dedicated.persistence")
     return RedisSpec(mode=cast(RedisMode, mode), prefix=prefix, prefix_is_default=is_default, ttl=ttl,
-                     external=external, resources=resources, persistence=persistence)
+                     external=external, resources=resources, persistence=persistence,
+                     deletion_policy=deletion_policy)
 
 
 def _parse_external(e: Mapping[str, Any]) -> ExternalRedis:

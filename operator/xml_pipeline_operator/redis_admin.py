@@ -64,4 +64,8 @@ class PendingRedisAdmin:
 
 
 def make_admin(settings: OperatorSettings) -> RedisAdmin:
-    return PendingRedisAdmin(settings)
+    """The real admin (tenancy.admin.SharedRedisAdmin) when a shared Redis is configured."""
+    if not settings.shared_redis_url:
+        return PendingRedisAdmin(settings)
+    from .tenancy.admin import SharedRedisAdmin  # imports redis-py only when shared mode is configured
+    return SharedRedisAdmin(settings)

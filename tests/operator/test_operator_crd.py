@@ -51,7 +51,7 @@ def test_crd_names_scope_and_subresources() -> None:
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {
         "Backend": ".spec.backend.type", "Redis": ".status.redis.mode", "Prefix": ".status.redis.prefix",
-        "TTL": ".status.redis.ttl", "Workers": ".status.workersReady",
+        "TTL": ".status.redis.ttl", "Workers": ".status.workersReady", "Threads": ".status.usage.threads",
         "Ready": '.status.conditions[?(@.type=="Ready")].status', "Age": ".metadata.creationTimestamp",
     }
 

@@ -11,7 +11,8 @@ registry_get_uuid, and beside them, on the same server / machine, the raw baseli
 - one plain call on a raw multiprocessing Manager proxy (a registered object's method doing the
   same work on a dict), for each manager operation.
 
-Each operation and its baseline are timed in alternating rounds; the figure is the median round.
+Each operation and its baseline are timed in short alternating rounds (so a burst of load from
+other processes hits both alike); the figure is the median round.
 Aims: redis append >= 0.8x RPUSH, redis get_thread >= 0.8x LRANGE+unpickle, manager op >= 0.8x one
 raw proxy call. Not a test: nothing asserts on speed.
 """
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from multiprocessing.managers import BaseManager
 from pathlib import Path
@@ -113,127 +114,186 @@ def sample_slot(i: int = 0) -> BufferSlot:
 class Row:
     backend: str
     op: str
-    ours: float
+    ours: Side
     baseline_name: str = ""
-    baseline: float | None = None
+    baseline: Side | None = None
     aim: float | None = None
 
     @property
     def ratio(self) -> float | None:
-        return None if self.baseline is None else self.ours / self.baseline
+        """Throughput ratio, wall clock (median rounds)."""
+        return None if self.baseline is None else self.ours.rate / self.baseline.rate
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """Throughput per CPU second ratio (client + server CPU): insensitive to other load."""
+        if self.baseline is None or not self.ours.server_cpu or not self.baseline.server_cpu:
+            return None
+        return self.baseline.cpu_per_op / self.ours.cpu_per_op
 
 
-def rate(fn: Callable[[int], Any], n: int) -> float:
-    start = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    return n / (time.perf_counter() - start)
+def proc_cpu(pid: int) -> Callable[[], float]:
+    """CPU seconds (user + system) used so far by process `pid` (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+    return read
 
 
-def compare(ours: Callable[[int], Any], raw: Callable[[int], Any] | None, n: int, rounds: int) -> tuple[float, float | None]:
-    """Median ops/s of `ours` and `raw`, timed in alternating rounds after a warm-up."""
-    rate(ours, max(1, n // 10))
-    if raw is not None:
-        rate(raw, max(1, n // 10))
-    a: list[float] = []
-    b: list[float] = []
+def redis_cpu(client: redis.Redis) -> Callable[[], float]:
+    """CPU seconds used so far by the redis-server (INFO cpu)."""
+    def read() -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return read
+
+
+@dataclass
+class Side:
+    """One side of a comparison: the operation and the server process doing its other half."""
+
+    fn: Callable[[int], Any]
+    server_cpu: Callable[[], float] | None = None
+    rates: list[float] = field(default_factory=list)
+    ops: int = 0
+    cpu: float = 0.0
+
+    def round(self, n: int) -> None:
+        server = self.server_cpu() if self.server_cpu else 0.0
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            self.fn(i)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        if self.server_cpu:
+            cpu += self.server_cpu() - server
+        self.rates.append(n / elapsed)
+        self.ops += n
+        self.cpu += cpu
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def cpu_per_op(self) -> float:
+        return self.cpu / self.ops
+
+
+def compare(ours: Side, raw: Side | None, n: int, rounds: int) -> tuple[Side, Side | None]:
+    """Time `ours` and `raw` in alternating rounds after a warm-up; medians and CPU per op."""
+    for side in (ours, raw):
+        if side is not None:
+            for i in range(max(1, n // 10)):
+                side.fn(i)
     for _ in range(rounds):
-        a.append(rate(ours, n))
+        ours.round(n)
         if raw is not None:
-            b.append(rate(raw, n))
-    return statistics.median(a), (statistics.median(b) if b else None)
+            raw.round(n)
+    return ours, raw
 
 
 # -- the measurements ---------------------------------------------------------------------------------
 
-def bench_backend(kind: str, backend: Any, rounds: int, quick: bool,
-                  raw_redis: redis.Redis | None = None, raw_proxy: Any = None) -> list[Row]:
+def bench_backend(kind: str, backend: Any, rounds: int, quick: bool, *,
+                  ours_cpu: Callable[[], float] | None = None,
+                  raw_redis: redis.Redis | None = None, raw_proxy: Any = None,
+                  raw_cpu: Callable[[], float] | None = None) -> list[Row]:
     rows: list[Row] = []
     signer = backend.signer
     blob = serialize_slot(sample_slot(), signer=signer)
     body = pickle.dumps(sample_slot(), protocol=pickle.HIGHEST_PROTOCOL)
-    n_fast = 500 if quick else 2000
-    n_read = 10 if quick else 40
+    n_fast = 300 if quick else 1000
+    n_read = 3 if quick else 10
     threads = [f"bench-{kind}-{i}" for i in range(50)]
     for i, t in enumerate(threads):  # appends go to registered threads, as routed messages do
         backend.registry_set(f"console.analyzer.{kind}{i}", t)
 
-    # buffer_append
-    raw_append: Callable[[int], Any] | None = None
-    base_name = ""
-    if raw_redis is not None:
-        raw_append = lambda i: raw_redis.rpush(f"raw:buffer:{{{threads[i % 50]}}}", blob)  # noqa: E731
-        base_name = "redis-py RPUSH"
-    elif raw_proxy is not None:
-        raw_append = lambda i: raw_proxy.append(threads[i % 50], blob)  # noqa: E731
-        base_name = "raw proxy append()"
-    ours, raw = compare(lambda i: backend.buffer_append(threads[i % 50], blob), raw_append, n_fast, rounds)
-    rows.append(Row(kind, f"buffer_append ({len(blob)} B slot)", ours, base_name, raw,
-                    0.8 if raw is not None else None))
+    def ours(fn: Callable[[int], Any]) -> Side:
+        return Side(fn, ours_cpu)
 
-    # buffer_get_thread of a 1,000-slot thread
+    def raw(fn: Callable[[int], Any]) -> Side:
+        return Side(fn, raw_cpu)
+
+    def add(op: str, mine: Side, base_name: str = "", base: Side | None = None, aim: float | None = None,
+            n: int = n_fast) -> None:
+        compare(mine, base, n, rounds)
+        rows.append(Row(kind, op, mine, base_name, base, aim))
+
+    append_op = f"buffer_append ({len(blob)} B slot)"
+    mine = ours(lambda i: backend.buffer_append(threads[i % 50], blob))
+    if raw_redis is not None:
+        add(append_op, mine, "redis-py RPUSH", raw(lambda i: raw_redis.rpush(f"raw:{{{threads[i % 50]}}}", blob)), 0.8)
+    elif raw_proxy is not None:
+        add(append_op, mine, "raw proxy append()", raw(lambda i: raw_proxy.append(threads[i % 50], blob)), 0.8)
+    else:
+        add(append_op, mine)
+
+    # Reads of one 1,000-slot thread. The raw Redis list holds plain pickles of the same slot.
     backend.buffer_delete_thread("reader")
-    for i in range(THREAD_SLOTS):
+    for _ in range(THREAD_SLOTS):
         backend.buffer_append("reader", blob)
+    full = "get_thread 1,000 slots + verify + unpickle"
+    read_full = ours(lambda i: [deserialize_slot(x, signer=signer) for x in backend.buffer_get_thread("reader")])
+    read_bytes = ours(lambda i: backend.buffer_get_thread("reader"))
     if raw_redis is not None:
         raw_redis.delete("raw:reader")
         raw_redis.rpush("raw:reader", *[body] * THREAD_SLOTS)
-        ours, raw = compare(lambda i: [deserialize_slot(x, signer=signer) for x in backend.buffer_get_thread("reader")],
-                            lambda i: [pickle.loads(x) for x in raw_redis.lrange("raw:reader", 0, -1)], n_read, rounds)
-        rows.append(Row(kind, "get_thread 1,000 slots + verify + unpickle", ours, "LRANGE + unpickle", raw, 0.8))
-        ours, raw = compare(lambda i: backend.buffer_get_thread("reader"),
-                            lambda i: raw_redis.lrange("raw:reader", 0, -1), n_read, rounds)
-        rows.append(Row(kind, "buffer_get_thread 1,000 slots (bytes)", ours, "LRANGE (bytes)", raw))
+        add(full, read_full, "LRANGE + unpickle",
+            raw(lambda i: [pickle.loads(x) for x in raw_redis.lrange("raw:reader", 0, -1)]), 0.8, n=n_read)
+        add("buffer_get_thread 1,000 slots (bytes)", read_bytes, "LRANGE (bytes)",
+            raw(lambda i: raw_redis.lrange("raw:reader", 0, -1)), n=n_read)
+    elif raw_proxy is not None:
+        for _ in range(THREAD_SLOTS):
+            raw_proxy.append("reader", blob)
+        add("buffer_get_thread 1,000 slots (bytes)", read_bytes, "raw proxy get_list()",
+            raw(lambda i: raw_proxy.get_list("reader")), 0.8, n=n_read)
+        add(full, read_full, n=n_read)
     else:
-        raw_read = None
-        if raw_proxy is not None:
-            for i in range(THREAD_SLOTS):
-                raw_proxy.append("reader", blob)
-            raw_read = lambda i: raw_proxy.get_list("reader")  # noqa: E731
-        ours, raw = compare(lambda i: backend.buffer_get_thread("reader"), raw_read, n_read, rounds)
-        rows.append(Row(kind, "buffer_get_thread 1,000 slots (bytes)", ours,
-                        "raw proxy get_list()" if raw is not None else "", raw, 0.8 if raw is not None else None))
-        ours_full, _ = compare(lambda i: [deserialize_slot(x, signer=signer) for x in backend.buffer_get_thread("reader")],
-                               None, n_read, rounds)
-        rows.append(Row(kind, "get_thread 1,000 slots + verify + unpickle", ours_full))
+        add("buffer_get_thread 1,000 slots (bytes)", read_bytes, n=n_read)
+        add(full, read_full, n=n_read)
 
-    # registry_set / registry_get_uuid
     chains = [f"console.greeter.n{i}" for i in range(200)]
     uuids = [f"uuid-{kind}-{i}" for i in range(200)]
-    for op, fn, raw_fn, raw_name in (
-        ("registry_set", lambda i: backend.registry_set(chains[i % 200], uuids[i % 200]),
-         (lambda i: raw_redis.set(f"raw:chain:{chains[i % 200]}", uuids[i % 200])) if raw_redis is not None else
-         (lambda i: raw_proxy.set(chains[i % 200], uuids[i % 200])) if raw_proxy is not None else None,
-         "redis-py SET" if raw_redis is not None else "raw proxy set()"),
-        ("registry_get_uuid", lambda i: backend.registry_get_uuid(chains[i % 200]),
-         (lambda i: raw_redis.get(f"raw:chain:{chains[i % 200]}")) if raw_redis is not None else
-         (lambda i: raw_proxy.get(chains[i % 200])) if raw_proxy is not None else None,
-         "redis-py GET" if raw_redis is not None else "raw proxy get()"),
-    ):
-        ours, raw = compare(fn, raw_fn, n_fast, rounds)
-        aim = 0.8 if (raw_proxy is not None and raw is not None) else None  # the manager aim covers every op
-        rows.append(Row(kind, op, ours, raw_name if raw is not None else "", raw, aim))
+    set_op = ours(lambda i: backend.registry_set(chains[i % 200], uuids[i % 200]))
+    get_op = ours(lambda i: backend.registry_get_uuid(chains[i % 200]))
+    if raw_redis is not None:  # no aim: a plain SET cannot keep both directions consistent
+        add("registry_set", set_op, "redis-py SET",
+            raw(lambda i: raw_redis.set(f"raw:chain:{chains[i % 200]}", uuids[i % 200])))
+        add("registry_get_uuid", get_op, "redis-py GET", raw(lambda i: raw_redis.get(f"raw:chain:{chains[i % 200]}")))
+    elif raw_proxy is not None:  # the manager aim covers every operation
+        add("registry_set", set_op, "raw proxy set()", raw(lambda i: raw_proxy.set(chains[i % 200], uuids[i % 200])), 0.8)
+        add("registry_get_uuid", get_op, "raw proxy get()", raw(lambda i: raw_proxy.get(chains[i % 200])), 0.8)
+    else:
+        add("registry_set", set_op)
+        add("registry_get_uuid", get_op)
     backend.buffer_clear()
     backend.registry_clear()
     return rows
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"{'backend':8} {'operation':44} {'ops/s':>10}  {'baseline':24} {'ops/s':>10} {'ratio':>6}  aim"
+    head = (f"{'backend':8} {'operation':42} {'ops/s':>9}  {'baseline':21} {'ops/s':>9} {'ratio':>6} "
+            f"{'CPU':>6}  aim")
     print(head)
     print("-" * len(head))
     for r in rows:
-        base = f"{r.baseline:10,.0f}" if r.baseline is not None else " " * 10
+        base = f"{r.baseline.rate:9,.0f}" if r.baseline is not None else " " * 9
         ratio = f"{r.ratio:5.2f}x" if r.ratio is not None else " " * 6
+        cpu = f"{r.cpu_ratio:5.2f}x" if r.cpu_ratio is not None else " " * 6
         aim = ""
         if r.aim is not None and r.ratio is not None:
             aim = f">= {r.aim}x " + ("met" if r.ratio >= r.aim else "MISSED")
-        print(f"{r.backend:8} {r.op:44} {r.ours:10,.0f}  {r.baseline_name:24} {base} {ratio}  {aim}")
+        print(f"{r.backend:8} {r.op:42} {r.ours.rate:9,.0f}  {r.baseline_name:21} {base} {ratio} {cpu}  {aim}")
+    print("\nratio: ops/s over baseline ops/s (median of alternating rounds, wall clock).\n"
+          "CPU: baseline CPU per op over ours (client + server process CPU), i.e. throughput per CPU\n"
+          "second; it does not move with other load on the machine, the wall-clock ratio does.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7, help="alternating timed rounds per operation (median)")
+    parser.add_argument("--rounds", type=int, default=11, help="alternating timed rounds per operation (median)")
     parser.add_argument("--quick", action="store_true", help="fewer operations per round (smoke run)")
     args = parser.parse_args()
 
@@ -256,17 +316,25 @@ def main() -> None:
         manager = get_shared_backend(BackendConfig(backend_type="manager", signing_key=SIGNING_KEY))
         backends.append(manager)
         raw_proxy = raw_manager.RawStore()  # type: ignore[attr-defined]
-        rows += bench_backend("manager", manager, args.rounds, args.quick, raw_proxy=raw_proxy)
+        rows += bench_backend("manager", manager, args.rounds, args.quick, raw_proxy=raw_proxy,
+                              ours_cpu=proc_cpu(int(manager.info()["server_pid"])),
+                              raw_cpu=proc_cpu(raw_manager._process.pid))  # type: ignore[attr-defined]
 
         url = f"redis://127.0.0.1:{port}/0"
         rb = get_shared_backend(BackendConfig(backend_type="redis", redis_url=url, redis_prefix="bench:",
                                               redis_ttl=86400, signing_key=SIGNING_KEY))
         backends.append(rb)
         raw = redis.Redis(port=port)  # redis-py defaults: what a naive implementation would use
-        rows += bench_backend("redis", rb, args.rounds, args.quick, raw_redis=raw)
+        admin = redis.Redis(port=port)
+        server_cpu = redis_cpu(admin)
+        rows += bench_backend("redis", rb, args.rounds, args.quick, raw_redis=raw, ours_cpu=server_cpu,
+                              raw_cpu=server_cpu)
         raw.close()
+        admin.close()
 
         print_table(rows)
+        print(f"\nload average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+              f"(on {os.cpu_count()} CPUs)")
         missed = [r for r in rows if r.aim is not None and r.ratio is not None and r.ratio < r.aim]
         print(f"\n{len(missed)} aim(s) missed" + (": " + ", ".join(f"{r.backend} {r.op}" for r in missed)
                                                 if missed else ""))

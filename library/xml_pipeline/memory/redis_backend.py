@@ -53,7 +53,7 @@ _BATCH = 500
 #: commands against the caller's ACL too). An ACL user for one tenant needs these plus `~<prefix>*`.
 ACL_COMMANDS: tuple[str, ...] = (
     "evalsha", "eval", "rpush", "rpop", "lrange", "lindex", "llen", "hsetnx", "hget", "hdel",
-    "expire", "exists", "get", "mget", "set", "del", "unlink", "scan", "ping", "info|server",
+    "expire", "exists", "get", "getex", "mget", "set", "del", "unlink", "scan", "ping", "info|server",
     "client|setname",
 )
 

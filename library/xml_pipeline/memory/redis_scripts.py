@@ -56,11 +56,8 @@ local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
-  local chain = redis.call('GET', KEYS[3])
-  if chain then
-    redis.call('EXPIRE', KEYS[3], ttl)
-    redis.call('EXPIRE', ARGV[5] .. 'chain:' .. chain, ttl)
-  end
+  local chain = redis.call('GETEX', KEYS[3], 'EX', ttl)  -- read and refresh the reverse entry at once
+  if chain then redis.call('EXPIRE', ARGV[5] .. 'chain:' .. chain, ttl) end
 end
 return n - 1
 """)

@@ -192,10 +192,16 @@ def test_ttl_slides_with_writes_and_takes_registry_entries_along(make_backend: M
     assert b.registry_get_chain("idle") is None and b.registry_get_uuid("c.idle") is None
     assert b.buffer_get_thread("read-only") == []  # reads never extend a TTL
     assert b.buffer_thread_len("active") > 2
-    # Once nothing writes, everything goes.
+    b.buffer_append("sleeper", b"x")  # written once, then left alone
     time.sleep(1.3)
-    assert b.buffer_list_threads() == [] and b.registry_list_all() == {}
-    assert b.info()["buffer_threads"] == 0
+    # What expired stays expired: a later write to the thread does not bring it back.
+    b.registry_set("c.sleeper", "sleeper")  # (would refresh the sleeper's buffer, if it still existed)
+    assert b.buffer_get_thread("sleeper") == []
+    assert b.buffer_append("active", b"new") == 0  # a new log, and the expired registry entries stay gone
+    assert b.registry_get_chain("active") is None and b.registry_get_uuid("c.active") is None
+    assert b.buffer_list_threads() == ["active"]
+    assert b.registry_list_all() == {"c.sleeper": "sleeper"}
+    assert (b.info()["buffer_threads"], b.info()["registry_entries"]) == (1, 1)
 
 
 @pytest.mark.parametrize("kind", ["memory", "manager"])
@@ -207,3 +213,21 @@ def test_no_ttl_means_no_expiry(make_backend: MakeBackend, kind: str) -> None:
     time.sleep(1.2)
     assert b.buffer_get_thread("t") == [b"x"] and b.registry_get_chain("t") == "c.t"
     assert b.temp_get("tmp") is None
+
+
+def test_memory_expiry_is_exact_between_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-memory emulation purges lazily plus a periodic sweep; between sweeps an expired key
+    must behave as gone (a fake clock puts us in that window deterministically)."""
+    from xml_pipeline.memory import inmemory
+
+    now = [1000.0]
+    monkeypatch.setattr(inmemory.time, "monotonic", lambda: now[0])
+    b = inmemory.InMemoryBackend(inmemory.BackendConfig(redis_ttl=86400))
+    b.buffer_append("t", b"x")
+    b.registry_set("c.t", "t")
+    now[0] += 86390
+    b.buffer_thread_len("other")  # runs a sweep: nothing has expired yet
+    now[0] += 11  # now expired, and the next sweep is a minute away
+    b.registry_set("c.new", "t")  # a write to thread t must not revive its expired buffer
+    assert b.buffer_get_thread("t") == [] and b.registry_get_uuid("c.t") is None
+    assert b.registry_list_all() == {"c.new": "t"}

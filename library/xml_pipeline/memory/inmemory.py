@@ -142,12 +142,14 @@ class InMemoryBackend:
         if self._ttl is None:
             return
         deadline = now + self._ttl
-        if thread_id in self._buffers:
+        # Look through the expiry checks: a key whose deadline passed (but was not swept yet) is
+        # gone and must stay gone, as EXPIRE on a missing Redis key does nothing.
+        if self._buffer(thread_id, now) is not None:
             self._expires[(_BUF, thread_id)] = deadline
-        chain = self._uuid_to_chain.get(thread_id)
+        chain = self._chain_of(thread_id, now)
         if chain is not None:
             self._expires[(_UUID, thread_id)] = deadline
-            if self._chain_to_uuid.get(chain) == thread_id:
+            if self._uuid_of(chain, now) == thread_id:
                 self._expires[(_CHAIN, chain)] = deadline
 
     def _drop_mapping(self, chain: str | None, uuid: str | None) -> None:

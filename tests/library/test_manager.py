@@ -103,6 +103,13 @@ def test_bad_addresses_are_refused(address: str) -> None:
     assert "127.0.0.1:PORT" in str(info.value) and "Unix socket" in str(info.value)
 
 
+def test_an_address_in_use_is_reported() -> None:
+    with server_at("127.0.0.1:0") as first:
+        with pytest.raises(BackendUnavailable, match=f"could not listen on {first.address}.*in use"):
+            server_at(first.address)
+        assert first.ping()
+
+
 def test_an_address_needs_an_authkey_of_16_bytes() -> None:
     with pytest.raises(ConfigError, match="backend.manager_authkey.*required"):
         ManagerBackend(BackendConfig(backend_type="manager", manager_address="127.0.0.1:1"))

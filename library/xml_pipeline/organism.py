@@ -148,7 +148,10 @@ class _Lines:
         while path:
             if path in self.lines:
                 return self.lines[path]
-            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+            if parent == path:
+                break
+            path = parent
         return None
 
     def error(self, path: str, problem: str, allowed: Any = None) -> ConfigError:

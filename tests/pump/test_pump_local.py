@@ -1,0 +1,191 @@
+"""StreamPump with local worker processes: routing, the worker data flow, failures, temp keys."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+from collections.abc import Iterator
+
+import pytest
+from conftest import SIGNING_KEY, organism_yaml
+
+from xml_pipeline.errors import SlotIntegrityError
+from xml_pipeline.memory import BackendConfig, InMemoryBackend, ManagerBackend, get_shared_backend
+from xml_pipeline.memory.signing import Signer
+from xml_pipeline.message_bus.local_pool import LocalWorkerPool, ThreadWorkerPool
+from xml_pipeline.message_bus.message import Message
+from xml_pipeline.message_bus.stream_pump import StreamPump
+from xml_pipeline.message_bus.worker_task import (
+    INTEGRITY_ERROR,
+    WorkerTask,
+    execute_task,
+    load_inputs,
+    store_inputs,
+)
+from xml_pipeline.organism import Organism, parse_organism
+
+LISTENERS = """
+- {name: echo, handler: "xp_test_handlers:echo", cpu_bound: true}
+- {name: fail, handler: "xp_test_handlers:fail", cpu_bound: true}
+- {name: die, handler: "xp_test_handlers:die", cpu_bound: true}
+- {name: slow, handler: "xp_test_handlers:slow", cpu_bound: true}
+- {name: relay, handler: "xp_test_handlers:relay"}
+- {name: plainfail, handler: "xp_test_handlers:fail"}
+- {name: aecho, handler: "xp_test_handlers:async_echo"}
+"""
+
+
+def make_organism(name: str = "t", backend: str = "manager") -> Organism:
+    return parse_organism(organism_yaml(name=name, backend={"type": backend}, listeners=LISTENERS), environ={})
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[ManagerBackend]:
+    b = ManagerBackend(BackendConfig(backend_type="manager", signing_key=SIGNING_KEY))
+    yield b
+    b.close()
+
+
+def ask(to: str, payload: str, sender: str = "console") -> Message:
+    return Message(sender=sender, to=to, payload=payload)
+
+
+def attr(m: Message, name: str) -> str:
+    el = m.element()
+    assert el is not None, m
+    return el.get(name, "")
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+async def test_local_pool_runs_cpu_bound_handlers_in_worker_processes(manager: ManagerBackend, start_method: str) -> None:
+    pool = LocalWorkerPool(manager, workers=2, start_method=start_method)
+    async with StreamPump(make_organism(f"pool-{start_method}"), manager, dispatcher=pool) as pump:
+        replies = await asyncio.gather(*(pump.request(ask("echo", f'<e tag="{i}"/>'), timeout=60) for i in range(6)))
+        worker_pids = {w.process.pid for w in pool._workers}
+    for i, outs in enumerate(replies):
+        assert len(outs) == 1
+        (m,) = outs
+        assert (m.sender, m.to, m.kind) == ("echo", "console", "response")
+        assert attr(m, "tag") == str(i)
+        assert int(attr(m, "pid")) in worker_pids and int(attr(m, "pid")) != os.getpid()
+    assert manager.info()["temp_entries"] == 0  # the pump deleted every temp key
+
+
+async def test_call_chain_routes_back_and_every_message_is_buffered(manager: ManagerBackend) -> None:
+    pool = LocalWorkerPool(manager, workers=1)
+    async with StreamPump(make_organism("chain"), manager, dispatcher=pool) as pump:
+        request = ask("relay", '<e tag="x"/>')
+        (out,) = await pump.request(request, timeout=60)
+        registry = pump.registry
+        assert out.sender == "relay" and out.to == "console" and out.in_reply_to == request.id
+        assert out.payload.startswith("<relayed><echo ") and 'tag="x"' in out.payload
+        chains = registry.debug_dump()
+        assert chains[out.thread] == "system.chain.console"  # type: ignore[index]
+        assert "system.chain.console.relay.echo" in chains.values()
+        # console→relay, relay→echo, echo→relay, relay→console: four messages in the buffer
+        slots = [s for t, c in chains.items() if c.startswith("system.chain.console")
+                 for s in pump.buffer.get_thread_slots(t)]
+        assert sorted((s.from_id, s.to_id) for s in slots) == sorted(
+            [("console", "relay"), ("relay", "echo"), ("echo", "relay"), ("relay", "console")])
+        assert all(isinstance(s.payload, Message) for s in slots)
+        assert [s.metadata.slot_index for s in pump.buffer.get_thread_slots(out.thread)] == [0]  # type: ignore[arg-type]
+
+
+async def test_handler_that_raises_gives_an_error_response_and_the_pump_goes_on(
+        manager: ManagerBackend, capfd: pytest.CaptureFixture[str]) -> None:
+    pool = LocalWorkerPool(manager, workers=1)
+    async with StreamPump(make_organism("raise"), manager, dispatcher=pool) as pump:
+        request = ask("fail", "<x/>")
+        (err,) = await pump.request(request, timeout=60)
+        (ok,) = await pump.request(ask("echo", "<e/>"), timeout=60)
+    assert err.kind == "error" and err.in_reply_to == request.id and err.to == "console"
+    assert 'type="HandlerError"' in err.payload and "RuntimeError: boom" in err.payload
+    assert ok.kind == "response"
+    assert pool.deaths == 0
+    assert "listener fail (handler xp_test_handlers:fail) raised on thread" in capfd.readouterr().err
+
+
+async def test_worker_that_dies_gives_an_error_response_and_is_replaced(
+        manager: ManagerBackend, caplog: pytest.LogCaptureFixture) -> None:
+    pool = LocalWorkerPool(manager, workers=1)
+    caplog.set_level(logging.ERROR, logger="xml_pipeline")
+    async with StreamPump(make_organism("die"), manager, dispatcher=pool) as pump:
+        first_pid = pool._workers[0].process.pid
+        (err,) = await pump.request(ask("die", "<x/>"), timeout=60)
+        outs = await asyncio.gather(*(pump.request(ask("echo", "<e/>"), timeout=60) for _ in range(3)))
+        assert pool.deaths == 1
+    assert err.kind == "error" and 'type="WorkerDied"' in err.payload and "exit code 17" in err.payload
+    assert all(o[0].kind == "response" and int(attr(o[0], "pid")) != first_pid for o in outs)
+    assert any("died (exit code 17) while running listener 'die'" in r.getMessage() for r in caplog.records)
+    assert manager.info()["temp_entries"] == 0
+
+
+async def test_plain_listeners_run_in_the_pump_and_failures_become_errors(caplog: pytest.LogCaptureFixture) -> None:
+    backend = InMemoryBackend()
+    caplog.set_level(logging.ERROR, logger="xml_pipeline")
+    org = make_organism("plain", backend="memory")
+    async with StreamPump(org, backend, dispatcher=ThreadWorkerPool(backend, workers=2)) as pump:
+        (err,) = await pump.request(ask("plainfail", "<x/>"))
+        (aok,) = await pump.request(ask("aecho", "<x/>"))
+        (eok,) = await pump.request(ask("echo", "<x/>"))  # cpu_bound on the memory backend: a thread
+        (unknown,) = await pump.request(ask("nobody", "<x/>"))
+        (spoof,) = await pump.request(ask("echo", "<x/>", sender="relay"))
+    assert err.kind == "error" and "RuntimeError: boom" in err.payload
+    assert attr(aok, "pid") == str(os.getpid()) and attr(aok, "async") == "yes"
+    assert attr(eok, "pid") == str(os.getpid())
+    assert unknown.kind == "error" and "unknown listener 'nobody'" in unknown.payload
+    assert spoof.kind == "error" and "must name the external sender" in spoof.payload
+    assert any("listener plainfail" in r.getMessage() for r in caplog.records)
+    backend.close()
+
+
+def test_forged_or_swapped_temp_values_raise_slot_integrity_error(manager: ManagerBackend) -> None:
+    msg = Message("console", "echo", "<e/>", thread="t1")
+    pk, mk = store_inputs(manager, msg)
+    task = WorkerTask("task1", "echo", "xp_test_handlers:echo", pk, mk)
+    assert load_inputs(manager, task) == msg
+    # A pickle that would run a command, stored raw: rejected before anything is unpickled.
+    manager.temp_put(pk, pickle.dumps((os.system, ("echo pwned",))))
+    with pytest.raises(SlotIntegrityError):
+        load_inputs(manager, task)
+    # Signed with a key the organism does not know.
+    manager.temp_put(pk, Signer.random().sign(b"P<e/>"))
+    with pytest.raises(SlotIntegrityError):
+        load_inputs(manager, task)
+    # A genuine metadata envelope moved to the payload key.
+    pk2, mk2 = store_inputs(manager, msg)
+    with pytest.raises(SlotIntegrityError, match="different kind"):
+        load_inputs(manager, WorkerTask("task2", "echo", "xp_test_handlers:echo", mk2, pk2))
+    # What a worker does with it: an error result, nothing executed.
+    result = execute_task(manager, task, worker="w")
+    assert not result.ok and result.error_type == INTEGRITY_ERROR
+    manager.temp_delete(pk, mk, pk2, mk2)
+
+
+async def test_temp_keys_are_not_threads_carry_the_ttl_and_are_cleaned_up(redis_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    config = BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
+                           redis_ttl=300, signing_key=SIGNING_KEY)
+    backend = get_shared_backend(config)
+    client = redis_server.client()
+    pool = LocalWorkerPool(backend, workers=1)
+    async with StreamPump(make_organism("tmpkeys", backend="redis"), backend, dispatcher=pool) as pump:
+        job = asyncio.create_task(pump.request(ask("slow", '<s seconds="1.5"/>'), timeout=60))
+        tmp_keys: list[bytes] = []
+        for _ in range(200):  # wait until the task's temp keys exist (no timing assumptions)
+            tmp_keys = list(client.scan_iter(match=f"{prefix}tmp:*"))
+            if tmp_keys:
+                break
+            await asyncio.sleep(0.02)
+        assert len(tmp_keys) >= 2  # payload + metadata
+        assert all(0 < client.ttl(k) <= 300 for k in tmp_keys)
+        threads = backend.buffer_list_threads()
+        assert threads and not any("tmp" in t for t in threads)
+        info = backend.info()
+        assert info["buffer_threads"] == len(threads) == 1
+        assert info["registry_entries"] == len(backend.registry_list_all())
+        (out,) = await job
+    assert out.kind == "response"
+    assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
+    assert all(client.ttl(k) > 0 for k in client.scan_iter(match=f"{prefix}*"))
+    backend.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,9 +135,9 @@ def server_commands(admin: redis.Redis) -> frozenset[str]:
     return frozenset(known)
 
 
-#: A user that never logs in (off, no password, no keys), used once per server to learn how it
-#: describes our command rules; overwritten, never accumulated.
-PROBE_USER = "xp-operator-acl-probe"
+#: Prefix of a user that never logs in (off, no password, no keys), made and deleted once per server
+#: to learn how it describes our command rules. A random suffix keeps concurrent probes apart.
+PROBE_USER = "xp-operator-acl-probe-"
 
 
 @dataclass(frozen=True)
@@ -155,14 +156,15 @@ def server_profile(admin: redis.Redis) -> ServerProfile:
     """Learn the server's commands and its description of our rules (a few round trips, once)."""
     available = server_commands(admin)
     described: dict[bool, frozenset[str]] = {}
+    probe = PROBE_USER + secrets.token_hex(4)
     try:
         for allow_scan in (True, False):
             cmds = [f"+{c}" for c in granted_commands(available, allow_scan=allow_scan)]
-            admin.execute_command("ACL", "SETUSER", PROBE_USER, "reset", "-@all", *cmds)
-            raw = _pairs(admin.execute_command("ACL", "GETUSER", PROBE_USER))
+            admin.execute_command("ACL", "SETUSER", probe, "reset", "-@all", *cmds)
+            raw = _pairs(admin.execute_command("ACL", "GETUSER", probe))
             described[allow_scan] = frozenset(_s(raw.get("commands", b"")).split())
     finally:
-        admin.execute_command("ACL", "DELUSER", PROBE_USER)
+        admin.execute_command("ACL", "DELUSER", probe)
     return ServerProfile(available=available, described=described)
 
 

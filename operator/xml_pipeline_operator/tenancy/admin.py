@@ -91,7 +91,7 @@ class SharedRedisAdmin:
                  password_grace: float = PASSWORD_GRACE_SECONDS,
                  usage_interval: float = USAGE_INTERVAL_SECONDS,
                  user_check_interval: float = USER_CHECK_INTERVAL_SECONDS,
-                 cleanup_budget: float = CLEANUP_BUDGET_SECONDS) -> None:
+                 cleanup_budget: float = CLEANUP_BUDGET_SECONDS, cleanup_batch: int = 1000) -> None:
         if not settings.shared_redis_url:
             raise ValueError("SharedRedisAdmin needs settings.shared_redis_url (XPO_SHARED_REDIS_URL)")
         self.settings = settings
@@ -102,6 +102,7 @@ class SharedRedisAdmin:
         self.usage_interval = usage_interval
         self.user_check_interval = user_check_interval
         self.cleanup_budget = cleanup_budget
+        self.cleanup_batch = cleanup_batch
         #: Interval of the per-Organism kopf timer that publishes usage and drives periodic().
         self.timer_seconds = min(usage_interval, user_check_interval)
         self._lock = threading.Lock()
@@ -262,8 +263,11 @@ class SharedRedisAdmin:
             client.set(progress_key, json.dumps(p.as_dict()), ex=PROGRESS_TTL_SECONDS)
 
         progress = start or CleanupProgress(prefix=tenant.prefix)
-        while not progress.done and time.monotonic() < deadline:
-            progress = cleanup_prefix(client, tenant.prefix, start=progress, max_batches=20, on_batch=persist)
+        while not progress.done:  # at least one batch per call, then as many as the budget allows
+            progress = cleanup_prefix(client, tenant.prefix, start=progress, batch_size=self.cleanup_batch,
+                                      max_batches=1, on_batch=persist)
+            if time.monotonic() >= deadline:
+                break
         if not progress.done:
             raise CleanupInProgress(progress)
         acl.delete_user(client, tenant.username)

@@ -13,6 +13,7 @@ repairs users an old ACL file brought back with stale passwords or rules.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -61,11 +62,13 @@ class UserRecovery:
         #: The server's profile (acl.server_profile), learnt on first need and again after a
         #: restart (the restarted server may be another version). Callers may reuse it.
         self.profile: ServerProfile | None = None
+        self._profile_lock = threading.Lock()
 
     def current_profile(self) -> ServerProfile:
-        if self.profile is None:
-            self.profile = server_profile(self._admin)
-        return self.profile
+        with self._profile_lock:  # handlers of many Organisms ask at once; learn it once
+            if self.profile is None:
+                self.profile = server_profile(self._admin)
+            return self.profile
 
     def check(self, desired: Iterable[DesiredUser]) -> RecoveryReport:
         wanted = list(desired)

@@ -28,6 +28,7 @@ How a task stays safe:
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -67,6 +68,8 @@ RESULTS_MAXLEN = 100_000
 #: Errors worth another attempt. Integrity failures and missing inputs will not get better.
 RETRYABLE = frozenset({HANDLER_ERROR, BACKEND_ERROR, WORKER_DIED})
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+#: Outages a worker that is stopping sits through before it leaves a finished task to be reclaimed.
+ESSENTIAL_ATTEMPTS = 8
 
 #: Redis commands of this module (beyond the backend's ACL_COMMANDS), for tenant ACL users.
 STREAM_ACL_COMMANDS: tuple[str, ...] = (
@@ -143,6 +146,8 @@ class RedisDispatcher:
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
         self.duplicates = 0
+        #: Ids of the latest tasks answered (for logs and tests; dedupe itself uses the futures).
+        self.completed_ids: collections.deque[str] = collections.deque(maxlen=1000)
 
     def describe(self) -> str:
         return f"Redis stream {self.streams.tasks} (worker pods, consumer group {WORKER_GROUP!r})"
@@ -215,6 +220,7 @@ class RedisDispatcher:
                 assert self._loop is not None
                 self._loop.run_in_executor(None, self._drop_response, result.response_key)
             return
+        self.completed_ids.append(result.task_id)
         fut.set_result(result)
 
     def _drop_response(self, key: str) -> None:
@@ -298,15 +304,28 @@ class DistributedWorker:
             touch(self.heartbeat_file)
 
     # -- Redis steps ------------------------------------------------------------------------------------
-    def _with_redis(self, fn: Callable[[], Any]) -> Any:
-        """Run one Redis step; on an outage, wait with backoff (a stop request ends the wait)."""
+    def _with_redis(self, fn: Callable[[], Any], *, essential: bool = False) -> Any:
+        """Run one Redis step; on an outage, retry with backoff.
+
+        Reads give up as soon as a stop is requested. `essential` steps (handing in a finished
+        task's result) are tried even while stopping — that is what draining means — and give up
+        only after ESSENTIAL_ATTEMPTS outages; the task then stays pending and is reclaimed.
+        """
         backoff = 0.2
-        while not self._stop.is_set():
+        attempts = 0
+        while True:
+            if self._stop.is_set() and not essential:
+                return None
             try:
                 return fn()
             except _REDIS_DOWN as e:
+                attempts += 1
                 log.warning("worker %s: Redis unavailable (%s: %s); retrying in %.1f s",
                             self.name, type(e).__name__, e, backoff)
+                if essential and self._stop.is_set() and attempts >= ESSENTIAL_ATTEMPTS:
+                    log.error("worker %s: giving up on Redis while stopping; the task stays pending and "
+                              "another worker will reclaim it", self.name)
+                    return None
             except ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise
@@ -314,9 +333,11 @@ class DistributedWorker:
                 log.info("worker %s: consumer group missing (%s); recreating it", self.name, e)
                 self.streams.ensure_group(self.streams.tasks, WORKER_GROUP)
                 continue
-            self._stop.wait(backoff)
+            if essential:
+                time.sleep(backoff)
+            else:
+                self._stop.wait(backoff)
             backoff = min(backoff * 2, 5.0)
-        return None
 
     def _read_one(self) -> tuple[str, dict[Any, Any], int] | None:
         s = self.streams
@@ -371,19 +392,20 @@ class DistributedWorker:
         except ValueError as e:
             log.error("worker %s: dropping malformed task entry %s: %s", self.name, entry_id, e)
             self._with_redis(lambda: self._dead_letter(entry_id, None, {_s(k): _s(v) for k, v in fields.items()},
-                                                      f"malformed task: {e}"))
+                                                      f"malformed task: {e}"), essential=True)
             return
         if not task.reply_to.startswith(self.streams.results_prefix):
             log.error("worker %s: task %s names a reply stream outside this organism (%r); dead-lettered",
                       self.name, task.task_id, task.reply_to)
-            self._with_redis(lambda: self._dead_letter(entry_id, None, task.to_fields(), "foreign reply_to"))
+            self._with_redis(lambda: self._dead_letter(entry_id, None, task.to_fields(), "foreign reply_to"),
+                             essential=True)
             return
         prior = task.failures + max(0, deliveries - 1)
         if prior >= self.max_attempts:
             error = (f"task failed {prior} time(s) (its workers died or stalled); "
                      f"moved to the dead-letter stream {self.streams.dlq}")
             log.error("worker %s: task %s (listener %s): %s", self.name, task.task_id, task.listener, error)
-            self._with_redis(lambda: self._dead_letter(entry_id, task, task.to_fields(), error))
+            self._with_redis(lambda: self._dead_letter(entry_id, task, task.to_fields(), error), essential=True)
             return
         expected = self._handlers.get(task.listener)
         if expected is None or expected != task.handler:
@@ -402,18 +424,18 @@ class DistributedWorker:
                 beat.join()
                 self.current = None
         if result.ok:
-            self._with_redis(lambda: self._finish(entry_id, task, result))
+            self._with_redis(lambda: self._finish(entry_id, task, result), essential=True)
             self.completed += 1
         elif result.error_type in RETRYABLE and prior + 1 < self.max_attempts:
             log.warning("worker %s: task %s failed (attempt %d of %d): %s; re-queued", self.name, task.task_id,
                         prior + 1, self.max_attempts, result.error)
-            self._with_redis(lambda: self._requeue(entry_id, task, prior + 1))
+            self._with_redis(lambda: self._requeue(entry_id, task, prior + 1), essential=True)
         else:
             attempts = prior + 1
             error = (f"{result.error} (failed {attempts} time(s); moved to the dead-letter stream "
                      f"{self.streams.dlq})")
             self._with_redis(lambda: self._dead_letter(entry_id, task, task.to_fields(), error,
-                                                      error_type=result.error_type))
+                                                      error_type=result.error_type), essential=True)
 
     def _finish(self, entry_id: str, task: WorkerTask, result: WorkerResult) -> None:
         s = self.streams

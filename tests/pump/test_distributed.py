@@ -1,0 +1,204 @@
+"""Distributed mode with real `xml-pipeline worker` / `pump` processes and a real redis-server."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SIGNING_KEY, cli, cli_popen, organism_yaml
+
+from xml_pipeline.memory import BackendConfig, get_shared_backend
+from xml_pipeline.message_bus.distributed import WORKER_GROUP, RedisDispatcher, Streams, dead_letters
+from xml_pipeline.message_bus.message import Message
+from xml_pipeline.message_bus.stream_pump import StreamPump
+from xml_pipeline.message_bus.worker_task import WorkerResult
+from xml_pipeline.organism import Organism, load_organism
+
+LISTENERS = """
+- {name: greeter, handler: "xml_pipeline.examples.greeter:handle"}
+- {name: primes, handler: "xml_pipeline.examples.cpu:count_primes", cpu_bound: true}
+- {name: slow, handler: "xp_test_handlers:slow", cpu_bound: true}
+- {name: fail, handler: "xp_test_handlers:fail", cpu_bound: true}
+- {name: die, handler: "xp_test_handlers:die", cpu_bound: true}
+- {name: echo, handler: "xp_test_handlers:echo", cpu_bound: true}
+"""
+
+
+def write_organism(tmp_path: Path, redis_url: str, prefix: str, **pool: Any) -> Path:
+    settings = {"workers": 1, "claim_idle_seconds": 1.0, "heartbeat_seconds": 0.2, "max_attempts": 2,
+                "drain_seconds": 20}
+    settings.update(pool)
+    path = tmp_path / "organism.yaml"
+    path.write_text(organism_yaml(name="dist", backend={"type": "redis", "redis_url": redis_url,
+                                                        "redis_prefix": prefix, "redis_ttl": 300},
+                                  listeners=LISTENERS, pool=settings))
+    return path
+
+
+def load(path: Path) -> Organism:
+    return load_organism(path, environ={"XP_SIGNING_KEY": SIGNING_KEY})
+
+
+async def eventually(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Wait for a condition (a generous bound against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def ask(to: str, payload: str) -> Message:
+    return Message(sender="console", to=to, payload=payload)
+
+
+def start_worker(path: Path, env: dict[str, str], tmp_path: Path, name: str, procs: list[Any],
+                 *extra: str) -> subprocess.Popen[bytes]:
+    p = cli_popen("worker", "--config", str(path), "--heartbeat-file", str(tmp_path / f"{name}.hb"), *extra,
+                  env=env, log=tmp_path / f"{name}.log")
+    procs.append(p)
+    return p
+
+
+async def test_sigkill_a_worker_mid_task_the_other_finishes_it_exactly_once(
+        redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
+    path = write_organism(tmp_path, redis_server.url, prefix)
+    workers = [start_worker(path, cli_env, tmp_path, f"w{i}", procs) for i in range(2)]
+    org = load(path)
+    backend = get_shared_backend(org.backend)
+    dispatcher = RedisDispatcher(backend)
+    markers = [tmp_path / f"m{i}" for i in range(2)]
+    async with StreamPump(org, backend, dispatcher=dispatcher) as pump:
+        jobs = [asyncio.create_task(pump.request(ask("slow", f'<s seconds="1.5" tag="{i}" marker="{m}"/>'), timeout=60))
+                for i, m in enumerate(markers)]
+        await eventually(lambda: all(lines(m) for m in markers), "both workers to start a task")
+        victim = int(lines(markers[0])[0])
+        survivor = next(w for w in workers if w.pid != victim)
+        assert victim in {w.pid for w in workers} and lines(markers[1]) == [str(survivor.pid)]
+        os.kill(victim, signal.SIGKILL)
+        results = await asyncio.gather(*jobs)
+    for i, outs in enumerate(results):
+        assert len(outs) == 1, outs  # exactly one response per conversation
+        (out,) = outs
+        assert out.kind == "response" and out.element().get("tag") == str(i)  # type: ignore[union-attr]
+        assert int(out.element().get("pid")) == survivor.pid  # type: ignore[union-attr]
+    # The killed task ran again on the survivor; the other (longer than claim_idle, but heartbeating) once.
+    assert lines(markers[0]) == [str(victim), str(survivor.pid)]
+    assert lines(markers[1]) == [str(survivor.pid)]
+    assert dispatcher.duplicates == 0
+    streams = Streams(backend)
+    client = redis_server.client()
+    assert client.xlen(streams.tasks) == 0  # acknowledged tasks are trimmed
+    assert client.xpending(streams.tasks, WORKER_GROUP)["pending"] == 0  # nothing lost
+    assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
+    backend.close()
+
+
+async def test_a_task_that_keeps_failing_goes_to_the_dead_letter_stream(
+        redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
+    path = write_organism(tmp_path, redis_server.url, prefix, max_attempts=3)
+    start_worker(path, cli_env, tmp_path, "w", procs)
+    org = load(path)
+    backend = get_shared_backend(org.backend)
+    marker = tmp_path / "fail"
+    async with StreamPump(org, backend, dispatcher=RedisDispatcher(backend)) as pump:
+        request = ask("fail", f'<x marker="{marker}"/>')
+        (out,) = await pump.request(request, timeout=60)
+        (ok,) = await pump.request(ask("primes", '<count below="100"/>'), timeout=60)  # the worker goes on
+    assert out.kind == "error" and out.in_reply_to == request.id
+    assert 'type="DeadLetter"' in out.payload and "RuntimeError: boom" in out.payload and "failed 3 time" in out.payload
+    assert len(lines(marker)) == 3  # max_attempts runs, then no more
+    (dead,) = dead_letters(backend)
+    assert dead["listener"] == "fail" and "RuntimeError: boom" in dead["error"]
+    assert redis_server.client().ttl(Streams(backend).dlq) > 0
+    assert ok.payload == '<primes below="100" count="25"/>'
+    backend.close()
+
+
+async def test_a_task_that_kills_its_workers_is_dead_lettered(
+        redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
+    path = write_organism(tmp_path, redis_server.url, prefix, max_attempts=2)
+    # Two consumer processes under one supervisor, which replaces the ones that die.
+    start_worker(path, cli_env, tmp_path, "sup", procs, "--processes", "2")
+    org = load(path)
+    backend = get_shared_backend(org.backend)
+    marker = tmp_path / "die"
+    async with StreamPump(org, backend, dispatcher=RedisDispatcher(backend)) as pump:
+        (out,) = await pump.request(ask("die", f'<x marker="{marker}"/>'), timeout=60)
+        (ok,) = await pump.request(ask("echo", "<e/>"), timeout=60)
+    assert out.kind == "error" and 'type="DeadLetter"' in out.payload and "died or stalled" in out.payload
+    assert len(lines(marker)) == 2
+    assert len(dead_letters(backend)) == 1
+    assert ok.kind == "response"
+    backend.close()
+
+
+async def test_duplicate_results_are_dropped_at_the_pump(
+        redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
+    path = write_organism(tmp_path, redis_server.url, prefix)
+    start_worker(path, cli_env, tmp_path, "w", procs)
+    org = load(path)
+    backend = get_shared_backend(org.backend)
+    dispatcher = RedisDispatcher(backend)
+    outputs: list[Message] = []
+    async with StreamPump(org, backend, dispatcher=dispatcher, on_output=outputs.append) as pump:
+        await pump.request(ask("echo", "<e/>"), timeout=60)
+        (task_id,) = dispatcher.completed_ids
+        # What a second run of the same task (a stalled worker coming back) would deliver:
+        backend.temp_put("dup-response", b"late")
+        redis_server.client().xadd(dispatcher.results_key,
+                                   WorkerResult(task_id, response_key="dup-response", worker="late").to_fields())
+        await eventually(lambda: dispatcher.duplicates == 1, "the duplicate to be dropped")
+        await eventually(lambda: backend.temp_get("dup-response") is None, "the duplicate's response to be deleted")
+    assert len(outputs) == 1
+    backend.close()
+
+
+def test_sigterm_drains_pump_and_worker_and_both_exit_0(
+        redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
+    path = write_organism(tmp_path, redis_server.url, prefix)
+    env = dict(cli_env, XP_CONFIG=str(path))
+    pump = cli_popen("pump", "--heartbeat-file", str(tmp_path / "pump.hb"), env=env, log=tmp_path / "pump.log")
+    procs.append(pump)
+    worker = start_worker(path, env, tmp_path, "w", procs)
+    # A round trip through ingress → pump → worker → pump → egress, as a user in a cluster would.
+    r = cli("send", "--to", "greeter", '<greet name="Ada" lucky="1000"/>', "--wait", "--timeout", "60", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Hello, Ada! Your lucky number: there are 168 primes below 1000." in r.stdout
+    assert cli("healthcheck", "--file", str(tmp_path / "pump.hb"), env=env).returncode == 0
+    assert cli("healthcheck", "--file", str(tmp_path / "w.hb"), env=env).returncode == 0
+    # A long task in flight, then SIGTERM to both: it still completes and reaches egress.
+    marker = tmp_path / "slow"
+    r = cli("send", "--to", "slow", f'<s seconds="1.5" marker="{marker}"/>', env=env)
+    assert r.returncode == 0, r.stderr
+    message_id = r.stdout.strip()
+    deadline = time.monotonic() + 30
+    while not lines(marker):
+        assert time.monotonic() < deadline, (tmp_path / "pump.log").read_text()
+        time.sleep(0.05)
+    pump.send_signal(signal.SIGTERM)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, (tmp_path / "w.log").read_text()
+    assert pump.wait(30) == 0, (tmp_path / "pump.log").read_text()
+    backend = get_shared_backend(load(path).backend)
+    egress = redis_server.client().xrange(Streams(backend).egress)
+    answers = [f for _i, f in egress if f[b"in_reply_to"].decode() == message_id]
+    assert len(answers) == 1 and answers[0][b"type"] == b"response"
+    assert lines(marker) == [str(worker.pid)]
+    log = (tmp_path / "pump.log").read_text()
+    assert "draining 1 conversation" in log and "pump stopped cleanly" in log
+    assert "stopped after 2 task(s)" in (tmp_path / "w.log").read_text()
+    backend.close()

@@ -116,7 +116,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
                                           delay=settings.retry_delay(retry)) from None
         reconciler.forget(namespace, name)
         METRICS.forget_phase(f"{namespace}/{name}")
-        kopf.info(dict(body), reason="Deleted", message="Organism cleanup finished; owned objects are garbage-collected")
+        # kopf.event, not kopf.info: posting.level is WARNING (see configure_kopf), which filters kopf.info.
+        kopf.event(dict(body), type="Normal", reason="Deleted",
+                   message="Organism cleanup finished; owned objects are garbage-collected")
 
     def workload_event(type: str | None, body: kopf.Body, namespace: str, **_: Any) -> None:
         """An owned Deployment/StatefulSet changed: refresh the Organism (status, or repair a deletion)."""

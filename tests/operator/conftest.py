@@ -89,19 +89,21 @@ class RunningOperator:
 
 @pytest.fixture
 async def start_operator(kubeconfig: Path) -> AsyncIterator[Callable[..., Any]]:
-    """start_operator(settings=None, namespaces=()) -> RunningOperator; stopped at teardown if still running."""
+    """start_operator(settings=None, admin=None) -> RunningOperator; stopped at teardown if still running."""
     running: list[Callable[[], Any]] = []
 
-    async def start(settings: OperatorSettings | None = None) -> RunningOperator:
+    async def start(settings: OperatorSettings | None = None, admin: Any = None) -> RunningOperator:
         settings = settings or TEST_SETTINGS
         registry = kopf.OperatorRegistry()
-        reconciler = handlers.register(registry, settings)
+        reconciler = handlers.register(registry, settings, admin=admin)
         stop_flag, ready_flag = asyncio.Event(), asyncio.Event()
         # kopf cancels every task of the loop it was not told to ignore when it exits -- including
         # pytest-asyncio's and kmock's server tasks. The set is mutable: extended at stop time.
         ignored = set(asyncio.all_tasks())
+        kopf_settings = kopf.OperatorSettings()
+        kopf_settings.networking.error_backoffs = (0.05, 0.1, 0.2)  # kopf's own API retries, fast in tests
         tasks = await kopf.spawn_tasks(
-            registry=registry, settings=kopf.OperatorSettings(), standalone=True,
+            registry=registry, settings=kopf_settings, standalone=True,
             clusterwide=settings.clusterwide, namespaces=list(settings.namespaces),
             stop_flag=stop_flag, ready_flag=ready_flag,
         )
@@ -139,8 +141,10 @@ def get_obj(k8s: Cluster, resource: str, name: str, namespace: str = "default") 
 
 
 def live_names(k8s: Cluster, resource: str, namespace: str = "default") -> list[str]:
+    """Names of the existing objects of a resource ('apps/v1/deployments') in a namespace."""
+    wanted = kmock.resource(resource)
     return sorted(name for (res, ns, name), obj in k8s.objects.items()
-                  if str(res) == resource or res == kmock.resource(resource) if ns == namespace and not obj.deleted)
+                  if res == wanted and ns == namespace and not obj.deleted)
 
 
 async def eventually(fn: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02) -> Any:

@@ -7,6 +7,8 @@ Stock kmock 0.8 stores request bodies and merges patches, nothing more. This sub
   * generation + 1 when a patch touches `spec` (observedGeneration logic depends on it);
   * 201 on create, 422 (not 500) when a JSON patch's `test` operation fails;
   * list resourceVersion, and watches that honour ?resourceVersion=N instead of replaying everything;
+  * the status of every answer (`cluster.statuses[request.id]`);
+  * 403 on /api/v1/namespaces (kmock cannot parse that URL; kopf falls back to the given namespaces);
   * fault injection: `cluster.faults.append(fn)`, where fn(request) returns an HTTP status to fail
     that request with, or None.
 What it still does NOT emulate (tests must not rely on it): label/field selectors, 409 on stale
@@ -22,6 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp.web
 import attrs
 import jsonpatch
 import jsonpointer
@@ -34,6 +37,18 @@ Fault = Callable[[kmock.Request], "int | None"]
 class Cluster(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=100, init=False)
     faults: list[Fault] = attrs.field(factory=list, init=False)
+    #: HTTP status answered to each request, by request id (kmock records requests, not responses).
+    statuses: dict[int, int] = attrs.field(factory=dict, init=False)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock 0.8 cannot parse the cluster-scoped collection URL /api/v1/namespaces (500). Answer
+        # what an API server says to an operator without RBAC on namespaces: 403. kopf then falls
+        # back to the namespaces it was given, as it does in a cluster without that permission.
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            return aiohttp.web.json_response(
+                {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 403, "reason": "Forbidden",
+                 "message": "namespaces is forbidden (emulated: kmock cannot serve this URL)"}, status=403)
+        return await super().__call__(raw_request)
 
     def _bump(self) -> str:
         self._rv += 1
@@ -47,6 +62,15 @@ class Cluster(kmock.KubernetesEmulator):
         return None if obj.deleted else obj.raw
 
     async def _handle(self, request: kmock.Request) -> Any:
+        try:
+            response = await self._handle_realistically(request)
+        except kmock.KubernetesError as e:
+            self.statuses[request.id] = e.status
+            raise
+        self.statuses[request.id] = response.status
+        return response
+
+    async def _handle_realistically(self, request: kmock.Request) -> Any:
         if request.resource is not None:
             for fault in list(self.faults):
                 status = fault(request)

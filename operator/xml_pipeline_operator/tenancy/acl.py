@@ -80,6 +80,20 @@ FORBIDDEN_COMMANDS: frozenset[str] = frozenset({
     "client|tracking", "client|info", "client|reply",
 })
 
+#: What the operator itself needs on the shared Redis, for a platform team that does not want to hand
+#: it the `default` user: `ACL SETUSER xp-operator on >PASSWORD ~* resetchannels -@all +<each>`.
+#: (ACL SETUSER is inherently powerful: whoever holds it can make any user. `~*` is needed to unlink
+#: and measure every organism's keys.)
+ADMIN_COMMANDS: tuple[str, ...] = (
+    "acl|setuser", "acl|getuser", "acl|deluser", "acl|users", "acl|save",  # organism users
+    "client|kill",                       # disabling a user closes its connections
+    "command|info",                      # which commands this server knows (server_profile)
+    "info",                              # run_id: has the server restarted (recovery)
+    "scan", "unlink", "memory|usage",    # cleanup and usage sampling
+    "get", "set", "del",                 # cleanup progress under {xp-operator}:
+    "ping", "client|setname", "client|setinfo",
+)
+
 #: Subcommands that exist only on newer servers; they are granted only where the server knows them
 #: (ACL SETUSER rejects an unknown name, e.g. CLIENT SETINFO on Redis 7.0).
 _VERSION_DEPENDENT: frozenset[str] = frozenset({"client|setinfo"})

@@ -205,6 +205,7 @@ class SharedRedisAdmin:
             self._desired[key] = DesiredUser(tenant.username, tenant.prefix, password, also_accept_hashes=extra)
         if change is not acl.Change.UNCHANGED:
             logger.info("ACL user %s %s on %s (prefix %s)", tenant.username, change.value, self.url, tenant.prefix)
+            self._save_acl()
         message = (f"ACL user {tenant.username!r} may use keys and channels under {tenant.prefix!r} only, "
                    f"on {self.url}")
         if extra:
@@ -249,6 +250,7 @@ class SharedRedisAdmin:
             return
         if policy == "Retain":
             acl.disable_user(client, tenant.username)
+            self._save_acl()
             self._forget(key)
             logger.info("ACL user %s disabled; keys under %s retained", tenant.username, tenant.prefix)
             return
@@ -272,8 +274,16 @@ class SharedRedisAdmin:
             raise CleanupInProgress(progress)
         acl.delete_user(client, tenant.username)
         client.delete(progress_key)
+        self._save_acl()
         self._forget(key)
         logger.info("removed %d keys under %s and ACL user %s", progress.deleted, tenant.prefix, tenant.username)
+
+    def _save_acl(self) -> None:
+        """Best effort: persist users where the server has an ACL file (else recovery covers restarts)."""
+        try:
+            acl.save_acl(self.client())
+        except redis.RedisError as e:
+            logger.debug("ACL SAVE on %s not done: %s", self.url, type(e).__name__)
 
     def _forget(self, key: tuple[str, str]) -> None:
         with self._lock:

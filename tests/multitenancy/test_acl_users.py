@@ -159,3 +159,34 @@ def test_strict_user_cannot_scan_but_works(make_org: Callable[..., Org]) -> None
         assert rs.set(f"{s.prefix}x", 1)
         with pytest.raises(NoPermissionError):
             list(rs.scan_iter(match=f"{s.prefix}*"))
+
+
+def test_operator_runs_with_a_least_privilege_admin(shared_redis, admin: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+    """ADMIN_COMMANDS is enough for the operator's whole job: provision, rotate, sample, recover, clean up."""
+    from xml_pipeline_operator.tenancy.cleanup import cleanup_prefix
+    from xml_pipeline_operator.tenancy.recovery import DesiredUser, UserRecovery
+    from xml_pipeline_operator.tenancy.usage import UsageSampler
+
+    available = acl.server_commands(admin)
+    granted = [c for c in acl.ADMIN_COMMANDS if c != "client|setinfo" or c in available]
+    op_pw = secrets.token_urlsafe(16)
+    admin.execute_command("ACL", "SETUSER", "xp-operator-test", "on", f">{op_pw}", "~*", "resetchannels",
+                          "-@all", *(f"+{c}" for c in granted))
+    op = redis.Redis.from_url(shared_redis.url, username="xp-operator-test", password=op_pw, client_name="op")
+    try:
+        name, pw, prefix = "xp-lp.org", secrets.token_urlsafe(16), "xp:lp.org:"
+        assert acl.ensure_user(op, name, pw, prefix) is Change.CREATED
+        with redis.Redis.from_url(shared_redis.url, username=name, password=pw) as tenant:
+            tenant.rpush(f"{prefix}buffer:{{t}}", b"x")
+        sampler = UsageSampler(op)
+        sampler.set_tenants({"lp/org": prefix})
+        assert sampler.run_round()["lp/org"].threads == 1
+        assert not UserRecovery(op).check([DesiredUser(name, prefix, pw)]).changed
+        op.set("{xp-operator}:cleanup:probe", "1")
+        assert op.delete("{xp-operator}:cleanup:probe") == 1
+        assert acl.disable_user(op, name)
+        assert cleanup_prefix(op, prefix).deleted == 1
+        assert acl.delete_user(op, name)
+    finally:
+        op.close()
+        admin.execute_command("ACL", "DELUSER", "xp-operator-test")

@@ -90,3 +90,23 @@ def test_stale_acl_file_repaired_after_restart(restartable: RedisServer, make_or
     user = acl.get_user(admin, a.username)
     assert user is not None and user.key_patterns == {f"~{a.prefix}*"}
     admin.close()
+
+
+def test_users_persist_where_the_server_has_an_acl_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    aclfile = tmp_path / "users.acl"
+    aclfile.write_text("")
+    server = RedisServer(extra_args=("--aclfile", str(aclfile))).start()
+    try:
+        admin = server.client()
+        assert acl.ensure_user(admin, "xp-f.org", "pw-" + "x" * 20, "xp:f.org:") is acl.Change.CREATED
+        assert acl.save_acl(admin)
+        server.restart()
+        assert acl.user_exists(admin, "xp-f.org")
+        admin.close()
+    finally:
+        server.cleanup()
+    plain = RedisServer().start()
+    try:
+        assert not acl.save_acl(plain.client())  # no ACL file: says so instead of failing
+    finally:
+        plain.cleanup()

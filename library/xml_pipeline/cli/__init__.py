@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -131,6 +132,8 @@ def _setup_logging(args: argparse.Namespace, default: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The backend also logs this warning; once on stderr is enough.
+    warnings.filterwarnings("ignore", message=r"Redis backend .* has no signing key")
     from ..errors import BackendError, ConfigError, XmlPipelineError
     from ..message_bus.message import MessageError
     try:

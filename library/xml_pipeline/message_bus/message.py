@@ -40,6 +40,7 @@ MessageKind = Literal["request", "response", "error"]
 KINDS: tuple[str, ...] = ("request", "response", "error")
 _ATTRS = frozenset({"id", "from", "to", "thread", "type", "in-reply-to"})
 _XML_DECL = re.compile(rb"^\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._-]+)[\"']")
+_LEADING_DOCTYPE = re.compile(rb"\s*(?:<!--.*?-->\s*)*<!DOCTYPE", re.S)
 _UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 
 
@@ -408,6 +409,10 @@ def split_messages(data: str | bytes, *, max_bytes: int = 256 * 1024 * 1024) -> 
     raw = _as_bytes(data, max_bytes)
     _check_encoding(raw)
     body = re.sub(rb"^\s*<\?xml[^>]*\?>", b"", raw, count=1)
+    if _LEADING_DOCTYPE.match(body):
+        # Said plainly here: inside the <messages> wrapper it would only be "invalid token".
+        raise MessageError("malformed input: DTDForbidden: DTDs and entity declarations are not allowed "
+                           "(they enable entity expansion and external entity attacks)")
     return _split(b"<messages>" + body + b"</messages>")
 
 

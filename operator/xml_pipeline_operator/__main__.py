@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 import kopf
@@ -22,15 +21,9 @@ logger = logging.getLogger("xml_pipeline_operator")
 
 
 async def run(settings: OperatorSettings, *, stop: asyncio.Event | None = None) -> None:
-    """Run until `stop` is set or SIGTERM/SIGINT arrives."""
-    stop = stop or asyncio.Event()
+    """Run until SIGTERM/SIGINT (kopf's own handlers: finish running handlers, then exit) or until
+    `stop` is set (embedding, tests)."""
     ready = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests): stop flag only
-            pass
     registry = kopf.OperatorRegistry()
     reconciler = handlers.register(registry, settings)
     kopf_settings = kopf.OperatorSettings()  # tuned by the startup handler (handlers.configure_kopf)

@@ -62,11 +62,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
 
     kopf.on.login(registry=registry)(kopf.login_via_client)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=registry, id="configure")
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, reconciler.settings)
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(registry=registry, id="close-client")
     def cleanup(**_: Any) -> None:
         kube.close()
 
@@ -85,23 +85,23 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
         logger.debug("reconciled %s/%s (%s): phase=%s", namespace, name, source, result.status.get("phase"))
         return result
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
-    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
     def organism_changed(namespace: str, name: str, retry: int, reason: str, **_: Any) -> None:
         result = run(namespace, name, retry, str(reason))
         if result is not None and result.retry:
             raise kopf.TemporaryError(result.retry, delay=settings.retry_delay(retry))
 
     if settings.resync_seconds > 0:
-        @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, interval=settings.resync_seconds,
-                    initial_delay=settings.resync_seconds, idle=None)
+        @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, id="resync", interval=settings.resync_seconds,
+                    initial_delay=settings.resync_seconds)
         def organism_resync(namespace: str, name: str, **_: Any) -> None:
             # Repairs drift (an edited or deleted Deployment, a lost status). Errors are retried on
             # the next tick.
             run(namespace, name, 0, "resync")
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="cleanup")
     def organism_deleted(body: kopf.Body, namespace: str, name: str, retry: int, **_: Any) -> None:
         # Children go with the Organism through their ownerReferences (garbage collection). What GC
         # cannot reach is outside the cluster: the Organism's ACL user on a shared Redis.
@@ -141,7 +141,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
             run(namespace, owner, 0, f"{body.get('kind', 'workload')} {type}")
 
     for plural in ("deployments", "statefulsets"):
-        kopf.on.event("apps", "v1", plural, labels=WORKLOAD_FILTER, registry=registry)(workload_event)
+        kopf.on.event("apps", "v1", plural, labels=WORKLOAD_FILTER, registry=registry,
+                      id=f"{plural}-changed")(workload_event)
 
     return reconciler
 

@@ -18,13 +18,13 @@ async def start(port: int, ready: asyncio.Event, api_requests: Callable[[], obje
                 host: str = "0.0.0.0") -> web.AppRunner:  # noqa: S104 -- probes come from the kubelet
     async def healthz(_: web.Request) -> web.Response:
         if not ready.is_set():
-            return web.json_response({"status": "starting"}, status=503)
-        return web.json_response({"status": "ok"})
+            return _closing(web.json_response({"status": "starting"}, status=503))
+        return _closing(web.json_response({"status": "ok"}))
 
     async def metrics(_: web.Request) -> web.Response:
         requests = api_requests() if api_requests else None
-        return web.Response(text=METRICS.render(requests),  # type: ignore[arg-type]
-                            content_type="text/plain", charset="utf-8")
+        return _closing(web.Response(text=METRICS.render(requests),  # type: ignore[arg-type]
+                                     content_type="text/plain", charset="utf-8"))
 
     app = web.Application()
     app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics)])
@@ -32,3 +32,10 @@ async def start(port: int, ready: asyncio.Event, api_requests: Callable[[], obje
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
+
+
+def _closing(response: web.Response) -> web.Response:
+    # No keep-alive: an idle probe connection would otherwise hold a task that kopf's shutdown waits
+    # for (5 s) before cancelling it. Probes are rare; a new connection each time costs nothing.
+    response.force_close()
+    return response

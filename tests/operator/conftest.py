@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -148,11 +149,13 @@ def live_names(k8s: Cluster, resource: str, namespace: str = "default") -> list[
 
 
 async def eventually(fn: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02) -> Any:
-    """Poll until fn() is truthy (a hang detector, not a performance assertion)."""
+    """Poll until fn() (or the awaitable it returns) is truthy: a hang detector, not a timing assertion."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         result = fn()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if loop.time() > deadline:

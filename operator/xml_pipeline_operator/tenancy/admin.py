@@ -184,10 +184,11 @@ class SharedRedisAdmin:
             with self._lock:
                 self._desired.pop(key, None)
             candidate = overlap.Tenant(tenant.namespace, tenant.name, tenant.prefix)
-            try:  # a user made before the conflict was known must not keep the other's keys
-                acl.disable_user(self.client(), tenant.username)
-            except redis.RedisError:
-                pass
+            if self._recent_failure() is None:
+                try:  # a user made before the conflict was known must not keep the other's keys
+                    acl.disable_user(self.client(), tenant.username)
+                except redis.RedisError as e:
+                    self._unavailable(e, f"disabling ACL user {tenant.username!r}")
             return TenantState(False, "PrefixOverlap", overlap.conflict_message(candidate, conflict))
         failed = self._recent_failure()
         if failed is not None:

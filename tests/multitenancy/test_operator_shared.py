@@ -29,7 +29,8 @@ from .conftest import ADMIN_PASSWORD
 _OPERATOR_TESTS = Path(__file__).resolve().parents[1] / "operator"
 if not (_OPERATOR_TESTS / "conftest.py").exists():  # pragma: no cover
     pytest.skip("tests/operator's harness is missing", allow_module_level=True)
-sys.path.insert(0, str(_OPERATOR_TESTS))  # its conftest imports kmock_cluster
+if str(_OPERATOR_TESTS) not in sys.path:  # its conftest imports kmock_cluster; appended, so it shadows nothing
+    sys.path.append(str(_OPERATOR_TESTS))
 _spec = importlib.util.spec_from_file_location("xp_operator_harness", _OPERATOR_TESTS / "conftest.py")
 assert _spec is not None and _spec.loader is not None
 harness = importlib.util.module_from_spec(_spec)

@@ -270,3 +270,19 @@ def test_unreachable_shared_redis_is_a_condition_not_a_crash() -> None:
     state = admin.ensure_tenant(Tenant("default", "x", "xp:default.x:", "xp-default.x"), "pw")
     assert not state.ready and state.reason == "SharedRedisUnavailable"
     assert "redis://127.0.0.1:1/0" in state.message and settings.shared_redis_password not in state.message
+
+
+async def test_leaving_shared_mode_disables_the_user(k8s: Any, run_operator: Any, shared: RedisServer,
+                                                     admin_client: redis.Redis) -> None:
+    await run_operator()
+    await create(k8s, "mover", shared_spec())
+    await eventually(lambda: redis_ready(k8s, "mover"))
+    resp = await k8s.patch(harness.org_path("mover"), json={"spec": {"backend": {"redis": {"mode": "dedicated"}}}},
+                           headers=MERGE)
+    assert resp.status == 200, await resp.text()
+    await eventually(lambda: (u := acl.get_user(admin_client, "xp-default.mover")) is not None and not u.enabled)
+    # Back to shared: the same user works again.
+    resp = await k8s.patch(harness.org_path("mover"), json={"spec": {"backend": {"redis": {"mode": "shared"}}}},
+                           headers=MERGE)
+    assert resp.status == 200
+    await eventually(lambda: (u := acl.get_user(admin_client, "xp-default.mover")) is not None and u.enabled)

@@ -157,13 +157,27 @@ class SharedRedisAdmin:
     def observe(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
         """Record the Organism (kopf index handler): shared ones take part in the overlap check."""
         t = tenant_from_body(namespace, name, body)
+        key = (namespace, name)
         with self._lock:
+            was_admitted = key in self._desired
             if t is None:
-                self._observed.pop((namespace, name), None)
-                self._policies.pop((namespace, name), None)
+                self._observed.pop(key, None)
+                self._policies.pop(key, None)
+                self._desired.pop(key, None)
+                self._retiring.pop(key, None)
             else:
-                self._observed[(namespace, name)] = t
-                self._policies[(namespace, name)] = deletion_policy(body)
+                self._observed[key] = t
+                self._policies[key] = deletion_policy(body)
+        if t is None and was_admitted:
+            # Switched away from shared mode: the pods no longer use this Redis, so its user must
+            # not keep working (the Secret's password now serves the new mode). Keys stay and expire
+            # with their TTL; switching back re-enables the user.
+            try:
+                acl.disable_user(self.client(), acl.username_for(namespace, name))
+                logger.info("Organism %s/%s left shared mode: ACL user disabled", namespace, name)
+            except redis.RedisError as e:
+                logger.warning("could not disable the ACL user of %s/%s on %s: %s", namespace, name, self.url,
+                               type(e).__name__)
 
     def conflict_of(self, namespace: str, name: str, prefix: str) -> overlap.Tenant | None:
         with self._lock:

@@ -286,3 +286,18 @@ async def test_leaving_shared_mode_disables_the_user(k8s: Any, run_operator: Any
                            headers=MERGE)
     assert resp.status == 200
     await eventually(lambda: (u := acl.get_user(admin_client, "xp-default.mover")) is not None and u.enabled)
+
+
+async def test_switch_while_operator_was_down_is_caught(k8s: Any, run_operator: Any, shared: RedisServer,
+                                                        admin_client: redis.Redis) -> None:
+    op = await run_operator()
+    for name in ("stay", "mover"):
+        await create(k8s, name, shared_spec())
+    await eventually(lambda: redis_ready(k8s, "stay") and redis_ready(k8s, "mover"))
+    await op.stop()
+    resp = await k8s.patch(harness.org_path("mover"), json={"spec": {"backend": {"redis": {"mode": "dedicated"}}}},
+                           headers=MERGE)
+    assert resp.status == 200
+    await run_operator()  # "stay" keeps a shared timer running, which drives the periodic check
+    await eventually(lambda: (u := acl.get_user(admin_client, "xp-default.mover")) is not None and not u.enabled)
+    assert acl.get_user(admin_client, "xp-default.stay").enabled  # type: ignore[union-attr]

@@ -109,6 +109,8 @@ class SharedRedisAdmin:
         self._periodic_lock = threading.Lock()
         self._observed: dict[tuple[str, str], overlap.Tenant] = {}
         self._policies: dict[tuple[str, str], str] = {}
+        #: Organisms seen in another mode: a user of theirs on this Redis is an orphan to disable.
+        self._not_shared: set[tuple[str, str]] = set()
         self._desired: dict[tuple[str, str], DesiredUser] = {}
         self._retiring: dict[tuple[str, str], tuple[frozenset[str], float]] = {}
         self._failed: tuple[float, TenantState] | None = None
@@ -165,9 +167,11 @@ class SharedRedisAdmin:
                 self._policies.pop(key, None)
                 self._desired.pop(key, None)
                 self._retiring.pop(key, None)
+                self._not_shared.add(key)
             else:
                 self._observed[key] = t
                 self._policies[key] = deletion_policy(body)
+                self._not_shared.discard(key)
         if t is None and was_admitted:
             # Switched away from shared mode: the pods no longer use this Redis, so its user must
             # not keep working (the Secret's password now serves the new mode). Keys stay and expire
@@ -331,6 +335,7 @@ class SharedRedisAdmin:
                         logger.warning("shared Redis %s %s: re-created %d ACL user(s), repaired %d", self.url,
                                        "restarted" if report.restarted else "lost users",
                                        len(report.recreated), len(report.repaired))
+                    self._disable_orphans()
             if now - self._last_usage >= self.usage_interval:
                 self._last_usage = now
                 if self._sampler is None:
@@ -342,6 +347,19 @@ class SharedRedisAdmin:
                     logger.warning("usage tick on %s failed: %s", self.url, type(e).__name__)
         finally:
             self._periodic_lock.release()
+
+    def _disable_orphans(self) -> None:
+        """Disable users of Organisms that left shared mode (also while the operator was down)."""
+        with self._lock:
+            candidates = {acl.username_for(*key) for key in self._not_shared}
+        if not candidates:
+            return
+        client = self.client()
+        for username in candidates & acl.list_users(client):
+            user = acl.get_user(client, username)
+            if user is not None and user.enabled:
+                acl.disable_user(client, username)
+                logger.info("ACL user %s belongs to an Organism no longer in shared mode: disabled", username)
 
     def usage_of(self, namespace: str, name: str) -> Usage | None:
         """The organism's usage as of the last complete round, or None before the first one."""

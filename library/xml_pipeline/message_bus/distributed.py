@@ -90,6 +90,17 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _entries(resp: Any) -> list[tuple[Any, Any]]:
+    """(id, fields) pairs of an XREAD/XREADGROUP reply, RESP2 (list) or RESP3 (map) shaped."""
+    if not resp:
+        return []
+    streams = resp.items() if isinstance(resp, dict) else resp
+    out: list[tuple[Any, Any]] = []
+    for _key, entries in streams:
+        out.extend((e[0], e[1]) for e in entries)
+    return out
+
+
 def consumer_name(role: str) -> str:
     """Unique per process and readable: <role>-<host>-<pid>-<random>."""
     return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -198,13 +209,12 @@ class RedisDispatcher:
             if not resp:
                 continue
             ids = []
-            for _stream, entries in resp:
-                for entry_id, fields in entries:
-                    last = _s(entry_id)
-                    ids.append(entry_id)
-                    result = WorkerResult.from_fields(fields)
-                    assert self._loop is not None
-                    self._loop.call_soon_threadsafe(self._deliver, result)
+            for entry_id, fields in _entries(resp):
+                last = _s(entry_id)
+                ids.append(entry_id)
+                result = WorkerResult.from_fields(fields)
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._deliver, result)
             try:
                 s.client.xdel(self.results_key, *ids)  # trim what we consumed
             except redis.RedisError:
@@ -342,9 +352,8 @@ class DistributedWorker:
     def _read_one(self) -> tuple[str, dict[Any, Any], int] | None:
         s = self.streams
         resp = s.client.xreadgroup(WORKER_GROUP, self.name, {s.tasks: ">"}, count=1, block=s.block_ms)
-        for _stream, entries in resp or []:
-            for entry_id, fields in entries:
-                return _s(entry_id), fields, 1
+        for entry_id, fields in _entries(resp):
+            return _s(entry_id), fields, 1
         return None
 
     def _reclaim_one(self) -> tuple[str, dict[Any, Any], int] | None:
@@ -556,7 +565,7 @@ class IngressBridge:
                 else:
                     resp = s.client.xreadgroup(PUMP_GROUP, self.consumer, {s.ingress: ">"}, count=64,
                                                block=s.block_ms)
-                    entries = [(_s(i), f) for _k, es in (resp or []) for i, f in es]
+                    entries = [(_s(i), f) for i, f in _entries(resp)]
                 backoff = 0.2
             except _REDIS_DOWN as e:
                 log.warning("ingress %s: Redis unavailable (%s); retrying in %.1f s", s.ingress,
@@ -672,11 +681,10 @@ def send_message(backend: Any, message: Message, *, wait: float | None = None) -
         if left <= 0:
             return None
         resp = client.xread({s.egress: start_id}, count=256, block=max(1, min(s.block_ms, int(left * 1000))))
-        for _k, entries in resp or []:
-            for entry_id, fields in entries:
-                start_id = _s(entry_id)
-                if _s(fields.get(b"in_reply_to", b"")) == message.id:
-                    return parse_message(fields[b"xml"])
+        for entry_id, fields in _entries(resp):
+            start_id = _s(entry_id)
+            if _s(fields.get(b"in_reply_to", b"")) == message.id:
+                return parse_message(fields[b"xml"])
 
 
 def dead_letters(backend: Any, count: int = 100) -> list[dict[str, str]]:

@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from ..memory.protocol import SharedBackend
 from ..organism import ListenerSpec, Organism
 from .local_pool import Dispatcher
 from .message import Action, Call, Message, MessageError, Reply, error_payload, new_id, normalize_result
-from .thread_registry import ThreadRegistry, get_registry
+from .thread_registry import ThreadRegistry
 from .worker_task import WorkerResult, WorkerTask, load_response, new_key, store_inputs
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,84 @@ class _Conversation:
 class _Item:
     message: Message
     conversation: str  # id of the message that started it
+    admit: bool = False  # from outside: validate it and give it a thread first
+
+
+class _RegistryCache:
+    """The pump's view of the registry backend, with chain ↔ uuid lookups cached.
+
+    Routing asks for the same few chains over and over ("system.demo.console.greeter"), and a
+    mapping, once made, only changes when it expires or is deleted. Cached entries are re-read
+    after `max_age` seconds (well inside the backend's TTL, which every append to the thread slides),
+    so a pump never routes on a mapping the backend dropped long ago. Everything else is passed
+    through to the real backend. Saves up to four round trips per routed message.
+    """
+
+    def __init__(self, backend: SharedBackend, max_age: float) -> None:
+        self._backend = backend
+        self._max_age = max_age
+        self._chain_of: dict[str, tuple[str, float]] = {}
+        self._uuid_of: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def _remember(self, chain: str, uuid: str) -> None:
+        deadline = time.monotonic() + self._max_age
+        with self._lock:
+            if len(self._uuid_of) > 50_000:  # bounded: forget everything rather than grow forever
+                self._uuid_of.clear()
+                self._chain_of.clear()
+            self._uuid_of[chain] = (uuid, deadline)
+            self._chain_of[uuid] = (chain, deadline)
+
+    def _cached(self, table: dict[str, tuple[str, float]], key: str) -> str | None:
+        hit = table.get(key)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
+
+    def registry_get_chain(self, uuid: str) -> str | None:
+        chain = self._cached(self._chain_of, uuid)
+        if chain is None:
+            chain = self._backend.registry_get_chain(uuid)
+            if chain is not None:
+                self._remember(chain, uuid)
+        return chain
+
+    def registry_get_uuid(self, chain: str) -> str | None:
+        uuid = self._cached(self._uuid_of, chain)
+        if uuid is None:
+            uuid = self._backend.registry_get_uuid(chain)
+            if uuid is not None:
+                self._remember(chain, uuid)
+        return uuid
+
+    def registry_get_or_create(self, chain: str, uuid: str) -> str:
+        cached = self._cached(self._uuid_of, chain)
+        if cached is not None:
+            return cached
+        winner = self._backend.registry_get_or_create(chain, uuid)
+        self._remember(chain, winner)
+        return winner
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._uuid_of.clear()
+            self._chain_of.clear()
+
+    def registry_set(self, chain: str, uuid: str) -> None:
+        self._forget()
+        self._backend.registry_set(chain, uuid)
+
+    def registry_delete(self, uuid: str) -> bool:
+        self._forget()
+        return self._backend.registry_delete(uuid)
+
+    def registry_clear(self) -> int:
+        self._forget()
+        return self._backend.registry_clear()
 
 
 @dataclass
@@ -83,7 +162,9 @@ class StreamPump:
         self.backend = backend
         self.dispatcher = dispatcher
         self.buffer = ContextBuffer(backend)
-        self.registry: ThreadRegistry = get_registry(backend=backend)
+        ttl = getattr(backend, "ttl", None) or backend.config.ttl
+        #: Registry operations go through a small cache (see _RegistryCache).
+        self.registry = ThreadRegistry(_RegistryCache(backend, max_age=min(30.0, (ttl or 60) / 4)))  # type: ignore[arg-type]
         self.on_output = on_output
         self.on_done = on_done
         self.keep_outputs = keep_outputs
@@ -177,35 +258,25 @@ class StreamPump:
         self._conversations[message.id] = conv
         self._idle.clear()
         self.stats.conversations += 1
-        try:
-            item = await self._run_io(self._admit, message)
-        except (MessageError, ValueError) as e:
-            log.warning("rejected message %s from %r to %r: %s", message.id, message.sender, message.to, e)
-            await self._emit(_Item(message, message.id), Message(
-                sender="pump", to=message.sender, payload=error_payload(message.to, "MessageError", str(e)),
-                thread=message.thread, kind="error"), append=False)
-            self._finish(message.id)
-            return conv
-        except BaseException:
-            self._finish(message.id)
-            raise
-        self._queue.put_nowait(item)
+        self._queue.put_nowait(_Item(message, message.id, admit=True))
         return conv
 
-    def _admit(self, message: Message) -> _Item:
+    def _admit(self, message: Message) -> Message:
         """(io thread) Validate an external message and register its thread."""
         if message.to not in self._listeners:
             raise MessageError(f"unknown listener {message.to!r} (listeners: {', '.join(self._listeners)})")
         if message.sender in self._listeners:
             raise MessageError(f"'from' must name the external sender, not a listener ({message.sender!r})")
-        thread = self._external_thread(message)
-        return _Item(message.with_(thread=thread), message.id)
+        return message.with_(thread=self._external_thread(message))
 
     def _external_thread(self, message: Message) -> str:
         reg = self.registry
         sender, target = message.sender, message.to
         if message.thread is None:
-            return reg.register_thread(new_key(), sender, target)
+            # What register_thread(new uuid, sender, target) does, minus its lookup of the brand-new
+            # uuid: one cached get_or_create of the conversation's chain.
+            chain = f"{reg.root_chain}.{sender}.{target}" if reg.root_uuid else f"{sender}.{target}"
+            return reg.get_or_create(chain)
         chain = reg.lookup(message.thread)
         if chain is None:
             return reg.register_thread(message.thread, sender, target)
@@ -258,12 +329,21 @@ class StreamPump:
 
     async def _process(self, item: _Item) -> None:
         msg = item.message
-        listener = self._listeners[msg.to]
+        listener = self._listeners.get(msg.to)
+        # Step in (one hop to the io threads): admit, append to the buffer, store the worker's input.
+        try:
+            msg, keys = await self._run_io(self._step_in, msg, item.admit, listener)
+        except MessageError as e:
+            log.warning("rejected message %s from %r to %r: %s", msg.id, msg.sender, msg.to, e)
+            await self._emit(item, Message(sender="pump", to=msg.sender, kind="error", thread=msg.thread,
+                                           payload=error_payload(msg.to, "MessageError", str(e))))
+            return
+        assert listener is not None
         self.stats.messages += 1
+        result: WorkerResult | None = None
         actions: list[Action] | None = None
         error: tuple[str, str] | None = None
-        if listener.cpu_bound:
-            keys = await self._run_io(self._accept_for_worker, msg)
+        if keys is not None:
             task = WorkerTask(task_id=new_key(), listener=listener.name, handler=listener.handler,
                               payload_key=keys[0], metadata_key=keys[1])
             self.stats.worker_tasks += 1
@@ -273,11 +353,11 @@ class StreamPump:
             except BaseException:
                 await self._run_io(self.backend.temp_delete, *keys)
                 raise
-            actions, error = await self._run_io(self._collect, result, keys)
         else:
-            await self._run_io(self._append, msg)
             actions, error = await self._run_plain(listener, msg)
-        outgoing = await self._run_io(self._route, msg, listener, actions or [], error)
+        # Step out (one hop): fetch the worker's response, delete temp keys, route, append outputs.
+        outgoing = await self._run_io(self._step_out, msg, listener, actions, error, result, keys,
+                                      item.conversation)
         for out, external in outgoing:
             if out.kind == "error":
                 self.stats.errors += 1
@@ -286,17 +366,38 @@ class StreamPump:
             else:
                 self._forward(item, out)
 
+    def _step_in(self, msg: Message, admit: bool, listener: ListenerSpec | None) -> tuple[Message, tuple[str, str] | None]:
+        if admit:
+            msg = self._admit(msg)
+        assert listener is not None
+        self._append(msg)
+        return msg, (store_inputs(self.backend, msg) if listener.cpu_bound else None)
+
+    def _step_out(self, msg: Message, listener: ListenerSpec, actions: list[Action] | None,
+                  error: tuple[str, str] | None, result: WorkerResult | None, keys: tuple[str, str] | None,
+                  conversation: str) -> list[tuple[Message, bool]]:
+        if result is not None and keys is not None:
+            actions, error = self._collect(result, keys)
+        routed = self._route(msg, listener, actions or [], error)
+        out: list[tuple[Message, bool]] = []
+        for m, external in routed:
+            if external:
+                # Outputs to the outside answer the conversation's first message.
+                m = m.with_(in_reply_to=conversation)
+                self._append(m)
+            out.append((m, external))
+        return out
+
     def _forward(self, item: _Item, out: Message) -> None:
         conv = self._conversations.get(item.conversation)
         if conv is not None:
             conv.inflight += 1
         self._queue.put_nowait(_Item(out, item.conversation))
 
-    async def _emit(self, item: _Item, out: Message, *, append: bool = True) -> None:
+    async def _emit(self, item: _Item, out: Message) -> None:
         conv = self._conversations.get(item.conversation)
-        out = out.with_(in_reply_to=item.conversation)
-        if append and out.thread is not None:
-            await self._run_io(self._append, out)
+        if out.in_reply_to != item.conversation:
+            out = out.with_(in_reply_to=item.conversation)
         self.stats.outputs += 1
         if conv is not None and self.keep_outputs:
             conv.outputs.append(out)
@@ -328,10 +429,6 @@ class StreamPump:
     def _append(self, msg: Message) -> None:
         assert msg.thread is not None
         self.buffer.append(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id)
-
-    def _accept_for_worker(self, msg: Message) -> tuple[str, str]:
-        self._append(msg)
-        return store_inputs(self.backend, msg, chain=None)
 
     def _collect(self, result: WorkerResult, keys: tuple[str, str]) -> tuple[list[Action] | None, tuple[str, str] | None]:
         """Fetch the worker's response, then delete every temp key of the task."""

@@ -1,0 +1,214 @@
+"""Benchmark: cpu_bound round trips through the pump, against a plain ProcessPoolExecutor, in one run.
+
+    .venv/bin/python bench/dispatch.py [--workers 2] [--rounds 3] [--quick]
+
+A round trip is the whole path of one cpu_bound message: the StreamPump takes a message from
+outside, registers its thread, appends it to the ContextBuffer, stores payload + metadata in the
+backend's temp key space (signed), hands a WorkerTask to a worker process, the worker fetches and
+verifies both, runs the handler, stores the response; the pump fetches it, deletes the temp keys,
+routes the reply and appends it to the ContextBuffer. Every message in flight at once (a window of
+256), so the figure is throughput.
+
+Paths measured (each with `--workers` worker processes):
+- manager      ManagerBackend + local process pool (the `xml-pipeline run` / `make demo` path)
+- redis-local  RedisBackend + local process pool
+- redis-stream RedisBackend + Redis Streams to `xml-pipeline worker`-style consumers (the cluster path)
+- baseline     the same handler function through concurrent.futures.ProcessPoolExecutor (payload
+               pickled into the call, result pickled back; no backend, no buffer, no routing)
+
+Handler: xml_pipeline.examples.cpu:burn (SHA-256 rounds over the payload). Work levels: 0 rounds
+(pure dispatch overhead) and 2,000 rounds (about 1 ms of CPU). Payloads: 100 B and 1 MB.
+Starts its own redis-server on a free port. Not a test: nothing asserts on speed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import multiprocessing
+import os
+import platform
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from xml_pipeline.examples.cpu import burn
+from xml_pipeline.memory import BackendConfig, get_shared_backend
+from xml_pipeline.message_bus.distributed import DistributedWorker, RedisDispatcher
+from xml_pipeline.message_bus.local_pool import LocalWorkerPool
+from xml_pipeline.message_bus.message import Message
+from xml_pipeline.message_bus.stream_pump import StreamPump, run_messages
+from xml_pipeline.organism import parse_organism
+
+SIGNING_KEY = secrets.token_hex(16)
+ORGANISM = """
+organism: {name: bench}
+process_pool: {workers: %d, claim_idle_seconds: 30, heartbeat_seconds: 5}
+listeners:
+  - {name: work, handler: "xml_pipeline.examples.cpu:burn", cpu_bound: true}
+"""
+
+
+def payload(size: int, rounds: int) -> str:
+    head = f'<work rounds="{rounds}">'
+    tail = "</work>"
+    return head + "x" * max(0, size - len(head) - len(tail)) + tail
+
+
+def plain_call(fragment: str) -> str:
+    """The baseline's task: the same handler on the same message, nothing else."""
+    return burn(Message(sender="console", to="work", payload=fragment))
+
+
+# -- redis-server ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Redis:
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            sys.exit("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="xp-bench-redis-")
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", self.dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+        for _ in range(200):
+            try:
+                if redis.Redis(port=self.port).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.02)
+        sys.exit("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _stream_worker(config: BackendConfig, workers: int, stop: Any) -> None:
+    """A distributed worker process (what `xml-pipeline worker` runs), stopped through an Event."""
+    org = parse_organism(ORGANISM % workers, environ={})
+    backend = get_shared_backend(config)
+    worker = DistributedWorker(backend, org)
+    threading.Thread(target=lambda: (stop.wait(), worker.request_stop()), daemon=True).start()
+    worker.run()
+    backend.close()
+
+
+# -- measurements -----------------------------------------------------------------------------------
+async def pump_rate(backend: Any, dispatcher: Any, workers: int, fragment: str, count: int) -> float:
+    org = parse_organism(ORGANISM % workers, environ={})
+    async with StreamPump(org, backend, dispatcher=dispatcher, keep_outputs=False) as pump:
+        # Warm up: workers started, imports done, connections open.
+        await run_messages(pump, [Message("console", "work", fragment) for _ in range(workers * 4)])
+        messages = [Message("console", "work", fragment) for _ in range(count)]
+        elapsed = await run_messages(pump, messages)
+    return count / elapsed
+
+
+def plain_rate(pool: concurrent.futures.ProcessPoolExecutor, fragment: str, count: int) -> float:
+    list(pool.map(plain_call, [fragment] * 8))  # warm up
+    start = time.perf_counter()
+    futures = [pool.submit(plain_call, fragment) for _ in range(count)]
+    for f in futures:
+        f.result()
+    return count / (time.perf_counter() - start)
+
+
+def median_of(rounds: int, fn: Callable[[], float]) -> float:
+    return statistics.median(fn() for _ in range(rounds))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="repetitions per figure; the median is shown")
+    ap.add_argument("--quick", action="store_true", help="fewer messages (a smoke run)")
+    args = ap.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    workers = args.workers
+    small_n = 300 if args.quick else 1500
+    big_n = 20 if args.quick else 80
+    cases = [("100 B", 100, 0, small_n), ("100 B", 100, 2000, small_n),
+             ("1 MB", 1 << 20, 0, big_n), ("1 MB", 1 << 20, 2000, big_n)]
+
+    print(f"# bench/dispatch.py  workers={workers} rounds={args.rounds}  python {platform.python_version()}  "
+          f"{os.cpu_count()} cpu(s)  {platform.machine()}")
+    print("# rates in round trips per second (median of rounds); ratio = path / plain ProcessPoolExecutor")
+    redis_server = Redis()
+    manager = get_shared_backend(BackendConfig(backend_type="manager", signing_key=SIGNING_KEY))
+    rows: list[tuple[str, str, int, dict[str, float]]] = []
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as plain:
+            for label, size, rounds, count in cases:
+                frag = payload(size, rounds)
+                rates: dict[str, float] = {}
+                rates["baseline"] = median_of(args.rounds, lambda: plain_rate(plain, frag, count))
+
+                async def local(backend: Any) -> float:
+                    pool = LocalWorkerPool(backend, workers=workers, start_method="spawn")
+                    return await pump_rate(backend, pool, workers, frag, count)
+
+                rates["manager"] = median_of(args.rounds, lambda: asyncio.run(local(manager)))
+                prefix = f"bench:{secrets.token_hex(4)}:"
+                rcfg = BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
+                                     signing_key=SIGNING_KEY, redis_ttl=3600)
+                rb = get_shared_backend(rcfg)
+                rates["redis-local"] = median_of(args.rounds, lambda: asyncio.run(local(rb)))
+                stop = ctx.Event()
+                procs = [ctx.Process(target=_stream_worker, args=(rcfg, workers, stop))
+                         for _ in range(workers)]
+                for p in procs:
+                    p.start()
+                try:
+                    rates["redis-stream"] = median_of(
+                        args.rounds, lambda: asyncio.run(pump_rate(rb, RedisDispatcher(rb), workers, frag, count)))
+                finally:
+                    stop.set()
+                    for p in procs:
+                        p.join(10)
+                rb.buffer_clear()
+                rb.registry_clear()
+                rb.close()
+                manager.buffer_clear()
+                manager.registry_clear()
+                rows.append((label, f"{rounds} rounds", count, rates))
+                base = rates["baseline"]
+                print(f"{label:>6} {rounds:>5} rounds ({count} msgs): plain pool {base:8.1f}/s | "
+                      + " | ".join(f"{k} {v:8.1f}/s ({v / base:.2f}x)" for k, v in rates.items() if k != "baseline"),
+                      flush=True)
+    finally:
+        manager.close()
+        redis_server.stop()
+
+    print()
+    print("| payload | handler work | plain ProcessPoolExecutor | manager + local pool | redis + local pool | redis + streams |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, work, _count, r in rows:
+        b = r["baseline"]
+        cells = " | ".join(f"{r[k]:.0f}/s ({r[k] / b:.2f}×)" for k in ("manager", "redis-local", "redis-stream"))
+        print(f"| {label} | {work} | {b:.0f}/s | {cells} |")
+
+
+if __name__ == "__main__":
+    main()

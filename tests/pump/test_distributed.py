@@ -202,3 +202,37 @@ def test_sigterm_drains_pump_and_worker_and_both_exit_0(
     assert "draining 1 conversation" in log and "pump stopped cleanly" in log
     assert "stopped after 2 task(s)" in (tmp_path / "w.log").read_text()
     backend.close()
+
+
+async def test_distributed_mode_works_as_the_tenant_acl_user(
+        redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
+    """Pump, worker and `send` need no command beyond what the operator grants an organism's user."""
+    acl = pytest.importorskip("xml_pipeline_operator.tenancy.acl")
+    admin = redis_server.client()
+    user, password = f"xpt-{prefix.split(':')[1]}", "tenant-password-0123456789"
+    admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}",
+                          *acl.acl_rules(prefix, available=acl.server_commands(admin)))
+    try:
+        path = write_organism(tmp_path, redis_server.url, prefix)
+        env = dict(cli_env, XP_CONFIG=str(path), XP_REDIS_USERNAME=user, XP_REDIS_PASSWORD=password)
+        start_worker(path, env, tmp_path, "w", procs)
+        org = load_organism(path, environ={"XP_SIGNING_KEY": SIGNING_KEY, "XP_REDIS_USERNAME": user,
+                                           "XP_REDIS_PASSWORD": password})
+        backend = get_shared_backend(org.backend)
+        async with StreamPump(org, backend, dispatcher=RedisDispatcher(backend)) as pump:
+            (out,) = await pump.request(ask("greeter", '<greet name="Ada" lucky="100"/>'), timeout=60)
+            assert "there are 25 primes below 100" in out.payload
+            (err,) = await pump.request(ask("fail", "<x/>"), timeout=60)  # requeue + dead-letter paths
+            assert 'type="DeadLetter"' in err.payload
+        backend.close()
+        pump_proc = cli_popen("pump", "--heartbeat-file", str(tmp_path / "p.hb"), env=env, log=tmp_path / "p.log")
+        procs.append(pump_proc)
+        r = await asyncio.to_thread(cli, "send", "--to", "greeter", '<greet name="Acl"/>', "--wait", env=env)
+        assert r.returncode == 0 and "Hello, Acl!" in r.stdout, (r.stderr, (tmp_path / "p.log").read_text())
+        r = await asyncio.to_thread(cli, "backend", "info", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        pump_proc.send_signal(signal.SIGTERM)
+        assert pump_proc.wait(30) == 0
+        assert "NOPERM" not in (tmp_path / "w.log").read_text() + (tmp_path / "p.log").read_text()
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)

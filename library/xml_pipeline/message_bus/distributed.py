@@ -71,10 +71,12 @@ _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 #: Outages a worker that is stopping sits through before it leaves a finished task to be reclaimed.
 ESSENTIAL_ATTEMPTS = 8
 
-#: Redis commands of this module (beyond the backend's ACL_COMMANDS), for tenant ACL users.
+#: Redis commands this module sends (beyond the backend's ACL_COMMANDS), for tenant ACL users.
+#: The heartbeat script runs XPENDING and XCLAIM; Redis checks those against the caller's ACL too.
 STREAM_ACL_COMMANDS: tuple[str, ...] = (
-    "xadd", "xreadgroup", "xread", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xgroup",
-    "xrevrange", "xlen", "xinfo", "expire", "multi", "exec", "evalsha", "eval", "del",
+    "xadd", "xreadgroup", "xread", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xlen",
+    "xrange", "xrevrange", "xgroup|create", "xgroup|delconsumer", "expire", "multi", "exec",
+    "evalsha", "script|load", "del", "unlink", "scan",
 )
 
 # Re-claim a running task for its own consumer, only if that consumer still owns it.

@@ -8,17 +8,21 @@ client, so all of it is tested against a real redis-server. The operator's handl
 - `cleanup`  delete an organism's keys (SCAN + UNLINK, resumable)
 - `usage`    per-organism threads/keys/bytes with bounded work per tick
 - `recovery` re-create users a restarted Redis has lost
+- `admin`    SharedRedisAdmin: the operator's RedisAdmin for shared mode, built from the above
+- `handlers` the kopf index and timer it needs (imported by the operator's handlers only)
 
 docs/multi-tenancy.md describes the model, its guarantees and its limits.
 """
 from __future__ import annotations
 
 from .acl import (
+    ADMIN_COMMANDS,
     FORBIDDEN_COMMANDS,
     ORGANISM_COMMANDS,
     AclUser,
     Change,
     RotationStep,
+    ServerProfile,
     acl_rules,
     delete_user,
     disable_user,
@@ -27,15 +31,19 @@ from .acl import (
     list_users,
     next_rotation_step,
     password_hash,
+    save_acl,
+    server_profile,
     user_exists,
     username_for,
 )
+from .admin import CleanupInProgress, SharedRedisAdmin
 from .cleanup import CleanupProgress, cleanup_prefix
 from .overlap import Tenant, conflict_message, find_conflict, find_overlaps
 from .recovery import DesiredUser, RecoveryReport, UserRecovery
 from .usage import TickCost, Usage, UsageSampler
 
 __all__ = [
+    "ADMIN_COMMANDS", "CleanupInProgress", "ServerProfile", "SharedRedisAdmin", "save_acl", "server_profile",
     "FORBIDDEN_COMMANDS", "ORGANISM_COMMANDS", "AclUser", "Change", "CleanupProgress", "DesiredUser",
     "RecoveryReport", "RotationStep", "Tenant", "TickCost", "Usage", "UsageSampler", "UserRecovery",
     "acl_rules", "cleanup_prefix", "conflict_message", "delete_user", "disable_user", "ensure_user",

@@ -189,3 +189,17 @@ async def test_temp_keys_are_not_threads_carry_the_ttl_and_are_cleaned_up(redis_
     assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
     assert all(client.ttl(k) > 0 for k in client.scan_iter(match=f"{prefix}*"))
     backend.close()
+
+
+@pytest.mark.parametrize("backend_type", ["memory", "manager"])
+async def test_the_pump_uses_the_configured_backend_by_itself(backend_type: str) -> None:
+    """Spec, "With StreamPump": the organism.yaml's backend and process_pool are all it needs."""
+    org = make_organism(f"auto-{backend_type}", backend=backend_type)
+    async with StreamPump(org) as pump:
+        (out,) = await pump.request(ask("echo", "<e/>"), timeout=60)
+        kind = type(pump.dispatcher).__name__
+        assert pump.backend.info()["backend"] == backend_type
+    assert out.kind == "response"
+    in_pump = int(attr(out, "pid")) == os.getpid()
+    assert (kind, in_pump) == (("ThreadWorkerPool", True) if backend_type == "memory" else ("LocalWorkerPool", False))
+    assert not pump.backend.ping()  # the pump created the backend, so it closed it

@@ -5,14 +5,13 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import sys
 import time
 from typing import Any, TextIO
 
 from ..memory.factory import get_shared_backend
 from ..memory.protocol import SharedBackend
-from ..message_bus.local_pool import Dispatcher, LocalWorkerPool, ThreadWorkerPool
+from ..message_bus.local_pool import Dispatcher, default_dispatcher
 from ..message_bus.message import Message, split_messages
 from ..message_bus.stream_pump import StreamPump, run_messages
 from ..organism import Organism, load_organism
@@ -108,12 +107,7 @@ def _pool_overrides(organism: Organism, args: argparse.Namespace) -> Organism:
 
 
 def make_dispatcher(organism: Organism, backend: SharedBackend) -> Dispatcher | None:
-    if not organism.has_cpu_bound:
-        return None
-    pool = organism.process_pool
-    if organism.backend.backend_type == "memory":
-        return ThreadWorkerPool(backend, workers=pool.workers)
-    return LocalWorkerPool(backend, workers=pool.workers, start_method=pool.start_method)
+    return default_dispatcher(organism, backend) if organism.has_cpu_bound else None
 
 
 def _format(m: Message, fmt: str) -> str:
@@ -188,4 +182,4 @@ async def _run(organism: Organism, backend: SharedBackend, messages: list[Messag
     return EXIT_OK
 
 
-__all__ = ["cmd_run", "DEMO_MESSAGES", "ProgressBar", "make_dispatcher", "os"]
+__all__ = ["cmd_run", "DEMO_MESSAGES", "ProgressBar", "make_dispatcher"]

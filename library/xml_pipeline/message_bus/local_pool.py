@@ -32,6 +32,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from ..memory.protocol import SharedBackend
+from ..organism import Organism
 from .worker_task import WORKER_DIED, WorkerResult, WorkerTask, execute_task
 
 log = logging.getLogger(__name__)
@@ -291,3 +292,11 @@ class ThreadWorkerPool:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def default_dispatcher(organism: Organism, backend: SharedBackend) -> Dispatcher:
+    """Local mode: process_pool.workers processes, or threads on the (unshared) memory backend."""
+    pool = organism.process_pool
+    if not backend.is_shared:
+        return ThreadWorkerPool(backend, workers=pool.workers)
+    return LocalWorkerPool(backend, workers=pool.workers, start_method=pool.start_method)

@@ -37,7 +37,7 @@ from ..errors import BackendError, SlotIntegrityError
 from ..memory.context_buffer import ContextBuffer
 from ..memory.protocol import SharedBackend
 from ..organism import ListenerSpec, Organism
-from .local_pool import Dispatcher
+from .local_pool import Dispatcher, default_dispatcher
 from .message import Action, Call, Message, MessageError, Reply, error_payload, new_id, normalize_result
 from .thread_registry import ThreadRegistry
 from .worker_task import WorkerResult, WorkerTask, load_response, new_key, store_inputs
@@ -155,11 +155,21 @@ class PumpStats:
 class StreamPump:
     """Routes an organism's messages. Use `async with StreamPump(...) as pump:` or start()/stop()."""
 
-    def __init__(self, organism: Organism, backend: SharedBackend, *, dispatcher: Dispatcher | None = None,
-                 on_output: OutputCallback | None = None, on_done: DoneCallback | None = None,
-                 concurrency: int = 64, io_threads: int = 8, keep_outputs: bool = True) -> None:
+    def __init__(self, organism: Organism, backend: SharedBackend | None = None, *,
+                 dispatcher: Dispatcher | None = None, on_output: OutputCallback | None = None,
+                 on_done: DoneCallback | None = None, concurrency: int = 64, io_threads: int = 8,
+                 keep_outputs: bool = True) -> None:
+        """`backend=None`: the organism's configured backend (created here, closed by stop()).
+        `dispatcher=None` with cpu_bound listeners: a local pool of process_pool.workers processes
+        (threads on the memory backend). Pods pass a RedisDispatcher instead."""
         self.organism = organism
+        self._owns_backend = backend is None
+        if backend is None:
+            from ..memory.factory import get_shared_backend
+            backend = get_shared_backend(organism.backend)
         self.backend = backend
+        if dispatcher is None and organism.has_cpu_bound:
+            dispatcher = default_dispatcher(organism, backend)
         self.dispatcher = dispatcher
         self.buffer = ContextBuffer(backend)
         ttl = getattr(backend, "ttl", None) or backend.config.ttl
@@ -170,9 +180,6 @@ class StreamPump:
         self.keep_outputs = keep_outputs
         self.stats = PumpStats()
         self._listeners = {ls.name: ls for ls in organism.listeners}
-        if organism.has_cpu_bound and dispatcher is None:
-            raise ValueError("the organism has cpu_bound listeners: give the pump a dispatcher "
-                             "(LocalWorkerPool, ThreadWorkerPool or RedisDispatcher)")
         self._concurrency = concurrency
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="xp-pump-io")
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
@@ -213,6 +220,8 @@ class StreamPump:
             await self.dispatcher.close()
         self._running = False
         self._io.shutdown(wait=False, cancel_futures=True)
+        if self._owns_backend:
+            self.backend.close()
         return drained
 
     async def __aenter__(self) -> "StreamPump":

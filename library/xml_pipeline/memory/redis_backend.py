@@ -15,7 +15,7 @@ What it guarantees, and why (docs/storage.md has the full story):
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -275,12 +275,14 @@ class RedisBackend:
                                       or max_slots < 1):
             raise ValueError(f"max_slots must be None or an integer >= 1, got {max_slots!r}")
         if append_id is None:
-            # One id per call: every retry of this call carries it, so the server stores the slot once.
-            append_id = secrets.token_urlsafe(12)
-        elif not isinstance(append_id, str) or not append_id:
+            # One id per call (96 random bits, stored as raw bytes): every retry of this call carries
+            # it, so the server stores the slot once.
+            aid = os.urandom(12)
+        elif isinstance(append_id, str) and append_id:
+            aid = append_id.encode()
+        else:
             raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
         tid = thread_id.encode()
-        aid = append_id.encode()
         n = self._plen + len(tid)
         tail = self._append_tails.get(max_slots or 0)
         if tail is None:

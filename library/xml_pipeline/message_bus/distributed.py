@@ -279,6 +279,8 @@ class DistributedWorker:
         self._heartbeat_sha: str | None = None
         self.completed = 0
         self.current: str | None = None
+        self._entry: str | None = None  # stream entry of the task in hand (the heartbeat re-claims it)
+        self._beat_stop = threading.Event()
 
     def request_stop(self) -> None:
         """Finish the task in hand, then return from run() (SIGTERM)."""
@@ -293,6 +295,17 @@ class DistributedWorker:
         log.info("worker %s: consuming %s (group %s), claim idle %.1f s, heartbeat %.1f s, max attempts %d",
                  self.name, s.tasks, WORKER_GROUP, self.claim_idle_ms / 1000, self.heartbeat_s, self.max_attempts)
         self._with_redis(lambda: s.ensure_group(s.tasks, WORKER_GROUP))
+        beat = threading.Thread(target=self._heartbeat_loop, name="xp-heartbeat", daemon=True)
+        beat.start()
+        try:
+            self._loop()
+        finally:
+            self._beat_stop.set()
+            beat.join()
+        self._leave()
+        log.info("worker %s: stopped after %d task(s)", self.name, self.completed)
+
+    def _loop(self) -> None:
         next_claim = 0.0
         while not self._stop.is_set():
             self.touch()
@@ -308,8 +321,6 @@ class DistributedWorker:
                 entry = self._with_redis(self._read_one)
             if entry is not None:
                 self._handle(*entry)
-        self._leave()
-        log.info("worker %s: stopped after %d task(s)", self.name, self.completed)
 
     def touch(self) -> None:
         if self.heartbeat_file:
@@ -376,26 +387,32 @@ class DistributedWorker:
             return eid, fields, deliveries
         return None
 
-    def _heartbeat(self, entry_id: str, done: threading.Event) -> None:
+    def _heartbeat_loop(self) -> None:
+        """One thread per worker: every heartbeat_seconds, refresh the heartbeat file and re-claim
+        the task in hand (resetting its idle time), so a long task is not taken over."""
         s = self.streams
-        while not done.wait(self.heartbeat_s):
+        warned: str | None = None
+        while not self._beat_stop.wait(self.heartbeat_s):
             self.touch()
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.error("worker %s: parent process is gone; exiting", self.name)
+                os._exit(1)
+            entry_id = self._entry
+            if entry_id is None or entry_id == warned:
+                continue
             try:
                 if self._heartbeat_sha is None:
                     self._heartbeat_sha = s.client.script_load(_HEARTBEAT_LUA)
                 owned = s.client.evalsha(self._heartbeat_sha, 1, s.tasks, WORKER_GROUP, self.name, entry_id)
-                if not owned:
+                if not owned and self._entry == entry_id:
+                    warned = entry_id
                     log.warning("worker %s: task entry %s was reclaimed by another worker; the pump "
                                 "keeps only the first result", self.name, entry_id)
-                    return
             except redis.RedisError as e:
                 if "NOSCRIPT" in str(e):
                     self._heartbeat_sha = None
                     continue
                 log.warning("worker %s: heartbeat for %s failed: %s", self.name, entry_id, e)
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                log.error("worker %s: parent process is gone; exiting", self.name)
-                os._exit(1)
 
     def _handle(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
         try:
@@ -424,16 +441,11 @@ class DistributedWorker:
                                   f"is not a cpu_bound listener of organism {self.organism.name!r} here",
                                   error_type="UnknownListener", worker=self.name)
         else:
-            done = threading.Event()
-            beat = threading.Thread(target=self._heartbeat, args=(entry_id, done), daemon=True)
-            self.current = task.task_id
-            beat.start()
+            self.current, self._entry = task.task_id, entry_id
             try:
                 result = execute_task(self.backend, task, worker=self.name)
             finally:
-                done.set()
-                beat.join()
-                self.current = None
+                self.current = self._entry = None
         if result.ok:
             self._with_redis(lambda: self._finish(entry_id, task, result), essential=True)
             self.completed += 1

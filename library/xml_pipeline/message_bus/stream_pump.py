@@ -40,7 +40,7 @@ from ..organism import ListenerSpec, Organism
 from .local_pool import Dispatcher, default_dispatcher
 from .message import Action, Call, Message, MessageError, Reply, error_payload, new_id, normalize_result
 from .thread_registry import ThreadRegistry
-from .worker_task import WorkerResult, WorkerTask, load_response, new_key, store_inputs
+from .worker_task import WorkerResult, WorkerTask, new_key, store_inputs, take_response
 
 log = logging.getLogger(__name__)
 
@@ -440,26 +440,23 @@ class StreamPump:
         self.buffer.append(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id)
 
     def _collect(self, result: WorkerResult, keys: tuple[str, str]) -> tuple[list[Action] | None, tuple[str, str] | None]:
-        """Fetch the worker's response, then delete every temp key of the task."""
-        doomed = list(keys)
+        """Fetch the worker's response, and delete every temp key of the task."""
         try:
-            if not result.ok:
+            if not result.ok or result.response_key is None:
+                self.backend.temp_delete(*keys)
                 return None, (result.error_type or "WorkerError", result.error or "unknown error")
-            assert result.response_key is not None
-            doomed.append(result.response_key)
             try:
-                return load_response(self.backend, result.response_key), None
+                return take_response(self.backend, result.response_key, list(keys)), None
             except SlotIntegrityError as e:
                 log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
                 return None, ("IntegrityError", f"SlotIntegrityError: {e}")
             except (LookupError, MessageError, ValueError) as e:
                 log.error("task %s: cannot read the response: %s", result.task_id, e)
                 return None, ("MissingData", f"{type(e).__name__}: {e}")
-        finally:
-            try:
-                self.backend.temp_delete(*doomed)
-            except BackendError as e:  # they expire with the TTL anyway
-                log.warning("could not delete temp keys of task %s: %s", result.task_id, e)
+        except BackendError as e:
+            # Could not reach the backend to collect: the temp keys expire with the TTL anyway.
+            log.error("task %s: cannot collect the response: %s", result.task_id, e)
+            return None, ("BackendError", f"{type(e).__name__}: {e}")
 
     def _route(self, msg: Message, listener: ListenerSpec, actions: list[Action],
                error: tuple[str, str] | None) -> list[tuple[Message, bool]]:

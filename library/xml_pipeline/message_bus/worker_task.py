@@ -100,12 +100,40 @@ class WorkerResult:
 
 
 # -- temp values --------------------------------------------------------------------------------------
-def _put(backend: SharedBackend, key: str, tag: bytes, body: bytes) -> None:
-    backend.temp_put(key, backend.signer.sign(tag + body))
+# The SharedBackend protocol has one-key temp operations. On Redis, where every call is a network
+# round trip, the pairs below go out as one pipeline / MGET instead (same keys, same TTL, same error
+# mapping through RedisBackend.execute); other backends use the protocol calls.
+#: Lifetime of temp values without a configured TTL (the backends' own default: 24 h).
+_DEFAULT_TEMP_TTL = 86400
 
 
-def _get(backend: SharedBackend, key: str, tag: bytes, what: str) -> bytes:
-    blob = backend.temp_get(key)
+def _redis(backend: SharedBackend) -> Any:
+    if getattr(backend.config, "backend_type", None) == "redis" and all(
+            hasattr(backend, a) for a in ("client", "keys", "execute")):
+        return backend
+    return None
+
+
+def _put_many(backend: SharedBackend, items: list[tuple[str, bytes, bytes]]) -> None:
+    """Store (key, tag, body) values, each in a signed envelope."""
+    signed = [(k, backend.signer.sign(tag + body)) for k, tag, body in items]
+    r = _redis(backend)
+    if r is None:
+        for key, blob in signed:
+            backend.temp_put(key, blob)
+        return
+    ttl = r.config.ttl or _DEFAULT_TEMP_TTL
+
+    def run(client: Any) -> None:
+        pipe = client.pipeline(transaction=False)
+        for key, blob in signed:
+            pipe.set(r.keys.tmp(key), blob, ex=ttl)
+        pipe.execute()
+
+    r.execute(run, idempotent=True, what="temp_put")
+
+
+def _open(backend: SharedBackend, blob: bytes | None, key: str, tag: bytes, what: str) -> bytes:
     if blob is None:
         raise LookupError(f"{what} {key} is gone (expired or already consumed)")
     body = backend.signer.verify(blob)  # SlotIntegrityError before anything is decoded
@@ -114,33 +142,67 @@ def _get(backend: SharedBackend, key: str, tag: bytes, what: str) -> bytes:
     return body[1:]
 
 
+def _get_many(backend: SharedBackend, keys: list[str]) -> list[bytes | None]:
+    r = _redis(backend)
+    if r is None:
+        return [backend.temp_get(k) for k in keys]
+    names = [r.keys.tmp(k) for k in keys]
+    return list(r.execute(lambda c: c.mget(names), idempotent=True, what="temp_get"))
+
+
 def store_inputs(backend: SharedBackend, message: Message, *, chain: str | None = None) -> tuple[str, str]:
     """Pump side, step 1: store payload and metadata; return (payload_key, metadata_key)."""
     payload_key, metadata_key = new_key(), new_key()
     meta = {"from": message.sender, "to": message.to, "thread": message.thread, "type": message.kind,
             "id": message.id, "in_reply_to": message.in_reply_to, "chain": chain}
-    _put(backend, payload_key, _PAYLOAD, message.payload.encode("utf-8"))
-    _put(backend, metadata_key, _META, json.dumps(meta, separators=(",", ":")).encode())
+    _put_many(backend, [(payload_key, _PAYLOAD, message.payload.encode("utf-8")),
+                        (metadata_key, _META, json.dumps(meta, separators=(",", ":")).encode())])
     return payload_key, metadata_key
 
 
 def load_inputs(backend: SharedBackend, task: WorkerTask) -> Message:
     """Worker side: fetch and verify payload + metadata, rebuild the message."""
-    payload = _get(backend, task.payload_key, _PAYLOAD, "payload").decode("utf-8")
-    meta = json.loads(_get(backend, task.metadata_key, _META, "metadata"))
+    blobs = _get_many(backend, [task.payload_key, task.metadata_key])
+    payload = _open(backend, blobs[0], task.payload_key, _PAYLOAD, "payload").decode("utf-8")
+    meta = json.loads(_open(backend, blobs[1], task.metadata_key, _META, "metadata"))
     return Message(sender=meta["from"], to=meta["to"], payload=payload, thread=meta.get("thread"),
                    kind=meta.get("type", "request"), id=meta["id"], in_reply_to=meta.get("in_reply_to"))
 
 
 def store_response(backend: SharedBackend, actions: list[Action]) -> str:
     key = new_key()
-    _put(backend, key, _RESPONSE, json.dumps(actions_to_json(actions), separators=(",", ":")).encode())
+    _put_many(backend, [(key, _RESPONSE, json.dumps(actions_to_json(actions), separators=(",", ":")).encode())])
     return key
 
 
 def load_response(backend: SharedBackend, key: str) -> list[Action]:
     """Pump side, step 3: fetch and verify the response."""
-    return actions_from_json(json.loads(_get(backend, key, _RESPONSE, "response")))
+    return take_response(backend, key, [])
+
+
+def take_response(backend: SharedBackend, key: str, also_delete: list[str]) -> list[Action]:
+    """Pump side, step 3: fetch and verify the response, and delete it and `also_delete`.
+
+    The keys are deleted whether or not the response verifies (on Redis: one round trip for both).
+    """
+    doomed = [key, *also_delete]
+    r = _redis(backend)
+    if r is None:
+        try:
+            blob = backend.temp_get(key)
+        finally:
+            backend.temp_delete(*doomed)
+    else:
+        names = [r.keys.tmp(k) for k in doomed]
+
+        def run(client: Any) -> Any:
+            pipe = client.pipeline(transaction=False)
+            pipe.get(names[0])
+            pipe.delete(*names)
+            return pipe.execute()[0]
+
+        blob = r.execute(run, idempotent=False, what="temp_get+delete")
+    return actions_from_json(json.loads(_open(backend, blob, key, _RESPONSE, "response")))
 
 
 def call_handler(func: Any, message: Message) -> list[Action]:

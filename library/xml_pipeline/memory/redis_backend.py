@@ -57,7 +57,7 @@ ACL_COMMANDS: tuple[str, ...] = (
     "client|setname",
 )
 
-# Backoff between retries: 20 ms, 40 ms, 80 ms ... (full jitter), never above 0.5 s.
+# Backoff before retry k: a random wait of up to 20 ms * 2**k (40, 80, 160 ms ...), never above 0.5 s.
 _BACKOFF_BASE = 0.02
 _BACKOFF_CAP = 0.5
 

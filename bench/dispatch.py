@@ -37,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +134,6 @@ def plain_rate(pool: concurrent.futures.ProcessPoolExecutor, fragment: str, coun
     return count / (time.perf_counter() - start)
 
 
-def median_of(rounds: int, fn: Callable[[], float]) -> float:
-    return statistics.median(fn() for _ in range(rounds))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
@@ -154,7 +149,14 @@ def main() -> None:
 
     print(f"# bench/dispatch.py  workers={workers} rounds={args.rounds}  python {platform.python_version()}  "
           f"{os.cpu_count()} cpu(s)  {platform.machine()}")
-    print("# rates in round trips per second (median of rounds); ratio = path / plain ProcessPoolExecutor")
+    print("# rates in round trips per second (median of rounds, paths interleaved round by round);")
+    print("# ratio = path / plain ProcessPoolExecutor")
+    for rounds in sorted({c[2] for c in cases}):
+        frag = payload(100, rounds)
+        t = time.perf_counter()
+        for _ in range(50):
+            plain_call(frag)
+        print(f"# handler cost with {rounds} rounds: {(time.perf_counter() - t) / 50 * 1000:.2f} ms per call (100 B)")
     redis_server = Redis()
     manager = get_shared_backend(BackendConfig(backend_type="manager", signing_key=SIGNING_KEY))
     rows: list[tuple[str, str, int, dict[str, float]]] = []
@@ -162,31 +164,33 @@ def main() -> None:
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as plain:
             for label, size, rounds, count in cases:
                 frag = payload(size, rounds)
-                rates: dict[str, float] = {}
-                rates["baseline"] = median_of(args.rounds, lambda: plain_rate(plain, frag, count))
+                prefix = f"bench:{secrets.token_hex(4)}:"
+                rcfg = BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
+                                     signing_key=SIGNING_KEY, redis_ttl=3600)
+                rb = get_shared_backend(rcfg)
 
                 async def local(backend: Any) -> float:
                     pool = LocalWorkerPool(backend, workers=workers, start_method="spawn")
                     return await pump_rate(backend, pool, workers, frag, count)
 
-                rates["manager"] = median_of(args.rounds, lambda: asyncio.run(local(manager)))
-                prefix = f"bench:{secrets.token_hex(4)}:"
-                rcfg = BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
-                                     signing_key=SIGNING_KEY, redis_ttl=3600)
-                rb = get_shared_backend(rcfg)
-                rates["redis-local"] = median_of(args.rounds, lambda: asyncio.run(local(rb)))
                 stop = ctx.Event()
-                procs = [ctx.Process(target=_stream_worker, args=(rcfg, workers, stop))
-                         for _ in range(workers)]
+                procs = [ctx.Process(target=_stream_worker, args=(rcfg, workers, stop)) for _ in range(workers)]
                 for p in procs:
                     p.start()
+                samples: dict[str, list[float]] = {"baseline": [], "manager": [], "redis-local": [], "redis-stream": []}
                 try:
-                    rates["redis-stream"] = median_of(
-                        args.rounds, lambda: asyncio.run(pump_rate(rb, RedisDispatcher(rb), workers, frag, count)))
+                    # Interleaved: a burst of load from other processes hits every path alike.
+                    for _ in range(args.rounds):
+                        samples["baseline"].append(plain_rate(plain, frag, count))
+                        samples["manager"].append(asyncio.run(local(manager)))
+                        samples["redis-local"].append(asyncio.run(local(rb)))
+                        samples["redis-stream"].append(
+                            asyncio.run(pump_rate(rb, RedisDispatcher(rb), workers, frag, count)))
                 finally:
                     stop.set()
                     for p in procs:
                         p.join(10)
+                rates = {k: statistics.median(v) for k, v in samples.items()}
                 rb.buffer_clear()
                 rb.registry_clear()
                 rb.close()

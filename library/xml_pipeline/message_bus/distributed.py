@@ -32,6 +32,7 @@ import collections
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -52,9 +53,11 @@ from .worker_task import (
     DEAD_LETTER,
     HANDLER_ERROR,
     WORKER_DIED,
+    Outcome,
     WorkerResult,
     WorkerTask,
-    execute_task,
+    response_ttl,
+    run_task,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,8 @@ PUMP_GROUP = "pump"
 EGRESS_MAXLEN = 10_000
 DLQ_MAXLEN = 10_000
 RESULTS_MAXLEN = 100_000
+#: Tasks the pump sends in one MULTI when many are waiting.
+SUBMIT_BATCH = 256
 #: Errors worth another attempt. Integrity failures and missing inputs will not get better.
 RETRYABLE = frozenset({HANDLER_ERROR, BACKEND_ERROR, WORKER_DIED})
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
@@ -158,6 +163,8 @@ class RedisDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
+        self._submitter: threading.Thread | None = None
+        self._outbox: queue.SimpleQueue[WorkerTask | None] = queue.SimpleQueue()
         self.duplicates = 0
         #: Ids of the latest tasks answered (for logs and tests; dedupe itself uses the futures).
         self.completed_ids: collections.deque[str] = collections.deque(maxlen=1000)
@@ -170,6 +177,8 @@ class RedisDispatcher:
         await self._loop.run_in_executor(None, self.streams.ensure_group, self.streams.tasks, WORKER_GROUP)
         self._reader = threading.Thread(target=self._read_results, name="xp-results", daemon=True)
         self._reader.start()
+        self._submitter = threading.Thread(target=self._submit_loop, name="xp-submit", daemon=True)
+        self._submitter.start()
 
     async def run(self, task: WorkerTask) -> WorkerResult:
         assert self._loop is not None, "start() the dispatcher first"
@@ -178,17 +187,43 @@ class RedisDispatcher:
         fut: asyncio.Future[WorkerResult] = self._loop.create_future()
         self._futures[task.task_id] = fut
         try:
-            await self._loop.run_in_executor(None, self._submit, task)
+            self._outbox.put(task)
             return await fut
         finally:
             self._futures.pop(task.task_id, None)
 
-    def _submit(self, task: WorkerTask) -> None:
+    def _submit_loop(self) -> None:
+        """Send queued tasks: everything waiting goes out in one MULTI (XADD..., EXPIRE)."""
         s = self.streams
-        pipe = s.client.pipeline(transaction=True)
-        pipe.xadd(s.tasks, task.to_fields())
-        s.expire(pipe, s.tasks)
-        self.backend.execute(lambda _c: pipe.execute(), idempotent=False, what="submit task")
+        while True:
+            first = self._outbox.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < SUBMIT_BATCH:
+                try:
+                    nxt = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            pipe = s.client.pipeline(transaction=True)
+            for task in batch:
+                pipe.xadd(s.tasks, task.to_fields())
+            s.expire(pipe, s.tasks)
+            try:
+                self.backend.execute(lambda _c: pipe.execute(), idempotent=False, what="submit tasks")
+            except Exception as e:  # noqa: BLE001 - the callers get an error response
+                log.error("could not submit %d task(s) to %s: %s", len(batch), s.tasks, e)
+                assert self._loop is not None
+                for task in batch:
+                    self._loop.call_soon_threadsafe(self._deliver, WorkerResult(
+                        task.task_id, error=f"could not submit the task: {e}", error_type=BACKEND_ERROR))
+            if stop:
+                return
 
     def _read_results(self) -> None:
         s = self.streams
@@ -243,12 +278,15 @@ class RedisDispatcher:
 
     async def close(self) -> None:
         self._stop.set()
+        self._outbox.put(None)
         for task_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_result(WorkerResult(task_id, error="the pump stopped before a worker answered",
                                             error_type=WORKER_DIED))
-        if self._reader is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5.0)
+        loop = asyncio.get_running_loop()
+        for t in (self._submitter, self._reader):
+            if t is not None:
+                await loop.run_in_executor(None, t.join, 5.0)
         try:
             self.streams.client.delete(self.results_key)
         except redis.RedisError:
@@ -440,14 +478,17 @@ class DistributedWorker:
             result = WorkerResult(task.task_id, error=f"listener {task.listener!r} with handler {task.handler!r} "
                                   f"is not a cpu_bound listener of organism {self.organism.name!r} here",
                                   error_type="UnknownListener", worker=self.name)
+            outcome = Outcome(result)
         else:
             self.current, self._entry = task.task_id, entry_id
             try:
-                result = execute_task(self.backend, task, worker=self.name)
+                outcome = run_task(self.backend, task, worker=self.name)
             finally:
                 self.current = self._entry = None
+            result = outcome.result
         if result.ok:
-            self._with_redis(lambda: self._finish(entry_id, task, result), essential=True)
+            # Response, result and acknowledgement in one MULTI: one round trip, all or nothing.
+            self._with_redis(lambda: self._finish(entry_id, task, outcome), essential=True)
             self.completed += 1
         elif result.error_type in RETRYABLE and prior + 1 < self.max_attempts:
             log.warning("worker %s: task %s failed (attempt %d of %d): %s; re-queued", self.name, task.task_id,
@@ -460,10 +501,13 @@ class DistributedWorker:
             self._with_redis(lambda: self._dead_letter(entry_id, task, task.to_fields(), error,
                                                       error_type=result.error_type), essential=True)
 
-    def _finish(self, entry_id: str, task: WorkerTask, result: WorkerResult) -> None:
+    def _finish(self, entry_id: str, task: WorkerTask, outcome: Outcome) -> None:
         s = self.streams
         pipe = s.client.pipeline(transaction=True)
-        pipe.xadd(task.reply_to, result.to_fields(), maxlen=RESULTS_MAXLEN, approximate=True)
+        if outcome.response is not None:
+            key, blob = outcome.response
+            pipe.set(self.backend.keys.tmp(key), blob, ex=response_ttl(self.backend))
+        pipe.xadd(task.reply_to, outcome.result.to_fields(), maxlen=RESULTS_MAXLEN, approximate=True)
         s.expire(pipe, task.reply_to)
         pipe.xack(s.tasks, WORKER_GROUP, entry_id)
         pipe.xdel(s.tasks, entry_id)

@@ -217,16 +217,32 @@ async def _await(aw: Any) -> Any:
     return await aw
 
 
-def execute_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") -> WorkerResult:
-    """Worker side, step 2: everything a worker does for one task. Never raises for a task's fault."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What running a task produced: the result, and the signed response not stored yet."""
+
+    result: WorkerResult
+    #: (response key, signed blob) to store under the temp key space; None after a failure.
+    response: tuple[str, bytes] | None = None
+
+
+def run_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") -> Outcome:
+    """Worker side, step 2 without the final write: fetch + verify the inputs, run the handler,
+    sign the response. Never raises for a task's fault (the result says what went wrong)."""
+    def fail(error: str, error_type: str) -> Outcome:
+        return Outcome(WorkerResult(task.task_id, error=error, error_type=error_type, worker=worker))
+
     try:
         message = load_inputs(backend, task)
     except SlotIntegrityError as e:
         log.error("task %s (%s): input failed its integrity check: %s", task.task_id, task.listener, e)
-        return WorkerResult(task.task_id, error=f"SlotIntegrityError: {e}", error_type=INTEGRITY_ERROR, worker=worker)
+        return fail(f"SlotIntegrityError: {e}", INTEGRITY_ERROR)
+    except BackendError as e:
+        log.error("task %s (%s): cannot fetch its input: %s", task.task_id, task.listener, e)
+        return fail(f"{type(e).__name__}: {e}", BACKEND_ERROR)
     except (LookupError, ValueError, KeyError, MessageError) as e:
         log.error("task %s (%s): cannot load its input: %s", task.task_id, task.listener, e)
-        return WorkerResult(task.task_id, error=f"{type(e).__name__}: {e}", error_type=MISSING_DATA, worker=worker)
+        return fail(f"{type(e).__name__}: {e}", MISSING_DATA)
     try:
         func = resolve_handler(task.handler)
         actions = call_handler(func, message)
@@ -235,10 +251,26 @@ def execute_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") 
         log.error("listener %s (handler %s) raised on thread %s: %s: %s", task.listener, task.handler,
                   message.thread, type(e).__name__, e)
         log.debug("traceback of the failure above:\n%s", traceback.format_exc().rstrip())
-        return WorkerResult(task.task_id, error=f"{type(e).__name__}: {e}", error_type=HANDLER_ERROR, worker=worker)
+        return fail(f"{type(e).__name__}: {e}", HANDLER_ERROR)
+    key = new_key()
+    body = _RESPONSE + json.dumps(actions_to_json(actions), separators=(",", ":")).encode()
+    return Outcome(WorkerResult(task.task_id, response_key=key, worker=worker), (key, backend.signer.sign(body)))
+
+
+def response_ttl(backend: SharedBackend) -> int:
+    """TTL of a temp value on this backend (its configured TTL, else the 24 h default)."""
+    return int(backend.config.ttl or _DEFAULT_TEMP_TTL)
+
+
+def execute_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") -> WorkerResult:
+    """Worker side, step 2: everything a worker does for one task. Never raises for a task's fault."""
+    outcome = run_task(backend, task, worker=worker)
+    if outcome.response is None:
+        return outcome.result
+    key, blob = outcome.response
     try:
-        key = store_response(backend, actions)
+        backend.temp_put(key, blob)
     except BackendError as e:
         log.error("task %s: cannot store the response: %s", task.task_id, e)
         return WorkerResult(task.task_id, error=f"{type(e).__name__}: {e}", error_type=BACKEND_ERROR, worker=worker)
-    return WorkerResult(task.task_id, response_key=key, worker=worker)
+    return outcome.result

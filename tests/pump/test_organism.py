@@ -141,3 +141,14 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_organism(tmp_path / "nope.yaml", environ={})
     assert "does not exist" in str(e.value)
+
+
+def test_environment_rules_match_backend_config_from_env(tmp_path: Path) -> None:
+    """The pod contract: the loader's backend equals BackendConfig.from_env() with XP_CONFIG set."""
+    from xml_pipeline.memory import BackendConfig
+
+    path = tmp_path / "org.yaml"
+    path.write_text(GOOD.replace("type: memory", "type: redis\n  redis_prefix: 'file:'\n  redis_ttl: 100"))
+    env = {"XP_CONFIG": str(path), "XP_REDIS_URL": "redis://10.0.0.1:6380/2", "XP_REDIS_TTL": "7",
+           "XP_REDIS_USERNAME": "u", "XP_REDIS_PASSWORD": "p", "XP_SIGNING_KEY": "k" * 16 + ",l" + "m" * 16}
+    assert load_organism(path, environ=env).backend == BackendConfig.from_env(env)

@@ -17,7 +17,10 @@ Paths measured (each with `--workers` worker processes):
                pickled into the call, result pickled back; no backend, no buffer, no routing)
 
 Handler: xml_pipeline.examples.cpu:burn (SHA-256 rounds over the payload). Work levels: 0 rounds
-(pure dispatch overhead) and 2,000 rounds (about 1 ms of CPU). Payloads: 100 B and 1 MB.
+(pure dispatch overhead), 2,000 rounds (about 1 ms of CPU) and 20,000 (about 10 ms; 100 B only).
+Payloads: 100 B and 1 MB. Besides throughput, the CPU per round trip summed over every process
+involved (pump, workers, manager server / redis-server; from /proc) — the figure that other load on
+the machine does not distort.
 Starts its own redis-server on a free port. Not a test: nothing asserts on speed.
 """
 from __future__ import annotations
@@ -115,23 +118,47 @@ def _stream_worker(config: BackendConfig, workers: int, stop: Any) -> None:
 
 
 # -- measurements -----------------------------------------------------------------------------------
-async def pump_rate(backend: Any, dispatcher: Any, workers: int, fragment: str, count: int) -> float:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes (all their threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+Sample = tuple[float, float]  # (round trips per second, CPU seconds per round trip over all processes)
+
+
+async def pump_rate(backend: Any, dispatcher: Any, workers: int, fragment: str, count: int,
+                    other_pids: list[int]) -> Sample:
     org = parse_organism(ORGANISM % workers, environ={})
     async with StreamPump(org, backend, dispatcher=dispatcher, keep_outputs=False) as pump:
         # Warm up: workers started, imports done, connections open.
         await run_messages(pump, [Message("console", "work", fragment) for _ in range(workers * 4)])
+        pids = [os.getpid(), *other_pids, *getattr(dispatcher, "pids", [])]
         messages = [Message("console", "work", fragment) for _ in range(count)]
+        cpu0 = cpu_seconds(pids)
         elapsed = await run_messages(pump, messages)
-    return count / elapsed
+        cpu = cpu_seconds(pids) - cpu0
+    return count / elapsed, cpu / count
 
 
-def plain_rate(pool: concurrent.futures.ProcessPoolExecutor, fragment: str, count: int) -> float:
+def plain_rate(pool: concurrent.futures.ProcessPoolExecutor, fragment: str, count: int) -> Sample:
     list(pool.map(plain_call, [fragment] * 8))  # warm up
+    pids = [os.getpid(), *(p.pid for p in pool._processes.values())]  # noqa: SLF001 - bench only
+    cpu0 = cpu_seconds(pids)
     start = time.perf_counter()
     futures = [pool.submit(plain_call, fragment) for _ in range(count)]
     for f in futures:
         f.result()
-    return count / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return count / elapsed, (cpu_seconds(pids) - cpu0) / count
 
 
 def main() -> None:
@@ -144,11 +171,13 @@ def main() -> None:
     workers = args.workers
     small_n = 300 if args.quick else 1500
     big_n = 20 if args.quick else 80
-    cases = [("100 B", 100, 0, small_n), ("100 B", 100, 2000, small_n),
+    cases = [("100 B", 100, 0, small_n), ("100 B", 100, 2000, small_n), ("100 B", 100, 20000, small_n // 5),
              ("1 MB", 1 << 20, 0, big_n), ("1 MB", 1 << 20, 2000, big_n)]
 
     print(f"# bench/dispatch.py  workers={workers} rounds={args.rounds}  python {platform.python_version()}  "
           f"{os.cpu_count()} cpu(s)  {platform.machine()}")
+    print(f"# load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          "(other processes on the machine slow every path; the ratios suffer less than the rates)")
     print("# rates in round trips per second (median of rounds, paths interleaved round by round);")
     print("# ratio = path / plain ProcessPoolExecutor")
     for rounds in sorted({c[2] for c in cases}):
@@ -159,7 +188,7 @@ def main() -> None:
         print(f"# handler cost with {rounds} rounds: {(time.perf_counter() - t) / 50 * 1000:.2f} ms per call (100 B)")
     redis_server = Redis()
     manager = get_shared_backend(BackendConfig(backend_type="manager", signing_key=SIGNING_KEY))
-    rows: list[tuple[str, str, int, dict[str, float]]] = []
+    rows: list[tuple[str, str, int, dict[str, float], dict[str, float]]] = []
     try:
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as plain:
             for label, size, rounds, count in cases:
@@ -169,49 +198,60 @@ def main() -> None:
                                      signing_key=SIGNING_KEY, redis_ttl=3600)
                 rb = get_shared_backend(rcfg)
 
-                async def local(backend: Any) -> float:
+                async def local(backend: Any, server: list[int]) -> Sample:
                     pool = LocalWorkerPool(backend, workers=workers, start_method="spawn")
-                    return await pump_rate(backend, pool, workers, frag, count)
+                    return await pump_rate(backend, pool, workers, frag, count, server)
 
                 stop = ctx.Event()
                 procs = [ctx.Process(target=_stream_worker, args=(rcfg, workers, stop)) for _ in range(workers)]
                 for p in procs:
                     p.start()
-                samples: dict[str, list[float]] = {"baseline": [], "manager": [], "redis-local": [], "redis-stream": []}
+                server_pids = {"manager": [int(manager.info()["server_pid"])], "redis": [redis_server.proc.pid]}
+                samples: dict[str, list[Sample]] = {"baseline": [], "manager": [], "redis-local": [],
+                                                    "redis-stream": []}
                 try:
                     # Interleaved: a burst of load from other processes hits every path alike.
                     for _ in range(args.rounds):
                         samples["baseline"].append(plain_rate(plain, frag, count))
-                        samples["manager"].append(asyncio.run(local(manager)))
-                        samples["redis-local"].append(asyncio.run(local(rb)))
-                        samples["redis-stream"].append(
-                            asyncio.run(pump_rate(rb, RedisDispatcher(rb), workers, frag, count)))
+                        samples["manager"].append(asyncio.run(local(manager, server_pids["manager"])))
+                        samples["redis-local"].append(asyncio.run(local(rb, server_pids["redis"])))
+                        samples["redis-stream"].append(asyncio.run(pump_rate(
+                            rb, RedisDispatcher(rb), workers, frag, count,
+                            [*server_pids["redis"], *(p.pid for p in procs if p.pid)])))
                 finally:
                     stop.set()
                     for p in procs:
                         p.join(10)
-                rates = {k: statistics.median(v) for k, v in samples.items()}
+                rates = {k: statistics.median(r for r, _ in v) for k, v in samples.items()}
+                cpus = {k: statistics.median(c for _, c in v) for k, v in samples.items()}
                 rb.buffer_clear()
                 rb.registry_clear()
                 rb.close()
                 manager.buffer_clear()
                 manager.registry_clear()
-                rows.append((label, f"{rounds} rounds", count, rates))
-                base = rates["baseline"]
-                print(f"{label:>6} {rounds:>5} rounds ({count} msgs): plain pool {base:8.1f}/s | "
-                      + " | ".join(f"{k} {v:8.1f}/s ({v / base:.2f}x)" for k, v in rates.items() if k != "baseline"),
+                rows.append((label, f"{rounds} rounds", count, rates, cpus))
+                base, base_cpu = rates["baseline"], cpus["baseline"]
+                print(f"{label:>6} {rounds:>5} rounds ({count} msgs): plain pool {base:7.1f}/s "
+                      f"{base_cpu * 1000:5.2f} ms cpu | "
+                      + " | ".join(f"{k} {v:7.1f}/s ({v / base:.2f}x) {cpus[k] * 1000:5.2f} ms cpu "
+                                   f"({base_cpu / cpus[k]:.2f}x)" for k, v in rates.items() if k != "baseline"),
                       flush=True)
     finally:
         manager.close()
         redis_server.stop()
+    print(f"# load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
+    print()
+    print("Round trips per second (ratio to the plain pool), and CPU per round trip summed over every process")
+    print("involved (pump, workers, manager server or redis-server; ratio = plain pool's CPU / ours):")
     print()
     print("| payload | handler work | plain ProcessPoolExecutor | manager + local pool | redis + local pool | redis + streams |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for label, work, _count, r in rows:
-        b = r["baseline"]
-        cells = " | ".join(f"{r[k]:.0f}/s ({r[k] / b:.2f}×)" for k in ("manager", "redis-local", "redis-stream"))
-        print(f"| {label} | {work} | {b:.0f}/s | {cells} |")
+    for label, work, _count, r, c in rows:
+        b, bc = r["baseline"], c["baseline"]
+        cells = " | ".join(f"{r[k]:.0f}/s ({r[k] / b:.2f}×), {c[k] * 1000:.2f} ms CPU ({bc / c[k]:.2f}×)"
+                           for k in ("manager", "redis-local", "redis-stream"))
+        print(f"| {label} | {work} | {b:.0f}/s, {bc * 1000:.2f} ms CPU | {cells} |")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,11 @@ class LocalWorkerPool:
             self._assign()
 
     @property
+    def pids(self) -> list[int]:
+        """Process ids of the live workers."""
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+    @property
     def busy(self) -> int:
         return sum(1 for w in self._workers if w.task is not None) + len(self._pending)
 

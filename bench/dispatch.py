@@ -40,7 +40,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from xml_pipeline.examples.cpu import burn

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import SIGNING_KEY, cli, cli_popen, organism_yaml
 
-from xml_pipeline.memory import BackendConfig, get_shared_backend
+from xml_pipeline.memory import get_shared_backend
 from xml_pipeline.message_bus.distributed import WORKER_GROUP, RedisDispatcher, Streams, dead_letters
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump

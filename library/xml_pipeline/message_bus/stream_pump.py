@@ -38,7 +38,7 @@ from ..memory.context_buffer import ContextBuffer
 from ..memory.protocol import SharedBackend
 from ..organism import ListenerSpec, Organism
 from .local_pool import Dispatcher, default_dispatcher
-from .message import Action, Call, Message, MessageError, Reply, error_payload, new_id, normalize_result
+from .message import Action, Call, Message, MessageError, Reply, error_payload, normalize_result
 from .thread_registry import ThreadRegistry
 from .worker_task import WorkerResult, WorkerTask, new_key, store_inputs, take_response
 

@@ -167,10 +167,10 @@ async def quiet(k8s: Cluster, settle: float = 0.5, timeout: float = 15.0) -> Non
     """Wait until no API request arrived for `settle` seconds (the operator is idle)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    count, since = len(list(k8s)), loop.time()
+    count, since = len(k8s.history), loop.time()
     while loop.time() - since < settle:
         await asyncio.sleep(0.05)
-        now = len(list(k8s))
+        now = len(k8s.history)
         if now != count:
             count, since = now, loop.time()
         if loop.time() > deadline:
@@ -179,7 +179,7 @@ async def quiet(k8s: Cluster, settle: float = 0.5, timeout: float = 15.0) -> Non
 
 def writes(k8s: Cluster, start: int = 0) -> list[str]:
     """'METHOD path' of every write request since request number `start`."""
-    return [f"{r.method.value} {r.url.path}" for r in list(k8s)[start:] if r.method.value in WRITE_METHODS]
+    return [f"{r.method.value} {r.url.path}" for r in k8s.history[start:] if r.method.value in WRITE_METHODS]
 
 
 def organism(name: str, spec: dict[str, Any] | None = None, namespace: str = "default") -> dict[str, Any]:

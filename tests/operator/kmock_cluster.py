@@ -7,7 +7,9 @@ Stock kmock 0.8 stores request bodies and merges patches, nothing more. This sub
   * generation + 1 when a patch touches `spec` (observedGeneration logic depends on it);
   * 201 on create, 422 (not 500) when a JSON patch's `test` operation fails;
   * list resourceVersion, and watches that honour ?resourceVersion=N instead of replaying everything;
-  * the status of every answer (`cluster.statuses[request.id]`);
+  * `cluster.history`: the full request log (kmock's own keeps only requests in flight: its
+    reaction matching re-filters that log on every request, which is quadratic);
+  * the status of every answer (`cluster.status_of(request)`);
   * 403 on /api/v1/namespaces (kmock cannot parse that URL; kopf falls back to the given namespaces);
   * fault injection: `cluster.faults.append(fn)`, where fn(request) returns an HTTP status to fail
     that request with, or None.
@@ -19,6 +21,7 @@ test writes one).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import uuid
 from collections.abc import Callable
@@ -37,7 +40,9 @@ Fault = Callable[[kmock.Request], "int | None"]
 class Cluster(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=100, init=False)
     faults: list[Fault] = attrs.field(factory=list, init=False)
-    #: HTTP status answered to each request, by request id (kmock records requests, not responses).
+    #: Every request served, in order. Use this instead of iterating the emulator: see _handle.
+    history: list[kmock.Request] = attrs.field(factory=list, init=False)
+    #: HTTP status answered to each request, by id(request) (kmock records requests, not responses).
     statuses: dict[int, int] = attrs.field(factory=dict, init=False)
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
@@ -62,13 +67,24 @@ class Cluster(kmock.KubernetesEmulator):
         return None if obj.deleted else obj.raw
 
     async def _handle(self, request: kmock.Request) -> Any:
+        # kmock matches every request against its reactions by re-filtering its whole request log,
+        # which makes each request O(requests so far): after a few thousand requests, each one takes
+        # a second. So kmock's own log holds only the requests in flight (the matching needs those);
+        # the full log is `history`.
+        self.history.append(request)
         try:
             response = await self._handle_realistically(request)
         except kmock.KubernetesError as e:
-            self.statuses[request.id] = e.status
+            self.statuses[id(request)] = e.status
             raise
-        self.statuses[request.id] = response.status
+        finally:
+            with contextlib.suppress(ValueError):
+                self._requests.remove(request)
+        self.statuses[id(request)] = response.status
         return response
+
+    def status_of(self, request: kmock.Request) -> int | None:
+        return self.statuses.get(id(request))
 
     async def _handle_realistically(self, request: kmock.Request) -> Any:
         if request.resource is not None:

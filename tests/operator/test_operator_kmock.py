@@ -64,13 +64,17 @@ def secret_values(k8s: Cluster, name: str) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in obj["data"].items()}
 
 
+def events(k8s: Cluster) -> list[dict[str, Any]]:
+    return [e for n in live_names(k8s, "v1/events") if (e := get_obj(k8s, "v1/events", n))]
+
+
 def event_reasons(k8s: Cluster) -> list[str]:
-    return [str((get_obj(k8s, "v1/events", n) or {}).get("reason")) for n in live_names(k8s, "v1/events")]
+    return [str(e.get("reason")) for e in events(k8s)]
 
 
 def successful_creates(k8s: Cluster, plural: str) -> list[str]:
-    return [r.data["metadata"]["name"] for r in k8s
-            if r.method.value == "POST" and r.url.path.endswith(f"/{plural}") and k8s.statuses.get(r.id) == 201]
+    return [r.data["metadata"]["name"] for r in k8s.history
+            if r.method.value == "POST" and r.url.path.endswith(f"/{plural}") and k8s.status_of(r) == 201]
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -97,7 +101,11 @@ async def test_create_gives_objects_status_and_events(k8s: Cluster, start_operat
     assert status["observedGeneration"] == org["metadata"]["generation"]
     assert [c["type"] for c in status["conditions"]] == ["RedisReady", "PumpReady", "WorkersReady", "Ready"]
     assert condition(org, "Ready")["status"] == "False"
-    await eventually(lambda: event_reasons(k8s).count("Created") == 6)
+    created = await eventually(lambda: [e for e in events(k8s) if e["reason"] == "Created"])
+    assert len(created) == 1  # one event per pass, naming every object
+    assert created[0]["message"] == ("Created Secret orders-credentials, ConfigMap orders-config, Service orders-redis, "
+                                     "Deployment orders-redis, Deployment orders-pump, Deployment orders-worker")
+    assert created[0]["involvedObject"]["uid"] == uid
 
 
 async def test_deployment_status_from_the_test_makes_the_organism_ready(k8s: Cluster, start_operator: Any) -> None:
@@ -140,7 +148,8 @@ async def test_update_rolls_the_pods(k8s: Cluster, start_operator: Any, change: 
     org = await eventually(lambda: (o := get_obj(k8s, ORGANISMS, "orders")) and o["status"]["configHash"] == after[0] and o)
     assert org["status"]["observedGeneration"] == org["metadata"]["generation"] == 2
     assert secret_values(k8s, "orders-credentials") == credentials  # never rotated by an update
-    await eventually(lambda: "Updated" in event_reasons(k8s))
+    updated = await eventually(lambda: [e for e in events(k8s) if e["reason"] == "Updated"])
+    assert "Deployment orders-pump" in updated[0]["message"] and updated[0]["message"].endswith("rolling the pods")
 
 
 async def test_scaling_workers_changes_replicas_without_a_rollout(k8s: Cluster, start_operator: Any) -> None:
@@ -183,7 +192,7 @@ async def test_restart_mid_provisioning_converges_without_duplicates(k8s: Cluste
     k8s.faults.append(no_deployments)
     first = await start_operator()
     await create(k8s, "orders", SPEC)
-    await eventually(lambda: any(r.method.value == "POST" and r.url.path.endswith("/deployments") for r in k8s))
+    await eventually(lambda: any(r.method.value == "POST" and r.url.path.endswith("/deployments") for r in k8s.history))
     await first.stop()
     assert live_names(k8s, DEPLOYMENTS) == []
     credentials = secret_values(k8s, "orders-credentials")
@@ -214,7 +223,7 @@ async def test_idle_resync_makes_zero_writes(k8s: Cluster, start_operator: Any) 
 
     # A restarted operator resumes every Organism, and with a short resync period reconciles them
     # again on timers: all of it reads, none of it writes.
-    start = len(list(k8s))
+    start = len(k8s.history)
     op = await start_operator(dataclasses.replace(TEST_SETTINGS, resync_seconds=0.3))
     await eventually(lambda: op.reconciler.kube.requests[("get", "Organism")] >= 6)  # resume + 2 resyncs each
     await op.stop()
@@ -232,8 +241,8 @@ async def test_missing_external_secret_is_reported_and_retried(k8s: Cluster, sta
     assert condition(org, "Ready")["reason"] == "ExternalSecretMissing" and "'ext-auth'" in condition(org, "Ready")["message"]
     assert get_obj(k8s, DEPLOYMENTS, "ext-pump") is None  # pods would not start without their Secret
     await eventually(lambda: "ExternalSecretMissing" in event_reasons(k8s))
-    gets_before = sum(1 for r in k8s if r.url.path.endswith("/secrets/ext-auth"))
-    await eventually(lambda: sum(1 for r in k8s if r.url.path.endswith("/secrets/ext-auth")) >= gets_before + 2)
+    gets_before = sum(1 for r in k8s.history if r.url.path.endswith("/secrets/ext-auth"))
+    await eventually(lambda: sum(1 for r in k8s.history if r.url.path.endswith("/secrets/ext-auth")) >= gets_before + 2)
 
     resp = await k8s.post("/api/v1/namespaces/default/secrets", json={
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ext-auth"},

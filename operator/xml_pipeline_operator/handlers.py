@@ -38,8 +38,10 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
-    # Only warnings and errors become Kubernetes Events automatically; our own events are explicit.
-    # (Otherwise every successful resync would post an event: a write on an idle cluster.)
+    # kopf's per-object warnings and errors (a handler failing, retried) become Kubernetes Events; its
+    # INFO lines do not (every successful resync would post one: a write on an idle cluster). Our own
+    # events are explicit kopf.event() calls.
+    kopf_settings.posting.loggers = True
     kopf_settings.posting.level = logging.WARNING
     # Watch only our workloads server-side; handlers filter by the same labels client-side too.
     for resource in (("apps", "deployments"), ("apps", "statefulsets")):

@@ -241,6 +241,8 @@ async def test_missing_external_secret_is_reported_and_retried(k8s: Cluster, sta
     assert condition(org, "Ready")["reason"] == "ExternalSecretMissing" and "'ext-auth'" in condition(org, "Ready")["message"]
     assert get_obj(k8s, DEPLOYMENTS, "ext-pump") is None  # pods would not start without their Secret
     await eventually(lambda: "ExternalSecretMissing" in event_reasons(k8s))
+    # kopf's own warning about the retried handler is an event too (posting.loggers, level WARNING)
+    await eventually(lambda: any(e["type"] in ("Warning", "Error") and "failed temporarily" in e["message"] for e in events(k8s)))
     gets_before = sum(1 for r in k8s.history if r.url.path.endswith("/secrets/ext-auth"))
     await eventually(lambda: sum(1 for r in k8s.history if r.url.path.endswith("/secrets/ext-auth")) >= gets_before + 2)
 

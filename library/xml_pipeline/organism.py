@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .memory.config import ENV_VARS, BackendConfig
+from .memory.config import BackendConfig
 
 TOP_KEYS: tuple[str, ...] = ("organism", "backend", "process_pool", "listeners")
 ORGANISM_KEYS: tuple[str, ...] = ("name", "description")
@@ -241,29 +241,7 @@ def _backend_section(value: Any, lines: _Lines, env: Mapping[str, str]) -> Backe
     except ConfigError as e:
         raise ConfigError(e.field, e.problem, e.allowed, line=lines.line(e.field), source=lines.source) from None
     # The pod contract: XP_* variables override the file (same rules as BackendConfig.from_env).
-    overrides = {var: env[var] for var in ENV_VARS if env.get(var)}
-    if overrides:
-        config = _apply_env(config, overrides)
-    return config
-
-
-def _apply_env(config: BackendConfig, overrides: Mapping[str, str]) -> BackendConfig:
-    changes: dict[str, Any] = {}
-    for var, raw in overrides.items():
-        name = ENV_VARS[var]
-        if name == "redis_ttl":
-            try:
-                changes[name] = int(raw)
-            except ValueError:
-                raise ConfigError(var, f"must be a whole number of seconds, got {raw!r}",
-                                  "0 (never expire) or a positive integer") from None
-        else:
-            changes[name] = raw
-    try:
-        return config.replace(**changes)
-    except ConfigError as e:
-        var = next((v for v, n in ENV_VARS.items() if e.field.endswith(n.replace("backend_type", "type"))), e.field)
-        raise ConfigError(var, e.problem, e.allowed) from None
+    return config.with_env_overrides(env)
 
 
 def _number(value: Any, path: str, lines: _Lines, *, low: float, integer: bool) -> Any:

@@ -203,6 +203,14 @@ class BackendConfig:
         base = cls()
         if env.get(ENV_CONFIG_PATH):
             base = cls.from_yaml(env[ENV_CONFIG_PATH], required=False)
+        return base.with_env_overrides(env)
+
+    def with_env_overrides(self, environ: Mapping[str, str] | None = None) -> "BackendConfig":
+        """This config with the XP_* variables of the contract applied on top (environment wins).
+
+        Errors name the variable, not the field, since that is what the user has to fix.
+        """
+        env = os.environ if environ is None else environ
         changes: dict[str, Any] = {}
         for var, name in ENV_VARS.items():
             raw = env.get(var)
@@ -217,9 +225,9 @@ class BackendConfig:
             else:
                 changes[name] = raw
         if not changes:
-            return base
+            return self
         try:
-            return dataclasses.replace(base, **changes)
+            return dataclasses.replace(self, **changes)
         except ConfigError as e:
             var = next((v for v, n in ENV_VARS.items() if e.field.endswith(n.replace("backend_type", "type"))), None)
             raise ConfigError(var or e.field, e.problem, e.allowed) from None

@@ -24,18 +24,12 @@ import os
 import pickle
 import platform
 import secrets
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from multiprocessing.managers import BaseManager
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -43,6 +37,8 @@ import redis
 from xml_pipeline.memory import BackendConfig, get_shared_backend
 from xml_pipeline.memory.serialization import deserialize_slot, serialize_slot
 from xml_pipeline.memory.slots import UNASSIGNED, BufferSlot, SlotMetadata
+
+from benchkit import BenchRedis, cpu_seconds  # noqa: E402  (bench/ is the script directory)
 
 THREAD_SLOTS = 1000
 SIGNING_KEY = secrets.token_hex(16)
@@ -81,27 +77,6 @@ RawManager.register("RawStore", RawStore)
 
 # -- helpers ----------------------------------------------------------------------------------------
 
-def start_redis() -> tuple[subprocess.Popen[bytes], int, Path]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        sys.exit("redis-server is not installed (apt-get install redis-server)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    workdir = Path(tempfile.mkdtemp(prefix="xp-bench-backends-"))
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(500):
-        try:
-            if client.ping():
-                break
-        except redis.RedisError:
-            time.sleep(0.01)
-    client.close()
-    return proc, port, workdir
-
-
 def sample_slot(i: int = 0) -> BufferSlot:
     """A slot of the size a typical routed message has (a few hundred bytes of payload)."""
     payload = {"to": "analyzer", "text": "lorem ipsum dolor sit amet " * 8, "n": i}
@@ -134,12 +109,7 @@ class Row:
 
 def proc_cpu(pid: int) -> Callable[[], float]:
     """CPU seconds (user + system) used so far by process `pid` (from /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def read() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick
-    return read
+    return lambda: cpu_seconds(pid)
 
 
 def redis_cpu(client: redis.Redis) -> Callable[[], float]:
@@ -324,7 +294,8 @@ def main() -> None:
                         help="benchmark only this backend (repeatable); default: all three")
     args = parser.parse_args()
 
-    proc, port, workdir = start_redis()
+    server = BenchRedis(name="backends")
+    port = server.port
     raw_manager = RawManager(ctx=multiprocessing.get_context("spawn"))
     raw_manager.start()
     backends: list[Any] = []
@@ -356,9 +327,7 @@ def main() -> None:
         for b in backends:
             b.close()
         raw_manager.shutdown()
-        proc.terminate()
-        proc.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -32,12 +32,7 @@ import multiprocessing
 import os
 import platform
 import secrets
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from typing import Any
@@ -49,6 +44,8 @@ from xml_pipeline.message_bus.local_pool import LocalWorkerPool
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump, run_messages
 from xml_pipeline.organism import parse_organism
+
+from benchkit import BenchRedis, cpu_seconds  # noqa: E402  (bench/ is the script directory)
 
 SIGNING_KEY = secrets.token_hex(16)
 ORGANISM = """
@@ -71,41 +68,6 @@ def plain_call(fragment: str) -> str:
 
 
 # -- redis-server ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Redis:
-    def __init__(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            sys.exit("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="xp-bench-redis-")
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", self.dir],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-        for _ in range(200):
-            try:
-                if redis.Redis(port=self.port).ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.02)
-        sys.exit("redis-server did not start")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def _stream_worker(config: BackendConfig, workers: int, stop: Any) -> None:
     """A distributed worker process (what `xml-pipeline worker` runs), stopped through an Event."""
     org = parse_organism(ORGANISM % workers, environ={})
@@ -117,20 +79,6 @@ def _stream_worker(config: BackendConfig, workers: int, stop: Any) -> None:
 
 
 # -- measurements -----------------------------------------------------------------------------------
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes (all their threads), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
 Sample = tuple[float, float]  # (round trips per second, CPU seconds per round trip over all processes)
 
 
@@ -142,22 +90,22 @@ async def pump_rate(backend: Any, dispatcher: Any, workers: int, fragment: str, 
         await run_messages(pump, [Message("console", "work", fragment) for _ in range(workers * 4)])
         pids = [os.getpid(), *other_pids, *getattr(dispatcher, "pids", [])]
         messages = [Message("console", "work", fragment) for _ in range(count)]
-        cpu0 = cpu_seconds(pids)
+        cpu0 = cpu_seconds(*pids)
         elapsed = await run_messages(pump, messages)
-        cpu = cpu_seconds(pids) - cpu0
+        cpu = cpu_seconds(*pids) - cpu0
     return count / elapsed, cpu / count
 
 
 def plain_rate(pool: concurrent.futures.ProcessPoolExecutor, fragment: str, count: int) -> Sample:
     list(pool.map(plain_call, [fragment] * 8))  # warm up
     pids = [os.getpid(), *(p.pid for p in pool._processes.values())]  # noqa: SLF001 - bench only
-    cpu0 = cpu_seconds(pids)
+    cpu0 = cpu_seconds(*pids)
     start = time.perf_counter()
     futures = [pool.submit(plain_call, fragment) for _ in range(count)]
     for f in futures:
         f.result()
     elapsed = time.perf_counter() - start
-    return count / elapsed, (cpu_seconds(pids) - cpu0) / count
+    return count / elapsed, (cpu_seconds(*pids) - cpu0) / count
 
 
 def main() -> None:
@@ -185,7 +133,7 @@ def main() -> None:
         for _ in range(50):
             plain_call(frag)
         print(f"# handler cost with {rounds} rounds: {(time.perf_counter() - t) / 50 * 1000:.2f} ms per call (100 B)")
-    redis_server = Redis()
+    redis_server = BenchRedis(name="dispatch")
     manager = get_shared_backend(BackendConfig(backend_type="manager", signing_key=SIGNING_KEY))
     rows: list[tuple[str, str, int, dict[str, float], dict[str, float]]] = []
     try:

@@ -13,14 +13,8 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import redis
 
@@ -31,29 +25,9 @@ from xml_pipeline_operator.tenancy.cleanup import cleanup_prefix
 from xml_pipeline_operator.tenancy.recovery import DesiredUser, UserRecovery
 from xml_pipeline_operator.tenancy.usage import UsageSampler
 
+from benchkit import BenchRedis  # noqa: E402  (bench/ is the script directory)
+
 SIGNING_KEY = secrets.token_hex(16)
-
-
-def start_redis(password: str) -> tuple[subprocess.Popen[bytes], int, Path]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        sys.exit("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    workdir = Path(tempfile.mkdtemp(prefix="xp-bench-tenancy-"))
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir), "--requirepass", password],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port, password=password)
-    for _ in range(500):
-        try:
-            if client.ping():
-                break
-        except redis.RedisError:
-            time.sleep(0.01)
-    client.close()
-    return proc, port, workdir
 
 
 def backend(port: int, prefix: str, username: str | None, password: str) -> RedisBackend:
@@ -79,7 +53,8 @@ def main() -> None:
     args = ap.parse_args()
 
     admin_pw = secrets.token_urlsafe(16)
-    proc, port, workdir = start_redis(admin_pw)
+    server = BenchRedis(password=admin_pw, name="tenancy")
+    port = server.port
     admin = redis.Redis(port=port, password=admin_pw)
     try:
         version = admin.info("server")["redis_version"]
@@ -192,9 +167,7 @@ def main() -> None:
               f"({progress.deleted} keys, {progress.batches} SCAN batches over {admin.dbsize()} keys)")
     finally:
         admin.close()
-        proc.terminate()
-        proc.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
 
 
 if __name__ == "__main__":

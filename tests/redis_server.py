@@ -5,7 +5,6 @@ ACLs, timeouts), so every test that talks Redis talks to one of these.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

@@ -457,8 +457,9 @@ class DistributedWorker:
             task = WorkerTask.from_fields(fields)
         except ValueError as e:
             log.error("worker %s: dropping malformed task entry %s: %s", self.name, entry_id, e)
+            reason = f"malformed task: {e}"  # bound now: `e` is unbound once the except block ends
             self._with_redis(lambda: self._dead_letter(entry_id, None, {_s(k): _s(v) for k, v in fields.items()},
-                                                      f"malformed task: {e}"), essential=True)
+                                                      reason), essential=True)
             return
         if not task.reply_to.startswith(self.streams.results_prefix):
             log.error("worker %s: task %s names a reply stream outside this organism (%r); dead-lettered",

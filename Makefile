@@ -36,6 +36,7 @@ bench: venv
 	$(PY) bench/backends.py
 	$(PY) bench/dispatch.py
 	$(PY) bench/operator.py
+	$(PY) bench/tenancy.py
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info

@@ -82,7 +82,7 @@ class Kube:
                           verb="patch" if not subresource else f"patch/{subresource}")
 
     def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None) -> None:
-        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         if uid:
             body["preconditions"] = {"uid": uid}  # delete exactly the object we inspected
         try:

@@ -1,10 +1,9 @@
 """The seam for shared-mode Redis: one ACL user per Organism on the platform's shared Redis.
 
 Shared mode renders like the other modes (the pods reach XPO_SHARED_REDIS_URL with the Organism's own
-user name and password from its `<name>-credentials` Secret), but the ACL user itself must be created
-on the shared Redis with access to the Organism's key prefix only. That belongs to the multi-tenancy
-work: it replaces `PendingRedisAdmin` by a real implementation of `RedisAdmin` and changes nothing
-else. Until then the RedisReady condition says plainly that the ACL user is pending.
+user name and password from its `<name>-credentials` Secret); the ACL user itself, allowed only the
+Organism's key prefix, is created by `tenancy.admin.SharedRedisAdmin`. Without a shared Redis in the
+operator's settings there is nothing to provision on, and the RedisReady condition says so.
 """
 from __future__ import annotations
 
@@ -46,8 +45,8 @@ class RedisAdmin(Protocol):
         """Remove the tenant's ACL user (and, by policy, its keys) when the Organism is deleted."""
 
 
-class PendingRedisAdmin:
-    """Placeholder until multi-tenant ACL management lands: provisions nothing, says so."""
+class NoSharedRedisAdmin:
+    """Used when the operator has no shared Redis configured: provisions nothing and says why."""
 
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
@@ -55,9 +54,9 @@ class PendingRedisAdmin:
     def ensure_tenant(self, tenant: Tenant, password: str) -> TenantState:
         del password
         return TenantState(
-            ready=False, reason="SharedRedisAclPending",
-            message=f"ACL user {tenant.username!r} for prefix {tenant.prefix!r} is not provisioned on the "
-                    "shared Redis: shared-mode ACL management is not implemented in this operator version")
+            ready=False, reason="SharedRedisNotConfigured",
+            message=f"ACL user {tenant.username!r} for prefix {tenant.prefix!r} cannot be provisioned: the "
+                    "operator has no shared Redis (set sharedRedis in the chart values, i.e. XPO_SHARED_REDIS_URL)")
 
     def release_tenant(self, tenant: Tenant) -> None:
         del tenant
@@ -66,6 +65,6 @@ class PendingRedisAdmin:
 def make_admin(settings: OperatorSettings) -> RedisAdmin:
     """The real admin (tenancy.admin.SharedRedisAdmin) when a shared Redis is configured."""
     if not settings.shared_redis_url:
-        return PendingRedisAdmin(settings)
+        return NoSharedRedisAdmin(settings)
     from .tenancy.admin import SharedRedisAdmin  # imports redis-py only when shared mode is configured
     return SharedRedisAdmin(settings)

@@ -87,6 +87,31 @@ class ContextBuffer:
         `append_id` makes a retry of this append (after a timeout, say) return the first call's slot
         index instead of storing the slot twice. Raises ThreadFullError at max_slots_per_thread.
         """
+        slot, blob = self._slot(thread_id, payload, from_id, to_id, own_name, is_self_call, usage_instructions)
+        index = self._backend.buffer_append(thread_id, blob, max_slots=self.max_slots_per_thread,
+                                            append_id=append_id)
+        return slot.at_index(index)
+
+    def append_and_put(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None = None,
+                       *, append_id: str | None = None, temps: list[tuple[str, bytes]]) -> BufferSlot:
+        """append(), then temp_put(key, value) of each of `temps` (values already signed).
+
+        On backends that offer it (manager, redis) both travel in one round trip; the append is
+        still the backend's own atomic append, and a full thread raises before anything is stored.
+        """
+        slot, blob = self._slot(thread_id, payload, from_id, to_id, own_name, False, "")
+        both = getattr(self._backend, "buffer_append_and_put", None)
+        if both is not None:
+            index = both(thread_id, blob, max_slots=self.max_slots_per_thread, append_id=append_id, items=temps)
+        else:
+            index = self._backend.buffer_append(thread_id, blob, max_slots=self.max_slots_per_thread,
+                                                append_id=append_id)
+            for key, value in temps:
+                self._backend.temp_put(key, value)
+        return slot.at_index(index)
+
+    def _slot(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None,
+              is_self_call: bool, usage_instructions: str) -> tuple[BufferSlot, bytes]:
         metadata = SlotMetadata(
             thread_id=thread_id,
             from_id=from_id,
@@ -99,10 +124,7 @@ class ContextBuffer:
             usage_instructions=usage_instructions,
         )
         slot = BufferSlot(payload=payload, metadata=metadata)
-        blob = serialize_slot(slot, signer=self._backend.signer)
-        index = self._backend.buffer_append(thread_id, blob, max_slots=self.max_slots_per_thread,
-                                            append_id=append_id)
-        return slot.at_index(index)
+        return slot, serialize_slot(slot, signer=self._backend.signer)
 
     def _load(self, blob: bytes, index: int) -> BufferSlot:
         slot = deserialize_slot(blob, signer=self._backend.signer)

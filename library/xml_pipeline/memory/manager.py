@@ -73,13 +73,14 @@ _ADDRESS_ALLOWED = "'127.0.0.1:PORT', 'localhost:PORT' or an absolute Unix socke
 _IDEMPOTENT = frozenset({
     "hello", "info", "buffer_get_thread", "buffer_get_slot", "buffer_thread_len", "buffer_thread_exists",
     "buffer_list_threads", "registry_set", "registry_get_or_create", "registry_get_uuid",
-    "registry_get_chain", "registry_list_all", "temp_put", "temp_get",
+    "registry_get_chain", "registry_list_all", "temp_put", "temp_get", "temp_put_many", "temp_get_many",
 })
 _EXPOSED = (
     "hello", "info", "buffer_append", "buffer_get_thread", "buffer_get_slot", "buffer_thread_len",
     "buffer_thread_exists", "buffer_delete_thread", "buffer_list_threads", "buffer_clear",
     "registry_set", "registry_get_or_create", "registry_get_uuid", "registry_get_chain",
     "registry_delete", "registry_list_all", "registry_clear", "temp_put", "temp_get", "temp_delete",
+    "temp_put_many", "temp_get_many", "temp_take", "buffer_append_and_put",
 )
 
 
@@ -149,6 +150,28 @@ class _ServerStore(InMemoryBackend):
         out["backend"] = "manager"
         out["server_pid"] = os.getpid()
         return out
+
+    # Several operations of the worker data flow in one round trip. Each is the store's own
+    # operation (same checks, same lock, same TTL), just called here instead of once per request.
+    def temp_put_many(self, items: list[tuple[str, bytes]]) -> None:
+        for key, data in items:
+            self.temp_put(key, data)
+
+    def temp_get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self.temp_get(k) for k in keys]
+
+    def temp_take(self, key: str, also_delete: tuple[str, ...]) -> bytes | None:
+        try:
+            return self.temp_get(key)
+        finally:
+            self.temp_delete(key, *also_delete)
+
+    def buffer_append_and_put(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
+                              items: list[tuple[str, bytes]]) -> int:
+        # The append first: a full thread raises and stores nothing, as append-then-put did.
+        index = self.buffer_append(thread_id, slot, max_slots=max_slots, append_id=append_id)
+        self.temp_put_many(items)
+        return index
 
 
 class _StoreServer(Server):
@@ -556,6 +579,30 @@ class ManagerBackend:
 
     def temp_delete(self, *keys: str) -> int:
         return int(self._call("temp_delete", keys))
+
+    # -- Batches (one round trip each; the worker data flow uses them when a backend has them) ---
+    def temp_put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """temp_put of each (key, data), with the server's TTL."""
+        self._call("temp_put_many", (list(items),))
+
+    def temp_get_many(self, keys: list[str]) -> list[bytes | None]:
+        return self._call("temp_get_many", (list(keys),))  # type: ignore[no-any-return]
+
+    def temp_take(self, key: str, *also_delete: str) -> bytes | None:
+        """temp_get(key), then temp_delete(key, *also_delete) whether or not the get worked."""
+        return self._call("temp_take", (key, also_delete))  # type: ignore[no-any-return]
+
+    def buffer_append_and_put(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+                              append_id: str | None = None, items: list[tuple[str, bytes]]) -> int:
+        """buffer_append, then temp_put_many(items), in one round trip; returns the slot index."""
+        args = (thread_id, slot, max_slots, append_id, list(items))
+        if append_id is not None:
+            # With an id a repeated append stores nothing and the puts overwrite: safe to retry.
+            try:
+                return int(self._call("buffer_append_and_put", args))
+            except BackendUnavailable:
+                return int(self._call("buffer_append_and_put", args))
+        return int(self._call("buffer_append_and_put", args))
 
     # -- Lifecycle and monitoring ---------------------------------------------------------------
     def info(self) -> dict[str, Any]:

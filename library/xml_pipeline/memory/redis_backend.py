@@ -120,6 +120,10 @@ def _pack_args(args: Iterable[Any]) -> bytes:
     return b"".join(out)
 
 
+def _pack_command(command: bytes, args: list[str]) -> bytes:
+    return b"*%d\r\n$%d\r\n%b\r\n" % (len(args) + 1, len(command), command) + _pack_args(args)
+
+
 def _ignore(_error: Exception) -> None:
     return None
 
@@ -268,6 +272,45 @@ class RedisBackend:
     # -- Context Buffer -------------------------------------------------------------------------
     def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
+        head = self._script_heads["append"]
+        body = self._append_body(thread_id, slot, max_slots, append_id)
+        index: int = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
+        if index == scripts.THREAD_FULL:
+            raise ThreadFullError(thread_id, max_slots or 0)
+        return index
+
+    def buffer_append_and_put(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+                              append_id: str | None = None, items: list[tuple[str, bytes]]) -> int:
+        """buffer_append, then temp_put of each (key, data), in one round trip (a pipeline, not a
+        transaction). The append is the same script; every command is idempotent (the append
+        through its id), so the whole batch is retried like buffer_append. A full thread raises
+        ThreadFullError and its temp values are deleted again."""
+        head = self._script_heads["append"]
+        body = self._append_body(thread_id, slot, max_slots, append_id)
+        names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
+        puts = self._pack_sets(names, [v for _, v in items])
+
+        def run() -> Any:
+            replies = self._pipeline(head + body + puts, 1 + len(items))
+            first = replies[0]
+            for r in replies[1:]:
+                if isinstance(r, Exception):
+                    raise r
+            if isinstance(first, NoScriptError):
+                return self._roundtrip(head, body, scripts.APPEND)  # EVAL, and cached again
+            if isinstance(first, Exception):
+                raise first
+            return first
+
+        index: int = self._do("buffer_append", run)
+        if index == scripts.THREAD_FULL:
+            if names:
+                self._do("temp_delete", lambda: self.client.delete(*names))
+            raise ThreadFullError(thread_id, max_slots or 0)
+        return index
+
+    def _append_body(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None) -> bytes:
+        """The packed KEYS and ARGV of the append script (after its EVALSHA head)."""
         check_tagged_id(thread_id, "thread_id")
         if not isinstance(slot, (bytes, bytearray, memoryview)):
             raise TypeError(f"slot must be bytes, got {type(slot).__name__}")
@@ -290,14 +333,42 @@ class RedisBackend:
             if len(self._append_tails) < 64:
                 self._append_tails[max_slots or 0] = tail
         # KEYS buffer:{T} op:{T} uuid:{T}, ARGV slot append_id ttl max_slots prefix, packed in one go.
-        body = b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+        return b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
             n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid,
             len(slot), slot, len(aid), aid, tail)
-        head = self._script_heads["append"]
-        index: int = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
-        if index == scripts.THREAD_FULL:
-            raise ThreadFullError(thread_id, max_slots or 0)
-        return index
+
+    def _pipeline(self, packed: bytes, count: int) -> list[Any]:
+        """Send already packed commands in one write and read their `count` replies; a command's
+        error reply is returned in its place (every reply is read, so the connection stays in step).
+        Connection errors are raised, and that connection dropped, as in _roundtrip."""
+        pool = self._pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([packed])
+            out: list[Any] = []
+            for _ in range(count):
+                try:
+                    out.append(conn.read_response())
+                except ResponseError as e:
+                    out.append(e)
+            return out
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
+    def _pack_sets(self, names: list[str], values: list[bytes]) -> bytes:
+        """SET name value EX ttl, for each pair, in RESP."""
+        ttl = b"%d" % (self._ttl or DEFAULT_TEMP_TTL)
+        tail = b"$2\r\nEX\r\n$%d\r\n%b\r\n" % (len(ttl), ttl)
+        out = []
+        for name, value in zip(names, values):
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise TypeError(f"data must be bytes, got {type(value).__name__}")
+            nb = name.encode()
+            out.append(b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (len(nb), nb, len(value), value, tail))
+        return b"".join(out)
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
@@ -412,6 +483,51 @@ class RedisBackend:
             return 0
         names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k in keys]
         return int(self._do("temp_delete", lambda: self.client.delete(*names)))
+
+    # -- Batches (one round trip each; the worker data flow uses them) ---------------------------
+    def temp_put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """temp_put of each (key, data) with the default TTL, in one pipeline (retried: idempotent)."""
+        if not items:
+            return
+        names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
+        packed = self._pack_sets(names, [v for _, v in items])
+
+        def run() -> None:
+            for r in self._pipeline(packed, len(names)):
+                if isinstance(r, Exception):
+                    raise r
+
+        self._do("temp_put", run)
+
+    def temp_get_many(self, keys: list[str]) -> list[bytes | None]:
+        """MGET of the temp keys: their values (None where a key is gone), in order."""
+        if not keys:
+            return []
+        names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k in keys]
+        packed = _pack_command(b"MGET", names)
+
+        def run() -> list[bytes | None]:
+            (reply,) = self._pipeline(packed, 1)
+            if isinstance(reply, Exception):
+                raise reply
+            return list(reply)
+
+        return self._do("temp_get", run)
+
+    def temp_take(self, key: str, *also_delete: str) -> bytes | None:
+        """GET key, then DEL key and `also_delete`, in one pipeline (not retried: a repeat would
+        find the key deleted)."""
+        names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k in (key, *also_delete)]
+        packed = _pack_command(b"GET", names[:1]) + _pack_command(b"DEL", names)
+
+        def run() -> bytes | None:
+            got, deleted = self._pipeline(packed, 2)
+            for r in (got, deleted):
+                if isinstance(r, Exception):
+                    raise r
+            return got  # type: ignore[no-any-return]
+
+        return self._do("temp_get+delete", run, retry=False)
 
     # -- SCAN helpers -----------------------------------------------------------------------------
     def _clear(self, spaces: Iterable[str], *, count_space: str) -> int:

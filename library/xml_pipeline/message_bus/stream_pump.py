@@ -40,7 +40,7 @@ from ..organism import ListenerSpec, Organism
 from .local_pool import Dispatcher, default_dispatcher
 from .message import Action, Call, Message, MessageError, Reply, error_payload, normalize_result
 from .thread_registry import ThreadRegistry
-from .worker_task import WorkerResult, WorkerTask, new_key, store_inputs, take_response
+from .worker_task import WorkerResult, WorkerTask, new_key, signed_inputs, take_response
 
 log = logging.getLogger(__name__)
 
@@ -379,8 +379,16 @@ class StreamPump:
         if admit:
             msg = self._admit(msg)
         assert listener is not None
-        self._append(msg)
-        return msg, (store_inputs(self.backend, msg) if listener.cpu_bound else None)
+        assert msg.thread is not None
+        if not listener.cpu_bound:
+            self._append(msg)
+            return msg, None
+        # The message's slot and the worker's inputs go to the backend together (one round trip on
+        # the manager and redis backends): append first, so a full thread stores no inputs.
+        keys, values = signed_inputs(self.backend, msg)
+        self.buffer.append_and_put(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id,
+                                   temps=values)
+        return msg, keys
 
     def _step_out(self, msg: Message, listener: ListenerSpec, actions: list[Action] | None,
                   error: tuple[str, str] | None, result: WorkerResult | None, keys: tuple[str, str] | None,

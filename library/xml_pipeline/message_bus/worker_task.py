@@ -100,37 +100,28 @@ class WorkerResult:
 
 
 # -- temp values --------------------------------------------------------------------------------------
-# The SharedBackend protocol has one-key temp operations. On Redis, where every call is a network
-# round trip, the pairs below go out as one pipeline / MGET instead (same keys, same TTL, same error
-# mapping through RedisBackend.execute); other backends use the protocol calls.
+# The SharedBackend protocol has one-key temp operations. The manager and redis backends also offer
+# batches (temp_put_many, temp_get_many, temp_take, buffer_append_and_put: the same operations, one
+# round trip); the data flow uses them when present and the protocol calls otherwise.
 #: Lifetime of temp values without a configured TTL (the backends' own default: 24 h).
 _DEFAULT_TEMP_TTL = 86400
 
 
-def _redis(backend: SharedBackend) -> Any:
-    if getattr(backend.config, "backend_type", None) == "redis" and all(
-            hasattr(backend, a) for a in ("client", "keys", "execute")):
-        return backend
-    return None
+def _signed(backend: SharedBackend, items: list[tuple[str, bytes, bytes]]) -> list[tuple[str, bytes]]:
+    """(key, tag, body) → (key, signed envelope of tag + body)."""
+    sign = backend.signer.sign
+    return [(k, sign(tag + body)) for k, tag, body in items]
 
 
 def _put_many(backend: SharedBackend, items: list[tuple[str, bytes, bytes]]) -> None:
     """Store (key, tag, body) values, each in a signed envelope."""
-    signed = [(k, backend.signer.sign(tag + body)) for k, tag, body in items]
-    r = _redis(backend)
-    if r is None:
-        for key, blob in signed:
-            backend.temp_put(key, blob)
+    signed = _signed(backend, items)
+    many = getattr(backend, "temp_put_many", None)
+    if many is not None:
+        many(signed)
         return
-    ttl = r.config.ttl or _DEFAULT_TEMP_TTL
-
-    def run(client: Any) -> None:
-        pipe = client.pipeline(transaction=False)
-        for key, blob in signed:
-            pipe.set(r.keys.tmp(key), blob, ex=ttl)
-        pipe.execute()
-
-    r.execute(run, idempotent=True, what="temp_put")
+    for key, blob in signed:
+        backend.temp_put(key, blob)
 
 
 def _open(backend: SharedBackend, blob: bytes | None, key: str, tag: bytes, what: str) -> bytes:
@@ -143,21 +134,34 @@ def _open(backend: SharedBackend, blob: bytes | None, key: str, tag: bytes, what
 
 
 def _get_many(backend: SharedBackend, keys: list[str]) -> list[bytes | None]:
-    r = _redis(backend)
-    if r is None:
-        return [backend.temp_get(k) for k in keys]
-    names = [r.keys.tmp(k) for k in keys]
-    return list(r.execute(lambda c: c.mget(names), idempotent=True, what="temp_get"))
+    many = getattr(backend, "temp_get_many", None)
+    if many is not None:
+        return list(many(keys))
+    return [backend.temp_get(k) for k in keys]
+
+
+def input_values(message: Message, *, chain: str | None = None) -> tuple[tuple[str, str], list[tuple[str, bytes, bytes]]]:
+    """Pump side, step 1 without the write: the new (payload_key, metadata_key) and the
+    (key, tag, body) values to store under them."""
+    payload_key, metadata_key = new_key(), new_key()
+    meta = {"from": message.sender, "to": message.to, "thread": message.thread, "type": message.kind,
+            "id": message.id, "in_reply_to": message.in_reply_to, "chain": chain}
+    return (payload_key, metadata_key), [(payload_key, _PAYLOAD, message.payload.encode("utf-8")),
+                                         (metadata_key, _META, json.dumps(meta, separators=(",", ":")).encode())]
+
+
+def signed_inputs(backend: SharedBackend, message: Message, *,
+                  chain: str | None = None) -> tuple[tuple[str, str], list[tuple[str, bytes]]]:
+    """input_values(), signed with the backend's key ring: ((payload_key, metadata_key), [(key, blob)])."""
+    keys, items = input_values(message, chain=chain)
+    return keys, _signed(backend, items)
 
 
 def store_inputs(backend: SharedBackend, message: Message, *, chain: str | None = None) -> tuple[str, str]:
     """Pump side, step 1: store payload and metadata; return (payload_key, metadata_key)."""
-    payload_key, metadata_key = new_key(), new_key()
-    meta = {"from": message.sender, "to": message.to, "thread": message.thread, "type": message.kind,
-            "id": message.id, "in_reply_to": message.in_reply_to, "chain": chain}
-    _put_many(backend, [(payload_key, _PAYLOAD, message.payload.encode("utf-8")),
-                        (metadata_key, _META, json.dumps(meta, separators=(",", ":")).encode())])
-    return payload_key, metadata_key
+    keys, items = input_values(message, chain=chain)
+    _put_many(backend, items)
+    return keys
 
 
 def load_inputs(backend: SharedBackend, task: WorkerTask) -> Message:
@@ -183,25 +187,17 @@ def load_response(backend: SharedBackend, key: str) -> list[Action]:
 def take_response(backend: SharedBackend, key: str, also_delete: list[str]) -> list[Action]:
     """Pump side, step 3: fetch and verify the response, and delete it and `also_delete`.
 
-    The keys are deleted whether or not the response verifies (on Redis: one round trip for both).
+    The keys are deleted whether or not the response verifies (one round trip where the backend
+    has temp_take).
     """
-    doomed = [key, *also_delete]
-    r = _redis(backend)
-    if r is None:
+    take = getattr(backend, "temp_take", None)
+    if take is not None:
+        blob = take(key, *also_delete)
+    else:
         try:
             blob = backend.temp_get(key)
         finally:
-            backend.temp_delete(*doomed)
-    else:
-        names = [r.keys.tmp(k) for k in doomed]
-
-        def run(client: Any) -> Any:
-            pipe = client.pipeline(transaction=False)
-            pipe.get(names[0])
-            pipe.delete(*names)
-            return pipe.execute()[0]
-
-        blob = r.execute(run, idempotent=False, what="temp_get+delete")
+            backend.temp_delete(key, *also_delete)
     return actions_from_json(json.loads(_open(backend, blob, key, _RESPONSE, "response")))
 
 

@@ -143,6 +143,16 @@ class _RegistryCache:
         return self._backend.registry_clear()
 
 
+class _PumpRegistry(ThreadRegistry):
+    """ThreadRegistry over a _RegistryCache: a cached chain needs no fresh candidate uuid (each costs
+    an os.urandom call) before the cache answers."""
+
+    def get_or_create(self, chain: str) -> str:
+        cache = self._backend
+        hit = cache._cached(cache._uuid_of, chain) if isinstance(cache, _RegistryCache) else None  # noqa: SLF001
+        return hit if hit is not None else super().get_or_create(chain)
+
+
 @dataclass
 class PumpStats:
     messages: int = 0
@@ -174,7 +184,7 @@ class StreamPump:
         self.buffer = ContextBuffer(backend)
         ttl = getattr(backend, "ttl", None) or backend.config.ttl
         #: Registry operations go through a small cache (see _RegistryCache).
-        self.registry = ThreadRegistry(_RegistryCache(backend, max_age=min(30.0, (ttl or 60) / 4)))  # type: ignore[arg-type]
+        self.registry = _PumpRegistry(_RegistryCache(backend, max_age=min(30.0, (ttl or 60) / 4)))  # type: ignore[arg-type]
         self.on_output = on_output
         self.on_done = on_done
         self.keep_outputs = keep_outputs

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from . import GROUP, PLURAL, VERSION
+from . import GROUP, PLURAL, VERSION, rotation
 from .desired.naming import MANAGED_BY, ORGANISM_LABEL
 from .kube import ApiError, Kube
 from .metrics import METRICS
@@ -94,6 +94,17 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
         result = run(namespace, name, retry, str(reason))
         if result is not None and result.retry:
             raise kopf.TemporaryError(result.retry, delay=settings.retry_delay(retry))
+
+    def rotation_requested(body: kopf.Body, **_: Any) -> bool:
+        credentials = (body.get("status") or {}).get("credentials") or {}
+        return rotation.request_pending(body.get("metadata", {}).get("annotations"), credentials.get("request"))
+
+    # kopf's change detection ignores annotations under its own storage prefix (xml-pipeline.dev/),
+    # so a new rotate-credentials value is noticed here, by watching for it.
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="rotation-requested", when=rotation_requested)
+    def organism_rotation(type: str | None, namespace: str, name: str, **_: Any) -> None:
+        if type in ("ADDED", "MODIFIED"):
+            run(namespace, name, 0, "rotation requested")
 
     if settings.resync_seconds > 0:
         @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, id="resync", interval=settings.resync_seconds,

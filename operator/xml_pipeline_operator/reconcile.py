@@ -7,18 +7,20 @@ finds what it created before and never duplicates it.
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import apply, desired as desired_mod, status as st
+from . import apply, desired as desired_mod, rotation, status as st
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
 from .kube import ApiError, Kube
 from .model import Organism, SpecError, check_prefix_unchanged, parse_organism
-from .redis_admin import RedisAdmin, Tenant
+from .redis_admin import PASSWORD_CHANGED, RedisAdmin, Tenant
 from .settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class Reconciler:
     def __init__(self, kube: Kube, settings: OperatorSettings, admin: RedisAdmin,
                  clock: Callable[[], str] = utcnow) -> None:
         self.kube, self.settings, self.admin, self.clock = kube, settings, admin, clock
+        #: How long a rotation waits for the pods before saying so (it keeps waiting, never locks out).
+        self.rotation_timeout = rotation.ROLLOUT_TIMEOUT_SECONDS
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -98,10 +102,18 @@ class Reconciler:
         blocked: st.Condition | None = None
         retry: str | None = None
         redis_cond: st.Condition | None = None
+        rot: _Rotation | None = None
+        previous = dict(previous)  # a rotation start writes status.credentials early (see _shared)
         try:
             secret_outcome, values = apply.ensure_credentials(self.kube, org)
             outcomes.append(secret_outcome)
-            redis_cond = self._remote_redis_condition(org, values)
+            if org.redis is not None and org.redis.mode == "shared":
+                redis_cond, rot = self._shared(org, body, previous, values, now)
+                if redis_cond.ok:  # Redis knows the Secret's password: the pods may roll to it
+                    want = desired_mod.build(org, self.settings,
+                                             credentials_digest=rotation.credentials_digest(values))
+            else:
+                redis_cond = self._remote_redis_condition(org, values)
             if redis_cond is not None and redis_cond.reason == "ExternalSecretMissing":
                 blocked, retry = redis_cond, redis_cond.message
             outcomes.append(apply.apply_object(self.kube, want.config_map, org.uid))
@@ -112,6 +124,8 @@ class Reconciler:
                     gone = apply.delete_if_owned(self.kube, kind, namespace, obj_name, org.uid)
                     if gone is not None:
                         outcomes.append(gone)
+            if rot is not None and redis_cond is not None and redis_cond.ok:
+                redis_cond = self._after_rollout(org, rot, values, outcomes, want, now) or redis_cond
         except apply.NameConflict as e:
             blocked, retry = st.Condition("Ready", "False", "NameConflict", str(e)), str(e)
 
@@ -123,12 +137,94 @@ class Reconciler:
             previous=previous, generation=generation, now=now, org=org, desired=want,
             redis=redis_cond or st.redis_condition_local(org, redis_state),
             pump=st.pump_condition(pump_state), workers=st.workers_condition(org, worker_state),
-            blocked=blocked, failed=False, workers_state=worker_state)
-        return self._finish(namespace, name, previous, status, _object_events(outcomes), retry=retry)
+            blocked=blocked, failed=False, workers_state=worker_state,
+            extra=[rot.condition(self.rotation_timeout)] if rot is not None else [])
+        if rot is not None:
+            status["credentials"] = rot.as_status()
+        events = _object_events(outcomes) + (rot.events_for(previous, status) if rot is not None else [])
+        return self._finish(namespace, name, previous, status, events, retry=retry)
+
+    # ------------------------------------------------------------------------------------ shared mode
+    def _shared(self, org: Organism, body: Mapping[str, Any], previous: dict[str, Any], values: dict[str, str],
+                now: str) -> tuple[st.Condition, _Rotation]:
+        """The Organism's ACL user, and the steps of a password rotation that come before the pods roll
+        (rotation.py): start, generate, accept, publish -- Redis always before the Secret."""
+        assert org.redis is not None
+        cred = previous.get("credentials") or {}
+        rot = _Rotation(phase=rotation.phase_of(cred.get("phase"), values), request=cred.get("request"),
+                        since=cred.get("since"), last=cred.get("lastRotation"))
+        annotations = (body.get("metadata") or {}).get("annotations") or {}
+        if rot.phase is rotation.Phase.IDLE and rotation.request_pending(annotations, rot.request):
+            # The intent is durable before anything changes: a restart from here on carries on.
+            rot.request, rot.phase, rot.since = str(annotations[rotation.ROTATE_ANNOTATION]), rotation.Phase.ACCEPTING, now
+            self.kube.patch("Organism", org.namespace, org.name, {"status": {"credentials": rot.as_status()}},
+                            subresource="status")
+            previous["credentials"] = rot.as_status()
+            rot.done.append("started")
+        if rot.phase is rotation.Phase.ACCEPTING and not values.get(rotation.NEXT_KEY):
+            self._patch_secret(org, values, {rotation.NEXT_KEY: secrets.token_hex(32)})
+        tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
+                        username=values.get("redis-username", ""))
+        for _ in range(4):  # at most: adopt a hand edit, publish, settle
+            state = self.admin.ensure_tenant(tenant, values.get(PASSWORD_KEY, ""),
+                                             rotation.accepted_besides_password(values))
+            if state.reason == PASSWORD_CHANGED and state.still_accepted:
+                # redis-password was edited by hand: record what Redis accepts now, then keep it.
+                self._patch_secret(org, values, rotation.adopt_patch(values, state.still_accepted))
+                rot.phase, rot.since = rotation.Phase.ROLLING_OUT, now
+                rot.done.append("adopted")
+                continue
+            step = rotation.next_step(phase=rot.phase, request=False, secret=values, redis_accepts_all=state.ready,
+                                      rolled=None, waited=0.0)
+            if step is rotation.Step.PUBLISH:
+                self._patch_secret(org, values, rotation.publish_patch(values))
+                rot.phase, rot.since = rotation.Phase.ROLLING_OUT, now
+                rot.done.append("published")
+                continue  # once more: the admin's record (for recovery) follows the new Secret
+            break
+        if rot.phase is rotation.Phase.IDLE and cred.get("phase") not in (None, rotation.Phase.IDLE.value):
+            rot.since = None  # the Secret shows the last rotation finished (a restart after retiring)
+        return st.Condition("RedisReady", "True" if state.ready else "False", state.reason, state.message), rot
+
+    def _after_rollout(self, org: Organism, rot: _Rotation, values: dict[str, str],
+                       outcomes: list[apply.Outcome], want: desired_mod.DesiredState, now: str) -> st.Condition | None:
+        """Rotation steps after the pods were told to roll: wait for them, then retire the old password."""
+        assert org.redis is not None
+        digest = rotation.credentials_digest(values)
+        if rot.phase is not rotation.Phase.ROLLING_OUT or digest is None:
+            return None
+        bodies = {(o.kind, o.name): o.body for o in outcomes if o.action != "deleted"}
+        pods = [bodies.get(("Deployment", obj["metadata"]["name"])) for obj in want.workloads
+                if obj["kind"] == "Deployment"
+                and obj["metadata"]["labels"].get("app.kubernetes.io/component") in ("pump", "worker")]
+        rolled = bool(pods) and all(rotation.rollout_complete(b, digest) for b in pods)
+        rot.waited = _seconds_between(rot.since, now)
+        step = rotation.next_step(phase=rot.phase, request=False, secret=values, redis_accepts_all=True,
+                                  rolled=rolled, waited=rot.waited, timeout=self.rotation_timeout)
+        if step is not rotation.Step.RETIRE:
+            return None
+        tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
+                        username=values.get("redis-username", ""))
+        state = self.admin.ensure_tenant(tenant, values.get(PASSWORD_KEY, ""), frozenset())  # Redis first
+        if state.ready:
+            self._patch_secret(org, values, {rotation.PREVIOUS_KEY: None})
+            rot.phase, rot.since, rot.last = rotation.Phase.IDLE, None, now
+            rot.done.append("retired")
+        return st.Condition("RedisReady", "True" if state.ready else "False", state.reason, state.message)
+
+    def _patch_secret(self, org: Organism, values: dict[str, str], changes: Mapping[str, str | None]) -> None:
+        """Write `changes` (None deletes a key) into the credentials Secret and into `values`."""
+        data = {k: (None if v is None else base64.b64encode(v.encode()).decode()) for k, v in changes.items()}
+        self.kube.patch("Secret", org.namespace, desired_mod.naming.secret_name(org.name), {"data": data})
+        for k, v in changes.items():
+            if v is None:
+                values.pop(k, None)
+            else:
+                values[k] = v
 
     # ------------------------------------------------------------------------------------------
     def _remote_redis_condition(self, org: Organism, values: Mapping[str, str]) -> st.Condition | None:
-        """RedisReady for Redis the operator does not run (external, shared)."""
+        """RedisReady for an external Redis (the operator does not connect to it)."""
         if org.redis is None or org.redis.mode == "dedicated":
             return None
         if org.redis.mode == "external":
@@ -148,10 +244,7 @@ class Reconciler:
                                         f"(spec.backend.redis.external.{what}.key); retrying with backoff")
             return st.Condition("RedisReady", "True", "ExternalRedisConfigured",
                                 f"pods use {ext.url}; the operator does not connect to external Redis")
-        tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
-                        username=values.get("redis-username", ""))
-        state = self.admin.ensure_tenant(tenant, values.get(PASSWORD_KEY, ""))
-        return st.Condition("RedisReady", "True" if state.ready else "False", state.reason, state.message)
+        return None  # shared: _shared
 
     @staticmethod
     def _state(bodies: Mapping[tuple[str, str], dict[str, Any] | None], want: desired_mod.DesiredState,
@@ -176,6 +269,66 @@ class Reconciler:
                 if e.status != 404:  # deleted meanwhile: nothing to report on
                     raise
         return Result(status=status, events=events, retry=retry, status_written=written)
+
+
+@dataclass
+class _Rotation:
+    """A password rotation as one pass sees it (rotation.py holds the decisions)."""
+
+    phase: rotation.Phase
+    request: str | None = None
+    since: str | None = None
+    last: str | None = None
+    waited: float = 0.0
+    #: Steps taken in this pass, for events: started, adopted, published, retired.
+    done: list[str] = field(default_factory=list)
+
+    def stalled(self, timeout: float) -> bool:
+        return self.phase is rotation.Phase.ROLLING_OUT and self.waited >= timeout
+
+    def as_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"phase": self.phase.value}
+        for key, value in (("request", self.request), ("since", self.since), ("lastRotation", self.last)):
+            if value:
+                out[key] = value
+        return out
+
+    def condition(self, timeout: float) -> st.Condition:
+        if self.phase is rotation.Phase.IDLE:
+            return st.Condition("CredentialsCurrent", "True", "NoRotation",
+                                "no password rotation in progress (request one by setting the annotation "
+                                f"{rotation.ROTATE_ANNOTATION} to a new value)")
+        if self.phase is rotation.Phase.ACCEPTING:
+            return st.Condition("CredentialsCurrent", "False", "Rotating",
+                                "a new password was generated; the shared Redis is to accept it beside the old one")
+        if self.stalled(timeout):
+            return st.Condition("CredentialsCurrent", "False", "RolloutTimedOut",
+                                f"the pump and worker pods have not all moved to the new password after "
+                                f"{int(self.waited)} s; both passwords stay accepted (no pod is locked out) "
+                                "until they do: check the Deployments")
+        return st.Condition("CredentialsCurrent", "False", "Rotating",
+                            "the new password is in the Secret and the pods are rolling; the old password "
+                            "stays accepted until every pod runs with the new one")
+
+    def events_for(self, previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
+        texts = {"started": "Password rotation requested: generating a new password",
+                 "adopted": "redis-password was changed in the Secret: the old password stays accepted "
+                            "until the pods rolled",
+                 "published": "The shared Redis accepts the new password; it is in the Secret; rolling the pods",
+                 "retired": "Every pod runs with the new password; the old one was removed from the shared Redis"}
+        events = [Event("Normal", "CredentialsRotation", texts[d]) for d in self.done]
+        old, new = st.condition(previous, "CredentialsCurrent"), st.condition(status, "CredentialsCurrent")
+        if new is not None and new["reason"] == "RolloutTimedOut" and (old or {}).get("reason") != "RolloutTimedOut":
+            events.append(Event("Warning", "RolloutTimedOut", new["message"]))
+        return events
+
+
+def _seconds_between(since: str | None, now: str) -> float:
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    try:
+        return (datetime.datetime.strptime(now, fmt) - datetime.datetime.strptime(since or now, fmt)).total_seconds()
+    except ValueError:
+        return 0.0
 
 
 def _object_events(outcomes: list[apply.Outcome]) -> list[Event]:

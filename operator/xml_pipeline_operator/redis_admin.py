@@ -7,7 +7,8 @@ operator's settings there is nothing to provision on, and the RedisReady conditi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .settings import OperatorSettings
@@ -30,6 +31,13 @@ class TenantState:
     ready: bool
     reason: str
     message: str
+    #: Reason "PasswordChanged": the user exists but does not know the Secret's password (edited by
+    #: hand); these are the SHA-256 digests it accepts instead. Nothing was written: record them
+    #: (rotation.adopt_patch) and call again with them in `also_accept_hashes`.
+    still_accepted: frozenset[str] = field(default=frozenset(), repr=False)
+
+
+PASSWORD_CHANGED = "PasswordChanged"
 
 
 def acl_username(namespace: str, name: str) -> str:
@@ -38,8 +46,11 @@ def acl_username(namespace: str, name: str) -> str:
 
 
 class RedisAdmin(Protocol):
-    def ensure_tenant(self, tenant: Tenant, password: str) -> TenantState:
-        """Create or update the tenant's ACL user (idempotent). Must never log the password."""
+    def ensure_tenant(self, tenant: Tenant, password: str, also_accept_hashes: AbstractSet[str] = frozenset()) -> TenantState:
+        """Create or update the tenant's ACL user (idempotent) to accept exactly `password` and the
+        SHA-256 digests in `also_accept_hashes` (a rotation in progress). If the user exists, does not
+        know `password` and accepts others (the Secret was edited by hand), write nothing and answer
+        PASSWORD_CHANGED with those in `still_accepted`. Must never log the password."""
 
     def release_tenant(self, tenant: Tenant) -> None:
         """Remove the tenant's ACL user (and, by policy, its keys) when the Organism is deleted."""
@@ -51,8 +62,8 @@ class NoSharedRedisAdmin:
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
 
-    def ensure_tenant(self, tenant: Tenant, password: str) -> TenantState:
-        del password
+    def ensure_tenant(self, tenant: Tenant, password: str, also_accept_hashes: AbstractSet[str] = frozenset()) -> TenantState:
+        del password, also_accept_hashes
         return TenantState(
             ready=False, reason="SharedRedisNotConfigured",
             message=f"ACL user {tenant.username!r} for prefix {tenant.prefix!r} cannot be provisioned: the "

@@ -16,7 +16,7 @@ from .model import Organism
 ConditionStatus = Literal["True", "False", "Unknown"]
 CONDITION_TYPES = ("RedisReady", "PumpReady", "WorkersReady", "Ready")
 #: Status keys the operator owns (a merge patch sets the ones it drops to null).
-STATUS_KEYS = ("observedGeneration", "phase", "configHash", "workersReady", "redis", "conditions")
+STATUS_KEYS = ("observedGeneration", "phase", "configHash", "workersReady", "redis", "credentials", "conditions")
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,11 @@ def ready_condition(parts: Sequence[Condition], blocked: Condition | None = None
 def build_status(*, previous: Mapping[str, Any], generation: int, now: str,
                  org: Organism | None, desired: DesiredState | None,
                  redis: Condition | None, pump: Condition | None, workers: Condition | None,
-                 blocked: Condition | None, failed: bool, workers_state: WorkloadState | None) -> dict[str, Any]:
+                 blocked: Condition | None, failed: bool, workers_state: WorkloadState | None,
+                 extra: Sequence[Condition] = ()) -> dict[str, Any]:
     """The full status document. A None condition keeps its previous value (e.g. while the spec is
-    invalid, the running pods' conditions stay as they were last observed)."""
+    invalid, the running pods' conditions stay as they were last observed). `extra` conditions (e.g.
+    CredentialsCurrent in shared mode) follow Ready and do not count towards it."""
     old = {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, Mapping)}
     chosen: dict[str, Condition | None] = {"RedisReady": redis, "PumpReady": pump, "WorkersReady": workers}
     parts: list[Condition] = []
@@ -127,7 +129,7 @@ def build_status(*, previous: Mapping[str, Any], generation: int, now: str,
         parts.append(cond)
     ready = ready_condition(parts, blocked)
 
-    conditions = [_condition_dict(c, old.get(c.type), generation, now) for c in [*parts, ready]]
+    conditions = [_condition_dict(c, old.get(c.type), generation, now) for c in [*parts, ready, *extra]]
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "phase": _phase(previous.get("phase"), ready, failed, pump),
@@ -144,9 +146,11 @@ def build_status(*, previous: Mapping[str, Any], generation: int, now: str,
             status["redis"] = {"mode": org.redis.mode, "endpoint": desired.endpoint, "prefix": org.redis.prefix,
                                "ttl": org.redis.ttl, "secretName": desired.secret_name}
     else:  # the spec could not be read: keep what describes the running objects
-        for key in ("configHash", "workersReady", "redis"):
+        for key in ("configHash", "workersReady", "redis", "credentials"):
             if key in previous:
                 status[key] = previous[key]
+        status["conditions"] += [c for c in previous.get("conditions") or []
+                                 if isinstance(c, Mapping) and c.get("type") not in (*chosen, "Ready")]
     return status
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import CRD_PATH, EXAMPLES, ROOT
+from operator_harness import CRD_PATH, EXAMPLES, ROOT
 from crd_schema import iter_rules, load_crd, openapi_schema, validate
 from xml_pipeline.memory.keys import KEY_SPACES
 from xml_pipeline_operator import model, settings as op_settings

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import (DEPLOYMENTS, ORGANISMS, TEST_SETTINGS, condition, eventually, get_obj, live_names,
+from operator_harness import (DEPLOYMENTS, ORGANISMS, TEST_SETTINGS, condition, eventually, get_obj, live_names,
                       org_path, organism, quiet, writes)
 from kmock_cluster import Cluster
 from xml_pipeline_operator.desired.naming import CONFIG_HASH_ANNOTATION
@@ -166,8 +166,8 @@ async def test_delete_runs_the_finalizer(k8s: Cluster, start_operator: Any) -> N
     released: list[Tenant] = []
 
     class RecordingAdmin:
-        def ensure_tenant(self, tenant: Tenant, password: str) -> TenantState:
-            assert len(password) == 64
+        def ensure_tenant(self, tenant: Tenant, password: str, also_accept_hashes: Any = frozenset()) -> TenantState:
+            assert len(password) == 64 and not also_accept_hashes
             return TenantState(True, "SharedRedisAclReady", f"user {tenant.username}")
 
         def release_tenant(self, tenant: Tenant) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from conftest import DEPLOYMENTS, eventually, get_obj, org_path, organism
+from operator_harness import DEPLOYMENTS, eventually, get_obj, org_path, organism
 from kmock_cluster import Cluster
 
 

@@ -30,7 +30,9 @@ class DesiredState:
     absent: list[ObjectKey] = field(default_factory=list)
 
 
-def build(org: Organism, settings: OperatorSettings) -> DesiredState:
+def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str | None = None) -> DesiredState:
+    """`credentials_digest` (shared mode, once Redis accepts the Secret's password) goes on the pod
+    templates; None leaves whatever annotation the Deployments carry untouched."""
     url = redis.endpoint(org, settings)
     cm = config.config_map(org, url)
     digest = workloads.config_hash(org, cm["data"][naming.CONFIG_KEY], url)
@@ -44,9 +46,9 @@ def build(org: Organism, settings: OperatorSettings) -> DesiredState:
         absent.append(("StatefulSet" if workload["kind"] == "Deployment" else "Deployment", rname))
     else:
         absent += [("Service", rname), ("Deployment", rname), ("StatefulSet", rname)]
-    objects.append(workloads.pump_deployment(org, url, digest))
+    objects.append(workloads.pump_deployment(org, url, digest, credentials_digest))
     if org.workers is not None:
-        objects.append(workloads.worker_deployment(org, url, digest))
+        objects.append(workloads.worker_deployment(org, url, digest, credentials_digest))
     else:
         absent.append(("Deployment", naming.worker_name(org.name)))
     return DesiredState(

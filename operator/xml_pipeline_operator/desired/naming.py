@@ -7,6 +7,8 @@ Component = Literal["pump", "worker", "redis", "config", "credentials"]
 
 ORGANISM_LABEL = "xml-pipeline.dev/organism"
 CONFIG_HASH_ANNOTATION = "xml-pipeline.dev/config-hash"
+#: Pod-template annotation in shared mode: HMAC of the password the pods read (rotation.py).
+CREDENTIALS_DIGEST_ANNOTATION = "xml-pipeline.dev/credentials-digest"
 APP_NAME = "xml-pipeline"
 MANAGED_BY = "xml-pipeline-operator"
 
@@ -20,6 +22,9 @@ USERNAME_KEY = "redis-username"
 PASSWORD_KEY = "redis-password"
 SIGNING_KEY_KEY = "signing-key"
 CREDENTIAL_KEYS = (USERNAME_KEY, PASSWORD_KEY, SIGNING_KEY_KEY)
+# Only while a password rotation runs (rotation.py); pods never reference them.
+NEXT_PASSWORD_KEY = "redis-password-next"
+PREVIOUS_PASSWORD_HASHES_KEY = "redis-password-previous-sha256"
 
 
 def config_map_name(name: str) -> str:

@@ -6,8 +6,9 @@ import json
 from typing import Any, Literal
 
 from ..model import Organism, Resources
-from .naming import (CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, PASSWORD_KEY, SIGNING_KEY_KEY,
-                     USERNAME_KEY, config_map_name, labels, pump_name, secret_name, selector_labels, worker_name)
+from .naming import (CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, CREDENTIALS_DIGEST_ANNOTATION,
+                     PASSWORD_KEY, SIGNING_KEY_KEY, USERNAME_KEY, config_map_name, labels, pump_name, secret_name,
+                     selector_labels, worker_name)
 from .security import APP_GID, APP_UID, container_security_context, pod_basics, pod_security_context
 
 Role = Literal["pump", "worker"]
@@ -88,11 +89,16 @@ def _container(org: Organism, role: Role, endpoint: str | None, resources: Resou
 
 
 def _template(org: Organism, role: Role, endpoint: str | None, resources: Resources,
-              digest: str) -> dict[str, Any]:
+              digest: str, credentials_digest: str | None) -> dict[str, Any]:
+    annotations = {CONFIG_HASH_ANNOTATION: digest}
+    if credentials_digest:
+        # Shared mode: pods read the password once at start, so a new one in the Secret rolls them
+        # (rotation.py). An HMAC keyed with a secret, never the password or a plain hash of it.
+        annotations[CREDENTIALS_DIGEST_ANNOTATION] = credentials_digest
     return {
         "metadata": {
             "labels": labels(org.name, role),
-            "annotations": {CONFIG_HASH_ANNOTATION: digest},
+            "annotations": annotations,
         },
         "spec": {
             **pod_basics(),
@@ -128,14 +134,16 @@ def _deployment(org: Organism, role: Role, name: str, replicas: int, strategy: d
     }
 
 
-def pump_deployment(org: Organism, endpoint: str | None, digest: str) -> dict[str, Any]:
+def pump_deployment(org: Organism, endpoint: str | None, digest: str,
+                    credentials_digest: str | None = None) -> dict[str, Any]:
     # Recreate: never two pumps at once during a rollout.
     return _deployment(org, "pump", pump_name(org.name), 1, {"type": "Recreate"},
-                       _template(org, "pump", endpoint, org.pump_resources, digest))
+                       _template(org, "pump", endpoint, org.pump_resources, digest, credentials_digest))
 
 
-def worker_deployment(org: Organism, endpoint: str | None, digest: str) -> dict[str, Any]:
+def worker_deployment(org: Organism, endpoint: str | None, digest: str,
+                      credentials_digest: str | None = None) -> dict[str, Any]:
     assert org.workers is not None
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}}
     return _deployment(org, "worker", worker_name(org.name), org.workers.replicas, strategy,
-                       _template(org, "worker", endpoint, org.workers.resources, digest))
+                       _template(org, "worker", endpoint, org.workers.resources, digest, credentials_digest))

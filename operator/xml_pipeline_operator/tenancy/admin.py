@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import redis
@@ -29,7 +30,7 @@ from redis.retry import Retry
 
 from xml_pipeline.memory.config import redact_url
 
-from ..redis_admin import Tenant, TenantState
+from ..redis_admin import PASSWORD_CHANGED, Tenant, TenantState
 from ..settings import OperatorSettings
 from . import acl, overlap
 from .cleanup import CleanupProgress, cleanup_prefix
@@ -38,9 +39,6 @@ from .usage import Usage, UsageSampler
 
 logger = logging.getLogger(__name__)
 
-#: How long a password the Secret no longer holds is still accepted after the Secret changed. Pods
-#: read the password at start, so they need a restart (`kubectl rollout restart`) within this time.
-PASSWORD_GRACE_SECONDS = 3600.0
 #: Seconds between usage ticks and between lost-user checks (for the whole operator).
 USAGE_INTERVAL_SECONDS = 30.0
 USER_CHECK_INTERVAL_SECONDS = 30.0
@@ -88,7 +86,6 @@ class SharedRedisAdmin:
 
     def __init__(self, settings: OperatorSettings, *, client: redis.Redis | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 password_grace: float = PASSWORD_GRACE_SECONDS,
                  usage_interval: float = USAGE_INTERVAL_SECONDS,
                  user_check_interval: float = USER_CHECK_INTERVAL_SECONDS,
                  cleanup_budget: float = CLEANUP_BUDGET_SECONDS, cleanup_batch: int = 1000) -> None:
@@ -98,7 +95,6 @@ class SharedRedisAdmin:
         self.url = redact_url(settings.shared_redis_url)
         self._client_obj = client
         self._clock = clock
-        self.password_grace = password_grace
         self.usage_interval = usage_interval
         self.user_check_interval = user_check_interval
         self.cleanup_budget = cleanup_budget
@@ -112,7 +108,6 @@ class SharedRedisAdmin:
         #: Organisms seen in another mode: a user of theirs on this Redis is an orphan to disable.
         self._not_shared: set[tuple[str, str]] = set()
         self._desired: dict[tuple[str, str], DesiredUser] = {}
-        self._retiring: dict[tuple[str, str], tuple[frozenset[str], float]] = {}
         self._failed: tuple[float, TenantState] | None = None
         self._recovery: UserRecovery | None = None
         self._sampler: UsageSampler | None = None
@@ -166,7 +161,6 @@ class SharedRedisAdmin:
                 self._observed.pop(key, None)
                 self._policies.pop(key, None)
                 self._desired.pop(key, None)
-                self._retiring.pop(key, None)
                 self._not_shared.add(key)
             else:
                 self._observed[key] = t
@@ -192,7 +186,8 @@ class SharedRedisAdmin:
             return overlap.find_conflict(candidate, list(self._observed.values()))
 
     # -- RedisAdmin --------------------------------------------------------------------------------
-    def ensure_tenant(self, tenant: Tenant, password: str) -> TenantState:
+    def ensure_tenant(self, tenant: Tenant, password: str,
+                      also_accept_hashes: AbstractSet[str] = frozenset()) -> TenantState:
         key = (tenant.namespace, tenant.name)
         if not password or not tenant.username:
             return TenantState(False, "SharedRedisCredentialsMissing",
@@ -214,7 +209,17 @@ class SharedRedisAdmin:
         try:
             client = self.client()
             profile = self.recovery().current_profile()
-            extra = self._still_accepted(key, acl.get_user(client, tenant.username), password)
+            extra = frozenset(also_accept_hashes)
+            user = acl.get_user(client, tenant.username)
+            if user is not None:
+                unknown = user.password_hashes - extra - {acl.password_hash(password)}
+                if acl.password_hash(password) not in user.password_hashes and unknown:
+                    # The Secret's password was changed behind the operator's back. Removing the
+                    # passwords Redis knows would lock out every running pod: the caller records
+                    # them durably first (rotation.adopt_patch) and calls again.
+                    return TenantState(False, PASSWORD_CHANGED,
+                                       f"the Secret {tenant.name}-credentials holds a password ACL user "
+                                       f"{tenant.username!r} does not know yet", still_accepted=unknown)
             change = acl.ensure_user(client, tenant.username, password, tenant.prefix,
                                      also_accept_hashes=extra, profile=profile)
         except redis.RedisError as e:
@@ -228,26 +233,8 @@ class SharedRedisAdmin:
         message = (f"ACL user {tenant.username!r} may use keys and channels under {tenant.prefix!r} only, "
                    f"on {self.url}")
         if extra:
-            message += (f"; {len(extra)} previous password(s) stay accepted for at most "
-                        f"{int(self.password_grace)} s: restart the pods to pick up the new one")
+            message += f"; {len(extra)} other password(s) accepted while a password rotation runs"
         return TenantState(True, "AclUserReady", message)
-
-    def _still_accepted(self, key: tuple[str, str], user: acl.AclUser | None, password: str) -> frozenset[str]:
-        """Passwords Redis accepts besides the Secret's: kept for the grace period after a change."""
-        old = (user.password_hashes - {acl.password_hash(password)}) if user is not None else frozenset()
-        now = self._clock()
-        with self._lock:
-            if not old:
-                self._retiring.pop(key, None)
-                return frozenset()
-            since = self._retiring.get(key)
-            if since is None or not old <= since[0]:
-                since = (old, now)
-                self._retiring[key] = since
-            if now - since[1] < self.password_grace:
-                return old
-            self._retiring.pop(key, None)
-            return frozenset()
 
     def release_tenant(self, tenant: Tenant, policy: str | None = None) -> None:
         """Apply the deletion policy (`policy`, else the Organism's spec.backend.redis.deletionPolicy
@@ -307,7 +294,6 @@ class SharedRedisAdmin:
     def _forget(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._desired.pop(key, None)
-            self._retiring.pop(key, None)
             self._observed.pop(key, None)
             self._policies.pop(key, None)
             if self._sampler is not None:

@@ -120,7 +120,7 @@ def _pack_args(args: Iterable[Any]) -> bytes:
     return b"".join(out)
 
 
-def _pack_command(command: bytes, args: list[str]) -> bytes:
+def _pack_command(command: bytes, args: list[Any]) -> bytes:
     return b"*%d\r\n$%d\r\n%b\r\n" % (len(args) + 1, len(command), command) + _pack_args(args)
 
 
@@ -337,7 +337,7 @@ class RedisBackend:
             n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid,
             len(slot), slot, len(aid), aid, tail)
 
-    def _pipeline(self, packed: bytes, count: int) -> list[Any]:
+    def _pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
         """Send already packed commands in one write and read their `count` replies; a command's
         error reply is returned in its place (every reply is read, so the connection stays in step).
         Connection errors are raised, and that connection dropped, as in _roundtrip."""
@@ -346,17 +346,34 @@ class RedisBackend:
         try:
             conn.send_packed_command([packed])
             out: list[Any] = []
-            for _ in range(count):
+            for i in range(count):
                 try:
                     out.append(conn.read_response())
                 except ResponseError as e:
                     out.append(e)
+                except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                    if i < count - best_effort_tail:
+                        raise
+                    conn.disconnect()
+                    out.extend([e] * (count - i))
+                    break
             return out
         except BaseException:
             conn.disconnect()
             raise
         finally:
             pool.release(conn)
+
+    def send_commands(self, commands: list[tuple[Any, ...]], *, best_effort_tail: int = 0) -> list[Any]:
+        """Send `commands` (each a tuple of str / bytes / int arguments) in one write on one pooled
+        connection and read every reply: a raw pipeline without redis-py's per-command encoding
+        and response callbacks (replies are as Redis sends them: bytes, ints, nested lists).
+        A command's error reply is returned in its place; connection errors are raised as redis-py
+        raises them (no retry, no mapping: for callers that handle those themselves), except while
+        reading the last `best_effort_tail` replies: then the error takes those replies' places
+        (the connection is dropped) and the replies read before it are returned."""
+        packed = b"".join(_pack_command(str(c[0]).encode(), list(c[1:])) for c in commands)
+        return self._pipeline(packed, len(commands), best_effort_tail=best_effort_tail)
 
     def _pack_sets(self, names: list[str], values: list[bytes]) -> bytes:
         """SET name value EX ttl, for each pair, in RESP."""

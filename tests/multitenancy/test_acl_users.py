@@ -10,7 +10,7 @@ from redis.exceptions import AuthenticationError, ConnectionError, NoPermissionE
 
 from xml_pipeline.errors import ConfigError
 from xml_pipeline_operator.tenancy import acl
-from xml_pipeline_operator.tenancy.acl import Change, RotationStep
+from xml_pipeline_operator.tenancy.acl import Change
 
 from .conftest import Org
 
@@ -98,59 +98,6 @@ def test_delete_user(make_org: Callable[..., Org], admin: redis.Redis) -> None:
             ra.ping()
     assert not acl.user_exists(admin, a.username)
     assert not acl.delete_user(admin, a.username)
-
-
-def test_password_rotation_never_locks_pods_out(make_org: Callable[..., Org], admin: redis.Redis) -> None:
-    """Drive the rotation steps like the operator does, with an 'old pod' (a connection pool using the
-    old password that reconnects between steps) and a 'new pod' started once the Secret changed."""
-    a = make_org("rot")
-    old, new = a.password, secrets.token_urlsafe(24)
-    secret = {"redis-password": old}
-    old_pod = _login(a, old)
-    new_pod: redis.Redis | None = None
-    seen: list[RotationStep] = []
-    for _ in range(10):
-        user = acl.get_user(admin, a.username)
-        assert user is not None
-        step = acl.next_rotation_step(accepted_hashes=user.password_hashes, secret_password=secret["redis-password"],
-                                      new_password=new, pods_current=new_pod is not None)
-        seen.append(step)
-        if step is RotationStep.DONE:
-            break
-        # The old pod reconnects (a fresh TCP connection and AUTH) at every step before retirement.
-        old_pod.connection_pool.disconnect()
-        assert old_pod.set(f"{a.prefix}k", step.value)
-        if step is RotationStep.ACCEPT_NEW:
-            acl.ensure_user(admin, a.username, new, a.prefix, also_accept=[secret["redis-password"]])
-        elif step is RotationStep.PUBLISH_NEW:
-            secret["redis-password"] = new
-        elif step is RotationStep.WAIT_FOR_PODS:
-            new_pod = _login(a, secret["redis-password"])  # the rollout starts pods with the new Secret
-            assert new_pod.get(f"{a.prefix}k") is not None
-        elif step is RotationStep.RETIRE_OLD:
-            acl.ensure_user(admin, a.username, new, a.prefix)
-    assert seen == [RotationStep.ACCEPT_NEW, RotationStep.PUBLISH_NEW, RotationStep.WAIT_FOR_PODS,
-                    RotationStep.RETIRE_OLD, RotationStep.DONE]
-    assert new_pod is not None and new_pod.ping()
-    old_pod.connection_pool.disconnect()
-    with pytest.raises(AuthenticationError):
-        old_pod.ping()
-    new_pod.close()
-    old_pod.close()
-
-
-def test_rotation_steps_pure() -> None:
-    h = acl.password_hash
-    step = acl.next_rotation_step
-    assert step(accepted_hashes=frozenset({h("o")}), secret_password="o", new_password="n",
-                pods_current=True) is RotationStep.ACCEPT_NEW
-    # A Secret edited by hand (new password in the Secret, Redis unaware): Redis accepts it first.
-    assert step(accepted_hashes=frozenset({h("o")}), secret_password="n", new_password="n",
-                pods_current=False) is RotationStep.ACCEPT_NEW
-    assert step(accepted_hashes=frozenset({h("o"), h("n")}), secret_password="o", new_password="n",
-                pods_current=True) is RotationStep.PUBLISH_NEW
-    assert step(accepted_hashes=frozenset({h("n")}), secret_password="n", new_password="n",
-                pods_current=False) is RotationStep.DONE
 
 
 def test_strict_user_cannot_scan_but_works(make_org: Callable[..., Org]) -> None:

@@ -21,7 +21,6 @@ from .acl import (
     ORGANISM_COMMANDS,
     AclUser,
     Change,
-    RotationStep,
     ServerProfile,
     acl_rules,
     delete_user,
@@ -29,7 +28,6 @@ from .acl import (
     ensure_user,
     get_user,
     list_users,
-    next_rotation_step,
     password_hash,
     save_acl,
     server_profile,
@@ -45,8 +43,8 @@ from .usage import TickCost, Usage, UsageSampler
 __all__ = [
     "ADMIN_COMMANDS", "CleanupInProgress", "ServerProfile", "SharedRedisAdmin", "save_acl", "server_profile",
     "FORBIDDEN_COMMANDS", "ORGANISM_COMMANDS", "AclUser", "Change", "CleanupProgress", "DesiredUser",
-    "RecoveryReport", "RotationStep", "Tenant", "TickCost", "Usage", "UsageSampler", "UserRecovery",
+    "RecoveryReport", "Tenant", "TickCost", "Usage", "UsageSampler", "UserRecovery",
     "acl_rules", "cleanup_prefix", "conflict_message", "delete_user", "disable_user", "ensure_user",
-    "find_conflict", "find_overlaps", "get_user", "list_users", "next_rotation_step", "password_hash",
+    "find_conflict", "find_overlaps", "get_user", "list_users", "password_hash",
     "user_exists", "username_for",
 ]

@@ -315,46 +315,6 @@ def save_acl(admin: redis.Redis) -> bool:
         raise
 
 
-# -- password rotation: explicit steps the operator drives -----------------------------------------
-
-class RotationStep(enum.Enum):
-    """The next step of a password change. Each is idempotent and safe to repeat after a crash.
-
-    The order never locks a running pod out: Redis accepts the new password before the Secret
-    hands it to pods, and the old one is removed only once every pod runs with the new one.
-    """
-
-    #: ensure_user(password=new, also_accept=[old]): Redis accepts both.
-    ACCEPT_NEW = "accept-new"
-    #: write the new password into the Secret (pods pick it up as they roll).
-    PUBLISH_NEW = "publish-new"
-    #: wait: pods still run with the old password.
-    WAIT_FOR_PODS = "wait-for-pods"
-    #: ensure_user(password=new): Redis forgets the old password.
-    RETIRE_OLD = "retire-old"
-    DONE = "done"
-
-
-def next_rotation_step(*, accepted_hashes: frozenset[str], secret_password: str, new_password: str,
-                       pods_current: bool) -> RotationStep:
-    """Pure: where a rotation from the Secret's password to `new_password` stands.
-
-    `accepted_hashes` is what Redis accepts now (AclUser.password_hashes); `pods_current` is True
-    when every pod was started with the Secret's current password. The new password must be stored
-    durably by the operator before the first step, so a crash never loses it.
-    """
-    new_hash = password_hash(new_password)
-    if new_hash not in accepted_hashes:
-        return RotationStep.ACCEPT_NEW
-    if secret_password != new_password:
-        return RotationStep.PUBLISH_NEW
-    if accepted_hashes == {new_hash}:
-        return RotationStep.DONE
-    if not pods_current:
-        return RotationStep.WAIT_FOR_PODS
-    return RotationStep.RETIRE_OLD
-
-
 # -- helpers -------------------------------------------------------------------------------------
 
 def _s(v: Any) -> str:

@@ -30,7 +30,7 @@ class DesiredUser:
     prefix: str
     password: str = field(repr=False)
     also_accept: tuple[str, ...] = field(default=(), repr=False)
-    #: SHA-256 digests of passwords still accepted during a rotation (see acl.RotationStep).
+    #: SHA-256 digests of passwords still accepted during a rotation (see rotation.py).
     also_accept_hashes: frozenset[str] = field(default=frozenset(), repr=False)
     enabled: bool = True
 

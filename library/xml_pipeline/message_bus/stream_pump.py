@@ -192,6 +192,9 @@ class StreamPump:
         self._listeners = {ls.name: ls for ls in organism.listeners}
         self._concurrency = concurrency
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="xp-pump-io")
+        self._io_lock = threading.Lock()
+        self._io_done: list[tuple[asyncio.Future[Any], tuple[Any, BaseException | None]]] = []
+        self._io_wake_pending = False
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._consumers: list[asyncio.Task[None]] = []
         self._conversations: dict[str, _Conversation] = {}
@@ -451,7 +454,39 @@ class StreamPump:
 
     # -- blocking steps (run in the io threads: backends do network round trips) -------------------------
     async def _run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+        fut = asyncio.get_running_loop().create_future()
+        self._io.submit(self._io_work, fut, fn, args)
+        return await fut
+
+    def _io_work(self, fut: asyncio.Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """(io thread) Run one blocking step and hand its outcome to the loop. Outcomes finished
+        while the loop has not yet collected the earlier ones share its wake-up (one
+        call_soon_threadsafe, i.e. one self-pipe write, per batch instead of per step)."""
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the awaiting task
+            outcome = (None, e)
+        with self._io_lock:
+            self._io_done.append((fut, outcome))
+            if self._io_wake_pending:
+                return
+            self._io_wake_pending = True
+        try:
+            fut.get_loop().call_soon_threadsafe(self._io_collect)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _io_collect(self) -> None:
+        with self._io_lock:
+            done, self._io_done = self._io_done, []
+            self._io_wake_pending = False
+        for fut, (value, error) in done:
+            if fut.cancelled():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(value)
 
     def _append(self, msg: Message) -> None:
         assert msg.thread is not None

@@ -304,7 +304,11 @@ def execute_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") 
         return outcome.result
     key, blob = outcome.response
     try:
-        backend.temp_put(key, blob)
+        many = getattr(backend, "temp_put_many", None)  # on Redis: the raw write, not redis-py's SET
+        if many is not None:
+            many([(key, blob)])
+        else:
+            backend.temp_put(key, blob)
     except BackendError as e:
         log.error("task %s: cannot store the response: %s", task.task_id, e)
         return WorkerResult(task.task_id, error=f"{type(e).__name__}: {e}", error_type=BACKEND_ERROR, worker=worker)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SIGNING_KEY, cli, organism_yaml
+from pump_harness import REPO, SIGNING_KEY, cli, organism_yaml
 
 from xml_pipeline.cli import build_parser, main
 from xml_pipeline.memory import BackendConfig, get_shared_backend

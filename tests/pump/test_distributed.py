@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SIGNING_KEY, cli, cli_popen, organism_yaml
+from pump_harness import SIGNING_KEY, cli, cli_popen, organism_yaml
 
 from xml_pipeline.memory import get_shared_backend
 from xml_pipeline.message_bus.distributed import WORKER_GROUP, RedisDispatcher, Streams, dead_letters

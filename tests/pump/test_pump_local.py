@@ -8,7 +8,7 @@ import pickle
 from collections.abc import Iterator
 
 import pytest
-from conftest import SIGNING_KEY, organism_yaml
+from pump_harness import SIGNING_KEY, organism_yaml
 
 from xml_pipeline.errors import SlotIntegrityError
 from xml_pipeline.memory import BackendConfig, InMemoryBackend, ManagerBackend, get_shared_backend

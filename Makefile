@@ -7,7 +7,7 @@ TOOLS   = .tools/bin
 # Parallel test workers; the suite is mostly waiting on processes and sockets.
 PYTEST_WORKERS ?= 4
 
-.PHONY: demo test e2e bench venv tools clean
+.PHONY: demo test e2e bench lint venv tools clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: venv tools
 
 e2e: venv tools
 	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -m e2e tests
+
+# Undefined names and syntax errors (ruff), then types of both packages (mypy, settings in pyproject.toml).
+lint: venv
+	$(VENV)/bin/ruff check --select F,E9 library operator
+	$(VENV)/bin/mypy
 
 bench: venv
 	$(PY) bench/backends.py

@@ -27,7 +27,15 @@ logger = logging.getLogger(__name__)
 
 FINALIZER = "xml-pipeline.dev/finalizer"
 ANNOTATION_PREFIX = "xml-pipeline.dev"
-WORKLOAD_FILTER = {ORGANISM_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def namespaced(namespace: str | None) -> str:
+    """`namespace` as kopf passes it to a handler of a namespaced resource (Organisms, Deployments,
+    StatefulSets): always a str. kopf's handler types say `str | None` because they also cover
+    cluster-scoped resources; this narrows, and fails loudly if that ever stops holding."""
+    if namespace is None:
+        raise kopf.PermanentError("expected a namespaced resource, got no namespace")
+    return namespace
 
 
 def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
@@ -81,7 +89,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
         if result is None:
             return None  # deleted meanwhile
         for event in result.events:
-            kopf.event(dict(result.body), type=event.type, reason=event.reason, message=event.message)
+            # kopf.event only reads apiVersion/kind/metadata with .get(); its annotation asks for a Body.
+            kopf.event(dict(result.body),  # type: ignore[arg-type]
+                       type=event.type, reason=event.reason, message=event.message)
         METRICS.inc("xpo_reconciles_total", result="retry" if result.retry else "ok")
         METRICS.set_phase(f"{namespace}/{name}", result.status.get("phase", ""))
         logger.debug("reconciled %s/%s (%s): phase=%s", namespace, name, source, result.status.get("phase"))
@@ -90,7 +100,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
-    def organism_changed(namespace: str, name: str, retry: int, reason: str, **_: Any) -> None:
+    def organism_changed(namespace: str | None, name: str, retry: int, reason: str, **_: Any) -> None:
+        namespace = namespaced(namespace)
         result = run(namespace, name, retry, str(reason))
         if result is not None and result.retry:
             raise kopf.TemporaryError(result.retry, delay=settings.retry_delay(retry))
@@ -102,20 +113,23 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
     # kopf's change detection ignores annotations under its own storage prefix (xml-pipeline.dev/),
     # so a new rotate-credentials value is noticed here, by watching for it.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="rotation-requested", when=rotation_requested)
-    def organism_rotation(type: str | None, namespace: str, name: str, **_: Any) -> None:
+    def organism_rotation(type: str | None, namespace: str | None, name: str, **_: Any) -> None:
+        namespace = namespaced(namespace)
         if type in ("ADDED", "MODIFIED"):
             run(namespace, name, 0, "rotation requested")
 
     if settings.resync_seconds > 0:
         @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, id="resync", interval=settings.resync_seconds,
                     initial_delay=settings.resync_seconds)
-        def organism_resync(namespace: str, name: str, **_: Any) -> None:
+        def organism_resync(namespace: str | None, name: str, **_: Any) -> None:
+            namespace = namespaced(namespace)
             # Repairs drift (an edited or deleted Deployment, a lost status). Errors are retried on
             # the next tick.
             run(namespace, name, 0, "resync")
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="cleanup")
-    def organism_deleted(body: kopf.Body, namespace: str, name: str, retry: int, **_: Any) -> None:
+    def organism_deleted(body: kopf.Body, namespace: str | None, name: str, retry: int, **_: Any) -> None:
+        namespace = namespaced(namespace)
         # Children go with the Organism through their ownerReferences (garbage collection). What GC
         # cannot reach is outside the cluster: the Organism's ACL user on a shared Redis.
         redis = (body.get("status") or {}).get("redis") or {}
@@ -130,11 +144,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
         reconciler.forget(namespace, name)
         METRICS.forget_phase(f"{namespace}/{name}")
         # kopf.event, not kopf.info: posting.level is WARNING (see configure_kopf), which filters kopf.info.
-        kopf.event(dict(body), type="Normal", reason="Deleted",
+        kopf.event(dict(body), type="Normal", reason="Deleted",  # type: ignore[arg-type]  # see run()
                    message="Organism cleanup finished; owned objects are garbage-collected")
 
-    def workload_event(type: str | None, body: kopf.Body, namespace: str, **_: Any) -> None:
+    def workload_event(type: str | None, body: kopf.Body, namespace: str | None, **_: Any) -> None:
         """An owned Deployment/StatefulSet changed: refresh the Organism (status, or repair a deletion)."""
+        namespace = namespaced(namespace)
         if type is None:
             return  # initial listing: the resume handlers reconcile every Organism anyway
         uid = str(body.get("metadata", {}).get("uid"))
@@ -154,7 +169,10 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
             run(namespace, owner, 0, f"{body.get('kind', 'workload')} {type}")
 
     for plural in ("deployments", "statefulsets"):
-        kopf.on.event("apps", "v1", plural, labels=WORKLOAD_FILTER, registry=registry,
+        # The label filter written out here so kopf's parameter type checks it (kopf does not export
+        # the type of kopf.PRESENT, so a module constant could not be annotated with it).
+        kopf.on.event("apps", "v1", plural, registry=registry,
+                      labels={ORGANISM_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY},
                       id=f"{plural}-changed")(workload_event)
 
     return reconciler

@@ -91,9 +91,9 @@ class Reconciler:
             check_prefix_unchanged(org, (previous.get("redis") or {}).get("prefix"))
         except SpecError as e:
             # Nothing is changed or deleted: the running objects keep serving the last good spec.
-            blocked = st.Condition("Ready", "False", e.reason, str(e))
+            invalid = st.Condition("Ready", "False", e.reason, str(e))
             status = st.build_status(previous=previous, generation=generation, now=now, org=None, desired=None,
-                                     redis=None, pump=None, workers=None, blocked=blocked, failed=True,
+                                     redis=None, pump=None, workers=None, blocked=invalid, failed=True,
                                      workers_state=None)
             return self._finish(namespace, name, previous, status, [], retry=None)
 

@@ -16,13 +16,16 @@ import signal
 import sys
 import time
 from multiprocessing.connection import wait as mp_wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..memory.factory import get_shared_backend
 from ..memory.protocol import SharedBackend
 from ..organism import Organism, load_organism
 from . import EXIT_FAILURE, EXIT_OK
+
+if TYPE_CHECKING:
+    from ..message_bus.local_pool import Dispatcher
 
 log = logging.getLogger("xml_pipeline.cli")
 
@@ -91,6 +94,7 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
         if not await loop.run_in_executor(None, _wait_for_backend, backend, stop.is_set):
             return EXIT_OK
         redis_mode = organism.backend.backend_type == "redis"
+        dispatcher: Dispatcher | None
         if redis_mode:
             dispatcher = RedisDispatcher(backend) if organism.has_cpu_bound else None
         else:

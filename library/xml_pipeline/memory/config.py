@@ -229,8 +229,8 @@ class BackendConfig:
         try:
             return dataclasses.replace(self, **changes)
         except ConfigError as e:
-            var = next((v for v, n in ENV_VARS.items() if e.field.endswith(n.replace("backend_type", "type"))), None)
-            raise ConfigError(var or e.field, e.problem, e.allowed) from None
+            env_var = next((v for v, n in ENV_VARS.items() if e.field.endswith(n.replace("backend_type", "type"))), None)
+            raise ConfigError(env_var or e.field, e.problem, e.allowed) from None
 
 
 def _check_url(url: object) -> None:

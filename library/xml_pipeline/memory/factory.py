@@ -31,7 +31,7 @@ def get_shared_backend(config: BackendConfig | Mapping[str, Any] | None = None) 
         from .manager import ManagerBackend
         return ManagerBackend(config)
     from .redis_backend import RedisBackend  # imported here: memory/manager users never load redis-py
-    return RedisBackend(config)  # type: ignore[no-any-return]
+    return RedisBackend(config)
 
 
 _default_lock = threading.Lock()

@@ -47,10 +47,11 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterable
 from multiprocessing import connection as mpc
 from multiprocessing.managers import BaseManager, Server
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import BackendError, BackendUnavailable, ConfigError
 from .config import BackendConfig
@@ -175,15 +176,19 @@ class _ServerStore(InMemoryBackend):
 
 
 class _StoreServer(Server):
+    # Set by Server.__init__; typeshed's stub leaves it out.
+    id_to_refcount: dict[str, int]
+
     def __init__(self, registry: dict[str, Any], address: Any, authkey: bytes, serializer: str) -> None:
         super().__init__(registry, address, authkey, serializer)
         keys: tuple[bytes, ...] = _server_settings.get("keys") or derive_manager_signer(authkey).keys
         config = _server_settings.get("config") or BackendConfig(backend_type="manager")
         store = _ServerStore(config, signer=Signer(keys))
-        self.id_to_obj[_IDENT] = (store, set(_EXPOSED), None)
+        # No method hands back a proxy: an empty method_to_typeid, which the stdlib treats like None.
+        self.id_to_obj[_IDENT] = (store, set(_EXPOSED), {})
         self.id_to_refcount[_IDENT] = 1  # never released
 
-    def handle_request(self, conn: Any) -> None:  # type: ignore[override]
+    def handle_request(self, conn: Any) -> None:
         _tune_socket(conn.fileno())
         super().handle_request(conn)
 
@@ -191,11 +196,14 @@ class _StoreServer(Server):
 def _the_store() -> _ServerStore:
     """The registered typeid 'store': a standard proxy to the same one object (for debugging)."""
     server = multiprocessing.current_process()._manager_server  # type: ignore[attr-defined]
-    return server.id_to_obj[_IDENT][0]  # type: ignore[no-any-return]
+    return server.id_to_obj[_IDENT][0]
 
 
 class _StoreManager(BaseManager):
     _Server = _StoreServer
+    # Filled by register() below; typeshed's BaseManager stub leaves it out. A bare annotation, so
+    # register() still copies the base class's registry into this class on first use.
+    _registry: ClassVar[dict[str, tuple[Callable[..., Any], Iterable[str], dict[str, str], Any]]]
 
 
 _StoreManager.register("store", callable=_the_store, exposed=_EXPOSED)
@@ -383,7 +391,7 @@ class ManagerBackend:
             finalizer()
             raise BackendUnavailable(f"the manager server could not listen on {where}: {detail}")
         self._server, self._finalizer = proc, finalizer
-        return detail  # type: ignore[no-any-return]
+        return detail
 
     def _init_client(self, address: Address, authkey: bytes) -> None:
         self._address = address
@@ -528,10 +536,10 @@ class ManagerBackend:
         return int(self._call("buffer_append", (thread_id, slot), kwargs))
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
-        return self._call("buffer_get_thread", (thread_id,))  # type: ignore[no-any-return]
+        return self._call("buffer_get_thread", (thread_id,))
 
     def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
-        return self._call("buffer_get_slot", (thread_id, index))  # type: ignore[no-any-return]
+        return self._call("buffer_get_slot", (thread_id, index))
 
     def buffer_thread_len(self, thread_id: str) -> int:
         return int(self._call("buffer_thread_len", (thread_id,)))
@@ -543,7 +551,7 @@ class ManagerBackend:
         return bool(self._call("buffer_delete_thread", (thread_id,)))
 
     def buffer_list_threads(self) -> list[str]:
-        return self._call("buffer_list_threads", ())  # type: ignore[no-any-return]
+        return self._call("buffer_list_threads", ())
 
     def buffer_clear(self) -> int:
         return int(self._call("buffer_clear", ()))
@@ -553,19 +561,19 @@ class ManagerBackend:
         self._call("registry_set", (chain, uuid))
 
     def registry_get_or_create(self, chain: str, uuid: str) -> str:
-        return self._call("registry_get_or_create", (chain, uuid))  # type: ignore[no-any-return]
+        return self._call("registry_get_or_create", (chain, uuid))
 
     def registry_get_uuid(self, chain: str) -> str | None:
-        return self._call("registry_get_uuid", (chain,))  # type: ignore[no-any-return]
+        return self._call("registry_get_uuid", (chain,))
 
     def registry_get_chain(self, uuid: str) -> str | None:
-        return self._call("registry_get_chain", (uuid,))  # type: ignore[no-any-return]
+        return self._call("registry_get_chain", (uuid,))
 
     def registry_delete(self, uuid: str) -> bool:
         return bool(self._call("registry_delete", (uuid,)))
 
     def registry_list_all(self) -> dict[str, str]:
-        return self._call("registry_list_all", ())  # type: ignore[no-any-return]
+        return self._call("registry_list_all", ())
 
     def registry_clear(self) -> int:
         return int(self._call("registry_clear", ()))
@@ -575,7 +583,7 @@ class ManagerBackend:
         self._call("temp_put", (key, data), _NO_KWARGS if ttl is None else {"ttl": ttl})
 
     def temp_get(self, key: str) -> bytes | None:
-        return self._call("temp_get", (key,))  # type: ignore[no-any-return]
+        return self._call("temp_get", (key,))
 
     def temp_delete(self, *keys: str) -> int:
         return int(self._call("temp_delete", keys))
@@ -586,11 +594,11 @@ class ManagerBackend:
         self._call("temp_put_many", (list(items),))
 
     def temp_get_many(self, keys: list[str]) -> list[bytes | None]:
-        return self._call("temp_get_many", (list(keys),))  # type: ignore[no-any-return]
+        return self._call("temp_get_many", (list(keys),))
 
     def temp_take(self, key: str, *also_delete: str) -> bytes | None:
         """temp_get(key), then temp_delete(key, *also_delete) whether or not the get worked."""
-        return self._call("temp_take", (key, also_delete))  # type: ignore[no-any-return]
+        return self._call("temp_take", (key, also_delete))
 
     def buffer_append_and_put(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
                               append_id: str | None = None, items: list[tuple[str, bytes]]) -> int:

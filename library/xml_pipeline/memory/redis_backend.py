@@ -20,7 +20,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
@@ -167,7 +167,8 @@ class RedisBackend:
             client_name=f"xml-pipeline:{config.redis_prefix}",
         )
         #: The redis-py client (no automatic retries). The distributed worker mode builds its stream
-        #: keys with `key()` so they stay under this tenant's prefix.
+        #: keys with `key()` so they stay under this tenant's prefix. decode_responses is off, so every
+        #: string in a reply is bytes: the casts to bytes below narrow redis-py's `bytes | str` on that.
         self.client: redis.Redis = redis.Redis(connection_pool=self._pool)
         self._retry = Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE),
                             config.retries, supported_errors=(RedisConnectionError, RedisTimeoutError))
@@ -389,13 +390,13 @@ class RedisBackend:
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
-        return self._do("buffer_get_thread", lambda: self.client.lrange(key, 0, -1))
+        return self._do("buffer_get_thread", lambda: cast("list[bytes]", self.client.lrange(key, 0, -1)))
 
     def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
         key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
-        return self._do("buffer_get_slot", lambda: self.client.lindex(key, index))
+        return self._do("buffer_get_slot", lambda: cast("bytes | None", self.client.lindex(key, index)))
 
     def buffer_thread_len(self, thread_id: str) -> int:
         key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
@@ -445,12 +446,12 @@ class RedisBackend:
 
     def registry_get_uuid(self, chain: str) -> str | None:
         key = self.keys.chain(self._check_chain(chain))
-        value = self._do("registry_get_uuid", lambda: self.client.get(key))
+        value = self._do("registry_get_uuid", lambda: cast("bytes | None", self.client.get(key)))
         return None if value is None else value.decode()
 
     def registry_get_chain(self, uuid: str) -> str | None:
         key = self.keys.uuid(check_tagged_id(uuid, "uuid"))
-        value = self._do("registry_get_chain", lambda: self.client.get(key))
+        value = self._do("registry_get_chain", lambda: cast("bytes | None", self.client.get(key)))
         return None if value is None else value.decode()
 
     def registry_delete(self, uuid: str) -> bool:
@@ -464,7 +465,7 @@ class RedisBackend:
             out: dict[str, str] = {}
             for i in range(0, len(keys), _BATCH):
                 batch = keys[i:i + _BATCH]
-                for raw, value in zip(batch, self.client.mget(batch)):
+                for raw, value in zip(batch, cast("list[bytes | None]", self.client.mget(batch))):
                     if value is not None:  # expired or deleted between SCAN and MGET
                         out[self.keys.chain_of(raw.decode())] = value.decode()
             return out
@@ -493,7 +494,7 @@ class RedisBackend:
 
     def temp_get(self, key: str) -> bytes | None:
         name = self.keys.tmp(check_tagged_id(key, "temp key"))
-        return self._do("temp_get", lambda: self.client.get(name))
+        return self._do("temp_get", lambda: cast("bytes | None", self.client.get(name)))
 
     def temp_delete(self, *keys: str) -> int:
         if not keys:
@@ -542,7 +543,7 @@ class RedisBackend:
             for r in (got, deleted):
                 if isinstance(r, Exception):
                     raise r
-            return got  # type: ignore[no-any-return]
+            return got
 
         return self._do("temp_get+delete", run, retry=False)
 

@@ -37,13 +37,18 @@ def default_signer() -> Signer:
     if current is not None and current[0] == raw:
         return current[1]
     with _lock:
-        if _default is None or _default[0] != raw:
+        current = _default
+        if current is None or current[0] != raw:
             keys = parse_keys(raw, ENV_SIGNING_KEY)
-            if not keys and _random is None:
-                # After a fork the child keeps the parent's random key, as fork users expect.
-                _random = Signer.random()
-            _default = (raw, Signer(keys) if keys else _random)  # type: ignore[assignment]
-        return _default[1]
+            if keys:
+                signer = Signer(keys)
+            else:
+                if _random is None:
+                    # After a fork the child keeps the parent's random key, as fork users expect.
+                    _random = Signer.random()
+                signer = _random
+            current = _default = (raw, signer)
+        return current[1]
 
 
 def serialize_slot(slot: Any, *, signer: Signer | None = None) -> bytes:

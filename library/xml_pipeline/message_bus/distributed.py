@@ -39,12 +39,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
 
 from ..organism import Organism
 from .message import Message, MessageError, error_payload, parse_message
@@ -95,6 +96,12 @@ return 1
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _xfields(fields: dict[str, str]) -> dict[FieldT, EncodableT]:
+    """`fields` typed as xadd wants it. redis-py asks for a dict of its wide key/value unions and a
+    dict is invariant, so a dict[str, str] (a valid value) needs this cast; no copy is made."""
+    return cast("dict[FieldT, EncodableT]", fields)
 
 
 def _entries(resp: Any) -> list[tuple[Any, Any]]:
@@ -592,7 +599,7 @@ class DistributedWorker:
         again = WorkerTask(task.task_id, task.listener, task.handler, task.payload_key, task.metadata_key,
                            reply_to=task.reply_to, failures=failures)
         pipe = s.client.pipeline(transaction=True)
-        pipe.xadd(s.tasks, again.to_fields())
+        pipe.xadd(s.tasks, _xfields(again.to_fields()))
         s.expire(pipe, s.tasks)
         pipe.xack(s.tasks, WORKER_GROUP, entry_id)
         pipe.xdel(s.tasks, entry_id)
@@ -604,11 +611,11 @@ class DistributedWorker:
         pipe = s.client.pipeline(transaction=True)
         dead = dict(fields, error=error, error_type=error_type or DEAD_LETTER, entry_id=entry_id,
                     worker=self.name, failed_at=str(time.time()))
-        pipe.xadd(s.dlq, dead, maxlen=DLQ_MAXLEN, approximate=True)
+        pipe.xadd(s.dlq, _xfields(dead), maxlen=DLQ_MAXLEN, approximate=True)
         s.expire(pipe, s.dlq)
         if task is not None and task.reply_to.startswith(s.results_prefix):
             res = WorkerResult(task.task_id, error=error, error_type=DEAD_LETTER, worker=self.name)
-            pipe.xadd(task.reply_to, res.to_fields(), maxlen=RESULTS_MAXLEN, approximate=True)
+            pipe.xadd(task.reply_to, _xfields(res.to_fields()), maxlen=RESULTS_MAXLEN, approximate=True)
             s.expire(pipe, task.reply_to)
         pipe.xack(s.tasks, WORKER_GROUP, entry_id)
         pipe.xdel(s.tasks, entry_id)
@@ -695,9 +702,9 @@ class IngressBridge:
                     if entries:
                         log.warning("pump: took over %d unfinished message(s) of a previous pump", len(entries))
                 else:
-                    resp = s.client.xreadgroup(PUMP_GROUP, self.consumer, {s.ingress: ">"}, count=64,
-                                               block=s.block_ms)
-                    entries = [(_s(i), f) for i, f in _entries(resp)]
+                    read = s.client.xreadgroup(PUMP_GROUP, self.consumer, {s.ingress: ">"}, count=64,
+                                              block=s.block_ms)
+                    entries = [(_s(i), f) for i, f in _entries(read)]
                 backoff = 0.2
             except _REDIS_DOWN as e:
                 log.warning("ingress %s: Redis unavailable (%s); retrying in %.1f s", s.ingress,
@@ -749,7 +756,7 @@ class IngressBridge:
 
     async def _write_egress(self, message: Message) -> None:
         s = self.streams
-        fields = {"xml": message.to_xml(), "in_reply_to": message.in_reply_to or "", "thread": message.thread or "",
+        fields: dict[FieldT, EncodableT] = {"xml": message.to_xml(), "in_reply_to": message.in_reply_to or "", "thread": message.thread or "",
                   "type": message.kind, "from": message.sender, "to": message.to}
 
         def write() -> None:
@@ -822,7 +829,10 @@ def send_message(backend: Any, message: Message, *, wait: float | None = None) -
 def dead_letters(backend: Any, count: int = 100) -> list[dict[str, str]]:
     """The newest entries of the dead-letter stream (for inspection and tests)."""
     s = Streams(backend)
-    return [{**{_s(k): _s(v) for k, v in f.items()}, "_id": _s(i)} for i, f in s.client.xrevrange(s.dlq, count=count)]
+    # redis-py's stub allows a nil reply and nil fields; XREVRANGE sends an array (empty for a missing
+    # stream) of entries that all have fields, so `or` only narrows the type.
+    rows = s.client.xrevrange(s.dlq, count=count) or []
+    return [{**{_s(k): _s(v) for k, v in (f or {}).items()}, "_id": _s(i)} for i, f in rows]
 
 
 def stream_info(backend: Any) -> dict[str, Any]:

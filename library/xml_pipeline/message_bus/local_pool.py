@@ -29,11 +29,14 @@ import signal
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..memory.protocol import SharedBackend
 from ..organism import Organism
 from .worker_task import WORKER_DIED, WorkerResult, WorkerTask, execute_task
+
+if TYPE_CHECKING:
+    from multiprocessing.context import ForkServerContext, SpawnContext
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,10 @@ class LocalWorkerPool:
         self.backend = backend
         self.size = workers
         self.start_method = start_method
-        self._ctx = multiprocessing.get_context(start_method)
+        # Literal arguments, so the type checker knows the context has Process and Pipe.
+        self._ctx: SpawnContext | ForkServerContext = (
+            multiprocessing.get_context("spawn") if start_method == "spawn"
+            else multiprocessing.get_context("forkserver"))
         self._workers: list[_Worker] = []
         self._pending: collections.deque[tuple[WorkerTask, asyncio.Future[WorkerResult]]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None

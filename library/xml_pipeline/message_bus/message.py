@@ -68,9 +68,9 @@ class Message:
         for name, value in (("from", self.sender), ("to", self.to)):
             if not isinstance(value, str) or not NAME_RE.match(value):
                 raise MessageError(f"attribute {name!r} must be a name matching {NAME_RE.pattern}, got {value!r}")
-        for name, value in (("id", self.id), ("thread", self.thread), ("in-reply-to", self.in_reply_to)):
-            if value is not None and (not isinstance(value, str) or not ID_RE.match(value)):
-                raise MessageError(f"attribute {name!r} must match {ID_RE.pattern}, got {value!r}")
+        for attr, ident in (("id", self.id), ("thread", self.thread), ("in-reply-to", self.in_reply_to)):
+            if ident is not None and (not isinstance(ident, str) or not ID_RE.match(ident)):
+                raise MessageError(f"attribute {attr!r} must match {ID_RE.pattern}, got {ident!r}")
         if self.kind not in KINDS:
             raise MessageError(f"attribute 'type' must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not isinstance(self.payload, str):

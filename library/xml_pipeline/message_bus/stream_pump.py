@@ -184,7 +184,7 @@ class StreamPump:
         self.buffer = ContextBuffer(backend)
         ttl = getattr(backend, "ttl", None) or backend.config.ttl
         #: Registry operations go through a small cache (see _RegistryCache).
-        self.registry = _PumpRegistry(_RegistryCache(backend, max_age=min(30.0, (ttl or 60) / 4)))  # type: ignore[arg-type]
+        self.registry = _PumpRegistry(_RegistryCache(backend, max_age=min(30.0, (ttl or 60) / 4)))
         self.on_output = on_output
         self.on_done = on_done
         self.keep_outputs = keep_outputs
@@ -297,8 +297,8 @@ class StreamPump:
         if message.thread is None:
             # What register_thread(new uuid, sender, target) does, minus its lookup of the brand-new
             # uuid: one cached get_or_create of the conversation's chain.
-            chain = f"{reg.root_chain}.{sender}.{target}" if reg.root_uuid else f"{sender}.{target}"
-            return reg.get_or_create(chain)
+            new_chain = f"{reg.root_chain}.{sender}.{target}" if reg.root_uuid else f"{sender}.{target}"
+            return reg.get_or_create(new_chain)
         chain = reg.lookup(message.thread)
         if chain is None:
             return reg.register_thread(message.thread, sender, target)

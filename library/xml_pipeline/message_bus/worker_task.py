@@ -49,6 +49,10 @@ class _RandomPool:
     _SIZE = 4096
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start empty; runs again in a forked child (see register_at_fork below)."""
         self._lock = threading.Lock()  # a new one in a forked child too: another thread may hold it
         self._buf = b""
         self._pos = 0
@@ -63,7 +67,7 @@ class _RandomPool:
 
 
 _random = _RandomPool()
-os.register_at_fork(after_in_child=_random.__init__)
+os.register_at_fork(after_in_child=_random.reset)
 
 
 def new_key() -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import kopf
 
 from .. import GROUP, PLURAL, VERSION
+from ..handlers import namespaced
 from .admin import SharedRedisAdmin, tenant_from_body, usage_patch
 
 
@@ -22,7 +23,8 @@ def register_tenancy(registry: kopf.OperatorRegistry, admin: object) -> None:
         return
 
     @kopf.index(GROUP, VERSION, PLURAL, registry=registry)
-    def shared_tenants(namespace: str, name: str, body: kopf.Body, **_: Any) -> str | None:
+    def shared_tenants(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> str | None:
+        namespace = namespaced(namespace)
         admin.observe(namespace, name, body)
         tenant = tenant_from_body(namespace, name, body)
         return tenant.prefix if tenant is not None else None
@@ -32,7 +34,8 @@ def register_tenancy(registry: kopf.OperatorRegistry, admin: object) -> None:
 
     @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, interval=admin.timer_seconds, idle=None,
                 when=is_shared)
-    def shared_usage(namespace: str, name: str, status: kopf.Status, patch: kopf.Patch, **_: Any) -> None:
+    def shared_usage(namespace: str | None, name: str, status: kopf.Status, patch: kopf.Patch, **_: Any) -> None:
+        namespace = namespaced(namespace)
         admin.periodic()
         usage = admin.usage_of(namespace, name)
         if usage is None:

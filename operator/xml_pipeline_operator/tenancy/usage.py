@@ -16,11 +16,16 @@ import random
 import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import redis
 
 #: Key-space name of a thread's buffer right after the prefix: `{prefix}buffer:{<thread_id>}`.
 BUFFER_SPACE = "buffer:"
+
+# Any hashable tenant id (the operator uses (namespace, name)); a TypeVar because Mapping is
+# invariant in its key, so a Mapping[tuple[str, str], str] is not a Mapping[Hashable, str].
+_TenantId = TypeVar("_TenantId", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class UsageSampler:
         self._last_mean: dict[Hashable, float] = {}
         self.latest: dict[Hashable, Usage] = {}
 
-    def set_tenants(self, tenants: Mapping[Hashable, str]) -> None:
+    def set_tenants(self, tenants: Mapping[_TenantId, str]) -> None:
         self._by_prefix = {prefix: tid for tid, prefix in tenants.items()}
         self._order = [tid for _, tid in sorted(self._by_prefix.items(), key=lambda kv: kv[0])]
         for tid in list(self.latest):
@@ -114,9 +119,9 @@ class UsageSampler:
         """Scan up to `keys_per_tick` keys, sample some, and publish a round when the walk wraps."""
         t0 = time.perf_counter()
         cost = TickCost()
-        for acc in self._round.values():
-            acc.candidates.clear()
-            acc.seen_this_tick = 0
+        for pending in self._round.values():
+            pending.candidates.clear()
+            pending.seen_this_tick = 0
         while cost.keys_scanned < self.keys_per_tick:
             cursor, keys = self._admin.scan(cursor=self._cursor, count=self.scan_count)
             cost.scan_calls += 1

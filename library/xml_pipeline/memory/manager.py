@@ -293,6 +293,25 @@ def _stop_server(proc: subprocess.Popen[bytes], cleanup: tuple[str, ...], owner_
                     pass
 
 
+_CLOSE_LOCK = threading.Lock()
+
+
+class _Connection(mpc.Connection):
+    """A Connection whose fd is closed exactly once, whichever thread gets there first.
+
+    close() may run in the owner's thread while another thread's connection is being finalized
+    (CPython calls __del__ before it clears weak references, so the WeakSet in ManagerBackend can
+    still hand the object out). Without this, both os.close() the same fd number: one raises EBADF,
+    and worse, the second close could hit an fd the process has reused meanwhile.
+    """
+
+    def _close(self, _close: Callable[[int], None] = os.close) -> None:
+        with _CLOSE_LOCK:
+            handle, self._handle = self._handle, None  # type: ignore[has-type]
+        if handle is not None:
+            _close(handle)
+
+
 def _tune_socket(fd: int, timeout: float | None = None) -> None:
     """TCP_NODELAY (replies over 16 KiB are sent in two writes), and kernel-level I/O timeouts that
     multiprocessing's blocking Connection honours (a read past the timeout raises BlockingIOError)."""
@@ -466,7 +485,7 @@ class ManagerBackend:
             sock.settimeout(self._connect_timeout)
             sock.connect(self._address)
             sock.setblocking(True)
-            conn = mpc.Connection(sock.detach())
+            conn = _Connection(sock.detach())
         except OSError as e:
             sock.close()
             raise self._unavailable(e) from e

@@ -75,14 +75,15 @@ def start_worker(path: Path, env: dict[str, str], tmp_path: Path, name: str, pro
 
 async def test_sigkill_a_worker_mid_task_the_other_finishes_it_exactly_once(
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
-    path = write_organism(tmp_path, redis_server.url, prefix)
+    # claim_idle 10x the heartbeat interval: a loaded CI machine may delay a heartbeat, not by 2 s.
+    path = write_organism(tmp_path, redis_server.url, prefix, claim_idle_seconds=2.0)
     workers = [start_worker(path, cli_env, tmp_path, f"w{i}", procs) for i in range(2)]
     org = load(path)
     backend = get_shared_backend(org.backend)
     dispatcher = RedisDispatcher(backend)
     markers = [tmp_path / f"m{i}" for i in range(2)]
     async with StreamPump(org, backend, dispatcher=dispatcher) as pump:
-        jobs = [asyncio.create_task(pump.request(ask("slow", f'<s seconds="1.5" tag="{i}" marker="{m}"/>'), timeout=60))
+        jobs = [asyncio.create_task(pump.request(ask("slow", f'<s seconds="3" tag="{i}" marker="{m}"/>'), timeout=60))
                 for i, m in enumerate(markers)]
         await eventually(lambda: all(lines(m) for m in markers), "both workers to start a task")
         victim = int(lines(markers[0])[0])

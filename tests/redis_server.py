@@ -1,6 +1,6 @@
 """Real redis-server processes for tests: each on a free port, in its own temp dir.
 
-Never fakeredis: the backend contract is about what a real server does (Lua atomicity, TTLs,
+Never an in-process fake of Redis: the backend contract is about what a real server does (Lua atomicity, TTLs,
 ACLs, timeouts), so every test that talks Redis talks to one of these.
 """
 from __future__ import annotations

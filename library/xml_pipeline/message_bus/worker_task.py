@@ -216,15 +216,9 @@ def load_inputs(backend: SharedBackend, task: WorkerTask) -> Message:
                    kind=meta.get("type", "request"), id=meta["id"], in_reply_to=meta.get("in_reply_to"))
 
 
-def store_response(backend: SharedBackend, actions: list[Action]) -> str:
-    key = new_key()
-    _put_many(backend, [(key, _RESPONSE, json.dumps(actions_to_json(actions), separators=(",", ":")).encode())])
-    return key
-
-
-def load_response(backend: SharedBackend, key: str) -> list[Action]:
-    """Pump side, step 3: fetch and verify the response."""
-    return take_response(backend, key, [])
+def response_value(actions: list[Action]) -> tuple[str, bytes, bytes]:
+    """Worker side, step 2's output: a new response key and the (key, tag, body) value to store there."""
+    return new_key(), _RESPONSE, json.dumps(actions_to_json(actions), separators=(",", ":")).encode()
 
 
 def take_response(backend: SharedBackend, key: str, also_delete: list[str]) -> list[Action]:
@@ -291,9 +285,8 @@ def run_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") -> O
                   message.thread, type(e).__name__, e)
         log.debug("traceback of the failure above:\n%s", traceback.format_exc().rstrip())
         return fail(f"{type(e).__name__}: {e}", HANDLER_ERROR)
-    key = new_key()
-    body = _RESPONSE + json.dumps(actions_to_json(actions), separators=(",", ":")).encode()
-    return Outcome(WorkerResult(task.task_id, response_key=key, worker=worker), (key, backend.signer.sign(body)))
+    ((key, blob),) = _signed(backend, [response_value(actions)])
+    return Outcome(WorkerResult(task.task_id, response_key=key, worker=worker), (key, blob))
 
 
 def response_ttl(backend: SharedBackend) -> int:

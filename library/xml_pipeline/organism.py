@@ -25,7 +25,6 @@ Every error is a ConfigError naming the field (`listeners[1].handler`), the file
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -60,10 +59,6 @@ class ListenerSpec:
     description: str = ""
     #: The imported function (None when loaded with resolve_handlers=False).
     func: Handler | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def is_async(self) -> bool:
-        return self.func is not None and inspect.iscoroutinefunction(self.func)
 
 
 @dataclass(frozen=True)

@@ -138,22 +138,6 @@ class BackendConfig:
     def replace(self, **changes: Any) -> "BackendConfig":
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:
-        """The organism.yaml `backend:` section for this config (no secrets unless asked)."""
-        out: dict[str, Any] = {"type": self.backend_type}
-        if self.backend_type == "redis":
-            out.update(redis_url=self.redis_url, redis_prefix=self.redis_prefix, redis_ttl=self.redis_ttl or 0)
-            if self.redis_username:
-                out["redis_username"] = self.redis_username
-        if self.backend_type == "manager" and self.manager_address:
-            out["manager_address"] = self.manager_address
-        if include_secrets:
-            if self.redis_password:
-                out["redis_password"] = self.redis_password
-            if self.signing_keys:
-                out["signing_key"] = ",".join(k.decode("utf-8", "replace") for k in self.signing_keys)
-        return out
-
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, *, source: str | None = None) -> "BackendConfig":

@@ -57,10 +57,11 @@ def test_keys_of_a_thread_share_its_hash_tag(backend: RedisBackend, raw: redis.R
     backend.registry_set("console.greeter", "T1")
     keys = [k.decode() for k in our_keys(raw, p)]
     assert sorted(keys) == sorted([f"{p}buffer:{{T1}}", f"{p}op:{{T1}}", f"{p}uuid:{{T1}}",
-                                   f"{p}chain:console.greeter"])
-    # Every key of the thread hashes to the Cluster slot of its tag; the chain key cannot (it is
-    # looked up by chain) and is the documented exception.
-    tagged = [k for k in keys if "chain:" not in k]
+                                   f"{p}chain:console.greeter", f"{p}meta:index"])
+    assert raw.smembers(f"{p}meta:index") == {b"t:T1", b"c:console.greeter"}
+    # Every key of the thread hashes to the Cluster slot of its tag; the chain key (looked up by
+    # chain) and the prefix's index cannot, and are the documented exceptions.
+    tagged = [k for k in keys if "chain:" not in k and "meta:" not in k]
     assert {key_slot(k.encode()) for k in tagged} == {key_slot(b"T1")}
 
 
@@ -226,7 +227,7 @@ def test_prefixes_that_could_reach_other_tenants_are_rejected(bad: str) -> None:
         BackendConfig(backend_type="redis", redis_prefix=bad)
 
 
-def test_listing_and_clearing_never_use_keys(backend: RedisBackend, raw: redis.Redis) -> None:
+def test_listing_and_clearing_use_neither_keys_nor_scan(backend: RedisBackend, raw: redis.Redis) -> None:
     backend.buffer_append("t1", b"x")
     backend.registry_set("c.1", "t1")
     raw.config_resetstat()
@@ -236,8 +237,9 @@ def test_listing_and_clearing_never_use_keys(backend: RedisBackend, raw: redis.R
     backend.buffer_clear()
     backend.registry_clear()
     stats = raw.info("commandstats")
-    assert "cmdstat_keys" not in stats
-    assert stats["cmdstat_scan"]["calls"] >= 5
+    # Neither KEYS nor SCAN (which an organism's ACL user is not granted): the index, by SSCAN.
+    assert "cmdstat_keys" not in stats and "cmdstat_scan" not in stats
+    assert stats["cmdstat_sscan"]["calls"] >= 5
 
 
 # -- info, signer, client hygiene --------------------------------------------------------------------

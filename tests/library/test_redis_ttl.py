@@ -56,6 +56,11 @@ def test_idle_threads_vanish_active_ones_survive(redis_server: RedisServer, raw:
         assert b.registry_get_uuid("root.active") == "active"
         assert b.registry_get_chain("active") == "root.active"
         assert all(0 < ttl <= 2 for ttl in keys.values()), keys
+        # Listing goes through the index (no SCAN): the expired thread and mapping are not listed,
+        # and listing dropped their index entries.
+        assert b.buffer_list_threads() == ["active"]
+        assert b.registry_list_all() == {"root.active": "active"}
+        assert raw.smembers(b.keys.index()) == {b"t:active", b"c:root.active"}
     finally:
         b.buffer_clear()
         b.registry_clear()

@@ -9,13 +9,16 @@ thread id as a Redis Cluster hash tag (`{...}`), so they live in one slot:
     {prefix}chain:<chain>          STRING: the thread uuid of a call chain (registry forward map);
                                    the one key that cannot share the thread's hash tag
     {prefix}tmp:{<id>}             STRING: temporary worker data (payloads, responses)
+    {prefix}meta:index             SET: "t:<thread_id>" per thread, "c:<chain>" per registry
+                                   mapping; how the library lists and clears without SCAN
     {prefix}<space>:...            tasks / results / dlq / ingress / egress / meta: the pump's keys,
                                    built with RedisKeys.key()
 
 Thread ids and tmp ids may not contain '{' or '}' (it would move the hash tag). Listing and
-clearing SCAN with a MATCH pattern made of the escaped prefix and one key space, so a validated
-prefix can never match another tenant's keys. docs/storage.md explains the layout and the
-guarantees in full.
+clearing walk the index (SSCAN of one key under the prefix): Redis cannot confine SCAN to a prefix,
+so a tenant's ACL user is not granted it. Where SCAN is used (an admin sweeping a prefix, `reindex`)
+its MATCH pattern is made of the escaped prefix and one key space, so a validated prefix can never
+match another tenant's keys. docs/storage.md explains the layout and the guarantees in full.
 """
 from __future__ import annotations
 
@@ -104,6 +107,10 @@ class RedisKeys:
 
     def tmp(self, tmp_id: str) -> str:
         return f"{self.prefix}tmp:{{{tmp_id}}}"
+
+    def index(self) -> str:
+        """The SET that lists this prefix's threads and registry chains (see redis_scripts.py)."""
+        return f"{self.prefix}meta:index"
 
     def key(self, space: str, *parts: str) -> str:
         """`{prefix}<space>:<part>:<part>...` for any key space (the pump's streams use this)."""

@@ -10,7 +10,9 @@ What it guarantees, and why (docs/storage.md has the full story):
   returns the first index instead of storing the slot twice. `client` itself never retries.
 - After the retries, BackendUnavailable names the URL with any password redacted; `ping()` never
   raises. The pool reconnects by itself once the server is back.
-- Listing and clearing use SCAN with a MATCH built from the validated, escaped prefix; never KEYS.
+- Listing and clearing walk the prefix's index SET (`meta:index`, kept by the scripts) with SSCAN;
+  never KEYS, and not SCAN either: Redis ACLs cannot confine SCAN to a prefix, so a tenant's user
+  is not granted it. `reindex()` (SCAN, for an admin) rebuilds the index from the keys.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ T = TypeVar("T")
 
 #: TTL of temporary keys (and the dedup window of appends) when the config sets no TTL.
 DEFAULT_TEMP_TTL = 86400
-#: SCAN COUNT hint: keys examined per round trip while listing, counting or clearing.
+#: SSCAN / SCAN COUNT hint: entries examined per round trip while listing, counting or clearing.
 SCAN_COUNT = 1000
 #: info() stops counting after this many keys per key space (and says so with counts_capped).
 INFO_COUNT_LIMIT = 100_000
@@ -53,8 +55,8 @@ _BATCH = 500
 #: commands against the caller's ACL too). An ACL user for one tenant needs these plus `~<prefix>*`.
 ACL_COMMANDS: tuple[str, ...] = (
     "evalsha", "eval", "rpush", "rpop", "lrange", "lindex", "llen", "hsetnx", "hget", "hdel",
-    "expire", "exists", "get", "getex", "mget", "set", "del", "unlink", "scan", "ping", "info|server",
-    "client|setname",
+    "expire", "exists", "get", "getex", "mget", "set", "del", "unlink", "sadd", "srem", "srandmember",
+    "sscan", "ping", "info|server", "client|setname",
 )
 
 # Backoff before retry k: a random wait of up to 20 ms * 2**k (40, 80, 160 ms ...), never above 0.5 s.
@@ -174,12 +176,15 @@ class RedisBackend:
                             config.retries, supported_errors=(RedisConnectionError, RedisTimeoutError))
         self._ping_retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError))
         # RESP heads "EVALSHA <sha> <numkeys>" / "EVAL <source> <numkeys>" of each script, packed once.
+        # (Variadic scripts, nargs < 0, get their heads per call.)
         self._script_heads = {sc.name: _pack_head(b"EVALSHA", sc.sha.encode(), sc.numkeys, sc.nargs)
-                              for sc in scripts.ALL}
+                              for sc in scripts.ALL if sc.nargs >= 0}
         self._eval_heads = {sc.name: _pack_head(b"EVAL", sc.source.encode(), sc.numkeys, sc.nargs)
-                            for sc in scripts.ALL}
+                            for sc in scripts.ALL if sc.nargs >= 0}
+        self._index = self.keys.index()
         self._pb = self._prefix.encode()
         self._plen = len(self._pb)
+        self._packed_index = _pack_args((self._index,))
         # Packed (ttl, max_slots, prefix) tails of the append, per max_slots value seen.
         self._append_tails: dict[int, bytes] = {0: _pack_args((self._ttl, 0, self._prefix))}
         self._closed = False
@@ -239,9 +244,15 @@ class RedisBackend:
         return text
 
     def _eval(self, script: scripts.LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
-        return self._roundtrip(self._script_heads[script.name], _pack_args((*keys, *args)), script)
+        body = _pack_args((*keys, *args))
+        if script.nargs >= 0:
+            return self._roundtrip(self._script_heads[script.name], body, script)
+        head = _pack_head(b"EVALSHA", script.sha.encode(), script.numkeys, len(args))
+        eval_head = _pack_head(b"EVAL", script.source.encode(), script.numkeys, len(args))
+        return self._roundtrip(head, body, script, eval_head)
 
-    def _roundtrip(self, head: bytes, body: bytes, script: scripts.LuaScript) -> Any:
+    def _roundtrip(self, head: bytes, body: bytes, script: scripts.LuaScript,
+                   eval_head: bytes | None = None) -> Any:
         """One EVALSHA on a pooled connection, EVAL on NOSCRIPT.
 
         Our scripts' arguments are packed once into one buffer and sent with one sendall (redis-py's
@@ -257,7 +268,7 @@ class RedisBackend:
                 return conn.read_response()
             except NoScriptError:
                 # Server restarted or SCRIPT FLUSH: EVAL runs the script and caches it again.
-                conn.send_packed_command([self._eval_heads[script.name] + body])
+                conn.send_packed_command([(eval_head or self._eval_heads[script.name]) + body])
                 return conn.read_response()
         except ResponseError:
             raise
@@ -269,6 +280,37 @@ class RedisBackend:
 
     def _scan(self, space: str) -> Iterator[bytes]:
         return self.client.scan_iter(match=self.keys.pattern(space), count=SCAN_COUNT)
+
+    def _index_entries(self, kind: bytes) -> Iterator[list[bytes]]:
+        """The index entries of `kind` (b"t" threads, b"c" chains), in batches of up to _BATCH.
+
+        SSCAN returns every entry present for the whole walk at least once (de-duplicated here) and
+        may or may not return entries added or removed meanwhile, the same contract as SCAN.
+        """
+        seen: set[bytes] = set()
+        batch: list[bytes] = []
+        for entry in self.client.sscan_iter(self._index, match=kind + b":*", count=SCAN_COUNT):
+            if entry in seen:
+                continue
+            seen.add(entry)
+            batch.append(entry)
+            if len(batch) >= _BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _live(self, kind: bytes, limit: int | None = None) -> Iterator[tuple[str, bytes]]:
+        """(id, value) of each live index entry of `kind`: value is the uuid for chains, 1 for
+        threads. Dead entries (expired threads and mappings) are dropped from the index on the way."""
+        found = 0
+        for batch in self._index_entries(kind):
+            reply = self._eval(scripts.INDEX_LIVE, (self._index,), (self._prefix, *batch))
+            for i in range(0, len(reply), 2):
+                yield reply[i][2:].decode(), reply[i + 1]
+                found += 1
+            if limit is not None and found >= limit:
+                return
 
     # -- Context Buffer -------------------------------------------------------------------------
     def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
@@ -333,9 +375,10 @@ class RedisBackend:
             tail = _pack_args((self._ttl, max_slots or 0, self._prefix))
             if len(self._append_tails) < 64:
                 self._append_tails[max_slots or 0] = tail
-        # KEYS buffer:{T} op:{T} uuid:{T}, ARGV slot append_id ttl max_slots prefix, packed in one go.
-        return b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
-            n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid,
+        # KEYS buffer:{T} op:{T} uuid:{T} meta:index, ARGV slot append_id ttl max_slots prefix,
+        # packed in one go.
+        return b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+            n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid, self._packed_index,
             len(slot), slot, len(aid), aid, tail)
 
     def _pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
@@ -408,37 +451,30 @@ class RedisBackend:
 
     def buffer_delete_thread(self, thread_id: str) -> bool:
         check_tagged_id(thread_id, "thread_id")
-        keys = (self.keys.buffer(thread_id), self.keys.op(thread_id))
+        keys = (self.keys.buffer(thread_id), self.keys.op(thread_id), self._index)
         # Retried: deleting twice leaves the same state (a retry after a lost reply reports False).
-        return bool(self._do("buffer_delete_thread", lambda: self.client.delete(*keys)))
+        return bool(self._do("buffer_delete_thread",
+                             lambda: self._eval(scripts.DELETE_THREAD, keys, (thread_id,))))
 
     def buffer_list_threads(self) -> list[str]:
-        def run() -> list[str]:
-            found: set[str] = set()  # SCAN may return a key twice
-            for raw in self._scan("buffer"):
-                try:
-                    found.add(self.keys.thread_of(raw.decode()))
-                except (UnicodeDecodeError, ValueError):
-                    continue  # not a key of our layout (never written by this library)
-            return sorted(found)
-        return self._do("buffer_list_threads", run)
+        return self._do("buffer_list_threads", lambda: sorted(tid for tid, _ in self._live(b"t")))
 
     def buffer_clear(self) -> int:
         """Delete every thread of this prefix (buffers and their append ids); returns the thread count."""
-        return self._do("buffer_clear", lambda: self._clear(("buffer", "op"), count_space="buffer"))
+        return self._do("buffer_clear", lambda: self._clear_index(b"t"))
 
     # -- Thread Registry ------------------------------------------------------------------------
     def registry_set(self, chain: str, uuid: str) -> None:
         self._check_chain(chain)
         check_tagged_id(uuid, "uuid")
-        keys = (self.keys.chain(chain), self.keys.uuid(uuid))
+        keys = (self.keys.chain(chain), self.keys.uuid(uuid), self._index)
         args = (chain, uuid, self._ttl, self._prefix)
         self._do("registry_set", lambda: self._eval(scripts.REGISTRY_SET, keys, args))
 
     def registry_get_or_create(self, chain: str, uuid: str) -> str:
         self._check_chain(chain)
         check_tagged_id(uuid, "uuid")
-        keys = (self.keys.chain(chain), self.keys.uuid(uuid))
+        keys = (self.keys.chain(chain), self.keys.uuid(uuid), self._index)
         args = (chain, uuid, self._ttl, self._prefix)
         # Retrying is harmless: a repeat finds the mapping the first attempt made and returns it.
         winner = self._do("registry_get_or_create", lambda: self._eval(scripts.GET_OR_CREATE, keys, args))
@@ -456,24 +492,15 @@ class RedisBackend:
 
     def registry_delete(self, uuid: str) -> bool:
         check_tagged_id(uuid, "uuid")
-        keys, args = (self.keys.uuid(uuid),), (uuid, self._prefix)
+        keys, args = (self.keys.uuid(uuid), self._index), (uuid, self._prefix)
         return bool(self._do("registry_delete", lambda: self._eval(scripts.REGISTRY_DELETE, keys, args)))
 
     def registry_list_all(self) -> dict[str, str]:
-        def run() -> dict[str, str]:
-            keys = list(dict.fromkeys(self._scan("chain")))
-            out: dict[str, str] = {}
-            for i in range(0, len(keys), _BATCH):
-                batch = keys[i:i + _BATCH]
-                for raw, value in zip(batch, cast("list[bytes | None]", self.client.mget(batch))):
-                    if value is not None:  # expired or deleted between SCAN and MGET
-                        out[self.keys.chain_of(raw.decode())] = value.decode()
-            return out
-        return self._do("registry_list_all", run)
+        return self._do("registry_list_all", lambda: {chain: uuid.decode() for chain, uuid in self._live(b"c")})
 
     def registry_clear(self) -> int:
         """Delete every registry entry of this prefix; returns the number of mappings removed."""
-        return self._do("registry_clear", lambda: self._clear(("chain", "uuid"), count_space="chain"))
+        return self._do("registry_clear", lambda: self._clear_index(b"c"))
 
     @staticmethod
     def _check_chain(chain: object) -> str:
@@ -547,35 +574,48 @@ class RedisBackend:
 
         return self._do("temp_get+delete", run, retry=False)
 
-    # -- SCAN helpers -----------------------------------------------------------------------------
-    def _clear(self, spaces: Iterable[str], *, count_space: str) -> int:
-        removed = 0
-        for space in spaces:
-            batch: list[bytes] = []
-            for raw in self._scan(space):
-                batch.append(raw)
-                if len(batch) >= _BATCH:
-                    n = self.client.unlink(*batch)
-                    removed += n if space == count_space else 0
-                    batch = []
-            if batch:
-                n = self.client.unlink(*batch)
-                removed += n if space == count_space else 0
-        return removed
+    # -- Index helpers ----------------------------------------------------------------------------
+    def _clear_index(self, kind: bytes) -> int:
+        # Batches are collected first: deleting entries while SSCAN walks the set is allowed but
+        # would make the walk's guarantees harder to reason about.
+        batches = list(self._index_entries(kind))
+        return sum(int(self._eval(scripts.INDEX_CLEAR, (self._index,), (self._prefix, *b))) for b in batches)
 
-    def _count(self, space: str, limit: int = INFO_COUNT_LIMIT) -> tuple[int, bool]:
-        seen: set[bytes] = set()
-        for raw in self._scan(space):
-            seen.add(raw)
-            if len(seen) >= limit:
-                return len(seen), True
-        return len(seen), False
+    def _count(self, kind: bytes, limit: int = INFO_COUNT_LIMIT) -> tuple[int, bool]:
+        n = sum(1 for _ in self._live(kind, limit))
+        return min(n, limit), n >= limit
+
+    def reindex(self) -> dict[str, int]:
+        """Add every thread and registry chain of this prefix to the index, from a SCAN of the keys.
+
+        For data written before the index existed (or an index deleted by hand). Needs SCAN, so run
+        it as a user allowed to (an organism's restricted user is not). Returns the counts added.
+        """
+        def run() -> dict[str, int]:
+            added = {"threads": 0, "chains": 0}
+            for space, kind, name in (("buffer", "t", "threads"), ("chain", "c", "chains")):
+                batch: list[str] = []
+                for raw in self._scan(space):
+                    try:
+                        key = raw.decode()
+                        batch.append(f"{kind}:" + (self.keys.thread_of(key) if kind == "t" else self.keys.chain_of(key)))
+                    except (UnicodeDecodeError, ValueError):
+                        continue  # not a key of our layout (never written by this library)
+                    if len(batch) >= _BATCH:
+                        added[name] += int(self.client.sadd(self._index, *batch))
+                        batch = []
+                if batch:
+                    added[name] += int(self.client.sadd(self._index, *batch))
+            if self._ttl:
+                self.client.expire(self._index, self._ttl)
+            return added
+        return self._do("reindex", run)
 
     # -- Lifecycle and monitoring -----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         server = self._do("info", lambda: self.client.info("server"))
-        threads, capped_t = self._do("info", lambda: self._count("buffer"))
-        entries, capped_r = self._do("info", lambda: self._count("chain"))
+        threads, capped_t = self._do("info", lambda: self._count(b"t"))
+        entries, capped_r = self._do("info", lambda: self._count(b"c"))
         return {
             "backend": "redis",
             "url": self._url,

@@ -1,0 +1,122 @@
+"""The thread index (`meta:index`) on a real redis-server: how the Redis backend lists, counts and
+clears a prefix without SCAN (which Redis ACLs cannot confine to a prefix, so tenants' users are
+not granted it). Each test fails on a backend whose index misses, keeps or loses entries."""
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis_server import RedisServer
+
+from xml_pipeline.memory.config import BackendConfig
+from xml_pipeline.memory.redis_backend import RedisBackend
+
+KEY = "test-signing-key-0123456789abcdef"
+
+
+def make(server: RedisServer, ttl: int | None = None) -> RedisBackend:
+    return RedisBackend(BackendConfig(backend_type="redis", redis_url=server.url, signing_key=KEY,
+                                      redis_prefix=f"ix{secrets.token_hex(4)}:", redis_ttl=ttl))
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def backend(redis_server: RedisServer) -> Iterator[RedisBackend]:
+    b = make(redis_server)
+    yield b
+    b.buffer_clear()
+    b.registry_clear()
+    b.close()
+
+
+def test_index_follows_threads_and_mappings(backend: RedisBackend, raw: redis.Redis) -> None:
+    idx = backend.keys.index()
+    for t in ("a", "b", "c"):
+        backend.buffer_append(t, b"1")
+        backend.buffer_append(t, b"2")  # a second append adds nothing
+    backend.registry_set("x.y", "a")
+    backend.registry_get_or_create("x.z", "b")
+    backend.registry_get_or_create("x.z", "other")  # a hit adds nothing
+    assert raw.smembers(idx) == {b"t:a", b"t:b", b"t:c", b"c:x.y", b"c:x.z"}
+    backend.registry_set("x.y", "c")       # the chain moves: its entry stays
+    backend.registry_set("x.w", "c")       # the uuid moves: x.y's mapping is gone, so is its entry
+    assert raw.smembers(idx) == {b"t:a", b"t:b", b"t:c", b"c:x.z", b"c:x.w"}
+    assert backend.registry_delete("b") and backend.buffer_delete_thread("a")
+    assert raw.smembers(idx) == {b"t:b", b"t:c", b"c:x.w"}
+    assert backend.buffer_list_threads() == ["b", "c"]
+    assert backend.registry_list_all() == {"x.w": "c"}
+    info = backend.info()
+    assert (info["buffer_threads"], info["registry_entries"]) == (2, 1)
+    assert backend.buffer_clear() == 2 and backend.registry_clear() == 1
+    assert not raw.exists(idx)
+    assert not list(raw.scan_iter(match=backend.config.redis_prefix + "*"))
+
+
+def test_listing_drops_entries_whose_keys_are_gone(backend: RedisBackend, raw: redis.Redis) -> None:
+    for t in ("keep", "gone"):
+        backend.buffer_append(t, b"x")
+        backend.registry_set(f"r.{t}", t)
+    # What an expiry does: the keys disappear behind the index's back.
+    raw.delete(backend.keys.buffer("gone"), backend.keys.chain("r.gone"))
+    assert backend.buffer_list_threads() == ["keep"]
+    assert backend.registry_list_all() == {"r.keep": "keep"}
+    assert raw.smembers(backend.keys.index()) == {b"t:keep", b"c:r.keep"}
+    # A thread that comes back is indexed again by its first append.
+    backend.buffer_append("gone", b"again")
+    assert backend.buffer_list_threads() == ["gone", "keep"]
+
+
+def test_dead_entries_are_sampled_away_without_listing(redis_server: RedisServer, raw: redis.Redis) -> None:
+    """Nobody lists: each new entry samples two others and drops dead ones, so a busy organism's
+    index does not grow with every thread it ever had."""
+    b = make(redis_server, ttl=1)
+    try:
+        for i in range(200):
+            b.buffer_append(f"old{i}", b"x")
+        deadline = time.monotonic() + 10
+        while raw.exists(b.keys.buffer("old199")):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        for i in range(200):
+            b.buffer_append(f"new{i}", b"x")
+        members = raw.smembers(b.keys.index())
+        assert sum(m.startswith(b"t:new") for m in members) == 200  # live entries are never dropped
+        assert sum(m.startswith(b"t:old") for m in members) < 100   # most dead ones are gone
+    finally:
+        b.close()
+
+
+def test_index_expires_with_the_last_thread(redis_server: RedisServer, raw: redis.Redis) -> None:
+    b = make(redis_server, ttl=1)
+    try:
+        b.buffer_append("t", b"x")
+        b.registry_set("r.t", "t")
+        assert 0 < raw.ttl(b.keys.index()) <= 1
+        deadline = time.monotonic() + 10
+        while raw.exists(b.keys.index()):
+            assert time.monotonic() < deadline, "the index outlived its threads"
+            time.sleep(0.2)
+        assert not list(raw.scan_iter(match=b.config.redis_prefix + "*"))
+    finally:
+        b.close()
+
+
+def test_reindex_recovers_threads_written_without_an_index(backend: RedisBackend, raw: redis.Redis) -> None:
+    for t in ("p", "q"):
+        backend.buffer_append(t, b"x")
+    backend.registry_set("r.p", "p")
+    raw.delete(backend.keys.index())  # data from before the index existed
+    assert backend.buffer_list_threads() == []
+    assert backend.reindex() == {"threads": 2, "chains": 1}
+    assert backend.buffer_list_threads() == ["p", "q"]
+    assert backend.registry_list_all() == {"r.p": "p"}
+    assert backend.reindex() == {"threads": 0, "chains": 0}  # idempotent

@@ -69,15 +69,14 @@ def make_org(shared_redis: RedisServer, admin: redis.Redis) -> Iterator[Callable
     """Create organism users with unique prefixes on the shared Redis; removed with their keys after."""
     made: list[Org] = []
 
-    def make(name: str | None = None, *, prefix: str | None = None, server: RedisServer | None = None,
-             allow_scan: bool = True) -> Org:
+    def make(name: str | None = None, *, prefix: str | None = None, server: RedisServer | None = None) -> Org:
         n = next(_seq)
         name = name or f"org{n}"
         srv = server or shared_redis
         org = Org(srv, acl.username_for("t", f"{name}-{n}"), secrets.token_urlsafe(24),
                   prefix or f"xp:t.{name}-{n}:")
         adm = admin if srv is shared_redis else srv.client()
-        acl.ensure_user(adm, org.username, org.password, org.prefix, allow_scan=allow_scan)
+        acl.ensure_user(adm, org.username, org.password, org.prefix)
         if adm is not admin:
             adm.close()
         made.append(org)

@@ -181,7 +181,8 @@ async def test_delete_removes_keys_and_user_and_nothing_else(k8s: Any, run_opera
                 b.buffer_append(f"t-{i}", b"slot")
                 b.registry_set(f"console.l{i}", f"t-{i}")
     kept_before = sorted(keys_under(admin_client, "xp:default.kept:"))
-    assert len(keys_under(admin_client, "xp:default.gone:")) == 1200  # buffer, op, uuid, chain per thread
+    # buffer, op, uuid, chain per thread, and the prefix's index
+    assert len(keys_under(admin_client, "xp:default.gone:")) == 1201
     await delete(k8s, "gone")
     assert "continuing" in caplog.text  # it really took more than one finalizer call
     assert keys_under(admin_client, "xp:default.gone:") == []
@@ -233,7 +234,7 @@ async def test_usage_reaches_the_status(k8s: Any, run_operator: Any, shared: Red
     org = await eventually(lambda: (o := get_obj(k8s, ORGANISMS, "busy")) and
                            ((o.get("status") or {}).get("usage") or {}).get("threads") == 12 and o)
     usage = org["status"]["usage"]
-    assert usage["keys"] == 24 and usage["approxBytes"] > 0 and usage["measuredAt"].endswith("Z")
+    assert usage["keys"] == 25 and usage["approxBytes"] > 0  # buffer + op per thread, the index and usage["measuredAt"].endswith("Z")
 
 
 async def test_lost_users_are_recreated_and_pods_recover(k8s: Any, run_operator: Any, shared: RedisServer,

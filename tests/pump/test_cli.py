@@ -24,7 +24,7 @@ INPUT = "\n".join(m.to_xml() for m in [
 
 @pytest.mark.parametrize("argv", [[], ["run"], ["pump"], ["worker"], ["healthcheck"], ["send"], ["backend"],
                                   ["backend", "ping"], ["backend", "info"], ["backend", "threads"],
-                                  ["backend", "clear"]])
+                                  ["backend", "clear"], ["backend", "reindex"]])
 def test_help_everywhere(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main([*argv, "--help"])
@@ -113,6 +113,7 @@ def test_bad_usage_exits_2(tmp_path: Path, cli_env: dict[str, str]) -> None:
     _usage_error(cli("run", EXAMPLE, "--demo", "--workers", "0", env=cli_env), "--workers")
     _usage_error(cli("backend", "clear", env=cli_env), "--prefix")
     _usage_error(cli("backend", "info", "--type", "memory", env=cli_env), "backend.type", "memory")
+    _usage_error(cli("backend", "reindex", "--type", "manager", env=cli_env), "backend type", "only redis")
     _usage_error(cli("send", "--to", "greeter", "<unclosed>", env=cli_env), "bad message")
     r = cli("nonsense", env=cli_env)
     assert r.returncode == 2 and "invalid choice" in r.stderr
@@ -149,11 +150,17 @@ def test_backend_commands_on_redis(redis_server, prefix: str, cli_env: dict[str,
     assert "streams" in info
     r = cli("backend", "threads", "--prefix", prefix, "--json", env=env)
     assert json.loads(r.stdout) == [{"thread": "thread-1", "chain": "console.greeter", "slots": 1}]
+    client = redis_server.client()
+    client.delete(f"{prefix}meta:index")  # as if the keys came from a dump without the index
+    assert json.loads(cli("backend", "threads", "--prefix", prefix, "--json", env=env).stdout) == []
+    r = cli("backend", "reindex", "--prefix", prefix, "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["added"] == {"threads": 1, "chains": 1}
+    r = cli("backend", "threads", "--prefix", prefix, "--json", env=env)
+    assert json.loads(r.stdout) == [{"thread": "thread-1", "chain": "console.greeter", "slots": 1}]
     r = cli("backend", "clear", "--prefix", prefix, "--json", env=env)
     assert r.returncode == 0, r.stderr
     removed = json.loads(r.stdout)["removed"]
     assert removed["threads"] == 1 and removed["registry_entries"] == 1 and removed["stream_and_temp_keys"] >= 1
-    client = redis_server.client()
     assert list(client.scan_iter(match=f"{prefix}*")) == []
     assert len(list(client.scan_iter(match=f"{other}*"))) >= 3  # the other tenant is untouched
 

@@ -3,7 +3,7 @@
     xml-pipeline run ORGANISM.yaml [--input FILE|-] [--demo]   the whole organism on this machine
     xml-pipeline pump | worker                                 the long-running processes of pods
     xml-pipeline send [--to L] MESSAGE [--wait]                talk to a pump through Redis
-    xml-pipeline backend ping|info|threads|clear               inspect or reset the shared backend
+    xml-pipeline backend ping|info|threads|clear|reindex       inspect or reset the shared backend
     xml-pipeline healthcheck                                   liveness probe of pump/worker pods
 
 Exit codes: 0 success, 2 bad usage or configuration (the message names the field), 1 runtime
@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, text in (("ping", "exit 0 if the backend answers"), ("info", "counts and settings"),
                        ("threads", "thread ids with their call chains and slot counts"),
-                       ("clear", "delete every key of one prefix (buffer, registry, streams, temp data)")):
+                       ("clear", "delete every key of one prefix (buffer, registry, streams, temp data)"),
+                       ("reindex", "rebuild the redis backend's thread index from a SCAN of the prefix "
+                                   "(for keys written without it, e.g. restored from a dump; needs a user allowed to SCAN)")):
         bp = bsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _add_config(bp)
         bp.add_argument("--type", dest="backend_type", choices=("memory", "manager", "redis"), help="backend type")

@@ -1,4 +1,4 @@
-"""`xml-pipeline send` and `xml-pipeline backend ping|info|threads|clear`."""
+"""`xml-pipeline send` and `xml-pipeline backend ping|info|threads|clear|reindex`."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,9 @@ def cmd_backend(args: argparse.Namespace) -> int:
         else:
             print(f"{'ok' if ok else 'unreachable'}: {config.backend_type} backend at {where}")
         return EXIT_OK if ok else EXIT_FAILURE
+    if args.action == "reindex" and config.backend_type != "redis":
+        raise UsageError(f"backend reindex: the {config.backend_type} backend has no index to rebuild "
+                         "(backend type: only redis)")
     backend = _open_backend(config, args.action)
     try:
         if args.action == "info":
@@ -127,35 +130,54 @@ def cmd_backend(args: argparse.Namespace) -> int:
                 for r in rows:
                     print(f"{r['thread']}  {r['slots']:>6} slot(s)  {r['chain'] or '-'}")
                 print(f"{len(rows)} thread(s)", file=sys.stderr)
-        else:  # clear
-            removed = {"threads": backend.buffer_clear(), "registry_entries": backend.registry_clear()}
-            if config.backend_type == "redis":
-                removed["stream_and_temp_keys"] = _clear_streams(backend)
+        elif args.action == "reindex":
+            added = backend.reindex()
             if args.json:
-                print(json.dumps({"prefix": config.redis_prefix, "removed": removed}))
+                print(json.dumps({"prefix": config.redis_prefix, "added": added}))
+            else:
+                print(f"reindexed prefix {config.redis_prefix!r}: added {added['threads']} thread(s), "
+                      f"{added['chains']} chain(s)")
+        else:  # clear
+            removed: dict[str, int] = {"threads": backend.buffer_clear(), "registry_entries": backend.registry_clear()}
+            swept = True
+            if config.backend_type == "redis":
+                removed["stream_and_temp_keys"], swept = _clear_streams(backend)
+            if args.json:
+                print(json.dumps({"prefix": config.redis_prefix, "removed": removed, "temp_keys_swept": swept}))
             else:
                 print(f"cleared prefix {config.redis_prefix!r}: " + ", ".join(f"{v} {k}" for k, v in removed.items()))
+            if not swept:
+                print("note: this Redis user may not SCAN (an organism's restricted user), so temporary worker "
+                      "data and results streams were left to expire with their TTL", file=sys.stderr)
     finally:
         backend.close()
     return EXIT_OK
 
 
-def _clear_streams(backend: Any) -> int:
-    """Delete this prefix's streams and temp keys (SCAN with the escaped prefix, never KEYS)."""
-    removed = 0
-    for space in ("tasks", "results", "dlq", "ingress", "egress", "tmp"):
-        batch = []
-        for key in backend.client.scan_iter(match=backend.keys.pattern(space), count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
+def _clear_streams(backend: Any) -> tuple[int, bool]:
+    """Delete this prefix's streams and temp keys: (keys removed, whether temp data was swept).
+
+    The fixed streams are deleted by name. Temp keys and per-pump results streams have no index
+    (it would cost the hot path a write per message), so they are swept with SCAN (escaped prefix,
+    never KEYS) when this user may SCAN; an organism's restricted user may not (docs/multi-tenancy.md),
+    and they then expire with their TTL."""
+    # key("tasks") itself is "{prefix}tasks" (no trailing ':'), which the patterns below do not match.
+    import redis  # only the redis backend gets here; the CLI does not pay the import otherwise
+
+    removed = int(backend.client.unlink(*(backend.key(s) for s in ("tasks", "dlq", "ingress", "egress"))))
+    try:
+        for space in ("tasks", "results", "dlq", "ingress", "egress", "tmp"):
+            batch = []
+            for key in backend.client.scan_iter(match=backend.keys.pattern(space), count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += backend.client.unlink(*batch)
+                    batch = []
+            if batch:
                 removed += backend.client.unlink(*batch)
-                batch = []
-        if batch:
-            removed += backend.client.unlink(*batch)
-    # key("tasks") itself is "{prefix}tasks" (no trailing ':'), which the patterns above do not match.
-    for space in ("tasks", "dlq", "ingress", "egress"):
-        removed += backend.client.unlink(backend.key(space))
-    return int(removed)
+    except redis.exceptions.NoPermissionError:
+        return removed, False
+    return removed, True
 
 
 def _where(config: BackendConfig) -> str:

@@ -82,7 +82,7 @@ ESSENTIAL_ATTEMPTS = 8
 STREAM_ACL_COMMANDS: tuple[str, ...] = (
     "xadd", "xreadgroup", "xread", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xlen",
     "xrange", "xrevrange", "xgroup|create", "xgroup|delconsumer", "expire", "multi", "exec",
-    "evalsha", "script|load", "del", "unlink", "scan",
+    "evalsha", "script|load", "del", "unlink",
 )
 
 # Re-claim a running task for its own consumer, only if that consumer still owns it.

@@ -6,11 +6,10 @@ acts on the whole server (FLUSHALL, KEYS, CONFIG, ACL, SCRIPT FLUSH, FUNCTION, S
 denied. Key patterns are checked by Redis for every command, including the commands a Lua script
 runs (scripts run with the caller's permissions), so EVAL/EVALSHA cannot escape the prefix.
 
-The one leak Redis itself leaves open: SCAN has no key argument, so key patterns do not filter it.
-A tenant allowed to SCAN sees the *names* (never the values) of other tenants' keys. The library
-lists and clears threads with SCAN, so it is allowed by default; `allow_scan=False` closes the leak
-at the price of `buffer_list_threads`/`buffer_clear`/`info` failing with NOPERM
-(docs/multi-tenancy.md, "Limits").
+SCAN is not granted either: it has no key argument, so Redis does not filter it by key patterns and
+a tenant allowed to SCAN would see the *names* of every other tenant's keys. The library lists,
+counts and clears threads through its per-prefix index instead (`meta:index`, an SSCAN of one key
+under the prefix; docs/storage.md), so the whole contract works without it.
 
 Everything here takes an *admin* client (a redis-py client authenticated as a user allowed to run
 ACL and COMMAND). Functions are idempotent: applying the same desired state twice writes nothing
@@ -49,8 +48,9 @@ ORGANISM_COMMANDS: tuple[str, ...] = (
     "blpop", "brpop", "lmove", "blmove",
     # Hashes: the append ids of a thread (`op:{T}`, HSETNX/HGET/HDEL in the append script) and
     # worker bookkeeping. Sets and sorted sets: heartbeats, delivery counts, deadlines.
+    # The thread index (`meta:index`) is a set: SADD/SREM/SRANDMEMBER in the scripts, SSCAN to list.
     "hset", "hsetnx", "hget", "hmget", "hgetall", "hdel", "hincrby", "hexists", "hlen",
-    "sadd", "srem", "smembers", "sismember", "scard",
+    "sadd", "srem", "smembers", "sismember", "scard", "srandmember", "sscan",
     "zadd", "zrem", "zrange", "zrangebyscore", "zscore", "zcard",
     # Streams: WorkerTasks through a consumer group, reclaiming tasks of dead consumers, trimming,
     # and the dead-letter stream.
@@ -65,14 +65,12 @@ ORGANISM_COMMANDS: tuple[str, ...] = (
     "multi", "exec", "discard", "watch", "unwatch",
     # Pub/Sub, confined to channels under the prefix by the `&<prefix>*` rule.
     "publish", "subscribe", "unsubscribe", "psubscribe", "punsubscribe",
-    # Listing threads, clearing the prefix, info(): SCAN (see the module docstring for its limit).
-    "scan",
 )
 
 #: Commands that must never be granted to a tenant: they act on the whole server or on every
 #: tenant's data (or reveal other tenants' data or activity).
 FORBIDDEN_COMMANDS: frozenset[str] = frozenset({
-    "flushall", "flushdb", "keys", "randomkey", "dbsize", "swapdb", "select", "move", "migrate",
+    "flushall", "flushdb", "keys", "scan", "randomkey", "dbsize", "swapdb", "select", "move", "migrate",
     "config", "debug", "acl", "shutdown", "module", "monitor", "replicaof", "slaveof", "sync", "psync",
     "save", "bgsave", "bgrewriteaof", "lastsave", "failover", "cluster", "latency", "slowlog",
     "memory", "object", "info", "pubsub", "function", "fcall", "fcall_ro",
@@ -160,41 +158,37 @@ class ServerProfile:
     (`server_profile`) and pass it to `ensure_user`, so a check costs one ACL GETUSER."""
 
     available: frozenset[str]
-    #: allow_scan → the command rules as ACL GETUSER shows them. Redis rewrites `-@all +get ...`
-    #: into its own shortest form (`+@list -lset ...`, version dependent), so the comparison uses
-    #: the server's wording of our rules, learnt from a probe user.
-    described: Mapping[bool, frozenset[str]]
+    #: The command rules as ACL GETUSER shows them. Redis rewrites `-@all +get ...` into its own
+    #: shortest form (`+@list -lset ...`, version dependent), so the comparison uses the server's
+    #: wording of our rules, learnt from a probe user.
+    described: frozenset[str]
 
 
 def server_profile(admin: redis.Redis) -> ServerProfile:
     """Learn the server's commands and its description of our rules (a few round trips, once)."""
     available = server_commands(admin)
-    described: dict[bool, frozenset[str]] = {}
     probe = PROBE_USER + secrets.token_hex(4)
     try:
-        for allow_scan in (True, False):
-            cmds = [f"+{c}" for c in granted_commands(available, allow_scan=allow_scan)]
-            admin.execute_command("ACL", "SETUSER", probe, "reset", "-@all", *cmds)
-            raw = _pairs(admin.execute_command("ACL", "GETUSER", probe))
-            described[allow_scan] = frozenset(_s(raw.get("commands", b"")).split())
+        cmds = [f"+{c}" for c in granted_commands(available)]
+        admin.execute_command("ACL", "SETUSER", probe, "reset", "-@all", *cmds)
+        raw = _pairs(admin.execute_command("ACL", "GETUSER", probe))
+        described = frozenset(_s(raw.get("commands", b"")).split())
     finally:
         admin.execute_command("ACL", "DELUSER", probe)
     return ServerProfile(available=available, described=described)
 
 
-def granted_commands(available: frozenset[str] | None = None, *, allow_scan: bool = True) -> tuple[str, ...]:
-    """`ORGANISM_COMMANDS` minus what the server lacks (version-dependent ones) and SCAN if denied."""
+def granted_commands(available: frozenset[str] | None = None) -> tuple[str, ...]:
+    """`ORGANISM_COMMANDS` minus what the server lacks (version-dependent ones)."""
     out = []
     for cmd in ORGANISM_COMMANDS:
-        if cmd == "scan" and not allow_scan:
-            continue
         if cmd in _VERSION_DEPENDENT and (available is None or cmd not in available):
             continue
         out.append(cmd)
     return tuple(out)
 
 
-def acl_rules(prefix: str, *, available: frozenset[str] | None = None, allow_scan: bool = True) -> list[str]:
+def acl_rules(prefix: str, *, available: frozenset[str] | None = None) -> list[str]:
     """The ACL SETUSER rules (without passwords and on/off) confining a user to `prefix`.
 
     `resetkeys ~<prefix>* resetchannels &<prefix>* -@all +<each granted command>`. The prefix is
@@ -202,7 +196,7 @@ def acl_rules(prefix: str, *, available: frozenset[str] | None = None, allow_sca
     """
     validate_prefix(prefix, "backend.redis.prefix")
     return ["resetkeys", f"~{prefix}*", "resetchannels", f"&{prefix}*", "-@all",
-            *(f"+{c}" for c in granted_commands(available, allow_scan=allow_scan))]
+            *(f"+{c}" for c in granted_commands(available))]
 
 
 # -- reading and writing users -------------------------------------------------------------------
@@ -236,14 +230,14 @@ def list_users(admin: redis.Redis) -> frozenset[str]:
 
 
 def desired_user(username: str, prefix: str, passwords: Sequence[str], profile: ServerProfile, *,
-                 enabled: bool = True, allow_scan: bool = True, extra_hashes: Iterable[str] = ()) -> AclUser:
+                 enabled: bool = True, extra_hashes: Iterable[str] = ()) -> AclUser:
     """The AclUser that `ensure_user` converges to (what ACL GETUSER shows afterwards)."""
     validate_prefix(prefix, "backend.redis.prefix")
     return AclUser(
         username=username,
         enabled=enabled,
         password_hashes=frozenset(password_hash(p) for p in passwords) | frozenset(extra_hashes),
-        command_rules=profile.described[allow_scan],
+        command_rules=profile.described,
         key_patterns=frozenset({f"~{prefix}*"}),
         channel_patterns=frozenset({f"&{prefix}*"}),
         has_selectors=False,
@@ -252,7 +246,7 @@ def desired_user(username: str, prefix: str, passwords: Sequence[str], profile: 
 
 def ensure_user(admin: redis.Redis, username: str, password: str, prefix: str, *,
                 also_accept: Sequence[str] = (), also_accept_hashes: Iterable[str] = (), enabled: bool = True,
-                allow_scan: bool = True, profile: ServerProfile | None = None) -> Change:
+                profile: ServerProfile | None = None) -> Change:
     """Make `username` exist exactly as desired: confined to `prefix`, accepting `password` (and the
     passwords in `also_accept`, or the SHA-256 digests in `also_accept_hashes`, while a rotation is
     in progress) and no other.
@@ -270,12 +264,12 @@ def ensure_user(admin: redis.Redis, username: str, password: str, prefix: str, *
     if any(len(h) != 64 or any(c not in "0123456789abcdef" for c in h) for h in extra):
         raise ValueError("also_accept_hashes must be lower-case SHA-256 hex digests")
     want = desired_user(username, prefix, [password, *also_accept], profile, enabled=enabled,
-                        allow_scan=allow_scan, extra_hashes=extra)
+                        extra_hashes=extra)
     have = get_user(admin, username)
     if have == want:
         return Change.UNCHANGED
     rules = ["on" if enabled else "off", "clearselectors",
-             *acl_rules(prefix, available=profile.available, allow_scan=allow_scan)]
+             *acl_rules(prefix, available=profile.available)]
     rules += [f">{p}" for p in (password, *also_accept)] + [f"#{h}" for h in sorted(extra)]
     if have is not None:
         rules += [f"!{h}" for h in sorted(have.password_hashes - want.password_hashes)]

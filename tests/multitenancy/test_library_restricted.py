@@ -112,3 +112,30 @@ def test_every_command_the_library_issues_is_granted(private_redis: RedisServer)
     # The library's own declaration agrees (INFO is granted for its `server` section only).
     assert {c for c in ACL_COMMANDS if c != "info"} <= granted and "info|server" in granted
     admin.close()
+
+
+def test_cli_clear_with_the_organisms_own_user(make_org: Callable[..., Org], admin: redis.Redis) -> None:
+    """`xml-pipeline backend clear` with a restricted user (no SCAN): threads, registry and the fixed
+    streams go through the index and by name; temp data is left to its TTL, and the CLI says so."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    org = make_org("cli")
+    with backend_for(org) as b:
+        b.buffer_append("t-1", b"x")
+        b.registry_set("console.greeter", "t-1")
+        b.temp_put("tmp-1", b"y")
+        b.client.xadd(b.key("ingress"), {"m": "x"})
+    env = dict(os.environ, XP_BACKEND_TYPE="redis", XP_REDIS_URL=org.server.url, XP_REDIS_USERNAME=org.username,
+               XP_REDIS_PASSWORD=org.password, XP_SIGNING_KEY=SIGNING_KEY)
+    env.pop("XP_CONFIG", None)
+    r = subprocess.run([sys.executable, "-m", "xml_pipeline.cli", "backend", "clear", "--prefix", org.prefix,
+                        "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["removed"] == {"threads": 1, "registry_entries": 1, "stream_and_temp_keys": 1}
+    assert out["temp_keys_swept"] is False and "left to expire" in r.stderr and "Traceback" not in r.stderr
+    left = sorted(k.decode() for k in admin.scan_iter(match=f"{org.prefix}*"))
+    assert left == [f"{org.prefix}tmp:{{tmp-1}}"] and admin.ttl(left[0]) > 0

@@ -131,6 +131,8 @@ def cmd_backend(args: argparse.Namespace) -> int:
                     print(f"{r['thread']}  {r['slots']:>6} slot(s)  {r['chain'] or '-'}")
                 print(f"{len(rows)} thread(s)", file=sys.stderr)
         elif args.action == "reindex":
+            from ..memory.redis_backend import RedisBackend
+            assert isinstance(backend, RedisBackend)  # checked above: reindex is refused for other types
             added = backend.reindex()
             if args.json:
                 print(json.dumps({"prefix": config.redis_prefix, "added": added}))

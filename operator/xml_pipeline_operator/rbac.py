@@ -42,6 +42,10 @@ RULES: Final[list[PolicyRule]] = [
     # Deployment/StatefulSet swapped when persistence is toggled or the mode changes.
     {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    # The dedicated Redis's NetworkPolicy (only the organism's pods may connect): deleted with the
+    # Service when the Organism switches away from dedicated mode.
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["get", "create", "patch", "delete"]},
     # kopf posts Kubernetes Events (core/v1 only) for handler outcomes and our provisioning steps.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf's namespace observer (only when XPO_NAMESPACES lists namespaces: it notices watched

@@ -251,7 +251,7 @@ class Reconciler:
                component: str) -> st.WorkloadState | None:
         for obj in want.workloads:
             labels = obj["metadata"]["labels"]
-            if labels.get("app.kubernetes.io/component") == component and obj["kind"] != "Service":
+            if labels.get("app.kubernetes.io/component") == component and obj["kind"] in ("Deployment", "StatefulSet"):
                 body = bodies.get((obj["kind"], obj["metadata"]["name"]))
                 return st.WorkloadState.from_body(body) if body else None
         return None

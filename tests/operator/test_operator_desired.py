@@ -56,7 +56,8 @@ def pods(state: desired.DesiredState) -> list[dict[str, Any]]:
 def test_dedicated_redis_objects_and_names() -> None:
     _, state = make({"workers": {"replicas": 2}})
     assert sorted(by_name(state)) == ["ConfigMap/orders-config", "Deployment/orders-pump", "Deployment/orders-redis",
-                                      "Deployment/orders-worker", "Service/orders-redis"]
+                                      "Deployment/orders-worker", "NetworkPolicy/orders-redis", "Service/orders-redis"]
+    assert state.workloads[0]["kind"] == "NetworkPolicy"  # in place before the Redis pod starts
     assert state.absent == [("StatefulSet", "orders-redis")]
     assert state.secret_name == "orders-credentials"
     assert state.endpoint == "redis://orders-redis.shop.svc:6379/0"
@@ -79,17 +80,49 @@ def test_persistent_redis_is_a_statefulset_with_a_retained_claim() -> None:
 
 
 @pytest.mark.parametrize("spec, absent", [
-    ({"backend": {"redis": {"mode": "shared"}}}, {"Service", "Deployment", "StatefulSet"}),
+    ({"backend": {"redis": {"mode": "shared"}}}, {"NetworkPolicy", "Service", "Deployment", "StatefulSet"}),
     ({"backend": {"redis": {"mode": "external", "external": {
-        "url": "rediss://r.example:6380/1", "passwordSecretRef": {"name": "ext"}}}}}, {"Service", "Deployment", "StatefulSet"}),
-    ({"backend": {"type": "memory"}}, {"Service", "Deployment", "StatefulSet"}),
-    ({"backend": {"type": "manager"}}, {"Service", "Deployment", "StatefulSet"}),
+        "url": "rediss://r.example:6380/1", "passwordSecretRef": {"name": "ext"}}}}}, {"NetworkPolicy", "Service", "Deployment", "StatefulSet"}),
+    ({"backend": {"type": "memory"}}, {"NetworkPolicy", "Service", "Deployment", "StatefulSet"}),
+    ({"backend": {"type": "manager"}}, {"NetworkPolicy", "Service", "Deployment", "StatefulSet"}),
 ])
 def test_no_redis_is_provisioned_outside_dedicated_mode(spec: dict[str, Any], absent: set[str]) -> None:
     _, state = make(spec)
     assert [o["kind"] for o in state.workloads] == ["Deployment"]  # the pump only
     assert {k for k, n in state.absent if n == "orders-redis"} == absent
     assert ("Deployment", "orders-worker") in state.absent
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and In expressions: all this policy uses)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In"
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_dedicated_redis_accepts_only_its_organisms_pods() -> None:
+    _, state = make({"workers": {"replicas": 2}})
+    objs = by_name(state)
+    policy = objs["NetworkPolicy/orders-redis"]["spec"]
+    redis_pod = objs["Deployment/orders-redis"]["spec"]["template"]["metadata"]["labels"]
+    assert _selects(policy["podSelector"], redis_pod) and policy["policyTypes"] == ["Ingress"]
+
+    def admitted(pod_labels: dict[str, str]) -> bool:
+        return any(any(_selects(peer["podSelector"], pod_labels) for peer in rule["from"])
+                   for rule in policy["ingress"])
+
+    for name in ("Deployment/orders-pump", "Deployment/orders-worker"):
+        assert admitted(objs[name]["spec"]["template"]["metadata"]["labels"]), name
+    _, other = make({"workers": {"replicas": 1}}, name="billing")
+    for obj in pods(other):  # another organism's pump and workers, in the same namespace
+        assert not admitted(obj["spec"]["template"]["metadata"]["labels"])
+    assert not admitted(redis_pod) and not admitted({"app": "anything"})
+    assert admitted({naming.REDIS_CLIENT_LABEL: "orders"}) and not admitted({naming.REDIS_CLIENT_LABEL: "billing"})
+    assert all(rule["ports"] == [{"protocol": "TCP", "port": 6379}] for rule in policy["ingress"])
 
 
 # ------------------------------------------------------------------------------- labels and ownership

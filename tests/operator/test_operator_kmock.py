@@ -86,6 +86,7 @@ async def test_create_gives_objects_status_and_events(k8s: Cluster, start_operat
 
     assert live_names(k8s, DEPLOYMENTS) == ["orders-pump", "orders-redis", "orders-worker"]
     assert live_names(k8s, "v1/services") == ["orders-redis"]
+    assert live_names(k8s, "networking.k8s.io/v1/networkpolicies") == ["orders-redis"]
     assert live_names(k8s, "v1/configmaps") == ["orders-config"]
     assert live_names(k8s, "v1/secrets") == ["orders-credentials"]
     uid = org["metadata"]["uid"]
@@ -103,7 +104,8 @@ async def test_create_gives_objects_status_and_events(k8s: Cluster, start_operat
     assert condition(org, "Ready")["status"] == "False"
     created = await eventually(lambda: [e for e in events(k8s) if e["reason"] == "Created"])
     assert len(created) == 1  # one event per pass, naming every object
-    assert created[0]["message"] == ("Created Secret orders-credentials, ConfigMap orders-config, Service orders-redis, "
+    assert created[0]["message"] == ("Created Secret orders-credentials, ConfigMap orders-config, "
+                                     "NetworkPolicy orders-redis, Service orders-redis, "
                                      "Deployment orders-redis, Deployment orders-pump, Deployment orders-worker")
     assert created[0]["involvedObject"]["uid"] == uid
 
@@ -303,6 +305,7 @@ async def test_switching_to_memory_removes_redis_and_workers(k8s: Cluster, start
     await patch_spec(k8s, "orders", {"backend": {"type": "memory", "redis": None}, "workers": None})
     await eventually(lambda: live_names(k8s, DEPLOYMENTS) == ["orders-pump"])
     assert live_names(k8s, "v1/services") == []
+    assert live_names(k8s, "networking.k8s.io/v1/networkpolicies") == []
     org = await eventually(lambda: (o := get_obj(k8s, ORGANISMS, "orders")) and "redis" not in o["status"] and o)
     assert condition(org, "RedisReady")["reason"] == "NotRequired"
     assert live_names(k8s, "v1/secrets") == ["orders-credentials"]  # kept: a switch back reuses it

@@ -148,6 +148,48 @@ def test_shared_redis_password_is_generated_per_install(helm: str, tmp_path: Pat
     assert all(len(p) >= 40 for p in passwords)  # base64 of 32 random characters
 
 
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and In expressions: all the chart uses)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    return all(expr["operator"] == "In" and labels.get(expr["key"]) in expr["values"]
+               for expr in selector.get("matchExpressions", []))
+
+
+def test_shared_redis_admits_only_the_operator_and_organism_pods(helm: str, rendered: dict[str, list[dict[str, Any]]],
+                                                                 tmp_path: Path) -> None:
+    from chartkit import operator_workloads
+
+    objects = rendered["shared-deploy"]
+    policy = one(objects, "NetworkPolicy", REDIS)["spec"]
+    sts_pod = one(objects, "StatefulSet", REDIS)["spec"]["template"]["metadata"]["labels"]
+    assert _selects(policy["podSelector"], sts_pod) and policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+    def admitted(pod_labels: dict[str, str]) -> bool:
+        # Organisms live in any namespace: every peer that names pods of other namespaces says so.
+        return any(_selects(peer["podSelector"], pod_labels) for peer in rule["from"])
+
+    assert admitted(one(objects, "Deployment", FULLNAME)["spec"]["template"]["metadata"]["labels"])
+    pods = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
+            for o in operator_workloads() if o["kind"] in ("Deployment", "StatefulSet")}
+    assert admitted(pods["shared-pump"]) and admitted(pods["shared-worker"])
+    assert not admitted(pods["dedicated-workers-redis"]) and not admitted(sts_pod) and not admitted({"app": "x"})
+    organism_peer = next(p for p in rule["from"] if "namespaceSelector" in p)
+    assert organism_peer["namespaceSelector"] == {}
+
+    extra = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    values = {"sharedRedis": {"mode": "deploy", "deploy": {"networkPolicy": {"extraFrom": [extra]}}}}
+    result = helm_template(helm, values, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert one(load_docs(result.stdout), "NetworkPolicy", REDIS)["spec"]["ingress"][0]["from"][-1] == extra
+    values = {"sharedRedis": {"mode": "deploy", "deploy": {"networkPolicy": {"enabled": False}}}}
+    result = helm_template(helm, values, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not find(load_docs(result.stdout), "NetworkPolicy")
+
+
 def test_shared_redis_deploy_without_persistence(rendered: dict[str, list[dict[str, Any]]]) -> None:
     sts = one(rendered["shared-deploy-ephemeral"], "StatefulSet", REDIS)
     assert "volumeClaimTemplates" not in sts["spec"]

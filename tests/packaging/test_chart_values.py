@@ -31,6 +31,7 @@ FREE_FORM = {
 BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"replicaCount": 2}, "replicaCount"),  # unknown key (the operator is one replica by design)
     ({"sharedRedis": {"mod": "deploy"}}, "mod"),  # typo of a nested key
+    ({"sharedRedis": {"deploy": {"networkPolicy": {"extraFrom": [{"podSelecter": {}}]}}}}, "podSelecter"),
     ({"sharedRedis": {"mode": "on"}}, "mode"),  # not in the enum
     ({"sharedRedis": {"mode": "existing", "existing": {
         "url": "redis://admin:hunter2@redis:6379", "existingSecret": "s"}}}, "url"),  # credentials in URL

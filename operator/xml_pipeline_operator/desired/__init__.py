@@ -24,7 +24,8 @@ class DesiredState:
     redis_username: str
     endpoint: str | None
     config_hash: str
-    #: Service, Redis workload, pump and worker Deployments, in the order they should be applied.
+    #: NetworkPolicy, Service, Redis workload, pump and worker Deployments, in the order they should
+    #: be applied (the policy first, so the Redis pod never runs unprotected).
     workloads: list[dict[str, Any]] = field(default_factory=list)
     #: Objects of this Organism that must be deleted if they exist (and are owned by it).
     absent: list[ObjectKey] = field(default_factory=list)
@@ -42,10 +43,10 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
     rname = naming.redis_name(org.name)
     if org.redis is not None and org.redis.mode == "dedicated":
         workload = redis.redis_workload(org, settings)
-        objects += [redis.redis_service(org), workload]
+        objects += [redis.redis_network_policy(org), redis.redis_service(org), workload]
         absent.append(("StatefulSet" if workload["kind"] == "Deployment" else "Deployment", rname))
     else:
-        absent += [("Service", rname), ("Deployment", rname), ("StatefulSet", rname)]
+        absent += [("NetworkPolicy", rname), ("Service", rname), ("Deployment", rname), ("StatefulSet", rname)]
     objects.append(workloads.pump_deployment(org, url, digest, credentials_digest))
     if org.workers is not None:
         objects.append(workloads.worker_deployment(org, url, digest, credentials_digest))

@@ -6,6 +6,9 @@ from typing import Literal
 Component = Literal["pump", "worker", "redis", "config", "credentials"]
 
 ORGANISM_LABEL = "xml-pipeline.dev/organism"
+#: Pod label `<label>: <organism name>` that lets a pod of the namespace reach the organism's
+#: dedicated Redis through its NetworkPolicy besides the pump and workers (debugging, an exporter).
+REDIS_CLIENT_LABEL = "xml-pipeline.dev/redis-client"
 CONFIG_HASH_ANNOTATION = "xml-pipeline.dev/config-hash"
 #: Pod-template annotation in shared mode: HMAC of the password the pods read (rotation.py).
 CREDENTIALS_DIGEST_ANNOTATION = "xml-pipeline.dev/credentials-digest"
@@ -44,7 +47,7 @@ def worker_name(name: str) -> str:
 
 
 def redis_name(name: str) -> str:
-    """The dedicated Redis Service and its Deployment or StatefulSet."""
+    """The dedicated Redis Service, its Deployment or StatefulSet, and its NetworkPolicy."""
     return f"{name}-redis"
 
 

@@ -13,7 +13,17 @@ from typing import Any
 
 from ..model import Organism
 from ..settings import OperatorSettings
-from .naming import PASSWORD_KEY, REDIS_PORT, labels, redis_name, secret_name, selector_labels
+from .naming import (
+    APP_NAME,
+    ORGANISM_LABEL,
+    PASSWORD_KEY,
+    REDIS_CLIENT_LABEL,
+    REDIS_PORT,
+    labels,
+    redis_name,
+    secret_name,
+    selector_labels,
+)
 from .security import REDIS_GID, REDIS_UID, container_security_context, pod_basics, pod_security_context
 
 #: Fraction of the container memory limit given to Redis as maxmemory (the rest: buffers, AOF rewrite).
@@ -77,6 +87,40 @@ def redis_service(org: Organism) -> dict[str, Any]:
             "type": "ClusterIP",
             "selector": selector_labels(org.name, "redis"),
             "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
+        },
+    }
+
+
+def redis_network_policy(org: Organism) -> dict[str, Any]:
+    """Only the organism's pump and worker pods (and pods labelled `xml-pipeline.dev/redis-client:
+    <name>`) may open connections to its dedicated Redis, and only on the Redis port.
+
+    The password already keeps others out; this is the second wall (a leaked password is useless
+    from elsewhere in the cluster). Enforced where the cluster's network plugin implements
+    NetworkPolicy; harmless where it does not.
+    """
+    port = [{"protocol": "TCP", "port": REDIS_PORT}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": redis_name(org.name),
+            "namespace": org.namespace,
+            "labels": labels(org.name, "redis"),
+            "ownerReferences": [org.owner_reference],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(org.name, "redis")},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {
+                    "matchLabels": {"app.kubernetes.io/name": APP_NAME, "app.kubernetes.io/instance": org.name,
+                                    ORGANISM_LABEL: org.name},
+                    "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
+                                          "values": ["pump", "worker"]}]}}],
+                 "ports": port},
+                {"from": [{"podSelector": {"matchLabels": {REDIS_CLIENT_LABEL: org.name}}}], "ports": port},
+            ],
         },
     }
 

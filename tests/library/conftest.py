@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from redis_server import RedisServer
 
 from xml_pipeline.memory import BackendConfig, InMemoryBackend, ManagerBackend, SharedBackend
@@ -65,6 +66,14 @@ def make_backend(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
                 backend.registry_clear()
         finally:
             backend.close()
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain redis-py client on the session's redis-server, to look at keys behind the backend."""
+    client = redis_server.client()
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

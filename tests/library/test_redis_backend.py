@@ -38,13 +38,6 @@ def backend(redis_server: RedisServer) -> Iterator[RedisBackend]:
     b.close()
 
 
-@pytest.fixture
-def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    yield client
-    client.close()
-
-
 def our_keys(raw: redis.Redis, prefix: str) -> list[bytes]:
     return sorted(raw.scan_iter(match=glob_escape(prefix) + "*", count=1000))
 

@@ -3,39 +3,27 @@ clears a prefix without SCAN (which Redis ACLs cannot confine to a prefix, so te
 not granted it). Each test fails on a backend whose index misses, keeps or loses entries."""
 from __future__ import annotations
 
-import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
-from redis_server import RedisServer
 
-from xml_pipeline.memory.config import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
 
-KEY = "test-signing-key-0123456789abcdef"
 
-
-def make(server: RedisServer, ttl: int | None = None) -> RedisBackend:
-    return RedisBackend(BackendConfig(backend_type="redis", redis_url=server.url, signing_key=KEY,
-                                      redis_prefix=f"ix{secrets.token_hex(4)}:", redis_ttl=ttl))
+@pytest.fixture
+def backend(make_backend: Callable[..., Any]) -> RedisBackend:
+    b: RedisBackend = make_backend("redis")
+    return b
 
 
 @pytest.fixture
-def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def backend(redis_server: RedisServer) -> Iterator[RedisBackend]:
-    b = make(redis_server)
-    yield b
-    b.buffer_clear()
-    b.registry_clear()
-    b.close()
+def short_lived(make_backend: Callable[..., Any]) -> RedisBackend:
+    """A backend whose threads expire after 1 s of inactivity."""
+    b: RedisBackend = make_backend("redis", redis_ttl=1)
+    return b
 
 
 def test_index_follows_threads_and_mappings(backend: RedisBackend, raw: redis.Redis) -> None:
@@ -75,39 +63,33 @@ def test_listing_drops_entries_whose_keys_are_gone(backend: RedisBackend, raw: r
     assert backend.buffer_list_threads() == ["gone", "keep"]
 
 
-def test_dead_entries_are_sampled_away_without_listing(redis_server: RedisServer, raw: redis.Redis) -> None:
+def test_dead_entries_are_sampled_away_without_listing(short_lived: RedisBackend, raw: redis.Redis) -> None:
     """Nobody lists: each new entry samples two others and drops dead ones, so a busy organism's
     index does not grow with every thread it ever had."""
-    b = make(redis_server, ttl=1)
-    try:
-        for i in range(200):
-            b.buffer_append(f"old{i}", b"x")
-        deadline = time.monotonic() + 10
-        while raw.exists(b.keys.buffer("old199")):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        for i in range(200):
-            b.buffer_append(f"new{i}", b"x")
-        members = raw.smembers(b.keys.index())
-        assert sum(m.startswith(b"t:new") for m in members) == 200  # live entries are never dropped
-        assert sum(m.startswith(b"t:old") for m in members) < 100   # most dead ones are gone
-    finally:
-        b.close()
+    b = short_lived
+    for i in range(200):
+        b.buffer_append(f"old{i}", b"x")
+    deadline = time.monotonic() + 10
+    while raw.exists(b.keys.buffer("old199")):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for i in range(200):
+        b.buffer_append(f"new{i}", b"x")
+    members = raw.smembers(b.keys.index())
+    assert sum(m.startswith(b"t:new") for m in members) == 200  # live entries are never dropped
+    assert sum(m.startswith(b"t:old") for m in members) < 100   # most dead ones are gone
 
 
-def test_index_expires_with_the_last_thread(redis_server: RedisServer, raw: redis.Redis) -> None:
-    b = make(redis_server, ttl=1)
-    try:
-        b.buffer_append("t", b"x")
-        b.registry_set("r.t", "t")
-        assert 0 < raw.ttl(b.keys.index()) <= 1
-        deadline = time.monotonic() + 10
-        while raw.exists(b.keys.index()):
-            assert time.monotonic() < deadline, "the index outlived its threads"
-            time.sleep(0.2)
-        assert not list(raw.scan_iter(match=b.config.redis_prefix + "*"))
-    finally:
-        b.close()
+def test_index_expires_with_the_last_thread(short_lived: RedisBackend, raw: redis.Redis) -> None:
+    b = short_lived
+    b.buffer_append("t", b"x")
+    b.registry_set("r.t", "t")
+    assert 0 < raw.ttl(b.keys.index()) <= 1
+    deadline = time.monotonic() + 10
+    while raw.exists(b.keys.index()):
+        assert time.monotonic() < deadline, "the index outlived its threads"
+        time.sleep(0.2)
+    assert not list(raw.scan_iter(match=b.config.redis_prefix + "*"))
 
 
 def test_reindex_recovers_threads_written_without_an_index(backend: RedisBackend, raw: redis.Redis) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -21,13 +20,6 @@ KEY = "test-signing-key-0123456789abcdef"
 def make(server: RedisServer, ttl: int) -> RedisBackend:
     return RedisBackend(BackendConfig(backend_type="redis", redis_url=server.url, signing_key=KEY,
                                       redis_prefix=f"ttl{secrets.token_hex(4)}:", redis_ttl=ttl))
-
-
-@pytest.fixture
-def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    yield client
-    client.close()
 
 
 def ttls(raw: redis.Redis, prefix: str) -> dict[str, int]:

@@ -77,17 +77,22 @@ def redis_service(org: Organism) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": redis_name(org.name),
-            "namespace": org.namespace,
-            "labels": labels(org.name, "redis"),
-            "ownerReferences": [org.owner_reference],
-        },
+        "metadata": _metadata(org),
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(org.name, "redis"),
             "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
         },
+    }
+
+
+def _metadata(org: Organism) -> dict[str, Any]:
+    """Metadata of every dedicated-Redis object: one name, the contract labels, owned by the Organism."""
+    return {
+        "name": redis_name(org.name),
+        "namespace": org.namespace,
+        "labels": labels(org.name, "redis"),
+        "ownerReferences": [org.owner_reference],
     }
 
 
@@ -103,12 +108,7 @@ def redis_network_policy(org: Organism) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {
-            "name": redis_name(org.name),
-            "namespace": org.namespace,
-            "labels": labels(org.name, "redis"),
-            "ownerReferences": [org.owner_reference],
-        },
+        "metadata": _metadata(org),
         "spec": {
             "podSelector": {"matchLabels": selector_labels(org.name, "redis")},
             "policyTypes": ["Ingress"],
@@ -160,12 +160,7 @@ def redis_workload(org: Organism, settings: OperatorSettings) -> dict[str, Any]:
     """Deployment (ephemeral data) or StatefulSet with a PersistentVolumeClaim (persistence on)."""
     assert org.redis is not None
     persistence = org.redis.persistence
-    meta = {
-        "name": redis_name(org.name),
-        "namespace": org.namespace,
-        "labels": labels(org.name, "redis"),
-        "ownerReferences": [org.owner_reference],
-    }
+    meta = _metadata(org)
     if not persistence.enabled:
         return {
             "apiVersion": "apps/v1",

@@ -36,6 +36,7 @@ from ..errors import BackendError, BackendUnavailable, ThreadFullError
 from . import redis_scripts as scripts
 from .config import BackendConfig, redact_url
 from .keys import RedisKeys, check_tagged_id
+from .redis_pipe import DirectConnection
 from .signing import Signer
 
 __all__ = ["RedisBackend", "UnsignedBackendWarning", "ACL_COMMANDS", "DEFAULT_TEMP_TTL"]
@@ -385,6 +386,9 @@ class RedisBackend:
         """Send already packed commands in one write and read their `count` replies; a command's
         error reply is returned in its place (every reply is read, so the connection stays in step).
         Connection errors are raised, and that connection dropped, as in _roundtrip."""
+        direct = self._direct
+        if direct is not None and self._direct_owner == threading.get_ident():
+            return direct.pipeline(packed, count, best_effort_tail=best_effort_tail)
         pool = self._pool
         conn = pool.get_connection()
         try:
@@ -641,6 +645,8 @@ class RedisBackend:
         if not self._closed:
             self._closed = True
             self._pool.disconnect()
+            if self._direct is not None:
+                self._direct.disconnect()
 
     def __enter__(self) -> "RedisBackend":
         return self
@@ -686,3 +692,19 @@ class RedisBackend:
     def pack_commands(commands: list[tuple[Any, ...]]) -> bytes:
         """Commands (tuples of str / bytes / int) in RESP, as send_commands packs them."""
         return b"".join(_pack_command(str(c[0]).encode(), list(c[1:])) for c in commands)
+
+    # -- A worker's own connection ------------------------------------------------------------------
+    _direct: DirectConnection | None = None
+    _direct_owner = 0
+
+    def use_direct_connection(self) -> None:
+        """Send the calling thread's batched commands (temp_get_many, temp_put_many, temp_take,
+        buffer_append_and_put, send_commands) through one connection of its own instead of the pool:
+        for a worker process's single task loop. Other threads keep using the pool. Same commands,
+        same errors, same retries (see redis_pipe.DirectConnection). No-op over TLS (rediss://)."""
+        if not self.pipe_capable():
+            return
+        cfg = self.config
+        self._direct = DirectConnection(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
+                                        connect_timeout=cfg.connect_timeout, pack=self.pack_commands)
+        self._direct_owner = threading.get_ident()

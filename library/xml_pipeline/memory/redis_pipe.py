@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from redis._parsers.base import BaseParser
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import BackendError, BackendUnavailable
 
 if TYPE_CHECKING:
     from .redis_backend import RedisBackend
 
-__all__ = ["RedisPipe", "Unsure", "RespParser"]
+__all__ = ["RedisPipe", "Unsure", "RespParser", "DirectConnection"]
 
 
 class Unsure(Exception):
@@ -49,7 +53,8 @@ class RespParser:
     """Incremental RESP2 reply parser: feed() bytes, pop() complete replies.
 
     Replies: simple strings and bulk strings as bytes (None for nil), integers as int, arrays as
-    lists (None for nil), error replies as ResponseError instances (returned, not raised)."""
+    lists (None for nil), error replies as the exception redis-py would raise for them (NoScriptError
+    for NOSCRIPT, ...), returned, not raised."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -98,7 +103,7 @@ class RespParser:
         if kind == b"+":
             return rest
         if kind == b"-":
-            return ResponseError(rest.decode("utf-8", "replace"))
+            return BaseParser.parse_error(rest.decode("utf-8", "replace"))
         if kind == b"*":
             n = int(rest)
             if n < 0:
@@ -188,7 +193,7 @@ class RedisPipe:
         for r in (got, deleted):
             if isinstance(r, Exception):
                 raise BackendError(f"Redis at {self.backend.url} refused temp_get+delete: {r}")
-        return got  # type: ignore[no-any-return]
+        return got
 
     async def delete(self, *keys: str) -> int:
         """The backend's temp_delete (one DEL)."""
@@ -256,8 +261,8 @@ class RedisPipe:
         if self._path:
             transport, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
         else:
-            transport, protocol = await loop.create_connection(lambda: _Protocol(self), self._host, self._port)
-        self._transport, self._protocol = transport, protocol  # type: ignore[assignment]
+            transport, protocol = await loop.create_connection(lambda: _Protocol(self), self._host or "localhost", self._port)
+        self._transport, self._protocol = transport, protocol
         self._parser = RespParser()
         # The handshake the pooled connections make: AUTH, CLIENT SETNAME, SELECT.
         hello: list[tuple[Any, ...]] = []
@@ -271,7 +276,7 @@ class RedisPipe:
             return
         request = _Request(loop.create_future(), len(hello))
         self._waiting.appendleft(request)
-        transport.write(self.backend.pack_commands(hello))  # type: ignore[attr-defined]
+        transport.write(self.backend.pack_commands(hello))
         for reply in await request.future:
             if isinstance(reply, Exception):
                 raise BackendUnavailable(f"Redis at {self.backend.url} refused the connection handshake of "
@@ -344,3 +349,108 @@ class RedisPipe:
             self._timer.cancel()
             self._timer = None
         self._fail(ConnectionError("the redis pipe was closed"))
+
+
+class DirectConnection:
+    """One blocking connection owned by one thread, for a worker's hot loop (RedisBackend's
+    `use_direct_connection`): packed commands out in one sendall, replies read with RespParser.
+
+    What it saves per round trip against a pooled redis-py connection: the pool's locks and
+    queue, its liveness poll (a select() per checkout) and its metrics bookkeeping, about 60 us of
+    a worker's CPU each time. Errors are redis-py's: ConnectionError / TimeoutError (the connection is
+    dropped and the next call reconnects; the backend's retry policy decides what happens next), error
+    replies in place like RedisBackend._pipeline's, other error replies (AUTH, ...) raised."""
+
+    def __init__(self, kwargs: dict[str, Any], *, socket_timeout: float, connect_timeout: float,
+                 pack: Any) -> None:
+        self._kw = kwargs
+        self._timeout = socket_timeout
+        self._connect_timeout = connect_timeout
+        self._pack = pack
+        self._sock: socket.socket | None = None
+        self._parser = RespParser()
+        self.round_trips = 0
+
+    def _connect(self) -> socket.socket:
+        kw = self._kw
+        try:
+            if kw.get("path"):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self._connect_timeout)
+                sock.connect(kw["path"])
+            else:
+                sock = socket.create_connection((kw.get("host") or "localhost", int(kw.get("port") or 6379)),
+                                                timeout=self._connect_timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.settimeout(self._timeout)
+        except socket.timeout as e:
+            raise RedisTimeoutError(f"Timeout connecting to server: {e}") from None
+        except OSError as e:
+            raise RedisConnectionError(f"Error connecting to the server: {e}") from None
+        self._sock = sock
+        self._parser = RespParser()
+        hello: list[tuple[Any, ...]] = []
+        if kw.get("password") is not None:
+            hello.append(("AUTH", kw["username"], kw["password"]) if kw.get("username") else ("AUTH", kw["password"]))
+        if kw.get("client_name"):
+            hello.append(("CLIENT", "SETNAME", kw["client_name"]))
+        if kw.get("db"):
+            hello.append(("SELECT", kw["db"]))
+        if hello:
+            for reply in self._exchange(self._pack(hello), len(hello), 0):
+                if isinstance(reply, Exception):
+                    self.disconnect()
+                    raise reply
+        return sock
+
+    def pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
+        """RedisBackend._pipeline's contract on this connection."""
+        if self._sock is None:
+            self._connect()
+        self.round_trips += 1
+        return self._exchange(packed, count, best_effort_tail)
+
+    def _exchange(self, packed: bytes, count: int, best_effort_tail: int) -> list[Any]:
+        sock, parser = self._sock, self._parser
+        assert sock is not None
+        out: list[Any] = []
+        try:
+            sock.sendall(packed)
+            while len(out) < count:
+                ok, reply = parser.pop()
+                if ok:
+                    if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
+                        raise reply  # e.g. an AuthenticationError, as redis-py raises it
+                    out.append(reply)
+                    continue
+                parser.compact()
+                data = sock.recv(65536)
+                if not data:
+                    raise RedisConnectionError("Connection closed by server.")
+                parser.feed(data)
+        except (socket.timeout, RedisTimeoutError) as e:
+            self.disconnect()
+            error: Exception = RedisTimeoutError(f"Timeout reading from socket: {e}")
+            if len(out) < count - best_effort_tail:
+                raise error from None
+            out.extend([error] * (count - len(out)))
+        except (OSError, RedisConnectionError, BackendError) as e:
+            self.disconnect()
+            error = e if isinstance(e, RedisConnectionError) else RedisConnectionError(f"Error while talking to the server: {e}")
+            if len(out) < count - best_effort_tail:
+                raise error from None
+            out.extend([error] * (count - len(out)))
+        except BaseException:
+            self.disconnect()
+            raise
+        parser.compact()
+        return out
+
+    def disconnect(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass

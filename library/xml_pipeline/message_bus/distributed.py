@@ -371,6 +371,11 @@ class DistributedWorker:
         log.info("worker %s: consuming %s (group %s), claim idle %.1f s, heartbeat %.1f s, max attempts %d",
                  self.name, s.tasks, WORKER_GROUP, self.claim_idle_ms / 1000, self.heartbeat_s, self.max_attempts)
         self._with_redis(lambda: s.ensure_group(s.tasks, WORKER_GROUP))
+        # The task loop runs in this thread: its batched commands skip the connection pool (the
+        # heartbeat thread keeps using the pool).
+        direct = getattr(self.backend, "use_direct_connection", None)
+        if direct is not None:
+            direct()
         beat = threading.Thread(target=self._heartbeat_loop, name="xp-heartbeat", daemon=True)
         beat.start()
         try:

@@ -203,6 +203,8 @@ class PumpStats:
     errors: int = 0
     worker_tasks: int = 0
     conversations: int = 0
+    #: Appends the RedisPipe could not confirm, redone through the blocking backend (see redis_pipe.py).
+    redis_fallbacks: int = 0
 
 
 class StreamPump:
@@ -505,7 +507,9 @@ class StreamPump:
         try:
             await self.pipe.append_and_put(msg.thread, blob, max_slots=self.buffer.max_slots_per_thread,
                                            append_id=msg.id, items=temps or [])
-        except Unsure:
+        except Unsure as e:
+            self.stats.redis_fallbacks += 1
+            log.debug("append of message %s through the pipe unconfirmed (%s); redone by the backend", msg.id, e)
             await self._run_io(self._append_blocking, msg, temps)
 
     def _append_blocking(self, msg: Message, temps: list[tuple[str, bytes]] | None) -> None:

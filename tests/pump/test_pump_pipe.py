@@ -146,3 +146,42 @@ def test_the_pump_uses_a_pipe_only_where_it_can(redis_server: RedisServer) -> No
     assert isinstance(StreamPump(organism("a"), backend, dispatcher=None).pipe, RedisPipe)  # type: ignore[arg-type]
     assert StreamPump(organism("b"), backend, dispatcher=None, pipelined=False).pipe is None  # type: ignore[arg-type]
     backend.close()  # type: ignore[attr-defined]
+
+
+async def test_dispatcher_submits_tasks_of_one_loop_iteration_in_one_multi(redis_server: RedisServer) -> None:
+    from xml_pipeline.message_bus.distributed import RedisDispatcher
+    from xml_pipeline.message_bus.worker_task import BACKEND_ERROR, WorkerResult, WorkerTask
+
+    backend = backend_for(redis_server)
+    client = redis_server.client()
+    dispatcher = RedisDispatcher(backend)
+    await dispatcher.start()
+    try:
+        pipe = dispatcher._pipe  # noqa: SLF001 - the test counts what it sent
+        assert pipe is not None
+        tasks = [WorkerTask(f"t{i:02d}", "echo", "xp_test_handlers:echo", "a" * 32, "b" * 32) for i in range(30)]
+        runs = [asyncio.ensure_future(dispatcher.run(t)) for t in tasks]
+        tasks_key = dispatcher.streams.tasks
+        for _ in range(500):  # until the MULTI went out (sequencing, not timing)
+            await asyncio.sleep(0.01)
+            if client.xlen(tasks_key) == 30:
+                break
+        assert pipe.writes == 1 and pipe.commands == 30 + 3  # MULTI, 30 XADD, EXPIRE, EXEC
+        entries = client.xrange(tasks_key)
+        assert [e[1][b"task_id"].decode() for e in entries] == [t.task_id for t in tasks]
+        # What workers would send back: each caller gets its own result.
+        for e in reversed(entries):
+            reply_to = e[1][b"reply_to"]
+            client.xadd(reply_to, WorkerResult(e[1][b"task_id"].decode(), response_key="c" * 32,  # type: ignore[arg-type]
+                                               worker="w").to_fields())
+        results = await asyncio.wait_for(asyncio.gather(*runs), 30)
+        assert [r.task_id for r in results] == [t.task_id for t in tasks] and all(r.ok for r in results)
+        # A submit Redis refuses (the stream key holds a string): every caller gets an error result.
+        client.delete(tasks_key)
+        client.set(tasks_key, "not a stream")
+        failed = await asyncio.wait_for(asyncio.gather(*(dispatcher.run(
+            WorkerTask(f"f{i}", "echo", "xp_test_handlers:echo", "a" * 32, "b" * 32)) for i in range(5))), 30)
+        assert all(r.error_type == BACKEND_ERROR and "WRONGTYPE" in (r.error or "") for r in failed)
+    finally:
+        await dispatcher.close()
+        backend.close()  # type: ignore[attr-defined]

@@ -702,9 +702,15 @@ class RedisBackend:
         buffer_append_and_put, send_commands) through one connection of its own instead of the pool:
         for a worker process's single task loop. Other threads keep using the pool. Same commands,
         same errors, same retries (see redis_pipe.DirectConnection). No-op over TLS (rediss://)."""
+        direct = self.new_direct_connection()
+        if direct is not None:
+            self._direct = direct
+            self._direct_owner = threading.get_ident()
+
+    def new_direct_connection(self) -> DirectConnection | None:
+        """A DirectConnection to this backend's server for one thread's own use (None over TLS)."""
         if not self.pipe_capable():
-            return
+            return None
         cfg = self.config
-        self._direct = DirectConnection(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
-                                        connect_timeout=cfg.connect_timeout, pack=self.pack_commands)
-        self._direct_owner = threading.get_ident()
+        return DirectConnection(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
+                                connect_timeout=cfg.connect_timeout, pack=self.pack_commands)

@@ -47,6 +47,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
+from ..errors import BackendUnavailable
 from ..memory.redis_pipe import RedisPipe
 from ..organism import Organism
 from .message import Message, MessageError, error_payload, parse_message
@@ -200,6 +201,10 @@ class RedisDispatcher:
         self._pipe: RedisPipe | None = RedisPipe.for_backend(backend) if pipelined else None
         self._batch: list[WorkerTask] = []
         self._sending: set[asyncio.Task[None]] = set()
+        #: With a pipe, results are read by a task of the event loop on a pipe of its own (XREAD BLOCK
+        #: holds its connection), instead of a thread.
+        self._read_pipe: RedisPipe | None = RedisPipe.for_backend(backend) if self._pipe is not None else None
+        self._read_task: asyncio.Task[None] | None = None
         self.duplicates = 0
         #: Ids of the latest tasks answered (for logs and tests; dedupe itself uses the futures).
         self.completed_ids: collections.deque[str] = collections.deque(maxlen=1000)
@@ -210,8 +215,11 @@ class RedisDispatcher:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._loop.run_in_executor(None, self.streams.ensure_group, self.streams.tasks, WORKER_GROUP)
-        self._reader = threading.Thread(target=self._read_results, name="xp-results", daemon=True)
-        self._reader.start()
+        if self._read_pipe is not None:
+            self._read_task = asyncio.ensure_future(self._read_results_piped())
+        else:
+            self._reader = threading.Thread(target=self._read_results, name="xp-results", daemon=True)
+            self._reader.start()
         if self._pipe is None:
             self._submitter = threading.Thread(target=self._submit_loop, name="xp-submit", daemon=True)
             self._submitter.start()
@@ -341,6 +349,45 @@ class RedisDispatcher:
             if direct is not None:
                 direct.disconnect()
 
+    async def _read_results_piped(self) -> None:
+        """_read_results as a task of the event loop: the same commands, the same recovery."""
+        s = self.streams
+        pipe = self._read_pipe
+        assert pipe is not None
+        last = "0-0"
+        backoff = 0.2
+        consumed: list[Any] = []
+        while not self._stop.is_set():
+            cmds: list[tuple[Any, ...]] = []
+            if consumed:
+                cmds.append(("XDEL", self.results_key, *consumed))
+            cmds.append(("XREAD", "COUNT", 256, "BLOCK", s.block_ms, "STREAMS", self.results_key, last))
+            try:
+                replies = await pipe.execute(self.backend.pack_commands(cmds), len(cmds), what="read results")
+                consumed = []
+                resp = replies[-1]
+                if isinstance(resp, Exception):
+                    raise resp
+                backoff = 0.2
+            except BackendUnavailable as e:
+                if self._stop.is_set():
+                    return
+                log.warning("results stream %s: Redis unavailable (%s); retrying in %.1f s",
+                            self.results_key, e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except Exception:  # noqa: BLE001 - the reader must survive anything
+                log.exception("results stream %s: read failed", self.results_key)
+                await asyncio.sleep(1.0)
+                continue
+            for entry_id, fields in _entries(resp):
+                last = _s(entry_id)
+                consumed.append(entry_id)
+                if isinstance(fields, list):
+                    fields = dict(zip(fields[::2], fields[1::2]))
+                self._deliver(WorkerResult.from_fields(fields))
+
     def _deliver_all(self, results: list[WorkerResult]) -> None:
         for result in results:
             self._deliver(result)
@@ -371,6 +418,11 @@ class RedisDispatcher:
             await asyncio.gather(*self._sending, return_exceptions=True)
         if self._pipe is not None:
             self._pipe.close()
+        if self._read_task is not None:
+            self._read_task.cancel()
+            await asyncio.gather(self._read_task, return_exceptions=True)
+        if self._read_pipe is not None:
+            self._read_pipe.close()
         for task_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_result(WorkerResult(task_id, error="the pump stopped before a worker answered",

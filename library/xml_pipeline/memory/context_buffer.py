@@ -110,6 +110,12 @@ class ContextBuffer:
                 self._backend.temp_put(key, value)
         return slot.at_index(index)
 
+    def prepare(self, thread_id: str, payload: Any, from_id: str, to_id: str,
+                own_name: str | None = None) -> tuple[BufferSlot, bytes]:
+        """The slot append() would store (index unassigned) and its signed blob, without storing it:
+        for callers that send the backend's append themselves (the pump's asyncio Redis pipe)."""
+        return self._slot(thread_id, payload, from_id, to_id, own_name, False, "")
+
     def _slot(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None,
               is_self_call: bool, usage_instructions: str) -> tuple[BufferSlot, bytes]:
         metadata = SlotMetadata(

@@ -36,6 +36,7 @@ from ..errors import BackendError, BackendUnavailable, ThreadFullError
 from . import redis_scripts as scripts
 from .config import BackendConfig, redact_url
 from .keys import RedisKeys, check_tagged_id
+from .redis_pipe import DirectConnection
 from .signing import Signer
 
 __all__ = ["RedisBackend", "UnsignedBackendWarning", "ACL_COMMANDS", "DEFAULT_TEMP_TTL"]
@@ -385,6 +386,9 @@ class RedisBackend:
         """Send already packed commands in one write and read their `count` replies; a command's
         error reply is returned in its place (every reply is read, so the connection stays in step).
         Connection errors are raised, and that connection dropped, as in _roundtrip."""
+        direct = self._direct
+        if direct is not None and self._direct_owner == threading.get_ident():
+            return direct.pipeline(packed, count, best_effort_tail=best_effort_tail)
         pool = self._pool
         conn = pool.get_connection()
         try:
@@ -641,6 +645,8 @@ class RedisBackend:
         if not self._closed:
             self._closed = True
             self._pool.disconnect()
+            if self._direct is not None:
+                self._direct.disconnect()
 
     def __enter__(self) -> "RedisBackend":
         return self
@@ -648,3 +654,63 @@ class RedisBackend:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    # -- Packed commands for the pump's asyncio pipe (redis_pipe.py): the same commands as the -------
+    # -- methods above, packed but not sent ------------------------------------------------------
+    def pipe_capable(self) -> bool:
+        """True when RedisPipe can talk to this server (plain TCP or a unix socket, not TLS)."""
+        return urlsplit(self.config.redis_url).scheme in ("redis", "unix") and not self._closed
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """host/port or path, db, username, password and client_name of this backend's connections."""
+        kw = dict(self._pool.connection_kwargs)
+        return {k: kw.get(k) for k in ("host", "port", "path", "db", "username", "password", "client_name")}
+
+    def scrub(self, error: object) -> str:
+        """`error` as text with this backend's password (if any) blanked."""
+        return self._scrub(error if isinstance(error, Exception) else Exception(str(error)))
+
+    def pack_append_and_put(self, thread_id: str, slot: bytes, *, max_slots: int | None, append_id: str | None,
+                            items: list[tuple[str, bytes]]) -> tuple[bytes, int]:
+        """buffer_append_and_put's commands (the append script, then SET EX of each item) and their
+        reply count."""
+        body = self._append_body(thread_id, slot, max_slots, append_id)
+        names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
+        puts = self._pack_sets(names, [v for _, v in items]) if items else b""
+        return self._script_heads["append"] + body + puts, 1 + len(items)
+
+    def pack_take(self, key: str, *also_delete: str) -> bytes:
+        """temp_take's commands (GET key, DEL key + also_delete): two replies."""
+        names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k in (key, *also_delete)]
+        return _pack_command(b"GET", names[:1]) + _pack_command(b"DEL", names)
+
+    def pack_delete(self, *keys: str) -> bytes:
+        """temp_delete's command (one DEL): one reply."""
+        return _pack_command(b"DEL", [self.keys.tmp(check_tagged_id(k, "temp key")) for k in keys])
+
+    @staticmethod
+    def pack_commands(commands: list[tuple[Any, ...]]) -> bytes:
+        """Commands (tuples of str / bytes / int) in RESP, as send_commands packs them."""
+        return b"".join(_pack_command(str(c[0]).encode(), list(c[1:])) for c in commands)
+
+    # -- A worker's own connection ------------------------------------------------------------------
+    _direct: DirectConnection | None = None
+    _direct_owner = 0
+
+    def use_direct_connection(self) -> None:
+        """Send the calling thread's batched commands (temp_get_many, temp_put_many, temp_take,
+        buffer_append_and_put, send_commands) through one connection of its own instead of the pool:
+        for a worker process's single task loop. Other threads keep using the pool. Same commands,
+        same errors, same retries (see redis_pipe.DirectConnection). No-op over TLS (rediss://)."""
+        direct = self.new_direct_connection()
+        if direct is not None:
+            self._direct = direct
+            self._direct_owner = threading.get_ident()
+
+    def new_direct_connection(self) -> DirectConnection | None:
+        """A DirectConnection to this backend's server for one thread's own use (None over TLS)."""
+        if not self.pipe_capable():
+            return None
+        cfg = self.config
+        return DirectConnection(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
+                                connect_timeout=cfg.connect_timeout, pack=self.pack_commands)

@@ -47,6 +47,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
+from ..errors import BackendUnavailable
+from ..memory.redis_pipe import RedisPipe
 from ..organism import Organism
 from .message import Message, MessageError, error_payload, parse_message
 from .worker_task import (
@@ -158,7 +160,11 @@ class Streams:
 def _transaction(backend: Any, cmds: list[tuple[Any, ...]]) -> list[Any]:
     """Run MULTI ... EXEC `cmds` in one round trip (backend.send_commands); raise the first error
     (a refused command aborts the whole transaction, EXECABORT)."""
-    replies = backend.send_commands(cmds)
+    return _check_transaction(backend.send_commands(cmds))
+
+
+def _check_transaction(replies: list[Any]) -> list[Any]:
+    """EXEC's reply of a MULTI ... EXEC's replies; raise the first error."""
     for r in replies:
         if isinstance(r, Exception):
             raise r
@@ -175,9 +181,13 @@ def _transaction(backend: Any, cmds: list[tuple[Any, ...]]) -> list[Any]:
 # Pump side: submit tasks, receive results
 # ==================================================================================================
 class RedisDispatcher:
-    """The pump's Dispatcher in distributed mode: XADD tasks, XREAD BLOCK results (no polling)."""
+    """The pump's Dispatcher in distributed mode: XADD tasks, XREAD BLOCK results (no polling).
 
-    def __init__(self, backend: Any, *, pump_id: str | None = None) -> None:
+    Tasks go out from the event loop through a RedisPipe (`pipelined`, the default on redis:// and
+    unix:// URLs): the tasks submitted during one loop iteration share one MULTI, sent with the
+    pipe's next write; otherwise a submit thread does the same from a queue."""
+
+    def __init__(self, backend: Any, *, pump_id: str | None = None, pipelined: bool = True) -> None:
         self.streams = Streams(backend)
         self.backend = backend
         self.pump_id = pump_id or consumer_name("pump")
@@ -188,6 +198,13 @@ class RedisDispatcher:
         self._reader: threading.Thread | None = None
         self._submitter: threading.Thread | None = None
         self._outbox: queue.SimpleQueue[WorkerTask | None] = queue.SimpleQueue()
+        self._pipe: RedisPipe | None = RedisPipe.for_backend(backend) if pipelined else None
+        self._batch: list[WorkerTask] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        #: With a pipe, results are read by a task of the event loop on a pipe of its own (XREAD BLOCK
+        #: holds its connection), instead of a thread.
+        self._read_pipe: RedisPipe | None = RedisPipe.for_backend(backend) if self._pipe is not None else None
+        self._read_task: asyncio.Task[None] | None = None
         self.duplicates = 0
         #: Ids of the latest tasks answered (for logs and tests; dedupe itself uses the futures).
         self.completed_ids: collections.deque[str] = collections.deque(maxlen=1000)
@@ -198,10 +215,14 @@ class RedisDispatcher:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._loop.run_in_executor(None, self.streams.ensure_group, self.streams.tasks, WORKER_GROUP)
-        self._reader = threading.Thread(target=self._read_results, name="xp-results", daemon=True)
-        self._reader.start()
-        self._submitter = threading.Thread(target=self._submit_loop, name="xp-submit", daemon=True)
-        self._submitter.start()
+        if self._read_pipe is not None:
+            self._read_task = asyncio.ensure_future(self._read_results_piped())
+        else:
+            self._reader = threading.Thread(target=self._read_results, name="xp-results", daemon=True)
+            self._reader.start()
+        if self._pipe is None:
+            self._submitter = threading.Thread(target=self._submit_loop, name="xp-submit", daemon=True)
+            self._submitter.start()
 
     async def run(self, task: WorkerTask) -> WorkerResult:
         assert self._loop is not None, "start() the dispatcher first"
@@ -210,10 +231,44 @@ class RedisDispatcher:
         fut: asyncio.Future[WorkerResult] = self._loop.create_future()
         self._futures[task.task_id] = fut
         try:
-            self._outbox.put(task)
+            if self._pipe is None:
+                self._outbox.put(task)
+            else:
+                self._batch.append(task)
+                if len(self._batch) == 1:
+                    self._loop.call_soon(self._submit_batch)
             return await fut
         finally:
             self._futures.pop(task.task_id, None)
+
+    def _submit_commands(self, batch: list[WorkerTask]) -> list[tuple[Any, ...]]:
+        s = self.streams
+        cmds: list[tuple[Any, ...]] = [("MULTI",)]
+        cmds.extend(("XADD", s.tasks, "*", *(x for kv in task.to_fields().items() for x in kv)) for task in batch)
+        if s.ttl:
+            cmds.append(("EXPIRE", s.tasks, s.ttl))
+        cmds.append(("EXEC",))
+        return cmds
+
+    def _submit_batch(self) -> None:
+        """(loop) Everything submitted since the last call: one MULTI per SUBMIT_BATCH tasks."""
+        batch, self._batch = self._batch, []
+        for i in range(0, len(batch), SUBMIT_BATCH):
+            sending = asyncio.ensure_future(self._submit_piped(batch[i:i + SUBMIT_BATCH]))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
+
+    async def _submit_piped(self, batch: list[WorkerTask]) -> None:
+        assert self._pipe is not None
+        cmds = self._submit_commands(batch)
+        try:
+            replies = await self._pipe.execute(self.backend.pack_commands(cmds), len(cmds), what="submit tasks")
+            _check_transaction(replies)
+        except Exception as e:  # noqa: BLE001 - the callers get an error response, as from the thread
+            log.error("could not submit %d task(s) to %s: %s", len(batch), self.streams.tasks, e)
+            for task in batch:
+                self._deliver(WorkerResult(task.task_id, error=f"could not submit the task: {e}",
+                                           error_type=BACKEND_ERROR))
 
     def _submit_loop(self) -> None:
         """Send queued tasks: everything waiting goes out in one MULTI (XADD..., EXPIRE)."""
@@ -233,11 +288,7 @@ class RedisDispatcher:
                     stop = True
                     break
                 batch.append(nxt)
-            cmds: list[tuple[Any, ...]] = [("MULTI",)]
-            cmds.extend(("XADD", s.tasks, "*", *(x for kv in task.to_fields().items() for x in kv)) for task in batch)
-            if s.ttl:
-                cmds.append(("EXPIRE", s.tasks, s.ttl))
-            cmds.append(("EXEC",))
+            cmds = self._submit_commands(batch)
             try:
                 self.backend.execute(lambda _c: _transaction(self.backend, cmds), idempotent=False,
                                      what="submit tasks")
@@ -255,39 +306,87 @@ class RedisDispatcher:
         last = "0-0"
         backoff = 0.2
         consumed: list[Any] = []  # ids read but not deleted yet: the XDEL rides with the next XREAD
+        # This thread's own connection (no pool checkout per read), where the URL allows it.
+        direct = self.backend.new_direct_connection() if hasattr(self.backend, "new_direct_connection") else None
+        try:
+            while not self._stop.is_set():
+                try:
+                    cmds: list[tuple[Any, ...]] = []
+                    if consumed:
+                        cmds.append(("XDEL", self.results_key, *consumed))  # trim what we consumed
+                    cmds.append(("XREAD", "COUNT", 256, "BLOCK", s.block_ms, "STREAMS", self.results_key, last))
+                    if direct is not None:
+                        replies = direct.pipeline(self.backend.pack_commands(cmds), len(cmds))
+                    else:
+                        replies = self.backend.send_commands(cmds)
+                    consumed = []  # an error reply of XDEL is ignored, as before: entries are tiny
+                    resp = replies[-1]
+                    if isinstance(resp, Exception):
+                        raise resp
+                    backoff = 0.2
+                except _REDIS_DOWN as e:
+                    log.warning("results stream %s: Redis unavailable (%s); retrying in %.1f s",
+                                self.results_key, type(e).__name__, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                except Exception:  # noqa: BLE001 - the reader must survive anything
+                    log.exception("results stream %s: read failed", self.results_key)
+                    self._stop.wait(1.0)
+                    continue
+                if not resp:
+                    continue
+                results = []
+                for entry_id, fields in _entries(resp):
+                    last = _s(entry_id)
+                    consumed.append(entry_id)
+                    if isinstance(fields, list):
+                        fields = dict(zip(fields[::2], fields[1::2]))
+                    results.append(WorkerResult.from_fields(fields))
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._deliver_all, results)  # one wake-up per batch
+        finally:
+            if direct is not None:
+                direct.disconnect()
+
+    async def _read_results_piped(self) -> None:
+        """_read_results as a task of the event loop: the same commands, the same recovery."""
+        s = self.streams
+        pipe = self._read_pipe
+        assert pipe is not None
+        last = "0-0"
+        backoff = 0.2
+        consumed: list[Any] = []
         while not self._stop.is_set():
+            cmds: list[tuple[Any, ...]] = []
+            if consumed:
+                cmds.append(("XDEL", self.results_key, *consumed))
+            cmds.append(("XREAD", "COUNT", 256, "BLOCK", s.block_ms, "STREAMS", self.results_key, last))
             try:
-                cmds: list[tuple[Any, ...]] = []
-                if consumed:
-                    cmds.append(("XDEL", self.results_key, *consumed))  # trim what we consumed
-                cmds.append(("XREAD", "COUNT", 256, "BLOCK", s.block_ms, "STREAMS", self.results_key, last))
-                replies = self.backend.send_commands(cmds)
-                consumed = []  # an error reply of XDEL is ignored, as before: entries are tiny
+                replies = await pipe.execute(self.backend.pack_commands(cmds), len(cmds), what="read results")
+                consumed = []
                 resp = replies[-1]
                 if isinstance(resp, Exception):
                     raise resp
                 backoff = 0.2
-            except _REDIS_DOWN as e:
+            except BackendUnavailable as e:
+                if self._stop.is_set():
+                    return
                 log.warning("results stream %s: Redis unavailable (%s); retrying in %.1f s",
-                            self.results_key, type(e).__name__, backoff)
-                self._stop.wait(backoff)
+                            self.results_key, e, backoff)
+                await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             except Exception:  # noqa: BLE001 - the reader must survive anything
                 log.exception("results stream %s: read failed", self.results_key)
-                self._stop.wait(1.0)
+                await asyncio.sleep(1.0)
                 continue
-            if not resp:
-                continue
-            results = []
             for entry_id, fields in _entries(resp):
                 last = _s(entry_id)
                 consumed.append(entry_id)
                 if isinstance(fields, list):
                     fields = dict(zip(fields[::2], fields[1::2]))
-                results.append(WorkerResult.from_fields(fields))
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._deliver_all, results)  # one wake-up per batch
+                self._deliver(WorkerResult.from_fields(fields))
 
     def _deliver_all(self, results: list[WorkerResult]) -> None:
         for result in results:
@@ -315,6 +414,15 @@ class RedisDispatcher:
     async def close(self) -> None:
         self._stop.set()
         self._outbox.put(None)
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        if self._pipe is not None:
+            self._pipe.close()
+        if self._read_task is not None:
+            self._read_task.cancel()
+            await asyncio.gather(self._read_task, return_exceptions=True)
+        if self._read_pipe is not None:
+            self._read_pipe.close()
         for task_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_result(WorkerResult(task_id, error="the pump stopped before a worker answered",
@@ -371,6 +479,11 @@ class DistributedWorker:
         log.info("worker %s: consuming %s (group %s), claim idle %.1f s, heartbeat %.1f s, max attempts %d",
                  self.name, s.tasks, WORKER_GROUP, self.claim_idle_ms / 1000, self.heartbeat_s, self.max_attempts)
         self._with_redis(lambda: s.ensure_group(s.tasks, WORKER_GROUP))
+        # The task loop runs in this thread: its batched commands skip the connection pool (the
+        # heartbeat thread keeps using the pool).
+        direct = getattr(self.backend, "use_direct_connection", None)
+        if direct is not None:
+            direct()
         beat = threading.Thread(target=self._heartbeat_loop, name="xp-heartbeat", daemon=True)
         beat.start()
         try:

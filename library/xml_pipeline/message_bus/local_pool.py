@@ -59,6 +59,10 @@ def _worker_main(conn: Connection, backend: SharedBackend, name: str, log_level:
     logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     # Ctrl-C is the parent's business: it drains and then tells us to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One task at a time in this thread: its Redis commands skip the connection pool.
+    direct = getattr(backend, "use_direct_connection", None)
+    if direct is not None:
+        direct()
     conn.send(("ready", os.getpid()))
     while True:
         try:

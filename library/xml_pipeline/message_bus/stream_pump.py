@@ -36,16 +36,20 @@ from typing import Any
 from ..errors import BackendError, SlotIntegrityError
 from ..memory.context_buffer import ContextBuffer
 from ..memory.protocol import SharedBackend
+from ..memory.redis_pipe import RedisPipe, Unsure
 from ..organism import ListenerSpec, Organism
 from .local_pool import Dispatcher, default_dispatcher
 from .message import Action, Call, Message, MessageError, Reply, error_payload, normalize_result
 from .thread_registry import ThreadRegistry
-from .worker_task import WorkerResult, WorkerTask, new_key, signed_inputs, take_response
+from .worker_task import WorkerResult, WorkerTask, new_key, open_response, signed_inputs, take_response
 
 log = logging.getLogger(__name__)
 
 #: A call chain longer than this is a loop (a calls b calls a ...): the call fails with an error.
 MAX_CHAIN_HOPS = 32
+#: Messages with a larger payload take the io-thread path even with a RedisPipe: pickling, signing
+#: and sending them would hold up the event loop for milliseconds.
+PIPE_MAX_PAYLOAD = 64 * 1024
 
 OutputCallback = Callable[[Message], Awaitable[None] | None]
 DoneCallback = Callable[[str], Awaitable[None] | None]
@@ -143,13 +147,52 @@ class _RegistryCache:
         return self._backend.registry_clear()
 
 
+    def cached_uuid(self, chain: str) -> str | None:
+        return self._cached(self._uuid_of, chain)
+
+
+class _CacheMiss(Exception):
+    """A registry step on the event loop needs the backend: redo it in an io thread."""
+
+
+class _CacheOnly:
+    """The registry backend as the event loop sees it: answers from the _RegistryCache only, and
+    raises _CacheMiss for anything else (before any side effect), so a step that needs the backend
+    is redone in an io thread through the real one."""
+
+    def __init__(self, cache: _RegistryCache) -> None:
+        self._cache = cache
+        self.is_shared = cache.is_shared
+
+    def __getattr__(self, name: str) -> Any:
+        raise _CacheMiss(name)
+
+    def cached_uuid(self, chain: str) -> str:
+        uuid = self._cache.cached_uuid(chain)
+        if uuid is None:
+            raise _CacheMiss(chain)
+        return uuid
+
+    def registry_get_or_create(self, chain: str, uuid: str) -> str:
+        return self.cached_uuid(chain)
+
+    def registry_get_uuid(self, chain: str) -> str:
+        return self.cached_uuid(chain)
+
+    def registry_get_chain(self, uuid: str) -> str:
+        chain = self._cache._cached(self._cache._chain_of, uuid)  # noqa: SLF001
+        if chain is None:
+            raise _CacheMiss(uuid)
+        return chain
+
+
 class _PumpRegistry(ThreadRegistry):
-    """ThreadRegistry over a _RegistryCache: a cached chain needs no fresh candidate uuid (each costs
-    an os.urandom call) before the cache answers."""
+    """ThreadRegistry over a _RegistryCache (or its _CacheOnly view): a cached chain needs no fresh
+    candidate uuid (each costs an os.urandom call) before the cache answers."""
 
     def get_or_create(self, chain: str) -> str:
-        cache = self._backend
-        hit = cache._cached(cache._uuid_of, chain) if isinstance(cache, _RegistryCache) else None  # noqa: SLF001
+        cached = getattr(self._backend, "cached_uuid", None)
+        hit = cached(chain) if cached is not None else None
         return hit if hit is not None else super().get_or_create(chain)
 
 
@@ -160,6 +203,8 @@ class PumpStats:
     errors: int = 0
     worker_tasks: int = 0
     conversations: int = 0
+    #: Appends the RedisPipe could not confirm, redone through the blocking backend (see redis_pipe.py).
+    redis_fallbacks: int = 0
 
 
 class StreamPump:
@@ -168,10 +213,12 @@ class StreamPump:
     def __init__(self, organism: Organism, backend: SharedBackend | None = None, *,
                  dispatcher: Dispatcher | None = None, on_output: OutputCallback | None = None,
                  on_done: DoneCallback | None = None, concurrency: int = 64, io_threads: int = 8,
-                 keep_outputs: bool = True) -> None:
+                 keep_outputs: bool = True, pipelined: bool = True) -> None:
         """`backend=None`: the organism's configured backend (created here, closed by stop()).
         `dispatcher=None` with cpu_bound listeners: a local pool of process_pool.workers processes
-        (threads on the memory backend). Pods pass a RedisDispatcher instead."""
+        (threads on the memory backend). Pods pass a RedisDispatcher instead.
+        `pipelined`: on a Redis backend, the hot path's Redis commands go through a RedisPipe in the
+        event loop (group commit); False keeps every step in the io threads."""
         self.organism = organism
         self._owns_backend = backend is None
         if backend is None:
@@ -184,7 +231,12 @@ class StreamPump:
         self.buffer = ContextBuffer(backend)
         ttl = getattr(backend, "ttl", None) or backend.config.ttl
         #: Registry operations go through a small cache (see _RegistryCache).
-        self.registry = _PumpRegistry(_RegistryCache(backend, max_age=min(30.0, (ttl or 60) / 4)))
+        cache = _RegistryCache(backend, max_age=min(30.0, (ttl or 60) / 4))
+        self.registry = _PumpRegistry(cache)
+        #: The same registry seen from the event loop: cache hits only (see _CacheOnly).
+        self._loop_registry = _PumpRegistry(_CacheOnly(cache), _root=self.registry._root)  # noqa: SLF001
+        #: Redis only: the hot path's commands, group-committed from the event loop.
+        self.pipe: RedisPipe | None = RedisPipe.for_backend(backend) if pipelined else None
         self.on_output = on_output
         self.on_done = on_done
         self.keep_outputs = keep_outputs
@@ -232,6 +284,8 @@ class StreamPump:
         if self.dispatcher is not None:
             await self.dispatcher.close()
         self._running = False
+        if self.pipe is not None:
+            self.pipe.close()
         self._io.shutdown(wait=False, cancel_futures=True)
         if self._owns_backend:
             self.backend.close()
@@ -283,16 +337,16 @@ class StreamPump:
         self._queue.put_nowait(_Item(message, message.id, admit=True))
         return conv
 
-    def _admit(self, message: Message) -> Message:
-        """(io thread) Validate an external message and register its thread."""
+    def _admit(self, message: Message, reg: ThreadRegistry | None = None) -> Message:
+        """(io thread, or the loop with its cache-only registry) Validate an external message and
+        register its thread."""
         if message.to not in self._listeners:
             raise MessageError(f"unknown listener {message.to!r} (listeners: {', '.join(self._listeners)})")
         if message.sender in self._listeners:
             raise MessageError(f"'from' must name the external sender, not a listener ({message.sender!r})")
-        return message.with_(thread=self._external_thread(message))
+        return message.with_(thread=self._external_thread(message, reg or self.registry))
 
-    def _external_thread(self, message: Message) -> str:
-        reg = self.registry
+    def _external_thread(self, message: Message, reg: ThreadRegistry) -> str:
         sender, target = message.sender, message.to
         if message.thread is None:
             # What register_thread(new uuid, sender, target) does, minus its lookup of the brand-new
@@ -352,9 +406,14 @@ class StreamPump:
     async def _process(self, item: _Item) -> None:
         msg = item.message
         listener = self._listeners.get(msg.to)
-        # Step in (one hop to the io threads): admit, append to the buffer, store the worker's input.
+        piped = self.pipe is not None and len(msg.payload) <= PIPE_MAX_PAYLOAD
+        # Step in: admit, append to the buffer, store the worker's input. Through the pipe in the
+        # loop, else one hop to the io threads.
         try:
-            msg, keys = await self._run_io(self._step_in, msg, item.admit, listener)
+            if piped:
+                msg, keys = await self._step_in_piped(msg, item.admit, listener)
+            else:
+                msg, keys = await self._run_io(self._step_in, msg, item.admit, listener)
         except MessageError as e:
             log.warning("rejected message %s from %r to %r: %s", msg.id, msg.sender, msg.to, e)
             await self._emit(item, Message(sender="pump", to=msg.sender, kind="error", thread=msg.thread,
@@ -377,9 +436,12 @@ class StreamPump:
                 raise
         else:
             actions, error = await self._run_plain(listener, msg)
-        # Step out (one hop): fetch the worker's response, delete temp keys, route, append outputs.
-        outgoing = await self._run_io(self._step_out, msg, listener, actions, error, result, keys,
-                                      item.conversation)
+        # Step out: fetch the worker's response, delete temp keys, route, append outputs.
+        if piped:
+            outgoing = await self._step_out_piped(msg, listener, actions, error, result, keys, item.conversation)
+        else:
+            outgoing = await self._run_io(self._step_out, msg, listener, actions, error, result, keys,
+                                          item.conversation)
         for out, external in outgoing:
             if out.kind == "error":
                 self.stats.errors += 1
@@ -417,6 +479,86 @@ class StreamPump:
                 self._append(m)
             out.append((m, external))
         return out
+
+    # -- the same steps in the event loop, Redis commands through the pipe ----------------------------
+    async def _step_in_piped(self, msg: Message, admit: bool,
+                             listener: ListenerSpec | None) -> tuple[Message, tuple[str, str] | None]:
+        """_step_in without the io thread. Registry lookups come from the cache; a miss redoes the
+        whole step in an io thread (nothing was written yet). The append (with the worker's inputs)
+        goes through the pipe; any answer but a stored slot redoes it through the blocking backend,
+        whose retries and errors (ThreadFullError, ...) are the io-thread path's."""
+        if admit:
+            try:
+                msg = self._admit(msg, self._loop_registry)
+            except _CacheMiss:
+                return await self._run_io(self._step_in, msg, admit, listener)
+        assert listener is not None
+        assert msg.thread is not None
+        if not listener.cpu_bound:
+            await self._append_piped(msg)
+            return msg, None
+        keys, values = signed_inputs(self.backend, msg)
+        await self._append_piped(msg, values)
+        return msg, keys
+
+    async def _append_piped(self, msg: Message, temps: list[tuple[str, bytes]] | None = None) -> None:
+        assert msg.thread is not None and self.pipe is not None
+        _slot, blob = self.buffer.prepare(msg.thread, msg, msg.sender, msg.to, own_name=msg.to)
+        try:
+            await self.pipe.append_and_put(msg.thread, blob, max_slots=self.buffer.max_slots_per_thread,
+                                           append_id=msg.id, items=temps or [])
+        except Unsure as e:
+            self.stats.redis_fallbacks += 1
+            log.debug("append of message %s through the pipe unconfirmed (%s); redone by the backend", msg.id, e)
+            await self._run_io(self._append_blocking, msg, temps)
+
+    def _append_blocking(self, msg: Message, temps: list[tuple[str, bytes]] | None) -> None:
+        assert msg.thread is not None
+        if temps is None:
+            self._append(msg)
+        else:
+            self.buffer.append_and_put(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id,
+                                       temps=temps)
+
+    async def _step_out_piped(self, msg: Message, listener: ListenerSpec, actions: list[Action] | None,
+                              error: tuple[str, str] | None, result: WorkerResult | None,
+                              keys: tuple[str, str] | None, conversation: str) -> list[tuple[Message, bool]]:
+        """_step_out without the io thread (routing from the cache; a miss routes in an io thread)."""
+        if result is not None and keys is not None:
+            actions, error = await self._collect_piped(result, keys)
+        try:
+            routed = self._route(msg, listener, actions or [], error, self._loop_registry)
+        except _CacheMiss:
+            routed = await self._run_io(self._route, msg, listener, actions or [], error)
+        out: list[tuple[Message, bool]] = []
+        for m, external in routed:
+            if external:
+                m = m.with_(in_reply_to=conversation)
+                await self._append_piped(m)
+            out.append((m, external))
+        return out
+
+    async def _collect_piped(self, result: WorkerResult,
+                             keys: tuple[str, str]) -> tuple[list[Action] | None, tuple[str, str] | None]:
+        """_collect through the pipe: the same outcomes for the same failures."""
+        assert self.pipe is not None
+        try:
+            if not result.ok or result.response_key is None:
+                await self.pipe.delete(*keys)
+                return None, (result.error_type or "WorkerError", result.error or "unknown error")
+            blob = await self.pipe.take(result.response_key, *keys)
+        except BackendError as e:
+            # As _collect: the temp keys expire with the TTL anyway.
+            log.error("task %s: cannot collect the response: %s", result.task_id, e)
+            return None, ("BackendError", f"{type(e).__name__}: {e}")
+        try:
+            return open_response(self.backend, blob, result.response_key), None
+        except SlotIntegrityError as e:
+            log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
+            return None, ("IntegrityError", f"SlotIntegrityError: {e}")
+        except (LookupError, MessageError, ValueError) as e:
+            log.error("task %s: cannot read the response: %s", result.task_id, e)
+            return None, ("MissingData", f"{type(e).__name__}: {e}")
 
     def _forward(self, item: _Item, out: Message) -> None:
         conv = self._conversations.get(item.conversation)
@@ -512,10 +654,14 @@ class StreamPump:
             return None, ("BackendError", f"{type(e).__name__}: {e}")
 
     def _route(self, msg: Message, listener: ListenerSpec, actions: list[Action],
-               error: tuple[str, str] | None) -> list[tuple[Message, bool]]:
-        """(io thread) Turn a handler's actions into addressed messages: (message, is_external)."""
+               error: tuple[str, str] | None, reg: ThreadRegistry | None = None) -> list[tuple[Message, bool]]:
+        """(io thread, or the loop with its cache-only registry) Turn a handler's actions into
+        addressed messages: (message, is_external). Logs only once routing is done, so a cache miss
+        that sends the routing to an io thread never logs a problem twice."""
         assert msg.thread is not None
+        reg = reg or self.registry
         out: list[tuple[Message, bool]] = []
+        problems: list[str] = []
         if error is not None:
             actions = [Reply(error_payload(listener.name, error[0], error[1]))]
             kind = "error"
@@ -523,26 +669,30 @@ class StreamPump:
             kind = "response"
         for action in actions:
             if isinstance(action, Call):
-                chain = self.registry.lookup(msg.thread) or ""
+                chain = reg.lookup(msg.thread) or ""
                 if action.to not in self._listeners:
                     problem = (f"listener {listener.name!r} called {action.to!r}, which is not a listener "
                                f"(listeners: {', '.join(self._listeners)})")
                 elif chain.count(".") + 1 >= MAX_CHAIN_HOPS:
                     problem = f"call chain longer than {MAX_CHAIN_HOPS} hops (a loop?): {chain}"
                 else:
-                    thread = self.registry.extend_chain(msg.thread, action.to)
+                    thread = reg.extend_chain(msg.thread, action.to)
                     out.append((Message(sender=listener.name, to=action.to, payload=action.payload,
                                         thread=thread, in_reply_to=None), False))
                     continue
-                log.error("%s", problem)
-                out.extend(self._reply(msg, listener, error_payload(listener.name, "RoutingError", problem), "error"))
+                problems.append(problem)
+                out.extend(self._reply(msg, listener, error_payload(listener.name, "RoutingError", problem), "error",
+                                       reg))
             else:
-                out.extend(self._reply(msg, listener, action.payload, kind))
+                out.extend(self._reply(msg, listener, action.payload, kind, reg))
+        for problem in problems:
+            log.error("%s", problem)
         return out
 
-    def _reply(self, msg: Message, listener: ListenerSpec, payload: str, kind: str) -> list[tuple[Message, bool]]:
+    def _reply(self, msg: Message, listener: ListenerSpec, payload: str, kind: str,
+               reg: ThreadRegistry) -> list[tuple[Message, bool]]:
         assert msg.thread is not None
-        caller, thread = self.registry.prune_for_response(msg.thread)
+        caller, thread = reg.prune_for_response(msg.thread)
         if caller is None or thread is None:
             # Nobody left on the chain (an unknown or expired thread): answer the sender directly.
             caller, thread = msg.sender, msg.thread

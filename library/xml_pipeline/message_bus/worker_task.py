@@ -235,6 +235,11 @@ def take_response(backend: SharedBackend, key: str, also_delete: list[str]) -> l
             blob = backend.temp_get(key)
         finally:
             backend.temp_delete(key, *also_delete)
+    return open_response(backend, blob, key)
+
+
+def open_response(backend: SharedBackend, blob: bytes | None, key: str) -> list[Action]:
+    """Pump side, step 3 after the fetch: verify the response stored under `key` and decode it."""
     return actions_from_json(json.loads(_open(backend, blob, key, _RESPONSE, "response")))
 
 

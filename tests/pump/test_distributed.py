@@ -237,3 +237,46 @@ async def test_distributed_mode_works_as_the_tenant_acl_user(
         assert "NOPERM" not in (tmp_path / "w.log").read_text() + (tmp_path / "p.log").read_text()
     finally:
         admin.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_pump_taking_over_does_not_repeat_outputs_on_egress(redis_server, prefix: str,  # type: ignore[no-untyped-def]
+                                                                    tmp_path: Path) -> None:
+    """The first pump answers a message and dies before acknowledging its ingress entry; the next
+    pump takes the entry over and runs the conversation again: the answer reaches egress once, and
+    the entry and the conversation's sent-record are gone afterwards."""
+    from xml_pipeline.message_bus.distributed import PUMP_GROUP, IngressBridge, send_message
+
+    org = load(write_organism(tmp_path, redis_server.url, prefix))
+    backend = get_shared_backend(org.backend)
+    raw = redis_server.client()
+    streams = Streams(backend)
+    message = ask("greeter", '<greet name="Once"/>')
+
+    def answers() -> list[Any]:
+        return [f for _i, f in raw.xrange(streams.egress) if f[b"in_reply_to"].decode() == message.id]
+
+    async with StreamPump(org, backend) as first:
+        dying = IngressBridge(backend, first, claim_idle_seconds=0.2)
+
+        async def crash_before_ack(entry_id: str, *, conversation: str) -> None:
+            dying._slots.release()  # noqa: SLF001 - the process "dies": no XACK, no cleanup
+
+        dying._ack = crash_before_ack  # type: ignore[method-assign]
+        await dying.start()
+        send_message(backend, message)
+        await eventually(answers, "the first pump's answer")
+        await dying.stop()
+    assert len(answers()) == 1
+    assert raw.xpending(streams.ingress, PUMP_GROUP)["pending"] == 1  # the entry is left unfinished
+
+    async with StreamPump(org, backend) as second:
+        taking_over = IngressBridge(backend, second, claim_idle_seconds=0.2)
+        await taking_over.start()
+        await eventually(lambda: raw.xpending(streams.ingress, PUMP_GROUP)["pending"] == 0,
+                         "the second pump to finish the conversation")
+        await taking_over.stop()
+    (answer,) = answers()  # written once, by the first pump
+    assert b"Hello, Once!" in answer[b"xml"]
+    assert not raw.exists(backend.key("egress", "sent", message.id))
+    assert second.stats.conversations == 1  # it really ran the conversation again
+    backend.close()

@@ -7,6 +7,8 @@ Streams (all under the organism's prefix, so tenants never meet):
     {prefix}dlq               tasks that failed max_attempts times, with the last error
     {prefix}ingress           messages for the pump; consumer group "pump"
     {prefix}egress            every output of the pump (responses to external senders)
+    {prefix}egress:sent:<id>  outputs of unfinished conversation <id> already on egress (a pump that
+                              takes the conversation over does not write them again)
 
 How a task stays safe:
 - A worker takes a task with XREADGROUP; it stays in the group's pending list until the worker
@@ -21,6 +23,8 @@ How a task stays safe:
 - Exactly one response: a task may run twice (a stalled worker comes back after its task was
   reclaimed). The pump keeps a future per task id and takes the first result; a later duplicate
   is dropped and its response key deleted.
+- A pump that dies mid-conversation leaves its ingress entry pending; the next pump takes it over
+  (XAUTOCLAIM), runs the conversation again and writes only the outputs egress has not seen yet.
 - No polling: the pump blocks in XREAD on its results stream, workers in XREADGROUP.
 - With a TTL, every stream gets the TTL on each write (EXPIRE in the same MULTI); a worker whose
   tasks stream expired while idle recreates the group (NOGROUP).
@@ -84,8 +88,23 @@ ESSENTIAL_ATTEMPTS = 8
 STREAM_ACL_COMMANDS: tuple[str, ...] = (
     "xadd", "xreadgroup", "xread", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xlen",
     "xrange", "xrevrange", "xgroup|create", "xgroup|delconsumer", "expire", "multi", "exec",
-    "evalsha", "script|load", "del", "unlink",
+    "evalsha", "script|load", "del", "unlink", "hsetnx",
 )
+
+# KEYS: egress stream, the conversation's sent-record (a HASH: output ordinal -> 1)
+# ARGV: ordinal, ttl (0 = none), maxlen, then the entry's field/value pairs.
+# Writes the conversation's n-th output once: a pump that takes over an unfinished conversation from
+# a dead one re-runs it, and its outputs up to where the dead pump got are already on egress.
+_EGRESS_ONCE_LUA = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 0 then return 0 end
+local ttl = tonumber(ARGV[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
 
 # Re-claim a running task for its own consumer, only if that consumer still owns it.
 _HEARTBEAT_LUA = """
@@ -766,7 +785,11 @@ class IngressBridge:
 
     An ingress entry is acknowledged (XACK + XDEL) when its conversation has finished, so a pump
     that dies mid-conversation leaves the entry pending; the next pump reclaims it after
-    claim_idle_seconds (at-least-once for pump crashes).
+    claim_idle_seconds and runs the conversation again (at-least-once processing). Its outputs still
+    reach egress once: the n-th output of a conversation is written only if no pump wrote an n-th
+    output for it before (a per-conversation record under `egress:sent:<id>`, removed with the ack),
+    which holds for conversations whose outputs come in the same order on every run (the common case:
+    one answer).
     """
 
     def __init__(self, backend: Any, pump: Any, *, consumer: str | None = None,
@@ -778,6 +801,8 @@ class IngressBridge:
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.max_inflight = max_inflight
         self._entries: dict[str, str] = {}  # conversation id -> ingress entry id
+        self._outputs: dict[str, int] = {}  # conversation id -> outputs written so far
+        self._egress_once = backend.client.register_script(_EGRESS_ONCE_LUA)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
@@ -849,12 +874,12 @@ class IngressBridge:
             bad = Message(sender="pump", to="unknown", kind="error",
                           payload=error_payload("pump", "MessageError", str(e)),
                           in_reply_to=reply_id if _valid_id(reply_id) else None)
-            await self._write_egress(bad)
-            await self._ack(entry_id)
+            await self._write_egress(bad, conversation=entry_id)
+            await self._ack(entry_id, conversation=entry_id)
             return
         if message.id in self._entries:
             log.warning("ingress entry %s repeats message id %s, which is in flight; ignored", entry_id, message.id)
-            await self._ack(entry_id)
+            await self._ack(entry_id, conversation=entry_id)
             return
         self._entries[message.id] = entry_id
         try:
@@ -865,18 +890,34 @@ class IngressBridge:
             self._slots.release()
 
     async def _on_output(self, message: Message) -> None:
-        await self._write_egress(message)
+        await self._write_egress(message, conversation=message.in_reply_to)
 
-    async def _write_egress(self, message: Message) -> None:
+    def _sent_record(self, conversation: str) -> str:
+        return self.backend.key("egress", "sent", conversation)
+
+    async def _write_egress(self, message: Message, *, conversation: str | None) -> None:
+        """XADD `message` to egress; the n-th output of `conversation` only once (see the class)."""
         s = self.streams
-        fields: dict[FieldT, EncodableT] = {"xml": message.to_xml(), "in_reply_to": message.in_reply_to or "", "thread": message.thread or "",
+        fields = {"xml": message.to_xml(), "in_reply_to": message.in_reply_to or "", "thread": message.thread or "",
                   "type": message.kind, "from": message.sender, "to": message.to}
+        if conversation is None:  # not part of a conversation: nothing to repeat it
+            def write() -> None:
+                pipe = s.client.pipeline(transaction=True)
+                pipe.xadd(s.egress, _xfields(fields), maxlen=EGRESS_MAXLEN, approximate=True)
+                s.expire(pipe, s.egress)
+                self.backend.execute(lambda _c: pipe.execute(), idempotent=False, what="write egress")
+        else:
+            ordinal = self._outputs.get(conversation, 0)
+            self._outputs[conversation] = ordinal + 1
+            args = [ordinal, s.ttl or 0, EGRESS_MAXLEN, *(x for kv in fields.items() for x in kv)]
+            keys = [s.egress, self._sent_record(conversation)]
 
-        def write() -> None:
-            pipe = s.client.pipeline(transaction=True)
-            pipe.xadd(s.egress, fields, maxlen=EGRESS_MAXLEN, approximate=True)
-            s.expire(pipe, s.egress)
-            self.backend.execute(lambda _c: pipe.execute(), idempotent=False, what="write egress")
+            def write() -> None:
+                # Retried: HSETNX makes a repeat of a write that happened a no-op.
+                if not self.backend.execute(lambda c: self._egress_once(keys=keys, args=args, client=c),
+                                            idempotent=True, what="write egress"):
+                    log.info("output %d of conversation %s was written by an earlier pump; not repeated",
+                             ordinal, conversation)
 
         assert self._loop is not None
         await self._loop.run_in_executor(None, write)
@@ -884,15 +925,18 @@ class IngressBridge:
     async def _on_done(self, conv_id: str) -> None:
         entry_id = self._entries.pop(conv_id, None)
         if entry_id is not None:
-            await self._ack(entry_id)
+            await self._ack(entry_id, conversation=conv_id)
 
-    async def _ack(self, entry_id: str) -> None:
+    async def _ack(self, entry_id: str, *, conversation: str) -> None:
+        """XACK + XDEL the ingress entry and forget the conversation's sent-record, in one MULTI."""
         s = self.streams
+        self._outputs.pop(conversation, None)
 
         def ack() -> None:
             pipe = s.client.pipeline(transaction=True)
             pipe.xack(s.ingress, PUMP_GROUP, entry_id)
             pipe.xdel(s.ingress, entry_id)
+            pipe.delete(self._sent_record(conversation))
             pipe.execute()
 
         assert self._loop is not None

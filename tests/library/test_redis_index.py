@@ -102,3 +102,22 @@ def test_reindex_recovers_threads_written_without_an_index(backend: RedisBackend
     assert backend.buffer_list_threads() == ["p", "q"]
     assert backend.registry_list_all() == {"r.p": "p"}
     assert backend.reindex() == {"threads": 0, "chains": 0}  # idempotent
+
+
+def test_forged_index_entries_are_skipped(backend: RedisBackend, raw: redis.Redis,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Entries (and keys) this library never writes — not UTF-8, braces in a thread id, a chain
+    mapped to bytes that are not text — are skipped with a warning; listing still works."""
+    p = backend.config.redis_prefix
+    backend.buffer_append("good", b"x")
+    backend.registry_set("r.good", "good")
+    raw.rpush(f"{p}buffer:{{".encode() + b"\xff\xfe}", b"x")
+    raw.rpush(f"{p}buffer:{{a{{b}}", b"x")
+    raw.set(f"{p}chain:r.bad", b"\xff")
+    raw.sadd(backend.keys.index(), b"t:\xff\xfe", "t:a{b", "c:r.bad", "x:junk")
+    with caplog.at_level("WARNING"):
+        assert backend.buffer_list_threads() == ["good"]
+        assert backend.registry_list_all() == {"r.good": "good"}
+    assert "never writes" in caplog.text
+    assert backend.info()["buffer_threads"] == 1
+    assert backend.buffer_clear() >= 1 and backend.buffer_list_threads() == []

@@ -308,7 +308,20 @@ class RedisBackend:
         for batch in self._index_entries(kind):
             reply = self._eval(scripts.INDEX_LIVE, (self._index,), (self._prefix, *batch))
             for i in range(0, len(reply), 2):
-                yield reply[i][2:].decode(), reply[i + 1]
+                entry, value = reply[i], reply[i + 1]
+                try:
+                    ident = entry[2:].decode()
+                    if kind == b"t":
+                        check_tagged_id(ident, "thread id")
+                    else:
+                        value.decode()
+                except (UnicodeDecodeError, ValueError, AttributeError):
+                    # Not something this library writes (a hand-made or corrupted entry): skipped,
+                    # never a crash of every listing.
+                    log.warning("prefix %r: skipping index entry %r, which this library never writes",
+                                self._prefix, entry[:80])
+                    continue
+                yield ident, value
                 found += 1
             if limit is not None and found >= limit:
                 return

@@ -20,6 +20,7 @@ from . import apply, desired as desired_mod, rotation, status as st
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
 from .kube import ApiError, Kube
 from .model import Organism, SpecError, check_prefix_unchanged, parse_organism
+from .probe import probe_redis
 from .redis_admin import PASSWORD_CHANGED, RedisAdmin, Tenant
 from .settings import OperatorSettings
 
@@ -116,6 +117,8 @@ class Reconciler:
                 redis_cond = self._remote_redis_condition(org, values)
             if redis_cond is not None and redis_cond.reason == "ExternalSecretMissing":
                 blocked, retry = redis_cond, redis_cond.message
+            elif redis_cond is not None and redis_cond.reason in ("ExternalRedisAuthFailed", "ExternalRedisUnreachable"):
+                retry = redis_cond.message  # the pods are rolled out anyway; probe again with backoff
             outcomes.append(apply.apply_object(self.kube, want.config_map, org.uid))
             if blocked is None:  # pods could not start without their Secret; wait for it
                 for obj in want.workloads:
@@ -224,12 +227,14 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------------------
     def _remote_redis_condition(self, org: Organism, values: Mapping[str, str]) -> st.Condition | None:
-        """RedisReady for an external Redis (the operator does not connect to it)."""
+        """RedisReady for an external Redis: its Secret is there, and (unless switched off) a PING
+        with the pods' URL and credentials answers (probe.py)."""
         if org.redis is None or org.redis.mode == "dedicated":
             return None
         if org.redis.mode == "external":
             ext = org.redis.external
             assert ext is not None
+            found: dict[str, str] = {}
             for ref, what in ((ext.password, "passwordSecretRef"), (ext.username, "usernameSecretRef")):
                 if ref is None:
                     continue
@@ -238,12 +243,30 @@ class Reconciler:
                     return st.Condition("RedisReady", "False", "ExternalSecretMissing",
                                         f"Secret {ref.name!r} (spec.backend.redis.external.{what}) does not exist "
                                         "in this namespace; retrying with backoff")
-                if ref.key not in (secret.get("data") or {}):
+                data = secret.get("data") or {}
+                if ref.key not in data:
                     return st.Condition("RedisReady", "False", "ExternalSecretMissing",
                                         f"Secret {ref.name!r} has no key {ref.key!r} "
                                         f"(spec.backend.redis.external.{what}.key); retrying with backoff")
-            return st.Condition("RedisReady", "True", "ExternalRedisConfigured",
-                                f"pods use {ext.url}; the operator does not connect to external Redis")
+                found[what] = base64.b64decode(data[ref.key]).decode("utf-8", "replace")
+            if not self.settings.probe_external_redis:
+                return st.Condition("RedisReady", "True", "ExternalRedisConfigured",
+                                    f"pods use {ext.url}; not probed by the operator (XPO_PROBE_EXTERNAL_REDIS=false)")
+            result = probe_redis(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"))
+            user = found.get("usernameSecretRef") or "default"
+            if result.ok:
+                return st.Condition("RedisReady", "True", "ExternalRedisReachable",
+                                    f"the operator reached {ext.url} as user {user!r} ({result.detail}); "
+                                    "pods use the same URL and credentials")
+            if result.outcome == "AuthFailed":
+                return st.Condition("RedisReady", "False", "ExternalRedisAuthFailed",
+                                    f"{ext.url} refused user {user!r} with the password from Secret "
+                                    f"{ext.password.name!r} (spec.backend.redis.external.passwordSecretRef): "
+                                    f"{result.detail}; probing again with backoff")
+            return st.Condition("RedisReady", "False", "ExternalRedisUnreachable",
+                                f"the operator cannot reach {ext.url} ({result.detail}); probing again with "
+                                "backoff. If only the operator is kept from it (a NetworkPolicy), set "
+                                "XPO_PROBE_EXTERNAL_REDIS=false")
         return None  # shared: _shared
 
     @staticmethod

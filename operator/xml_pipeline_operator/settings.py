@@ -49,6 +49,8 @@ class OperatorSettings:
     shared_redis_password: str | None = field(default=None, repr=False)
     health_port: int = 8080
     log_level: str = "INFO"
+    #: PING an Organism's external Redis with its Secret's credentials (see probe.py).
+    probe_external_redis: bool = True
     #: Seconds between periodic reconciles of every Organism (repairs drift); 0 disables them.
     resync_seconds: float = 300.0
     #: First retry delay after a transient failure (missing Secret, API error); doubles per retry.
@@ -100,6 +102,10 @@ class OperatorSettings:
             if raw.upper() not in LOG_LEVELS:
                 raise ConfigError("XPO_LOG_LEVEL", f"unknown level {raw!r}", LOG_LEVELS)
             kwargs["log_level"] = raw.upper()
+        if (raw := get("XPO_PROBE_EXTERNAL_REDIS")) is not None:
+            if raw.lower() not in ("true", "false"):
+                raise ConfigError("XPO_PROBE_EXTERNAL_REDIS", f"must be true or false, got {raw!r}", ("true", "false"))
+            kwargs["probe_external_redis"] = raw.lower() == "true"
         if (raw := get("XPO_RESYNC_SECONDS")) is not None:
             kwargs["resync_seconds"] = float(_int("XPO_RESYNC_SECONDS", raw, 0, 86_400))
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -233,10 +233,21 @@ async def test_idle_resync_makes_zero_writes(k8s: Cluster, start_operator: Any) 
     assert op.reconciler.kube.writes == 0
 
 
-async def test_missing_external_secret_is_reported_and_retried(k8s: Cluster, start_operator: Any) -> None:
+@pytest.fixture
+def external_redis() -> Any:
+    """A real redis-server with a password, standing in for a Redis the platform runs elsewhere."""
+    from redis_server import RedisServer
+
+    server = RedisServer(password="pw").start()
+    yield server
+    server.cleanup()
+
+
+async def test_missing_external_secret_is_reported_and_retried(k8s: Cluster, start_operator: Any,
+                                                                external_redis: Any) -> None:
     await start_operator()
     spec = {"config": {"listeners": LISTENERS}, "backend": {"redis": {"mode": "external", "external": {
-        "url": "rediss://redis.example:6380/0", "passwordSecretRef": {"name": "ext-auth"}}}}}
+        "url": external_redis.url, "passwordSecretRef": {"name": "ext-auth"}}}}}
     await create(k8s, "ext", spec)
     org = await eventually(lambda: ready(k8s, "ext", "False"))
     assert condition(org, "RedisReady")["reason"] == "ExternalSecretMissing"
@@ -257,8 +268,46 @@ async def test_missing_external_secret_is_reported_and_retried(k8s: Cluster, sta
     assert env["XP_REDIS_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "ext-auth", "key": "password"}}
     org = await eventually(lambda: (o := get_obj(k8s, ORGANISMS, "ext"))
                            and condition(o, "RedisReady")["status"] == "True" and o)
-    assert condition(org, "RedisReady")["reason"] == "ExternalRedisConfigured"
+    assert condition(org, "RedisReady")["reason"] == "ExternalRedisReachable"  # probed with the Secret's password
     assert live_names(k8s, "v1/services") == []  # nothing provisioned for external Redis
+
+
+async def test_external_redis_probe_reports_wrong_password_and_unreachable(k8s: Cluster, start_operator: Any,
+                                                                          external_redis: Any) -> None:
+    from redis_server import free_port
+
+    await start_operator()
+    resp = await k8s.post("/api/v1/namespaces/default/secrets", json={
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ext-wrong"},
+        "data": {"password": base64.b64encode(b"not-the-password").decode()}})
+    assert resp.status == 201
+    for name, url in (("wrongpw", external_redis.url), ("nowhere", f"redis://127.0.0.1:{free_port()}/0")):
+        await create(k8s, name, {"config": {"listeners": LISTENERS}, "backend": {"redis": {
+            "mode": "external", "external": {"url": url, "passwordSecretRef": {"name": "ext-wrong"}}}}})
+    probed = lambda n: (o := get_obj(k8s, ORGANISMS, n)) and "ExternalRedis" in (condition(o, "RedisReady") or {}).get("reason", "") and o  # noqa: E731
+    org = await eventually(lambda: probed("wrongpw"))
+    cond = condition(org, "RedisReady")
+    assert (cond["status"], cond["reason"]) == ("False", "ExternalRedisAuthFailed")
+    assert "'ext-wrong'" in cond["message"] and "not-the-password" not in cond["message"]
+    org = await eventually(lambda: probed("nowhere"))
+    cond = condition(org, "RedisReady")
+    assert (cond["status"], cond["reason"]) == ("False", "ExternalRedisUnreachable")
+    assert "XPO_PROBE_EXTERNAL_REDIS=false" in cond["message"]
+    # Not blocking: the pods are rolled out (they may reach what the operator cannot).
+    assert get_obj(k8s, DEPLOYMENTS, "wrongpw-pump") and get_obj(k8s, DEPLOYMENTS, "nowhere-pump")
+
+
+async def test_external_redis_probe_can_be_switched_off(k8s: Cluster, start_operator: Any) -> None:
+    await start_operator(dataclasses.replace(TEST_SETTINGS, probe_external_redis=False))
+    resp = await k8s.post("/api/v1/namespaces/default/secrets", json={
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ext-auth"},
+        "data": {"password": base64.b64encode(b"pw").decode()}})
+    assert resp.status == 201
+    await create(k8s, "ext", {"config": {"listeners": LISTENERS}, "backend": {"redis": {"mode": "external", "external": {
+        "url": "rediss://redis.example:6380/0", "passwordSecretRef": {"name": "ext-auth"}}}}})
+    org = await eventually(lambda: (o := get_obj(k8s, ORGANISMS, "ext"))
+                           and (condition(o, "RedisReady") or {}).get("status") == "True" and o)
+    assert condition(org, "RedisReady")["reason"] == "ExternalRedisConfigured"
 
 
 async def test_bad_specs_get_ready_false_naming_the_field(k8s: Cluster, start_operator: Any) -> None:

@@ -44,6 +44,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "image": {"digest": "sha256:" + "a" * 64, "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],
         "logLevel": "DEBUG",
+        "probeExternalRedis": False,
         "organismDefaults": {"image": "registry.example/xp:1.2.3", "ttl": 3600,
                              "redisImage": "redis:7.2.5-alpine"},
         "sharedRedis": {"mode": "deploy", "deploy": {

@@ -73,6 +73,7 @@ def test_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:
         "XPO_REDIS_IMAGE": "redis:7.2.5-alpine",
         "XPO_HEALTH_PORT": "8080",
         "XPO_LOG_LEVEL": "INFO",
+        "XPO_PROBE_EXTERNAL_REDIS": "true",
         "HOME": "/tmp",
     }
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
@@ -236,6 +237,7 @@ def test_everything(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert env["XPO_DEFAULT_TTL"] == "3600"
     assert env["XPO_HEALTH_PORT"] == "9090" and c["ports"][0]["containerPort"] == 9090
     assert env["XPO_LOG_LEVEL"] == "DEBUG"
+    assert env["XPO_PROBE_EXTERNAL_REDIS"] == "false"
     assert pod["serviceAccountName"] == "xp-operator"
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["tolerations"][0]["key"] == "infra"

@@ -1,0 +1,60 @@
+"""Probe an external Redis the way the Organism's pods will use it: same URL, same credentials.
+
+The operator does not run an external Redis, but it can tell the user early what the pods would
+find: a wrong password in the referenced Secret, a host nobody can reach. One PING with short
+timeouts, from a kopf handler thread. The answer becomes the Organism's RedisReady condition.
+
+What the probe cannot know: whether the *pods* can reach a Redis the operator cannot (a
+NetworkPolicy that admits the pods but not the operator). For that setup the probe is switched off
+with XPO_PROBE_EXTERNAL_REDIS=false (chart value `operator.probeExternalRedis`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+#: Seconds to connect and to wait for the PONG: short, a handler thread waits for it.
+PROBE_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    #: "Reachable", "AuthFailed" or "Unreachable".
+    outcome: str
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "Reachable"
+
+
+def probe_redis(url: str, username: str | None, password: str | None, *,
+                timeout: float = PROBE_TIMEOUT) -> ProbeResult:
+    """PING `url` as `username`/`password`. Never raises; the detail never contains the password."""
+    def scrub(error: Exception) -> str:
+        text = f"{type(error).__name__}: {error}"
+        return text.replace(password, "***") if password else text
+
+    # No client name: CLIENT SETNAME is a command the Redis user might not be granted (AUTH and
+    # PING are all the probe sends).
+    client = redis.Redis.from_url(url, username=username or None, password=password or None,
+                                  socket_connect_timeout=timeout, socket_timeout=timeout, retry_on_timeout=False)
+    start = time.monotonic()
+    try:
+        client.ping()
+    except (AuthenticationError, AuthorizationError, NoPermissionError) as e:
+        return ProbeResult("AuthFailed", scrub(e))
+    except ResponseError as e:  # NOAUTH (no password given but one is required), NOPERM on PING
+        if any(word in str(e) for word in ("NOAUTH", "WRONGPASS", "NOPERM", "invalid password")):
+            return ProbeResult("AuthFailed", scrub(e))
+        return ProbeResult("Unreachable", scrub(e))
+    except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        return ProbeResult("Unreachable", scrub(e))
+    finally:
+        client.close()
+    return ProbeResult("Reachable", f"PING answered in {(time.monotonic() - start) * 1000:.0f} ms")

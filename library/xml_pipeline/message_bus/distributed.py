@@ -136,6 +136,19 @@ def _entries(resp: Any) -> list[tuple[Any, Any]]:
     return out
 
 
+def _results_of(resp: Any, consumed: list[Any], last: str) -> tuple[list["WorkerResult"], str]:
+    """The WorkerResults of an XREAD reply on a results stream and the last entry id read (`last`
+    if none); each entry id is added to `consumed` (deleted with the next read)."""
+    results = []
+    for entry_id, fields in _entries(resp):
+        last = _s(entry_id)
+        consumed.append(entry_id)
+        if isinstance(fields, list):
+            fields = dict(zip(fields[::2], fields[1::2]))
+        results.append(WorkerResult.from_fields(fields))
+    return results, last
+
+
 def consumer_name(role: str) -> str:
     """Unique per process and readable: <role>-<host>-<pid>-<random>."""
     return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -355,13 +368,7 @@ class RedisDispatcher:
                     continue
                 if not resp:
                     continue
-                results = []
-                for entry_id, fields in _entries(resp):
-                    last = _s(entry_id)
-                    consumed.append(entry_id)
-                    if isinstance(fields, list):
-                        fields = dict(zip(fields[::2], fields[1::2]))
-                    results.append(WorkerResult.from_fields(fields))
+                results, last = _results_of(resp, consumed, last)
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self._deliver_all, results)  # one wake-up per batch
         finally:
@@ -400,12 +407,9 @@ class RedisDispatcher:
                 log.exception("results stream %s: read failed", self.results_key)
                 await asyncio.sleep(1.0)
                 continue
-            for entry_id, fields in _entries(resp):
-                last = _s(entry_id)
-                consumed.append(entry_id)
-                if isinstance(fields, list):
-                    fields = dict(zip(fields[::2], fields[1::2]))
-                self._deliver(WorkerResult.from_fields(fields))
+            results, last = _results_of(resp, consumed, last)
+            for result in results:
+                self._deliver(result)
 
     def _deliver_all(self, results: list[WorkerResult]) -> None:
         for result in results:

@@ -551,14 +551,8 @@ class StreamPump:
             # As _collect: the temp keys expire with the TTL anyway.
             log.error("task %s: cannot collect the response: %s", result.task_id, e)
             return None, ("BackendError", f"{type(e).__name__}: {e}")
-        try:
-            return open_response(self.backend, blob, result.response_key), None
-        except SlotIntegrityError as e:
-            log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
-            return None, ("IntegrityError", f"SlotIntegrityError: {e}")
-        except (LookupError, MessageError, ValueError) as e:
-            log.error("task %s: cannot read the response: %s", result.task_id, e)
-            return None, ("MissingData", f"{type(e).__name__}: {e}")
+        response_key = result.response_key
+        return self._response_outcome(result, lambda: open_response(self.backend, blob, response_key))
 
     def _forward(self, item: _Item, out: Message) -> None:
         conv = self._conversations.get(item.conversation)
@@ -634,20 +628,28 @@ class StreamPump:
         assert msg.thread is not None
         self.buffer.append(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id)
 
+    @staticmethod
+    def _response_outcome(result: WorkerResult, read: Callable[[], list[Action]]
+                          ) -> tuple[list[Action] | None, tuple[str, str] | None]:
+        """(actions, None) from `read()`, or (None, error) for a response that fails its integrity
+        check or cannot be decoded. Backend errors propagate (each caller reports them)."""
+        try:
+            return read(), None
+        except SlotIntegrityError as e:
+            log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
+            return None, ("IntegrityError", f"SlotIntegrityError: {e}")
+        except (LookupError, MessageError, ValueError) as e:
+            log.error("task %s: cannot read the response: %s", result.task_id, e)
+            return None, ("MissingData", f"{type(e).__name__}: {e}")
+
     def _collect(self, result: WorkerResult, keys: tuple[str, str]) -> tuple[list[Action] | None, tuple[str, str] | None]:
         """Fetch the worker's response, and delete every temp key of the task."""
         try:
             if not result.ok or result.response_key is None:
                 self.backend.temp_delete(*keys)
                 return None, (result.error_type or "WorkerError", result.error or "unknown error")
-            try:
-                return take_response(self.backend, result.response_key, list(keys)), None
-            except SlotIntegrityError as e:
-                log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
-                return None, ("IntegrityError", f"SlotIntegrityError: {e}")
-            except (LookupError, MessageError, ValueError) as e:
-                log.error("task %s: cannot read the response: %s", result.task_id, e)
-                return None, ("MissingData", f"{type(e).__name__}: {e}")
+            response_key = result.response_key
+            return self._response_outcome(result, lambda: take_response(self.backend, response_key, list(keys)))
         except BackendError as e:
             # Could not reach the backend to collect: the temp keys expire with the TTL anyway.
             log.error("task %s: cannot collect the response: %s", result.task_id, e)

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,3 +86,28 @@ class RedisServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def block_server(server: RedisServer, seconds: float) -> threading.Thread:
+    """DEBUG SLEEP from another connection; returns once the server really stopped answering
+    (a PING with a 50 ms timeout went unanswered: sequencing, not timing). The thread ends when the
+    sleep does, or quietly if the test killed the server meanwhile."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    blocker = server.client()
+
+    def sleep() -> None:
+        try:
+            blocker.execute_command("DEBUG", "SLEEP", seconds)
+        except redis.RedisError:
+            pass
+
+    thread = threading.Thread(target=sleep, daemon=True)
+    thread.start()
+    probe = server.client(socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
+    while True:
+        try:
+            probe.ping()
+        except redis.TimeoutError:
+            return thread

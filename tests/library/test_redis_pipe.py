@@ -16,9 +16,7 @@ import threading
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from redis_server import RedisServer
+from redis_server import RedisServer, block_server
 
 from xml_pipeline.errors import BackendError, BackendUnavailable, ThreadFullError
 from xml_pipeline.memory.config import BackendConfig
@@ -42,26 +40,6 @@ def tid() -> str:
 def load_scripts(backend: RedisBackend) -> None:
     """One blocking append: EVALSHA, NOSCRIPT, EVAL (what the pump's fallback does once per server)."""
     backend.buffer_append(tid(), backend.signer.sign(b"warm-up"))
-
-
-def block_server(server: RedisServer, seconds: float) -> threading.Thread:
-    """DEBUG SLEEP from another connection; returns once the server really stopped answering."""
-    blocker = server.client()
-
-    def sleep() -> None:
-        try:
-            blocker.execute_command("DEBUG", "SLEEP", seconds)
-        except redis.RedisError:
-            pass  # the test killed the server meanwhile
-
-    thread = threading.Thread(target=sleep, daemon=True)
-    thread.start()
-    probe = server.client(socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
-    while True:  # sequencing, not timing: wait until a PING goes unanswered
-        try:
-            probe.ping()
-        except redis.TimeoutError:
-            return thread
 
 
 def test_resp_parser_reads_every_reply_kind_split_anywhere() -> None:

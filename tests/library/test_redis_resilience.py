@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import redis
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
-from redis_server import RedisServer
+from redis_server import RedisServer, block_server
 
 from xml_pipeline.errors import BackendUnavailable
 from xml_pipeline.memory.config import BackendConfig
@@ -22,19 +22,6 @@ KEY = "test-signing-key-0123456789abcdef"
 SLEEP = 1.0      # seconds the server is blocked by DEBUG SLEEP
 TIMEOUT = 0.2    # client socket timeout, well below SLEEP: the first attempt must time out
 RETRIES = 10     # enough attempts to outlast the stall
-
-
-def block_server(server: RedisServer, seconds: float) -> threading.Thread:
-    """DEBUG SLEEP from another connection; returns once the server really stopped answering."""
-    blocker = server.client()
-    thread = threading.Thread(target=blocker.execute_command, args=("DEBUG", "SLEEP", seconds), daemon=True)
-    thread.start()
-    probe = server.client(socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
-    while True:  # sequencing, not timing: wait until a PING goes unanswered
-        try:
-            probe.ping()
-        except redis.TimeoutError:
-            return thread
 
 
 def evalsha_calls(client: redis.Redis) -> int:

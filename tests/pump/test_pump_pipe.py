@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import threading
 from collections import Counter
 
 import pytest
-import redis
 from pump_harness import SIGNING_KEY, organism_yaml
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from redis_server import RedisServer
 
 from xml_pipeline.memory import BackendConfig, get_shared_backend
@@ -88,25 +84,6 @@ async def test_same_answers_and_buffer_with_and_without_the_pipe(redis_server: R
     # Nothing left in the temp key space.
     assert list(redis_server.client().scan_iter(match=f"{backend.config.redis_prefix}tmp:*")) == []  # type: ignore[attr-defined]
     backend.close()  # type: ignore[attr-defined]
-
-
-def _block(server: RedisServer, seconds: float) -> threading.Thread:
-    blocker = server.client()
-
-    def sleep() -> None:
-        try:
-            blocker.execute_command("DEBUG", "SLEEP", seconds)
-        except redis.RedisError:
-            pass
-
-    t = threading.Thread(target=sleep, daemon=True)
-    t.start()
-    probe = server.client(socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
-    while True:
-        try:
-            probe.ping()
-        except redis.TimeoutError:
-            return t
 
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipe", "io-threads"])

@@ -95,7 +95,7 @@ async def test_outage_with_messages_in_flight_ends_every_conversation(fresh_redi
         (warm,) = await asyncio.wait_for(pump.request(Message("console", "echo", '<e tag="w"/>')), 60)
         assert warm.kind == "response"
         # The server stops reading, twenty conversations send their first step, the server dies.
-        sleeper = await asyncio.to_thread(_block, fresh_redis, 3.0)
+        sleeper = await asyncio.to_thread(block_server, fresh_redis, 3.0)
         writes = pump.pipe.writes if pump.pipe is not None else 0
         ids = [await pump.inject(Message("console", "echo", f'<e tag="o{i}"/>')) for i in range(20)]
         for _ in range(50):  # until the steps are on their way (sequencing, not timing)

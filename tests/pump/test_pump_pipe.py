@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 from pump_harness import SIGNING_KEY, organism_yaml
-from redis_server import RedisServer
+from redis_server import RedisServer, block_server
 
 from xml_pipeline.memory import BackendConfig, get_shared_backend
 from xml_pipeline.memory.redis_pipe import RedisPipe

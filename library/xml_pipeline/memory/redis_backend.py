@@ -433,8 +433,7 @@ class RedisBackend:
         raises them (no retry, no mapping: for callers that handle those themselves), except while
         reading the last `best_effort_tail` replies: then the error takes those replies' places
         (the connection is dropped) and the replies read before it are returned."""
-        packed = b"".join(_pack_command(str(c[0]).encode(), list(c[1:])) for c in commands)
-        return self._pipeline(packed, len(commands), best_effort_tail=best_effort_tail)
+        return self._pipeline(self.pack_commands(commands), len(commands), best_effort_tail=best_effort_tail)
 
     def _pack_sets(self, names: list[str], values: list[bytes]) -> bytes:
         """SET name value EX ttl, for each pair, in RESP."""

@@ -6,7 +6,7 @@ timeouts, from a kopf handler thread. The answer becomes the Organism's RedisRea
 
 What the probe cannot know: whether the *pods* can reach a Redis the operator cannot (a
 NetworkPolicy that admits the pods but not the operator). For that setup the probe is switched off
-with XPO_PROBE_EXTERNAL_REDIS=false (chart value `operator.probeExternalRedis`).
+with XPO_PROBE_EXTERNAL_REDIS=false (chart value `probeExternalRedis: false`).
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ e2e: venv tools
 
 # Undefined names and syntax errors (ruff), then types of both packages (mypy, settings in pyproject.toml).
 lint: venv
-	$(VENV)/bin/ruff check --select F,E9 library operator
+	$(VENV)/bin/ruff check --select F,E9 library operator tests bench tools
 	$(VENV)/bin/mypy
 
 bench: venv

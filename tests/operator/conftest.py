@@ -3,4 +3,4 @@
 (`from conftest import ...` breaks when several test areas are given on one pytest command line:
 pytest loads every area's conftest.py up front, all under the module name `conftest`, and the last
 one wins.)"""
-from operator_harness import *
+from operator_harness import *  # noqa: F403 - re-exports the fixtures to pytest

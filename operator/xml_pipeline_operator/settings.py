@@ -18,6 +18,8 @@ DEFAULT_REDIS_IMAGE = "redis:7.2.5-alpine"
 IMAGE_REPOSITORY = "ghcr.io/xml-pipeline/xml-pipeline"
 TTL_MIN, TTL_MAX = 60, 31_536_000  # one minute .. one year; the CRD enforces the same range
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: XPO_POD_USER_IDS: `fixed` (the images' user ids) or `platform` (the platform assigns them).
+POD_USER_IDS = ("fixed", "platform")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -49,6 +51,8 @@ class OperatorSettings:
     shared_redis_password: str | None = field(default=None, repr=False)
     health_port: int = 8080
     log_level: str = "INFO"
+    #: `fixed`: pods run with the images' user ids; `platform`: the platform assigns them (security.py).
+    pod_user_ids: str = "fixed"
     #: PING an Organism's external Redis with its Secret's credentials (see probe.py).
     probe_external_redis: bool = True
     #: Seconds between periodic reconciles of every Organism (repairs drift); 0 disables them.
@@ -102,6 +106,10 @@ class OperatorSettings:
             if raw.upper() not in LOG_LEVELS:
                 raise ConfigError("XPO_LOG_LEVEL", f"unknown level {raw!r}", LOG_LEVELS)
             kwargs["log_level"] = raw.upper()
+        if (raw := get("XPO_POD_USER_IDS")) is not None:
+            if raw not in POD_USER_IDS:
+                raise ConfigError("XPO_POD_USER_IDS", f"unknown value {raw!r}", POD_USER_IDS)
+            kwargs["pod_user_ids"] = raw
         if (raw := get("XPO_PROBE_EXTERNAL_REDIS")) is not None:
             if raw.lower() not in ("true", "false"):
                 raise ConfigError("XPO_PROBE_EXTERNAL_REDIS", f"must be true or false, got {raw!r}", ("true", "false"))

@@ -48,3 +48,10 @@ def test_the_probe_setting() -> None:
     assert OperatorSettings.from_env({"XPO_PROBE_EXTERNAL_REDIS": "False"}).probe_external_redis is False
     with pytest.raises(ConfigError, match="XPO_PROBE_EXTERNAL_REDIS"):
         OperatorSettings.from_env({"XPO_PROBE_EXTERNAL_REDIS": "maybe"})
+
+
+def test_the_pod_user_ids_setting() -> None:
+    assert OperatorSettings.from_env({}).pod_user_ids == "fixed"
+    assert OperatorSettings.from_env({"XPO_POD_USER_IDS": "platform"}).pod_user_ids == "platform"
+    with pytest.raises(ConfigError, match="XPO_POD_USER_IDS.*fixed"):
+        OperatorSettings.from_env({"XPO_POD_USER_IDS": "openshift"})

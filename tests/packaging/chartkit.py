@@ -34,6 +34,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "metrics-service": {"metrics": {"service": {"enabled": True}}},
+    # OpenShift-style: the platform assigns user ids (restricted SCC).
+    "platform-user-ids": {"podUserIds": "platform", "sharedRedis": {"mode": "deploy"}},
     "no-rbac": {
         "rbac": {"create": False, "aggregateToDefaultRoles": False},
         "serviceAccount": {"create": False, "name": "operator-sa"},
@@ -142,7 +144,7 @@ def operator_organisms() -> list[dict[str, Any]]:
                       **spec}} for name, spec in specs.items()]
 
 
-def operator_workloads() -> list[dict[str, Any]]:
+def operator_workloads(pod_user_ids: str = "fixed") -> list[dict[str, Any]]:
     """Every object the operator's pure builders produce for operator_organisms()."""
     desired = pytest.importorskip("xml_pipeline_operator.desired",
                                   reason="the operator's pure builders are not there yet")
@@ -150,7 +152,7 @@ def operator_workloads() -> list[dict[str, Any]]:
     from xml_pipeline_operator.settings import OperatorSettings
 
     settings = OperatorSettings(shared_redis_url="redis://shared-redis.xp.svc:6379",
-                                shared_redis_password="not-used-by-builders")
+                                shared_redis_password="not-used-by-builders", pod_user_ids=pod_user_ids)
     objects: list[dict[str, Any]] = []
     for body in operator_organisms():
         state = desired.build(parse_organism(body, settings), settings)

@@ -34,7 +34,11 @@ def test_checkov_passes_on_every_scenario(rendered: dict[str, list[dict[str, Any
     report = report[0] if isinstance(report, list) else report
     assert report["summary"]["parsing_errors"] == 0
     failed = report["results"]["failed_checks"]
-    ours = [f"{c['check_id']} {c['resource']}" for c in failed if "canary-bad" not in c["resource"]]
+    # podUserIds=platform leaves the user id to the platform on purpose (OpenShift assigns a high one
+    # per namespace): "run as a high UID" cannot be seen in those manifests, and is all we accept there.
+    platform_only = {("CKV_K8S_40", "/platform-user-ids.yaml")}
+    ours = [f"{c['check_id']} {c['resource']} ({c['file_path']})" for c in failed
+            if "canary-bad" not in c["resource"] and (c["check_id"], c["file_path"]) not in platform_only]
     assert not ours, "checkov failures on the chart:\n" + "\n".join(ours)
     canary = {c["check_id"] for c in failed if "canary-bad" in c["resource"]}
     assert {"CKV_K8S_16", "CKV_K8S_20"} <= canary  # privileged, allowPrivilegeEscalation

@@ -74,6 +74,7 @@ def test_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:
         "XPO_HEALTH_PORT": "8080",
         "XPO_LOG_LEVEL": "INFO",
         "XPO_PROBE_EXTERNAL_REDIS": "true",
+        "XPO_POD_USER_IDS": "fixed",
         "HOME": "/tmp",
     }
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]

@@ -84,8 +84,9 @@ def test_chart_pod_templates_are_all_seen(rendered: dict[str, list[dict[str, Any
     assert seen == {"Deployment/xml-pipeline-operator", "StatefulSet/xml-pipeline-operator-shared-redis"}
 
 
-def test_every_operator_pod_is_restricted() -> None:
-    objects = operator_workloads()
+@pytest.mark.parametrize("pod_user_ids", ["fixed", "platform"])
+def test_every_operator_pod_is_restricted(pod_user_ids: str) -> None:
+    objects = operator_workloads(pod_user_ids)
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     # All shapes are covered: pump and worker Deployments, Redis as Deployment and as StatefulSet.
     assert ("Deployment", "dedicated-workers-worker") in kinds
@@ -94,3 +95,23 @@ def test_every_operator_pod_is_restricted() -> None:
     pods = [label for o in objects for label, _ in podsecurity.pod_specs(o)]
     assert len(pods) >= 9
     assert podsecurity.check_objects(objects) == {}
+
+
+def _user_ids(objects: list[dict[str, Any]]) -> set[str]:
+    """Which of runAsUser / runAsGroup / fsGroup any pod or container of `objects` sets."""
+    found = set()
+    for o in objects:
+        for _label, pod in podsecurity.pod_specs(o):
+            for sc in [pod.get("securityContext") or {}, *((c.get("securityContext") or {}) for c in pod["containers"])]:
+                found |= {k for k in ("runAsUser", "runAsGroup", "fsGroup") if k in sc}
+                assert sc.get("runAsNonRoot") is True  # kept either way
+    return found
+
+
+def test_platform_user_ids_leave_the_ids_to_the_platform(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """podUserIds / XPO_POD_USER_IDS `platform` (OpenShift): no pod sets a user id, every pod is still
+    restricted; `fixed` sets them everywhere."""
+    assert _user_ids(rendered["platform-user-ids"]) == set()
+    assert _user_ids(rendered["shared-deploy"]) == {"runAsUser", "runAsGroup", "fsGroup"}
+    assert _user_ids(operator_workloads("platform")) == set()
+    assert _user_ids(operator_workloads("fixed")) == {"runAsUser", "runAsGroup", "fsGroup"}

@@ -64,12 +64,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-shared-redis" (include "xpo.fullname" . | trunc 49 | trimSuffix "-") -}}
 {{- end -}}
 
-{{/* Pod-level security context of the "restricted" Pod Security Standard. */}}
+{{/* Pod-level security context of the "restricted" Pod Security Standard. With podUserIds
+`platform` the user ids are left to the platform (OpenShift assigns them per namespace). */}}
 {{- define "xpo.podSecurityContext" -}}
 runAsNonRoot: true
+{{- if eq .root.Values.podUserIds "fixed" }}
 runAsUser: {{ .uid }}
 runAsGroup: {{ .gid }}
 fsGroup: {{ .gid }}
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}

@@ -47,9 +47,10 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
         absent.append(("StatefulSet" if workload["kind"] == "Deployment" else "Deployment", rname))
     else:
         absent += [("NetworkPolicy", rname), ("Service", rname), ("Deployment", rname), ("StatefulSet", rname)]
-    objects.append(workloads.pump_deployment(org, url, digest, credentials_digest))
+    fixed_ids = settings.pod_user_ids == "fixed"
+    objects.append(workloads.pump_deployment(org, url, digest, credentials_digest, fixed_ids=fixed_ids))
     if org.workers is not None:
-        objects.append(workloads.worker_deployment(org, url, digest, credentials_digest))
+        objects.append(workloads.worker_deployment(org, url, digest, credentials_digest, fixed_ids=fixed_ids))
     else:
         absent.append(("Deployment", naming.worker_name(org.name)))
     return DesiredState(

@@ -135,7 +135,7 @@ def _pod_template(org: Organism, settings: OperatorSettings, persistent: bool) -
         "metadata": {"labels": labels(org.name, "redis")},
         "spec": {
             **pod_basics(),
-            "securityContext": pod_security_context(REDIS_UID, REDIS_GID),
+            "securityContext": pod_security_context(REDIS_UID, REDIS_GID, fixed=settings.pod_user_ids == "fixed"),
             "containers": [{
                 "name": "redis",
                 "image": settings.redis_image,
@@ -147,7 +147,8 @@ def _pod_template(org: Organism, settings: OperatorSettings, persistent: bool) -
                 "livenessProbe": {"exec": {"command": _PING}, "initialDelaySeconds": 15, "periodSeconds": 10,
                                   "timeoutSeconds": 5, "failureThreshold": 6},
                 "resources": org.redis.resources.to_k8s(),
-                "securityContext": container_security_context(REDIS_UID, REDIS_GID),
+                "securityContext": container_security_context(REDIS_UID, REDIS_GID,
+                                                              fixed=settings.pod_user_ids == "fixed"),
                 "volumeMounts": [{"name": "data", "mountPath": "/data"},
                                  {"name": "tmp", "mountPath": "/tmp"}],
             }],

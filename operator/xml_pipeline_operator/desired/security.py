@@ -11,22 +11,31 @@ REDIS_UID = 999
 REDIS_GID = 1000
 
 
-def pod_security_context(uid: int, gid: int) -> dict[str, Any]:
+def _ids(uid: int, gid: int, fixed: bool, *, fs_group: bool) -> dict[str, Any]:
+    if not fixed:
+        return {}
+    ids: dict[str, Any] = {"runAsUser": uid, "runAsGroup": gid}
+    if fs_group:
+        ids["fsGroup"] = gid
+    return ids
+
+
+# `fixed=False` (XPO_POD_USER_IDS=platform) leaves runAsUser, runAsGroup and fsGroup out for a
+# platform that assigns them per namespace (OpenShift's restricted SCC rejects fixed ids outside the
+# namespace's range). runAsNonRoot and the rest of the restricted settings stay either way.
+def pod_security_context(uid: int, gid: int, *, fixed: bool = True) -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
-        "runAsUser": uid,
-        "runAsGroup": gid,
-        "fsGroup": gid,
+        **_ids(uid, gid, fixed, fs_group=True),
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
-def container_security_context(uid: int, gid: int) -> dict[str, Any]:
+def container_security_context(uid: int, gid: int, *, fixed: bool = True) -> dict[str, Any]:
     # Repeated at container level so the container stays restricted even if copied out of this pod.
     return {
         "runAsNonRoot": True,
-        "runAsUser": uid,
-        "runAsGroup": gid,
+        **_ids(uid, gid, fixed, fs_group=False),
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},

@@ -69,7 +69,8 @@ def config_hash(org: Organism, organism_yaml: str, endpoint: str | None) -> str:
     return digest[:16]
 
 
-def _container(org: Organism, role: Role, endpoint: str | None, resources: Resources) -> dict[str, Any]:
+def _container(org: Organism, role: Role, endpoint: str | None, resources: Resources,
+               fixed_ids: bool) -> dict[str, Any]:
     return {
         "name": role,
         "image": org.image,
@@ -80,7 +81,7 @@ def _container(org: Organism, role: Role, endpoint: str | None, resources: Resou
                           "timeoutSeconds": 5, "failureThreshold": 4},
         "readinessProbe": {"exec": {"command": _HEALTHCHECK}, "periodSeconds": 5, "timeoutSeconds": 5},
         "resources": resources.to_k8s(),
-        "securityContext": container_security_context(APP_UID, APP_GID),
+        "securityContext": container_security_context(APP_UID, APP_GID, fixed=fixed_ids),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -89,7 +90,7 @@ def _container(org: Organism, role: Role, endpoint: str | None, resources: Resou
 
 
 def _template(org: Organism, role: Role, endpoint: str | None, resources: Resources,
-              digest: str, credentials_digest: str | None) -> dict[str, Any]:
+              digest: str, credentials_digest: str | None, fixed_ids: bool) -> dict[str, Any]:
     annotations = {CONFIG_HASH_ANNOTATION: digest}
     if credentials_digest:
         # Shared mode: pods read the password once at start, so a new one in the Secret rolls them
@@ -102,9 +103,9 @@ def _template(org: Organism, role: Role, endpoint: str | None, resources: Resour
         },
         "spec": {
             **pod_basics(),
-            "securityContext": pod_security_context(APP_UID, APP_GID),
+            "securityContext": pod_security_context(APP_UID, APP_GID, fixed=fixed_ids),
             "terminationGracePeriodSeconds": 30,
-            "containers": [_container(org, role, endpoint, resources)],
+            "containers": [_container(org, role, endpoint, resources, fixed_ids)],
             "volumes": [
                 {"name": "config", "configMap": {"name": config_map_name(org.name),
                                                  "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
@@ -135,15 +136,17 @@ def _deployment(org: Organism, role: Role, name: str, replicas: int, strategy: d
 
 
 def pump_deployment(org: Organism, endpoint: str | None, digest: str,
-                    credentials_digest: str | None = None) -> dict[str, Any]:
+                    credentials_digest: str | None = None, *, fixed_ids: bool = True) -> dict[str, Any]:
+    """`fixed_ids=False`: the platform assigns the pods' user ids (XPO_POD_USER_IDS=platform)."""
     # Recreate: never two pumps at once during a rollout.
     return _deployment(org, "pump", pump_name(org.name), 1, {"type": "Recreate"},
-                       _template(org, "pump", endpoint, org.pump_resources, digest, credentials_digest))
+                       _template(org, "pump", endpoint, org.pump_resources, digest, credentials_digest, fixed_ids))
 
 
 def worker_deployment(org: Organism, endpoint: str | None, digest: str,
-                      credentials_digest: str | None = None) -> dict[str, Any]:
+                      credentials_digest: str | None = None, *, fixed_ids: bool = True) -> dict[str, Any]:
     assert org.workers is not None
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}}
     return _deployment(org, "worker", worker_name(org.name), org.workers.replicas, strategy,
-                       _template(org, "worker", endpoint, org.workers.resources, digest, credentials_digest))
+                       _template(org, "worker", endpoint, org.workers.resources, digest, credentials_digest,
+                                 fixed_ids))

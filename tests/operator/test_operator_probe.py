@@ -7,9 +7,7 @@ from collections.abc import Iterator
 import pytest
 from redis_server import RedisServer, free_port
 
-from xml_pipeline.errors import ConfigError
 from xml_pipeline_operator.probe import probe_redis
-from xml_pipeline_operator.settings import OperatorSettings
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +39,3 @@ def test_refused_credentials_are_auth_failures_without_the_password(guarded: Red
 def test_nobody_listening_is_unreachable_quickly() -> None:
     result = probe_redis(f"redis://127.0.0.1:{free_port()}/0", None, "pw", timeout=1.0)
     assert result.outcome == "Unreachable" and "ConnectionError" in result.detail
-
-
-def test_the_probe_setting() -> None:
-    assert OperatorSettings.from_env({}).probe_external_redis is True
-    assert OperatorSettings.from_env({"XPO_PROBE_EXTERNAL_REDIS": "False"}).probe_external_redis is False
-    with pytest.raises(ConfigError, match="XPO_PROBE_EXTERNAL_REDIS"):
-        OperatorSettings.from_env({"XPO_PROBE_EXTERNAL_REDIS": "maybe"})
-
-
-def test_the_pod_user_ids_setting() -> None:
-    assert OperatorSettings.from_env({}).pod_user_ids == "fixed"
-    assert OperatorSettings.from_env({"XPO_POD_USER_IDS": "platform"}).pod_user_ids == "platform"
-    with pytest.raises(ConfigError, match="XPO_POD_USER_IDS.*fixed"):
-        OperatorSettings.from_env({"XPO_POD_USER_IDS": "openshift"})

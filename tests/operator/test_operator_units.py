@@ -25,8 +25,9 @@ def test_settings_from_environment() -> None:
         "XPO_DEFAULT_TTL": "3600", "XPO_REDIS_IMAGE": "redis:7.2.5-alpine",
         "XPO_SHARED_REDIS_URL": "rediss://shared.platform.svc:6380/0", "XPO_SHARED_REDIS_USERNAME": "admin",
         "XPO_SHARED_REDIS_PASSWORD": " s3cret ", "XPO_HEALTH_PORT": "9090", "XPO_LOG_LEVEL": "debug",
-        "XPO_RESYNC_SECONDS": "0"})
+        "XPO_RESYNC_SECONDS": "0", "XPO_PROBE_EXTERNAL_REDIS": "False", "XPO_POD_USER_IDS": "platform"})
     assert s.namespaces == ("team-a", "team-b") and not s.clusterwide
+    assert s.probe_external_redis is False and s.pod_user_ids == "platform"
     assert (s.default_image, s.default_ttl, s.health_port, s.log_level, s.resync_seconds) == (
         "reg.example/xp:9", 3600, 9090, "DEBUG", 0.0)
     assert s.shared_redis_password == " s3cret "  # verbatim
@@ -38,6 +39,7 @@ def test_settings_defaults() -> None:
     assert s.clusterwide and s.default_ttl == 86400 and s.health_port == 8080
     assert s.redis_image == "redis:7.2.5-alpine" and s.shared_redis_url is None
     assert s.default_image.startswith("ghcr.io/xml-pipeline/xml-pipeline:")
+    assert s.probe_external_redis is True and s.pod_user_ids == "fixed"
 
 
 @pytest.mark.parametrize("env, field", [
@@ -46,6 +48,8 @@ def test_settings_defaults() -> None:
     ({"XPO_DEFAULT_TTL": "a day"}, "XPO_DEFAULT_TTL"),
     ({"XPO_HEALTH_PORT": "70000"}, "XPO_HEALTH_PORT"),
     ({"XPO_LOG_LEVEL": "chatty"}, "XPO_LOG_LEVEL"),
+    ({"XPO_PROBE_EXTERNAL_REDIS": "maybe"}, "XPO_PROBE_EXTERNAL_REDIS"),
+    ({"XPO_POD_USER_IDS": "openshift"}, "XPO_POD_USER_IDS"),
     ({"XPO_SHARED_REDIS_URL": "redis://admin:hunter2@shared:6379"}, "XPO_SHARED_REDIS_URL"),
     ({"XPO_SHARED_REDIS_URL": "http://shared:6379"}, "XPO_SHARED_REDIS_URL"),
 ])

@@ -239,21 +239,27 @@ async def test_distributed_mode_works_as_the_tenant_acl_user(
         admin.execute_command("ACL", "DELUSER", user)
 
 
-async def test_a_pump_taking_over_does_not_repeat_outputs_on_egress(redis_server, prefix: str,  # type: ignore[no-untyped-def]
-                                                                    tmp_path: Path) -> None:
-    """The first pump answers a message and dies before acknowledging its ingress entry; the next
-    pump takes the entry over and runs the conversation again: the answer reaches egress once, and
-    the entry and the conversation's sent-record are gone afterwards."""
+async def test_a_pump_taking_over_repeats_neither_outputs_nor_buffer_entries(redis_server, prefix: str,  # type: ignore[no-untyped-def]
+                                                                           tmp_path: Path) -> None:
+    """The first pump runs a conversation (greeter calls the cpu_bound primes, then answers) and dies
+    before acknowledging its ingress entry; the next pump takes the entry over and runs it again:
+    the answer reaches egress once, every context buffer holds each message once, and the entry and
+    the conversation's sent-record are gone afterwards."""
+    from xml_pipeline.memory import ContextBuffer
     from xml_pipeline.message_bus.distributed import PUMP_GROUP, IngressBridge, send_message
 
     org = load(write_organism(tmp_path, redis_server.url, prefix))
     backend = get_shared_backend(org.backend)
     raw = redis_server.client()
     streams = Streams(backend)
-    message = ask("greeter", '<greet name="Once"/>')
+    message = ask("greeter", '<greet name="Once" lucky="100"/>')
 
     def answers() -> list[Any]:
         return [f for _i, f in raw.xrange(streams.egress) if f[b"in_reply_to"].decode() == message.id]
+
+    def buffers() -> dict[str, list[str]]:
+        buf = ContextBuffer(backend)
+        return {t: [slot.payload.id for slot in buf.get_thread(t)] for t in backend.buffer_list_threads()}
 
     async with StreamPump(org, backend) as first:
         dying = IngressBridge(backend, first, claim_idle_seconds=0.2)
@@ -268,6 +274,8 @@ async def test_a_pump_taking_over_does_not_repeat_outputs_on_egress(redis_server
         await dying.stop()
     assert len(answers()) == 1
     assert raw.xpending(streams.ingress, PUMP_GROUP)["pending"] == 1  # the entry is left unfinished
+    stored = buffers()
+    assert sum(len(ids) for ids in stored.values()) >= 4  # request, call, its answer, the answer
 
     async with StreamPump(org, backend) as second:
         taking_over = IngressBridge(backend, second, claim_idle_seconds=0.2)
@@ -275,8 +283,9 @@ async def test_a_pump_taking_over_does_not_repeat_outputs_on_egress(redis_server
         await eventually(lambda: raw.xpending(streams.ingress, PUMP_GROUP)["pending"] == 0,
                          "the second pump to finish the conversation")
         await taking_over.stop()
+    assert second.stats.conversations == 1 and second.stats.worker_tasks == 1  # it really ran it again
     (answer,) = answers()  # written once, by the first pump
-    assert b"Hello, Once!" in answer[b"xml"]
+    assert b"there are 25 primes below 100" in answer[b"xml"]
     assert not raw.exists(backend.key("egress", "sent", message.id))
-    assert second.stats.conversations == 1  # it really ran the conversation again
+    assert buffers() == stored  # the re-run's appends were recognised as repeats
     backend.close()

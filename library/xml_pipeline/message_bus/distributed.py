@@ -54,7 +54,7 @@ from redis.typing import EncodableT, FieldT
 from ..errors import BackendUnavailable
 from ..memory.redis_pipe import RedisPipe
 from ..organism import Organism
-from .message import Message, MessageError, error_payload, parse_message
+from .message import Message, MessageError, derived_id, error_payload, parse_message
 from .worker_task import (
     BACKEND_ERROR,
     DEAD_LETTER,
@@ -91,10 +91,11 @@ STREAM_ACL_COMMANDS: tuple[str, ...] = (
     "evalsha", "script|load", "del", "unlink", "hsetnx",
 )
 
-# KEYS: egress stream, the conversation's sent-record (a HASH: output ordinal -> 1)
-# ARGV: ordinal, ttl (0 = none), maxlen, then the entry's field/value pairs.
-# Writes the conversation's n-th output once: a pump that takes over an unfinished conversation from
-# a dead one re-runs it, and its outputs up to where the dead pump got are already on egress.
+# KEYS: egress stream, the conversation's sent-record (a HASH: output message id -> 1)
+# ARGV: message id, ttl (0 = none), maxlen, then the entry's field/value pairs.
+# Writes an output of a conversation once: a pump that takes over an unfinished conversation from a
+# dead one re-runs it, and the outputs the dead pump got to are already on egress. Output ids are
+# derived from the conversation's message id (message.derived_id), so a re-run repeats them.
 _EGRESS_ONCE_LUA = """
 if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 0 then return 0 end
 local ttl = tonumber(ARGV[2])
@@ -790,10 +791,10 @@ class IngressBridge:
     An ingress entry is acknowledged (XACK + XDEL) when its conversation has finished, so a pump
     that dies mid-conversation leaves the entry pending; the next pump reclaims it after
     claim_idle_seconds and runs the conversation again (at-least-once processing). Its outputs still
-    reach egress once: the n-th output of a conversation is written only if no pump wrote an n-th
-    output for it before (a per-conversation record under `egress:sent:<id>`, removed with the ack),
-    which holds for conversations whose outputs come in the same order on every run (the common case:
-    one answer).
+    reach egress once: every message a conversation produces has an id derived from the message it
+    answers (message.derived_id), so a re-run produces the same ids, and an output whose id is in the
+    conversation's record (`egress:sent:<id>`, removed with the ack) is not written again; its
+    context-buffer appends are recognised as repeats by the same ids.
     """
 
     def __init__(self, backend: Any, pump: Any, *, consumer: str | None = None,
@@ -805,7 +806,6 @@ class IngressBridge:
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.max_inflight = max_inflight
         self._entries: dict[str, str] = {}  # conversation id -> ingress entry id
-        self._outputs: dict[str, int] = {}  # conversation id -> outputs written so far
         self._egress_once = backend.client.register_script(_EGRESS_ONCE_LUA)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -877,7 +877,7 @@ class IngressBridge:
             reply_id = _s(fields.get(b"id", fields.get("id", entry_id)))
             bad = Message(sender="pump", to="unknown", kind="error",
                           payload=error_payload("pump", "MessageError", str(e)),
-                          in_reply_to=reply_id if _valid_id(reply_id) else None)
+                          in_reply_to=reply_id if _valid_id(reply_id) else None, id=derived_id(entry_id, 0))
             await self._write_egress(bad, conversation=entry_id)
             await self._ack(entry_id, conversation=entry_id)
             return
@@ -900,7 +900,7 @@ class IngressBridge:
         return self.backend.key("egress", "sent", conversation)
 
     async def _write_egress(self, message: Message, *, conversation: str | None) -> None:
-        """XADD `message` to egress; the n-th output of `conversation` only once (see the class)."""
+        """XADD `message` to egress; once per message id within `conversation` (see the class)."""
         s = self.streams
         fields = {"xml": message.to_xml(), "in_reply_to": message.in_reply_to or "", "thread": message.thread or "",
                   "type": message.kind, "from": message.sender, "to": message.to}
@@ -911,17 +911,15 @@ class IngressBridge:
                 s.expire(pipe, s.egress)
                 self.backend.execute(lambda _c: pipe.execute(), idempotent=False, what="write egress")
         else:
-            ordinal = self._outputs.get(conversation, 0)
-            self._outputs[conversation] = ordinal + 1
-            args = [ordinal, s.ttl or 0, EGRESS_MAXLEN, *(x for kv in fields.items() for x in kv)]
+            args = [message.id, s.ttl or 0, EGRESS_MAXLEN, *(x for kv in fields.items() for x in kv)]
             keys = [s.egress, self._sent_record(conversation)]
 
             def write() -> None:
                 # Retried: HSETNX makes a repeat of a write that happened a no-op.
                 if not self.backend.execute(lambda c: self._egress_once(keys=keys, args=args, client=c),
                                             idempotent=True, what="write egress"):
-                    log.info("output %d of conversation %s was written by an earlier pump; not repeated",
-                             ordinal, conversation)
+                    log.info("output %s of conversation %s was written by an earlier pump; not repeated",
+                             message.id, conversation)
 
         assert self._loop is not None
         await self._loop.run_in_executor(None, write)
@@ -934,7 +932,6 @@ class IngressBridge:
     async def _ack(self, entry_id: str, *, conversation: str) -> None:
         """XACK + XDEL the ingress entry and forget the conversation's sent-record, in one MULTI."""
         s = self.streams
-        self._outputs.pop(conversation, None)
 
         def ack() -> None:
             pipe = s.client.pipeline(transaction=True)

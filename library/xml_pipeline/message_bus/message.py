@@ -15,6 +15,7 @@ it must be declared inside it.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,16 @@ class MessageError(XmlPipelineError, ValueError):
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def derived_id(parent: str, n: int) -> str:
+    """The id of the n-th message a listener sends while handling message `parent`.
+
+    Deterministic, so a conversation run again (a pump taking over a dead pump's unfinished work)
+    produces the same ids: its context-buffer appends (append_id = message id) and its egress
+    outputs are then recognised as repeats instead of stored twice. Distinct parents or positions
+    give distinct ids (SHA-256, 128 bits kept)."""
+    return hashlib.sha256(f"{parent}/{n}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ from ..memory.protocol import SharedBackend
 from ..memory.redis_pipe import RedisPipe, Unsure
 from ..organism import ListenerSpec, Organism
 from .local_pool import Dispatcher, default_dispatcher
-from .message import Action, Call, Message, MessageError, Reply, error_payload, normalize_result
+from .message import Action, Call, Message, MessageError, Reply, derived_id, error_payload, normalize_result
 from .thread_registry import ThreadRegistry
 from .worker_task import WorkerResult, WorkerTask, new_key, open_response, signed_inputs, take_response
 
@@ -417,7 +417,8 @@ class StreamPump:
         except MessageError as e:
             log.warning("rejected message %s from %r to %r: %s", msg.id, msg.sender, msg.to, e)
             await self._emit(item, Message(sender="pump", to=msg.sender, kind="error", thread=msg.thread,
-                                           payload=error_payload(msg.to, "MessageError", str(e))))
+                                           payload=error_payload(msg.to, "MessageError", str(e)),
+                                           id=derived_id(msg.id, 0)))
             return
         assert listener is not None
         self.stats.messages += 1
@@ -680,27 +681,27 @@ class StreamPump:
                 else:
                     thread = reg.extend_chain(msg.thread, action.to)
                     out.append((Message(sender=listener.name, to=action.to, payload=action.payload,
-                                        thread=thread, in_reply_to=None), False))
+                                        thread=thread, in_reply_to=None, id=derived_id(msg.id, len(out))), False))
                     continue
                 problems.append(problem)
-                out.extend(self._reply(msg, listener, error_payload(listener.name, "RoutingError", problem), "error",
-                                       reg))
+                out.append(self._reply(msg, listener, error_payload(listener.name, "RoutingError", problem), "error",
+                                       reg, derived_id(msg.id, len(out))))
             else:
-                out.extend(self._reply(msg, listener, action.payload, kind, reg))
+                out.append(self._reply(msg, listener, action.payload, kind, reg, derived_id(msg.id, len(out))))
         for problem in problems:
             log.error("%s", problem)
         return out
 
     def _reply(self, msg: Message, listener: ListenerSpec, payload: str, kind: str,
-               reg: ThreadRegistry) -> list[tuple[Message, bool]]:
+               reg: ThreadRegistry, ident: str) -> tuple[Message, bool]:
         assert msg.thread is not None
         caller, thread = reg.prune_for_response(msg.thread)
         if caller is None or thread is None:
             # Nobody left on the chain (an unknown or expired thread): answer the sender directly.
             caller, thread = msg.sender, msg.thread
         reply = Message(sender=listener.name, to=caller, payload=payload, thread=thread, kind=kind,  # type: ignore[arg-type]
-                        in_reply_to=msg.id)
-        return [(reply, caller not in self._listeners)]
+                        in_reply_to=msg.id, id=ident)
+        return reply, caller not in self._listeners
 
 
 def _log_task_error(task: asyncio.Future[Any]) -> None:

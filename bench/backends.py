@@ -224,6 +224,19 @@ def bench_backend(kind: str, backend: Any, rounds: int, quick: bool, *,
         add("buffer_get_thread 1,000 slots (bytes)", read_bytes, n=n_read)
         add(full, read_full, n=n_read)
 
+    if raw_redis is not None:
+        # The index (issue 5: tenants may not SCAN): a thread's first append also adds it to the
+        # prefix's index; listing walks the index (SSCAN + a liveness script per 500 entries)
+        # instead of SCAN MATCH over the whole keyspace, the library's earlier way.
+        n_new = 500 if quick else 2000
+        add("buffer_append, a new thread each time", ours(lambda i: backend.buffer_append(f"new-{i}-{time.time_ns()}", blob)),
+            "RPUSH to a new key", raw(lambda i: raw_redis.rpush(f"raw:new:{{{i}-{time.time_ns()}}}", blob)), n=n_new)
+        prefix = backend.config.redis_prefix
+        add(f"buffer_list_threads ({len(backend.buffer_list_threads()):,} threads)",
+            ours(lambda i: backend.buffer_list_threads()), "SCAN MATCH buffer:*",
+            raw(lambda i: sorted(k[len(prefix) + 8:-1].decode()
+                                 for k in raw_redis.scan_iter(match=f"{prefix}buffer:*", count=1000))), n=n_read)
+
     chains = [f"console.greeter.n{i}" for i in range(200)]
     uuids = [f"uuid-{kind}-{i}" for i in range(200)]
     set_op = ours(lambda i: backend.registry_set(chains[i % 200], uuids[i % 200]))

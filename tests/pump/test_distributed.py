@@ -289,3 +289,43 @@ async def test_a_pump_taking_over_repeats_neither_outputs_nor_buffer_entries(red
     assert not raw.exists(backend.key("egress", "sent", message.id))
     assert buffers() == stored  # the re-run's appends were recognised as repeats
     backend.close()
+
+
+def test_pump_serves_prometheus_metrics(redis_server, prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                        cli_env: dict[str, str], procs: list[Any]) -> None:
+    import urllib.error
+    import urllib.request
+
+    from redis_server import free_port
+
+    path = write_organism(tmp_path, redis_server.url, prefix)
+    env = dict(cli_env, XP_CONFIG=str(path))
+    port = free_port()
+    pump = cli_popen("pump", "--heartbeat-file", str(tmp_path / "pump.hb"), "--metrics-port", str(port),
+                     env=env, log=tmp_path / "pump.log")
+    procs.append(pump)
+    start_worker(path, env, tmp_path, "w", procs)
+    r = cli("send", "--to", "greeter", '<greet name="Ada" lucky="100"/>', "--wait", "--timeout", "60", env=env)
+    assert r.returncode == 0, r.stderr + (tmp_path / "pump.log").read_text()
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:  # the pump answered, so it is serving
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+    org = '{organism="dist"}'
+    assert values[f"xp_pump_conversations_total{org}"] == 1
+    assert values[f"xp_pump_worker_tasks_total{org}"] == 1  # greeter asked the cpu_bound primes
+    assert values[f"xp_pump_messages_total{org}"] >= 3 and values[f"xp_pump_errors_total{org}"] == 0
+    assert values['xp_stream_length{organism="dist",stream="tasks"}'] == 0  # done tasks are trimmed
+    assert "# TYPE xp_pump_messages_total counter" in text
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+    assert e.value.code == 404
+    pump.send_signal(signal.SIGTERM)
+    assert pump.wait(30) == 0
+
+
+def test_pump_metrics_port_is_checked() -> None:
+    r = cli("pump", "--metrics-port", "70000", env=dict(os.environ))
+    assert r.returncode == 2 and "--metrics-port" in r.stderr and "0..65535" in r.stderr

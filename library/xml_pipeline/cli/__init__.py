@@ -25,6 +25,17 @@ class UsageError(Exception):
     """A mistake in how the command was called (exit 2)."""
 
 
+def _port(text: str) -> int:
+    """argparse type of a TCP port (0 = off); a bad one is a usage error naming the allowed range."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535, got {value}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
@@ -72,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--heartbeat-file", default=DEFAULT_HEARTBEAT_FILE, help="file refreshed while healthy "
                    f"(default {DEFAULT_HEARTBEAT_FILE})")
+    p.add_argument("--metrics-port", type=_port, default=0, metavar="PORT",
+                   help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics (default: off)")
     _add_common(p)
 
     p = sub.add_parser("worker", help="run a worker of a pod (takes cpu_bound tasks from the Redis stream)",

@@ -69,14 +69,15 @@ def cmd_pump(args: argparse.Namespace) -> int:
     organism = load(args)
     backend = get_shared_backend(organism.backend)
     try:
-        return asyncio.run(_pump_main(organism, backend, args.heartbeat_file))
+        return asyncio.run(_pump_main(organism, backend, args.heartbeat_file, args.metrics_port))
     finally:
         backend.close()
 
 
-async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file: str) -> int:
-    from ..message_bus.distributed import IngressBridge, RedisDispatcher, touch
+async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file: str, metrics_port: int = 0) -> int:
+    from ..message_bus.distributed import IngressBridge, RedisDispatcher, stream_info, touch
     from ..message_bus.stream_pump import StreamPump
+    from .metrics import MetricsServer, pump_samples
     from .run import make_dispatcher
 
     loop = asyncio.get_running_loop()
@@ -90,6 +91,7 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
             await asyncio.sleep(PUMP_HEARTBEAT_SECONDS)
 
     beat = asyncio.create_task(heartbeat())
+    metrics: MetricsServer | None = None
     try:
         if not await loop.run_in_executor(None, _wait_for_backend, backend, stop.is_set):
             return EXIT_OK
@@ -101,6 +103,10 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
             dispatcher = make_dispatcher(organism, backend)
         pump = StreamPump(organism, backend, dispatcher=dispatcher, keep_outputs=False)
         await pump.start()
+        if metrics_port:
+            streams = (lambda: stream_info(backend)) if redis_mode else None
+            metrics = MetricsServer(lambda: pump_samples(pump, organism.name, organism.backend.backend_type, streams),
+                                    metrics_port).start()
         bridge = IngressBridge(backend, pump, claim_idle_seconds=organism.process_pool.claim_idle_seconds) \
             if redis_mode else None
         if bridge is not None:
@@ -125,6 +131,8 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
         return EXIT_OK
     finally:
         beat.cancel()
+        if metrics is not None:
+            metrics.close()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -163,7 +163,10 @@ def test_pump_and_worker_get_exactly_the_contract_environment() -> None:
         for var, key in (("XP_REDIS_USERNAME", "redis-username"), ("XP_REDIS_PASSWORD", "redis-password"),
                          ("XP_SIGNING_KEY", "signing-key")):
             assert e[var] == {"secretKeyRef": {"name": "orders-credentials", "key": key}}
-        assert c["command"] == ["xml-pipeline", role]
+        assert c["command"] == (["xml-pipeline", "pump", "--metrics-port", "9102"] if role == "pump"
+                                else ["xml-pipeline", "worker"])
+        assert c.get("ports", []) == ([{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}]
+                                      if role == "pump" else [])
         assert c["image"] == "registry.example/xp:1.2.3"  # XPO_DEFAULT_IMAGE
         assert objs[f"Deployment/orders-{role}"]["spec"]["template"]["spec"]["enableServiceLinks"] is False
 

@@ -14,6 +14,9 @@ from .security import APP_GID, APP_UID, container_security_context, pod_basics, 
 Role = Literal["pump", "worker"]
 
 _HEALTHCHECK = ["xml-pipeline", "healthcheck"]
+#: The pump serves Prometheus metrics here (`xml-pipeline pump --metrics-port`); worker pods need none
+#: (the pump counts every task and reads the streams). The chart's PodMonitor scrapes port "metrics".
+PUMP_METRICS_PORT = 9102
 
 
 def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
@@ -71,7 +74,7 @@ def config_hash(org: Organism, organism_yaml: str, endpoint: str | None) -> str:
 
 def _container(org: Organism, role: Role, endpoint: str | None, resources: Resources,
                fixed_ids: bool) -> dict[str, Any]:
-    return {
+    container: dict[str, Any] = {
         "name": role,
         "image": org.image,
         "command": ["xml-pipeline", role],
@@ -87,6 +90,10 @@ def _container(org: Organism, role: Role, endpoint: str | None, resources: Resou
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
+    if role == "pump":
+        container["command"] += ["--metrics-port", str(PUMP_METRICS_PORT)]
+        container["ports"] = [{"name": "metrics", "containerPort": PUMP_METRICS_PORT, "protocol": "TCP"}]
+    return container
 
 
 def _template(org: Organism, role: Role, endpoint: str | None, resources: Resources,

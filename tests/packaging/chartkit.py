@@ -32,7 +32,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "url": "rediss://redis.platform.svc:6380/0", "username": "xp-admin",
             "existingSecret": "redis-admin", "existingSecretKey": "admin-password"}},
     },
-    "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+    "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                                    "podMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "metrics-service": {"metrics": {"service": {"enabled": True}}},
     # OpenShift-style: the platform assigns user ids (restricted SCC).
     "platform-user-ids": {"podUserIds": "platform", "sharedRedis": {"mode": "deploy"}},

@@ -227,6 +227,29 @@ def test_service_monitor(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert not find(rendered["metrics-service"], "ServiceMonitor")
 
 
+def test_pod_monitor_scrapes_every_pump(helm: str, rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """The PodMonitor selects the pump pods the operator builds (not workers, not Redis) on the port
+    their container names "metrics", in every namespace, or the watched ones."""
+    from chartkit import operator_workloads
+
+    pm = one(rendered["service-monitor"], "PodMonitor")
+    assert pm["metadata"]["labels"]["release"] == "prom"
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}
+    selected = [o for o in operator_workloads() if o["kind"] in ("Deployment", "StatefulSet")
+                and pm["spec"]["selector"]["matchLabels"].items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+    assert selected and {o["metadata"]["name"].rsplit("-", 1)[1] for o in selected} == {"pump"}
+    for o in selected:
+        ports = o["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert any(p["name"] == endpoint["port"] for p in ports)
+    values = {"watchNamespaces": ["team-a"], "metrics": {"podMonitor": {"enabled": True}}}
+    result = helm_template(helm, values, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert one(load_docs(result.stdout), "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    assert not find(rendered["defaults"], "PodMonitor")
+
+
 def test_everything(rendered: dict[str, list[dict[str, Any]]]) -> None:
     objects = rendered["everything"]
     deploy = one(objects, "Deployment", FULLNAME)

@@ -23,7 +23,7 @@ from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline_operator.tenancy import acl
 from xml_pipeline_operator.tenancy.cleanup import cleanup_prefix
 from xml_pipeline_operator.tenancy.recovery import DesiredUser, UserRecovery
-from xml_pipeline_operator.tenancy.usage import UsageSampler
+from xml_pipeline_operator.tenancy.usage import TickCost, UsageSampler
 
 from benchkit import BenchRedis  # noqa: E402  (bench/ is the script directory)
 
@@ -42,6 +42,16 @@ def append_rate(b: RedisBackend, n: int, tag: str) -> float:
     for i in range(n):
         b.buffer_append(f"{tag}-{i % 50}", slot)
     return n / (time.perf_counter() - t0)
+
+
+def full_round(sampler: UsageSampler, orgs: list[tuple[str, str, str]]) -> list[TickCost]:
+    """Every tick of one complete usage round over `orgs` (username, password, prefix)."""
+    sampler.set_tenants({u: p for u, _, p in orgs})
+    ticks = []
+    while True:
+        ticks.append(sampler.tick())
+        if ticks[-1].round_completed:
+            return ticks
 
 
 def main() -> None:
@@ -101,24 +111,11 @@ def main() -> None:
         fill = time.perf_counter() - t0
         dbsize = admin.dbsize()
         sampler = UsageSampler(admin)
-        sampler.set_tenants({u: p for u, _, p in orgs})
-        ticks = []
-        while True:
-            cost = sampler.tick()
-            ticks.append(cost)
-            if cost.round_completed:
-                break
+        ticks = full_round(sampler, orgs)
         usage = sampler.latest
         sample = usage[orgs[0][0]]
         assert sample.threads == args.threads, sample
-        small = UsageSampler(admin, keys_per_tick=2000, memory_samples_per_tick=16)
-        small.set_tenants({u: p for u, _, p in orgs})
-        small_ticks = []
-        while True:
-            cost = small.tick()
-            small_ticks.append(cost)
-            if cost.round_completed:
-                break
+        small_ticks = full_round(UsageSampler(admin, keys_per_tick=2000, memory_samples_per_tick=16), orgs)
         print(f"\nusage ({dbsize} keys in the server, filled in {fill:.1f} s through {len(orgs)} restricted users)")
         first = ticks[0]
         print(f"  one tick, default budget         {first.seconds * 1000:8.1f} ms  ({first.keys_scanned} keys "

@@ -292,7 +292,7 @@ class InMemoryBackend:
     def registry_list_all(self) -> dict[str, str]:
         with self._lock:
             now = self._now()
-            return {c: u for c, u in list(self._chain_to_uuid.items()) if not self._expired(_CHAIN, c, now)}
+            return {u: c for c, u in list(self._chain_to_uuid.items()) if not self._expired(_CHAIN, c, now)}
 
     def registry_clear(self) -> int:
         with self._lock:

@@ -235,7 +235,8 @@ def compat_config(config: BackendConfig | str | tuple[Any, ...] | None, backend_
                   **overrides: Any) -> BackendConfig:
     """The config a backend constructor was given, in either form it accepts.
 
-    `config` is a BackendConfig, None (the defaults of `backend_type`), or xml-pipeline's first
+    `config` is a BackendConfig, None (the defaults of `backend_type`, signing with XP_SIGNING_KEY if
+    set), or xml-pipeline's first
     positional argument (a Redis URL, a manager address); the keyword arguments of xml-pipeline's
     constructors arrive in `overrides` as field names, and those not None replace the config's.
     """
@@ -248,6 +249,11 @@ def compat_config(config: BackendConfig | str | tuple[Any, ...] | None, backend_
         config = None
     changes = {k: v for k, v in overrides.items() if v is not None}
     if config is None:
+        # Built from xml-pipeline's arguments alone: sign with XP_SIGNING_KEY when it is set, the
+        # key serialize_slot() uses by default, so both agree without any other configuration.
+        env_key = os.environ.get("XP_SIGNING_KEY") or None
+        if env_key is not None:
+            changes.setdefault("signing_key", env_key)
         return BackendConfig(backend_type=backend_type, **changes)
     return dataclasses.replace(config, **changes) if changes else config
 

@@ -541,3 +541,34 @@ def test_backends_built_from_upstream_arguments_sign_with_xp_signing_key(
     finally:
         backend.close()
     assert os.environ["XP_SIGNING_KEY"] == SIGNING_KEY
+
+
+def test_every_method_takes_upstream_keyword_names(upstream_backend: Any) -> None:
+    """Callers that name their arguments (xml-pipeline's parameter names) are served too."""
+    from xml_pipeline.memory.context_buffer import ContextBuffer
+    from xml_pipeline.message_bus.thread_registry import ThreadRegistry
+    b = upstream_backend
+    assert b.buffer_append(thread_id="t", slot_data=b"x") == 0
+    assert b.buffer_get_thread(thread_id="t") == [b"x"] and b.buffer_get_slot(thread_id="t", index=0) == b"x"
+    assert b.buffer_thread_len(thread_id="t") == 1 and b.buffer_thread_exists(thread_id="t")
+    assert b.buffer_delete_thread(thread_id="t")
+    b.registry_set(chain="a.b", uuid="u")
+    assert b.registry_get_uuid(chain="a.b") == "u" and b.registry_get_chain(uuid="u") == "a.b"
+    assert b.registry_delete(uuid="u")
+
+    buffer = ContextBuffer(backend=b)
+    slot = buffer.append(thread_id="t", payload=Note("k"), from_id="f", to_id="r", own_name="r",
+                         is_self_call=False, usage_instructions="")
+    assert buffer.get_thread(thread_id="t") is not None and buffer.get_thread_slots(thread_id="t") == [slot]
+    assert buffer.thread_exists(thread_id="t") and buffer.get_or_create_thread(thread_id="t")[0] == slot
+    assert buffer.delete_thread(thread_id="t")
+
+    registry = ThreadRegistry(backend=b)
+    root = registry.initialize_root(organism_name="org")
+    one = registry.get_or_create(chain="x.y")
+    two = registry.extend_chain(current_uuid=one, next_hop="z")
+    assert registry.lookup(thread_id=two) == "x.y.z" and registry.prune_for_response(thread_id=two) == ("y", one)
+    assert registry.lookup(registry.start_chain(initiator="p", target="q")) == "p.q"
+    assert registry.register_thread(thread_id="ext", initiator="p", target="s") == "ext"
+    registry.cleanup(thread_id="ext")
+    assert registry.lookup("ext") is None and registry.lookup(root) == "system.org"

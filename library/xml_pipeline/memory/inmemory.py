@@ -175,10 +175,10 @@ class InMemoryBackend:
         self._touch_thread(uuid, now)
 
     # -- Context Buffer -------------------------------------------------------------------------
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+    def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
         check_thread_id(thread_id)
-        blob = check_blob(slot)
+        blob = check_blob(slot_data)
         if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int)
                                       or max_slots < 1):
             raise ValueError(f"max_slots must be None or an integer >= 1, got {max_slots!r}")

@@ -548,17 +548,17 @@ class ManagerBackend:
         raise BackendError(f"manager server at {self.address} failed on {method}: {result}")
 
     # -- Context Buffer -------------------------------------------------------------------------
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+    def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
         kwargs = _NO_KWARGS if max_slots is None and append_id is None else \
             {"max_slots": max_slots, "append_id": append_id}
         if append_id is not None:
             # With an id a repeat stores nothing, so a retry on a fresh connection is safe.
             try:
-                return int(self._call("buffer_append", (thread_id, slot), kwargs))
+                return int(self._call("buffer_append", (thread_id, slot_data), kwargs))
             except BackendUnavailable:
-                return int(self._call("buffer_append", (thread_id, slot), kwargs))
-        return int(self._call("buffer_append", (thread_id, slot), kwargs))
+                return int(self._call("buffer_append", (thread_id, slot_data), kwargs))
+        return int(self._call("buffer_append", (thread_id, slot_data), kwargs))
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         return self._call("buffer_get_thread", (thread_id,))

@@ -340,10 +340,10 @@ class RedisBackend:
                 return
 
     # -- Context Buffer -------------------------------------------------------------------------
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+    def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
         head = self._script_heads["append"]
-        body = self._append_body(thread_id, slot, max_slots, append_id)
+        body = self._append_body(thread_id, slot_data, max_slots, append_id)
         index: int = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
         if index == scripts.THREAD_FULL:
             raise ThreadFullError(thread_id, max_slots or 0)

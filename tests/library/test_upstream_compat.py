@@ -196,8 +196,9 @@ def test_backend_config_takes_upstream_forms() -> None:
 
 
 def test_buffer_operations_shapes(upstream_backend: Any) -> None:
-    from xml_pipeline.memory.shared_backend import serialize_slot
+    from xml_pipeline.memory.shared_backend import SharedBackend, serialize_slot
     b = upstream_backend
+    assert isinstance(b, SharedBackend)  # the protocol is runtime-checkable, as xml-pipeline's
     data = serialize_slot(_slot("thread-1"))
     assert b.buffer_append("thread-1", data) == 0
     assert b.buffer_append("thread-1", data) == 1

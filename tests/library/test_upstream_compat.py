@@ -359,6 +359,9 @@ def test_max_threads_evicts_the_oldest_thread_of_a_local_buffer() -> None:
     buffer.append("t3", Note("third"), "s", "r")
     assert buffer.get_stats()["thread_count"] == 2
     assert not buffer.thread_exists("t1") and buffer.thread_exists("t2") and buffer.thread_exists("t3")
+    with pytest.raises(ValueError, match="thread_id"):
+        buffer.append("{bad}", Note("x"), "s", "r")  # refused before anything is evicted
+    assert buffer.thread_exists("t2") and buffer.thread_exists("t3")
     buffer.delete_thread("t2")
     buffer.append("t4", Note("fourth"), "s", "r")  # room was made by the delete: t3 stays
     assert buffer.thread_exists("t3") and buffer.thread_exists("t4")

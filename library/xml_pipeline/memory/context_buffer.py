@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import BackendError, BackendUnavailable
 from .handler_metadata import HandlerMetadata, slot_to_handler_metadata
-from .inmemory import InMemoryBackend
+from .inmemory import InMemoryBackend, check_thread_id
 from .protocol import SharedBackend
 from .serialization import deserialize_slot, serialize_slot
 from .slots import UNASSIGNED, BufferSlot, SlotMetadata
@@ -85,6 +85,7 @@ class ContextBuffer:
 
     def _admit(self, thread_id: str) -> None:
         """Local buffers: make room for a new thread by evicting the oldest beyond max_threads."""
+        check_thread_id(thread_id)  # a bad id must not cost another thread its place
         with self._lock:
             if thread_id in self._order:
                 return

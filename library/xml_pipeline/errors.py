@@ -4,8 +4,14 @@
     ├── ConfigError (also a ValueError)    bad configuration; names the field and allowed values
     └── BackendError                       anything the shared backend could not do
         ├── BackendUnavailable             the store cannot be reached (Redis down, manager dead)
-        ├── SlotIntegrityError             a stored blob failed its signature check; nothing was unpickled
-        └── ThreadFullError                a thread reached its slot limit; the append was not stored
+        ├── SlotIntegrityError (also a ValueError)   a stored blob failed its signature check;
+        │                                            nothing was unpickled
+        └── ThreadFullError (also a MemoryError)     a thread reached its slot limit; the append
+                                                     was not stored
+
+The builtin second bases are what xml-pipeline's original API raised in those cases (ValueError for
+a slot that fails its HMAC, MemoryError for a full thread), so code written against it keeps
+catching them.
 """
 from __future__ import annotations
 
@@ -54,18 +60,19 @@ class BackendUnavailable(BackendError):
     """The backend's store cannot be reached. The message names the endpoint, never a password."""
 
 
-class SlotIntegrityError(BackendError):
+class SlotIntegrityError(BackendError, ValueError):
     """A stored blob is not a valid signed envelope (forged, truncated, foreign or signed with an
     unknown key). Raised before anything is unpickled."""
 
 
-class ThreadFullError(BackendError):
+class ThreadFullError(BackendError, MemoryError):
     """The thread already holds its maximum number of slots; the new slot was not stored."""
 
     def __init__(self, thread_id: str, limit: int) -> None:
         self.thread_id = thread_id
         self.limit = limit
-        super().__init__(f"thread {thread_id!r} is full: it already holds {limit} slots (max_slots_per_thread)")
+        super().__init__(f"thread {thread_id!r} is full: it already holds {limit} slots "
+                         f"(exceeded max slots, max_slots_per_thread={limit})")
 
     def __reduce__(self) -> tuple[object, ...]:
         return (ThreadFullError, (self.thread_id, self.limit))

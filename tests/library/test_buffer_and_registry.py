@@ -69,7 +69,8 @@ def test_exists_delete_and_stats(any_backend: SharedBackend) -> None:
             buffer.append(t, i, "x", "y")
     stats = buffer.get_stats()
     assert (stats["thread_count"], stats["total_slots"], stats["threads"]) == (2, 5, ["a", "b"])
-    assert stats["max_slots_per_thread"] == 50 and stats["is_shared"] is any_backend.is_shared
+    assert stats["max_slots_per_thread"] == 50 and stats["backend"] == "shared"
+    assert stats["backend_type"] == any_backend.config.backend_type
     assert buffer.thread_exists("a") and buffer.delete_thread("a") and not buffer.thread_exists("a")
     assert buffer.delete_thread("a") is False
     buffer.clear()

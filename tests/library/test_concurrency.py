@@ -69,7 +69,7 @@ def test_eight_processes_share_one_thread_and_one_chain(make_backend: MakeBacken
     assert len(claimed) == 1, f"{len(claimed)} uuids for one chain"
     (winner,) = claimed
     assert backend.registry_get_uuid(chain) == winner and backend.registry_get_chain(winner) == chain
-    assert backend.registry_list_all() == {chain: winner}
+    assert backend.registry_list_all() == {winner: chain}
     # every child verified with the parent's key ring (the manager handed it over)
     assert {r[4] for r in reports} == {backend.signer.keys}
 
@@ -174,7 +174,7 @@ def test_check_catches_get_then_set(make_backend: MakeBackend, kind: str) -> Non
     assert len(claimed_uuids(NaiveRegistry, make_backend(kind))) == 8  # everyone made their own
     backend = make_backend(kind)
     (winner,) = claimed_uuids(GatedRegistry, backend)
-    assert backend.registry_list_all() == {"console.greeter": winner}
+    assert backend.registry_list_all() == {winner: "console.greeter"}
 
 
 def test_max_slots_holds_under_concurrency(make_backend: MakeBackend) -> None:

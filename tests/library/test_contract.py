@@ -105,7 +105,7 @@ def test_registry_maps_both_directions(any_backend: SharedBackend) -> None:
     assert b.registry_get_uuid("console.greeter") == "u1"
     assert b.registry_get_chain("u1") == "console.greeter"
     assert b.registry_get_uuid("nope") is None and b.registry_get_chain("nope") is None
-    assert b.registry_list_all() == {"console.greeter": "u1", "console.router": "u2"}
+    assert b.registry_list_all() == {"u1": "console.greeter", "u2": "console.router"}
     assert b.registry_delete("u1") is True
     assert b.registry_delete("u1") is False
     assert b.registry_get_uuid("console.greeter") is None
@@ -121,7 +121,7 @@ def test_registry_set_removes_stale_mappings(any_backend: SharedBackend) -> None
     assert b.registry_get_chain("u2") == "console.greeter"
     b.registry_set("console.other", "u2")  # the uuid moves to a new chain
     assert b.registry_get_uuid("console.greeter") is None
-    assert b.registry_list_all() == {"console.other": "u2"}
+    assert b.registry_list_all() == {"u2": "console.other"}
 
 
 def test_registry_get_or_create_keeps_the_first_uuid(any_backend: SharedBackend) -> None:
@@ -129,7 +129,7 @@ def test_registry_get_or_create_keeps_the_first_uuid(any_backend: SharedBackend)
     assert b.registry_get_or_create("a.b", "first") == "first"
     assert b.registry_get_or_create("a.b", "second") == "first"
     assert b.registry_get_chain("second") is None
-    assert b.registry_list_all() == {"a.b": "first"}
+    assert b.registry_list_all() == {"first": "a.b"}
 
 
 # -- temporary data, lifecycle -------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_ttl_slides_with_writes_and_takes_registry_entries_along(make_backend: M
         time.sleep(0.2)
     assert b.buffer_list_threads() == ["active", "mapped"]
     # Appends kept the thread's registry entries alive; re-mapping kept the thread's buffer alive.
-    assert b.registry_list_all() == {"c.active": "active", "c.mapped": "mapped"}
+    assert b.registry_list_all() == {"active": "c.active", "mapped": "c.mapped"}
     assert b.registry_get_chain("idle") is None and b.registry_get_uuid("c.idle") is None
     assert b.buffer_get_thread("read-only") == []  # reads never extend a TTL
     assert b.buffer_thread_len("active") > 2
@@ -200,7 +200,7 @@ def test_ttl_slides_with_writes_and_takes_registry_entries_along(make_backend: M
     assert b.buffer_append("active", b"new") == 0  # a new log, and the expired registry entries stay gone
     assert b.registry_get_chain("active") is None and b.registry_get_uuid("c.active") is None
     assert b.buffer_list_threads() == ["active"]
-    assert b.registry_list_all() == {"c.sleeper": "sleeper"}
+    assert b.registry_list_all() == {"sleeper": "c.sleeper"}
     assert (b.info()["buffer_threads"], b.info()["registry_entries"]) == (1, 1)
 
 
@@ -230,4 +230,4 @@ def test_memory_expiry_is_exact_between_sweeps(monkeypatch: pytest.MonkeyPatch) 
     now[0] += 11  # now expired, and the next sweep is a minute away
     b.registry_set("c.new", "t")  # a write to thread t must not revive its expired buffer
     assert b.buffer_get_thread("t") == [] and b.registry_get_uuid("c.t") is None
-    assert b.registry_list_all() == {"c.new": "t"}
+    assert b.registry_list_all() == {"t": "c.new"}

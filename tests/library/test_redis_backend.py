@@ -136,7 +136,7 @@ def test_registry_set_removes_the_stale_reverse_mapping(backend: RedisBackend) -
     assert backend.registry_get_chain("u1") is None  # stale reverse entry removed
     # Moving a uuid to another chain drops its old forward entry as well (a bijection).
     backend.registry_set("console.other", "u2")
-    assert backend.registry_list_all() == {"console.other": "u2"}
+    assert backend.registry_list_all() == {"u2": "console.other"}
     assert backend.registry_get_uuid("console.greeter") is None
 
 
@@ -149,7 +149,7 @@ def test_get_or_create_and_delete(backend: RedisBackend) -> None:
     assert backend.registry_get_uuid("a.b") is None
     backend.registry_set("c.d", "u3")
     backend.registry_set("e.f", "u4")
-    assert backend.registry_list_all() == {"c.d": "u3", "e.f": "u4"}
+    assert backend.registry_list_all() == {"u3": "c.d", "u4": "e.f"}
     assert backend.registry_clear() == 2
     assert backend.registry_list_all() == {}
     assert backend.registry_get_chain("u3") is None
@@ -197,7 +197,7 @@ def test_prefix_isolation_between_nested_tenants(redis_server: RedisServer, raw:
         assert a.buffer_list_threads() == [] and a.registry_list_all() == {}
         for b in (ab, other):
             assert len(b.buffer_list_threads()) == 2
-            assert b.registry_list_all() == {"console.greeter": "shared-id"}
+            assert b.registry_list_all() == {"shared-id": "console.greeter"}
             assert b.buffer_get_thread("shared-id") == [b"x"]
             assert b.temp_get("tmp-1") == b"z"
         assert raw.get(f"a{tag}:notours") == b"keep"

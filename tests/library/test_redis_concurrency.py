@@ -112,7 +112,7 @@ def test_get_or_create_from_8_processes_yields_one_uuid(pool: ProcessPoolExecuto
             answers = {r[c] for r in results}  # type: ignore[index]
             assert len(answers) == 1, f"chain {c}: processes disagree: {answers}"
             winner = answers.pop()
-            assert mappings[f"race.chain{c}"] == winner
+            assert mappings[winner] == f"race.chain{c}"
             assert backend.registry_get_chain(winner) == f"race.chain{c}"
             for w in range(PROCS):  # the losers left no reverse entry behind
                 if f"u{c}-w{w}" != winner:

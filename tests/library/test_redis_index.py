@@ -41,7 +41,7 @@ def test_index_follows_threads_and_mappings(backend: RedisBackend, raw: redis.Re
     assert backend.registry_delete("b") and backend.buffer_delete_thread("a")
     assert raw.smembers(idx) == {b"t:b", b"t:c", b"c:x.w"}
     assert backend.buffer_list_threads() == ["b", "c"]
-    assert backend.registry_list_all() == {"x.w": "c"}
+    assert backend.registry_list_all() == {"c": "x.w"}
     info = backend.info()
     assert (info["buffer_threads"], info["registry_entries"]) == (2, 1)
     assert backend.buffer_clear() == 2 and backend.registry_clear() == 1
@@ -56,7 +56,7 @@ def test_listing_drops_entries_whose_keys_are_gone(backend: RedisBackend, raw: r
     # What an expiry does: the keys disappear behind the index's back.
     raw.delete(backend.keys.buffer("gone"), backend.keys.chain("r.gone"))
     assert backend.buffer_list_threads() == ["keep"]
-    assert backend.registry_list_all() == {"r.keep": "keep"}
+    assert backend.registry_list_all() == {"keep": "r.keep"}
     assert raw.smembers(backend.keys.index()) == {b"t:keep", b"c:r.keep"}
     # A thread that comes back is indexed again by its first append.
     backend.buffer_append("gone", b"again")
@@ -100,7 +100,7 @@ def test_reindex_recovers_threads_written_without_an_index(backend: RedisBackend
     assert backend.buffer_list_threads() == []
     assert backend.reindex() == {"threads": 2, "chains": 1}
     assert backend.buffer_list_threads() == ["p", "q"]
-    assert backend.registry_list_all() == {"r.p": "p"}
+    assert backend.registry_list_all() == {"p": "r.p"}
     assert backend.reindex() == {"threads": 0, "chains": 0}  # idempotent
 
 
@@ -117,7 +117,7 @@ def test_forged_index_entries_are_skipped(backend: RedisBackend, raw: redis.Redi
     raw.sadd(backend.keys.index(), b"t:\xff\xfe", "t:a{b", "c:r.bad", "x:junk")
     with caplog.at_level("WARNING"):
         assert backend.buffer_list_threads() == ["good"]
-        assert backend.registry_list_all() == {"r.good": "good"}
+        assert backend.registry_list_all() == {"good": "r.good"}
     assert "never writes" in caplog.text
     assert backend.info()["buffer_threads"] == 1
     assert backend.buffer_clear() >= 1 and backend.buffer_list_threads() == []

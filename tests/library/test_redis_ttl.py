@@ -51,7 +51,7 @@ def test_idle_threads_vanish_active_ones_survive(redis_server: RedisServer, raw:
         # Listing goes through the index (no SCAN): the expired thread and mapping are not listed,
         # and listing dropped their index entries.
         assert b.buffer_list_threads() == ["active"]
-        assert b.registry_list_all() == {"root.active": "active"}
+        assert b.registry_list_all() == {"active": "root.active"}
         assert raw.smembers(b.keys.index()) == {b"t:active", b"c:root.active"}
     finally:
         b.buffer_clear()

@@ -44,7 +44,7 @@ def exercise(b: RedisBackend) -> None:
     assert b.registry_get_or_create("console.greeter", "t-2") == "t-1"
     assert b.registry_get_uuid("console.greeter") == "t-1"
     assert b.registry_get_chain("t-1") == "console.greeter"
-    assert b.registry_list_all() == {"console.greeter": "t-1"}
+    assert b.registry_list_all() == {"t-1": "console.greeter"}
     b.temp_put("p-1", b"payload")
     assert b.temp_get("p-1") == b"payload"
     assert b.temp_delete("p-1") == 1

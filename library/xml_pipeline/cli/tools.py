@@ -121,7 +121,7 @@ def cmd_backend(args: argparse.Namespace) -> int:
                 data["streams"] = stream_info(backend)
             _print(data, args.json)
         elif args.action == "threads":
-            chains = {u: c for c, u in backend.registry_list_all().items()}
+            chains = backend.registry_list_all()
             rows = [{"thread": t, "chain": chains.get(t), "slots": backend.buffer_thread_len(t)}
                     for t in sorted(backend.buffer_list_threads())]
             if args.json:

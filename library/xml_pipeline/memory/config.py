@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -71,20 +71,25 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class BackendConfig:
-    """Configuration of a shared backend. Immutable; validated on construction."""
+    """Configuration of a shared backend. Immutable; validated on construction.
+
+    The first four fields may be given by position, in xml-pipeline's order; the rest by keyword.
+    """
 
     backend_type: BackendType = "memory"
     redis_url: str = "redis://localhost:6379"
     redis_prefix: str = "xp:"
     #: Seconds every key lives after its thread's last write (sliding). 0 or None: keys never expire.
     redis_ttl: int | None = 86400
+    _: KW_ONLY
     redis_username: str | None = None
     redis_password: str | None = field(default=None, repr=False)
     #: HMAC key(s) for slot envelopes: bytes, 'k1,k2' or a list; the first signs, all verify.
     signing_key: str | bytes | Sequence[str | bytes] | None = field(default=None, repr=False)
-    #: ManagerBackend: 'host:port', a Unix socket path, or None to start a private server.
+    #: ManagerBackend: 'host:port' (or a (host, port) tuple), a Unix socket path, or None to start
+    #: a private server.
     manager_address: str | None = None
     manager_authkey: str | bytes | None = field(default=None, repr=False)
     socket_timeout: float = 5.0
@@ -92,8 +97,16 @@ class BackendConfig:
     retries: int = 3
     health_check_interval: int = 30
     max_connections: int = 64
+    #: xml-pipeline's "common limits". Kept so its configs construct; ContextBuffer takes its own
+    #: limits (max_slots_per_thread, max_threads), these are not read by any backend.
+    max_slots_per_thread: int = 10_000
+    max_threads: int = 1_000
 
     def __post_init__(self) -> None:
+        address = self.manager_address
+        if isinstance(address, tuple) and len(address) == 2:
+            # xml-pipeline's (host, port) form; the text form is what the manager parses.
+            object.__setattr__(self, "manager_address", f"{address[0]}:{address[1]}")
         if self.backend_type not in BACKEND_TYPES:
             raise ConfigError("backend.type", f"unknown backend type {self.backend_type!r}", BACKEND_TYPES)
         _check_url(self.redis_url)
@@ -106,7 +119,8 @@ class BackendConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"backend.{name}", f"must be a number of seconds > 0, got {v!r}")
-        for name, low in (("retries", 0), ("health_check_interval", 0), ("max_connections", 1)):
+        for name, low in (("retries", 0), ("health_check_interval", 0), ("max_connections", 1),
+                          ("max_slots_per_thread", 1), ("max_threads", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"backend.{name}", f"must be an integer >= {low}, got {v!r}")
@@ -215,6 +229,33 @@ class BackendConfig:
         except ConfigError as e:
             env_var = next((v for v, n in ENV_VARS.items() if e.field.endswith(n.replace("backend_type", "type"))), None)
             raise ConfigError(env_var or e.field, e.problem, e.allowed) from None
+
+
+def compat_config(config: BackendConfig | str | tuple[Any, ...] | None, backend_type: BackendType,
+                  **overrides: Any) -> BackendConfig:
+    """The config a backend constructor was given, in either form it accepts.
+
+    `config` is a BackendConfig, None (the defaults of `backend_type`, signing with XP_SIGNING_KEY if
+    set), or xml-pipeline's first
+    positional argument (a Redis URL, a manager address); the keyword arguments of xml-pipeline's
+    constructors arrive in `overrides` as field names, and those not None replace the config's.
+    """
+    if config is not None and not isinstance(config, BackendConfig):
+        field_ = "redis_url" if backend_type == "redis" else "manager_address"
+        overrides.setdefault(field_, None)
+        if overrides[field_] is not None:
+            raise TypeError(f"{field_} given twice: by position ({config!r}) and by keyword")
+        overrides[field_] = config
+        config = None
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if config is None:
+        # Built from xml-pipeline's arguments alone: sign with XP_SIGNING_KEY when it is set, the
+        # key serialize_slot() uses by default, so both agree without any other configuration.
+        env_key = os.environ.get("XP_SIGNING_KEY") or None
+        if env_key is not None:
+            changes.setdefault("signing_key", env_key)
+        return BackendConfig(backend_type=backend_type, **changes)
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _check_url(url: object) -> None:

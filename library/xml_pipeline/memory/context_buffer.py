@@ -10,65 +10,56 @@ What is different, and why:
 - The per-thread limit is checked by the backend in that same step (`max_slots`), so it holds with
   many processes appending at once; a full thread raises ThreadFullError and stores nothing.
 - Slots are signed with the backend's key ring and verified before unpickling (serialization.py).
+
+`is_shared` and `get_stats()["backend"]` say what xml-pipeline's say: whether a backend was given
+("shared") or the buffer keeps its history in this process ("local"). Whether other processes can
+see the backend is `backend.is_shared`.
 """
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import BackendError
-from .inmemory import InMemoryBackend
+from ..errors import BackendError, BackendUnavailable
+from .handler_metadata import HandlerMetadata, slot_to_handler_metadata
+from .inmemory import InMemoryBackend, check_thread_id
 from .protocol import SharedBackend
 from .serialization import deserialize_slot, serialize_slot
 from .slots import UNASSIGNED, BufferSlot, SlotMetadata
+from .thread_context import ThreadContext
+
+__all__ = ["ContextBuffer", "ThreadContext", "BufferSlot", "SlotMetadata", "HandlerMetadata",
+           "get_context_buffer", "reset_context_buffer", "slot_to_handler_metadata"]
 
 DEFAULT_MAX_SLOTS_PER_THREAD = 10_000
-
-
-class ThreadContext:
-    """A read-only snapshot of one thread's slots (what `get_thread` returns)."""
-
-    __slots__ = ("thread_id", "_slots")
-
-    def __init__(self, thread_id: str, slots: list[BufferSlot]) -> None:
-        self.thread_id = thread_id
-        self._slots = tuple(slots)
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def __getitem__(self, index: int) -> BufferSlot:
-        return self._slots[index]
-
-    def __iter__(self) -> Iterator[BufferSlot]:
-        return iter(self._slots)
-
-    def get_slice(self, start: int = 0, end: int | None = None) -> list[BufferSlot]:
-        return list(self._slots[start:end])
-
-    def get_by_type(self, payload_type: str) -> list[BufferSlot]:
-        return [s for s in self._slots if s.metadata.payload_type == payload_type]
-
-    def get_from(self, from_id: str) -> list[BufferSlot]:
-        return [s for s in self._slots if s.from_id == from_id]
-
-    def __repr__(self) -> str:
-        return f"ThreadContext({self.thread_id!r}, slots={len(self._slots)})"
+DEFAULT_MAX_THREADS = 1_000
 
 
 class ContextBuffer:
     """The context buffer of an organism: one append-only log of slots per thread."""
 
     def __init__(self, backend: SharedBackend | None = None, *,
-                 max_slots_per_thread: int = DEFAULT_MAX_SLOTS_PER_THREAD) -> None:
-        """`backend=None` keeps the history in this process (a private InMemoryBackend)."""
-        if isinstance(max_slots_per_thread, bool) or not isinstance(max_slots_per_thread, int) \
-                or max_slots_per_thread < 1:
-            raise ValueError(f"max_slots_per_thread must be an integer >= 1, got {max_slots_per_thread!r}")
+                 max_slots_per_thread: int = DEFAULT_MAX_SLOTS_PER_THREAD,
+                 max_threads: int = DEFAULT_MAX_THREADS) -> None:
+        """`backend=None` keeps the history in this process (a private InMemoryBackend).
+
+        `max_threads` applies to such a local buffer only: a new thread beyond it evicts the oldest
+        (xml-pipeline's rule). On a backend, threads end by TTL or delete_thread instead.
+        """
+        for name, value in (("max_slots_per_thread", max_slots_per_thread), ("max_threads", max_threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self._shared = backend is not None
         self._backend: SharedBackend = backend if backend is not None else InMemoryBackend()
         self.max_slots_per_thread = max_slots_per_thread
+        self.max_threads = max_threads
+        self._lock = threading.Lock()
+        # Local buffers: thread ids oldest first (max_threads eviction). Live views handed out by
+        # get_or_create_thread, so asking twice gives the same object.
+        self._order: OrderedDict[str, None] = OrderedDict()
+        self._views: OrderedDict[str, ThreadContext] = OrderedDict()
 
     @property
     def backend(self) -> SharedBackend:
@@ -76,8 +67,37 @@ class ContextBuffer:
 
     @property
     def is_shared(self) -> bool:
-        """True when other processes see this buffer (manager or redis backend)."""
-        return bool(self._backend.is_shared)
+        """True when the buffer was given a backend (xml-pipeline's "shared mode"), False for a
+        buffer that keeps its history in this process. `backend.is_shared` tells whether other
+        processes see the backend."""
+        return self._shared
+
+    def get_or_create_thread(self, thread_id: str) -> ThreadContext:
+        """A live view of `thread_id` (the same object for the same id): reads go to the backend,
+        `append` stores through this buffer. The thread itself exists once something is appended."""
+        with self._lock:
+            view = self._views.get(thread_id)
+            if view is None:
+                view = self._views[thread_id] = ThreadContext(thread_id, buffer=self)
+                while len(self._views) > self.max_threads:  # views are cheap, but not unbounded
+                    self._views.popitem(last=False)
+            return view
+
+    def _admit(self, thread_id: str) -> None:
+        """Local buffers: make room for a new thread by evicting the oldest beyond max_threads."""
+        check_thread_id(thread_id)  # a bad id must not cost another thread its place
+        with self._lock:
+            if thread_id in self._order:
+                return
+            if len(self._order) >= self.max_threads:
+                for known in list(self._order):  # forget threads that expired meanwhile
+                    if not self._backend.buffer_thread_exists(known):
+                        del self._order[known]
+            while len(self._order) >= self.max_threads:
+                oldest, _ = self._order.popitem(last=False)
+                self._backend.buffer_delete_thread(oldest)
+                self._views.pop(oldest, None)
+            self._order[thread_id] = None
 
     def append(self, thread_id: str, payload: Any, from_id: str, to_id: str,
                own_name: str | None = None, is_self_call: bool = False, usage_instructions: str = "",
@@ -87,6 +107,8 @@ class ContextBuffer:
         `append_id` makes a retry of this append (after a timeout, say) return the first call's slot
         index instead of storing the slot twice. Raises ThreadFullError at max_slots_per_thread.
         """
+        if not self._shared:
+            self._admit(thread_id)
         slot, blob = self._slot(thread_id, payload, from_id, to_id, own_name, is_self_call, usage_instructions)
         index = self._backend.buffer_append(thread_id, blob, max_slots=self.max_slots_per_thread,
                                             append_id=append_id)
@@ -163,21 +185,29 @@ class ContextBuffer:
         return self._backend.buffer_thread_exists(thread_id)
 
     def delete_thread(self, thread_id: str) -> bool:
+        with self._lock:
+            self._order.pop(thread_id, None)
         return self._backend.buffer_delete_thread(thread_id)
 
     def get_stats(self) -> dict[str, Any]:
+        """xml-pipeline's keys (thread_count, total_slots, max_threads, max_slots_per_thread,
+        threads, backend: "shared" | "local") plus backend_type (memory | manager | redis)."""
         threads = self._backend.buffer_list_threads()
         return {
             "thread_count": len(threads),
             "total_slots": sum(self._backend.buffer_thread_len(t) for t in threads),
+            "max_threads": self.max_threads,
             "max_slots_per_thread": self.max_slots_per_thread,
             "threads": threads,
-            "backend": self._backend.info().get("backend", type(self._backend).__name__),
-            "is_shared": self.is_shared,
+            "backend": "shared" if self._shared else "local",
+            "backend_type": getattr(getattr(self._backend, "config", None), "backend_type",
+                                    type(self._backend).__name__),
         }
 
     def clear(self) -> None:
         """Delete every thread (testing)."""
+        with self._lock:
+            self._order.clear()
         self._backend.buffer_clear()
 
     def __repr__(self) -> str:
@@ -201,12 +231,29 @@ def get_context_buffer(backend: SharedBackend | None = None) -> ContextBuffer:
     with _default_lock:
         if _default_buffer is None:
             from .factory import default_backend
-            _default_buffer = ContextBuffer(default_backend())
+            backend = default_backend()
+            _default_buffer = ContextBuffer(backend)
+            # No backend was asked for: "shared" only if the configured one reaches other processes.
+            _default_buffer._shared = bool(backend.is_shared)
         return _default_buffer
 
 
 def reset_context_buffer() -> None:
-    """Forget the process-wide buffer (tests). Its backend is closed by reset_default_backend()."""
+    """Clear the process-wide buffer's threads, then forget it (tests), as xml-pipeline does.
+
+    Its backend stays open (reset_shared_backend() closes it)."""
+    global _default_buffer
+    with _default_lock:
+        buffer, _default_buffer = _default_buffer, None
+    if buffer is not None:
+        try:
+            buffer.clear()
+        except BackendUnavailable:
+            pass  # its backend is closed or gone: nothing left that a later buffer could see
+
+
+def forget_context_buffer() -> None:
+    """Forget the process-wide buffer without touching its data."""
     global _default_buffer
     with _default_lock:
         _default_buffer = None

@@ -175,10 +175,10 @@ class InMemoryBackend:
         self._touch_thread(uuid, now)
 
     # -- Context Buffer -------------------------------------------------------------------------
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+    def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
         check_thread_id(thread_id)
-        blob = check_blob(slot)
+        blob = check_blob(slot_data)
         if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int)
                                       or max_slots < 1):
             raise ValueError(f"max_slots must be None or an integer >= 1, got {max_slots!r}")
@@ -292,7 +292,7 @@ class InMemoryBackend:
     def registry_list_all(self) -> dict[str, str]:
         with self._lock:
             now = self._now()
-            return {c: u for c, u in list(self._chain_to_uuid.items()) if not self._expired(_CHAIN, c, now)}
+            return {u: c for c, u in list(self._chain_to_uuid.items()) if not self._expired(_CHAIN, c, now)}
 
     def registry_clear(self) -> int:
         with self._lock:

@@ -54,7 +54,7 @@ from types import TracebackType
 from typing import Any, ClassVar
 
 from ..errors import BackendError, BackendUnavailable, ConfigError
-from .config import BackendConfig
+from .config import BackendConfig, compat_config
 from .inmemory import InMemoryBackend
 from .signing import Signer
 
@@ -350,16 +350,22 @@ def _remove_stale_socket(path: str) -> None:
 class ManagerBackend:
     """Shared backend served by a multiprocessing manager process on this machine."""
 
-    def __init__(self, config: BackendConfig | None = None, *, address: str | None = None,
-                 authkey: str | bytes | None = None, start_server: bool = False) -> None:
+    def __init__(self, config: BackendConfig | str | tuple[str, int] | None = None,
+                 authkey: str | bytes | None = None, *, address: str | tuple[str, int] | None = None,
+                 start_server: bool = False) -> None:
         """Connect to the server at `address` (or `config.manager_address`), or start one.
+
+        xml-pipeline's form works too: `ManagerBackend()`, `ManagerBackend(address, authkey)` with
+        `address` a (host, port) tuple or text.
 
         No address: start a private server (Unix socket in a private temp dir, random authkey
         unless one is configured). `start_server=True` with an address: start the server bound at
         that address (port 0 picks a free port; `address` tells which). A server this backend
         started stops when the backend is closed or its process exits.
         """
-        self.config = config if config is not None else BackendConfig(backend_type="manager")
+        self.config = compat_config(config, "manager")
+        if isinstance(address, tuple):
+            address = f"{address[0]}:{address[1]}"
         text = address if address is not None else self.config.manager_address
         raw_key = authkey if authkey is not None else self.config.manager_authkey
         self._server: subprocess.Popen[bytes] | None = None
@@ -542,17 +548,17 @@ class ManagerBackend:
         raise BackendError(f"manager server at {self.address} failed on {method}: {result}")
 
     # -- Context Buffer -------------------------------------------------------------------------
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+    def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
         kwargs = _NO_KWARGS if max_slots is None and append_id is None else \
             {"max_slots": max_slots, "append_id": append_id}
         if append_id is not None:
             # With an id a repeat stores nothing, so a retry on a fresh connection is safe.
             try:
-                return int(self._call("buffer_append", (thread_id, slot), kwargs))
+                return int(self._call("buffer_append", (thread_id, slot_data), kwargs))
             except BackendUnavailable:
-                return int(self._call("buffer_append", (thread_id, slot), kwargs))
-        return int(self._call("buffer_append", (thread_id, slot), kwargs))
+                return int(self._call("buffer_append", (thread_id, slot_data), kwargs))
+        return int(self._call("buffer_append", (thread_id, slot_data), kwargs))
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         return self._call("buffer_get_thread", (thread_id,))

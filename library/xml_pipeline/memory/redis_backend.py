@@ -34,7 +34,7 @@ from redis.retry import Retry
 
 from ..errors import BackendError, BackendUnavailable, ThreadFullError
 from . import redis_scripts as scripts
-from .config import BackendConfig, redact_url
+from .config import BackendConfig, compat_config, redact_url
 from .keys import RedisKeys, check_tagged_id
 from .redis_pipe import DirectConnection
 from .signing import Signer
@@ -141,9 +141,12 @@ class RedisBackend:
 
     is_shared = True
 
-    def __init__(self, config: BackendConfig | None = None) -> None:
-        if config is None:
-            config = BackendConfig(backend_type="redis")
+    def __init__(self, config: BackendConfig | str | None = None, *, url: str | None = None,
+                 prefix: str | None = None, ttl: int | None = None) -> None:
+        """A backend on the Redis server of `config`, or of xml-pipeline's arguments:
+        `RedisBackend(url="redis://host:6379", prefix="xp:", ttl=86400)` (`url` may also come first,
+        by position; `ttl=0` keeps keys forever). Arguments given override the config's fields."""
+        config = compat_config(config, "redis", redis_url=url, redis_prefix=prefix, redis_ttl=ttl)
         self.config = config
         self.keys = RedisKeys(config.redis_prefix)
         self._prefix = config.redis_prefix
@@ -200,6 +203,16 @@ class RedisBackend:
     def url(self) -> str:
         """The server URL with any password redacted."""
         return self._url
+
+    @property
+    def prefix(self) -> str:
+        """The tenant prefix every key starts with."""
+        return self._prefix
+
+    @property
+    def ttl(self) -> int:
+        """Seconds keys live after their thread's last write; 0 when they never expire."""
+        return self._ttl
 
     def key(self, space: str, *parts: str) -> str:
         """A key of this tenant in `space` (e.g. key("tasks") -> "xp:tasks"), for the pump's streams."""
@@ -327,10 +340,10 @@ class RedisBackend:
                 return
 
     # -- Context Buffer -------------------------------------------------------------------------
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
+    def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
         head = self._script_heads["append"]
-        body = self._append_body(thread_id, slot, max_slots, append_id)
+        body = self._append_body(thread_id, slot_data, max_slots, append_id)
         index: int = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
         if index == scripts.THREAD_FULL:
             raise ThreadFullError(thread_id, max_slots or 0)
@@ -512,7 +525,7 @@ class RedisBackend:
         return bool(self._do("registry_delete", lambda: self._eval(scripts.REGISTRY_DELETE, keys, args)))
 
     def registry_list_all(self) -> dict[str, str]:
-        return self._do("registry_list_all", lambda: {chain: uuid.decode() for chain, uuid in self._live(b"c")})
+        return self._do("registry_list_all", lambda: {uuid.decode(): chain for chain, uuid in self._live(b"c")})
 
     def registry_clear(self) -> int:
         """Delete every registry entry of this prefix; returns the number of mappings removed."""
@@ -637,6 +650,7 @@ class RedisBackend:
             "url": self._url,
             "prefix": self._prefix,
             "ttl": self._ttl or None,
+            "ttl_seconds": self._ttl,
             "buffer_threads": threads,
             "registry_entries": entries,
             "counts_capped": capped_t or capped_r,

@@ -19,6 +19,7 @@ import uuid as uuid_module
 import weakref
 from dataclasses import dataclass
 
+from ..errors import BackendUnavailable
 from ..memory.inmemory import InMemoryBackend
 from ..memory.protocol import SharedBackend
 
@@ -54,6 +55,7 @@ class ThreadRegistry:
 
     def __init__(self, backend: SharedBackend | None = None, *, _root: _RootState | None = None) -> None:
         """`backend=None` keeps the registry in this process (a private InMemoryBackend)."""
+        self._shared = backend is not None
         self._backend: SharedBackend = backend if backend is not None else InMemoryBackend()
         self._root = _root if _root is not None else _RootState()
 
@@ -63,8 +65,9 @@ class ThreadRegistry:
 
     @property
     def is_shared(self) -> bool:
-        """True when other processes see this registry (manager or redis backend)."""
-        return bool(self._backend.is_shared)
+        """True when the registry was given a backend (xml-pipeline's "shared mode"), False when it
+        keeps its mappings in this process. `backend.is_shared` tells whether other processes see it."""
+        return self._shared
 
     # -- root -----------------------------------------------------------------------------------
     def initialize_root(self, organism_name: str = "organism") -> str:
@@ -136,7 +139,7 @@ class ThreadRegistry:
 
     def debug_dump(self) -> dict[str, str]:
         """Every mapping as {uuid: chain}."""
-        return {u: c for c, u in self._backend.registry_list_all().items()}
+        return self._backend.registry_list_all()
 
     def clear(self) -> None:
         """Forget every mapping and the root (testing)."""
@@ -164,7 +167,10 @@ def get_registry(backend: SharedBackend | None = None) -> ThreadRegistry:
         if backend is None:
             if _default_registry is None:
                 from ..memory.factory import default_backend
-                _default_registry = ThreadRegistry(default_backend())
+                shared_backend = default_backend()
+                _default_registry = ThreadRegistry(shared_backend)
+                # No backend was asked for: "shared" only if the configured one reaches other processes.
+                _default_registry._shared = bool(shared_backend.is_shared)
             return _default_registry
         try:
             root = _roots.setdefault(backend, _RootState())
@@ -173,8 +179,14 @@ def get_registry(backend: SharedBackend | None = None) -> ThreadRegistry:
         return ThreadRegistry(backend, _root=root)
 
 
-def reset_registry() -> None:
-    """Forget the process-wide registry (tests)."""
+def reset_registry(*, clear: bool = True) -> None:
+    """Clear the process-wide registry's mappings (unless `clear=False`), then forget it (tests),
+    as xml-pipeline does. Its backend stays open (reset_shared_backend() closes it)."""
     global _default_registry
     with _lock:
-        _default_registry = None
+        registry, _default_registry = _default_registry, None
+    if registry is not None and clear:
+        try:
+            registry.clear()
+        except BackendUnavailable:
+            pass  # its backend is closed or gone: nothing left that a later registry could see

@@ -517,6 +517,28 @@ def test_process_defaults_and_reset_helpers(clean_process: None) -> None:
     assert after.backend is not default_backend and after.backend.ping()
 
 
+def test_get_shared_backend_is_the_process_wide_backend(clean_process: None) -> None:
+    """Two calls share one backend (so a buffer and a registry built from them see one state); a
+    different config is not ignored; a closed shared backend is replaced; create_backend() is the
+    caller's own."""
+    from xml_pipeline.memory import BackendConfig, create_backend, get_shared_backend
+    first = get_shared_backend()
+    assert get_shared_backend() is first and first.config.backend_type == "memory"
+    assert get_shared_backend(first.config) is first
+    first.registry_set("a.b", "u1")
+    assert get_shared_backend().registry_get_uuid("a.b") == "u1"
+    other = get_shared_backend(BackendConfig(backend_type="memory", redis_ttl=60))
+    assert other is not first and other.config.ttl == 60 and get_shared_backend() is other
+    assert first.registry_get_uuid("a.b") == "u1"  # the previous one stays open for its holders
+    other.close()
+    replaced = get_shared_backend()
+    assert replaced is not other and not replaced.closed
+    own = create_backend(BackendConfig(backend_type="memory"))
+    assert own is not get_shared_backend()
+    own.close()
+    assert not get_shared_backend().closed
+
+
 def test_default_buffer_on_a_configured_shared_backend(clean_process: None,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from xml_pipeline.memory import get_context_buffer

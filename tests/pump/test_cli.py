@@ -10,7 +10,7 @@ import pytest
 from pump_harness import REPO, SIGNING_KEY, cli, organism_yaml
 
 from xml_pipeline.cli import build_parser, main
-from xml_pipeline.memory import BackendConfig, get_shared_backend
+from xml_pipeline.memory import BackendConfig, create_backend
 from xml_pipeline.message_bus.message import Message, parse_message
 
 EXAMPLE = str(REPO / "examples/demo/organism.yaml")
@@ -135,7 +135,7 @@ def test_runtime_failures_exit_1(tmp_path: Path, redis_server, prefix: str, cli_
 def test_backend_commands_on_redis(redis_server, prefix: str, cli_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
     other = prefix.replace("xpt:", "xpo:")
     for p in (prefix, other):
-        b = get_shared_backend(BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=p,
+        b = create_backend(BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=p,
                                              signing_key=SIGNING_KEY))
         b.buffer_append("thread-1", b.signer.sign(b"x"))
         b.registry_set("console.greeter", "thread-1")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pump_harness import SIGNING_KEY, cli, cli_popen, organism_yaml
 
-from xml_pipeline.memory import get_shared_backend
+from xml_pipeline.memory import create_backend
 from xml_pipeline.message_bus.distributed import WORKER_GROUP, RedisDispatcher, Streams, dead_letters
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump
@@ -79,7 +79,7 @@ async def test_sigkill_a_worker_mid_task_the_other_finishes_it_exactly_once(
     path = write_organism(tmp_path, redis_server.url, prefix, claim_idle_seconds=2.0)
     workers = [start_worker(path, cli_env, tmp_path, f"w{i}", procs) for i in range(2)]
     org = load(path)
-    backend = get_shared_backend(org.backend)
+    backend = create_backend(org.backend)
     dispatcher = RedisDispatcher(backend)
     markers = [tmp_path / f"m{i}" for i in range(2)]
     async with StreamPump(org, backend, dispatcher=dispatcher) as pump:
@@ -113,7 +113,7 @@ async def test_a_task_that_keeps_failing_goes_to_the_dead_letter_stream(
     path = write_organism(tmp_path, redis_server.url, prefix, max_attempts=3)
     start_worker(path, cli_env, tmp_path, "w", procs)
     org = load(path)
-    backend = get_shared_backend(org.backend)
+    backend = create_backend(org.backend)
     marker = tmp_path / "fail"
     async with StreamPump(org, backend, dispatcher=RedisDispatcher(backend)) as pump:
         request = ask("fail", f'<x marker="{marker}"/>')
@@ -135,7 +135,7 @@ async def test_a_task_that_kills_its_workers_is_dead_lettered(
     # Two consumer processes under one supervisor, which replaces the ones that die.
     start_worker(path, cli_env, tmp_path, "sup", procs, "--processes", "2")
     org = load(path)
-    backend = get_shared_backend(org.backend)
+    backend = create_backend(org.backend)
     marker = tmp_path / "die"
     async with StreamPump(org, backend, dispatcher=RedisDispatcher(backend)) as pump:
         (out,) = await pump.request(ask("die", f'<x marker="{marker}"/>'), timeout=60)
@@ -152,7 +152,7 @@ async def test_duplicate_results_are_dropped_at_the_pump(
     path = write_organism(tmp_path, redis_server.url, prefix)
     start_worker(path, cli_env, tmp_path, "w", procs)
     org = load(path)
-    backend = get_shared_backend(org.backend)
+    backend = create_backend(org.backend)
     dispatcher = RedisDispatcher(backend)
     outputs: list[Message] = []
     async with StreamPump(org, backend, dispatcher=dispatcher, on_output=outputs.append) as pump:
@@ -194,7 +194,7 @@ def test_sigterm_drains_pump_and_worker_and_both_exit_0(
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0, (tmp_path / "w.log").read_text()
     assert pump.wait(30) == 0, (tmp_path / "pump.log").read_text()
-    backend = get_shared_backend(load(path).backend)
+    backend = create_backend(load(path).backend)
     egress = redis_server.client().xrange(Streams(backend).egress)
     answers = [f for _i, f in egress if f[b"in_reply_to"].decode() == message_id]
     assert len(answers) == 1 and answers[0][b"type"] == b"response"
@@ -219,7 +219,7 @@ async def test_distributed_mode_works_as_the_tenant_acl_user(
         start_worker(path, env, tmp_path, "w", procs)
         org = load_organism(path, environ={"XP_SIGNING_KEY": SIGNING_KEY, "XP_REDIS_USERNAME": user,
                                            "XP_REDIS_PASSWORD": password})
-        backend = get_shared_backend(org.backend)
+        backend = create_backend(org.backend)
         async with StreamPump(org, backend, dispatcher=RedisDispatcher(backend)) as pump:
             (out,) = await pump.request(ask("greeter", '<greet name="Ada" lucky="100"/>'), timeout=60)
             assert "there are 25 primes below 100" in out.payload
@@ -249,7 +249,7 @@ async def test_a_pump_taking_over_repeats_neither_outputs_nor_buffer_entries(red
     from xml_pipeline.message_bus.distributed import PUMP_GROUP, IngressBridge, send_message
 
     org = load(write_organism(tmp_path, redis_server.url, prefix))
-    backend = get_shared_backend(org.backend)
+    backend = create_backend(org.backend)
     raw = redis_server.client()
     streams = Streams(backend)
     message = ask("greeter", '<greet name="Once" lucky="100"/>')

@@ -11,7 +11,7 @@ import pytest
 from pump_harness import SIGNING_KEY, organism_yaml
 
 from xml_pipeline.errors import SlotIntegrityError
-from xml_pipeline.memory import BackendConfig, InMemoryBackend, ManagerBackend, get_shared_backend
+from xml_pipeline.memory import BackendConfig, InMemoryBackend, ManagerBackend, create_backend
 from xml_pipeline.memory.signing import Signer
 from xml_pipeline.message_bus.local_pool import LocalWorkerPool, ThreadWorkerPool
 from xml_pipeline.message_bus.message import Message
@@ -166,7 +166,7 @@ def test_forged_or_swapped_temp_values_raise_slot_integrity_error(manager: Manag
 async def test_temp_keys_are_not_threads_carry_the_ttl_and_are_cleaned_up(redis_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
     config = BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
                            redis_ttl=300, signing_key=SIGNING_KEY)
-    backend = get_shared_backend(config)
+    backend = create_backend(config)
     client = redis_server.client()
     pool = LocalWorkerPool(backend, workers=1)
     async with StreamPump(make_organism("tmpkeys", backend="redis"), backend, dispatcher=pool) as pump:

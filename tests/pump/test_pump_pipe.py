@@ -15,7 +15,7 @@ import pytest
 from pump_harness import SIGNING_KEY, organism_yaml
 from redis_server import RedisServer, block_server
 
-from xml_pipeline.memory import BackendConfig, get_shared_backend
+from xml_pipeline.memory import BackendConfig, create_backend
 from xml_pipeline.memory.redis_pipe import RedisPipe
 from xml_pipeline.message_bus.local_pool import LocalWorkerPool
 from xml_pipeline.message_bus.message import Message
@@ -34,7 +34,7 @@ def organism(name: str) -> Organism:
 
 
 def backend_for(server: RedisServer, **config: object) -> object:
-    return get_shared_backend(BackendConfig(backend_type="redis", redis_url=server.url,
+    return create_backend(BackendConfig(backend_type="redis", redis_url=server.url,
                                             redis_prefix=f"pp{secrets.token_hex(4)}:", redis_ttl=600,
                                             signing_key=SIGNING_KEY, **config))  # type: ignore[arg-type]
 

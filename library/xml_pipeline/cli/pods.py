@@ -19,7 +19,7 @@ from multiprocessing.connection import wait as mp_wait
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..memory.factory import get_shared_backend
+from ..memory.factory import create_backend
 from ..memory.protocol import SharedBackend
 from ..organism import Organism, load_organism
 from . import EXIT_FAILURE, EXIT_OK
@@ -67,7 +67,7 @@ def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------
 def cmd_pump(args: argparse.Namespace) -> int:
     organism = load(args)
-    backend = get_shared_backend(organism.backend)
+    backend = create_backend(organism.backend)
     try:
         return asyncio.run(_pump_main(organism, backend, args.heartbeat_file, args.metrics_port))
     finally:
@@ -161,7 +161,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def _worker_single(organism: Organism, heartbeat_file: str | None, *, name: str | None = None,
                    parent_pid: int | None = None) -> int:
     from ..message_bus.distributed import DistributedWorker
-    backend = get_shared_backend(organism.backend)
+    backend = create_backend(organism.backend)
     worker = DistributedWorker(backend, organism, name=name, heartbeat_file=heartbeat_file, parent_pid=parent_pid)
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ..memory.factory import get_shared_backend
+from ..memory.factory import create_backend
 from ..memory.protocol import SharedBackend
 from ..message_bus.local_pool import Dispatcher, default_dispatcher
 from ..message_bus.message import Message, split_messages
@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     organism = _pool_overrides(load_organism(args.organism), args)
     messages = _read_messages(args)
     fmt = args.format or ("text" if args.demo else "xml")
-    backend = get_shared_backend(organism.backend)
+    backend = create_backend(organism.backend)
     try:
         return asyncio.run(_run(organism, backend, messages, fmt, args))
     finally:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..memory.config import BackendConfig
-from ..memory.factory import get_shared_backend
+from ..memory.factory import create_backend
 from ..memory.protocol import SharedBackend
 from . import EXIT_FAILURE, EXIT_OK, UsageError
 
@@ -41,7 +41,7 @@ def _open_backend(config: BackendConfig, what: str) -> SharedBackend:
     if config.backend_type == "manager" and not config.manager_address:
         raise ConfigError("backend.manager_address", "is required to reach a manager backend from another process",
                           "'127.0.0.1:PORT' or a Unix socket path, with backend.manager_authkey")
-    return get_shared_backend(config)
+    return create_backend(config)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     if config.backend_type != "redis":
         raise ConfigError("backend.type", f"is {config.backend_type!r}: `send` talks to a pump through its Redis "
                           "ingress stream", ["redis"])
-    backend = get_shared_backend(config)
+    backend = create_backend(config)
     try:
         response = send_message(backend, message, wait=args.timeout if args.wait else None)
     finally:

@@ -21,7 +21,7 @@ from ..errors import (
 )
 from .config import BackendConfig
 from .context_buffer import ContextBuffer, get_context_buffer, reset_context_buffer
-from .factory import get_shared_backend, reset_shared_backend
+from .factory import create_backend, get_shared_backend, reset_shared_backend
 from .handler_metadata import HandlerMetadata, slot_to_handler_metadata
 from .inmemory import InMemoryBackend
 from .manager import ManagerBackend
@@ -40,6 +40,7 @@ __all__ = [
     "RedisBackend",
     "BackendConfig",
     "get_shared_backend",
+    "create_backend",
     "reset_shared_backend",
     "serialize_slot",
     "deserialize_slot",

@@ -1,4 +1,4 @@
-"""get_shared_backend: a BackendConfig in, the backend it describes out."""
+"""get_shared_backend (the process-wide backend) and create_backend (one the caller owns)."""
 from __future__ import annotations
 
 import threading
@@ -12,26 +12,45 @@ from .protocol import SharedBackend
 
 
 def get_shared_backend(config: BackendConfig | Mapping[str, Any] | None = None) -> SharedBackend:
-    """Create the backend `config` describes; the caller owns it (close it, or use `with`).
+    """The process-wide shared backend, created on first use (the caller shares it: don't close it
+    unless you mean every user of it to stop).
 
-    Every call creates a new backend, so a config passed here is never ignored (xml-pipeline keeps
-    the first one for the life of the process). reset_shared_backend() closes all of them.
+    Code that calls get_shared_backend() in two places gets one backend, so a ContextBuffer and a
+    ThreadRegistry built from it see the same state. A config passed here is never ignored: when
+    it differs from the current backend's config (or that backend was closed), a new backend is
+    created from it and becomes the process-wide one; the previous one stays open for whoever holds
+    it. reset_shared_backend() closes all of them.
 
-    No argument: `BackendConfig.from_env()` (XP_* variables over the organism.yaml named by
-    XP_CONFIG; memory when nothing is set). A mapping is read as the `backend:` section of an
-    organism.yaml.
+    No argument: the current backend, or `BackendConfig.from_env()` (XP_* variables over the
+    organism.yaml named by XP_CONFIG; memory when nothing is set). A mapping is read as the
+    `backend:` section of an organism.yaml. For a backend of your own to close, use create_backend().
     """
-    if config is None:
-        config = BackendConfig.from_env()
-    elif isinstance(config, Mapping):
-        config = BackendConfig.from_dict(config)
-    elif not isinstance(config, BackendConfig):
-        raise ConfigError("config", f"must be a BackendConfig or a mapping, got {type(config).__name__}",
-                          "BackendConfig(...), a `backend:` mapping, or None (read the environment)")
-    backend = _create(config)
+    global _default
+    wanted = None if config is None else _as_config(config)
+    with _default_lock:
+        current = _default
+        if current is not None and not current.closed and (wanted is None or wanted == current.config):
+            return current
+        _default = create_backend(wanted if wanted is not None else BackendConfig.from_env())
+        return _default
+
+
+def create_backend(config: BackendConfig | Mapping[str, Any] | None = None) -> SharedBackend:
+    """A new backend for `config` that the caller owns (close it, or use `with`). Arguments as for
+    get_shared_backend()."""
+    backend = _create(BackendConfig.from_env() if config is None else _as_config(config))
     with _created_lock:
         _created.add(backend)
     return backend
+
+
+def _as_config(config: BackendConfig | Mapping[str, Any]) -> BackendConfig:
+    if isinstance(config, BackendConfig):
+        return config
+    if isinstance(config, Mapping):
+        return BackendConfig.from_dict(config)
+    raise ConfigError("config", f"must be a BackendConfig or a mapping, got {type(config).__name__}",
+                      "BackendConfig(...), a `backend:` mapping, or None (read the environment)")
 
 
 def _create(config: BackendConfig) -> SharedBackend:
@@ -45,21 +64,17 @@ def _create(config: BackendConfig) -> SharedBackend:
     return RedisBackend(config)
 
 
-_default_lock = threading.Lock()
+_default_lock = threading.RLock()
 _default: SharedBackend | None = None
-#: Every backend get_shared_backend() made and nobody dropped yet: what reset_shared_backend() closes.
+#: Every backend create_backend() made and nobody dropped yet: what reset_shared_backend() closes.
 _created: "weakref.WeakSet[SharedBackend]" = weakref.WeakSet()
 _created_lock = threading.Lock()
 
 
 def default_backend() -> SharedBackend:
     """The process-wide backend behind get_context_buffer() / get_registry() without an argument:
-    created from the environment on first use, shared by both."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = get_shared_backend()
-        return _default
+    the one get_shared_backend() returns, shared by both."""
+    return get_shared_backend()
 
 
 def reset_default_backend() -> None:

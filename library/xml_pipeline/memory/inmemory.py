@@ -347,6 +347,10 @@ class InMemoryBackend:
                 "ttl": self._ttl,
             }
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def ping(self) -> bool:
         return not self._closed
 

@@ -644,6 +644,10 @@ class ManagerBackend:
         out["owns_server"] = self.owns_server
         return out
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def ping(self) -> bool:
         try:
             return bool(self._call("hello", ()))

@@ -34,6 +34,11 @@ class SharedBackend(Protocol):
         ...
 
     @property
+    def closed(self) -> bool:
+        """True once close() was called (the backend refuses every operation from then on)."""
+        ...
+
+    @property
     def signer(self) -> Signer:
         """Key ring used for the signed envelopes of everything stored through this backend."""
         ...

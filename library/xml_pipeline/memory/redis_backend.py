@@ -658,6 +658,10 @@ class RedisBackend:
             "signing": "derived (no key configured)" if self._signer.derived else "configured",
         }
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def ping(self) -> bool:
         """True if the server answers PING; False (never an exception) otherwise."""
         if self._closed:

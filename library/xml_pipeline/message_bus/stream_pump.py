@@ -222,8 +222,8 @@ class StreamPump:
         self.organism = organism
         self._owns_backend = backend is None
         if backend is None:
-            from ..memory.factory import get_shared_backend
-            backend = get_shared_backend(organism.backend)
+            from ..memory.factory import create_backend
+            backend = create_backend(organism.backend)
         self.backend = backend
         if dispatcher is None and organism.has_cpu_bound:
             dispatcher = default_dispatcher(organism, backend)

@@ -51,6 +51,7 @@ def compose(text: str, source: str | None = None) -> yaml.Node | None:
         raise ConfigError("organism.yaml", f"is {len(text)} characters long",
                           f"at most {MAX_CONFIG_BYTES}", source=source)
     try:
+        _check_nesting(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -62,6 +63,25 @@ def compose(text: str, source: str | None = None) -> yaml.Node | None:
     if root is not None:
         _check_tree(root, source)
     return root
+
+
+_OPEN = (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken, yaml.BlockSequenceStartToken,
+         yaml.BlockMappingStartToken)
+_CLOSE = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
+
+
+def _check_nesting(text: str, source: str | None) -> None:
+    """Refuse deep nesting from the token stream, before the (recursive) composer sees it: the
+    scanner is iterative, so '[[[[...' costs a bounded look-ahead instead of a deep recursion."""
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError("organism.yaml", "is nested too deeply", f"at most {MAX_DEPTH} levels",
+                                  line=token.start_mark.line + 1, source=source)
+        elif isinstance(token, _CLOSE):
+            depth -= 1
 
 
 def _check_tree(root: yaml.Node, source: str | None) -> None:

@@ -279,6 +279,6 @@ def _check_signing_key(value: object) -> None:
         raise ConfigError(field_, "is empty", allowed)
     for i, item in enumerate(items):
         if not isinstance(item, (str, bytes)):
-            raise ConfigError(field_, f"key {i + 1} is a {type(item).__name__}, not a string", allowed)
+            raise ConfigError(field_, f"key {i + 1} must be a string, got {type(item).__name__}", allowed)
         if not item.strip():
             raise ConfigError(field_, f"key {i + 1} of {len(items)} is empty (stray comma?)", allowed)

@@ -51,6 +51,7 @@ _IMAGE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?(/[a
 #: Upper bounds of quantities (the CRD's CEL rules say the same).
 MAX_QUANTITY: dict[str, Decimal] = {"cpu": Decimal(1024), "memory": Decimal(4 * 1024 ** 4)}
 MAX_STORAGE = Decimal(64 * 1024 ** 4)
+_HOST = re.compile(r"^([a-z0-9]([a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]+)\Z")
 #: Hosts an external Redis URL may not name: instance metadata services and the pod itself.
 _FORBIDDEN_HOSTS = frozenset({"localhost", "metadata", "metadata.google.internal"})
 _FORBIDDEN_NETS = tuple(ipaddress.ip_network(n) for n in (
@@ -353,8 +354,12 @@ def _parse_external(e: Mapping[str, Any]) -> ExternalRedis:
 def _check_external_host(path: str, url: str) -> None:
     """Refuse URLs that would make the pods (and the operator's probe) talk to a link-local, loopback
     or cloud metadata address. Host names are not resolved here (DNS may change after admission)."""
-    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
     allowed = "a Redis outside the pod: not 169.254.0.0/16, fe80::/10, 127.0.0.0/8, ::1 or a metadata service"
+    if not _HOST.match(host) or parts.port == 0:
+        raise SpecError(path, "does not name a host and port", "redis[s]://host[:port 1..65535][/db], host a DNS "
+                        "name, an IPv4 address or [an IPv6 address]")
     if host in _FORBIDDEN_HOSTS:
         raise SpecError(path, f"names the host {host!r}", allowed)
     try:

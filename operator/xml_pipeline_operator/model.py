@@ -52,11 +52,12 @@ _IMAGE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?(/[a
 MAX_QUANTITY: dict[str, Decimal] = {"cpu": Decimal(1024), "memory": Decimal(4 * 1024 ** 4)}
 MAX_STORAGE = Decimal(64 * 1024 ** 4)
 _HOST = re.compile(r"^([a-z0-9]([a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]+)\Z")
-#: Hosts an external Redis URL may not name: instance metadata services and the pod itself.
-_FORBIDDEN_HOSTS = frozenset({"localhost", "metadata", "metadata.google.internal"})
+#: Hosts an external Redis URL may not name: link-local addresses and cloud instance metadata
+#: services (which hand out the node's credentials). Loopback stays allowed: a TLS sidecar on
+#: localhost is a legitimate way to reach an external Redis.
+_FORBIDDEN_HOSTS = frozenset({"metadata", "metadata.google.internal"})
 _FORBIDDEN_NETS = tuple(ipaddress.ip_network(n) for n in (
-    "169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "100.100.100.200/32",
-    "fe80::/10", "::1/128", "::/128", "fd00:ec2::254/128"))
+    "169.254.0.0/16", "100.100.100.200/32", "fe80::/10", "fd00:ec2::254/128"))
 
 
 class SpecError(ConfigError):
@@ -356,7 +357,7 @@ def _check_external_host(path: str, url: str) -> None:
     or cloud metadata address. Host names are not resolved here (DNS may change after admission)."""
     parts = urlsplit(url)
     host = (parts.hostname or "").rstrip(".").lower()
-    allowed = "a Redis outside the pod: not 169.254.0.0/16, fe80::/10, 127.0.0.0/8, ::1 or a metadata service"
+    allowed = "a Redis host that is not link-local (169.254.0.0/16, fe80::/10) or a cloud metadata service"
     if not _HOST.match(host) or parts.port == 0:
         raise SpecError(path, "does not name a host and port", "redis[s]://host[:port 1..65535][/db], host a DNS "
                         "name, an IPv4 address or [an IPv6 address]")
@@ -376,7 +377,7 @@ def _check_external_host(path: str, url: str) -> None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     if any(address in net for net in _FORBIDDEN_NETS if net.version == address.version):
-        raise SpecError(path, f"names the address {host!r}, which is link-local, loopback or a metadata service",
+        raise SpecError(path, f"names the address {host!r}, which is link-local or a metadata service",
                         allowed)
 
 

@@ -90,7 +90,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         _check_redis(backend, config)
         try:
             response = send_message(backend, message, wait=args.timeout if args.wait else None)
-        except redis_errors() as e:  # Redis went away between the PING and the stream commands
+        except _redis_errors() as e:  # Redis went away between the PING and the stream commands
             raise BackendUnavailable(f"Redis at {config.redacted_url}: {type(e).__name__}: "
                                      f"{_scrub(str(e), config)}") from None
     finally:
@@ -108,7 +108,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 # backend
 # ---------------------------------------------------------------------------------------------------
-def redis_errors() -> tuple[type[Exception], ...]:
+def _redis_errors() -> tuple[type[Exception], ...]:
     import redis  # only the redis backend gets here; the CLI does not pay the import otherwise
     return (redis.exceptions.RedisError,)
 

@@ -25,6 +25,7 @@ Every error is a ConfigError naming the field (`listeners[1].handler`), the file
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from . import safe_yaml
 from .errors import ConfigError
 from .memory.config import BackendConfig
 
@@ -44,9 +46,17 @@ POOL_KEYS: tuple[str, ...] = ("workers", "start_method", "max_attempts", "claim_
 LISTENER_KEYS: tuple[str, ...] = ("name", "handler", "cpu_bound", "description")
 START_METHODS: tuple[str, ...] = ("spawn", "forkserver")
 #: No '.': the organism's name is a hop of the registry's root chain ("system.<name>").
-ORGANISM_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
-LISTENER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
-HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+# \Z, not $: '$' also matches before a trailing newline, which would let "greeter\n" through.
+ORGANISM_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\Z")
+LISTENER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}\Z")
+HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*\Z")
+#: Most listeners an organism may have (each is a registry entry and a routing-table row).
+MAX_LISTENERS = 1024
+#: Upper bound of every process_pool duration (seconds): one day.
+MAX_POOL_SECONDS = 86400.0
+#: Most worker processes / attempts per task.
+MAX_WORKERS = 256
+MAX_ATTEMPTS = 100
 
 Handler = Callable[..., Any]
 
@@ -157,12 +167,7 @@ def load_organism(path: str | os.PathLike[str], *, environ: Mapping[str, str] | 
                   resolve_handlers: bool = True) -> Organism:
     """Load and validate an organism.yaml. The XP_* environment overrides the backend section."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("organism.yaml", f"file {str(p)!r} does not exist") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise ConfigError("organism.yaml", f"cannot read {str(p)!r}: {e}") from None
+    text = safe_yaml.read_config_text(p, "organism.yaml")
     return parse_organism(text, source=str(p), environ=environ, resolve_handlers=resolve_handlers)
 
 
@@ -173,20 +178,16 @@ def load_from_env(environ: Mapping[str, str] | None = None, *, resolve_handlers:
     if not path:
         raise ConfigError("XP_CONFIG", "is not set; it must name the organism.yaml "
                           "(in pods: /etc/xml-pipeline/organism.yaml)")
+    if Path(path).is_dir():
+        raise ConfigError("XP_CONFIG", f"{path!r} is a directory", "the path of an organism.yaml file")
     return load_organism(path, environ=env, resolve_handlers=resolve_handlers)
 
 
 def parse_organism(text: str, *, source: str | None = None, environ: Mapping[str, str] | None = None,
                    resolve_handlers: bool = True) -> Organism:
     env = os.environ if environ is None else environ
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        lines = _Lines(root, source)
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError("organism.yaml", f"is not valid YAML: {getattr(e, 'problem', None) or e}",
-                          line=(mark.line + 1) if mark else None, source=source) from None
+    root, doc = safe_yaml.load(text, source)  # bounded: size, alias expansion, depth, no recursion
+    lines = _Lines(root, source)
     if doc is None:
         doc = {}
     if not isinstance(doc, Mapping):
@@ -239,11 +240,12 @@ def _backend_section(value: Any, lines: _Lines, env: Mapping[str, str]) -> Backe
     return config.with_env_overrides(env)
 
 
-def _number(value: Any, path: str, lines: _Lines, *, low: float, integer: bool) -> Any:
+def _number(value: Any, path: str, lines: _Lines, *, low: float, high: float, integer: bool) -> Any:
     ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    if not ok or value < low:
+    # not (low <= value <= high) rather than value < low: NaN compares false with everything.
+    if not ok or not math.isfinite(value) or not low <= value <= high:
         kind = "an integer" if integer else "a number of seconds"
-        raise lines.error(path, f"must be {kind} >= {low:g}, got {value!r}")
+        raise lines.error(path, f"must be {kind} from {low:g} to {high:g}, got {value!r}", f"{low:g}..{high:g}")
     return value
 
 
@@ -262,9 +264,10 @@ def _pool_section(value: Any, lines: _Lines) -> ProcessPoolSpec:
                 raise lines.error(path, f"unknown start method {v!r}", START_METHODS)
             kwargs[key] = v
         elif key in ("workers", "max_attempts"):
-            kwargs[key] = _number(v, path, lines, low=1, integer=True)
+            high = MAX_WORKERS if key == "workers" else MAX_ATTEMPTS
+            kwargs[key] = _number(v, path, lines, low=1, high=high, integer=True)
         else:
-            kwargs[key] = float(_number(v, path, lines, low=0.05, integer=False))
+            kwargs[key] = float(_number(v, path, lines, low=0.05, high=MAX_POOL_SECONDS, integer=False))
     spec = ProcessPoolSpec(**kwargs)
     if spec.heartbeat_seconds >= spec.claim_idle_seconds:
         raise lines.error("process_pool.heartbeat_seconds",
@@ -279,6 +282,8 @@ def _listeners_section(value: Any, lines: _Lines, resolve: bool) -> tuple[Listen
                           "(- name: greeter, handler: 'package.module:function')")
     if not isinstance(value, list) or not value:
         raise lines.error("listeners", "must be a non-empty list of listeners")
+    if len(value) > MAX_LISTENERS:
+        raise lines.error("listeners", f"has {len(value)} listeners", f"1..{MAX_LISTENERS}")
     out: list[ListenerSpec] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(value):

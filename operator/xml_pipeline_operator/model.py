@@ -8,12 +8,15 @@ handlers turn it into Ready=False with a reason derived from the field (`Invalid
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
 import yaml
 from xml_pipeline.errors import ConfigError
@@ -34,11 +37,27 @@ MAX_CONFIG_BYTES = 512 * 1024  # a ConfigMap holds at most 1 MiB; keep well belo
 #: Keys of spec.config: organism.yaml minus `backend` (which the operator writes).
 CONFIG_KEYS = ("organism", "process_pool", "listeners")
 
-_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-_QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(\d+(\.\d*)?|\.\d+)))?$")
-_SIZE = re.compile(r"^(\d+(\.\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+# \Z, not $: '$' also matches before a trailing newline. re.ASCII: \d would take other digits.
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
+_DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+#: A Secret key: not '.', not starting with '..' (the kubelet's rules for keys projected as files).
+_SECRET_KEY = re.compile(r"^(\.[-_a-zA-Z0-9][-._a-zA-Z0-9]*|[-_a-zA-Z0-9][-._a-zA-Z0-9]*)\Z")
+_QUANTITY = re.compile(r"^(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(\d+(\.\d*)?|\.\d+)))?\Z", re.ASCII)
+_SIZE = re.compile(r"^(\d+(\.\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?\Z", re.ASCII)
+#: An image reference, [registry[:port]/]path[:tag][@sha256:digest] (the CRD's pattern): no
+#: whitespace and no shell metacharacters.
+_IMAGE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+                    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?\Z")
+#: Upper bounds of quantities (the CRD's CEL rules say the same).
+MAX_QUANTITY: dict[str, Decimal] = {"cpu": Decimal(1024), "memory": Decimal(4 * 1024 ** 4)}
+MAX_STORAGE = Decimal(64 * 1024 ** 4)
+_HOST = re.compile(r"^([a-z0-9]([a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]+)\Z")
+#: Hosts an external Redis URL may not name: link-local addresses and cloud instance metadata
+#: services (which hand out the node's credentials). Loopback stays allowed: a TLS sidecar on
+#: localhost is a legitimate way to reach an external Redis.
+_FORBIDDEN_HOSTS = frozenset({"metadata", "metadata.google.internal"})
+_FORBIDDEN_NETS = tuple(ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16", "100.100.100.200/32", "fe80::/10", "fd00:ec2::254/128"))
 
 
 class SpecError(ConfigError):
@@ -169,9 +188,11 @@ def parse_organism(body: Mapping[str, Any], settings: OperatorSettings) -> Organ
     _known(spec, "spec", ("image", "config", "backend", "pump", "workers"))
 
     image = spec.get("image", settings.default_image)
-    if not isinstance(image, str) or not image or len(image) > 512 or any(c.isspace() for c in image):
+    if not isinstance(image, str) or not image or len(image) > 512 or any(c.isspace() for c in image) or (
+            "image" in spec and not _IMAGE.match(image)):
         raise SpecError("spec.image", f"{image!r} is not an image reference",
-                        "e.g. ghcr.io/xml-pipeline/xml-pipeline:0.1.0 (no whitespace, at most 512 characters)")
+                        "[registry[:port]/]path[:tag][@sha256:digest], e.g. ghcr.io/xml-pipeline/xml-pipeline:0.1.0 "
+                        "(no whitespace or shell metacharacters, at most 512 characters)")
 
     config = _parse_config(spec.get("config"), name)
 
@@ -321,6 +342,7 @@ def _parse_external(e: Mapping[str, Any]) -> ExternalRedis:
         check_redis_url(f"{path}.url", url)
     except ConfigError as err:
         raise SpecError(err.field, err.problem, err.allowed) from None
+    _check_external_host(f"{path}.url", url)
     if e.get("passwordSecretRef") is None:
         raise SpecError(f"{path}.passwordSecretRef", "is required", "{name: <secret>, key: <key, default password>}")
     password = _secret_ref(e["passwordSecretRef"], f"{path}.passwordSecretRef", "password")
@@ -328,6 +350,35 @@ def _parse_external(e: Mapping[str, Any]) -> ExternalRedis:
     if e.get("usernameSecretRef") is not None:
         username = _secret_ref(e["usernameSecretRef"], f"{path}.usernameSecretRef", "username")
     return ExternalRedis(url=url, password=password, username=username)
+
+
+def _check_external_host(path: str, url: str) -> None:
+    """Refuse URLs that would make the pods (and the operator's probe) talk to a link-local, loopback
+    or cloud metadata address. Host names are not resolved here (DNS may change after admission)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    allowed = "a Redis host that is not link-local (169.254.0.0/16, fe80::/10) or a cloud metadata service"
+    if not _HOST.match(host) or parts.port == 0:
+        raise SpecError(path, "does not name a host and port", "redis[s]://host[:port 1..65535][/db], host a DNS "
+                        "name, an IPv4 address or [an IPv6 address]")
+    if host in _FORBIDDEN_HOSTS:
+        raise SpecError(path, f"names the host {host!r}", allowed)
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+    except ValueError:
+        if not host[:1].isdigit() or not re.fullmatch(r"[0-9a-fx.]+", host):
+            return  # a DNS name
+        try:  # integer, hex, octal or short forms the resolver still reads as an IPv4 address
+            socket.inet_aton(host)
+        except OSError:
+            return
+        raise SpecError(path, f"names the host {host!r}, a non-canonical form of an IPv4 address",
+                        "a dotted-quad IPv4 address without leading zeros, e.g. 10.0.0.5, or a host name")
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in net for net in _FORBIDDEN_NETS if net.version == address.version):
+        raise SpecError(path, f"names the address {host!r}, which is link-local or a metadata service",
+                        allowed)
 
 
 def _secret_ref(raw: Any, path: str, default_key: str) -> SecretKeyRef:
@@ -351,8 +402,9 @@ def _parse_persistence(raw: Any, path: str) -> Persistence:
     if not isinstance(enabled, bool):
         raise SpecError(f"{path}.enabled", f"must be a boolean, got {enabled!r}", ("true", "false"))
     size = p.get("size", "1Gi")
-    if not isinstance(size, str) or not _SIZE.match(size) or Decimal(_SIZE.match(size).group(1)) <= 0:  # type: ignore[union-attr]
-        raise SpecError(f"{path}.size", f"{size!r} is not a storage size", "e.g. 1Gi, 500Mi, 10G")
+    if not isinstance(size, str) or not _SIZE.match(size) or not 0 < _quantity(size) <= MAX_STORAGE:
+        raise SpecError(f"{path}.size", f"{size!r} is not a storage size above 0 and at most 64Ti",
+                        "e.g. 1Gi, 500Mi, 10G")
     sc = p.get("storageClassName")
     if sc is not None and (not isinstance(sc, str) or not sc or len(sc) > 253):
         raise SpecError(f"{path}.storageClassName", f"{sc!r} is not a StorageClass name",
@@ -376,6 +428,9 @@ def _parse_resources(raw: Any, path: str, default: Resources) -> Resources:
             if not isinstance(text, str) or not _QUANTITY.match(text) or _quantity(text) < 0:
                 raise SpecError(f"{path}.{section}.{key}", f"{value!r} is not a quantity",
                                 "e.g. 250m or 1 (cpu), 256Mi or 1Gi (memory)")
+            if _quantity(text) > MAX_QUANTITY[key]:
+                raise SpecError(f"{path}.{section}.{key}", f"{value!r} is above the maximum",
+                                "at most 1024 (cpu) or 4Ti (memory)")
             out[key] = text
         parsed[section] = out
     for key, request in parsed["requests"].items():

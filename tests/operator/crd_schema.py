@@ -121,9 +121,33 @@ _ENV = celpy.Environment()
 _PROGRAMS: dict[str, Any] = {}
 
 
+def _quantity(text: Any) -> Any:
+    from kubernetes.utils.quantity import parse_quantity
+    return parse_quantity(str(text))
+
+
+def _is_quantity(text: Any) -> Any:
+    try:
+        _quantity(text)
+    except ValueError:
+        return celpy.celtypes.BoolType(False)
+    return celpy.celtypes.BoolType(True)
+
+
+#: The Kubernetes CEL quantity library (in CRD rules since 1.28) that the rules use: quantity(),
+#: isQuantity() and the comparisons, on the same parser the operator's model uses.
+_FUNCTIONS: dict[str, Any] = {
+    "quantity": _quantity,
+    "isQuantity": _is_quantity,
+    "isGreaterThan": lambda a, b: celpy.celtypes.BoolType(a > b),
+    "isLessThan": lambda a, b: celpy.celtypes.BoolType(a < b),
+    "compareTo": lambda a, b: celpy.celtypes.IntType((a > b) - (a < b)),
+}
+
+
 def _program(rule: str) -> Any:
     if rule not in _PROGRAMS:
-        _PROGRAMS[rule] = _ENV.program(_ENV.compile(rule))
+        _PROGRAMS[rule] = _ENV.program(_ENV.compile(rule), functions=_FUNCTIONS)
     return _PROGRAMS[rule]
 
 

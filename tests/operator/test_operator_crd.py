@@ -190,3 +190,124 @@ def test_defaults_are_applied_like_the_api_server() -> None:
     obj = apply_defaults({"spec": {"config": {"listeners": []}, "workers": {}}}, SCHEMA)
     assert obj["spec"]["backend"] == {"type": "redis"}
     assert obj["spec"]["workers"] == {"replicas": 1}
+
+
+# ------------------------------------------------------------------------------- limits of values
+EXTERNAL = yaml.safe_load((EXAMPLES / "organism-external.yaml").read_text())
+
+
+def _external(url: str) -> dict[str, Any]:
+    obj = copy.deepcopy(EXTERNAL)
+    obj["spec"]["backend"]["redis"]["external"]["url"] = url
+    obj["metadata"].setdefault("namespace", "default")
+    return obj
+
+
+FORBIDDEN_URLS = [
+    "redis://169.254.169.254:6379", "redis://169.254.0.1", "rediss://[fe80::1]:6380", "redis://[FEBF::1]",
+    "redis://[::ffff:169.254.169.254]:6379", "redis://[::ffff:a9fe:a9fe]:6379",
+    "redis://metadata.google.internal", "redis://metadata", "redis://METADATA.google.internal.",
+    "redis://100.100.100.200", "redis://[fd00:ec2::254]",
+    "redis://2852039166:6379", "redis://0xa9fea9fe", "redis://0251.0376.0251.0376", "redis://169.254.43518",
+]
+
+
+@pytest.mark.parametrize("url", FORBIDDEN_URLS)
+def test_external_url_to_link_local_or_metadata_is_refused_by_cel_and_model(url: str) -> None:
+    obj = _external(url)
+    errors = validate(obj, CRD)
+    assert errors and all(e.path == "spec.backend.redis.external.url" for e in errors), errors
+    with pytest.raises(model.SpecError) as err:
+        model.parse_organism(obj, op_settings.OperatorSettings())
+    assert err.value.field == "spec.backend.redis.external.url"
+
+
+@pytest.mark.parametrize("url", ["rediss://redis.example.com:6380/0", "redis://10.0.0.5:6379", "redis://redis",
+                                 "redis://[2001:db8::1]:6379/1", "redis://169.255.0.1", "redis://cache-1.svc:65535",
+                                 "redis://127.0.0.1:6380", "redis://localhost:6380", "redis://[::1]:6380"])
+def test_external_url_to_an_ordinary_host_passes(url: str) -> None:
+    obj = _external(url)
+    assert validate(obj, CRD) == []
+    model.parse_organism(obj, op_settings.OperatorSettings())
+
+
+@pytest.mark.parametrize("url", ["redis://redis.example:0", "redis://redis.example:65536", "redis://redis.example:99999",
+                                 "redis://redis.example?x=1", "redis://a b"])
+def test_external_url_port_and_shape_are_schema_checked(url: str) -> None:
+    assert any("does not match" in e.message for e in validate(_external(url), CRD))
+    with pytest.raises(model.SpecError):
+        model.parse_organism(_external(url), op_settings.OperatorSettings())
+
+
+@pytest.mark.parametrize("image", ["ghcr.io/xml-pipeline/xml-pipeline:0.1.0", "redis:7.2.5-alpine", "localhost:5000/xp",
+                                   "xp@sha256:" + "a" * 64, "registry.example/team/xp_worker:v1.2"])
+def test_good_image_references(image: str) -> None:
+    obj = copy.deepcopy(GOOD)
+    obj["spec"]["image"] = image
+    assert validate(obj, CRD) == []
+    obj["metadata"]["namespace"] = "default"
+    assert model.parse_organism(obj, op_settings.OperatorSettings(
+        shared_redis_url="redis://shared.platform.svc:6379")).image == image
+
+
+@pytest.mark.parametrize("image", ["xp:1;rm -rf /", "xp:$(id)", "xp:`id`", "xp|nc", "xp:1'", "xp\n", "xp:1&&x"])
+def test_image_with_shell_metacharacters_is_refused(image: str) -> None:
+    obj = copy.deepcopy(GOOD)
+    obj["spec"]["image"] = image
+    if not image.endswith("\n"):  # jsonschema's '$' (Python's) passes a trailing newline; the API server's does not
+        assert any(e.path == "spec.image" for e in validate(obj, CRD))
+    obj["metadata"]["namespace"] = "default"
+    with pytest.raises(model.SpecError) as err:
+        model.parse_organism(obj, op_settings.OperatorSettings(shared_redis_url="redis://shared.platform.svc:6379"))
+    assert err.value.field == "spec.image"
+
+
+@pytest.mark.parametrize("section,key,value,ok", [
+    ("requests", "cpu", "1024", True), ("limits", "cpu", "1025", False), ("limits", "cpu", "1e9", False),
+    ("limits", "memory", "4Ti", True), ("limits", "memory", "4097Gi", False), ("requests", "memory", "1e300", False),
+    ("requests", "cpu", "-100m", False), ("requests", "cpu", 2, True), ("limits", "memory", 10 ** 15, False),
+])
+def test_quantity_bounds_in_cel_and_model(section: str, key: str, value: Any, ok: bool) -> None:
+    obj = copy.deepcopy(GOOD)
+    obj["spec"]["pump"] = {"resources": {section: {key: value}}}
+    assert (validate(obj, CRD) == []) is ok
+    obj["metadata"]["namespace"] = "default"
+    settings = op_settings.OperatorSettings(shared_redis_url="redis://shared.platform.svc:6379")
+    if ok:
+        model.parse_organism(obj, settings)
+    else:
+        with pytest.raises(model.SpecError) as err:
+            model.parse_organism(obj, settings)
+        assert err.value.field == f"spec.pump.resources.{section}.{key}"
+
+
+def test_requests_at_limits_pass_and_above_fail_in_cel() -> None:
+    obj = copy.deepcopy(GOOD)
+    obj["spec"]["pump"] = {"resources": {"requests": {"cpu": "500m", "memory": "1Gi"},
+                                         "limits": {"cpu": "0.5", "memory": "1024Mi"}}}
+    assert validate(obj, CRD) == []
+    obj["spec"]["pump"]["resources"]["requests"]["cpu"] = "501m"
+    assert [e.message for e in validate(obj, CRD)] == [
+        "requests must not be above limits (cpu and memory): such pods are never created"]
+
+
+def test_cel_rules_use_no_backslash_escapes() -> None:
+    # Kubernetes compiles rules with cel-go, whose string literals reject escapes such as '\.' that
+    # Python (and so the local evaluator) would accept: rules write '[.]' instead.
+    assert [rule["rule"] for _, rule in iter_rules(SCHEMA) if "\\" in rule["rule"]] == []
+
+
+def test_every_string_a_cel_rule_reads_has_a_max_length() -> None:
+    # The API server estimates each CEL rule's cost from the maximum size of what it reads; an
+    # unbounded string read by a rule can make the CRD itself be refused. The rules here read
+    # their node, its children and grandchildren (resources -> requests -> cpu).
+    def walk(schema: dict[str, Any], path: str, below_rule: int) -> list[str]:
+        below_rule = 0 if schema.get("x-kubernetes-validations") else below_rule + 1
+        out = []
+        if below_rule <= 2 and (schema.get("type") == "string" or schema.get("x-kubernetes-int-or-string")) and \
+                "maxLength" not in schema and "enum" not in schema and "format" not in schema:
+            out.append(path)
+        for key, sub in (schema.get("properties") or {}).items():
+            out += walk(sub, f"{path}.{key}", below_rule)
+        return out
+    assert walk(SCHEMA["properties"]["spec"], "spec", 99) == []

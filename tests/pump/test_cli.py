@@ -195,3 +195,124 @@ def test_progress_bar_only_on_a_terminal() -> None:
     bar._start -= 1
     bar.update(5)
     assert "5/10" in tty.getvalue() and "#" in tty.getvalue()
+
+
+# -------------------------------------------------------------------------------- hostile input
+def _one_line_usage_error(r, *needles: str) -> None:  # type: ignore[no-untyped-def]
+    """Exit 2, exactly one line on stderr naming what is wrong, no traceback."""
+    _usage_error(r, *needles)
+    lines = [ln for ln in r.stderr.splitlines() if " WARNING " not in ln]  # the no-signing-key warning
+    assert len(lines) == 1, r.stderr
+
+
+def _cli_bytes(*args: str, env: dict[str, str], stdin: bytes):  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "xml_pipeline.cli", *args], env=env, input=stdin,
+                       capture_output=True, timeout=60, cwd=REPO)
+    r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    return r
+
+
+HOSTILE_ENV = [
+    ({"XP_REDIS_URL": "redis://127.0.0.1:6379/?socket_timeout=abc"}, ("XP_REDIS_URL", "query parameters")),
+    ({"XP_REDIS_URL": "redis://127.0.0.1:6379/abc"}, ("XP_REDIS_URL", "not a database number")),
+    ({"XP_REDIS_TTL": "٣٠"}, ("XP_REDIS_TTL", "ASCII digits")),
+    ({"XP_SIGNING_KEY": ",,,"}, ("XP_SIGNING_KEY", "empty")),
+    ({"XP_REDIS_PREFIX": "xp:\n"}, ("XP_REDIS_PREFIX", "not a valid prefix")),
+]
+
+
+@pytest.mark.parametrize("env_over,needles", HOSTILE_ENV, ids=lambda v: str(v)[:24])
+def test_hostile_environment_is_one_line(env_over: dict[str, str], needles: tuple[str, ...],
+                                         cli_env: dict[str, str]) -> None:
+    env = dict(cli_env, XP_BACKEND_TYPE="redis", **env_over)
+    _one_line_usage_error(cli("backend", "ping", env=env), *needles)
+
+
+HOSTILE_FILES = {
+    "alias-bomb": ("organism: {name: b, description: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]}\n"
+                   + "".join(f"x{i}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8)),
+                   ("organism.yaml", "more than 100000 values")),
+    "recursive-alias": ("organism: {name: r, description: &d [*d]}\n", ("alias inside its own anchor",)),
+    "retries": ("organism: r\nbackend: {type: redis, retries: 100000000000000000000}\n", ("backend.retries", "0..100")),
+    "max-connections": ("organism: r\nbackend: {type: redis, max_connections: 100000000}\n",
+                        ("backend.max_connections", "1..10000")),
+    "nan-timeout": ("organism: r\nbackend: {type: redis, socket_timeout: .nan}\n", ("backend.socket_timeout", "nan")),
+    "inf-timeout": ("organism: r\nbackend: {type: redis, connect_timeout: .inf}\n", ("backend.connect_timeout", "inf")),
+    "int-signing-key": ("organism: r\nbackend: {type: redis, signing_key: 12345678901234567890}\n",
+                        ("backend.signing_key", "got int")),
+    "list-signing-key": ("organism: r\nbackend: {type: redis, signing_key: [32]}\n", ("backend.signing_key", "got int")),
+    "nan-claim-idle": ("organism: r\nprocess_pool: {claim_idle_seconds: .nan}\n",
+                       ("process_pool.claim_idle_seconds", "0.05..86400")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_FILES))
+def test_hostile_organism_yaml_is_one_line(name: str, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    text, needles = HOSTILE_FILES[name]
+    path = tmp_path / "organism.yaml"
+    path.write_text(text + 'listeners: [{name: g, handler: "xml_pipeline.examples.greeter:handle"}]\n')
+    _one_line_usage_error(cli("worker", env=dict(cli_env, XP_CONFIG=str(path))), *needles)
+
+
+def test_unreadable_config_paths_are_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    _one_line_usage_error(cli("pump", env=dict(cli_env, XP_CONFIG=str(tmp_path))), "XP_CONFIG", "is a directory")
+    _one_line_usage_error(cli("backend", "info", env=dict(cli_env, XP_CONFIG=str(tmp_path))), "XP_CONFIG",
+                          "is a directory")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    _one_line_usage_error(cli("pump", "--config", str(tmp_path / "a"), env=cli_env), "symbolic links")
+    _one_line_usage_error(cli("backend", "ping", "--config", str(tmp_path / "a"), env=cli_env), "--config",
+                          "symbolic links")
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["healthcheck", "--max-age", "nan"], ("--max-age", "nan")),
+    (["healthcheck", "--max-age", "inf"], ("--max-age", "inf")),
+    (["healthcheck", "--max-age", "-5"], ("--max-age",)),
+    (["send", "--to", "greeter", "<x/>", "--wait", "--timeout", "nan"], ("--timeout", "nan")),
+    (["run", EXAMPLE, "--demo", "--timeout", "inf"], ("--timeout", "inf")),
+    (["worker", "--processes", "100000000"], ("--processes", "1 to 256")),
+])
+def test_non_finite_and_huge_options_are_one_line(argv: list[str], needles: tuple[str, ...],
+                                                   cli_env: dict[str, str]) -> None:
+    _one_line_usage_error(cli(*argv, env=cli_env), *needles)
+
+
+def test_a_nan_max_age_never_reports_healthy(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    hb = tmp_path / "hb"
+    hb.touch()
+    old = time.time() - 3600
+    os.utime(hb, (old, old))
+    assert cli("healthcheck", "--file", str(hb), "--max-age", "nan", env=cli_env).returncode == 2
+
+
+@pytest.mark.parametrize("argv", [["send", "--to", "greeter"], ["send"]])
+def test_send_non_utf8_stdin_is_one_line(argv: list[str], cli_env: dict[str, str]) -> None:
+    env = dict(cli_env, XP_BACKEND_TYPE="redis")
+    r = _cli_bytes(*argv, env=env, stdin=b"\xff\xfe<greet/>")
+    _one_line_usage_error(r, "UTF-8" if "--to" in argv else "bad message")
+
+
+def test_send_wait_with_redis_down_is_one_line(cli_env: dict[str, str]) -> None:
+    from redis_server import free_port
+    env = dict(cli_env, XP_BACKEND_TYPE="redis", XP_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    r = cli("send", "--to", "greeter", "<x/>", "--wait", "--timeout", "1", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "BackendUnavailable" in r.stderr and "unavailable" in r.stderr
+
+
+def test_wrong_password_says_authentication_failed(redis_factory, cli_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    server = redis_factory(password="right-password").start()
+    env = dict(cli_env, XP_BACKEND_TYPE="redis", XP_REDIS_URL=server.url, XP_REDIS_PASSWORD="wrong-password")
+    r = cli("send", "--to", "greeter", "<x/>", "--wait", "--timeout", "1", env=env)
+    _one_line_usage_error(r, "authentication failed", "XP_REDIS_PASSWORD")
+    assert "wrong-password" not in r.stderr + r.stdout
+    r = cli("backend", "ping", env=env)
+    assert r.returncode == 2 and r.stdout.startswith("authentication failed:"), (r.stdout, r.stderr)
+    assert "unreachable" not in r.stdout and "Traceback" not in r.stderr and "wrong-password" not in r.stderr
+    r = cli("backend", "ping", "--json", env=env)
+    assert json.loads(r.stdout)["state"] == "authentication failed"
+    r = cli("backend", "ping", env=dict(env, XP_REDIS_PASSWORD="right-password"))
+    assert r.returncode == 0 and r.stdout.startswith("ok:")

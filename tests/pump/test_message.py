@@ -120,3 +120,32 @@ def test_normalize_result() -> None:
         normalize_result(42)
     with pytest.raises(MessageError, match="Call.to"):
         normalize_result(Call("a.b", "<x/>"))
+
+
+def test_deep_nesting_is_refused_at_the_limit() -> None:
+    from xml_pipeline.message_bus.message import MAX_XML_DEPTH
+    deep = "<a>" * MAX_XML_DEPTH + "</a>" * MAX_XML_DEPTH
+    with pytest.raises(MessageError, match=f"nested more than {MAX_XML_DEPTH} deep"):
+        parse_message(f'<message from="a" to="b"><payload>{deep}</payload></message>')
+    fits = "<a>" * (MAX_XML_DEPTH - 2) + "</a>" * (MAX_XML_DEPTH - 2)  # + <message> and <payload>
+    assert parse_message(f'<message from="a" to="b"><payload>{fits}</payload></message>').payload == fits
+
+
+def test_20000_deep_messages_document_is_refused_at_once() -> None:
+    with pytest.raises(MessageError, match="nested more than"):
+        split_messages("<messages>" * 20_000 + "</messages>" * 20_000)
+
+
+def test_messages_inside_messages_is_refused() -> None:
+    one = Message("a", "b", "<x/>").to_xml()
+    assert len(split_messages(f"<messages>{one}{one}</messages>")) == 2
+    with pytest.raises(MessageError, match="<messages> inside <messages>"):
+        split_messages(f"<messages><messages>{one}</messages></messages>")
+
+
+@pytest.mark.parametrize("attr", ['from="greeter&#10;"', 'to="greeter&#10;"', 'thread="t1&#10;"', 'id="m1&#10;"'])
+def test_trailing_newline_in_names_and_ids(attr: str) -> None:
+    attrs = {"from": 'from="a"', "to": 'to="b"'}
+    attrs[attr.split("=")[0]] = attr
+    with pytest.raises(MessageError):
+        parse_message(f'<message {" ".join(attrs.values())}><payload/></message>')

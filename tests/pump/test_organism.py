@@ -152,3 +152,84 @@ def test_environment_rules_match_backend_config_from_env(tmp_path: Path) -> None
     env = {"XP_CONFIG": str(path), "XP_REDIS_URL": "redis://10.0.0.1:6380/2", "XP_REDIS_TTL": "7",
            "XP_REDIS_USERNAME": "u", "XP_REDIS_PASSWORD": "p", "XP_SIGNING_KEY": "k" * 16 + ",l" + "m" * 16}
     assert load_organism(path, environ=env).backend == BackendConfig.from_env(env)
+
+
+# -------------------------------------------------------------------------------- hostile files
+LISTENER = '  - {name: greeter, handler: "xml_pipeline.examples.greeter:handle"}\n'
+ALIAS_BOMB = ('organism: {name: bomb, description: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]}\n'
+              + "".join(f"x{i}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
+              + "listeners:\n" + LISTENER)
+
+
+def test_alias_bomb_is_refused_quickly() -> None:
+    assert len(ALIAS_BOMB) < 700  # a few hundred bytes standing for 9^9 values
+    e = _err(ALIAS_BOMB)
+    assert e.field == "organism.yaml" and "more than 100000 values" in str(e) and "allowed" in str(e)
+
+
+def test_recursive_alias_is_refused() -> None:
+    e = _err("organism: {name: r, description: &d [*d]}\nlisteners:\n" + LISTENER)
+    assert e.field == "organism.yaml" and "alias inside its own anchor" in str(e) and e.line == 1
+
+
+def test_deep_nesting_is_refused() -> None:
+    e = _err("organism: r\nlisteners:\n" + LISTENER + "x: " + "[" * 100 + "]" * 100 + "\n")
+    assert e.field == "organism.yaml" and "nested too deeply" in str(e) and "64" in str(e)
+    e = _err("x: " + "[" * 1500 + "]" * 1500 + "\n")  # deeper than the YAML parser's recursion
+    assert e.field == "organism.yaml" and "nested too deeply" in str(e)
+
+
+def test_aliases_within_the_bounds_still_work() -> None:
+    org = parse_organism('organism: {name: a, description: &d "shared"}\nlisteners:\n'
+                         '  - {name: one, handler: "xml_pipeline.examples.greeter:handle", description: *d}\n',
+                         environ={})
+    assert org.listeners[0].description == "shared" == org.description
+
+
+def test_too_many_listeners() -> None:
+    text = "organism: many\nlisteners:\n" + "".join(
+        f'  - {{name: l{i}, handler: "xml_pipeline.examples.greeter:handle"}}\n' for i in range(50_000))
+    e = _err(text, resolve_handlers=False)
+    assert e.field == "organism.yaml" or e.field == "listeners"  # the node bound or the listener bound
+    text = "organism: many\nlisteners:\n" + "".join(
+        f'  - {{name: l{i}, handler: "xml_pipeline.examples.greeter:handle"}}\n' for i in range(1025))
+    e = _err(text, resolve_handlers=False)
+    assert e.field == "listeners" and "1025 listeners" in str(e) and "1..1024" in str(e)
+
+
+def test_file_size_limit(tmp_path: Path) -> None:
+    path = tmp_path / "organism.yaml"
+    path.write_text("organism: big\n# " + "x" * (1024 * 1024) + "\nlisteners:\n" + LISTENER)
+    with pytest.raises(ConfigError, match="larger than 1048576 bytes"):
+        load_organism(path)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("claim_idle_seconds", ".nan"), ("heartbeat_seconds", ".nan"), ("drain_seconds", ".inf"),
+    ("claim_idle_seconds", "1e300"), ("workers", "100000000"), ("max_attempts", "100000000000000000000"),
+])
+def test_pool_numbers_are_finite_and_bounded(key: str, value: str) -> None:
+    e = _err(f"organism: p\nprocess_pool: {{{key}: {value}}}\nlisteners:\n" + LISTENER)
+    assert e.field == f"process_pool.{key}" and "allowed: " in str(e)
+
+
+@pytest.mark.parametrize("field,text", [
+    ("organism", 'organism: "demo\\n"\nlisteners:\n' + LISTENER),
+    ("listeners[0].name", 'organism: d\nlisteners:\n  - {name: "greeter\\n", handler: "m:f"}\n'),
+    ("listeners[0].handler", 'organism: d\nlisteners:\n  - {name: g, handler: "xml_pipeline.examples.greeter:handle\\n"}\n'),
+])
+def test_trailing_newline_in_names(field: str, text: str) -> None:
+    assert _err(text, resolve_handlers=False).field == field
+
+
+def test_unreadable_paths(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_organism(tmp_path)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ConfigError, match="symbolic links"):
+        load_organism(tmp_path / "a")
+    from xml_pipeline.organism import load_from_env
+    with pytest.raises(ConfigError) as e:
+        load_from_env({"XP_CONFIG": str(tmp_path)})
+    assert e.value.field == "XP_CONFIG"

@@ -16,9 +16,13 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_HEARTBEAT_FILE = "/tmp/xml-pipeline.heartbeat"
+#: Bounds of duration and process-count options (one week; the organism.yaml bound of workers).
+MAX_SECONDS = 7 * 86400.0
+MAX_PROCESSES = 256
 
 
 class UsageError(Exception):
@@ -36,6 +40,37 @@ def _port(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the usage summary is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _seconds(text: str) -> float:
+    """argparse type of a duration: a finite number of seconds > 0 (float() alone takes 'nan' and 'inf')."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (0 < SECONDS <= {MAX_SECONDS:g}), "
+                                         f"got {text!r}") from None
+    if not 0 < value <= MAX_SECONDS:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (0 < SECONDS <= {MAX_SECONDS:g}), "
+                                         f"got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type of a process count: an integer 1..MAX_PROCESSES."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PROCESSES or not text.strip().isascii():
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_PROCESSES}, got {text!r}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
@@ -47,7 +82,7 @@ def _add_config(p: argparse.ArgumentParser, *, required: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="xml-pipeline",
         description="Run and operate an xml-pipeline organism: a multi-agent XML message bus.",
         epilog="Exit codes: 0 ok, 2 bad usage or configuration, 1 runtime failure.")
@@ -70,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--demo", action="store_true", help="feed the built-in demo messages")
     p.add_argument("--format", choices=("xml", "text"), help="how to print responses (default: text with "
                    "--demo, else xml: one <message> per line)")
-    p.add_argument("--workers", type=int, metavar="N", help="override process_pool.workers")
+    p.add_argument("--workers", type=_count, metavar="N", help="override process_pool.workers")
     p.add_argument("--start-method", choices=("spawn", "forkserver"), help="override process_pool.start_method")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up (exit 1) if the run takes longer")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="give up (exit 1) if the run takes longer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_common(p)
 
@@ -91,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The worker pod's process: process_pool.workers consumers of the organism's "
                                    "task stream (redis backend). SIGTERM finishes the task in hand and exits 0.")
     _add_config(p)
-    p.add_argument("--processes", type=int, metavar="N", help="consumer processes (default process_pool.workers)")
+    p.add_argument("--processes", type=_count, metavar="N", help="consumer processes (default process_pool.workers)")
     p.add_argument("--heartbeat-file", default=DEFAULT_HEARTBEAT_FILE, help="file refreshed while healthy "
                    f"(default {DEFAULT_HEARTBEAT_FILE})")
     _add_common(p)
@@ -99,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("healthcheck", help="exit 0 if this pod's pump/worker heartbeat is fresh",
                        description="Liveness probe: exit 0 if the heartbeat file was refreshed recently, else 1.")
     p.add_argument("--file", default=DEFAULT_HEARTBEAT_FILE, help=f"heartbeat file (default {DEFAULT_HEARTBEAT_FILE})")
-    p.add_argument("--max-age", type=float, default=30.0, metavar="SECONDS", help="maximum age (default 30)")
+    p.add_argument("--max-age", type=_seconds, default=30.0, metavar="SECONDS", help="maximum age (default 30)")
 
     p = sub.add_parser("send", help="send a message to a pump through its ingress stream (redis backend)",
                        description="Put a message on the organism's ingress stream; with --wait, print the "
@@ -110,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="sender", default="cli", metavar="NAME", help="sender name with --to (default cli)")
     p.add_argument("--thread", metavar="ID", help="thread id with --to")
     p.add_argument("--wait", action="store_true", help="wait for the response and print it")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="how long --wait waits (default 30)")
+    p.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS", help="how long --wait waits (default 30)")
     _add_config(p)
     _add_common(p)
 

@@ -38,6 +38,9 @@ def config_path(args: argparse.Namespace) -> str:
     if not path:
         raise ConfigError("XP_CONFIG", "is not set: point it at the organism.yaml "
                           "(pods: /etc/xml-pipeline/organism.yaml) or pass --config")
+    if os.path.isdir(path):
+        raise ConfigError("--config" if getattr(args, "config", None) else "XP_CONFIG",
+                          f"{path!r} is a directory", "the path of an organism.yaml file")
     return path
 
 

@@ -6,12 +6,14 @@ import json
 import os
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
-from ..errors import ConfigError
+from ..errors import BackendUnavailable, ConfigError
 from ..memory.config import BackendConfig
 from ..memory.factory import create_backend
+from ..safe_yaml import read_config_text
 from ..memory.protocol import SharedBackend
-from . import EXIT_FAILURE, EXIT_OK, UsageError
+from . import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 
 
 def backend_config(args: argparse.Namespace) -> BackendConfig:
@@ -19,9 +21,9 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
     env = dict(os.environ)
     if getattr(args, "config", None):
         env["XP_CONFIG"] = args.config
-    if env.get("XP_CONFIG") and not os.path.exists(env["XP_CONFIG"]):
-        raise ConfigError("XP_CONFIG" if not getattr(args, "config", None) else "--config",
-                          f"file {env['XP_CONFIG']!r} does not exist")
+    if env.get("XP_CONFIG"):
+        # Missing, a directory, a symlink loop, unreadable, too large: one error naming the option.
+        read_config_text(env["XP_CONFIG"], "XP_CONFIG" if not getattr(args, "config", None) else "--config")
     config = BackendConfig.from_env(env)
     changes: dict[str, Any] = {}
     if getattr(args, "backend_type", None):
@@ -67,8 +69,12 @@ def cmd_send(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout must be > 0, got {args.timeout}")
     raw = _read_arg(args.message)
     if args.to:
-        message = Message(sender=args.sender, to=args.to, payload=check_fragment(raw.decode("utf-8")),
-                          thread=args.thread)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"MESSAGE: is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                             "messages must be UTF-8") from None
+        message = Message(sender=args.sender, to=args.to, payload=check_fragment(text), thread=args.thread)
     else:
         if args.thread:
             raise UsageError("--thread goes with --to (a full <message> carries its own thread attribute)")
@@ -79,7 +85,14 @@ def cmd_send(args: argparse.Namespace) -> int:
                           "ingress stream", ["redis"])
     backend = create_backend(config)
     try:
-        response = send_message(backend, message, wait=args.timeout if args.wait else None)
+        # A PING through the backend's error mapping first: Redis down or refusing the credentials is
+        # one line naming the cause, not a redis-py traceback from the stream commands below.
+        _check_redis(backend, config)
+        try:
+            response = send_message(backend, message, wait=args.timeout if args.wait else None)
+        except _redis_errors() as e:  # Redis went away between the PING and the stream commands
+            raise BackendUnavailable(f"Redis at {config.redacted_url}: {type(e).__name__}: "
+                                     f"{_scrub(str(e), config)}") from None
     finally:
         backend.close()
     if not args.wait:
@@ -95,20 +108,78 @@ def cmd_send(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 # backend
 # ---------------------------------------------------------------------------------------------------
+def _redis_errors() -> tuple[type[Exception], ...]:
+    import redis  # only the redis backend gets here; the CLI does not pay the import otherwise
+    return (redis.exceptions.RedisError,)
+
+
+def _scrub(text: str, config: BackendConfig) -> str:
+    for secret in (config.redis_password, urlsplit(config.redis_url).password):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _user(config: BackendConfig) -> str:
+    return config.redis_username or urlsplit(config.redis_url).username or "default"
+
+
+def _credentials_field(config: BackendConfig) -> str:
+    return "XP_REDIS_USERNAME/XP_REDIS_PASSWORD (backend.redis_username/redis_password or the URL's credentials)"
+
+
+def _check_redis(backend: SharedBackend, config: BackendConfig) -> None:
+    """Raise ConfigError when Redis refuses the credentials, BackendUnavailable when it does not answer."""
+    import redis
+    from ..memory.redis_backend import RedisBackend
+    assert isinstance(backend, RedisBackend)
+    try:
+        backend.execute(lambda c: c.ping(), idempotent=True, what="PING")
+    except BackendUnavailable:
+        try:  # one more, unretried, to tell wrong credentials from a Redis that is down
+            backend.client.ping()
+        except redis.exceptions.AuthenticationError:
+            raise ConfigError(_credentials_field(config),
+                              f"authentication failed: Redis at {config.redacted_url} rejected the user "
+                              f"{_user(config)!r} and its password",
+                              "the user and password of an enabled ACL user of that Redis") from None
+        except redis.exceptions.RedisError:
+            pass
+        raise
+
+
+def _ping(backend: SharedBackend, config: BackendConfig) -> str:
+    """'ok', 'unreachable' or 'authentication failed'."""
+    if config.backend_type != "redis":
+        return "ok" if backend.ping() else "unreachable"
+    try:
+        _check_redis(backend, config)
+    except ConfigError:
+        return "authentication failed"
+    except BackendUnavailable:
+        return "unreachable"
+    return "ok"
+
+
 def cmd_backend(args: argparse.Namespace) -> int:
     config = backend_config(args)
     if args.action == "ping":
         backend = _open_backend(config, "ping")
         try:
-            ok = backend.ping()
+            state = _ping(backend, config)
         finally:
             backend.close()
         where = _where(config)
         if args.json:
-            print(json.dumps({"ok": ok, "backend": config.backend_type, "endpoint": where}))
+            print(json.dumps({"ok": state == "ok", "state": state, "backend": config.backend_type,
+                              "endpoint": where}))
         else:
-            print(f"{'ok' if ok else 'unreachable'}: {config.backend_type} backend at {where}")
-        return EXIT_OK if ok else EXIT_FAILURE
+            print(f"{state}: {config.backend_type} backend at {where}")
+        if state == "authentication failed":
+            print(f"xml-pipeline backend ping: error: {_credentials_field(config)}: Redis refused the "
+                  f"credentials of user {_user(config)!r}", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_OK if state == "ok" else EXIT_FAILURE
     if args.action == "reindex" and config.backend_type != "redis":
         raise UsageError(f"backend reindex: the {config.backend_type} backend has no index to rebuild "
                          "(backend type: only redis)")

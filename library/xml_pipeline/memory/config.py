@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
 
+from .. import safe_yaml
 from ..errors import ConfigError
 from .keys import validate_prefix
 from .signing import Signer, parse_keys
@@ -55,6 +56,22 @@ ENV_VARS: dict[str, str] = {
     "XP_SIGNING_KEY": "signing_key",
 }
 ENV_CONFIG_PATH = "XP_CONFIG"
+
+#: Bounds of the numeric settings: (low, high). A value outside them is a mistake (a retry count
+#: of 1e20 retries forever; a pool of 10^8 connections allocates its slots up front).
+TIMEOUT_RANGE: tuple[float, float] = (0.001, 3600.0)
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "retries": (0, 100),
+    "health_check_interval": (0, 86400),
+    "max_connections": (1, 10_000),
+    # Upstream's BackendConfig limits, accepted for its users (see the fields).
+    "max_slots_per_thread": (1, 10_000_000),
+    "max_threads": (1, 10_000_000),
+}
+TTL_MAX = 10 * 365 * 86400
+#: Redis database numbers accepted in the URL path (/0 ... /9999).
+_DB_PATH = re.compile(r"/?([0-9]{1,4})?\Z", re.ASCII)
+_ASCII_INT = re.compile(r"[0-9]{1,12}\Z", re.ASCII)
 
 
 def redact_url(url: str) -> str:
@@ -112,22 +129,26 @@ class BackendConfig:
         _check_url(self.redis_url)
         validate_prefix(self.redis_prefix, "backend.redis_prefix")
         ttl = self.redis_ttl
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 0):
-            raise ConfigError("backend.redis_ttl", f"must be a whole number of seconds >= 0, got {ttl!r}",
-                              "0 (never expire) or a positive integer, e.g. 86400")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= TTL_MAX):
+            raise ConfigError("backend.redis_ttl", f"must be a whole number of seconds from 0 to {TTL_MAX}, "
+                              f"got {ttl!r}", f"0 (never expire) or a positive integer up to {TTL_MAX}, e.g. 86400")
+        low_t, high_t = TIMEOUT_RANGE
         for name in ("socket_timeout", "connect_timeout"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"backend.{name}", f"must be a number of seconds > 0, got {v!r}")
-        for name, low in (("retries", 0), ("health_check_interval", 0), ("max_connections", 1),
-                          ("max_slots_per_thread", 1), ("max_threads", 1)):
+            # `not low <= v <= high` also refuses NaN (every comparison with NaN is false).
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low_t <= v <= high_t:
+                raise ConfigError(f"backend.{name}", f"must be a finite number of seconds, got {v!r}",
+                                  f"{low_t:g}..{high_t:g}")
+        for name, (low, high) in INT_RANGES.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"backend.{name}", f"must be an integer >= {low}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise ConfigError(f"backend.{name}", f"must be an integer from {low} to {high}, got {v!r}",
+                                  f"{low}..{high}")
         for name in ("redis_username", "redis_password", "manager_address"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ConfigError(f"backend.{name}", f"must be a string, got {type(v).__name__}")
+        _check_signing_key(self.signing_key)
         # Normalise the key ring once (raises ConfigError on short keys).
         object.__setattr__(self, "_keys", parse_keys(self.signing_key, "backend.signing_key"))
 
@@ -166,7 +187,8 @@ class BackendConfig:
                 raise ConfigError(f"backend.{key}", "unknown key", sorted(set(_YAML_KEYS) - {"backend_type"}),
                                   source=source)
             kwargs[_YAML_KEYS[key]] = value
-        if "redis_ttl" in kwargs and isinstance(kwargs["redis_ttl"], str) and kwargs["redis_ttl"].isdigit():
+        # str.isdigit() would also take '٣٠' (Arabic-Indic digits) for 30: ASCII digits only.
+        if "redis_ttl" in kwargs and isinstance(kwargs["redis_ttl"], str) and _ASCII_INT.match(kwargs["redis_ttl"]):
             kwargs["redis_ttl"] = int(kwargs["redis_ttl"])
         try:
             return cls(**kwargs)
@@ -179,14 +201,8 @@ class BackendConfig:
     def from_yaml(cls, path: str | os.PathLike[str], *, required: bool = True) -> "BackendConfig":
         """Build from the `backend:` section of an organism.yaml file."""
         p = Path(path)
-        try:
-            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("XP_CONFIG" if required is False else "path", f"file {str(p)!r} does not exist") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise ConfigError("backend", f"is not valid YAML: {getattr(e, 'problem', e)}",
-                              source=str(p), line=(mark.line + 1) if mark else None) from None
+        text = safe_yaml.read_config_text(p, "XP_CONFIG" if required is False else "path")
+        _, doc = safe_yaml.load(text, str(p))  # bounded: size, alias expansion, depth, no recursion
         if not isinstance(doc, Mapping) or "backend" not in doc:
             if required:
                 raise ConfigError("backend", f"section missing in {str(p)!r}",
@@ -215,11 +231,11 @@ class BackendConfig:
             if raw is None or raw == "":
                 continue
             if name == "redis_ttl":
-                try:
-                    changes[name] = int(raw)
-                except ValueError:
-                    raise ConfigError(var, f"must be a whole number of seconds, got {raw!r}",
-                                      "0 (never expire) or a positive integer") from None
+                # int() also reads '٣٠' (Arabic-Indic digits) and ' 30 ': ASCII digits only.
+                if not _ASCII_INT.match(raw):
+                    raise ConfigError(var, f"must be a whole number of seconds in ASCII digits, got {raw!r}",
+                                      "0 (never expire) or a positive integer, e.g. 86400")
+                changes[name] = int(raw)
             else:
                 changes[name] = raw
         if not changes:
@@ -276,3 +292,36 @@ def _check_url(url: object) -> None:
     elif not parts.hostname:
         raise ConfigError(field_, f"{redact_url(url)!r} names no host", allowed)
     del port
+    # redis-py reads options from the query string (socket_timeout=abc fails deep inside it, NaN
+    # passes, and they override the validated settings): the settings belong in backend.* instead.
+    if parts.query:
+        raise ConfigError(field_, f"{redact_url(url)!r} has query parameters ({parts.query.split('=')[0]!r})",
+                          "no '?...': set backend.socket_timeout, connect_timeout, max_connections, ... instead")
+    # redis-py silently uses db 0 for a path it cannot read as a number (redis://host/abc).
+    if parts.scheme != "unix" and not _DB_PATH.match(parts.path):
+        raise ConfigError(field_, f"{redact_url(url)!r} has the path {parts.path!r}, not a database number",
+                          "redis://host[:port] or redis://host[:port]/N with N a database number 0..9999")
+
+
+def _check_signing_key(value: object) -> None:
+    """The shapes a signing key may have; anything else (an integer, a list of integers, commas
+    only) would be a missing or meaningless key accepted silently."""
+    field_ = "backend.signing_key"
+    allowed = "a string of 16 or more characters, several comma-separated for rotation, or a list of such strings"
+    if value is None:
+        return
+    items: list[object]
+    if isinstance(value, (str, bytes)):
+        sep: Any = "," if isinstance(value, str) else b","
+        items = list(value.split(sep))
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ConfigError(field_, f"must be a string, got {type(value).__name__}", allowed)
+    if not items or items == [""] or items == [b""]:
+        raise ConfigError(field_, "is empty", allowed)
+    for i, item in enumerate(items):
+        if not isinstance(item, (str, bytes)):
+            raise ConfigError(field_, f"key {i + 1} must be a string, got {type(item).__name__}", allowed)
+        if not item.strip():
+            raise ConfigError(field_, f"key {i + 1} of {len(items)} is empty (stray comma?)", allowed)

@@ -33,7 +33,7 @@ KEY_SPACES: frozenset[str] = frozenset(
 )
 
 _SEGMENT = r"[A-Za-z0-9_.-]+"
-_PREFIX_RE = re.compile(rf"^(?:{_SEGMENT}:)+$")
+_PREFIX_RE = re.compile(rf"^(?:{_SEGMENT}:)+\Z")  # \Z: "$" would pass "xp:\n"
 MAX_PREFIX_LEN = 128
 
 

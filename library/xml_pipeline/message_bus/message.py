@@ -31,11 +31,13 @@ from ..errors import XmlPipelineError
 
 NS = "https://xml-pipeline.dev/v1"
 #: Names of listeners and external senders. No '.', which separates the hops of a call chain.
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}\Z")  # \Z: "$" would pass a trailing newline
 #: Thread ids and message ids: uuids from the registry, or ids an external client chose.
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 #: Default size limit of one message (bytes of XML).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Deepest element nesting of a message or an input file (envelope, payload and its content).
+MAX_XML_DEPTH = 256
 
 MessageKind = Literal["request", "response", "error"]
 KINDS: tuple[str, ...] = ("request", "response", "error")
@@ -293,6 +295,10 @@ class _Scanner:
         self._child_start = 0
 
     def start(self, tag: str, attrib: dict[str, str]) -> None:
+        if self.depth >= MAX_XML_DEPTH:
+            # Raised inside expat's callback: the parse stops here, before the rest is read.
+            raise MessageError(f"elements are nested more than {MAX_XML_DEPTH} deep "
+                               f"(at line {self.expat.CurrentLineNumber})")
         if self.depth == 0:
             self.root = (tag, dict(attrib))
         elif self.depth == 1:
@@ -356,6 +362,8 @@ def _scan(raw: bytes, what: str) -> _Scanner:
         p.close()
     except (ParseError, DefusedXmlException) as e:
         raise MessageError(f"{what}: {_explain(e)}") from None
+    except MessageError as e:
+        raise MessageError(f"{what}: {e}") from None
     except RecursionError:
         raise MessageError(f"{what}: nested too deeply") from None
     return scanner
@@ -427,15 +435,18 @@ def split_messages(data: str | bytes, *, max_bytes: int = 256 * 1024 * 1024) -> 
     return _split(b"<messages>" + body + b"</messages>")
 
 
-def _split(doc: bytes) -> list[Message]:
+def _split(doc: bytes, unwrapped: bool = False) -> list[Message]:
     s = _scan(doc, "malformed input")
     ranges = []
     for tag, start, end_idx in s.ranges:
         content_start, empty = _tag_end(doc, start)
         ranges.append((tag, start, _element_end(doc, end_idx, empty, content_start)))
     if len(ranges) == 1 and _local(ranges[0][0])[1] == "messages":
+        if unwrapped:  # one <messages> wrapper is the format; more would be rescanned once per level
+            raise MessageError("malformed input: <messages> inside <messages> (allowed: one <messages> "
+                               "document, or <message> elements one after another)")
         _, start, stop = ranges[0]
-        return _split(doc[start:stop])
+        return _split(doc[start:stop], unwrapped=True)
     out: list[Message] = []
     for n, (tag, start, stop) in enumerate(ranges, 1):
         if _local(tag)[1] != "message":

@@ -52,12 +52,12 @@ def _identify(path: str) -> ServerBinary:
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"{ENV_VAR}: {path!r} does not run as a server binary ({e})") from None
+        raise RuntimeError(f"{path!r} does not run as a server binary ({e})") from None
     # "Redis server v=7.0.15 sha=…" / "Valkey server v=9.1.2 sha=…"
     m = re.match(r"(Redis|Valkey) server v=(\d+)\.(\d+)\.(\d+)", out)
     if m is None:
-        raise RuntimeError(f"{ENV_VAR}: {path!r} --version printed {out.strip()!r}, "
-                           "not a Redis or Valkey server")
+        first = out.strip().splitlines()[0] if out.strip() else ""
+        raise RuntimeError(f"{path!r} is not a Redis or Valkey server (--version printed {first!r})")
     return ServerBinary(path, m.group(1).lower(), (int(m.group(2)), int(m.group(3)), int(m.group(4))))
 
 
@@ -186,3 +186,19 @@ def block_server(server: RedisServer, seconds: float) -> threading.Thread:
             probe.ping()
         except redis.TimeoutError:
             return thread
+
+
+def _other_flavor() -> str:
+    """The server kind the default run did not use, when it is installed here ("" otherwise)."""
+    other = "valkey" if server_binary().flavor == "redis" else "redis"
+    return other if any(_candidates(other)) else ""
+
+
+if __name__ == "__main__":
+    # `python tests/redis_server.py` names the server the tests use; `--other` prints the other kind
+    # (for the Makefile's second run), or nothing where only one kind is installed.
+    import sys
+    try:
+        print(_other_flavor() if sys.argv[1:] == ["--other"] else server_binary())
+    except RuntimeError as e:
+        sys.exit(str(e))

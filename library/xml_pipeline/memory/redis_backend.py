@@ -33,13 +33,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..errors import BackendError, BackendUnavailable, ThreadFullError
+from . import redis_functions
 from . import redis_scripts as scripts
 from .config import BackendConfig, redact_url
 from .keys import RedisKeys, check_tagged_id
 from .redis_pipe import DirectConnection
 from .signing import Signer
 
-__all__ = ["RedisBackend", "UnsignedBackendWarning", "ACL_COMMANDS", "DEFAULT_TEMP_TTL"]
+__all__ = ["RedisBackend", "UnsignedBackendWarning", "ACL_COMMANDS", "EVAL_COMMANDS", "DEFAULT_TEMP_TTL"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,12 +54,16 @@ INFO_COUNT_LIMIT = 100_000
 _BATCH = 500
 
 #: Every command this backend sends, including those its Lua scripts call (Redis checks a script's
-#: commands against the caller's ACL too). An ACL user for one tenant needs these plus `~<prefix>*`.
+#: commands against the caller's ACL too). An ACL user for one tenant needs these plus `~<prefix>*`
+#: on a server where our function library is loaded (redis_functions.py: FCALL_RO probes, FCALL
+#: runs); without the library the scripts run with EVAL_COMMANDS instead of FCALL.
 ACL_COMMANDS: tuple[str, ...] = (
-    "evalsha", "eval", "rpush", "rpop", "lrange", "lindex", "llen", "hsetnx", "hget", "hdel",
+    "fcall", "fcall_ro", "rpush", "rpop", "lrange", "lindex", "llen", "hsetnx", "hget", "hdel",
     "expire", "exists", "get", "getex", "mget", "set", "del", "unlink", "sadd", "srem", "srandmember",
     "sscan", "ping", "info|server", "client|setname",
 )
+#: How the scripts run on a server without our function library (dedicated or external Redis).
+EVAL_COMMANDS: tuple[str, ...] = ("evalsha", "eval")
 
 # Backoff before retry k: a random wait of up to 20 ms * 2**k (40, 80, 160 ms ...), never above 0.5 s.
 _BACKOFF_BASE = 0.02
@@ -176,10 +181,13 @@ class RedisBackend:
         self._retry = Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE),
                             config.retries, supported_errors=(RedisConnectionError, RedisTimeoutError))
         self._ping_retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError))
-        # RESP heads "EVALSHA <sha> <numkeys>" / "EVAL <source> <numkeys>" of each script, packed once.
-        # (Variadic scripts, nargs < 0, get their heads per call.)
-        self._script_heads = {sc.name: _pack_head(b"EVALSHA", sc.sha.encode(), sc.numkeys, sc.nargs)
-                              for sc in scripts.ALL if sc.nargs >= 0}
+        # RESP heads "EVALSHA <sha> <numkeys>" / "EVAL <source> <numkeys>" of each script, packed once,
+        # and "FCALL <function> <numkeys>" once the server is known to have our function library
+        # (redis_functions.py; `_script_heads` picks). Variadic scripts (nargs < 0) get theirs per call.
+        self._mechanism: redis_functions.Mechanism | None = None
+        self._evalsha_heads = {sc.name: _pack_head(b"EVALSHA", sc.sha.encode(), sc.numkeys, sc.nargs)
+                               for sc in scripts.ALL if sc.nargs >= 0}
+        self._heads = self._evalsha_heads
         self._eval_heads = {sc.name: _pack_head(b"EVAL", sc.source.encode(), sc.numkeys, sc.nargs)
                             for sc in scripts.ALL if sc.nargs >= 0}
         self._index = self.keys.index()
@@ -244,26 +252,87 @@ class RedisBackend:
             text = text.replace(self._password, "***")
         return text
 
+    # -- running our scripts: FCALL of the function library where it is loaded, else EVALSHA/EVAL ------
+    @property
+    def script_mechanism(self) -> redis_functions.Mechanism | None:
+        """"fcall" or "eval" once known (the first script call probes the server), else None."""
+        return self._mechanism
+
+    @property
+    def _script_heads(self) -> dict[str, bytes]:
+        """The packed heads of the fixed-arity scripts for the mechanism in use (probed on first use;
+        if the server cannot be reached now, the EVALSHA heads, corrected by _roundtrip later)."""
+        if self._mechanism is None:
+            try:
+                self._detect(None)
+            except RedisError:
+                pass
+        return self._heads
+
+    def _detect(self, conn: Any) -> redis_functions.Mechanism:
+        """Probe the server (on `conn`, else a pooled connection): FCALL when our function library of
+        this exact version is loaded and this user may call it, EVALSHA/EVAL otherwise."""
+        lib = redis_functions.library()
+        try:
+            if conn is not None:
+                conn.send_command("FCALL_RO", lib.version_function, 0)
+                reply = conn.read_response()
+            else:
+                reply = self.client.execute_command("FCALL_RO", lib.version_function, 0)
+            mechanism: redis_functions.Mechanism = "fcall" if redis_functions.probe_reply_ok(reply) else "eval"
+        except ResponseError:
+            mechanism = "eval"
+        if mechanism == "fcall":
+            self._heads = {sc.name: _pack_head(b"FCALL", lib.function(sc).encode(), sc.numkeys, sc.nargs)
+                           for sc in scripts.ALL if sc.nargs >= 0}
+        else:
+            self._heads = self._evalsha_heads
+        if mechanism != self._mechanism:
+            log.debug("redis backend on %s runs its scripts with %s", self._url,
+                      "FCALL (function library %s)" % lib.name if mechanism == "fcall" else "EVALSHA/EVAL")
+        self._mechanism = mechanism
+        return mechanism
+
+    def _head(self, script: scripts.LuaScript, nargs: int) -> bytes:
+        """The packed head of `script` with `nargs` arguments for the mechanism in use."""
+        if self._mechanism == "fcall":
+            name = redis_functions.library().function(script).encode()
+            return _pack_head(b"FCALL", name, script.numkeys, nargs)
+        return _pack_head(b"EVALSHA", script.sha.encode(), script.numkeys, nargs)
+
+    def run_script(self, script: scripts.LuaScript, keys: tuple[str, ...] | list[str], args: tuple[Any, ...] | list[Any]) -> Any:
+        """Run one of the library's scripts (FCALL or EVALSHA/EVAL, as this server allows), once:
+        redis-py's errors, no retries and no error mapping (wrap it in `execute` for those)."""
+        return self._eval(script, tuple(keys), tuple(args))
+
     def _eval(self, script: scripts.LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         body = _pack_args((*keys, *args))
         if script.nargs >= 0:
             return self._roundtrip(self._script_heads[script.name], body, script)
-        head = _pack_head(b"EVALSHA", script.sha.encode(), script.numkeys, len(args))
+        self._script_heads  # noqa: B018 - probes the mechanism on first use
         eval_head = _pack_head(b"EVAL", script.source.encode(), script.numkeys, len(args))
-        return self._roundtrip(head, body, script, eval_head)
+        return self._roundtrip(self._head(script, len(args)), body, script, eval_head)
 
     def _roundtrip(self, head: bytes, body: bytes, script: scripts.LuaScript,
                    eval_head: bytes | None = None) -> Any:
-        """One EVALSHA on a pooled connection, EVAL on NOSCRIPT.
+        """One FCALL or EVALSHA on a pooled connection (EVAL on NOSCRIPT).
 
         Our scripts' arguments are packed once into one buffer and sent with one sendall (redis-py's
         generic path encodes argument by argument and records metrics per command; on the append
         hot path that costs more than the script itself). Errors are redis-py's, and a connection
         that failed mid-command is dropped, exactly as the client would do.
+
+        `head` was packed for the mechanism known when the caller built it: if that is unknown or
+        has changed, or the server says the mechanism is unavailable (our function library is gone
+        after a restart, or this user may not EVAL), the server is probed again on this connection
+        and the script sent once more with the right head.
         """
         pool = self._pool
         conn = pool.get_connection()
         try:
+            if self._mechanism is None or not self._head_matches(head):
+                self._detect(conn)
+                head = self._rehead(head, script)
             try:
                 conn.send_packed_command([head + body])
                 return conn.read_response()
@@ -271,6 +340,19 @@ class RedisBackend:
                 # Server restarted or SCRIPT FLUSH: EVAL runs the script and caches it again.
                 conn.send_packed_command([(eval_head or self._eval_heads[script.name]) + body])
                 return conn.read_response()
+            except ResponseError as e:
+                if not redis_functions.mechanism_error(e):
+                    raise
+                before = self._mechanism
+                if self._detect(conn) == before and before == "eval":
+                    raise self._mechanism_unavailable(e) from None
+                conn.send_packed_command([self._rehead(head, script) + body])
+                try:
+                    return conn.read_response()
+                except ResponseError as again:
+                    if redis_functions.mechanism_error(again):
+                        raise self._mechanism_unavailable(again) from None
+                    raise
         except ResponseError:
             raise
         except BaseException:
@@ -278,6 +360,23 @@ class RedisBackend:
             raise
         finally:
             pool.release(conn)
+
+    def _head_matches(self, head: bytes) -> bool:
+        return (b"\r\nFCALL\r\n" in head[:16]) == (self._mechanism == "fcall")
+
+    def _rehead(self, head: bytes, script: scripts.LuaScript) -> bytes:
+        """`head` (of `script`, any mechanism) for the mechanism in use: same argument count."""
+        nargs = int(head[1:head.index(b"\r\n")]) - 3 - script.numkeys
+        return self._head(script, nargs)
+
+    def _mechanism_unavailable(self, error: Exception) -> ResponseError:
+        """Neither our function library nor EVAL is available to this user: say what to do."""
+        self._mechanism = None  # probe again next time: the operator reloads the library
+        lib = redis_functions.library()
+        return ResponseError(
+            f"cannot run the {lib.name} scripts: the function library is not loaded on this server and "
+            f"user {self._username or 'default'!r} may not EVAL/EVALSHA ({self._scrub(error)}); on a shared "
+            "Redis the operator loads the library within its 30 s check; elsewhere grant EVALSHA and EVAL")
 
     def _scan(self, space: str) -> Iterator[bytes]:
         return self.client.scan_iter(match=self.keys.pattern(space), count=SCAN_COUNT)
@@ -353,8 +452,9 @@ class RedisBackend:
             for r in replies[1:]:
                 if isinstance(r, Exception):
                     raise r
-            if isinstance(first, NoScriptError):
-                return self._roundtrip(head, body, scripts.APPEND)  # EVAL, and cached again
+            if isinstance(first, NoScriptError) or (isinstance(first, ResponseError)
+                                                    and redis_functions.mechanism_error(first)):
+                return self._roundtrip(head, body, scripts.APPEND)  # EVAL (cached again), or re-probed
             if isinstance(first, Exception):
                 raise first
             return first

@@ -81,6 +81,7 @@ def make_org(shared_redis: RedisServer, admin: redis.Redis) -> Iterator[Callable
                   prefix or f"xp:t.{name}-{n}:")
         adm = admin if srv is shared_redis else srv.client()
         acl.ensure_user(adm, org.username, org.password, org.prefix)
+        functions.ensure_library(adm)
         if adm is not admin:
             adm.close()
         made.append(org)

@@ -360,20 +360,16 @@ class SharedRedisAdmin:
                 self._last_check = now
                 try:
                     report = self.recovery().check(desired)
-                except redis.RedisError as e:
+                except (redis.RedisError, functions.FunctionsUnsupported) as e:
                     logger.warning("lost-user check on %s failed: %s", self.url, type(e).__name__)
                 else:
                     if report.changed:
-                        logger.warning("shared Redis %s %s: re-created %d ACL user(s), repaired %d", self.url,
+                        logger.warning("shared Redis %s %s: re-created %d ACL user(s), repaired %d%s", self.url,
                                        "restarted" if report.restarted else "lost users",
-                                       len(report.recreated), len(report.repaired))
+                                       len(report.recreated), len(report.repaired),
+                                       ", loaded the function library again" if report.functions_reloaded else "")
                     self._disable_orphans()
-                if desired:
-                    try:  # a restart without persistence or a FUNCTION FLUSH loses it, like users
-                        self._functions_ready = False
-                        self._ensure_functions(self.client())
-                    except (redis.RedisError, functions.FunctionsUnsupported) as e:
-                        logger.warning("function library check on %s failed: %s", self.url, e)
+
             if now - self._last_usage >= self.usage_interval:
                 self._last_usage = now
                 if self._sampler is None:

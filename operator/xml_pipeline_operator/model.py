@@ -167,8 +167,10 @@ def reserved_prefix_problem(prefix: str, namespace: str, name: str) -> str | Non
     if own.startswith(prefix):
         return (f"{prefix!r} would contain the default prefixes of other Organisms on the shared Redis "
                 f"(every 'xp:<namespace>.<name>:')")
+    m = re.match(r"^xp:([a-z0-9-]+)\.([a-z0-9-]+):", prefix)
+    whose = f" ({m.group(0)!r} is the default prefix of Organism {m.group(1)}/{m.group(2)})" if m else ""
     return (f"{prefix!r} is in the default-prefix space {DEFAULT_PREFIX_SPACE!r} of the shared Redis, where "
-            f"each Organism has 'xp:<namespace>.<name>:'; another Organism's default prefix is not yours")
+            f"each Organism has 'xp:<namespace>.<name>:'{whose}; another Organism's default prefix is not yours")
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -311,7 +313,7 @@ def _parse_redis(r: Mapping[str, Any], namespace: str, name: str, settings: Oper
     if reserved is not None:
         raise SpecError(f"{path}.prefix", reserved,
                         f"a prefix not starting with {DEFAULT_PREFIX_SPACE!r}, or {default_prefix(namespace, name)!r} "
-                        "(this Organism's default: omit the field) or a prefix under it", reason="PrefixReserved")
+                        "(this Organism's default: omit the field) or a prefix under it")
 
     ttl = _int(r.get("ttl", settings.default_ttl), f"{path}.ttl", TTL_MIN, TTL_MAX)
 

@@ -77,10 +77,11 @@ def library() -> FunctionLibrary:
     return FunctionLibrary((*BACKEND_SCRIPTS, *DISTRIBUTED_SCRIPTS))
 
 
-def probe_reply_ok(reply: Any) -> bool:
-    """True when a probe (FCALL_RO <version function> 0) answered this library's version."""
+def probe_reply_ok(reply: Any, lib: FunctionLibrary | None = None) -> bool:
+    """True when a probe (FCALL_RO <version function> 0) answered the version of `lib` (default:
+    this release's library)."""
     value = reply.decode() if isinstance(reply, (bytes, bytearray)) else reply
-    return value == library().version
+    return value == (lib or library()).version
 
 
 def mechanism_error(error: Exception) -> bool:

@@ -171,6 +171,14 @@ class SharedRedisAdmin:
         """Record the Organism (kopf index handler): shared ones take part in the overlap check."""
         t = tenant_from_body(namespace, name, body)
         key = (namespace, name)
+        meta = body.get("metadata") or {}
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            # The last event of a deleted Organism (its finalizer ran): it no longer holds its prefix
+            # here; what stays owned is recorded on the shared Redis (ownership.py).
+            with self._lock:
+                self._observed.pop(key, None)
+                self._policies.pop(key, None)
+            return
         with self._lock:
             was_admitted = key in self._desired
             if t is None:
@@ -230,8 +238,16 @@ class SharedRedisAdmin:
             return failed
         try:
             client = self.client()
-            refusal = ownership.claim(client, tenant.prefix,
-                                      ownership.Owner(tenant.namespace, tenant.name, tenant.uid))
+            me = ownership.Owner(tenant.namespace, tenant.name, tenant.uid)
+            held = ownership.owner_of(client, tenant.prefix)
+            refusal = ownership.claim(client, tenant.prefix, me)
+            if refusal is None and held is not None and held.same_organism(me) and held.uid and tenant.uid \
+                    and held.uid != tenant.uid:
+                # Re-created under its old name: it takes the retained data back, with a new user (the
+                # old one, disabled at deletion, knows only the deleted Organism's passwords).
+                acl.delete_user(client, tenant.username)
+                logger.info("Organism %s/%s (uid %s) takes back prefix %s retained from uid %s", tenant.namespace,
+                            tenant.name, tenant.uid, tenant.prefix, held.uid)
             if refusal is not None:
                 with self._lock:
                     self._desired.pop(key, None)

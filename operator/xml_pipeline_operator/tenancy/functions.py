@@ -31,7 +31,7 @@ def library_loaded(admin: redis.Redis, lib: FunctionLibrary | None = None) -> bo
     """True when this version of the library is loaded (its version function answers)."""
     lib = lib or library()
     try:
-        return probe_reply_ok(admin.execute_command("FCALL_RO", lib.version_function, 0))
+        return probe_reply_ok(admin.execute_command("FCALL_RO", lib.version_function, 0), lib)
     except redis.ResponseError as e:
         if "unknown command" in str(e).lower():
             raise FunctionsUnsupported(

@@ -235,3 +235,20 @@ async def test_operator_a_broad_prefix_blocks_nobody(k8s: Any, run_operator: Any
     assert c is not None and c["status"] == "False" and "team-a/orders" in c["message"], c
     assert not acl.user_exists(admin_client, "xp-team-b.copycat")
     assert not acl.user_exists(admin_client, "xp-team-b.everything")
+
+
+def test_an_organism_admitted_before_the_rules_is_disabled(shared_admin: SharedRedisAdmin,
+                                                           admin_client: redis.Redis) -> None:
+    """An Organism admitted by an older operator with another's default prefix: when observed, its user
+    is disabled (it must not keep reading what may be another organism's keys)."""
+    from xml_pipeline_operator.tenancy.recovery import DesiredUser
+
+    username = acl.username_for("team-b", "copy")
+    acl.ensure_user(admin_client, username, "pw", "xp:team-a.orders:")
+    shared_admin._desired[("team-b", "copy")] = DesiredUser(username, "xp:team-a.orders:", "pw")  # as admitted
+    body = {"metadata": {"name": "copy", "namespace": "team-b", "uid": "u"},
+            "spec": {"backend": {"redis": {"mode": "shared", "prefix": "xp:team-a.orders:"}}}}
+    shared_admin.observe("team-b", "copy", body)
+    user = acl.get_user(admin_client, username)
+    assert user is not None and not user.enabled
+    assert shared_admin.desired_users() == []  # recovery will not bring it back

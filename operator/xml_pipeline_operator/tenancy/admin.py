@@ -191,8 +191,19 @@ class SharedRedisAdmin:
                     self._observed[key] = t
                 else:
                     self._observed.pop(key, None)
+                    self._desired.pop(key, None)  # never reloaded by recovery
                 self._policies[key] = deletion_policy(body)
                 self._not_shared.discard(key)
+        if t is not None and not admissible(t) and was_admitted:
+            # Admitted before the prefix rules refused its prefix (e.g. another Organism's default
+            # prefix): it must not keep reading keys that may be another's.
+            try:
+                acl.disable_user(self.client(), acl.username_for(namespace, name))
+                logger.warning("Organism %s/%s has a prefix the operator refuses now: ACL user disabled",
+                               namespace, name)
+            except redis.RedisError as e:
+                logger.warning("could not disable the ACL user of %s/%s on %s: %s", namespace, name, self.url,
+                               type(e).__name__)
         if t is None and was_admitted:
             # Switched away from shared mode: the pods no longer use this Redis, so its user must
             # not keep working (the Secret's password now serves the new mode). Keys stay and expire

@@ -71,6 +71,7 @@ def test_library_runs_with_restricted_user(make_org: Callable[..., Org], admin: 
         bb.buffer_append("t-1", b"b's slot")
     with backend_for(a) as ba:
         exercise(ba)
+        assert ba.script_mechanism == "fcall"  # the tenant has no EVAL: every script ran as FCALL
     # B's thread is still there and A's buffer_clear/registry_clear touched none of B's keys.
     assert admin.llen(f"{b.prefix}buffer:{{t-1}}") == 1
     assert acl_denials(admin, a.username) == []  # not a single command was refused

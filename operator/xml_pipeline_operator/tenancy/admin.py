@@ -33,7 +33,7 @@ from xml_pipeline.memory.config import redact_url
 from xml_pipeline.errors import ConfigError
 from xml_pipeline.memory.keys import validate_prefix
 
-from ..model import reserved_prefix_problem
+from ..model import default_prefix, reserved_prefix_problem
 from ..redis_admin import PASSWORD_CHANGED, Tenant, TenantState
 from ..settings import OperatorSettings
 from . import acl, functions, overlap, ownership
@@ -73,7 +73,7 @@ def tenant_from_body(namespace: str, name: str, body: Mapping[str, Any]) -> over
     if not isinstance(r, Mapping) or backend.get("type", "redis") != "redis" or r.get("mode") != "shared":
         return None
     status_prefix = ((body.get("status") or {}).get("redis") or {}).get("prefix")
-    prefix = r.get("prefix") or status_prefix or f"xp:{namespace}.{name}:"
+    prefix = r.get("prefix") or status_prefix or default_prefix(namespace, name)
     created = str((body.get("metadata") or {}).get("creationTimestamp") or "")
     return overlap.Tenant(namespace, name, str(prefix), created)
 

@@ -137,8 +137,11 @@ def test_without_the_function_library_scripts_run_with_evalsha(private_redis: Re
         functions.ensure_library(admin)
         with RedisBackend(cfg) as b2:
             assert b2.buffer_append("t-10", b"y") == 0 and b2.script_mechanism == "fcall"
+            admin.script_flush()  # nothing cached either: FCALL fails, EVALSHA gets NOSCRIPT, EVAL runs it
             admin.execute_command("FUNCTION", "FLUSH")
             assert b2.buffer_append("t-10", b"z") == 1 and b2.script_mechanism == "eval"
+            assert b2.registry_get_or_create("a.b", "t-10") == "t-10"  # variadic-free, fixed heads
+            assert b2.buffer_list_threads()  # a variadic script (index_live) after the switch
     admin.close()
 
 

@@ -184,10 +184,7 @@ class RedisBackend:
         # RESP heads "EVALSHA <sha> <numkeys>" / "EVAL <source> <numkeys>" of each script, packed once,
         # and "FCALL <function> <numkeys>" once the server is known to have our function library
         # (redis_functions.py; `_script_heads` picks). Variadic scripts (nargs < 0) get theirs per call.
-        self._mechanism: redis_functions.Mechanism | None = None
-        self._evalsha_heads = {sc.name: _pack_head(b"EVALSHA", sc.sha.encode(), sc.numkeys, sc.nargs)
-                               for sc in scripts.ALL if sc.nargs >= 0}
-        self._heads = self._evalsha_heads
+        self._heads = redis_functions.ScriptHeads(scripts.ALL, _pack_head)
         self._eval_heads = {sc.name: _pack_head(b"EVAL", sc.source.encode(), sc.numkeys, sc.nargs)
                             for sc in scripts.ALL if sc.nargs >= 0}
         self._index = self.keys.index()
@@ -256,49 +253,34 @@ class RedisBackend:
     @property
     def script_mechanism(self) -> redis_functions.Mechanism | None:
         """"fcall" or "eval" once known (the first script call probes the server), else None."""
-        return self._mechanism
+        return self._heads.mechanism
 
     @property
     def _script_heads(self) -> dict[str, bytes]:
         """The packed heads of the fixed-arity scripts for the mechanism in use (probed on first use;
         if the server cannot be reached now, the EVALSHA heads, corrected by _roundtrip later)."""
-        if self._mechanism is None:
+        if self._heads.mechanism is None:
             try:
                 self._detect(None)
             except RedisError:
                 pass
-        return self._heads
+        return self._heads.current
 
     def _detect(self, conn: Any) -> redis_functions.Mechanism:
         """Probe the server (on `conn`, else a pooled connection): FCALL when our function library of
         this exact version is loaded and this user may call it, EVALSHA/EVAL otherwise."""
-        lib = redis_functions.library()
-        try:
-            if conn is not None:
-                conn.send_command("FCALL_RO", lib.version_function, 0)
-                reply = conn.read_response()
-            else:
-                reply = self.client.execute_command("FCALL_RO", lib.version_function, 0)
-            mechanism: redis_functions.Mechanism = "fcall" if redis_functions.probe_reply_ok(reply) else "eval"
-        except ResponseError:
-            mechanism = "eval"
-        if mechanism == "fcall":
-            self._heads = {sc.name: _pack_head(b"FCALL", lib.function(sc).encode(), sc.numkeys, sc.nargs)
-                           for sc in scripts.ALL if sc.nargs >= 0}
-        else:
-            self._heads = self._evalsha_heads
-        if mechanism != self._mechanism:
-            log.debug("redis backend on %s runs its scripts with %s", self._url,
-                      "FCALL (function library %s)" % lib.name if mechanism == "fcall" else "EVALSHA/EVAL")
-        self._mechanism = mechanism
-        return mechanism
+        def send(*command: Any) -> Any:
+            if conn is None:
+                return self.client.execute_command(*command)
+            conn.send_command(*command)
+            return conn.read_response()
 
-    def _head(self, script: scripts.LuaScript, nargs: int) -> bytes:
-        """The packed head of `script` with `nargs` arguments for the mechanism in use."""
-        if self._mechanism == "fcall":
-            name = redis_functions.library().function(script).encode()
-            return _pack_head(b"FCALL", name, script.numkeys, nargs)
-        return _pack_head(b"EVALSHA", script.sha.encode(), script.numkeys, nargs)
+        before = self._heads.mechanism
+        mechanism = self._heads.probe(send)
+        if mechanism != before:
+            log.debug("redis backend on %s runs its scripts with %s", self._url,
+                      "FCALL" if mechanism == "fcall" else "EVALSHA/EVAL")
+        return mechanism
 
     def run_script(self, script: scripts.LuaScript, keys: tuple[str, ...] | list[str], args: tuple[Any, ...] | list[Any]) -> Any:
         """Run one of the library's scripts (FCALL or EVALSHA/EVAL, as this server allows), once:
@@ -311,7 +293,7 @@ class RedisBackend:
             return self._roundtrip(self._script_heads[script.name], body, script)
         self._script_heads  # noqa: B018 - probes the mechanism on first use
         eval_head = _pack_head(b"EVAL", script.source.encode(), script.numkeys, len(args))
-        return self._roundtrip(self._head(script, len(args)), body, script, eval_head)
+        return self._roundtrip(self._heads.head(script, len(args)), body, script, eval_head)
 
     def _roundtrip(self, head: bytes, body: bytes, script: scripts.LuaScript,
                    eval_head: bytes | None = None) -> Any:
@@ -329,29 +311,34 @@ class RedisBackend:
         """
         pool = self._pool
         conn = pool.get_connection()
-        try:
-            if self._mechanism is None or not self._head_matches(head):
-                self._detect(conn)
-                head = self._rehead(head, script)
+
+        def run(h: bytes) -> Any:
+            conn.send_packed_command([h + body])
             try:
-                conn.send_packed_command([head + body])
                 return conn.read_response()
             except NoScriptError:
                 # Server restarted or SCRIPT FLUSH: EVAL runs the script and caches it again.
                 conn.send_packed_command([(eval_head or self._eval_heads[script.name]) + body])
                 return conn.read_response()
+
+        try:
+            heads = self._heads
+            if heads.mechanism is None or not heads.matches(head):
+                self._detect(conn)
+                head = heads.rehead(head, script)
+            try:
+                return run(head)
             except ResponseError as e:
                 if not redis_functions.mechanism_error(e):
                     raise
-                before = self._mechanism
-                if self._detect(conn) == before and before == "eval":
-                    raise self._mechanism_unavailable(e) from None
-                conn.send_packed_command([self._rehead(head, script) + body])
+                before = heads.mechanism
+                if self._detect(conn) == before == "eval":
+                    raise heads.unavailable(e, self._username or "default", self._scrub(e)) from None
                 try:
-                    return conn.read_response()
+                    return run(heads.rehead(head, script))
                 except ResponseError as again:
                     if redis_functions.mechanism_error(again):
-                        raise self._mechanism_unavailable(again) from None
+                        raise heads.unavailable(again, self._username or "default", self._scrub(again)) from None
                     raise
         except ResponseError:
             raise
@@ -360,23 +347,6 @@ class RedisBackend:
             raise
         finally:
             pool.release(conn)
-
-    def _head_matches(self, head: bytes) -> bool:
-        return (b"\r\nFCALL\r\n" in head[:16]) == (self._mechanism == "fcall")
-
-    def _rehead(self, head: bytes, script: scripts.LuaScript) -> bytes:
-        """`head` (of `script`, any mechanism) for the mechanism in use: same argument count."""
-        nargs = int(head[1:head.index(b"\r\n")]) - 3 - script.numkeys
-        return self._head(script, nargs)
-
-    def _mechanism_unavailable(self, error: Exception) -> ResponseError:
-        """Neither our function library nor EVAL is available to this user: say what to do."""
-        self._mechanism = None  # probe again next time: the operator reloads the library
-        lib = redis_functions.library()
-        return ResponseError(
-            f"cannot run the {lib.name} scripts: the function library is not loaded on this server and "
-            f"user {self._username or 'default'!r} may not EVAL/EVALSHA ({self._scrub(error)}); on a shared "
-            "Redis the operator loads the library within its 30 s check; elsewhere grant EVALSHA and EVAL")
 
     def _scan(self, space: str) -> Iterator[bytes]:
         return self.client.scan_iter(match=self.keys.pattern(space), count=SCAN_COUNT)

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from typing import Any, Literal
+
+from redis.exceptions import ResponseError
 
 from .redis_scripts import ALL as BACKEND_SCRIPTS
 from .redis_scripts import LuaScript
 
-__all__ = ["FunctionLibrary", "Mechanism", "library", "mechanism_error", "probe_reply_ok"]
+__all__ = ["FunctionLibrary", "Mechanism", "ScriptHeads", "library", "mechanism_error", "probe_reply_ok"]
 
 Mechanism = Literal["fcall", "eval"]
 
@@ -97,3 +100,63 @@ def mechanism_error(error: Exception) -> bool:
     if "no permissions to run the" in low or text.startswith("NOPERM"):
         return any(f"'{c}'" in low for c in ("fcall", "fcall_ro", "eval", "evalsha", "script|load"))
     return False
+
+
+class ScriptHeads:
+    """The packed RESP heads ("FCALL <function> <numkeys>" or "EVALSHA <sha> <numkeys>") of the
+    library's scripts for one server, and which mechanism that server was probed to support.
+
+    `pack_head(command, name, numkeys, nargs)` packs one head (the backend's packer, so the bytes are
+    exactly what it sends). Thread-safe enough for a pool: a stale head is detected by `matches` and
+    repacked by `rehead`, never sent for the wrong mechanism twice.
+    """
+
+    def __init__(self, scripts: tuple[LuaScript, ...], pack_head: Callable[[bytes, bytes, int, int], bytes]) -> None:
+        self._scripts = scripts
+        self._pack = pack_head
+        self.mechanism: Mechanism | None = None
+        self._evalsha = {s.name: pack_head(b"EVALSHA", s.sha.encode(), s.numkeys, s.nargs)
+                         for s in scripts if s.nargs >= 0}
+        #: Heads of the fixed-arity scripts (nargs >= 0) for the mechanism in use.
+        self.current = self._evalsha
+
+    def probe(self, send: Callable[..., Any]) -> Mechanism:
+        """Ask the server (`send(*command)` returns the reply or raises redis-py's errors) whether our
+        library of this version is loaded and callable; set the mechanism and the heads to match.
+        A connection error is raised and changes nothing."""
+        lib = library()
+        try:
+            mechanism: Mechanism = "fcall" if probe_reply_ok(send("FCALL_RO", lib.version_function, 0)) else "eval"
+        except ResponseError:
+            mechanism = "eval"
+        if mechanism == "fcall":
+            self.current = {s.name: self._pack(b"FCALL", lib.function(s).encode(), s.numkeys, s.nargs)
+                            for s in self._scripts if s.nargs >= 0}
+        else:
+            self.current = self._evalsha
+        self.mechanism = mechanism
+        return mechanism
+
+    def head(self, script: LuaScript, nargs: int) -> bytes:
+        """The head of `script` with `nargs` arguments for the mechanism in use."""
+        if self.mechanism == "fcall":
+            return self._pack(b"FCALL", library().function(script).encode(), script.numkeys, nargs)
+        return self._pack(b"EVALSHA", script.sha.encode(), script.numkeys, nargs)
+
+    def matches(self, head: bytes) -> bool:
+        """True when `head` was packed for the mechanism in use."""
+        return (b"\r\nFCALL\r\n" in head[:16]) == (self.mechanism == "fcall")
+
+    def rehead(self, head: bytes, script: LuaScript) -> bytes:
+        """`head` (of `script`, either mechanism) packed again for the mechanism in use."""
+        nargs = int(head[1:head.index(b"\r\n")]) - 3 - script.numkeys
+        return self.head(script, nargs)
+
+    def unavailable(self, error: Exception, user: str, scrubbed: str) -> ResponseError:
+        """Neither our function library nor EVAL is available to `user`: forget the probe (the next
+        call probes again: the operator reloads the library) and say what to do."""
+        self.mechanism = None
+        return ResponseError(
+            f"cannot run the {library().name} scripts: the function library is not loaded on this server "
+            f"and user {user!r} may not EVAL/EVALSHA ({scrubbed}); on a shared Redis the operator loads "
+            "the library within its 30 s check; elsewhere grant EVALSHA and EVAL")

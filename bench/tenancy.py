@@ -5,7 +5,9 @@ Measures, on a real redis-server started here (with an admin password, no ACL fi
 2. the cost of one usage tick and of a whole usage round over all organisms' keys;
 3. the library's append rate (RedisBackend.buffer_append) with an organism's restricted user beside
    the admin user, in the same run, interleaved, on the same server: the ACL checks' cost is the
-   ratio (aim: restricted >= 0.9x admin).
+   ratio (aim: restricted >= 0.9x admin). Both run the append as FCALL of the function library the
+   operator loads; an admin backend running it as EVALSHA (the path without the library) is the
+   baseline for what FCALL itself costs.
 
     .venv/bin/python bench/tenancy.py [--organisms 100] [--threads 40] [--appends 1000] [--rounds 30]
 """
@@ -20,7 +22,7 @@ import redis
 
 from xml_pipeline.memory import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
-from xml_pipeline_operator.tenancy import acl
+from xml_pipeline_operator.tenancy import acl, functions
 from xml_pipeline_operator.tenancy.cleanup import cleanup_prefix
 from xml_pipeline_operator.tenancy.recovery import DesiredUser, UserRecovery
 from xml_pipeline_operator.tenancy.usage import TickCost, UsageSampler
@@ -98,7 +100,7 @@ def main() -> None:
         print(f"  create {len(orgs)} ACL users            {provision * 1000:8.1f} ms  "
               f"({provision / len(orgs) * 1000:.2f} ms each, incl. one server profile)")
         print(f"  re-apply all, unchanged          {reapply * 1000:8.1f} ms  (one ACL GETUSER each, no writes)")
-        print(f"  periodic lost-user check         {check * 1000:8.1f} ms  (INFO server + ACL USERS)")
+        print(f"  periodic lost-user check         {check * 1000:8.1f} ms  (INFO server + ACL USERS + FCALL_RO)")
         print(f"  re-create all after a loss       {recreate * 1000:8.1f} ms")
 
         # 2. Usage: every organism writes `threads` threads through its own restricted backend.
@@ -131,17 +133,25 @@ def main() -> None:
         # own time per append script (commandstats usec_per_call of EVALSHA), which is where the ACL
         # checks run: once for EVALSHA, once per command and key inside the script.
         user, pw, prefix = orgs[0]
-        rates: dict[str, list[float]] = {"admin": [], "restricted": []}
-        usec: dict[str, list[float]] = {"admin": [], "restricted": []}
-        with backend(port, "xp:bench.admin:", None, admin_pw) as b_admin, backend(port, prefix, user, pw) as b_user:
+        rates: dict[str, list[float]] = {"admin": [], "restricted": [], "evalsha": []}
+        usec: dict[str, list[float]] = {"admin": [], "restricted": [], "evalsha": []}
+        # A backend probes the mechanism once: made while the library is away, it keeps EVALSHA.
+        admin.execute_command("FUNCTION", "DELETE", functions.library().name)
+        b_eval = backend(port, "xp:bench.evalsha:", None, admin_pw)
+        append_rate(b_eval, 500, "warm")
+        functions.ensure_library(admin)
+        with b_eval, backend(port, "xp:bench.admin:", None, admin_pw) as b_admin, \
+                backend(port, prefix, user, pw) as b_user:
             append_rate(b_admin, 500, "warm")
             append_rate(b_user, 500, "warm")
+            assert (b_eval.script_mechanism, b_admin.script_mechanism, b_user.script_mechanism) == \
+                ("eval", "fcall", "fcall")
             for r in range(args.rounds):
-                pair = [("admin", b_admin), ("restricted", b_user)]
-                for name, b in (pair if r % 2 == 0 else pair[::-1]):
+                trio = [("admin", b_admin, "fcall"), ("restricted", b_user, "fcall"), ("evalsha", b_eval, "evalsha")]
+                for name, b, cmd in (trio if r % 2 == 0 else trio[::-1]):
                     admin.config_resetstat()
                     rates[name].append(append_rate(b, args.appends, f"r{r}"))
-                    usec[name].append(float(admin.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]))
+                    usec[name].append(float(admin.info("commandstats")[f"cmdstat_{cmd}"]["usec_per_call"]))
         a, u = max(rates["admin"]), max(rates["restricted"])
         am, um = statistics.median(rates["admin"]), statistics.median(rates["restricted"])
         # Each round's two blocks ran back to back, so their ratio sees the same machine load.
@@ -156,6 +166,12 @@ def main() -> None:
               f"(best-of {u / a:.3f}); aim >= 0.90")
         print(f"  ACL cost on the server           {su - sa:8.2f} us per append ({(su - sa) / sa * 100:+.1f} % of the "
               f"script's server time)")
+        e, em, se = max(rates["evalsha"]), statistics.median(rates["evalsha"]), statistics.median(usec["evalsha"])
+        vs_eval = statistics.median(x / y for x, y in zip(rates["admin"], rates["evalsha"]))
+        print(f"  admin user, EVALSHA (baseline)   {e:8.0f} appends/s best, {em:.0f} median; "
+              f"server {se:.2f} us per append script")
+        print(f"  ratio FCALL/EVALSHA (admin)      {vs_eval:8.3f}  median of per-round ratios; server "
+              f"{sa - se:+.2f} us per append")
 
         # Cleanup of one organism, for scale.
         t0 = time.perf_counter()

@@ -167,6 +167,31 @@ def default_prefix(namespace: str, name: str) -> str:
     return f"xp:{namespace}.{name}:"
 
 
+#: The first segment of every default prefix: on a shared Redis the space under it is the
+#: operator's, one `xp:<namespace>.<name>:` per Organism.
+DEFAULT_PREFIX_SPACE = "xp:"
+
+
+def reserved_prefix_problem(prefix: str, namespace: str, name: str) -> str | None:
+    """Why a prefix written in a shared-mode spec may not be used, or None.
+
+    Default prefixes (`xp:<namespace>.<name>:`) never overlap each other (namespaces and names have
+    no dots or colons). A written prefix under `xp:` could be another Organism's default prefix (read
+    its retained data, or block its creation) or contain all of them (`xp:`), so it is allowed only
+    under the Organism's own default prefix.
+    """
+    own = default_prefix(namespace, name)
+    if not prefix.startswith(DEFAULT_PREFIX_SPACE) or prefix.startswith(own):
+        return None
+    if own.startswith(prefix):
+        return (f"{prefix!r} would contain the default prefixes of other Organisms on the shared Redis "
+                f"(every 'xp:<namespace>.<name>:')")
+    m = re.match(r"^xp:([a-z0-9-]+)\.([a-z0-9-]+):", prefix)
+    whose = f" ({m.group(0)!r} is the default prefix of Organism {m.group(1)}/{m.group(2)})" if m else ""
+    return (f"{prefix!r} is in the default-prefix space {DEFAULT_PREFIX_SPACE!r} of the shared Redis, where "
+            f"each Organism has 'xp:<namespace>.<name>:'{whose}; another Organism's default prefix is not yours")
+
+
 # ------------------------------------------------------------------------------------------ parsing
 def parse_organism(body: Mapping[str, Any], settings: OperatorSettings) -> Organism:
     """Validate an Organism object (as the API returns it) and resolve its defaults.
@@ -305,6 +330,11 @@ def _parse_redis(r: Mapping[str, Any], namespace: str, name: str, settings: Oper
         validate_prefix(prefix, f"{path}.prefix")
     except ConfigError as e:
         raise SpecError(e.field, e.problem, e.allowed) from None
+    reserved = reserved_prefix_problem(prefix, namespace, name) if mode == "shared" and not is_default else None
+    if reserved is not None:
+        raise SpecError(f"{path}.prefix", reserved,
+                        f"a prefix not starting with {DEFAULT_PREFIX_SPACE!r}, or {default_prefix(namespace, name)!r} "
+                        "(this Organism's default: omit the field) or a prefix under it")
 
     ttl = _int(r.get("ttl", settings.default_ttl), f"{path}.ttl", TTL_MIN, TTL_MAX)
 

@@ -167,7 +167,7 @@ class Reconciler:
         if rot.phase is rotation.Phase.ACCEPTING and not values.get(rotation.NEXT_KEY):
             self._patch_secret(org, values, {rotation.NEXT_KEY: secrets.token_hex(32)})
         tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
-                        username=values.get("redis-username", ""))
+                        username=values.get("redis-username", ""), uid=org.uid)
         for _ in range(4):  # at most: adopt a hand edit, publish, settle
             state = self.admin.ensure_tenant(tenant, values.get(PASSWORD_KEY, ""),
                                              rotation.accepted_besides_password(values))
@@ -207,7 +207,7 @@ class Reconciler:
         if step is not rotation.Step.RETIRE:
             return None
         tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
-                        username=values.get("redis-username", ""))
+                        username=values.get("redis-username", ""), uid=org.uid)
         state = self.admin.ensure_tenant(tenant, values.get(PASSWORD_KEY, ""), frozenset())  # Redis first
         if state.ready:
             self._patch_secret(org, values, {rotation.PREVIOUS_KEY: None})

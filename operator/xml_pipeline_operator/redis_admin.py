@@ -22,6 +22,8 @@ class Tenant:
     name: str
     prefix: str
     username: str
+    #: metadata.uid of the Organism (recorded as the prefix's owner on a shared Redis).
+    uid: str = ""
 
 
 @dataclass(frozen=True)

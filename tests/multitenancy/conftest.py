@@ -11,7 +11,7 @@ import pytest
 import redis
 from redis_server import RedisServer
 
-from xml_pipeline_operator.tenancy import acl
+from xml_pipeline_operator.tenancy import acl, functions
 
 ADMIN_PASSWORD = "admin-" + secrets.token_hex(8)
 _seq = itertools.count()
@@ -51,8 +51,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def shared_redis() -> Iterator[RedisServer]:
-    """The shared Redis of many organisms; the `default` user is the operator's admin."""
+    """The shared Redis of many organisms; the `default` user is the operator's admin. The function
+    library tenants FCALL is loaded, as the operator does before it makes the first user."""
     server = RedisServer(password=ADMIN_PASSWORD).start()
+    admin = server.client()
+    functions.ensure_library(admin)
+    admin.close()
     yield server
     server.cleanup()
 
@@ -77,6 +81,7 @@ def make_org(shared_redis: RedisServer, admin: redis.Redis) -> Iterator[Callable
                   prefix or f"xp:t.{name}-{n}:")
         adm = admin if srv is shared_redis else srv.client()
         acl.ensure_user(adm, org.username, org.password, org.prefix)
+        functions.ensure_library(adm)
         if adm is not admin:
             adm.close()
         made.append(org)

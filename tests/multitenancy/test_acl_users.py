@@ -9,7 +9,7 @@ import redis
 from redis.exceptions import AuthenticationError, ConnectionError, NoPermissionError
 
 from xml_pipeline.errors import ConfigError
-from xml_pipeline_operator.tenancy import acl
+from xml_pipeline_operator.tenancy import acl, functions, ownership
 from xml_pipeline_operator.tenancy.acl import Change
 
 from .conftest import Org
@@ -129,6 +129,13 @@ def test_operator_runs_with_a_least_privilege_admin(shared_redis, admin: redis.R
         sampler.set_tenants({"lp/org": prefix})
         assert sampler.run_round()["lp/org"].threads == 1
         assert not UserRecovery(op).check([DesiredUser(name, prefix, pw)]).changed
+        # The function library: checked, and loaded again once lost.
+        admin.execute_command("FUNCTION", "DELETE", functions.library().name)
+        assert functions.ensure_library(op) is functions.LibraryState.LOADED
+        # Prefix ownership: claimed (a WATCH transaction), retained, released.
+        me = ownership.Owner("lp", "org", "uid-1")
+        assert ownership.claim(op, prefix, me) is None
+        assert ownership.mark_retained(op, prefix, me) and ownership.release(op, prefix, me)
         op.set("{xp-operator}:cleanup:probe", "1")
         assert op.delete("{xp-operator}:cleanup:probe") == 1
         assert acl.disable_user(op, name)

@@ -53,6 +53,8 @@ def make_backend(make_org: Callable[..., Org]) -> Iterator[Callable[..., SharedB
 
     yield make
     for backend in made:
+        # The tenant has no EVAL/EVALSHA: whatever script the test ran went through FCALL.
+        assert backend.script_mechanism in (None, "fcall")
         backend.close()
 
 

@@ -7,7 +7,9 @@ import pytest
 import redis
 from redis.exceptions import NoPermissionError
 
-from xml_pipeline_operator.tenancy import acl
+from xml_pipeline.memory import redis_scripts as scripts
+from xml_pipeline.memory.redis_functions import library
+from xml_pipeline_operator.tenancy import acl, functions
 
 from .conftest import Org
 from .test_pods_restricted import acl_denials
@@ -42,11 +44,12 @@ CROSS_TENANT: dict[str, Callable[[redis.Redis, str], object]] = {
     "XAUTOCLAIM": lambda r, p: r.xautoclaim(f"{p}tasks", "workers", "spy", 0),
     "XGROUP CREATE": lambda r, p: r.xgroup_create(f"{p}tasks", "spies", id="0"),
     "WATCH": lambda r, p: r.execute_command("WATCH", f"{p}chain:console.greeter"),
-    "EVAL with B's key in KEYS": lambda r, p: r.eval("return redis.call('GET', KEYS[1])", 1, f"{p}chain:console.greeter"),
-    "EVAL naming B's key inside the script": lambda r, p: r.eval(
-        f"return redis.call('GET', '{p}chain:console.greeter')", 0),
-    "EVAL deleting B's key inside the script": lambda r, p: r.eval(
-        f"return redis.call('DEL', '{p}buffer:{{t1}}')", 0),
+    "FCALL with B's keys in KEYS": lambda r, p: r.execute_command(
+        "FCALL", library().function(scripts.APPEND), 4, f"{p}buffer:{{t1}}", f"{p}op:{{t1}}", f"{p}uuid:{{t1}}",
+        f"{p}meta:index", b"forged", "aid", 0, 0, p),
+    "FCALL deleting B's thread": lambda r, p: r.execute_command(
+        "FCALL", library().function(scripts.DELETE_THREAD), 3, f"{p}buffer:{{t1}}", f"{p}op:{{t1}}",
+        f"{p}meta:index", "t1"),
     "PUBLISH to B's channel": lambda r, p: r.publish(f"{p}events", "x"),
 }
 
@@ -98,7 +101,10 @@ def test_a_works_in_its_own_prefix(pair: tuple[Org, Org]) -> None:
     a, _ = pair
     with a.client() as ra:
         assert ra.set(f"{a.prefix}chain:x", "u1")
-        assert ra.eval("return redis.call('RPUSH', KEYS[1], ARGV[1])", 1, f"{a.prefix}buffer:{{t}}", "s") == 1
+        assert ra.execute_command("FCALL", library().function(scripts.APPEND), 4, f"{a.prefix}buffer:{{t}}",
+                                  f"{a.prefix}op:{{t}}", f"{a.prefix}uuid:{{t}}", f"{a.prefix}meta:index",
+                                  "s", "aid", 0, 0, a.prefix) == 0
+        ra.unlink(f"{a.prefix}op:{{t}}", f"{a.prefix}meta:index")
         assert ra.publish(f"{a.prefix}events", "hello") == 0
         assert ra.unlink(f"{a.prefix}chain:x", f"{a.prefix}buffer:{{t}}") == 2
 
@@ -141,8 +147,13 @@ FORBIDDEN_CALLS: dict[str, tuple[str, ...]] = {
     "bgrewriteaof": ("BGREWRITEAOF",), "lastsave": ("LASTSAVE",), "failover": ("FAILOVER", "ABORT"),
     "cluster": ("CLUSTER", "INFO"), "latency": ("LATENCY", "LATEST"), "slowlog": ("SLOWLOG", "GET"),
     "memory": ("MEMORY", "USAGE", "{own}"), "object": ("OBJECT", "ENCODING", "{own}"), "info": ("INFO",),
-    "pubsub": ("PUBSUB", "CHANNELS"), "function": ("FUNCTION", "LIST"), "fcall": ("FCALL", "f", "0"),
-    "fcall_ro": ("FCALL_RO", "f", "0"), "script|flush": ("SCRIPT", "FLUSH"), "script|kill": ("SCRIPT", "KILL"),
+    "pubsub": ("PUBSUB", "CHANNELS"), "function": ("FUNCTION", "LIST"),
+    "eval": ("EVAL", "return 1", "0"), "eval_ro": ("EVAL_RO", "return 1", "0"),
+    "evalsha": ("EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"),
+    "evalsha_ro": ("EVALSHA_RO", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"),
+    "script|load": ("SCRIPT", "LOAD", "return 1"), "script|exists": ("SCRIPT", "EXISTS", "e0e1f9fa"),
+    "script|debug": ("SCRIPT", "DEBUG", "NO"),
+    "script|flush": ("SCRIPT", "FLUSH"), "script|kill": ("SCRIPT", "KILL"),
     "client|kill": ("CLIENT", "KILL", "ID", "999999"), "client|list": ("CLIENT", "LIST"),
     "client|pause": ("CLIENT", "PAUSE", "1"), "client|no-evict": ("CLIENT", "NO-EVICT", "off"),
     "client|tracking": ("CLIENT", "TRACKING", "off"), "client|info": ("CLIENT", "INFO"),
@@ -178,3 +189,41 @@ def test_refusals_are_recorded_in_the_acl_log(pair: tuple[Org, Org], admin: redi
             ra.get(f"{b.prefix}chain:console.greeter")
     denials = acl_denials(admin, a.username)
     assert denials and any(f"{b.prefix}chain:console.greeter" in str(d.get("object")) for d in denials)
+
+
+def test_a_function_building_b_keys_from_its_arguments_is_refused(pair: tuple[Org, Org], admin: redis.Redis) -> None:
+    """Keys a function builds from ARGV (the prefix argument) are checked like declared ones."""
+    a, b = pair
+    with a.client() as ra:
+        ra.set(f"{a.prefix}uuid:{{u1}}", "console.greeter")
+        with pytest.raises(redis.ResponseError, match="(?i)no permissions|NOPERM|can't access"):
+            ra.execute_command("FCALL", library().function(scripts.REGISTRY_DELETE), 2, f"{a.prefix}uuid:{{u1}}",
+                               f"{a.prefix}meta:index", "u1", b.prefix)
+    assert admin.get(f"{b.prefix}chain:console.greeter") == b"uuid-b"
+
+
+LOOP = "local i = 0 while true do i = i + 1 end"
+
+
+def test_a_tenant_cannot_run_lua_of_its_own(make_org: Callable[..., Org], admin: redis.Redis) -> None:
+    """No script a tenant writes ever runs: EVAL, SCRIPT LOAD and FUNCTION LOAD/DELETE/FLUSH are NOPERM
+    (a looping script that has written cannot be killed; only SHUTDOWN NOSAVE would end it). The
+    library's functions stay loaded and callable."""
+    a = make_org("lua")
+    own = f"{a.prefix}k"
+    calls: list[tuple[str | int, ...]] = [
+        ("EVAL", f"redis.call('SET', KEYS[1], 'x') {LOOP}", 1, own),
+        ("EVAL_RO", LOOP, 0),
+        ("SCRIPT", "LOAD", LOOP),
+        ("FUNCTION", "LOAD", f"#!lua name=mine\nredis.register_function('spin', function() {LOOP} end)"),
+        ("FUNCTION", "LOAD", "REPLACE", library().text),  # not even the library's own text
+        ("FUNCTION", "DELETE", library().name),
+        ("FUNCTION", "FLUSH"),
+        ("FUNCTION", "KILL"),
+    ]
+    with a.client(socket_timeout=2) as ra:
+        for call in calls:
+            with pytest.raises(NoPermissionError):
+                ra.execute_command(*call)
+        assert ra.execute_command("FCALL_RO", library().version_function, 0) == library().version.encode()
+    assert admin.get(own) is None and functions.library_loaded(admin)

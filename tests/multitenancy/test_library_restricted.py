@@ -11,9 +11,9 @@ from redis_server import RedisServer
 
 from xml_pipeline.errors import ThreadFullError
 from xml_pipeline.memory import BackendConfig, get_context_buffer
-from xml_pipeline.memory.redis_backend import ACL_COMMANDS, RedisBackend
+from xml_pipeline.memory.redis_backend import ACL_COMMANDS, EVAL_COMMANDS, RedisBackend
 from xml_pipeline.message_bus.thread_registry import get_registry
-from xml_pipeline_operator.tenancy import acl
+from xml_pipeline_operator.tenancy import acl, functions
 
 from .conftest import Org
 
@@ -71,6 +71,7 @@ def test_library_runs_with_restricted_user(make_org: Callable[..., Org], admin: 
         bb.buffer_append("t-1", b"b's slot")
     with backend_for(a) as ba:
         exercise(ba)
+        assert ba.script_mechanism == "fcall"  # the tenant has no EVAL: every script ran as FCALL
     # B's thread is still there and A's buffer_clear/registry_clear touched none of B's keys.
     assert admin.llen(f"{b.prefix}buffer:{{t-1}}") == 1
     assert acl_denials(admin, a.username) == []  # not a single command was refused
@@ -94,33 +95,53 @@ def private_redis() -> Iterator[RedisServer]:
     server.cleanup()
 
 
-def config_get_calls(admin: redis.Redis) -> int:
-    return int(admin.info("commandstats").get("cmdstat_config|get", {}).get("calls", 0))
-
-
 def test_every_command_the_library_issues_is_granted(private_redis: RedisServer) -> None:
     """Run the whole workload as an unrestricted user on a private server and read the server's own
     command statistics (which count the commands Lua scripts call too): each one must be granted."""
     admin = private_redis.client()
+    functions.ensure_library(admin)  # as the operator does on a shared Redis
     admin.config_resetstat()
     cfg = BackendConfig(backend_type="redis", redis_url=private_redis.url, redis_prefix="xp:t.stats:",
                         redis_ttl=120, signing_key=SIGNING_KEY)
     with RedisBackend(cfg) as b:
         exercise(b)
-        before = config_get_calls(admin)
-        b.client.script_flush()  # force the EVAL fallback path too
-        # Valkey (9.x) counts a CONFIG GET of its own each time SCRIPT FLUSH recreates the Lua engine: the
-        # server's internal call, no client's (and never ACL-checked). Only those are the test's own.
-        flush_config_gets = config_get_calls(admin) - before
-        b.buffer_append("t-9", b"x")
+        assert b.script_mechanism == "fcall"
     used = {name.removeprefix("cmdstat_").lower() for name in admin.info("commandstats")}
-    used -= {"config|resetstat", "script|flush", "info", "hello", "auth"}  # the test's own calls
-    if flush_config_gets and config_get_calls(admin) == flush_config_gets:  # and not one more
-        used.discard("config|get")
+    used -= {"config|resetstat", "info", "hello", "auth"}  # the test's own calls
+    assert "fcall" in used and not used & {"eval", "evalsha", "script|load"}
     granted = set(acl.granted_commands(acl.server_commands(admin)))
     assert used <= granted, f"the library issues commands the ACL does not grant: {sorted(used - granted)}"
     # The library's own declaration agrees (INFO is granted for its `server` section only).
     assert {c for c in ACL_COMMANDS if c != "info"} <= granted and "info|server" in granted
+    admin.close()
+
+
+def test_without_the_function_library_scripts_run_with_evalsha(private_redis: RedisServer) -> None:
+    """A plain Redis (dedicated, or external without the library): EVALSHA, EVAL on NOSCRIPT, no FCALL
+    beyond the one probe. Loading the library switches a new backend to FCALL; flushing it sends a
+    running backend back to EVALSHA by itself."""
+    admin = private_redis.client()
+    admin.execute_command("FUNCTION", "FLUSH")
+    admin.config_resetstat()
+    cfg = BackendConfig(backend_type="redis", redis_url=private_redis.url, redis_prefix="xp:t.plain:",
+                        redis_ttl=120, signing_key=SIGNING_KEY)
+    with RedisBackend(cfg) as b:
+        exercise(b)
+        assert b.script_mechanism == "eval"
+        b.client.script_flush()  # the EVAL fallback path too
+        b.buffer_append("t-9", b"x")
+        stats = admin.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] > 10 and stats["cmdstat_eval"]["calls"] >= 1
+        assert "cmdstat_fcall" not in stats and stats["cmdstat_fcall_ro"]["calls"] == 1  # the probe
+        assert set(EVAL_COMMANDS) <= {n.removeprefix("cmdstat_") for n in stats}
+        functions.ensure_library(admin)
+        with RedisBackend(cfg) as b2:
+            assert b2.buffer_append("t-10", b"y") == 0 and b2.script_mechanism == "fcall"
+            admin.script_flush()  # nothing cached either: FCALL fails, EVALSHA gets NOSCRIPT, EVAL runs it
+            admin.execute_command("FUNCTION", "FLUSH")
+            assert b2.buffer_append("t-10", b"z") == 1 and b2.script_mechanism == "eval"
+            assert b2.registry_get_or_create("a.b", "t-10") == "t-10"  # variadic-free, fixed heads
+            assert b2.buffer_list_threads()  # a variadic script (index_live) after the switch
     admin.close()
 
 

@@ -20,7 +20,7 @@ from redis_server import RedisServer
 from xml_pipeline.memory import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline_operator.model import SpecError, parse_organism
-from xml_pipeline_operator.tenancy import acl
+from xml_pipeline_operator.tenancy import acl, ownership
 from xml_pipeline_operator.tenancy.admin import SharedRedisAdmin
 
 from .conftest import ADMIN_PASSWORD
@@ -151,9 +151,9 @@ async def test_shared_organism_gets_a_confined_user(k8s: Any, run_operator: Any,
 async def test_overlapping_prefix_refused_naming_the_first(k8s: Any, run_operator: Any,
                                                            admin_client: redis.Redis) -> None:
     op = await run_operator()
-    await create(k8s, "shop", shared_spec("xp:shop:"))
+    await create(k8s, "shop", shared_spec("shop:"))
     await eventually(lambda: redis_ready(k8s, "shop"))
-    await create(k8s, "shop-eu", shared_spec("xp:shop:eu:"), namespace="team-b")
+    await create(k8s, "shop-eu", shared_spec("shop:eu:"), namespace="team-b")
     org = await eventually(lambda: redis_ready(k8s, "shop-eu", "False", "team-b"))
     for ctype in ("RedisReady", "Ready"):
         c = condition(org, ctype)
@@ -187,7 +187,11 @@ async def test_delete_removes_keys_and_user_and_nothing_else(k8s: Any, run_opera
     assert "continuing" in caplog.text  # it really took more than one finalizer call
     assert keys_under(admin_client, "xp:default.gone:") == []
     assert not acl.user_exists(admin_client, "xp-default.gone")
-    assert not list(admin_client.scan_iter(match="{xp-operator}*"))  # no progress record left behind
+    assert not list(admin_client.scan_iter(match="{xp-operator}:cleanup:*"))  # no progress record left behind
+    # The prefix is free again (its data is gone); the kept one's ownership record stays.
+    assert ownership.owner_of(admin_client, "xp:default.gone:") is None
+    assert ownership.owner_of(admin_client, "xp:default.kept:") == ownership.Owner(
+        "default", "kept", get_obj(k8s, ORGANISMS, "kept")["metadata"]["uid"])
     assert sorted(keys_under(admin_client, "xp:default.kept:")) == kept_before
     assert acl.user_exists(admin_client, "xp-default.kept")
     with pod_backend(shared, k8s, "kept") as b:
@@ -213,14 +217,14 @@ async def test_refused_organism_deletion_leaves_the_owner_alone(k8s: Any, run_op
                                                                 shared: RedisServer,
                                                                 admin_client: redis.Redis) -> None:
     await run_operator()
-    await create(k8s, "owner", shared_spec("xp:same:"))
+    await create(k8s, "owner", shared_spec("same:"))
     await eventually(lambda: redis_ready(k8s, "owner"))
-    await create(k8s, "twin", shared_spec("xp:same:"))
+    await create(k8s, "twin", shared_spec("same:"))
     await eventually(lambda: redis_ready(k8s, "twin", "False"))
     with pod_backend(shared, k8s, "owner") as b:
         b.buffer_append("t-1", b"owner's")
     await delete(k8s, "twin")
-    assert admin_client.lrange("xp:same:buffer:{t-1}", 0, -1) == [b"owner's"]
+    assert admin_client.lrange("same:buffer:{t-1}", 0, -1) == [b"owner's"]
     assert acl.user_exists(admin_client, "xp-default.owner")
 
 

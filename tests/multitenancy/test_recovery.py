@@ -46,6 +46,7 @@ def test_restart_loses_users_and_recovery_brings_them_back(
     report = recovery.check(desired)
     assert report.restarted
     assert sorted(report.recreated) == sorted(o.username for o in orgs)
+    assert report.functions_reloaded  # the function library the users FCALL went with the restart too
     assert all(acl.user_exists(admin, o.username) for o in orgs)
 
     # The same backend objects work again: they reconnect and re-AUTH on their own.

@@ -209,7 +209,9 @@ async def test_distributed_mode_works_as_the_tenant_acl_user(
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
     """Pump, worker and `send` need no command beyond what the operator grants an organism's user."""
     acl = pytest.importorskip("xml_pipeline_operator.tenancy.acl")
+    functions = pytest.importorskip("xml_pipeline_operator.tenancy.functions")
     admin = redis_server.client()
+    functions.ensure_library(admin)  # the tenant may FCALL the library's functions, never EVAL
     user, password = f"xpt-{prefix.split(':')[1]}", "tenant-password-0123456789"
     admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}",
                           *acl.acl_rules(prefix, available=acl.server_commands(admin)))

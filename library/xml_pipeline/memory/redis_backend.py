@@ -33,13 +33,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..errors import BackendError, BackendUnavailable, ThreadFullError
+from . import redis_functions
 from . import redis_scripts as scripts
 from .config import BackendConfig, compat_config, redact_url
 from .keys import RedisKeys, check_tagged_id
 from .redis_pipe import DirectConnection
 from .signing import Signer
 
-__all__ = ["RedisBackend", "UnsignedBackendWarning", "ACL_COMMANDS", "DEFAULT_TEMP_TTL"]
+__all__ = ["RedisBackend", "UnsignedBackendWarning", "ACL_COMMANDS", "EVAL_COMMANDS", "DEFAULT_TEMP_TTL"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,12 +54,16 @@ INFO_COUNT_LIMIT = 100_000
 _BATCH = 500
 
 #: Every command this backend sends, including those its Lua scripts call (Redis checks a script's
-#: commands against the caller's ACL too). An ACL user for one tenant needs these plus `~<prefix>*`.
+#: commands against the caller's ACL too). An ACL user for one tenant needs these plus `~<prefix>*`
+#: on a server where our function library is loaded (redis_functions.py: FCALL_RO probes, FCALL
+#: runs); without the library the scripts run with EVAL_COMMANDS instead of FCALL.
 ACL_COMMANDS: tuple[str, ...] = (
-    "evalsha", "eval", "rpush", "rpop", "lrange", "lindex", "llen", "hsetnx", "hget", "hdel",
+    "fcall", "fcall_ro", "rpush", "rpop", "lrange", "lindex", "llen", "hsetnx", "hget", "hdel",
     "expire", "exists", "get", "getex", "mget", "set", "del", "unlink", "sadd", "srem", "srandmember",
     "sscan", "ping", "info|server", "client|setname",
 )
+#: How the scripts run on a server without our function library (dedicated or external Redis).
+EVAL_COMMANDS: tuple[str, ...] = ("evalsha", "eval")
 
 # Backoff before retry k: a random wait of up to 20 ms * 2**k (40, 80, 160 ms ...), never above 0.5 s.
 _BACKOFF_BASE = 0.02
@@ -179,10 +184,10 @@ class RedisBackend:
         self._retry = Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE),
                             config.retries, supported_errors=(RedisConnectionError, RedisTimeoutError))
         self._ping_retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError))
-        # RESP heads "EVALSHA <sha> <numkeys>" / "EVAL <source> <numkeys>" of each script, packed once.
-        # (Variadic scripts, nargs < 0, get their heads per call.)
-        self._script_heads = {sc.name: _pack_head(b"EVALSHA", sc.sha.encode(), sc.numkeys, sc.nargs)
-                              for sc in scripts.ALL if sc.nargs >= 0}
+        # RESP heads "EVALSHA <sha> <numkeys>" / "EVAL <source> <numkeys>" of each script, packed once,
+        # and "FCALL <function> <numkeys>" once the server is known to have our function library
+        # (redis_functions.py; `_script_heads` picks). Variadic scripts (nargs < 0) get theirs per call.
+        self._heads = redis_functions.ScriptHeads(scripts.ALL, _pack_head)
         self._eval_heads = {sc.name: _pack_head(b"EVAL", sc.source.encode(), sc.numkeys, sc.nargs)
                             for sc in scripts.ALL if sc.nargs >= 0}
         self._index = self.keys.index()
@@ -257,33 +262,97 @@ class RedisBackend:
             text = text.replace(self._password, "***")
         return text
 
+    # -- running our scripts: FCALL of the function library where it is loaded, else EVALSHA/EVAL ------
+    @property
+    def script_mechanism(self) -> redis_functions.Mechanism | None:
+        """"fcall" or "eval" once known (the first script call probes the server), else None."""
+        return self._heads.mechanism
+
+    @property
+    def _script_heads(self) -> dict[str, bytes]:
+        """The packed heads of the fixed-arity scripts for the mechanism in use (probed on first use;
+        if the server cannot be reached now, the EVALSHA heads, corrected by _roundtrip later)."""
+        if self._heads.mechanism is None:
+            try:
+                self._detect(None)
+            except RedisError:
+                pass
+        return self._heads.current
+
+    def _detect(self, conn: Any) -> redis_functions.Mechanism:
+        """Probe the server (on `conn`, else a pooled connection): FCALL when our function library of
+        this exact version is loaded and this user may call it, EVALSHA/EVAL otherwise."""
+        def send(*command: Any) -> Any:
+            if conn is None:
+                return self.client.execute_command(*command)
+            conn.send_command(*command)
+            return conn.read_response()
+
+        before = self._heads.mechanism
+        mechanism = self._heads.probe(send)
+        if mechanism != before:
+            log.debug("redis backend on %s runs its scripts with %s", self._url,
+                      "FCALL" if mechanism == "fcall" else "EVALSHA/EVAL")
+        return mechanism
+
+    def run_script(self, script: scripts.LuaScript, keys: tuple[str, ...] | list[str], args: tuple[Any, ...] | list[Any]) -> Any:
+        """Run one of the library's scripts (FCALL or EVALSHA/EVAL, as this server allows), once:
+        redis-py's errors, no retries and no error mapping (wrap it in `execute` for those)."""
+        return self._eval(script, tuple(keys), tuple(args))
+
     def _eval(self, script: scripts.LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         body = _pack_args((*keys, *args))
         if script.nargs >= 0:
             return self._roundtrip(self._script_heads[script.name], body, script)
-        head = _pack_head(b"EVALSHA", script.sha.encode(), script.numkeys, len(args))
+        self._script_heads  # noqa: B018 - probes the mechanism on first use
         eval_head = _pack_head(b"EVAL", script.source.encode(), script.numkeys, len(args))
-        return self._roundtrip(head, body, script, eval_head)
+        return self._roundtrip(self._heads.head(script, len(args)), body, script, eval_head)
 
     def _roundtrip(self, head: bytes, body: bytes, script: scripts.LuaScript,
                    eval_head: bytes | None = None) -> Any:
-        """One EVALSHA on a pooled connection, EVAL on NOSCRIPT.
+        """One FCALL or EVALSHA on a pooled connection (EVAL on NOSCRIPT).
 
         Our scripts' arguments are packed once into one buffer and sent with one sendall (redis-py's
         generic path encodes argument by argument and records metrics per command; on the append
         hot path that costs more than the script itself). Errors are redis-py's, and a connection
         that failed mid-command is dropped, exactly as the client would do.
+
+        `head` was packed for the mechanism known when the caller built it: if that is unknown or
+        has changed, or the server says the mechanism is unavailable (our function library is gone
+        after a restart, or this user may not EVAL), the server is probed again on this connection
+        and the script sent once more with the right head.
         """
         pool = self._pool
         conn = pool.get_connection()
-        try:
+
+        def run(h: bytes) -> Any:
+            conn.send_packed_command([h + body])
             try:
-                conn.send_packed_command([head + body])
                 return conn.read_response()
             except NoScriptError:
                 # Server restarted or SCRIPT FLUSH: EVAL runs the script and caches it again.
                 conn.send_packed_command([(eval_head or self._eval_heads[script.name]) + body])
                 return conn.read_response()
+
+        try:
+            heads = self._heads
+            if heads.mechanism is None or not heads.matches(head):
+                self._detect(conn)
+                head = heads.rehead(head, script)
+            try:
+                return run(head)
+            except ResponseError as e:
+                if not redis_functions.mechanism_error(e):
+                    raise
+                before = heads.mechanism
+                if self._detect(conn) == before == "eval":
+                    raise heads.unavailable(e, self._username or "default", self._scrub(e)) from None
+                try:
+                    return run(heads.rehead(head, script))
+                except ResponseError as again:
+                    if redis_functions.mechanism_error(again):
+                        raise heads.unavailable(again, self._username or "default", self._scrub(again)) from None
+                    raise
         except ResponseError:
             raise
         except BaseException:
@@ -366,8 +435,9 @@ class RedisBackend:
             for r in replies[1:]:
                 if isinstance(r, Exception):
                     raise r
-            if isinstance(first, NoScriptError):
-                return self._roundtrip(head, body, scripts.APPEND)  # EVAL, and cached again
+            if isinstance(first, NoScriptError) or (isinstance(first, ResponseError)
+                                                    and redis_functions.mechanism_error(first)):
+                return self._roundtrip(head, body, scripts.APPEND)  # EVAL (cached again), or re-probed
             if isinstance(first, Exception):
                 raise first
             return first

@@ -11,8 +11,9 @@ connection, one read often resolves dozens of waiting steps, and no thread is in
 The commands are the backend's own (the same append script with its append id, the same SET EX,
 GET + DEL), packed by the backend (`RedisBackend.pack_*`). What the pipe does NOT do is retry or
 interpret trouble: `append_and_put` raises `Unsure` for anything but a stored slot (a full thread,
-NOSCRIPT, a refused command, a lost connection), and the caller redoes the operation through the
-blocking backend, whose retries, EVAL fallback and errors are exactly those of the old path (the
+NOSCRIPT, a function not loaded, a refused command, a lost connection), and the caller redoes the
+operation through the blocking backend, whose retries, EVAL fallback, re-probe of FCALL/EVALSHA and
+errors are exactly those of the old path (the
 append is idempotent through its append id, the SETs are plain overwrites). `take` is not
 idempotent (GET + DEL): a lost connection raises BackendUnavailable, as the backend's temp_take does.
 

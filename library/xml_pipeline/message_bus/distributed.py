@@ -53,6 +53,7 @@ from redis.typing import EncodableT, FieldT
 
 from ..errors import BackendUnavailable
 from ..memory.redis_pipe import RedisPipe
+from ..memory.redis_scripts import LuaScript
 from ..organism import Organism
 from .message import Message, MessageError, derived_id, error_payload, parse_message
 from .worker_task import (
@@ -85,10 +86,12 @@ ESSENTIAL_ATTEMPTS = 8
 
 #: Redis commands this module sends (beyond the backend's ACL_COMMANDS), for tenant ACL users.
 #: The heartbeat script runs XPENDING and XCLAIM; Redis checks those against the caller's ACL too.
+#: Scripts run like the backend's (RedisBackend.run_script): FCALL, or EVALSHA/EVAL without the
+#: function library.
 STREAM_ACL_COMMANDS: tuple[str, ...] = (
     "xadd", "xreadgroup", "xread", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xlen",
     "xrange", "xrevrange", "xgroup|create", "xgroup|delconsumer", "expire", "multi", "exec",
-    "evalsha", "script|load", "del", "unlink", "hsetnx",
+    "fcall", "del", "unlink", "hsetnx",
 )
 
 # KEYS: egress stream, the conversation's sent-record (a HASH: output message id -> 1)
@@ -114,6 +117,12 @@ if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 1
 """
+
+#: The scripts above as the library's Lua scripts (memory.redis_functions puts them into the Redis
+#: Functions library beside the backend's, so a tenant on a shared Redis can FCALL them).
+EGRESS_ONCE = LuaScript("egress_once", 2, -1, _EGRESS_ONCE_LUA)
+HEARTBEAT = LuaScript("heartbeat", 1, 3, _HEARTBEAT_LUA)
+SCRIPTS: tuple[LuaScript, ...] = (EGRESS_ONCE, HEARTBEAT)
 
 
 def _s(v: Any) -> str:
@@ -482,7 +491,6 @@ class DistributedWorker:
         self._handlers = {ls.name: ls.handler for ls in organism.listeners if ls.cpu_bound}
         self._stop = threading.Event()
         self._claim_cursor = "0-0"
-        self._heartbeat_sha: str | None = None
         self.completed = 0
         self.current: str | None = None
         self._entry: str | None = None  # stream entry of the task in hand (the heartbeat re-claims it)
@@ -620,17 +628,12 @@ class DistributedWorker:
             if entry_id is None or entry_id == warned:
                 continue
             try:
-                if self._heartbeat_sha is None:
-                    self._heartbeat_sha = s.client.script_load(_HEARTBEAT_LUA)
-                owned = s.client.evalsha(self._heartbeat_sha, 1, s.tasks, WORKER_GROUP, self.name, entry_id)
+                owned = self.backend.run_script(HEARTBEAT, (s.tasks,), (WORKER_GROUP, self.name, entry_id))
                 if not owned and self._entry == entry_id:
                     warned = entry_id
                     log.warning("worker %s: task entry %s was reclaimed by another worker; the pump "
                                 "keeps only the first result", self.name, entry_id)
             except redis.RedisError as e:
-                if "NOSCRIPT" in str(e):
-                    self._heartbeat_sha = None
-                    continue
                 log.warning("worker %s: heartbeat for %s failed: %s", self.name, entry_id, e)
 
     def _handle(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
@@ -806,7 +809,6 @@ class IngressBridge:
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.max_inflight = max_inflight
         self._entries: dict[str, str] = {}  # conversation id -> ingress entry id
-        self._egress_once = backend.client.register_script(_EGRESS_ONCE_LUA)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
@@ -916,7 +918,7 @@ class IngressBridge:
 
             def write() -> None:
                 # Retried: HSETNX makes a repeat of a write that happened a no-op.
-                if not self.backend.execute(lambda c: self._egress_once(keys=keys, args=args, client=c),
+                if not self.backend.execute(lambda _c: self.backend.run_script(EGRESS_ONCE, keys, args),
                                             idempotent=True, what="write egress"):
                     log.info("output %s of conversation %s was written by an earlier pump; not repeated",
                              message.id, conversation)

@@ -5,6 +5,8 @@ client, so all of it is tested against a real redis-server. The operator's handl
 
 - `acl`      one ACL user per organism, confined to its prefix; password rotation steps
 - `overlap`  refuse an organism whose prefix overlaps an earlier one's
+- `ownership` who owns a prefix, recorded on the shared Redis (kept with retained data)
+- `functions` the library's Lua as a Redis Functions library: tenants FCALL it, never EVAL
 - `cleanup`  delete an organism's keys (SCAN + UNLINK, resumable)
 - `usage`    per-organism threads/keys/bytes with bounded work per tick
 - `recovery` re-create users a restarted Redis has lost
@@ -36,6 +38,8 @@ from .acl import (
 )
 from .admin import CleanupInProgress, SharedRedisAdmin
 from .cleanup import CleanupProgress, cleanup_prefix
+from .functions import FunctionsUnsupported, LibraryState, ensure_library, library_loaded
+from .ownership import OWNERS_KEY, Owner, Refusal, claim, find_refusal
 from .overlap import Tenant, conflict_message, find_conflict, find_overlaps
 from .recovery import DesiredUser, RecoveryReport, UserRecovery
 from .usage import TickCost, Usage, UsageSampler
@@ -47,4 +51,6 @@ __all__ = [
     "acl_rules", "cleanup_prefix", "conflict_message", "delete_user", "disable_user", "ensure_user",
     "find_conflict", "find_overlaps", "get_user", "list_users", "password_hash",
     "user_exists", "username_for",
+    "FunctionsUnsupported", "LibraryState", "ensure_library", "library_loaded",
+    "OWNERS_KEY", "Owner", "Refusal", "claim", "find_refusal",
 ]

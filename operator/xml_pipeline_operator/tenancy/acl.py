@@ -3,8 +3,10 @@
 The user of an organism may touch only keys and Pub/Sub channels under its prefix and may run only
 the commands the library, the pump and the workers issue (`ORGANISM_COMMANDS`). Everything that
 acts on the whole server (FLUSHALL, KEYS, CONFIG, ACL, SCRIPT FLUSH, FUNCTION, SELECT, ...) is
-denied. Key patterns are checked by Redis for every command, including the commands a Lua script
-runs (scripts run with the caller's permissions), so EVAL/EVALSHA cannot escape the prefix.
+denied. Key patterns are checked by Redis for every command, including the commands a function
+runs (functions run with the caller's permissions), so FCALL cannot escape the prefix either. Tenants
+run Lua only as FCALL of the library's own functions (functions.py): EVAL, EVALSHA and SCRIPT LOAD are
+denied.
 
 SCAN is not granted either: it has no key argument, so Redis does not filter it by key patterns and
 a tenant allowed to SCAN would see the *names* of every other tenant's keys. The library lists,
@@ -58,9 +60,11 @@ ORGANISM_COMMANDS: tuple[str, ...] = (
     "xlen", "xrange", "xrevrange",
     "xgroup|create", "xgroup|createconsumer", "xgroup|delconsumer", "xgroup|setid", "xgroup|destroy",
     "xinfo|stream", "xinfo|groups", "xinfo|consumers",
-    # Lua: the atomic append (index + TTL + idempotency in one step). redis-py's Script object runs
-    # EVALSHA and falls back to SCRIPT LOAD on NOSCRIPT. SCRIPT FLUSH/KILL are server-wide: denied.
-    "eval", "evalsha", "eval_ro", "evalsha_ro", "script|load", "script|exists",
+    # Lua, but only the library's own: the atomic append (index + TTL + idempotency in one step) and
+    # the other scripts run as FCALL of the function library the operator loads (functions.py);
+    # FCALL_RO probes its version. A tenant cannot submit Lua of its own (EVAL, SCRIPT LOAD and
+    # FUNCTION are denied), so it cannot start a script nobody can stop.
+    "fcall", "fcall_ro",
     # Transactions (redis-py pipelines with transaction=True; WATCH keys are permission-checked).
     "multi", "exec", "discard", "watch", "unwatch",
     # Pub/Sub, confined to channels under the prefix by the `&<prefix>*` rule.
@@ -73,7 +77,10 @@ FORBIDDEN_COMMANDS: frozenset[str] = frozenset({
     "flushall", "flushdb", "keys", "scan", "randomkey", "dbsize", "swapdb", "select", "move", "migrate",
     "config", "debug", "acl", "shutdown", "module", "monitor", "replicaof", "slaveof", "sync", "psync",
     "save", "bgsave", "bgrewriteaof", "lastsave", "failover", "cluster", "latency", "slowlog",
-    "memory", "object", "info", "pubsub", "function", "fcall", "fcall_ro",
+    "memory", "object", "info", "pubsub", "function",
+    # Lua of the tenant's own making: a script that loops after a write cannot be killed (SCRIPT KILL
+    # refuses, only SHUTDOWN NOSAVE ends it), so no tenant may run one.
+    "eval", "evalsha", "eval_ro", "evalsha_ro", "script|load", "script|exists", "script|debug",
     "script|flush", "script|kill", "client|kill", "client|list", "client|pause", "client|no-evict",
     "client|tracking", "client|info", "client|reply",
 })
@@ -89,6 +96,9 @@ ADMIN_COMMANDS: tuple[str, ...] = (
     "info",                              # run_id: has the server restarted (recovery)
     "scan", "unlink", "memory|usage",    # cleanup and usage sampling
     "get", "set", "del",                 # cleanup progress under {xp-operator}:
+    "hget", "hgetall", "hset", "hdel",   # prefix ownership under {xp-operator}: (ownership.py),
+    "watch", "unwatch", "multi", "exec", # claimed in a WATCH transaction
+    "fcall_ro", "function|load",         # the function library tenants FCALL (functions.py)
     "ping", "client|setname", "client|setinfo",
 )
 

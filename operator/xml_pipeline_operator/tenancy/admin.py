@@ -30,9 +30,13 @@ from redis.retry import Retry
 
 from xml_pipeline.memory.config import redact_url
 
+from xml_pipeline.errors import ConfigError
+from xml_pipeline.memory.keys import validate_prefix
+
+from ..model import default_prefix, reserved_prefix_problem
 from ..redis_admin import PASSWORD_CHANGED, Tenant, TenantState
 from ..settings import OperatorSettings
-from . import acl, overlap
+from . import acl, functions, overlap, ownership
 from .cleanup import CleanupProgress, cleanup_prefix
 from .recovery import DesiredUser, UserRecovery
 from .usage import Usage, UsageSampler
@@ -69,9 +73,19 @@ def tenant_from_body(namespace: str, name: str, body: Mapping[str, Any]) -> over
     if not isinstance(r, Mapping) or backend.get("type", "redis") != "redis" or r.get("mode") != "shared":
         return None
     status_prefix = ((body.get("status") or {}).get("redis") or {}).get("prefix")
-    prefix = r.get("prefix") or status_prefix or f"xp:{namespace}.{name}:"
+    prefix = r.get("prefix") or status_prefix or default_prefix(namespace, name)
     created = str((body.get("metadata") or {}).get("creationTimestamp") or "")
     return overlap.Tenant(namespace, name, str(prefix), created)
+
+
+def admissible(tenant: overlap.Tenant) -> bool:
+    """False for a prefix the operator refuses whatever else exists (invalid, or reserved for other
+    Organisms' default prefixes): such an Organism must not block anyone in the overlap check."""
+    try:
+        validate_prefix(tenant.prefix, "spec.backend.redis.prefix")
+    except ConfigError:
+        return False
+    return reserved_prefix_problem(tenant.prefix, tenant.namespace, tenant.name) is None
 
 
 def deletion_policy(body: Mapping[str, Any]) -> str:
@@ -113,6 +127,8 @@ class SharedRedisAdmin:
         self._sampler: UsageSampler | None = None
         self._last_usage = float("-inf")
         self._last_check = float("-inf")
+        #: The function library tenants FCALL was found or loaded (cleared when a check misses it).
+        self._functions_ready = False
 
     # -- connection --------------------------------------------------------------------------------
     def client(self) -> redis.Redis:
@@ -155,6 +171,14 @@ class SharedRedisAdmin:
         """Record the Organism (kopf index handler): shared ones take part in the overlap check."""
         t = tenant_from_body(namespace, name, body)
         key = (namespace, name)
+        meta = body.get("metadata") or {}
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            # The last event of a deleted Organism (its finalizer ran): it no longer holds its prefix
+            # here; what stays owned is recorded on the shared Redis (ownership.py).
+            with self._lock:
+                self._observed.pop(key, None)
+                self._policies.pop(key, None)
+            return
         with self._lock:
             was_admitted = key in self._desired
             if t is None:
@@ -163,9 +187,23 @@ class SharedRedisAdmin:
                 self._desired.pop(key, None)
                 self._not_shared.add(key)
             else:
-                self._observed[key] = t
+                if admissible(t):
+                    self._observed[key] = t
+                else:
+                    self._observed.pop(key, None)
+                    self._desired.pop(key, None)  # never reloaded by recovery
                 self._policies[key] = deletion_policy(body)
                 self._not_shared.discard(key)
+        if t is not None and not admissible(t) and was_admitted:
+            # Admitted before the prefix rules refused its prefix (e.g. another Organism's default
+            # prefix): it must not keep reading keys that may be another's.
+            try:
+                acl.disable_user(self.client(), acl.username_for(namespace, name))
+                logger.warning("Organism %s/%s has a prefix the operator refuses now: ACL user disabled",
+                               namespace, name)
+            except redis.RedisError as e:
+                logger.warning("could not disable the ACL user of %s/%s on %s: %s", namespace, name, self.url,
+                               type(e).__name__)
         if t is None and was_admitted:
             # Switched away from shared mode: the pods no longer use this Redis, so its user must
             # not keep working (the Secret's password now serves the new mode). Keys stay and expire
@@ -203,11 +241,31 @@ class SharedRedisAdmin:
                 except redis.RedisError as e:
                     self._unavailable(e, f"disabling ACL user {tenant.username!r}")
             return TenantState(False, "PrefixOverlap", overlap.conflict_message(candidate, conflict))
+        reserved = reserved_prefix_problem(tenant.prefix, tenant.namespace, tenant.name)
+        if reserved is not None:
+            return TenantState(False, "PrefixReserved", f"{ownership.FIELD}: {reserved}")
         failed = self._recent_failure()
         if failed is not None:
             return failed
         try:
             client = self.client()
+            me = ownership.Owner(tenant.namespace, tenant.name, tenant.uid)
+            held = ownership.owner_of(client, tenant.prefix)
+            refusal = ownership.claim(client, tenant.prefix, me)
+            if refusal is None and held is not None and held.same_organism(me) and held.uid and tenant.uid \
+                    and held.uid != tenant.uid:
+                # Re-created under its old name: it takes the retained data back, with a new user (the
+                # old one, disabled at deletion, knows only the deleted Organism's passwords).
+                acl.delete_user(client, tenant.username)
+                logger.info("Organism %s/%s (uid %s) takes back prefix %s retained from uid %s", tenant.namespace,
+                            tenant.name, tenant.uid, tenant.prefix, held.uid)
+            if refusal is not None:
+                with self._lock:
+                    self._desired.pop(key, None)
+                acl.disable_user(client, tenant.username)  # a user made earlier must not keep the keys
+                return TenantState(False, refusal.reason, refusal.message)
+            if not self._functions_ready:
+                self._ensure_functions(client)
             profile = self.recovery().current_profile()
             extra = frozenset(also_accept_hashes)
             user = acl.get_user(client, tenant.username)
@@ -222,6 +280,8 @@ class SharedRedisAdmin:
                                        f"{tenant.username!r} does not know yet", still_accepted=unknown)
             change = acl.ensure_user(client, tenant.username, password, tenant.prefix,
                                      also_accept_hashes=extra, profile=profile)
+        except functions.FunctionsUnsupported as e:
+            return TenantState(False, "SharedRedisTooOld", f"{e}; shared mode needs a newer shared Redis")
         except redis.RedisError as e:
             return self._unavailable(e, f"provisioning ACL user {tenant.username!r}")
         self._failed = None
@@ -247,7 +307,11 @@ class SharedRedisAdmin:
         conflict = self.conflict_of(tenant.namespace, tenant.name, tenant.prefix) if tenant.prefix else None
         with self._lock:
             admitted = key in self._desired
-        owned = admitted or acl.user_exists(client, tenant.username)
+        me = ownership.Owner(tenant.namespace, tenant.name, tenant.uid)
+        holder = ownership.owner_of(client, tenant.prefix) if tenant.prefix else None
+        if holder is not None and not holder.same_organism(me):
+            conflict = conflict or overlap.Tenant(holder.namespace, holder.name, tenant.prefix)
+        owned = admitted or (holder is not None and holder.same_organism(me)) or acl.user_exists(client, tenant.username)
         if conflict is not None or not tenant.prefix or not owned:
             # This Organism never owned its prefix (it was refused, or never got a user): keys there
             # may be another organism's. Only a user of its own name may go.
@@ -256,6 +320,7 @@ class SharedRedisAdmin:
             return
         if policy == "Retain":
             acl.disable_user(client, tenant.username)
+            ownership.mark_retained(client, tenant.prefix, me)  # the data stays its owner's
             self._save_acl()
             self._forget(key)
             logger.info("ACL user %s disabled; keys under %s retained", tenant.username, tenant.prefix)
@@ -279,10 +344,18 @@ class SharedRedisAdmin:
         if not progress.done:
             raise CleanupInProgress(progress)
         acl.delete_user(client, tenant.username)
+        ownership.release(client, tenant.prefix, me)  # no data left: the prefix is free again
         client.delete(progress_key)
         self._save_acl()
         self._forget(key)
         logger.info("removed %d keys under %s and ACL user %s", progress.deleted, tenant.prefix, tenant.username)
+
+    def _ensure_functions(self, client: redis.Redis) -> None:
+        """Make sure the function library tenants FCALL is loaded (FunctionsUnsupported if it cannot be)."""
+        state = functions.ensure_library(client)
+        if state is functions.LibraryState.LOADED:
+            logger.info("function library %s loaded on %s", functions.library().name, self.url)
+        self._functions_ready = True
 
     def _save_acl(self) -> None:
         """Best effort: persist users where the server has an ACL file (else recovery covers restarts)."""
@@ -314,14 +387,16 @@ class SharedRedisAdmin:
                 self._last_check = now
                 try:
                     report = self.recovery().check(desired)
-                except redis.RedisError as e:
+                except (redis.RedisError, functions.FunctionsUnsupported) as e:
                     logger.warning("lost-user check on %s failed: %s", self.url, type(e).__name__)
                 else:
                     if report.changed:
-                        logger.warning("shared Redis %s %s: re-created %d ACL user(s), repaired %d", self.url,
+                        logger.warning("shared Redis %s %s: re-created %d ACL user(s), repaired %d%s", self.url,
                                        "restarted" if report.restarted else "lost users",
-                                       len(report.recreated), len(report.repaired))
+                                       len(report.recreated), len(report.repaired),
+                                       ", loaded the function library again" if report.functions_reloaded else "")
                     self._disable_orphans()
+
             if now - self._last_usage >= self.usage_interval:
                 self._last_usage = now
                 if self._sampler is None:

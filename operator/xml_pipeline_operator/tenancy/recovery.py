@@ -6,8 +6,9 @@ retrying. The operator's periodic check notices and re-creates the users from th
 (the Organisms and their Secrets); the pods' next attempt succeeds and their backends recover
 without a restart.
 
-One check costs two round trips when nothing is wrong: `INFO server` (has the server restarted?
-its run_id changes) and `ACL USERS` (is anyone missing?). After a restart every desired user is
+One check costs three round trips when nothing is wrong: `INFO server` (has the server restarted?
+its run_id changes), `ACL USERS` (is anyone missing?) and an FCALL_RO of the function library's
+version function (is the library tenants FCALL still loaded? functions.py). After a restart every desired user is
 re-applied (ensure_user compares first, so unchanged users cost one ACL GETUSER each), which also
 repairs users an old ACL file brought back with stale passwords or rules.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import redis
 
 from .acl import Change, ServerProfile, ensure_user, list_users, server_profile
+from .functions import LibraryState, ensure_library
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,12 @@ class RecoveryReport:
     recreated: tuple[str, ...]
     #: Users that existed but differed from the desired state and were corrected.
     repaired: tuple[str, ...]
+    #: The function library tenants FCALL was missing and has been loaded again.
+    functions_reloaded: bool = False
 
     @property
     def changed(self) -> bool:
-        return bool(self.recreated or self.repaired)
+        return bool(self.recreated or self.repaired or self.functions_reloaded)
 
 
 def server_run_id(admin: redis.Redis) -> str:
@@ -90,7 +94,11 @@ class UserRecovery:
                     recreated.append(u.username)
                 elif change is Change.UPDATED:
                     repaired.append(u.username)
+        # Users' pods FCALL the library's functions: a server that lost its users after a restart
+        # without persistence lost those too (one FCALL_RO when nothing is missing).
+        reloaded = bool(wanted) and ensure_library(self._admin) is LibraryState.LOADED
         # Remember the run_id only once every user is in place: if ensure_user failed half way, the
         # next check sees the restart again and re-applies everything.
         self._run_id = run_id
-        return RecoveryReport(restarted=restarted, recreated=tuple(recreated), repaired=tuple(repaired))
+        return RecoveryReport(restarted=restarted, recreated=tuple(recreated), repaired=tuple(repaired),
+                              functions_reloaded=reloaded)

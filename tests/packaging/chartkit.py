@@ -35,6 +35,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                                     "podMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "metrics-service": {"metrics": {"service": {"enabled": True}}},
+    # Active/standby operators through kopf peering, cluster-wide and namespaced.
+    "peering": {"replicaCount": 2},
+    "peering-namespaced": {"replicaCount": 2, "watchNamespaces": ["team-a", "team-b"], "autoscaler": "keda"},
     # OpenShift-style: the platform assigns user ids (restricted SCC).
     "platform-user-ids": {"podUserIds": "platform", "sharedRedis": {"mode": "deploy"}},
     "no-rbac": {

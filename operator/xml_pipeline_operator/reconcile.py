@@ -117,7 +117,8 @@ class Reconciler:
                                      workers_state=None)
             return self._finish(namespace, name, previous, status, [], retry=None)
 
-        keda = self._keda_served() if org.workers is not None and org.workers.autoscaling is not None else False
+        # Also without autoscaling: leftover KEDA objects (autoscaling switched off) are removed.
+        keda = self._keda_served() if org.workers is not None and org.redis is not None else False
         want = desired_mod.build(org, self.settings, keda=keda)
         outcomes: list[apply.Outcome] = []
         blocked: st.Condition | None = None

@@ -301,7 +301,7 @@ def test_resources_and_replicas_land_on_their_containers() -> None:
     pump, worker = objs["Deployment/orders-pump"], objs["Deployment/orders-worker"]
     assert container(pump)["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}}
     assert container(worker)["resources"] == {"limits": {"cpu": "2", "memory": "2Gi"}}
-    assert pump["spec"]["replicas"] == 1 and pump["spec"]["strategy"] == {"type": "Recreate"}
+    assert pump["spec"]["replicas"] == 1 and pump["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
     assert worker["spec"]["replicas"] == 4
 
 

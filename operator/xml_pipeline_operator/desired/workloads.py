@@ -153,7 +153,8 @@ def pump_deployment(org: Organism, endpoint: str | None, digest: str,
     ingress unread.
     """
     replicas = org.pump.replicas
-    strategy: dict[str, Any] = ({"type": "Recreate"} if replicas == 1 else
+    # rollingUpdate None: a Deployment switched back to Recreate must lose it (the API refuses both).
+    strategy: dict[str, Any] = ({"type": "Recreate", "rollingUpdate": None} if replicas == 1 else
                                 {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
     return _deployment(org, "pump", pump_name(org.name), replicas, strategy,
                        _template(org, "pump", endpoint, org.pump_resources, digest, credentials_digest, fixed_ids,

@@ -184,3 +184,33 @@ def test_diff_none_means_absent() -> None:
     assert diff({"a": None}, {"a": [1]}) == {"a": None}
     assert diff({"a": []}, {}) is None  # the API server leaves empty lists out: not a difference
     assert diff({"l": [{"x": 1, "y": None}]}, {"l": []}) == {"l": [{"x": 1}]}
+
+
+@pytest.mark.parametrize("env, name, allowed", [
+    ({"XPO_AUTOSCALER": "vpa"}, "XPO_AUTOSCALER", "auto"),
+    ({"XPO_PEERING": "Not_A_Name"}, "XPO_PEERING", "DNS label"),
+    ({"XPO_PEERING_LIFETIME": "1"}, "XPO_PEERING_LIFETIME", "2..600"),
+])
+def test_new_settings_refuse_bad_values_naming_the_variable(env: dict[str, str], name: str, allowed: str) -> None:
+    from xml_pipeline.errors import ConfigError
+    with pytest.raises(ConfigError) as err:
+        OperatorSettings.from_env(env)
+    assert str(err.value).startswith(name) and allowed in str(err.value)
+    ok = OperatorSettings.from_env({"XPO_AUTOSCALER": "hpa", "XPO_PEERING": "xpo", "XPO_PEERING_LIFETIME": "30"})
+    assert (ok.autoscaler, ok.peering, ok.peering_lifetime) == ("hpa", "xpo", 30)
+
+
+def test_peering_settings_reach_kopf() -> None:
+    import kopf
+
+    from xml_pipeline_operator.handlers import apply_peering
+    ks = kopf.OperatorSettings()
+    apply_peering(ks, OperatorSettings(peering="xpo", peering_lifetime=12))
+    assert (ks.peering.standalone, ks.peering.mandatory, ks.peering.name, ks.peering.lifetime) == (False, True, "xpo", 12)
+    priority = ks.peering.priority
+    assert priority > 0
+    apply_peering(ks, OperatorSettings(peering="xpo", peering_lifetime=12))  # the startup handler: same priority
+    assert ks.peering.priority == priority
+    standalone = kopf.OperatorSettings()
+    apply_peering(standalone, OperatorSettings())
+    assert standalone.peering.standalone is True

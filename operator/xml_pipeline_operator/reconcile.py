@@ -145,7 +145,11 @@ class Reconciler:
                 for obj in want.workloads:
                     key = (obj["kind"], obj["metadata"]["name"])
                     outcomes.append(apply.apply_object(self.kube, obj, org.uid, want.create_only.get(key, ())))
-                for kind, obj_name in want.absent:
+                # Budgets and autoscalers become unnecessary only through a spec change: while the
+                # generation is the one the last written status handled, nothing can have left one
+                # behind (deletions happen before that status is written), so idle passes skip the GETs.
+                handled = previous.get("observedGeneration") == generation and previous.get("phase") != "Failed"
+                for kind, obj_name in want.absent + ([] if handled else want.absent_after_change):
                     gone = apply.delete_if_owned(self.kube, kind, namespace, obj_name, org.uid)
                     if gone is not None:
                         outcomes.append(gone)

@@ -59,8 +59,8 @@ def test_dedicated_redis_objects_and_names() -> None:
                                       "Deployment/orders-worker", "NetworkPolicy/orders-redis",
                                       "PodDisruptionBudget/orders-worker", "Service/orders-redis"]
     assert state.workloads[0]["kind"] == "NetworkPolicy"  # in place before the Redis pod starts
-    assert state.absent == [("StatefulSet", "orders-redis"), ("HorizontalPodAutoscaler", "orders-worker"),
-                            ("PodDisruptionBudget", "orders-pump")]
+    assert state.absent == [("StatefulSet", "orders-redis")]
+    assert state.absent_after_change == [("HorizontalPodAutoscaler", "orders-worker"), ("PodDisruptionBudget", "orders-pump")]
     assert state.secret_name == "orders-credentials"
     assert state.endpoint == "redis://orders-redis.shop.svc:6379/0"
 

@@ -131,7 +131,7 @@ def test_budgets_never_block_a_drain(spec: dict[str, Any], budgets: dict[str, An
     for s in found.values():
         assert "minAvailable" not in s and s["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     for name in {"orders-worker", "orders-pump"} - set(budgets):
-        assert ("PodDisruptionBudget", name) in state.absent
+        assert ("PodDisruptionBudget", name) in state.absent_after_change
 
 
 def test_two_pumps_need_the_redis_backend() -> None:

@@ -29,6 +29,9 @@ class DesiredState:
     workloads: list[dict[str, Any]] = field(default_factory=list)
     #: Objects of this Organism that must be deleted if they exist (and are owned by it).
     absent: list[ObjectKey] = field(default_factory=list)
+    #: Like `absent`, for objects only a spec change can make unnecessary (budgets, autoscalers): the
+    #: caller may skip looking for them while the spec's generation is the one already handled.
+    absent_after_change: list[ObjectKey] = field(default_factory=list)
     #: Paths of an object that only seed it at creation (the worker replicas under an autoscaler).
     create_only: dict[ObjectKey, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     #: "keda", "hpa" or None: what scales the workers.
@@ -57,6 +60,7 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
     fixed_ids = settings.pod_user_ids == "fixed"
     objects.append(workloads.pump_deployment(org, url, digest, credentials_digest, fixed_ids=fixed_ids))
     wname, pname = naming.worker_name(org.name), naming.pump_name(org.name)
+    optional: list[ObjectKey] = []
     create_only: dict[ObjectKey, tuple[tuple[str, ...], ...]] = {}
     autoscaler: str | None = None
     if org.workers is not None:
@@ -64,28 +68,29 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
         if org.workers.budget.enabled:
             objects.append(scaling.budget(org, "worker", org.workers.budget.max_unavailable))
         else:
-            absent.append(("PodDisruptionBudget", wname))
+            optional.append(("PodDisruptionBudget", wname))
     else:
-        absent += [("Deployment", wname), ("PodDisruptionBudget", wname)]
+        absent.append(("Deployment", wname))
+        optional.append(("PodDisruptionBudget", wname))
     if org.workers is not None and org.workers.autoscaling is not None:
         create_only[("Deployment", wname)] = (("spec", "replicas"),)
         if keda:
             assert url is not None
             autoscaler = "keda"
             objects += [scaling.trigger_authentication(org), scaling.scaled_object(org, url)]
+            # KEDA installed under an HPA-scaled Organism: the HPA goes without a spec change.
             absent.append(("HorizontalPodAutoscaler", wname))
         else:
             autoscaler = "hpa"
             objects.append(scaling.hpa(org))
-            absent += [("ScaledObject", wname), ("TriggerAuthentication", wname)]
     else:
         # KEDA objects are only looked for where KEDA exists (elsewhere their API does not).
-        absent += [("HorizontalPodAutoscaler", wname)] + (
+        optional += [("HorizontalPodAutoscaler", wname)] + (
             [("ScaledObject", wname), ("TriggerAuthentication", wname)] if keda else [])
     if org.pump.replicas > 1 and org.pump.budget.enabled:
         objects.append(scaling.budget(org, "pump", org.pump.budget.max_unavailable))
     else:
-        absent.append(("PodDisruptionBudget", pname))
+        optional.append(("PodDisruptionBudget", pname))
     return DesiredState(
         config_map=cm,
         secret_name=naming.secret_name(org.name),
@@ -94,6 +99,7 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
         config_hash=digest,
         workloads=objects,
         absent=absent,
+        absent_after_change=optional,
         create_only=create_only,
         autoscaler=autoscaler,
     )

@@ -1,6 +1,9 @@
 """Operator benchmark: N Organisms on kmock, the real `xml-pipeline-operator` process.
 
-    .venv/bin/python bench/operator.py [--organisms 200] [--mode dedicated|external|memory] [--resync 4]
+    .venv/bin/python bench/operator.py [--organisms 200] [--mode dedicated|autoscaled|external|memory] [--resync 4]
+
+`autoscaled`: dedicated Redis, shaped worker pods and spec.workers.autoscaling, with KEDA's API served
+(a ScaledObject + TriggerAuthentication per Organism; the operator never writes the worker replicas).
 
 kmock (the Kubernetes API emulator of the tests) runs in this process; the operator runs as its own
 process, exactly as `python -m xml_pipeline_operator` would in a pod, so its peak RSS is its own.
@@ -49,6 +52,10 @@ SPECS: dict[str, dict[str, Any]] = {
         "mode": "external", "external": {"url": "rediss://redis.example:6380/0",
                                          "passwordSecretRef": {"name": "ext-auth"}}}}},
     "memory": {"config": {"listeners": LISTENERS[:1]}, "backend": {"type": "memory"}},
+    "autoscaled": {"config": {"listeners": LISTENERS}, "workers": {
+        "autoscaling": {"minReplicas": 0, "maxReplicas": 10},
+        "template": {"metadata": {"labels": {"team": "bench"}},
+                     "spec": {"env": [{"name": "MODE", "value": "bench"}], "nodeSelector": {"pool": "cpu"}}}}},
 }
 EXPECTED = {  # objects per Organism: (resource, name suffix)
     "dedicated": [("v1/secrets", "credentials"), ("v1/configmaps", "config"), ("v1/services", "redis"),
@@ -56,6 +63,10 @@ EXPECTED = {  # objects per Organism: (resource, name suffix)
     "external": [("v1/secrets", "credentials"), ("v1/configmaps", "config"), ("apps/v1/deployments", "pump"),
                  ("apps/v1/deployments", "worker")],
     "memory": [("v1/secrets", "credentials"), ("v1/configmaps", "config"), ("apps/v1/deployments", "pump")],
+    "autoscaled": [("v1/secrets", "credentials"), ("v1/configmaps", "config"), ("v1/services", "redis"),
+                   ("apps/v1/deployments", "redis"), ("apps/v1/deployments", "pump"), ("apps/v1/deployments", "worker"),
+                   ("policy/v1/poddisruptionbudgets", "worker"), ("keda.sh/v1alpha1/scaledobjects", "worker"),
+                   ("keda.sh/v1alpha1/triggerauthentications", "worker")],
 }
 WRITES = {"POST", "PATCH", "PUT", "DELETE"}
 
@@ -65,6 +76,10 @@ def register(cluster: kmock.KubernetesEmulator) -> None:
     cluster.resources[ORGANISMS] = kmock.ResourceInfo(
         kind="Organism", singular="organism", namespaced=True, shortnames={"org"},
         verbs={"create", "delete", "get", "list", "patch", "update", "watch"}, subresources={"status"})
+    for plural, kind in (("scaledobjects", "ScaledObject"), ("triggerauthentications", "TriggerAuthentication")):
+        cluster.resources[f"keda.sh/v1alpha1/{plural}"] = kmock.ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=True,
+            verbs={"create", "delete", "get", "list", "patch", "update", "watch"})
 
 
 def exists(cluster: Cluster, res: str, name: str) -> bool:

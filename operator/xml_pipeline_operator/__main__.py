@@ -27,13 +27,15 @@ async def run(settings: OperatorSettings, *, stop: asyncio.Event | None = None) 
     registry = kopf.OperatorRegistry()
     reconciler = handlers.register(registry, settings)
     kopf_settings = kopf.OperatorSettings()  # tuned by the startup handler (handlers.configure_kopf)
+    # Peering is chosen before kopf starts (its peering tasks are spawned with the operator).
+    handlers.apply_peering(kopf_settings, settings)
     runner = await health.start(settings.health_port, ready, lambda: reconciler.kube.requests)
     logger.info("xml-pipeline-operator starting: %s, health on :%d",
                 "all namespaces" if settings.clusterwide else f"namespaces {','.join(settings.namespaces)}",
                 settings.health_port)
     try:
         await kopf.operator(
-            registry=registry, settings=kopf_settings, standalone=True,
+            registry=registry, settings=kopf_settings, standalone=settings.peering is None,
             clusterwide=settings.clusterwide, namespaces=list(settings.namespaces),
             stop_flag=stop, ready_flag=ready,
         )
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         print("\nSettings come from the environment: XPO_NAMESPACES, XPO_DEFAULT_IMAGE, XPO_DEFAULT_TTL,\n"
               "XPO_REDIS_IMAGE, XPO_SHARED_REDIS_URL, XPO_SHARED_REDIS_USERNAME, XPO_SHARED_REDIS_PASSWORD,\n"
-              "XPO_HEALTH_PORT, XPO_LOG_LEVEL, XPO_RESYNC_SECONDS (see docs/operator.md).")
+              "XPO_HEALTH_PORT, XPO_LOG_LEVEL, XPO_RESYNC_SECONDS, XPO_AUTOSCALER, XPO_PEERING,\n"
+              "XPO_PEERING_LIFETIME (see docs/operator.md).")
         return 0
     if args:
         print(f"xml-pipeline-operator: unexpected arguments {args!r}; settings come from XPO_* variables",

@@ -5,6 +5,13 @@ resourceVersion, clusterIP...) are not differences. Lists are compared element b
 when they differ, patched whole (JSON merge patch semantics, the same on a real API server and on
 kmock). Resource quantities compare by value ("0.5" == "500m"). An unchanged object costs one GET
 and no write, which is what makes an idle resync write nothing.
+
+A desired value of None means "must be absent": it becomes a null in the patch only when the live
+object has a non-empty value there (the API server leaves empty fields out, so comparing [] with a
+missing field would write on every pass). So a field the operator owns is reverted when edited by
+hand (added env, an added toleration), and a field it does not set is left alone (an annotation
+added by another controller). `create_only` paths (the worker replicas while an autoscaler owns
+them) seed a new object and are never compared or patched afterwards.
 """
 from __future__ import annotations
 
@@ -46,6 +53,12 @@ def diff(desired: Any, actual: Any, path: tuple[str, ...] = ()) -> Any:
             return desired
         patch: dict[str, Any] = {}
         for key, want in desired.items():
+            if want is None or (isinstance(want, (list, dict)) and not want):
+                if _empty(actual.get(key)):
+                    continue  # absent, or empty, as wanted
+                if want is None:
+                    patch[key] = None
+                    continue
             if key not in actual:
                 patch[key] = want
                 continue
@@ -55,11 +68,24 @@ def diff(desired: Any, actual: Any, path: tuple[str, ...] = ()) -> Any:
         return patch or None
     if isinstance(desired, list):
         if not isinstance(actual, list) or len(desired) != len(actual):
-            return desired
+            return prune(desired)
         if any(diff(d, a, path) is not None for d, a in zip(desired, actual)):
-            return desired
+            return prune(desired)
         return None
     return None if _same_scalar(desired, actual, path) else desired
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, dict, str)) and not value)
+
+
+def prune(value: Any) -> Any:
+    """`value` without its None entries (what a create sends: "absent" is simply left out)."""
+    if isinstance(value, Mapping):
+        return {k: prune(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [prune(v) for v in value]
+    return value
 
 
 def _same_scalar(desired: Any, actual: Any, path: tuple[str, ...]) -> bool:
@@ -78,23 +104,35 @@ def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
-def _comparable(desired: Mapping[str, Any]) -> dict[str, Any]:
+def _comparable(desired: Mapping[str, Any], create_only: tuple[tuple[str, ...], ...] = ()) -> dict[str, Any]:
     """What to compare: the spec/data and our labels/annotations, not identity or ownership."""
     out = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "metadata")}
+    for path in create_only:
+        out = _without(out, path)
     meta = desired.get("metadata", {})
     out["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
     return out
 
 
+def _without(obj: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    out = dict(obj)
+    if len(path) == 1:
+        out.pop(path[0], None)
+    elif isinstance(out.get(path[0]), Mapping):
+        out[path[0]] = _without(out[path[0]], path[1:])
+    return out
+
+
 # ------------------------------------------------------------------------------------------ applying
-def apply_object(kube: Kube, desired: dict[str, Any], owner_uid: str) -> Outcome:
+def apply_object(kube: Kube, desired: dict[str, Any], owner_uid: str,
+                 create_only: tuple[tuple[str, ...], ...] = ()) -> Outcome:
     """Create the object, or patch the fields that differ. Never takes over a foreign object."""
     kind, meta = desired["kind"], desired["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     current = kube.get(kind, namespace, name)
     if current is None:
         try:
-            return Outcome(kind, name, "created", kube.create(kind, namespace, desired))
+            return Outcome(kind, name, "created", kube.create(kind, namespace, prune(desired)))
         except ApiError as e:
             if e.status != 409:
                 raise
@@ -104,7 +142,7 @@ def apply_object(kube: Kube, desired: dict[str, Any], owner_uid: str) -> Outcome
                 raise
     if not owned_by(current, owner_uid):
         raise NameConflict(kind, name)
-    patch = diff(_comparable(desired), current)
+    patch = diff(_comparable(desired, create_only), current)
     if patch is None:
         return Outcome(kind, name, "unchanged", current)
     return Outcome(kind, name, "patched", kube.patch(kind, namespace, name, patch), changed=_paths(patch))

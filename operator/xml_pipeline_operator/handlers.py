@@ -9,6 +9,7 @@ operators side by side without kopf's global default registry.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -56,7 +57,24 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
         kopf_settings.watching.label_selectors[resource] = f"{ORGANISM_LABEL},app.kubernetes.io/managed-by={MANAGED_BY}"
     kopf_settings.watching.server_timeout = 600
     kopf_settings.watching.client_timeout = 660
-    kopf_settings.peering.standalone = True
+    apply_peering(kopf_settings, settings)
+
+
+def apply_peering(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
+    """Standalone, or one of an active/standby set (XPO_PEERING): the replica with the highest priority
+    acts, the others pause. Priorities are drawn at random at start (equal priorities would pause
+    everyone: kopf then assumes two conflicting operators). A standby resumes once the active replica's
+    keep-alive expired: at most peering_lifetime seconds after it stopped refreshing it."""
+    if settings.peering is None:
+        kopf_settings.peering.standalone = True
+        return
+    kopf_settings.peering.standalone = False
+    kopf_settings.peering.mandatory = True
+    kopf_settings.peering.name = settings.peering
+    kopf_settings.peering.clusterwide = settings.clusterwide
+    kopf_settings.peering.lifetime = settings.peering_lifetime
+    if not kopf_settings.peering.priority:  # drawn once (this runs again in the startup handler)
+        kopf_settings.peering.priority = secrets.randbelow(2**31 - 1) + 1
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kube: Kube | None = None,

@@ -26,6 +26,10 @@ KINDS: dict[str, tuple[str, str]] = {
     "Deployment": ("/apis/apps/v1", "deployments"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
+    "TriggerAuthentication": ("/apis/keda.sh/v1alpha1", "triggerauthentications"),
     "Organism": (f"/apis/{GROUP}/{VERSION}", "organisms"),
 }
 
@@ -91,6 +95,18 @@ class Kube:
         except ApiError as e:
             if e.status not in (404, 409):
                 raise
+
+    def serves(self, group_version: str, plural: str) -> bool:
+        """Does the API server serve `plural` in `group_version` (e.g. KEDA's CRDs installed)?
+
+        API discovery: every authenticated client may read it, no RBAC rule needed."""
+        try:
+            found = self._call("GET", f"/apis/{group_version}", kind="discovery", verb="get")
+        except ApiError as e:
+            if e.status in (404, 503):
+                return False
+            raise
+        return any(r.get("name") == plural for r in found.get("resources") or [])
 
     # -- plumbing -------------------------------------------------------------------------------
     def _call(self, method: str, path: str, *, kind: str, verb: str, body: Any = None,

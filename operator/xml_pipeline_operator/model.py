@@ -23,6 +23,10 @@ from xml_pipeline.errors import ConfigError
 from xml_pipeline.memory.keys import validate_prefix
 from xml_pipeline.organism import parse_organism as parse_library_organism
 
+from .podshape import EMPTY as EMPTY_SHAPE
+from .podshape import PodShape, ShapeError
+from .podshape import parse as parse_shape
+from .scaling import Autoscaling, DisruptionBudget, parse_autoscaling, parse_budget
 from .settings import TTL_MAX, TTL_MIN, OperatorSettings, check_redis_url
 
 BackendType = Literal["memory", "manager", "redis"]
@@ -32,6 +36,7 @@ REDIS_MODES: tuple[str, ...] = ("dedicated", "shared", "external")
 DELETION_POLICIES: tuple[str, ...] = ("Delete", "Retain")
 MAX_NAME_LEN = 40  # leaves room for "-credentials", "-redis-0" and pod-name hashes within 63
 MAX_WORKER_REPLICAS = 100
+MAX_PUMP_REPLICAS = 10
 MAX_PROCESSES = 64
 MAX_CONFIG_BYTES = 512 * 1024  # a ConfigMap holds at most 1 MiB; keep well below
 #: Keys of spec.config: organism.yaml minus `backend` (which the operator writes).
@@ -131,6 +136,8 @@ class RedisSpec:
     persistence: Persistence = Persistence()
     #: Shared mode, on deletion: Delete the organism's keys and ACL user, or Retain the keys (user disabled).
     deletion_policy: str = "Delete"
+    #: spec.backend.redis.dedicated.template (podshape.py).
+    shape: PodShape = EMPTY_SHAPE
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,17 @@ class WorkersSpec:
     replicas: int
     processes: int
     resources: Resources = DEFAULT_APP_RESOURCES
+    shape: PodShape = EMPTY_SHAPE
+    #: None: the operator owns the replica count (spec.workers.replicas).
+    autoscaling: Autoscaling | None = None
+    budget: DisruptionBudget = DisruptionBudget()
+
+
+@dataclass(frozen=True)
+class PumpSpec:
+    replicas: int = 1
+    shape: PodShape = EMPTY_SHAPE
+    budget: DisruptionBudget = DisruptionBudget()
 
 
 @dataclass(frozen=True)
@@ -155,6 +173,7 @@ class Organism:
     redis: RedisSpec | None  # None unless backend_type == "redis"
     pump_resources: Resources
     workers: WorkersSpec | None  # None: no worker Deployment
+    pump: PumpSpec = PumpSpec()
 
     @property
     def owner_reference(self) -> dict[str, Any]:
@@ -236,8 +255,15 @@ def parse_organism(body: Mapping[str, Any], settings: OperatorSettings) -> Organ
         _mapping(raw_redis, "spec.backend.redis")  # kept for a later switch back; must still be a mapping
 
     pump = _mapping(spec.get("pump", {}), "spec.pump")
-    _known(pump, "spec.pump", ("resources",))
+    _known(pump, "spec.pump", ("resources", "replicas", "template", "disruptionBudget"))
     pump_resources = _parse_resources(pump.get("resources"), "spec.pump.resources", DEFAULT_APP_RESOURCES)
+    pump_replicas = _int(pump.get("replicas", 1), "spec.pump.replicas", 1, MAX_PUMP_REPLICAS)
+    if pump_replicas > 1 and backend_type != "redis":
+        raise SpecError("spec.pump.replicas", f"more than one pump needs the redis backend (spec.backend.type "
+                        f"is {backend_type!r}): pumps share their ingress through a Redis consumer group",
+                        "1, or set spec.backend.type: redis")
+    pump_spec = PumpSpec(replicas=pump_replicas, shape=_shaped(parse_shape, pump.get("template"), "spec.pump.template", "pump"),
+                         budget=_shaped(parse_budget, pump.get("disruptionBudget"), "spec.pump.disruptionBudget"))
 
     workers: WorkersSpec | None = None
     if "workers" in spec and spec["workers"] is not None:
@@ -246,7 +272,8 @@ def parse_organism(body: Mapping[str, Any], settings: OperatorSettings) -> Organ
                             f"worker pods need the redis backend (spec.backend.type is {backend_type!r})",
                             "remove spec.workers, or set spec.backend.type: redis")
         w = _mapping(spec["workers"], "spec.workers")
-        _known(w, "spec.workers", ("replicas", "processes", "resources"))
+        _known(w, "spec.workers", ("replicas", "processes", "resources", "template", "autoscaling",
+                                   "disruptionBudget"))
         replicas = _int(w.get("replicas", 1), "spec.workers.replicas", 0, MAX_WORKER_REPLICAS)
         pool = config.get("process_pool") or {}
         processes = _int(w.get("processes", pool.get("workers", 1)),
@@ -254,13 +281,16 @@ def parse_organism(body: Mapping[str, Any], settings: OperatorSettings) -> Organ
                          1, MAX_PROCESSES)
         workers = WorkersSpec(replicas=replicas, processes=processes,
                               resources=_parse_resources(w.get("resources"), "spec.workers.resources",
-                                                         DEFAULT_APP_RESOURCES))
+                                                         DEFAULT_APP_RESOURCES),
+                              shape=_shaped(parse_shape, w.get("template"), "spec.workers.template", "worker"),
+                              autoscaling=_shaped(parse_autoscaling, w.get("autoscaling"), "spec.workers.autoscaling"),
+                              budget=_shaped(parse_budget, w.get("disruptionBudget"), "spec.workers.disruptionBudget"))
 
     return Organism(
         name=name, namespace=namespace, uid=str(meta.get("uid") or ""),
         generation=int(meta.get("generation") or 0), image=image, config=config,
         backend_type=cast(BackendType, backend_type), redis=redis,
-        pump_resources=pump_resources, workers=workers,
+        pump_resources=pump_resources, workers=workers, pump=pump_spec,
     )
 
 
@@ -348,18 +378,19 @@ def _parse_redis(r: Mapping[str, Any], namespace: str, name: str, settings: Oper
         raise SpecError(f"{path}.external", f"is only allowed with mode external (mode is {mode!r})",
                         "remove it, or set mode: external")
 
-    resources, persistence = DEFAULT_REDIS_RESOURCES, Persistence()
+    resources, persistence, shape = DEFAULT_REDIS_RESOURCES, Persistence(), EMPTY_SHAPE
     if r.get("dedicated") is not None:
         if mode != "dedicated":
             raise SpecError(f"{path}.dedicated", f"is only allowed with mode dedicated (mode is {mode!r})",
                             "remove it, or set mode: dedicated")
         d = _mapping(r["dedicated"], f"{path}.dedicated")
-        _known(d, f"{path}.dedicated", ("resources", "persistence"))
+        _known(d, f"{path}.dedicated", ("resources", "persistence", "template"))
         resources = _parse_resources(d.get("resources"), f"{path}.dedicated.resources", DEFAULT_REDIS_RESOURCES)
         persistence = _parse_persistence(d.get("persistence"), f"{path}.dedicated.persistence")
+        shape = _shaped(parse_shape, d.get("template"), f"{path}.dedicated.template", "redis")
     return RedisSpec(mode=cast(RedisMode, mode), prefix=prefix, prefix_is_default=is_default, ttl=ttl,
                      external=external, resources=resources, persistence=persistence,
-                     deletion_policy=deletion_policy)
+                     deletion_policy=deletion_policy, shape=shape)
 
 
 def _parse_external(e: Mapping[str, Any]) -> ExternalRedis:
@@ -477,6 +508,14 @@ def _quantity(text: str) -> Decimal:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _shaped(parse: Any, raw: Any, path: str, *args: Any) -> Any:
+    """Call a parser of podshape.py / scaling.py, turning its ShapeError into a SpecError."""
+    try:
+        return parse(raw, path, *args)
+    except ShapeError as e:
+        raise SpecError(e.field, e.problem, e.allowed) from None
+
+
 def _mapping(value: Any, path: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise SpecError(path, f"must be a mapping, got {type(value).__name__}", "a mapping of fields")

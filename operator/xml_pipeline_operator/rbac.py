@@ -46,6 +46,18 @@ RULES: Final[list[PolicyRule]] = [
     # Service when the Organism switches away from dedicated mode.
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
      "verbs": ["get", "create", "patch", "delete"]},
+    # Disruption budgets of the workers (and of the pump when it has several replicas): deleted when
+    # switched off or no longer applicable (the pump back at one replica).
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
+     "verbs": ["get", "create", "patch", "delete"]},
+    # spec.workers.autoscaling without KEDA: a CPU HorizontalPodAutoscaler; deleted when autoscaling is
+    # switched off or KEDA takes over.
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
+     "verbs": ["get", "create", "patch", "delete"]},
+    # spec.workers.autoscaling with KEDA: the ScaledObject and the TriggerAuthentication naming the
+    # organism's Secret (KEDA reads the Secret itself; the operator never hands it a password).
+    {"apiGroups": ["keda.sh"], "resources": ["scaledobjects", "triggerauthentications"],
+     "verbs": ["get", "create", "patch", "delete"]},
     # kopf posts Kubernetes Events (core/v1 only) for handler outcomes and our provisioning steps.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf's namespace observer (only when XPO_NAMESPACES lists namespaces: it notices watched
@@ -54,4 +66,12 @@ RULES: Final[list[PolicyRule]] = [
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
      "verbs": ["list", "watch"]},
+]
+
+#: Only with operator peering (the chart's replicaCount > 1): kopf lists and watches its peering
+#: object and patches its own keep-alive into it. ClusterKopfPeering when the operator watches the
+#: whole cluster, KopfPeering in each watched namespace otherwise.
+PEERING_RULES: Final[list[PolicyRule]] = [
+    {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
+     "verbs": ["list", "watch", "patch"]},
 ]

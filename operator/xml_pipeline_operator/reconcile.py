@@ -12,6 +12,7 @@ import datetime
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,6 +26,8 @@ from .redis_admin import PASSWORD_CHANGED, RedisAdmin, Tenant
 from .settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
+#: How long the answer to "does the cluster serve KEDA's API" is trusted.
+KEDA_RECHECK_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,22 @@ class Reconciler:
         self.rotation_timeout = rotation.ROLLOUT_TIMEOUT_SECONDS
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._keda: tuple[bool, float] | None = None
+
+    def _keda_served(self) -> bool:
+        """KEDA's ScaledObject API is served (checked at most every KEDA_RECHECK_SECONDS: discovery
+        is a GET on every pass otherwise)."""
+        now = time.monotonic()
+        with self._locks_guard:
+            if self._keda is not None and now - self._keda[1] < KEDA_RECHECK_SECONDS:
+                return self._keda[0]
+        if self.settings.autoscaler != "auto":
+            served = self.settings.autoscaler == "keda"
+        else:
+            served = self.kube.serves("keda.sh/v1alpha1", "scaledobjects")
+        with self._locks_guard:
+            self._keda = (served, now)
+        return served
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         """Handlers of one Organism (change, timer, Deployment events) run one at a time."""
@@ -98,7 +117,9 @@ class Reconciler:
                                      workers_state=None)
             return self._finish(namespace, name, previous, status, [], retry=None)
 
-        want = desired_mod.build(org, self.settings)
+        # Also without autoscaling: leftover KEDA objects (autoscaling switched off) are removed.
+        keda = self._keda_served() if org.workers is not None and org.redis is not None else False
+        want = desired_mod.build(org, self.settings, keda=keda)
         outcomes: list[apply.Outcome] = []
         blocked: st.Condition | None = None
         retry: str | None = None
@@ -111,7 +132,7 @@ class Reconciler:
             if org.redis is not None and org.redis.mode == "shared":
                 redis_cond, rot = self._shared(org, body, previous, values, now)
                 if redis_cond.ok:  # Redis knows the Secret's password: the pods may roll to it
-                    want = desired_mod.build(org, self.settings,
+                    want = desired_mod.build(org, self.settings, keda=keda,
                                              credentials_digest=rotation.credentials_digest(values))
             else:
                 redis_cond = self._remote_redis_condition(org, values)
@@ -122,8 +143,13 @@ class Reconciler:
             outcomes.append(apply.apply_object(self.kube, want.config_map, org.uid))
             if blocked is None:  # pods could not start without their Secret; wait for it
                 for obj in want.workloads:
-                    outcomes.append(apply.apply_object(self.kube, obj, org.uid))
-                for kind, obj_name in want.absent:
+                    key = (obj["kind"], obj["metadata"]["name"])
+                    outcomes.append(apply.apply_object(self.kube, obj, org.uid, want.create_only.get(key, ())))
+                # Budgets and autoscalers become unnecessary only through a spec change: while the
+                # generation is the one the last written status handled, nothing can have left one
+                # behind (deletions happen before that status is written), so idle passes skip the GETs.
+                handled = previous.get("observedGeneration") == generation and previous.get("phase") != "Failed"
+                for kind, obj_name in want.absent + ([] if handled else want.absent_after_change):
                     gone = apply.delete_if_owned(self.kube, kind, namespace, obj_name, org.uid)
                     if gone is not None:
                         outcomes.append(gone)
@@ -141,7 +167,8 @@ class Reconciler:
             redis=redis_cond or st.redis_condition_local(org, redis_state),
             pump=st.pump_condition(pump_state), workers=st.workers_condition(org, worker_state),
             blocked=blocked, failed=False, workers_state=worker_state,
-            extra=[rot.condition(self.rotation_timeout)] if rot is not None else [])
+            extra=([rot.condition(self.rotation_timeout)] if rot is not None else [])
+            + [c for c in [st.autoscaling_condition(org, want.autoscaler)] if c is not None])
         if rot is not None:
             status["credentials"] = rot.as_status()
         events = _object_events(outcomes) + (rot.events_for(previous, status) if rot is not None else [])

@@ -20,6 +20,8 @@ TTL_MIN, TTL_MAX = 60, 31_536_000  # one minute .. one year; the CRD enforces th
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: XPO_POD_USER_IDS: `fixed` (the images' user ids) or `platform` (the platform assigns them).
 POD_USER_IDS = ("fixed", "platform")
+#: XPO_AUTOSCALER: what an Organism's spec.workers.autoscaling creates.
+AUTOSCALERS = ("auto", "keda", "hpa")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -60,6 +62,12 @@ class OperatorSettings:
     #: First retry delay after a transient failure (missing Secret, API error); doubles per retry.
     retry_base_seconds: float = 5.0
     retry_max_seconds: float = 300.0
+    #: `auto`: a KEDA ScaledObject where the cluster serves KEDA's API, else an HPA; `keda` / `hpa`: forced.
+    autoscaler: str = "auto"
+    #: kopf peering (active/standby operators): the peering object's name; None runs standalone.
+    peering: str | None = None
+    #: Seconds a peer's keep-alive is valid; a standby takes over at most this long after the active died.
+    peering_lifetime: int = 60
 
     @property
     def clusterwide(self) -> bool:
@@ -114,6 +122,17 @@ class OperatorSettings:
             if raw.lower() not in ("true", "false"):
                 raise ConfigError("XPO_PROBE_EXTERNAL_REDIS", f"must be true or false, got {raw!r}", ("true", "false"))
             kwargs["probe_external_redis"] = raw.lower() == "true"
+        if (raw := get("XPO_AUTOSCALER")) is not None:
+            if raw not in AUTOSCALERS:
+                raise ConfigError("XPO_AUTOSCALER", f"unknown value {raw!r}", AUTOSCALERS)
+            kwargs["autoscaler"] = raw
+        if (raw := get("XPO_PEERING")) is not None:
+            if len(raw) > 253 or not _DNS_LABEL.match(raw):
+                raise ConfigError("XPO_PEERING", f"{raw!r} is not a peering object name",
+                                  "a DNS label, e.g. xml-pipeline-operator; empty = standalone (one replica)")
+            kwargs["peering"] = raw
+        if (raw := get("XPO_PEERING_LIFETIME")) is not None:
+            kwargs["peering_lifetime"] = _int("XPO_PEERING_LIFETIME", raw, 2, 600)
         if (raw := get("XPO_RESYNC_SECONDS")) is not None:
             kwargs["resync_seconds"] = float(_int("XPO_RESYNC_SECONDS", raw, 0, 86_400))
         return cls(**kwargs)  # type: ignore[arg-type]

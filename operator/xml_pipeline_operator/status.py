@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .desired import DesiredState
+from .desired.naming import selector_labels
 from .model import Organism
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 CONDITION_TYPES = ("RedisReady", "PumpReady", "WorkersReady", "Ready")
 #: Status keys the operator owns (a merge patch sets the ones it drops to null).
-STATUS_KEYS = ("observedGeneration", "phase", "configHash", "workersReady", "redis", "credentials", "conditions")
+STATUS_KEYS = ("observedGeneration", "phase", "configHash", "workersReady", "workerReplicas", "workerSelector",
+               "redis", "credentials", "conditions")
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,11 @@ def pump_condition(pump: WorkloadState | None) -> Condition:
 def workers_condition(org: Organism, workers: WorkloadState | None) -> Condition:
     if org.workers is None:
         return Condition("WorkersReady", "True", "NoWorkers", "no worker pods requested (spec.workers)")
-    if org.workers.replicas == 0:
-        return Condition("WorkersReady", "True", "ScaledToZero", "spec.workers.replicas is 0")
+    wanted = org.workers.replicas if org.workers.autoscaling is None else (workers.desired if workers else 1)
+    if wanted == 0:
+        return Condition("WorkersReady", "True", "ScaledToZero",
+                         "spec.workers.replicas is 0" if org.workers.autoscaling is None
+                         else "the autoscaler scaled the workers to zero (no task queued)")
     if workers is None:
         return Condition("WorkersReady", "False", "WorkersPending", "the worker Deployment is not created yet")
     if workers.available:
@@ -97,6 +102,26 @@ def workers_condition(org: Organism, workers: WorkloadState | None) -> Condition
                          f"{workers.ready}/{workers.desired} worker pods ready")
     return Condition("WorkersReady", "False", "WorkersStarting" if workers.rolled_out else "RollingOut",
                      f"{workers.ready}/{workers.desired} worker pods ready")
+
+
+def autoscaling_condition(org: Organism, autoscaler: str | None) -> Condition | None:
+    """Autoscaling (only when spec.workers.autoscaling is set): who scales the workers, and what
+    the configuration cannot do without KEDA. Informational: it does not count towards Ready."""
+    if org.workers is None or org.workers.autoscaling is None:
+        return None
+    a = org.workers.autoscaling
+    if autoscaler == "keda":
+        return Condition("Autoscaling", "True", "KedaScaledObject",
+                         f"KEDA scales the workers between {a.min_replicas} and {a.max_replicas} replicas on the "
+                         f"tasks stream (target {a.tasks_per_replica} unfinished tasks per replica); the operator "
+                         "does not write the worker replicas")
+    if a.min_replicas == 0:
+        return Condition("Autoscaling", "True", "HpaScaleToZeroNeedsKeda",
+                         f"a HorizontalPodAutoscaler scales the workers on CPU between 1 and {a.max_replicas} "
+                         "replicas: scaling to zero (minReplicas 0) needs KEDA, which this cluster does not serve")
+    return Condition("Autoscaling", "True", "HorizontalPodAutoscaler",
+                     f"a HorizontalPodAutoscaler scales the workers on CPU between {a.min_replicas} and "
+                     f"{a.max_replicas} replicas (KEDA's API is not served: install KEDA to scale on queued tasks)")
 
 
 def ready_condition(parts: Sequence[Condition], blocked: Condition | None = None) -> Condition:
@@ -139,7 +164,12 @@ def build_status(*, previous: Mapping[str, Any], generation: int, now: str,
         status["configHash"] = desired.config_hash
         if org.workers is not None:
             ready_n = workers_state.ready if workers_state else 0
-            status["workersReady"] = f"{ready_n}/{org.workers.replicas}"
+            wanted = org.workers.replicas if org.workers.autoscaling is None else (
+                workers_state.desired if workers_state else 0)
+            status["workersReady"] = f"{ready_n}/{wanted}"
+            # The Organism's /scale subresource reads these (statusReplicasPath, labelSelectorPath).
+            status["workerReplicas"] = workers_state.desired if workers_state else 0
+            status["workerSelector"] = ",".join(f"{k}={v}" for k, v in selector_labels(org.name, "worker").items())
         else:
             status["workersReady"] = "0/0"
         if org.redis is not None:

@@ -47,7 +47,11 @@ def test_crd_names_scope_and_subresources() -> None:
                              "singular": "organism", "shortNames": ["org"], "categories": ["xml-pipeline"]}
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.workers.replicas", "statusReplicasPath": ".status.workerReplicas",
+        "labelSelectorPath": ".status.workerSelector"}}
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert status["workerReplicas"]["type"] == "integer" and status["workerSelector"]["type"] == "string"
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {
         "Backend": ".spec.backend.type", "Redis": ".status.redis.mode", "Prefix": ".status.redis.prefix",

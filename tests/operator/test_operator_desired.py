@@ -56,9 +56,11 @@ def pods(state: desired.DesiredState) -> list[dict[str, Any]]:
 def test_dedicated_redis_objects_and_names() -> None:
     _, state = make({"workers": {"replicas": 2}})
     assert sorted(by_name(state)) == ["ConfigMap/orders-config", "Deployment/orders-pump", "Deployment/orders-redis",
-                                      "Deployment/orders-worker", "NetworkPolicy/orders-redis", "Service/orders-redis"]
+                                      "Deployment/orders-worker", "NetworkPolicy/orders-redis",
+                                      "PodDisruptionBudget/orders-worker", "Service/orders-redis"]
     assert state.workloads[0]["kind"] == "NetworkPolicy"  # in place before the Redis pod starts
     assert state.absent == [("StatefulSet", "orders-redis")]
+    assert state.absent_after_change == [("HorizontalPodAutoscaler", "orders-worker"), ("PodDisruptionBudget", "orders-pump")]
     assert state.secret_name == "orders-credentials"
     assert state.endpoint == "redis://orders-redis.shop.svc:6379/0"
 
@@ -299,7 +301,7 @@ def test_resources_and_replicas_land_on_their_containers() -> None:
     pump, worker = objs["Deployment/orders-pump"], objs["Deployment/orders-worker"]
     assert container(pump)["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}}
     assert container(worker)["resources"] == {"limits": {"cpu": "2", "memory": "2Gi"}}
-    assert pump["spec"]["replicas"] == 1 and pump["spec"]["strategy"] == {"type": "Recreate"}
+    assert pump["spec"]["replicas"] == 1 and pump["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
     assert worker["spec"]["replicas"] == 4
 
 
@@ -313,7 +315,8 @@ def test_default_resources_apply_when_none_are_given() -> None:
 def _hash(spec: dict[str, Any], settings: OperatorSettings = SETTINGS) -> str:
     _, state = make(spec, settings=settings)
     hashes = {o["spec"]["template"]["metadata"]["annotations"][naming.CONFIG_HASH_ANNOTATION]
-              for o in state.workloads if o["metadata"]["labels"]["app.kubernetes.io/component"] in ("pump", "worker")}
+              for o in state.workloads if o["kind"] == "Deployment"
+              and o["metadata"]["labels"]["app.kubernetes.io/component"] in ("pump", "worker")}
     assert hashes == {state.config_hash}
     return state.config_hash
 

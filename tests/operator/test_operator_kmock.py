@@ -106,7 +106,8 @@ async def test_create_gives_objects_status_and_events(k8s: Cluster, start_operat
     assert len(created) == 1  # one event per pass, naming every object
     assert created[0]["message"] == ("Created Secret orders-credentials, ConfigMap orders-config, "
                                      "NetworkPolicy orders-redis, Service orders-redis, "
-                                     "Deployment orders-redis, Deployment orders-pump, Deployment orders-worker")
+                                     "Deployment orders-redis, Deployment orders-pump, Deployment orders-worker, "
+                                     "PodDisruptionBudget orders-worker")
     assert created[0]["involvedObject"]["uid"] == uid
 
 

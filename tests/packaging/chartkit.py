@@ -35,6 +35,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                                     "podMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "metrics-service": {"metrics": {"service": {"enabled": True}}},
+    # Active/standby operators through kopf peering, cluster-wide and namespaced.
+    "peering": {"replicaCount": 2},
+    "peering-namespaced": {"replicaCount": 2, "watchNamespaces": ["team-a", "team-b"], "autoscaler": "keda"},
     # OpenShift-style: the platform assigns user ids (restricted SCC).
     "platform-user-ids": {"podUserIds": "platform", "sharedRedis": {"mode": "deploy"}},
     "no-rbac": {
@@ -124,6 +127,27 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
+#: A template subset with every shapeable field (docs/operator.md, Shaping the pods).
+SHAPED: dict[str, Any] = {
+    "metadata": {"labels": {"team": "orders"}, "annotations": {"example.com/owner": "orders"}},
+    "spec": {"env": [{"name": "API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "orders-api", "key": "token"}}},
+                     {"name": "MODE", "value": "batch"}],
+             "envFrom": [{"configMapRef": {"name": "orders-settings"}, "prefix": "ORDERS_"}],
+             "volumes": [{"name": "certs", "secret": {"secretName": "orders-certs"}},
+                         {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}],
+             "volumeMounts": [{"name": "certs", "mountPath": "/var/run/certs", "readOnly": True},
+                              {"name": "scratch", "mountPath": "/scratch"}],
+             "serviceAccountName": "orders-handlers", "imagePullSecrets": [{"name": "regcred"}],
+             "nodeSelector": {"pool": "cpu"},
+             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "xp", "effect": "NoSchedule"}],
+             "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                 "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": {
+                     "matchLabels": {"app.kubernetes.io/instance": "shaped-autoscaled"}}}}]}},
+             "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                            "whenUnsatisfiable": "ScheduleAnyway"}],
+             "priorityClassName": "batch"}}
+
+
 def operator_organisms() -> list[dict[str, Any]]:
     """Organisms covering every workload shape the operator builds (Redis modes, persistence,
     workers, non-Redis backends)."""
@@ -137,6 +161,12 @@ def operator_organisms() -> list[dict[str, Any]]:
             "url": "rediss://redis.example:6380/0", "passwordSecretRef": {"name": "redis-pw"}}}}},
         "memory": {"backend": {"type": "memory"}},
         "manager": {"backend": {"type": "manager"}},
+        # Shaped pods, two pumps (RollingUpdate, a budget), autoscaled workers (an HPA here).
+        "shaped-autoscaled": {"pump": {"replicas": 2, "template": SHAPED},
+                              "workers": {"autoscaling": {"minReplicas": 0, "maxReplicas": 5}, "template": SHAPED,
+                                          "disruptionBudget": {"maxUnavailable": "50%"}},
+                              "backend": {"redis": {"dedicated": {"template": {"spec": {
+                                  "nodeSelector": {"pool": "redis"}, "priorityClassName": "platform"}}}}}},
     }
     return [{"apiVersion": "xml-pipeline.dev/v1alpha1", "kind": "Organism",
              "metadata": {"name": name, "namespace": "team-a", "uid": f"uid-{name}", "generation": 1},
@@ -149,6 +179,7 @@ def operator_workloads(pod_user_ids: str = "fixed") -> list[dict[str, Any]]:
     """Every object the operator's pure builders produce for operator_organisms()."""
     desired = pytest.importorskip("xml_pipeline_operator.desired",
                                   reason="the operator's pure builders are not there yet")
+    from xml_pipeline_operator.apply import prune
     from xml_pipeline_operator.model import parse_organism
     from xml_pipeline_operator.settings import OperatorSettings
 
@@ -157,5 +188,5 @@ def operator_workloads(pod_user_ids: str = "fixed") -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = []
     for body in operator_organisms():
         state = desired.build(parse_organism(body, settings), settings)
-        objects += [state.config_map, *state.workloads]
+        objects += [state.config_map, *(prune(o) for o in state.workloads)]
     return objects

@@ -75,6 +75,7 @@ def test_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:
         "XPO_LOG_LEVEL": "INFO",
         "XPO_PROBE_EXTERNAL_REDIS": "true",
         "XPO_POD_USER_IDS": "fixed",
+        "XPO_AUTOSCALER": "auto",
         "HOME": "/tmp",
     }
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
@@ -296,3 +297,22 @@ def test_notes_say_what_to_do_next(helm: str, tmp_path: Path) -> None:
     assert "kubectl get organisms" in notes
     assert f"statefulset/{REDIS}" in notes
     assert "does not update the Organism CRD" in notes
+
+
+def test_replica_count_two_runs_active_standby_through_kopf_peering(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    objects = rendered["peering"]
+    deploy = one(objects, "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = env_of(deploy["spec"]["template"]["spec"]["containers"][0])
+    assert env["XPO_PEERING"] == "xml-pipeline-operator" and env["XPO_PEERING_LIFETIME"] == "30"
+    assert env["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert one(objects, "ClusterKopfPeering", "xml-pipeline-operator")
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "CustomResourceDefinition"} == {
+        "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    namespaced = rendered["peering-namespaced"]
+    assert sorted(o["metadata"]["namespace"] for o in namespaced if o["kind"] == "KopfPeering") == ["team-a", "team-b"]
+    assert not [o for o in namespaced if o["kind"] == "ClusterKopfPeering"]
+    # One replica: standalone, no peering objects.
+    assert not [o for o in rendered["defaults"] if o["kind"] in ("ClusterKopfPeering", "KopfPeering")]
+    assert "XPO_PEERING" not in env_of(one(rendered["defaults"], "Deployment")["spec"]["template"]["spec"]["containers"][0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from chartkit import NAMESPACE, find, one
-from xml_pipeline_operator.rbac import RULES
+from xml_pipeline_operator.rbac import PEERING_RULES, RULES
 
 OPERATOR_SA = {"kind": "ServiceAccount", "name": "xml-pipeline-operator", "namespace": NAMESPACE}
 CLUSTER_SCOPED = {("", "namespaces"), ("apiextensions.k8s.io", "customresourcedefinitions")}
@@ -55,8 +55,19 @@ def test_namespaced_rules_are_rbac_py_split_by_scope(rendered: dict[str, list[di
     assert {v for *_, v in _triples(_rules(cluster[0]))} <= {"get", "list", "watch"}
 
 
+def test_peering_adds_exactly_peering_rules(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """replicaCount > 1: the operator's roles are RULES + PEERING_RULES, in both modes; 1: no peering rights."""
+    (role,) = _operator_roles(rendered["peering"])
+    assert _rules(role) == RULES + PEERING_RULES
+    roles = _operator_roles(rendered["peering-namespaced"])
+    for ns_role in (r for r in roles if r["kind"] == "Role"):
+        assert _rules(ns_role) == [r for r in RULES if (r["apiGroups"][0], r["resources"][0]) not in CLUSTER_SCOPED] \
+            + PEERING_RULES
+    assert not _triples(list(PEERING_RULES)) & _triples(_rules(_operator_roles(rendered["defaults"])[0]))
+
+
 def test_no_wildcards_and_nothing_beyond_rules(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    allowed = _triples(list(RULES))
+    allowed = _triples(list(RULES) + list(PEERING_RULES))
     for scenario, objects in rendered.items():
         for role in find(objects, "ClusterRole") + find(objects, "Role"):
             for rule in role["rules"]:

@@ -29,7 +29,10 @@ FREE_FORM = {
 
 # (values, the key the error must name). Each is wrong in exactly one place.
 BAD_VALUES: list[tuple[dict[str, Any], str]] = [
-    ({"replicaCount": 2}, "replicaCount"),  # unknown key (the operator is one replica by design)
+    ({"replicaCount": 0}, "replicaCount"),  # at least one operator
+    ({"replicaCount": "2"}, "replicaCount"),  # wrong type
+    ({"peering": {"lifetime": 30}}, "lifetime"),  # typo of lifetimeSeconds
+    ({"autoscaler": "vpa"}, "autoscaler"),  # not in the enum
     ({"sharedRedis": {"mod": "deploy"}}, "mod"),  # typo of a nested key
     ({"sharedRedis": {"deploy": {"networkPolicy": {"extraFrom": [{"podSelecter": {}}]}}}}, "podSelecter"),
     ({"sharedRedis": {"mode": "on"}}, "mode"),  # not in the enum

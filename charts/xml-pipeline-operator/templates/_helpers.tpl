@@ -116,9 +116,25 @@ operator/xml_pipeline_operator/rbac.py (tests/packaging asserts it): change both
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects", "triggerauthentications"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- end -}}
+
+{{/* kopf peering (replicaCount > 1): rbac.py PEERING_RULES. */}}
+{{- define "xpo.rules.peering" -}}
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings", "kopfpeerings"]
+  verbs: ["list", "watch", "patch"]
 {{- end -}}
 
 {{/* Cluster-scoped resources: kopf's namespace observer and CRD observer, read-only. */}}

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..model import Organism
 from ..settings import OperatorSettings
-from . import config, credentials, naming, redis, workloads
+from . import config, credentials, naming, redis, scaling, workloads
 
 ObjectKey = tuple[str, str]  # (kind, name)
 
@@ -29,11 +29,20 @@ class DesiredState:
     workloads: list[dict[str, Any]] = field(default_factory=list)
     #: Objects of this Organism that must be deleted if they exist (and are owned by it).
     absent: list[ObjectKey] = field(default_factory=list)
+    #: Like `absent`, for objects only a spec change can make unnecessary (budgets, autoscalers): the
+    #: caller may skip looking for them while the spec's generation is the one already handled.
+    absent_after_change: list[ObjectKey] = field(default_factory=list)
+    #: Paths of an object that only seed it at creation (the worker replicas under an autoscaler).
+    create_only: dict[ObjectKey, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    #: "keda", "hpa" or None: what scales the workers.
+    autoscaler: str | None = None
 
 
-def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str | None = None) -> DesiredState:
+def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str | None = None,
+          keda: bool = False) -> DesiredState:
     """`credentials_digest` (shared mode, once Redis accepts the Secret's password) goes on the pod
-    templates; None leaves whatever annotation the Deployments carry untouched."""
+    templates; None leaves whatever annotation the Deployments carry untouched. `keda`: KEDA's CRDs
+    are served by the cluster (an autoscaled Organism gets a ScaledObject instead of an HPA)."""
     url = redis.endpoint(org, settings)
     cm = config.config_map(org, url)
     digest = workloads.config_hash(org, cm["data"][naming.CONFIG_KEY], url)
@@ -43,16 +52,45 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
     rname = naming.redis_name(org.name)
     if org.redis is not None and org.redis.mode == "dedicated":
         workload = redis.redis_workload(org, settings)
-        objects += [redis.redis_network_policy(org), redis.redis_service(org), workload]
+        scaled = keda and org.workers is not None and org.workers.autoscaling is not None
+        objects += [redis.redis_network_policy(org, keda_scaler=scaled), redis.redis_service(org), workload]
         absent.append(("StatefulSet" if workload["kind"] == "Deployment" else "Deployment", rname))
     else:
         absent += [("NetworkPolicy", rname), ("Service", rname), ("Deployment", rname), ("StatefulSet", rname)]
     fixed_ids = settings.pod_user_ids == "fixed"
     objects.append(workloads.pump_deployment(org, url, digest, credentials_digest, fixed_ids=fixed_ids))
+    wname, pname = naming.worker_name(org.name), naming.pump_name(org.name)
+    optional: list[ObjectKey] = []
+    create_only: dict[ObjectKey, tuple[tuple[str, ...], ...]] = {}
+    autoscaler: str | None = None
     if org.workers is not None:
         objects.append(workloads.worker_deployment(org, url, digest, credentials_digest, fixed_ids=fixed_ids))
+        if org.workers.budget.enabled:
+            objects.append(scaling.budget(org, "worker", org.workers.budget.max_unavailable))
+        else:
+            optional.append(("PodDisruptionBudget", wname))
     else:
-        absent.append(("Deployment", naming.worker_name(org.name)))
+        absent.append(("Deployment", wname))
+        optional.append(("PodDisruptionBudget", wname))
+    if org.workers is not None and org.workers.autoscaling is not None:
+        create_only[("Deployment", wname)] = (("spec", "replicas"),)
+        if keda:
+            assert url is not None
+            autoscaler = "keda"
+            objects += [scaling.trigger_authentication(org), scaling.scaled_object(org, url)]
+            # KEDA installed under an HPA-scaled Organism: the HPA goes without a spec change.
+            absent.append(("HorizontalPodAutoscaler", wname))
+        else:
+            autoscaler = "hpa"
+            objects.append(scaling.hpa(org))
+    else:
+        # KEDA objects are only looked for where KEDA exists (elsewhere their API does not).
+        optional += [("HorizontalPodAutoscaler", wname)] + (
+            [("ScaledObject", wname), ("TriggerAuthentication", wname)] if keda else [])
+    if org.pump.replicas > 1 and org.pump.budget.enabled:
+        objects.append(scaling.budget(org, "pump", org.pump.budget.max_unavailable))
+    else:
+        optional.append(("PodDisruptionBudget", pname))
     return DesiredState(
         config_map=cm,
         secret_name=naming.secret_name(org.name),
@@ -61,7 +99,10 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
         config_hash=digest,
         workloads=objects,
         absent=absent,
+        absent_after_change=optional,
+        create_only=create_only,
+        autoscaler=autoscaler,
     )
 
 
-__all__ = ["DesiredState", "ObjectKey", "build", "config", "credentials", "naming", "redis", "workloads"]
+__all__ = ["DesiredState", "ObjectKey", "build", "config", "credentials", "naming", "redis", "scaling", "workloads"]

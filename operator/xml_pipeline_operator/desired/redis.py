@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..model import Organism
+from ..podshape import apply_shape
 from ..settings import OperatorSettings
 from .naming import (
     APP_NAME,
@@ -96,7 +97,7 @@ def _metadata(org: Organism) -> dict[str, Any]:
     }
 
 
-def redis_network_policy(org: Organism) -> dict[str, Any]:
+def redis_network_policy(org: Organism, *, keda_scaler: bool = False) -> dict[str, Any]:
     """Only the organism's pump and worker pods (and pods labelled `xml-pipeline.dev/redis-client:
     <name>`) may open connections to its dedicated Redis, and only on the Redis port.
 
@@ -120,9 +121,15 @@ def redis_network_policy(org: Organism) -> dict[str, Any]:
                                           "values": ["pump", "worker"]}]}}],
                  "ports": port},
                 {"from": [{"podSelector": {"matchLabels": {REDIS_CLIENT_LABEL: org.name}}}], "ports": port},
-            ],
+            ] + ([_keda_peer(port)] if keda_scaler else []),
         },
     }
+
+
+def _keda_peer(port: list[dict[str, Any]]) -> dict[str, Any]:
+    """KEDA's operator (any namespace; the label its chart sets) reads the tasks stream to scale the workers."""
+    return {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "keda-operator"}}}], "ports": port}
 
 
 def _pod_template(org: Organism, settings: OperatorSettings, persistent: bool) -> dict[str, Any]:
@@ -131,7 +138,7 @@ def _pod_template(org: Organism, settings: OperatorSettings, persistent: bool) -
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}}]
     if not persistent:
         volumes.insert(0, {"name": "data", "emptyDir": {}})
-    return {
+    return apply_shape({
         "metadata": {"labels": labels(org.name, "redis")},
         "spec": {
             **pod_basics(),
@@ -154,7 +161,7 @@ def _pod_template(org: Organism, settings: OperatorSettings, persistent: bool) -
             }],
             "volumes": volumes,
         },
-    }
+    }, org.redis.shape)
 
 
 def redis_workload(org: Organism, settings: OperatorSettings) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 from typing import Any, Literal
 
 from ..model import Organism, Resources
+from ..podshape import PodShape, apply_shape
 from .naming import (CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, CREDENTIALS_DIGEST_ANNOTATION,
                      PASSWORD_KEY, SIGNING_KEY_KEY, USERNAME_KEY, config_map_name, labels, pump_name, secret_name,
                      selector_labels, worker_name)
@@ -97,13 +98,13 @@ def _container(org: Organism, role: Role, endpoint: str | None, resources: Resou
 
 
 def _template(org: Organism, role: Role, endpoint: str | None, resources: Resources,
-              digest: str, credentials_digest: str | None, fixed_ids: bool) -> dict[str, Any]:
+              digest: str, credentials_digest: str | None, fixed_ids: bool, shape: PodShape) -> dict[str, Any]:
     annotations = {CONFIG_HASH_ANNOTATION: digest}
     if credentials_digest:
         # Shared mode: pods read the password once at start, so a new one in the Secret rolls them
         # (rotation.py). An HMAC keyed with a secret, never the password or a plain hash of it.
         annotations[CREDENTIALS_DIGEST_ANNOTATION] = credentials_digest
-    return {
+    return apply_shape({
         "metadata": {
             "labels": labels(org.name, role),
             "annotations": annotations,
@@ -119,7 +120,7 @@ def _template(org: Organism, role: Role, endpoint: str | None, resources: Resour
                 {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
             ],
         },
-    }
+    }, shape)
 
 
 def _deployment(org: Organism, role: Role, name: str, replicas: int, strategy: dict[str, Any],
@@ -144,16 +145,29 @@ def _deployment(org: Organism, role: Role, name: str, replicas: int, strategy: d
 
 def pump_deployment(org: Organism, endpoint: str | None, digest: str,
                     credentials_digest: str | None = None, *, fixed_ids: bool = True) -> dict[str, Any]:
-    """`fixed_ids=False`: the platform assigns the pods' user ids (XPO_POD_USER_IDS=platform)."""
-    # Recreate: never two pumps at once during a rollout.
-    return _deployment(org, "pump", pump_name(org.name), 1, {"type": "Recreate"},
-                       _template(org, "pump", endpoint, org.pump_resources, digest, credentials_digest, fixed_ids))
+    """`fixed_ids=False`: the platform assigns the pods' user ids (XPO_POD_USER_IDS=platform).
+
+    One pump: Recreate (never two at once, the pump being the only reader of the ingress in the
+    memory/manager backends). Several pumps (redis backend only): they share the ingress consumer
+    group, so a RollingUpdate that starts the new pump before stopping an old one never leaves the
+    ingress unread.
+    """
+    replicas = org.pump.replicas
+    # rollingUpdate None: a Deployment switched back to Recreate must lose it (the API refuses both).
+    strategy: dict[str, Any] = ({"type": "Recreate", "rollingUpdate": None} if replicas == 1 else
+                                {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+    return _deployment(org, "pump", pump_name(org.name), replicas, strategy,
+                       _template(org, "pump", endpoint, org.pump_resources, digest, credentials_digest, fixed_ids,
+                                 org.pump.shape))
 
 
 def worker_deployment(org: Organism, endpoint: str | None, digest: str,
                       credentials_digest: str | None = None, *, fixed_ids: bool = True) -> dict[str, Any]:
     assert org.workers is not None
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}}
-    return _deployment(org, "worker", worker_name(org.name), org.workers.replicas, strategy,
+    a = org.workers.autoscaling
+    # Autoscaled: the replica count only seeds the Deployment (apply.py never writes it afterwards).
+    replicas = org.workers.replicas if a is None else max(1, a.min_replicas)
+    return _deployment(org, "worker", worker_name(org.name), replicas, strategy,
                        _template(org, "worker", endpoint, org.workers.resources, digest, credentials_digest,
-                                 fixed_ids))
+                                 fixed_ids, org.workers.shape))

@@ -1,0 +1,110 @@
+"""Worker autoscaling (KEDA ScaledObject + TriggerAuthentication, or an HPA) and PodDisruptionBudgets.
+
+What KEDA's `redis-streams` scaler reads, and why these triggers:
+- The tasks stream (`<prefix>tasks`) holds only unfinished tasks: a worker XACKs and XDELs a task in
+  one MULTI with its result. So its length (XLEN, the scaler's mode without consumerGroup) is every
+  task queued or running. That trigger wakes the workers from zero (with no consumer nothing is ever
+  delivered, so the pending count alone would stay 0) and sizes the pool: ceil(XLEN / tasksPerReplica).
+- The `workers` group's pending entries (XPENDING, mode with consumerGroup) are the tasks being run,
+  one per busy worker process: ceil(pending / processes) keeps every busy pod while its tasks finish.
+  KEDA takes the larger of the two.
+The group's lag (XINFO GROUPS) is not used: the scaler reads plain INFO before it, which the tenant
+ACL user of a shared Redis may not run (it has `info|server` only).
+"""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..model import Organism
+from .naming import PASSWORD_KEY, USERNAME_KEY, labels, pump_name, secret_name, selector_labels, worker_name
+
+KEDA_API = "keda.sh/v1alpha1"
+TASKS_SPACE = "tasks"
+WORKER_GROUP = "workers"  # xml_pipeline.message_bus.distributed.WORKER_GROUP
+HPA_CPU_UTILIZATION = 80
+
+
+def tasks_stream(org: Organism) -> str:
+    assert org.redis is not None
+    return f"{org.redis.prefix}{TASKS_SPACE}"
+
+
+def _meta(org: Organism, name: str, component: str = "worker") -> dict[str, Any]:
+    return {"name": name, "namespace": org.namespace, "labels": labels(org.name, component),  # type: ignore[arg-type]
+            "ownerReferences": [org.owner_reference]}
+
+
+def scaler_credentials(org: Organism) -> dict[str, tuple[str, str]]:
+    """auth parameter -> (Secret, key): the same Secret keys the worker pods read (workloads.xp_env)."""
+    assert org.redis is not None
+    out = {"username": (secret_name(org.name), USERNAME_KEY), "password": (secret_name(org.name), PASSWORD_KEY)}
+    ext = org.redis.external
+    if ext is not None:
+        out["password"] = (ext.password.name, ext.password.key)
+        if ext.username is not None:
+            out["username"] = (ext.username.name, ext.username.key)
+        else:
+            del out["username"]  # the pods authenticate as `default` too
+    return out
+
+
+def trigger_authentication(org: Organism) -> dict[str, Any]:
+    refs = [{"parameter": p, "name": s, "key": k} for p, (s, k) in sorted(scaler_credentials(org).items())]
+    return {"apiVersion": KEDA_API, "kind": "TriggerAuthentication", "metadata": _meta(org, worker_name(org.name)),
+            "spec": {"secretTargetRef": refs}}
+
+
+def trigger_metadata(org: Organism, endpoint: str) -> list[dict[str, str]]:
+    """The two redis-streams triggers' metadata (strings, as KEDA wants them)."""
+    assert org.workers is not None and org.workers.autoscaling is not None
+    url = urlsplit(endpoint)
+    common = {"address": f"{url.hostname}:{url.port or 6379}", "stream": tasks_stream(org),
+              "databaseIndex": (url.path.strip("/") or "0"), "enableTLS": "true" if url.scheme == "rediss" else "false"}
+    backlog = {**common, "streamLength": str(org.workers.autoscaling.tasks_per_replica)}
+    running = {**common, "consumerGroup": WORKER_GROUP, "pendingEntriesCount": str(org.workers.processes)}
+    return [backlog, running]
+
+
+def scaled_object(org: Organism, endpoint: str) -> dict[str, Any]:
+    assert org.workers is not None and org.workers.autoscaling is not None
+    a = org.workers.autoscaling
+    auth = {"name": worker_name(org.name)}
+    names = ("tasks-backlog", "tasks-running")
+    return {
+        "apiVersion": KEDA_API, "kind": "ScaledObject", "metadata": _meta(org, worker_name(org.name)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker_name(org.name)},
+            "minReplicaCount": a.min_replicas, "maxReplicaCount": a.max_replicas,
+            "cooldownPeriod": a.cooldown_seconds, "pollingInterval": a.polling_seconds,
+            "triggers": [{"type": "redis-streams", "name": n, "metadata": m, "authenticationRef": auth}
+                         for n, m in zip(names, trigger_metadata(org, endpoint))],
+        },
+    }
+
+
+def hpa(org: Organism) -> dict[str, Any]:
+    """Without KEDA: CPU-based, and never below one replica (HPA cannot scale from zero)."""
+    assert org.workers is not None and org.workers.autoscaling is not None
+    a = org.workers.autoscaling
+    return {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _meta(org, worker_name(org.name)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker_name(org.name)},
+            "minReplicas": max(1, a.min_replicas), "maxReplicas": a.max_replicas,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                "type": "Utilization", "averageUtilization": HPA_CPU_UTILIZATION}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": a.cooldown_seconds}},
+        },
+    }
+
+
+def budget(org: Organism, component: str, max_unavailable: int | str) -> dict[str, Any]:
+    """maxUnavailable >= 1 and AlwaysAllow for unready pods: this budget never blocks a drain."""
+    name = worker_name(org.name) if component == "worker" else pump_name(org.name)
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(org, name, component),
+        "spec": {"maxUnavailable": max_unavailable,
+                 "selector": {"matchLabels": selector_labels(org.name, component)},  # type: ignore[arg-type]
+                 "unhealthyPodEvictionPolicy": "AlwaysAllow"},
+    }

@@ -14,7 +14,6 @@ from .desired import DesiredState
 from .model import Organism
 
 ConditionStatus = Literal["True", "False", "Unknown"]
-CONDITION_TYPES = ("RedisReady", "PumpReady", "WorkersReady", "Ready")
 #: Status keys the operator owns (a merge patch sets the ones it drops to null).
 STATUS_KEYS = ("observedGeneration", "phase", "configHash", "workersReady", "redis", "credentials", "conditions")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .desired import credentials as creds
-from .kube import ApiError, Kube
+from .kube import Conflict, Kube
 from .model import Organism
 
 Action = Literal["created", "patched", "unchanged", "deleted"]
@@ -133,9 +133,7 @@ def apply_object(kube: Kube, desired: dict[str, Any], owner_uid: str,
     if current is None:
         try:
             return Outcome(kind, name, "created", kube.create(kind, namespace, prune(desired)))
-        except ApiError as e:
-            if e.status != 409:
-                raise
+        except Conflict:
             # Created meanwhile (an earlier run of ours, interrupted): compare with that one instead.
             current = kube.get(kind, namespace, name)
             if current is None:
@@ -169,9 +167,7 @@ def ensure_credentials(kube: Kube, org: Organism) -> tuple[Outcome, dict[str, st
     if current is None:
         try:
             return Outcome("Secret", name, "created", kube.create("Secret", org.namespace, desired)), desired_values
-        except ApiError as e:
-            if e.status != 409:
-                raise
+        except Conflict:
             current = kube.get("Secret", org.namespace, name)
             if current is None:
                 raise

@@ -37,12 +37,45 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class ApiError(Exception):
-    """A non-2xx answer. The message carries the API's reason, never a request body (may hold secrets)."""
+    """A non-2xx answer. The message carries the API's reason, never a request body (may hold secrets).
+
+    Callers catch the subclass they can handle (NotFound, Conflict, Gone, Forbidden, Invalid); any
+    other status is a plain ApiError. `api_error()` picks the class for a status."""
+
+    status: int = 0
 
     def __init__(self, status: int, method: str, path: str, reason: str) -> None:
         self.status = status
         self.reason = reason
         super().__init__(f"{method} {path}: HTTP {status} {reason}")
+
+
+class NotFound(ApiError):
+    """404: the object (or its namespace) does not exist."""
+
+
+class Conflict(ApiError):
+    """409: already exists, a resourceVersion/uid precondition failed, or a field manager conflict."""
+
+
+class Gone(ApiError):
+    """410: a watch or list continuation expired."""
+
+
+class Forbidden(ApiError):
+    """403: RBAC refused the request (or an admission webhook did)."""
+
+
+class Invalid(ApiError):
+    """422: the API server's validation (schema, CEL) refused the object."""
+
+
+_ERRORS: dict[int, type[ApiError]] = {403: Forbidden, 404: NotFound, 409: Conflict, 410: Gone, 422: Invalid}
+
+
+def api_error(status: int, method: str, path: str, reason: str) -> ApiError:
+    """The ApiError subclass for `status` (ApiError itself for statuses without one)."""
+    return _ERRORS.get(status, ApiError)(status, method, path, reason)
 
 
 class Kube:
@@ -72,10 +105,8 @@ class Kube:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return self._call("GET", _path(kind, namespace, name), kind=kind, verb="get")
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        except NotFound:
+            return None
 
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", _path(kind, namespace), body=body, kind=kind, verb="create")
@@ -92,9 +123,8 @@ class Kube:
             body["preconditions"] = {"uid": uid}  # delete exactly the object we inspected
         try:
             self._call("DELETE", _path(kind, namespace, name), body=body, kind=kind, verb="delete")
-        except ApiError as e:
-            if e.status not in (404, 409):
-                raise
+        except (NotFound, Conflict):  # gone already, or replaced since (uid precondition)
+            pass
 
     def serves(self, group_version: str, plural: str) -> bool:
         """Does the API server serve `plural` in `group_version` (e.g. KEDA's CRDs installed)?
@@ -122,7 +152,7 @@ class Kube:
         response = client.call_api(*req, _request_timeout=(10, 60))
         data = response.read()
         if not 200 <= response.status <= 299:
-            raise ApiError(response.status, method, path, _reason(data, response.reason))
+            raise api_error(response.status, method, path, _reason(data, response.reason))
         return json.loads(data) if data else {}
 
     @property

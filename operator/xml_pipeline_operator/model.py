@@ -128,8 +128,6 @@ class Persistence:
 class RedisSpec:
     mode: RedisMode
     prefix: str
-    #: True when the prefix was derived (xp:<namespace>.<name>:) rather than written in the spec.
-    prefix_is_default: bool
     ttl: int
     external: ExternalRedis | None = None
     resources: Resources = DEFAULT_REDIS_RESOURCES
@@ -388,7 +386,7 @@ def _parse_redis(r: Mapping[str, Any], namespace: str, name: str, settings: Oper
         resources = _parse_resources(d.get("resources"), f"{path}.dedicated.resources", DEFAULT_REDIS_RESOURCES)
         persistence = _parse_persistence(d.get("persistence"), f"{path}.dedicated.persistence")
         shape = _shaped(parse_shape, d.get("template"), f"{path}.dedicated.template", "redis")
-    return RedisSpec(mode=cast(RedisMode, mode), prefix=prefix, prefix_is_default=is_default, ttl=ttl,
+    return RedisSpec(mode=cast(RedisMode, mode), prefix=prefix, ttl=ttl,
                      external=external, resources=resources, persistence=persistence,
                      deletion_policy=deletion_policy, shape=shape)
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from . import apply, desired as desired_mod, rotation, status as st
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
-from .kube import ApiError, Kube
+from .kube import Kube, NotFound
 from .model import Organism, SpecError, check_prefix_unchanged, parse_organism
 from .probe import probe_redis
 from .redis_admin import PASSWORD_CHANGED, RedisAdmin, Tenant
@@ -44,7 +44,6 @@ class Result:
     #: Set when the pass could not finish for a reason that may go away (missing Secret, name
     #: conflict): the caller retries with backoff.
     retry: str | None = None
-    status_written: bool = False
     #: The Organism as read at the start of the pass (events are attached to it).
     body: Mapping[str, Any] = field(default_factory=dict)
 
@@ -184,14 +183,17 @@ class Reconciler:
         rot = _Rotation(phase=rotation.phase_of(cred.get("phase"), values), request=cred.get("request"),
                         since=cred.get("since"), last=cred.get("lastRotation"))
         annotations = (body.get("metadata") or {}).get("annotations") or {}
-        if rot.phase is rotation.Phase.IDLE and rotation.request_pending(annotations, rot.request):
+        def before_redis(request: bool) -> rotation.Step:  # the steps that come before Redis is asked
+            return rotation.next_step(phase=rot.phase, request=request, secret=values, redis_accepts_all=False,
+                                      rolled=None, waited=0.0)
+        if before_redis(rotation.request_pending(annotations, rot.request)) is rotation.Step.START:
             # The intent is durable before anything changes: a restart from here on carries on.
             rot.request, rot.phase, rot.since = str(annotations[rotation.ROTATE_ANNOTATION]), rotation.Phase.ACCEPTING, now
             self.kube.patch("Organism", org.namespace, org.name, {"status": {"credentials": rot.as_status()}},
                             subresource="status")
             previous["credentials"] = rot.as_status()
             rot.done.append("started")
-        if rot.phase is rotation.Phase.ACCEPTING and not values.get(rotation.NEXT_KEY):
+        if before_redis(False) is rotation.Step.GENERATE:
             self._patch_secret(org, values, {rotation.NEXT_KEY: secrets.token_hex(32)})
         tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
                         username=values.get("redis-username", ""), uid=org.uid)
@@ -310,15 +312,12 @@ class Reconciler:
                 events: list[Event], *, retry: str | None) -> Result:
         events = events + _ready_events(previous, status)
         patch = st.status_patch(previous, status)
-        written = False
         if patch is not None:
             try:
                 self.kube.patch("Organism", namespace, name, {"status": patch}, subresource="status")
-                written = True
-            except ApiError as e:
-                if e.status != 404:  # deleted meanwhile: nothing to report on
-                    raise
-        return Result(status=status, events=events, retry=retry, status_written=written)
+            except NotFound:  # deleted meanwhile: nothing to report on
+                pass
+        return Result(status=status, events=events, retry=retry)
 
 
 @dataclass

@@ -15,7 +15,6 @@ from .desired.naming import selector_labels
 from .model import Organism
 
 ConditionStatus = Literal["True", "False", "Unknown"]
-CONDITION_TYPES = ("RedisReady", "PumpReady", "WorkersReady", "Ready")
 #: Status keys the operator owns (a merge patch sets the ones it drops to null).
 STATUS_KEYS = ("observedGeneration", "phase", "configHash", "workersReady", "workerReplicas", "workerSelector",
                "redis", "credentials", "conditions")

@@ -85,7 +85,7 @@ def test_defaults_resolved_by_the_model() -> None:
     s = OperatorSettings(default_ttl=4242, default_image="img:1")
     org = model.parse_organism(body({}), s)
     assert org.backend_type == "redis" and org.image == "img:1" and org.workers is None
-    assert org.redis == model.RedisSpec(mode="dedicated", prefix="xp:shop.orders:", prefix_is_default=True, ttl=4242)
+    assert org.redis == model.RedisSpec(mode="dedicated", prefix="xp:shop.orders:", ttl=4242)
 
 
 @pytest.mark.parametrize("path, expected", [

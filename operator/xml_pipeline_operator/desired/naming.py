@@ -24,7 +24,6 @@ REDIS_PORT = 6379
 USERNAME_KEY = "redis-username"
 PASSWORD_KEY = "redis-password"
 SIGNING_KEY_KEY = "signing-key"
-CREDENTIAL_KEYS = (USERNAME_KEY, PASSWORD_KEY, SIGNING_KEY_KEY)
 # Only while a password rotation runs (rotation.py); pods never reference them.
 NEXT_PASSWORD_KEY = "redis-password-next"
 PREVIOUS_PASSWORD_HASHES_KEY = "redis-password-previous-sha256"

@@ -12,6 +12,8 @@
       claim_idle_seconds: 30          # distributed: reclaim a task whose worker is silent this long
       heartbeat_seconds: 5            # distributed: a running task's worker proves it is alive
       drain_seconds: 30               # SIGTERM: how long in-flight work may take to finish
+      task_deadline_seconds: 120      # distributed: a task without a result this long is answered
+                                      # with a TaskDeadline error (default (max_attempts + 1) × claim_idle)
     listeners:
       - name: greeter
         handler: "xml_pipeline.examples.greeter:handle"
@@ -40,7 +42,7 @@ from .memory.config import BackendConfig
 TOP_KEYS: tuple[str, ...] = ("organism", "backend", "process_pool", "listeners")
 ORGANISM_KEYS: tuple[str, ...] = ("name", "description")
 POOL_KEYS: tuple[str, ...] = ("workers", "start_method", "max_attempts", "claim_idle_seconds",
-                              "heartbeat_seconds", "drain_seconds")
+                              "heartbeat_seconds", "drain_seconds", "task_deadline_seconds")
 LISTENER_KEYS: tuple[str, ...] = ("name", "handler", "cpu_bound", "description")
 START_METHODS: tuple[str, ...] = ("spawn", "forkserver")
 #: No '.': the organism's name is a hop of the registry's root chain ("system.<name>").
@@ -69,6 +71,14 @@ class ProcessPoolSpec:
     claim_idle_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     drain_seconds: float = 30.0
+    #: 0: derived, see `task_deadline`.
+    task_deadline_seconds: float = 0.0
+
+    @property
+    def task_deadline(self) -> float:
+        """Seconds the pump waits for a distributed task's result before it answers TaskDeadline:
+        long enough for every attempt to be reclaimed once after a worker died."""
+        return self.task_deadline_seconds or (self.max_attempts + 1) * self.claim_idle_seconds
 
 
 @dataclass(frozen=True)

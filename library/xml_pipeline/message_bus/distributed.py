@@ -23,8 +23,15 @@ How a task stays safe:
 - Exactly one response: a task may run twice (a stalled worker comes back after its task was
   reclaimed). The pump keeps a future per task id and takes the first result; a later duplicate
   is dropped and its response key deleted.
-- A pump that dies mid-conversation leaves its ingress entry pending; the next pump takes it over
-  (XAUTOCLAIM), runs the conversation again and writes only the outputs egress has not seen yet.
+- A pump that dies mid-conversation leaves its ingress entry pending; every live pump sweeps the
+  ingress stream with XAUTOCLAIM every claim_idle_seconds / 2 (not only at start), takes it over,
+  runs the conversation again and writes only the outputs egress has not seen yet.
+- Every task has a deadline (process_pool.task_deadline): a task whose result never comes (Redis
+  lost it in a restart without persistence, say) is answered with a TaskDeadline error, so lost
+  work never holds a pump's consumer or ingress slot.
+- A worker supervisor (`xml-pipeline worker --processes N`) that sees a child die re-queues that
+  child's pending tasks at once (release_consumer: the death counts as a failure, so a poison task
+  reaches the dead-letter stream after max_attempts), instead of waiting for claim_idle_seconds.
 - No polling: the pump blocks in XREAD on its results stream, workers in XREADGROUP.
 - With a TTL, every stream gets the TTL on each write (EXPIRE in the same MULTI); a worker whose
   tasks stream expired while idle recreates the group (NOGROUP).
@@ -59,6 +66,7 @@ from .worker_task import (
     BACKEND_ERROR,
     DEAD_LETTER,
     HANDLER_ERROR,
+    TASK_DEADLINE,
     WORKER_DIED,
     Outcome,
     WorkerResult,
@@ -88,7 +96,7 @@ ESSENTIAL_ATTEMPTS = 8
 STREAM_ACL_COMMANDS: tuple[str, ...] = (
     "xadd", "xreadgroup", "xread", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xlen",
     "xrange", "xrevrange", "xgroup|create", "xgroup|delconsumer", "expire", "multi", "exec",
-    "evalsha", "script|load", "del", "unlink", "hsetnx",
+    "evalsha", "script|load", "del", "unlink", "hsetnx", "xrange",
 )
 
 # KEYS: egress stream, the conversation's sent-record (a HASH: output message id -> 1)
@@ -113,6 +121,59 @@ local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 1
+"""
+
+# Re-queue the tasks a dead consumer holds: a copy with failures+1 (the death counts) goes to the end
+# of the stream and the original is acknowledged and deleted, atomically and only while the dead
+# consumer still owns it (another worker's XAUTOCLAIM may have been first). A task that reached
+# max_attempts goes to the dead-letter stream, and its pump gets a DeadLetter result.
+# KEYS: tasks, dlq;  ARGV: group, consumer, max_attempts, ttl (0 = none), dlq maxlen, results prefix,
+# results maxlen, worker name.  Returns {requeued, dead-lettered}.
+_RELEASE_LUA = """
+local requeued, dead = 0, 0
+local ttl = tonumber(ARGV[4])
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
+for _, p in ipairs(pending) do
+  local id = p[1]
+  local rows = redis.call('XRANGE', KEYS[1], id, id)
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  redis.call('XDEL', KEYS[1], id)
+  if #rows == 1 then
+    local f = rows[1][2]
+    local failures, reply_to, task_id = 0, nil, ''
+    for i = 1, #f, 2 do
+      if f[i] == 'failures' then failures = tonumber(f[i + 1]) or 0 end
+      if f[i] == 'reply_to' then reply_to = f[i + 1] end
+      if f[i] == 'task_id' then task_id = f[i + 1] end
+    end
+    failures = failures + 1
+    if failures >= tonumber(ARGV[3]) then
+      local err = 'task failed ' .. failures .. ' time(s) (its workers died or stalled); moved to the dead-letter stream'
+      local d = {}
+      for i = 1, #f do d[#d + 1] = f[i] end
+      for _, v in ipairs({'error', err, 'error_type', 'DeadLetter', 'entry_id', id, 'worker', ARGV[8]}) do
+        d[#d + 1] = v
+      end
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(d))
+      if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+      if reply_to and string.sub(reply_to, 1, #ARGV[6]) == ARGV[6] then
+        redis.call('XADD', reply_to, 'MAXLEN', '~', ARGV[7], '*', 'task_id', task_id, 'response_key', '',
+                   'error', err, 'error_type', 'DeadLetter', 'worker', ARGV[8])
+        if ttl > 0 then redis.call('EXPIRE', reply_to, ttl) end
+      end
+      dead = dead + 1
+    else
+      for i = 1, #f, 2 do
+        if f[i] == 'failures' then f[i + 1] = tostring(failures) end
+      end
+      redis.call('XADD', KEYS[1], '*', unpack(f))
+      if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+      requeued = requeued + 1
+    end
+  end
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return {requeued, dead}
 """
 
 
@@ -220,8 +281,16 @@ class RedisDispatcher:
     unix:// URLs): the tasks submitted during one loop iteration share one MULTI, sent with the
     pipe's next write; otherwise a submit thread does the same from a queue."""
 
-    def __init__(self, backend: Any, *, pump_id: str | None = None, pipelined: bool = True) -> None:
+    def __init__(self, backend: Any, *, pump_id: str | None = None, pipelined: bool = True,
+                 deadline: float | None = None) -> None:
+        """`deadline`: seconds to wait for a task's result before answering it with a TaskDeadline
+        error (None: wait forever); see process_pool.task_deadline."""
         self.streams = Streams(backend)
+        self.deadline = deadline
+        #: Tasks answered by the deadline, and when the last one was (health: are results overdue?).
+        self.deadline_misses = 0
+        self.last_miss = 0.0
+        self.last_result = time.monotonic()
         self.backend = backend
         self.pump_id = pump_id or consumer_name("pump")
         self.results_key = self.streams.results(self.pump_id)
@@ -263,6 +332,8 @@ class RedisDispatcher:
                           reply_to=self.results_key, failures=0)
         fut: asyncio.Future[WorkerResult] = self._loop.create_future()
         self._futures[task.task_id] = fut
+        # A timer, not wait_for: no extra task per worker task on the hot path.
+        timer = self._loop.call_later(self.deadline, self._expire, task) if self.deadline else None
         try:
             if self._pipe is None:
                 self._outbox.put(task)
@@ -272,7 +343,30 @@ class RedisDispatcher:
                     self._loop.call_soon(self._submit_batch)
             return await fut
         finally:
+            if timer is not None:
+                timer.cancel()
             self._futures.pop(task.task_id, None)
+
+    def _expire(self, task: WorkerTask) -> None:
+        """(loop) The deadline of `task` passed without a result: answer it with an error. A result
+        that still comes is dropped as a duplicate."""
+        fut = self._futures.get(task.task_id)
+        if fut is None or fut.done():
+            return
+        self.deadline_misses += 1
+        self.last_miss = time.monotonic()
+        error = (f"no result from a worker within {self.deadline:g} s (process_pool.task_deadline_seconds): "
+                 f"the task was lost (e.g. Redis restarted without persistence) or no worker is consuming "
+                 f"{self.streams.tasks}")
+        log.error("task %s (listener %s): %s", task.task_id, task.listener, error)
+        fut.set_result(WorkerResult(task.task_id, error=error, error_type=TASK_DEADLINE))
+
+    def overdue(self) -> str | None:
+        """Why results are overdue (a task missed its deadline and no result came since), or None."""
+        if self.deadline_misses and self.last_miss > self.last_result:
+            return (f"results overdue: {self.deadline_misses} task(s) got no result within "
+                    f"{self.deadline:g} s and no worker result has arrived since")
+        return None
 
     def _submit_commands(self, batch: list[WorkerTask]) -> list[tuple[Any, ...]]:
         s = self.streams
@@ -427,6 +521,7 @@ class RedisDispatcher:
                 self._loop.run_in_executor(None, self._drop_response, result.response_key)
             return
         self.completed_ids.append(result.task_id)
+        self.last_result = time.monotonic()
         fut.set_result(result)
 
     def _drop_response(self, key: str) -> None:
@@ -482,7 +577,9 @@ class DistributedWorker:
         self._handlers = {ls.name: ls.handler for ls in organism.listeners if ls.cpu_bound}
         self._stop = threading.Event()
         self._claim_cursor = "0-0"
-        self._heartbeat_sha: str | None = None
+        # redis-py's Script object runs EVALSHA and, on NoScriptError (Redis restarted or SCRIPT
+        # FLUSH), loads the script and runs it again.
+        self._heartbeat_script = backend.client.register_script(_HEARTBEAT_LUA)
         self.completed = 0
         self.current: str | None = None
         self._entry: str | None = None  # stream entry of the task in hand (the heartbeat re-claims it)
@@ -620,17 +717,12 @@ class DistributedWorker:
             if entry_id is None or entry_id == warned:
                 continue
             try:
-                if self._heartbeat_sha is None:
-                    self._heartbeat_sha = s.client.script_load(_HEARTBEAT_LUA)
-                owned = s.client.evalsha(self._heartbeat_sha, 1, s.tasks, WORKER_GROUP, self.name, entry_id)
+                owned = self._heartbeat_script(keys=[s.tasks], args=[WORKER_GROUP, self.name, entry_id])
                 if not owned and self._entry == entry_id:
                     warned = entry_id
                     log.warning("worker %s: task entry %s was reclaimed by another worker; the pump "
                                 "keeps only the first result", self.name, entry_id)
             except redis.RedisError as e:
-                if "NOSCRIPT" in str(e):
-                    self._heartbeat_sha = None
-                    continue
                 log.warning("worker %s: heartbeat for %s failed: %s", self.name, entry_id, e)
 
     def _handle(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
@@ -770,14 +862,41 @@ class DistributedWorker:
             pass
 
 
-def touch(path: str) -> None:
-    """Refresh a heartbeat file (`xml-pipeline healthcheck` checks its age)."""
-    p = Path(path)
+def release_consumer(backend: Any, consumer: str, *, max_attempts: int, by: str = "supervisor") -> tuple[int, int]:
+    """Re-queue the tasks `consumer` (a worker that died) holds and remove it from the group: the
+    death counts as a failure; a task at max_attempts goes to the dead-letter stream and its pump
+    gets a DeadLetter result. Returns (re-queued, dead-lettered)."""
+    s = Streams(backend)
+    script = s.client.register_script(_RELEASE_LUA)
     try:
-        p.touch()
+        requeued, dead = script(keys=[s.tasks, s.dlq],
+                                args=[WORKER_GROUP, consumer, max_attempts, s.ttl or 0, DLQ_MAXLEN,
+                                      s.results_prefix, RESULTS_MAXLEN, by])
+    except ResponseError as e:
+        if "NOGROUP" in str(e):  # no tasks stream (expired, or Redis lost it): nothing to release
+            return 0, 0
+        raise
+    return int(requeued), int(dead)
+
+
+def touch(path: str, status: str | None = None) -> None:
+    """Refresh a heartbeat file (`xml-pipeline healthcheck` checks its age). `status`: the file's
+    new content ("" = healthy, else why not; the healthcheck prints it and fails); None keeps it."""
+    p = Path(path)
+
+    def write() -> None:
+        if status is None:
+            p.touch()
+        else:  # whole or not at all: the probe never reads half a status
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text(status)
+            os.replace(tmp, p)
+
+    try:
+        write()
     except FileNotFoundError:
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.touch()
+        write()
     except OSError as e:  # a read-only /tmp must not kill the worker; the probe will say so
         log.debug("cannot touch heartbeat file %s: %s", path, e)
 
@@ -811,6 +930,12 @@ class IngressBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
         self._slots: threading.Semaphore = threading.Semaphore(max_inflight)
+        #: Ingress slots in use (health: a pump whose slots are all held makes no progress).
+        self.held = 0
+        self._held_lock = threading.Lock()
+        self.last_read = time.monotonic()
+        #: The last Redis failure of the ingress reader, None once a read succeeds again.
+        self.redis_error: str | None = None
         pump.on_output = self._on_output
         pump.on_done = self._on_done
 
@@ -831,24 +956,35 @@ class IngressBridge:
         s = self.streams
         backoff = 0.2
         cursor = "0-0"
-        claimed_all = False
+        # Sweep for entries of dead pumps at start and then every claim_idle / 2 for as long as this
+        # pump runs: a pump restarted quickly after a crash takes over its predecessor's entries as
+        # soon as they are claim_idle old, not only those that were old at its start.
+        sweep_every = max(0.05, self.claim_idle_ms / 2000)
+        next_sweep = 0.0
         while not self._stop.is_set():
             try:
-                if not claimed_all:
+                if time.monotonic() >= next_sweep:
+                    if cursor == "0-0":
+                        self._refresh_own()
                     # Entries a dead pump left unacknowledged.
                     resp = s.client.xautoclaim(s.ingress, PUMP_GROUP, self.consumer, self.claim_idle_ms,
                                                start_id=cursor, count=64)
                     cursor = _s(resp[0])
                     entries = [(_s(i), f) for i, f in resp[1] if f]
-                    claimed_all = cursor == "0-0"
+                    if cursor == "0-0":
+                        next_sweep = time.monotonic() + sweep_every
                     if entries:
                         log.warning("pump: took over %d unfinished message(s) of a previous pump", len(entries))
                 else:
+                    block = max(1, min(s.block_ms, int((next_sweep - time.monotonic()) * 1000)))
                     read = s.client.xreadgroup(PUMP_GROUP, self.consumer, {s.ingress: ">"}, count=64,
-                                              block=s.block_ms)
+                                              block=block)
                     entries = [(_s(i), f) for i, f in _entries(read)]
                 backoff = 0.2
+                self.last_read = time.monotonic()
+                self.redis_error = None
             except _REDIS_DOWN as e:
+                self.redis_error = f"{type(e).__name__}: {e}"
                 log.warning("ingress %s: Redis unavailable (%s); retrying in %.1f s", s.ingress,
                             type(e).__name__, backoff)
                 self._stop.wait(backoff)
@@ -856,8 +992,11 @@ class IngressBridge:
                 continue
             except ResponseError as e:
                 if "NOGROUP" in str(e):
+                    # The stream is gone (expired, or Redis restarted without its data).
                     s.ensure_group(s.ingress, PUMP_GROUP)
+                    cursor = "0-0"
                     continue
+                self.redis_error = f"{type(e).__name__}: {e}"
                 log.exception("ingress %s: read failed", s.ingress)
                 self._stop.wait(1.0)
                 continue
@@ -866,7 +1005,27 @@ class IngressBridge:
                     if self._stop.is_set():
                         return
                 assert self._loop is not None
+                with self._held_lock:
+                    self.held += 1
                 asyncio.run_coroutine_threadsafe(self._accept(entry_id, fields), self._loop)
+
+    def _refresh_own(self) -> None:
+        """Reset the idle time of the entries of this pump's running conversations (XCLAIM JUSTID
+        to itself), so no pump's sweep takes over a conversation that is merely long."""
+        own: list[Any] = list(self._entries.values())
+        for i in range(0, len(own), 256):
+            self.streams.client.xclaim(self.streams.ingress, PUMP_GROUP, self.consumer, 0, own[i:i + 256],
+                                       justid=True)
+
+    def pending_entries(self) -> int | None:
+        """Ingress entries this pump holds in Redis's pending list (None if Redis does not answer)."""
+        s = self.streams
+        try:
+            rows = s.client.xpending_range(s.ingress, PUMP_GROUP, min="-", max="+", count=self.max_inflight,
+                                           consumername=self.consumer)
+            return len(rows)
+        except redis.RedisError:
+            return None
 
     async def _accept(self, entry_id: str, fields: dict[Any, Any]) -> None:
         raw = fields.get(b"xml", fields.get("xml", b""))
@@ -881,6 +1040,9 @@ class IngressBridge:
             await self._write_egress(bad, conversation=entry_id)
             await self._ack(entry_id, conversation=entry_id)
             return
+        if self._entries.get(message.id) == entry_id:
+            self._release_slot()  # a sweep brought back an entry of a conversation running here
+            return
         if message.id in self._entries:
             log.warning("ingress entry %s repeats message id %s, which is in flight; ignored", entry_id, message.id)
             await self._ack(entry_id, conversation=entry_id)
@@ -891,7 +1053,7 @@ class IngressBridge:
         except Exception as e:  # noqa: BLE001 - e.g. the pump is stopping: leave it pending for the next pump
             log.warning("ingress entry %s not accepted (%s); it stays pending", entry_id, e)
             self._entries.pop(message.id, None)
-            self._slots.release()
+            self._release_slot()
 
     async def _on_output(self, message: Message) -> None:
         await self._write_egress(message, conversation=message.in_reply_to)
@@ -946,7 +1108,12 @@ class IngressBridge:
         except redis.RedisError as e:
             log.warning("could not acknowledge ingress entry %s: %s", entry_id, e)
         finally:
-            self._slots.release()
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        with self._held_lock:
+            self.held -= 1
+        self._slots.release()
 
 
 def _valid_id(value: str) -> bool:

@@ -12,8 +12,9 @@
       claim_idle_seconds: 30          # distributed: reclaim a task whose worker is silent this long
       heartbeat_seconds: 5            # distributed: a running task's worker proves it is alive
       drain_seconds: 30               # SIGTERM: how long in-flight work may take to finish
-      task_deadline_seconds: 120      # distributed: a task without a result this long is answered
-                                      # with a TaskDeadline error (default (max_attempts + 1) × claim_idle)
+      task_deadline_seconds: 300      # distributed: a task without a result this long is answered
+                                      # with a TaskDeadline error (default: the larger of 300 and
+                                      # (max_attempts + 1) × claim_idle_seconds)
     listeners:
       - name: greeter
         handler: "xml_pipeline.examples.greeter:handle"
@@ -77,8 +78,10 @@ class ProcessPoolSpec:
     @property
     def task_deadline(self) -> float:
         """Seconds the pump waits for a distributed task's result before it answers TaskDeadline:
-        long enough for every attempt to be reclaimed once after a worker died."""
-        return self.task_deadline_seconds or (self.max_attempts + 1) * self.claim_idle_seconds
+        long enough for every attempt to be reclaimed once after a worker died, and for handlers
+        of a few minutes (a running task's worker keeps it, but the pump cannot tell a long task
+        from a lost one)."""
+        return self.task_deadline_seconds or max(300.0, (self.max_attempts + 1) * self.claim_idle_seconds)
 
 
 @dataclass(frozen=True)

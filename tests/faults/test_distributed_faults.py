@@ -54,6 +54,14 @@ class Cluster:
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text()
 
+    def wait(self, cond: Any, what: str, timeout: float = 60) -> Any:
+        """wait_for, with the processes' logs in the failure message."""
+        try:
+            return wait_for(cond, what, timeout)
+        except AssertionError as e:
+            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+            raise AssertionError(f"{e}\n{logs}") from None
+
     def send(self, sent: list[Message]) -> None:
         for m in sent:
             send_message(self.backend, m)
@@ -92,19 +100,22 @@ def test_lost_tasks_after_a_redis_restart_without_persistence_are_answered(  # t
     sent = messages("work", 6, marker, seconds="1")
     tally = Tally(sent)
     c.send(sent)
-    wait_for(lambda: executions(marker), "the first task to start", 60)
+    c.wait(lambda: executions(marker), "the first task to start", 60)
     fresh_redis.restart()  # every key is gone: queued tasks, ingress entries, streams, threads
-    wait_for(lambda: c.poll(tally), "an answer or error for every message", 60)
+    c.wait(lambda: c.poll(tally), "an answer or error for every message", 60)
     tally.assert_exactly_one_each()
     assert tally.errored >= 1
-    assert all('type="TaskDeadline"' in m.payload for m in tally.outputs if m.is_error)
+    # Lost tasks: TaskDeadline; a step the restart interrupted past the backend's retries: BackendError.
+    assert all('type="TaskDeadline"' in m.payload or 'type="BackendError"' in m.payload
+               for m in tally.outputs if m.is_error), [m.payload for m in tally.outputs]
+    assert any('type="TaskDeadline"' in m.payload for m in tally.outputs)
     assert max(executions(marker).values()) == 1
     assert "no result from a worker within 3 s" in c.log("pump")
     # The pump is not wedged: new messages are answered.
     again = messages("work", 3, tmp_path / "again")
     tally2 = Tally(again)
     c.send(again)
-    wait_for(lambda: c.poll(tally2), "answers after the restart", 60)
+    c.wait(lambda: c.poll(tally2), "answers after the restart", 60)
     assert tally2.answered == 3
     c.close()
 
@@ -120,16 +131,16 @@ def test_a_pump_restarted_quickly_after_sigkill_takes_over_every_message(  # typ
     c.start("worker", "w", "--processes", "2")
     warm = Tally(messages("work", 1, tmp_path / "warm"))
     c.send([Message(sender="console", to="work", payload="<m/>", id=warm.sent[0])])
-    wait_for(lambda: c.poll(warm), "the processes to be up", 60)
+    c.wait(lambda: c.poll(warm), "the processes to be up", 60)
     marker = tmp_path / "runs"
     sent = messages("work", 8, marker, seconds="0.2")
     tally = Tally(sent)
     c.send(sent)
-    wait_for(lambda: executions(marker), "the first task to start", 60)
+    c.wait(lambda: executions(marker), "the first task to start", 60)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     c.start("pump", "pump2")
-    wait_for(lambda: c.poll(tally), "every message answered", 60)
+    c.wait(lambda: c.poll(tally), "every message answered", 60)
     tally.assert_exactly_one_each()
     assert tally.answered == 8
     assert "took over" in c.log("pump2")
@@ -142,20 +153,20 @@ def test_script_cache_loss_does_not_run_a_task_twice(  # type: ignore[no-untyped
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
     """SCRIPT FLUSH while a task runs for longer than claim_idle: the worker's heartbeat reloads its
     script, so the task is not reclaimed by the idle worker and runs once."""
-    c = Cluster(redis_server, prefix, tmp_path, cli_env, procs)
+    c = Cluster(redis_server, prefix, tmp_path, cli_env, procs, claim_idle_seconds=1.5, task_deadline_seconds=60)
     c.start("pump", "pump")
     c.start("worker", "w", "--processes", "2")
     marker = tmp_path / "runs"
     sent = messages("work", 1, marker, seconds="3")
     tally = Tally(sent)
     c.send(sent)
-    wait_for(lambda: executions(marker), "the task to start", 60)
+    c.wait(lambda: executions(marker), "the task to start", 60)
     client = redis_server.client()
     while not c.poll(tally):
-        client.script_flush()  # again and again: every heartbeat meets an empty script cache
-        time.sleep(0.1)
+        client.script_flush()  # again and again: heartbeats keep meeting an empty script cache
+        time.sleep(0.3)
     tally.assert_exactly_one_each()
-    assert tally.answered == 1
+    assert tally.answered == 1, tally.outputs[0].payload
     assert executions(marker) == {"t0": 1}, marker.read_text()
     c.close()
 
@@ -172,7 +183,7 @@ def test_a_worker_killed_mid_task_is_replaced_and_its_task_requeued_at_once(  # 
     sent = messages("die_once", 2, marker)
     tally = Tally(sent)
     c.send(sent)
-    wait_for(lambda: c.poll(tally), "answers without waiting for claim_idle", 30)
+    c.wait(lambda: c.poll(tally), "answers without waiting for claim_idle", 30)
     tally.assert_exactly_one_each()
     assert tally.answered == 2
     assert executions(marker) == {"t0": 2, "t1": 2}  # the death, then the run that answered
@@ -192,5 +203,5 @@ def test_health_fails_while_redis_is_gone_and_says_why(  # type: ignore[no-untyp
     assert "unhealthy:" in r.stderr and "does not answer" in r.stderr
     assert "ERROR" in c.log("pump") and "pump unhealthy" in c.log("pump")
     fresh_redis.start()
-    wait_for(lambda: healthcheck(c, "pump").returncode == 0, "the pump healthy again", 60)
+    c.wait(lambda: healthcheck(c, "pump").returncode == 0, "the pump healthy again", 60)
     c.close()

@@ -925,6 +925,7 @@ class IngressBridge:
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.max_inflight = max_inflight
         self._entries: dict[str, str] = {}  # conversation id -> ingress entry id
+        self._unwritten: set[str] = set()  # conversations with an output egress did not take
         self._egress_once = backend.client.register_script(_EGRESS_ONCE_LUA)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1056,7 +1057,13 @@ class IngressBridge:
             self._release_slot()
 
     async def _on_output(self, message: Message) -> None:
-        await self._write_egress(message, conversation=message.in_reply_to)
+        try:
+            await self._write_egress(message, conversation=message.in_reply_to)
+        except Exception:
+            if message.in_reply_to is not None:
+                self._unwritten.add(message.in_reply_to)
+            raise
+
 
     def _sent_record(self, conversation: str) -> str:
         return self.backend.key("egress", "sent", conversation)
@@ -1088,6 +1095,15 @@ class IngressBridge:
 
     async def _on_done(self, conv_id: str) -> None:
         entry_id = self._entries.pop(conv_id, None)
+        if conv_id in self._unwritten:
+            # An output never reached egress: no ack. The entry stays pending, a sweep takes it over
+            # after claim_idle and the re-run writes what egress lacks.
+            self._unwritten.discard(conv_id)
+            log.error("conversation %s: an output could not be written to %s; its ingress entry stays "
+                      "pending and the conversation runs again after claim_idle", conv_id, self.streams.egress)
+            if entry_id is not None:
+                self._release_slot()
+            return
         if entry_id is not None:
             await self._ack(entry_id, conversation=conv_id)
 

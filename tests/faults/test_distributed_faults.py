@@ -205,3 +205,24 @@ def test_health_fails_while_redis_is_gone_and_says_why(  # type: ignore[no-untyp
     fresh_redis.start()
     c.wait(lambda: healthcheck(c, "pump").returncode == 0, "the pump healthy again", 60)
     c.close()
+
+
+def test_sigterm_says_truthfully_where_unfinished_messages_are(  # type: ignore[no-untyped-def]
+        fresh_redis, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
+    """A pump stopped with work unfinished (no worker runs its task) says how many conversations
+    are unfinished and whether their ingress entries are still in Redis: after a restart without
+    persistence they are not, and the pump says so instead of promising a takeover."""
+    c = Cluster(fresh_redis, prefix, tmp_path, cli_env, procs, drain_seconds=1)
+    pump = c.start("pump", "pump")
+    sent = messages("work", 2, tmp_path / "runs")
+    c.send(sent)
+    c.wait(lambda: "ready" in c.log("pump") and c.server.client().xpending(c.streams.ingress, "pump")["pending"] == 2,
+           "the pump to hold both messages", 60)
+    fresh_redis.restart()
+    pump.send_signal(signal.SIGTERM)
+    assert pump.wait(30) == 1
+    log = c.log("pump")
+    assert "drain timed out with 2 conversation(s) unfinished" in log, log
+    assert "none of their ingress entries is in Redis any more (lost with Redis's data)" in log, log
+    assert "stay pending" not in log
+    c.close()

@@ -147,6 +147,9 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
                 where = "Redis does not answer, so whether their ingress entries survive is unknown"
             elif pending >= unfinished:
                 where = f"their {pending} ingress entries stay pending for the next pump to take over"
+            elif pending == 0:
+                where = ("none of their ingress entries is in Redis any more (lost with Redis's data): "
+                         "their senders get no answer")
             else:
                 where = (f"only {pending} of their ingress entries are still in Redis (the next pump takes "
                          f"them over); the other {unfinished - pending} were lost with Redis's data and "

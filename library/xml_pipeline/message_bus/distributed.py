@@ -1025,6 +1025,8 @@ class IngressBridge:
             rows = s.client.xpending_range(s.ingress, PUMP_GROUP, min="-", max="+", count=self.max_inflight,
                                            consumername=self.consumer)
             return len(rows)
+        except ResponseError as e:
+            return 0 if "NOGROUP" in str(e) else None  # no group: the stream is gone, and its entries
         except redis.RedisError:
             return None
 

@@ -111,12 +111,17 @@ def test_lost_tasks_after_a_redis_restart_without_persistence_are_answered(  # t
     assert any('type="TaskDeadline"' in m.payload for m in tally.outputs)
     assert max(executions(marker).values()) == 1
     assert "no result from a worker within 3 s" in c.log("pump")
-    # The pump is not wedged: new messages are answered.
+    # Tasks missed their deadline and no result came since: the probe says so.
+    r = c.wait(lambda: (lambda r: r if r.returncode == 1 else None)(healthcheck(c, "pump")),
+               "the healthcheck to report overdue results", 30)
+    assert "results overdue" in r.stderr
+    # The pump is not wedged: new messages are answered, and it is healthy again.
     again = messages("work", 3, tmp_path / "again")
     tally2 = Tally(again)
     c.send(again)
     c.wait(lambda: c.poll(tally2), "answers after the restart", 60)
     assert tally2.answered == 3
+    c.wait(lambda: healthcheck(c, "pump").returncode == 0, "the pump healthy again", 30)
     c.close()
 
 

@@ -231,3 +231,24 @@ def test_sigterm_says_truthfully_where_unfinished_messages_are(  # type: ignore[
     assert "none of their ingress entries is in Redis any more (lost with Redis's data)" in log, log
     assert "stay pending" not in log
     c.close()
+
+
+def test_a_long_conversation_is_not_taken_over_by_another_live_pump(  # type: ignore[no-untyped-def]
+        redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
+    """Two live pumps sweep the ingress stream every claim_idle / 2; a conversation that lasts
+    longer than claim_idle stays with the pump running it (it refreshes its entries), so its task
+    runs once and it is answered once."""
+    c = Cluster(redis_server, prefix, tmp_path, cli_env, procs, claim_idle_seconds=1.0, task_deadline_seconds=60)
+    c.start("pump", "pump1")
+    c.start("pump", "pump2")
+    c.start("worker", "w", "--processes", "2")
+    marker = tmp_path / "runs"
+    sent = messages("work", 2, marker, seconds="3")
+    tally = Tally(sent)
+    c.send(sent)
+    c.wait(lambda: c.poll(tally), "both answers", 60)
+    tally.assert_exactly_one_each()
+    assert tally.answered == 2
+    assert executions(marker) == {"t0": 1, "t1": 1}, marker.read_text()
+    assert "took over" not in c.log("pump1") + c.log("pump2")
+    c.close()

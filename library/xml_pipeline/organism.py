@@ -12,6 +12,9 @@
       claim_idle_seconds: 30          # distributed: reclaim a task whose worker is silent this long
       heartbeat_seconds: 5            # distributed: a running task's worker proves it is alive
       drain_seconds: 30               # SIGTERM: how long in-flight work may take to finish
+      task_deadline_seconds: 300      # distributed: a task without a result this long is answered
+                                      # with a TaskDeadline error (default: the larger of 300 and
+                                      # (max_attempts + 1) × claim_idle_seconds)
     listeners:
       - name: greeter
         handler: "xml_pipeline.examples.greeter:handle"
@@ -42,7 +45,7 @@ from .memory.config import BackendConfig
 TOP_KEYS: tuple[str, ...] = ("organism", "backend", "process_pool", "listeners")
 ORGANISM_KEYS: tuple[str, ...] = ("name", "description")
 POOL_KEYS: tuple[str, ...] = ("workers", "start_method", "max_attempts", "claim_idle_seconds",
-                              "heartbeat_seconds", "drain_seconds")
+                              "heartbeat_seconds", "drain_seconds", "task_deadline_seconds")
 LISTENER_KEYS: tuple[str, ...] = ("name", "handler", "cpu_bound", "description")
 START_METHODS: tuple[str, ...] = ("spawn", "forkserver")
 #: No '.': the organism's name is a hop of the registry's root chain ("system.<name>").
@@ -79,6 +82,16 @@ class ProcessPoolSpec:
     claim_idle_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     drain_seconds: float = 30.0
+    #: 0: derived, see `task_deadline`.
+    task_deadline_seconds: float = 0.0
+
+    @property
+    def task_deadline(self) -> float:
+        """Seconds the pump waits for a distributed task's result before it answers TaskDeadline:
+        long enough for every attempt to be reclaimed once after a worker died, and for handlers
+        of a few minutes (a running task's worker keeps it, but the pump cannot tell a long task
+        from a lost one)."""
+        return self.task_deadline_seconds or max(300.0, (self.max_attempts + 1) * self.claim_idle_seconds)
 
 
 @dataclass(frozen=True)

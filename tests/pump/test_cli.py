@@ -46,7 +46,9 @@ def test_run_the_example_organism_end_to_end(backend: str, redis_server, prefix:
         env.update(XP_REDIS_URL=redis_server.url, XP_REDIS_PREFIX=prefix, XP_REDIS_TTL="300")
     (tmp_path / "in.xml").write_text(INPUT)
     r = cli("run", EXAMPLE, "--input", str(tmp_path / "in.xml"), env=env)
-    assert r.returncode == 0, r.stderr
+    # One conversation ends in an error response (below="many"): the run says so and exits 1.
+    assert r.returncode == 1, r.stderr
+    assert "1 of 4 conversation(s) ended in an error response" in r.stderr and "Traceback" not in r.stderr
     outs = [parse_message(line) for line in r.stdout.splitlines()]
     assert len(outs) == 4 and all(o.to == "console" for o in outs)
     payloads = sorted(o.payload for o in outs)

@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run an organism locally: pump + worker processes, feed messages, print responses",
                        description="Start the pump and its local worker processes, feed messages from a file, "
                                    "stdin or the built-in demo set, print every response, and end with the "
-                                   "backend's info().")
+                                   "backend's info(). Exit 0 when every conversation got an answer; 1 when any "
+                                   "ended in an error response (--demo: its error is on purpose, exit 0) or "
+                                   "the run timed out; 2 for a usage or configuration mistake.")
     p.add_argument("organism", metavar="ORGANISM.yaml", help="the organism to run")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", "-i", metavar="FILE", help="XML messages to feed ('-' for stdin): one or more "

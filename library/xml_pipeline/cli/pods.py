@@ -31,6 +31,9 @@ log = logging.getLogger("xml_pipeline.cli")
 
 #: How often the pump refreshes its heartbeat file.
 PUMP_HEARTBEAT_SECONDS = 2.0
+#: A pump whose consumers (or ingress slots) are all busy and that finished nothing for this long
+#: is stuck: it reports unhealthy.
+STALL_SECONDS = 30.0
 
 
 def config_path(args: argparse.Namespace) -> str:
@@ -88,9 +91,20 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    pump_ref: list[Any] = []  # the pump and its bridge, once they exist
+    stall = max(STALL_SECONDS, organism.process_pool.task_deadline) if organism.has_cpu_bound else STALL_SECONDS
+
     async def heartbeat() -> None:
+        unhealthy: str | None = None
         while True:
-            touch(heartbeat_file)
+            reason = await loop.run_in_executor(None, _pump_problem, backend, pump_ref, stall)
+            if reason != unhealthy:
+                if reason:
+                    log.error("pump unhealthy: %s", reason)
+                else:
+                    log.info("pump healthy again")
+                unhealthy = reason
+            touch(heartbeat_file, f"unhealthy: {reason}\n" if reason else "")
             await asyncio.sleep(PUMP_HEARTBEAT_SECONDS)
 
     beat = asyncio.create_task(heartbeat())
@@ -101,7 +115,8 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
         redis_mode = organism.backend.backend_type == "redis"
         dispatcher: Dispatcher | None
         if redis_mode:
-            dispatcher = RedisDispatcher(backend) if organism.has_cpu_bound else None
+            dispatcher = RedisDispatcher(backend, deadline=organism.process_pool.task_deadline) \
+                if organism.has_cpu_bound else None
         else:
             dispatcher = make_dispatcher(organism, backend)
         pump = StreamPump(organism, backend, dispatcher=dispatcher, keep_outputs=False)
@@ -112,6 +127,7 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
                                     metrics_port).start()
         bridge = IngressBridge(backend, pump, claim_idle_seconds=organism.process_pool.claim_idle_seconds) \
             if redis_mode else None
+        pump_ref[:] = [pump, bridge]
         if bridge is not None:
             await bridge.start()
             log.info("pump of organism %r ready: ingress %s → listeners %s → egress %s; cpu_bound work: %s",
@@ -126,9 +142,22 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
                  pump.inflight, organism.process_pool.drain_seconds)
         if bridge is not None:
             await bridge.stop()
+        unfinished = pump.inflight
         drained = await pump.stop(drain=True, timeout=organism.process_pool.drain_seconds)
         if not drained:
-            log.error("drain timed out; unfinished messages stay pending in the ingress stream")
+            pending = await loop.run_in_executor(None, bridge.pending_entries) if bridge is not None else None
+            if pending is None:
+                where = "Redis does not answer, so whether their ingress entries survive is unknown"
+            elif pending >= unfinished:
+                where = f"their {pending} ingress entries stay pending for the next pump to take over"
+            elif pending == 0:
+                where = ("none of their ingress entries is in Redis any more (lost with Redis's data): "
+                         "their senders get no answer")
+            else:
+                where = (f"only {pending} of their ingress entries are still in Redis (the next pump takes "
+                         f"them over); the other {unfinished - pending} were lost with Redis's data and "
+                         "get no answer")
+            log.error("drain timed out with %d conversation(s) unfinished: %s", unfinished, where)
             return EXIT_FAILURE
         log.info("pump stopped cleanly (%d messages, %d outputs)", pump.stats.messages, pump.stats.outputs)
         return EXIT_OK
@@ -136,6 +165,29 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
         beat.cancel()
         if metrics is not None:
             metrics.close()
+
+
+def _pump_problem(backend: SharedBackend, pump_ref: list[Any], stall: float) -> str | None:
+    """(thread) Why this pump cannot make progress, or None: Redis does not answer, every consumer
+    or ingress slot is held while nothing finished for `stall` seconds, or worker results are
+    overdue (tasks missed their deadline and no result came since)."""
+    if not backend.ping():
+        return f"the backend {backend} does not answer"
+    if not pump_ref:
+        return None
+    pump, bridge = pump_ref
+    idle_for = time.monotonic() - pump.last_progress
+    if pump.busy >= pump.concurrency and idle_for > stall:
+        return (f"capacity exhausted: all {pump.concurrency} consumers busy and nothing finished for "
+                f"{idle_for:.0f} s")
+    if bridge is not None:
+        if bridge.redis_error is not None:
+            return f"the ingress stream cannot be read: {bridge.redis_error}"
+        if bridge.held >= bridge.max_inflight and idle_for > stall:
+            return (f"capacity exhausted: all {bridge.max_inflight} ingress slots held and nothing finished "
+                    f"for {idle_for:.0f} s")
+    overdue = getattr(pump.dispatcher, "overdue", None)
+    return overdue() if overdue is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,11 +234,30 @@ def _worker_single(organism: Organism, heartbeat_file: str | None, *, name: str 
     return EXIT_OK
 
 
-def _child_main(path: str, index: int, parent_pid: int, level: int) -> None:
+def _child_main(path: str, index: int, parent_pid: int, level: int, name: str | None = None) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s")
     organism = load_organism(path)
-    sys.exit(_worker_single(organism, None, parent_pid=parent_pid))
+    sys.exit(_worker_single(organism, None, parent_pid=parent_pid, name=name))
+
+
+def _release(path: str, consumer: str) -> None:
+    """Re-queue the tasks of a dead child at once (release_consumer), instead of after claim_idle."""
+    from ..message_bus.distributed import release_consumer
+    try:
+        organism = load_organism(path)
+        backend = create_backend(organism.backend)
+        try:
+            requeued, dead = release_consumer(backend, consumer, max_attempts=organism.process_pool.max_attempts)
+        finally:
+            backend.close()
+    except Exception as e:  # noqa: BLE001 - the time-based reclaim still recovers them
+        log.warning("could not release the tasks of dead worker %s (%s); they are reclaimed after "
+                    "claim_idle_seconds", consumer, e)
+        return
+    if requeued or dead:
+        log.warning("worker %s died holding %d task(s): %d re-queued, %d dead-lettered", consumer,
+                    requeued + dead, requeued, dead)
 
 
 def _supervise(processes: int, path: str, heartbeat_file: str) -> int:
@@ -208,8 +279,14 @@ def _supervise(processes: int, path: str, heartbeat_file: str) -> int:
     children: dict[int, Any] = {}
     level = logging.getLogger().getEffectiveLevel()
 
+    names: dict[int, str] = {}
+    from ..message_bus.distributed import consumer_name
+
     def start(index: int) -> None:
-        p = ctx.Process(target=_child_main, args=(path, index, os.getpid(), level), name=f"xp-worker-{index}")
+        # The supervisor names each child's consumer, so it knows whose tasks to release on a death.
+        names[index] = f"{consumer_name('worker')}-{index}"
+        p = ctx.Process(target=_child_main, args=(path, index, os.getpid(), level, names[index]),
+                        name=f"xp-worker-{index}")
         p.start()
         children[index] = p
 
@@ -230,6 +307,8 @@ def _supervise(processes: int, path: str, heartbeat_file: str) -> int:
                 continue
             failures += 1
             log.error("worker process %d (pid %s) exited with %s; starting a new one", index, p.pid, p.exitcode)
+            if p.exitcode != 0:
+                _release(path, names[index])
             time.sleep(min(5.0, 0.2 * failures))
             start(index)
     return EXIT_OK
@@ -241,6 +320,8 @@ def _supervise(processes: int, path: str, heartbeat_file: str) -> int:
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     try:
         age = time.time() - os.stat(args.file).st_mtime
+        with open(args.file) as f:
+            status = f.read(4096).strip()
     except FileNotFoundError:
         print(f"unhealthy: no heartbeat file {args.file}", file=sys.stderr)
         return EXIT_FAILURE
@@ -249,5 +330,8 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if age > args.max_age:
         print(f"unhealthy: heartbeat {args.file} is {age:.0f} s old (max {args.max_age:g} s)", file=sys.stderr)
+        return EXIT_FAILURE
+    if status:  # the process is alive but says it cannot make progress, and why
+        print(status if status.startswith("unhealthy") else f"unhealthy: {status}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK

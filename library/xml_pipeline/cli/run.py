@@ -1,4 +1,8 @@
-"""`xml-pipeline run ORGANISM.yaml`: the whole organism on this machine."""
+"""`xml-pipeline run ORGANISM.yaml`: the whole organism on this machine.
+
+Exit codes: 0 every conversation ended in an answer; 1 a conversation ended in an error response
+(the built-in --demo set has one on purpose and exits 0), or the run timed out; 2 a usage mistake.
+"""
 from __future__ import annotations
 
 import argparse
@@ -135,11 +139,14 @@ async def _run(organism: Organism, backend: SharedBackend, messages: list[Messag
     out = sys.stdout
     bar = ProgressBar(len(messages), enabled=not args.no_progress and not args.quiet)
     responses = errors = 0
+    errored: set[str] = set()  # conversations with an error response
 
     def on_output(m: Message) -> None:
         nonlocal responses, errors
         responses += 1
         errors += m.is_error
+        if m.is_error and m.in_reply_to:
+            errored.add(m.in_reply_to)
         bar.clear()
         print(_format(m, fmt), file=out, flush=True)
         bar.redraw()
@@ -178,6 +185,10 @@ async def _run(organism: Organism, backend: SharedBackend, messages: list[Messag
     if timed_out:
         print(f"xml-pipeline run: timed out after {args.timeout:g} s with {pump.inflight} conversation(s) "
               "unfinished", file=sys.stderr)
+        return EXIT_FAILURE
+    if errored and not args.demo:
+        print(f"xml-pipeline run: {len(errored)} of {len(messages)} conversation(s) ended in an error "
+              "response", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 

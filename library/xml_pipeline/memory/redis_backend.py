@@ -302,9 +302,10 @@ class RedisBackend:
 
     def _eval(self, script: scripts.LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         body = _pack_args((*keys, *args))
-        if script.nargs >= 0:
-            return self._roundtrip(self._script_heads[script.name], body, script)
-        self._script_heads  # noqa: B018 - probes the mechanism on first use
+        head = self._script_heads.get(script.name)  # probes the mechanism on first use
+        if head is not None:  # one of the backend's own fixed-arity scripts: its head is packed already
+            return self._roundtrip(head, body, script)
+        # The pump's and workers' scripts (message_bus), and variadic ones: a head for this call.
         eval_head = _pack_head(b"EVAL", script.source.encode(), script.numkeys, len(args))
         return self._roundtrip(self._heads.head(script, len(args)), body, script, eval_head)
 

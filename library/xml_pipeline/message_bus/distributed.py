@@ -23,8 +23,15 @@ How a task stays safe:
 - Exactly one response: a task may run twice (a stalled worker comes back after its task was
   reclaimed). The pump keeps a future per task id and takes the first result; a later duplicate
   is dropped and its response key deleted.
-- A pump that dies mid-conversation leaves its ingress entry pending; the next pump takes it over
-  (XAUTOCLAIM), runs the conversation again and writes only the outputs egress has not seen yet.
+- A pump that dies mid-conversation leaves its ingress entry pending; every live pump sweeps the
+  ingress stream with XAUTOCLAIM every claim_idle_seconds / 2 (not only at start), takes it over,
+  runs the conversation again and writes only the outputs egress has not seen yet.
+- Every task has a deadline (process_pool.task_deadline): a task whose result never comes (Redis
+  lost it in a restart without persistence, say) is answered with a TaskDeadline error, so lost
+  work never holds a pump's consumer or ingress slot.
+- A worker supervisor (`xml-pipeline worker --processes N`) that sees a child die re-queues that
+  child's pending tasks at once (release_consumer: the death counts as a failure, so a poison task
+  reaches the dead-letter stream after max_attempts), instead of waiting for claim_idle_seconds.
 - No polling: the pump blocks in XREAD on its results stream, workers in XREADGROUP.
 - With a TTL, every stream gets the TTL on each write (EXPIRE in the same MULTI); a worker whose
   tasks stream expired while idle recreates the group (NOGROUP).
@@ -55,11 +62,11 @@ from ..errors import BackendUnavailable
 from ..memory.redis_pipe import RedisPipe
 from ..memory.redis_scripts import LuaScript
 from ..organism import Organism
-from .message import Message, MessageError, derived_id, error_payload, parse_message
 from .worker_task import (
     BACKEND_ERROR,
     DEAD_LETTER,
     HANDLER_ERROR,
+    TASK_DEADLINE,
     WORKER_DIED,
     Outcome,
     WorkerResult,
@@ -94,22 +101,6 @@ STREAM_ACL_COMMANDS: tuple[str, ...] = (
     "fcall", "del", "unlink", "hsetnx",
 )
 
-# KEYS: egress stream, the conversation's sent-record (a HASH: output message id -> 1)
-# ARGV: message id, ttl (0 = none), maxlen, then the entry's field/value pairs.
-# Writes an output of a conversation once: a pump that takes over an unfinished conversation from a
-# dead one re-runs it, and the outputs the dead pump got to are already on egress. Output ids are
-# derived from the conversation's message id (message.derived_id), so a re-run repeats them.
-_EGRESS_ONCE_LUA = """
-if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 0 then return 0 end
-local ttl = tonumber(ARGV[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-return 1
-"""
-
 # Re-claim a running task for its own consumer, only if that consumer still owns it.
 _HEARTBEAT_LUA = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
@@ -118,11 +109,58 @@ redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 1
 """
 
-#: The scripts above as the library's Lua scripts (memory.redis_functions puts them into the Redis
-#: Functions library beside the backend's, so a tenant on a shared Redis can FCALL them).
-EGRESS_ONCE = LuaScript("egress_once", 2, -1, _EGRESS_ONCE_LUA)
-HEARTBEAT = LuaScript("heartbeat", 1, 3, _HEARTBEAT_LUA)
-SCRIPTS: tuple[LuaScript, ...] = (EGRESS_ONCE, HEARTBEAT)
+# Re-queue the tasks a dead consumer holds: a copy with failures+1 (the death counts) goes to the end
+# of the stream and the original is acknowledged and deleted, atomically and only while the dead
+# consumer still owns it (another worker's XAUTOCLAIM may have been first). A task that reached
+# max_attempts goes to the dead-letter stream, and its pump gets a DeadLetter result.
+# KEYS: tasks, dlq;  ARGV: group, consumer, max_attempts, ttl (0 = none), dlq maxlen, results prefix,
+# results maxlen, worker name.  Returns {requeued, dead-lettered}.
+_RELEASE_LUA = """
+local requeued, dead = 0, 0
+local ttl = tonumber(ARGV[4])
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
+for _, p in ipairs(pending) do
+  local id = p[1]
+  local rows = redis.call('XRANGE', KEYS[1], id, id)
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  redis.call('XDEL', KEYS[1], id)
+  if #rows == 1 then
+    local f = rows[1][2]
+    local failures, reply_to, task_id = 0, nil, ''
+    for i = 1, #f, 2 do
+      if f[i] == 'failures' then failures = tonumber(f[i + 1]) or 0 end
+      if f[i] == 'reply_to' then reply_to = f[i + 1] end
+      if f[i] == 'task_id' then task_id = f[i + 1] end
+    end
+    failures = failures + 1
+    if failures >= tonumber(ARGV[3]) then
+      local err = 'task failed ' .. failures .. ' time(s) (its workers died or stalled); moved to the dead-letter stream'
+      local d = {}
+      for i = 1, #f do d[#d + 1] = f[i] end
+      for _, v in ipairs({'error', err, 'error_type', 'DeadLetter', 'entry_id', id, 'worker', ARGV[8]}) do
+        d[#d + 1] = v
+      end
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(d))
+      if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+      if reply_to and string.sub(reply_to, 1, #ARGV[6]) == ARGV[6] then
+        redis.call('XADD', reply_to, 'MAXLEN', '~', ARGV[7], '*', 'task_id', task_id, 'response_key', '',
+                   'error', err, 'error_type', 'DeadLetter', 'worker', ARGV[8])
+        if ttl > 0 then redis.call('EXPIRE', reply_to, ttl) end
+      end
+      dead = dead + 1
+    else
+      for i = 1, #f, 2 do
+        if f[i] == 'failures' then f[i + 1] = tostring(failures) end
+      end
+      redis.call('XADD', KEYS[1], '*', unpack(f))
+      if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+      requeued = requeued + 1
+    end
+  end
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return {requeued, dead}
+"""
 
 
 def _s(v: Any) -> str:
@@ -229,8 +267,16 @@ class RedisDispatcher:
     unix:// URLs): the tasks submitted during one loop iteration share one MULTI, sent with the
     pipe's next write; otherwise a submit thread does the same from a queue."""
 
-    def __init__(self, backend: Any, *, pump_id: str | None = None, pipelined: bool = True) -> None:
+    def __init__(self, backend: Any, *, pump_id: str | None = None, pipelined: bool = True,
+                 deadline: float | None = None) -> None:
+        """`deadline`: seconds to wait for a task's result before answering it with a TaskDeadline
+        error (None: wait forever); see process_pool.task_deadline."""
         self.streams = Streams(backend)
+        self.deadline = deadline
+        #: Tasks answered by the deadline, and when the last one was (health: are results overdue?).
+        self.deadline_misses = 0
+        self.last_miss = 0.0
+        self.last_result = time.monotonic()
         self.backend = backend
         self.pump_id = pump_id or consumer_name("pump")
         self.results_key = self.streams.results(self.pump_id)
@@ -272,6 +318,8 @@ class RedisDispatcher:
                           reply_to=self.results_key, failures=0)
         fut: asyncio.Future[WorkerResult] = self._loop.create_future()
         self._futures[task.task_id] = fut
+        # A timer, not wait_for: no extra task per worker task on the hot path.
+        timer = self._loop.call_later(self.deadline, self._expire, task) if self.deadline else None
         try:
             if self._pipe is None:
                 self._outbox.put(task)
@@ -281,7 +329,30 @@ class RedisDispatcher:
                     self._loop.call_soon(self._submit_batch)
             return await fut
         finally:
+            if timer is not None:
+                timer.cancel()
             self._futures.pop(task.task_id, None)
+
+    def _expire(self, task: WorkerTask) -> None:
+        """(loop) The deadline of `task` passed without a result: answer it with an error. A result
+        that still comes is dropped as a duplicate."""
+        fut = self._futures.get(task.task_id)
+        if fut is None or fut.done():
+            return
+        self.deadline_misses += 1
+        self.last_miss = time.monotonic()
+        error = (f"no result from a worker within {self.deadline:g} s (process_pool.task_deadline_seconds): "
+                 f"the task was lost (e.g. Redis restarted without persistence) or no worker is consuming "
+                 f"{self.streams.tasks}")
+        log.error("task %s (listener %s): %s", task.task_id, task.listener, error)
+        fut.set_result(WorkerResult(task.task_id, error=error, error_type=TASK_DEADLINE))
+
+    def overdue(self) -> str | None:
+        """Why results are overdue (a task missed its deadline and no result came since), or None."""
+        if self.deadline_misses and self.last_miss > self.last_result:
+            return (f"results overdue: {self.deadline_misses} task(s) got no result within "
+                    f"{self.deadline:g} s and no worker result has arrived since")
+        return None
 
     def _submit_commands(self, batch: list[WorkerTask]) -> list[tuple[Any, ...]]:
         s = self.streams
@@ -436,6 +507,7 @@ class RedisDispatcher:
                 self._loop.run_in_executor(None, self._drop_response, result.response_key)
             return
         self.completed_ids.append(result.task_id)
+        self.last_result = time.monotonic()
         fut.set_result(result)
 
     def _drop_response(self, key: str) -> None:
@@ -628,6 +700,7 @@ class DistributedWorker:
             if entry_id is None or entry_id == warned:
                 continue
             try:
+                # run_script reloads a script Redis forgot (restart, SCRIPT FLUSH) and runs it again.
                 owned = self.backend.run_script(HEARTBEAT, (s.tasks,), (WORKER_GROUP, self.name, entry_id))
                 if not owned and self._entry == entry_id:
                     warned = entry_id
@@ -773,217 +846,42 @@ class DistributedWorker:
             pass
 
 
-def touch(path: str) -> None:
-    """Refresh a heartbeat file (`xml-pipeline healthcheck` checks its age)."""
-    p = Path(path)
+def release_consumer(backend: Any, consumer: str, *, max_attempts: int, by: str = "supervisor") -> tuple[int, int]:
+    """Re-queue the tasks `consumer` (a worker that died) holds and remove it from the group: the
+    death counts as a failure; a task at max_attempts goes to the dead-letter stream and its pump
+    gets a DeadLetter result. Returns (re-queued, dead-lettered)."""
+    s = Streams(backend)
     try:
-        p.touch()
+        requeued, dead = backend.run_script(RELEASE, (s.tasks, s.dlq),
+                                            (WORKER_GROUP, consumer, max_attempts, s.ttl or 0, DLQ_MAXLEN,
+                                             s.results_prefix, RESULTS_MAXLEN, by))
+    except ResponseError as e:
+        if "NOGROUP" in str(e):  # no tasks stream (expired, or Redis lost it): nothing to release
+            return 0, 0
+        raise
+    return int(requeued), int(dead)
+
+
+def touch(path: str, status: str | None = None) -> None:
+    """Refresh a heartbeat file (`xml-pipeline healthcheck` checks its age). `status`: the file's
+    new content ("" = healthy, else why not; the healthcheck prints it and fails); None keeps it."""
+    p = Path(path)
+
+    def write() -> None:
+        if status is None:
+            p.touch()
+        else:  # whole or not at all: the probe never reads half a status
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text(status)
+            os.replace(tmp, p)
+
+    try:
+        write()
     except FileNotFoundError:
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.touch()
+        write()
     except OSError as e:  # a read-only /tmp must not kill the worker; the probe will say so
         log.debug("cannot touch heartbeat file %s: %s", path, e)
-
-
-# ==================================================================================================
-# The pump pod: ingress → StreamPump → egress
-# ==================================================================================================
-class IngressBridge:
-    """Feeds a StreamPump from the ingress stream and writes its outputs to the egress stream.
-
-    An ingress entry is acknowledged (XACK + XDEL) when its conversation has finished, so a pump
-    that dies mid-conversation leaves the entry pending; the next pump reclaims it after
-    claim_idle_seconds and runs the conversation again (at-least-once processing). Its outputs still
-    reach egress once: every message a conversation produces has an id derived from the message it
-    answers (message.derived_id), so a re-run produces the same ids, and an output whose id is in the
-    conversation's record (`egress:sent:<id>`, removed with the ack) is not written again; its
-    context-buffer appends are recognised as repeats by the same ids.
-    """
-
-    def __init__(self, backend: Any, pump: Any, *, consumer: str | None = None,
-                 claim_idle_seconds: float = 30.0, max_inflight: int = 256) -> None:
-        self.streams = Streams(backend)
-        self.backend = backend
-        self.pump = pump
-        self.consumer = consumer or consumer_name("pump")
-        self.claim_idle_ms = int(claim_idle_seconds * 1000)
-        self.max_inflight = max_inflight
-        self._entries: dict[str, str] = {}  # conversation id -> ingress entry id
-        self._stop = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: threading.Thread | None = None
-        self._slots: threading.Semaphore = threading.Semaphore(max_inflight)
-        pump.on_output = self._on_output
-        pump.on_done = self._on_done
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        s = self.streams
-        await self._loop.run_in_executor(None, s.ensure_group, s.ingress, PUMP_GROUP)
-        self._reader = threading.Thread(target=self._read, name="xp-ingress", daemon=True)
-        self._reader.start()
-
-    async def stop(self) -> None:
-        """Stop reading new messages (in-flight conversations are the pump's to drain)."""
-        self._stop.set()
-        if self._reader is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5.0)
-
-    def _read(self) -> None:
-        s = self.streams
-        backoff = 0.2
-        cursor = "0-0"
-        claimed_all = False
-        while not self._stop.is_set():
-            try:
-                if not claimed_all:
-                    # Entries a dead pump left unacknowledged.
-                    resp = s.client.xautoclaim(s.ingress, PUMP_GROUP, self.consumer, self.claim_idle_ms,
-                                               start_id=cursor, count=64)
-                    cursor = _s(resp[0])
-                    entries = [(_s(i), f) for i, f in resp[1] if f]
-                    claimed_all = cursor == "0-0"
-                    if entries:
-                        log.warning("pump: took over %d unfinished message(s) of a previous pump", len(entries))
-                else:
-                    read = s.client.xreadgroup(PUMP_GROUP, self.consumer, {s.ingress: ">"}, count=64,
-                                              block=s.block_ms)
-                    entries = [(_s(i), f) for i, f in _entries(read)]
-                backoff = 0.2
-            except _REDIS_DOWN as e:
-                log.warning("ingress %s: Redis unavailable (%s); retrying in %.1f s", s.ingress,
-                            type(e).__name__, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except ResponseError as e:
-                if "NOGROUP" in str(e):
-                    s.ensure_group(s.ingress, PUMP_GROUP)
-                    continue
-                log.exception("ingress %s: read failed", s.ingress)
-                self._stop.wait(1.0)
-                continue
-            for entry_id, fields in entries:
-                while not self._slots.acquire(timeout=0.5):
-                    if self._stop.is_set():
-                        return
-                assert self._loop is not None
-                asyncio.run_coroutine_threadsafe(self._accept(entry_id, fields), self._loop)
-
-    async def _accept(self, entry_id: str, fields: dict[Any, Any]) -> None:
-        raw = fields.get(b"xml", fields.get("xml", b""))
-        try:
-            message = parse_message(raw)
-        except MessageError as e:
-            log.warning("ingress entry %s is not a valid message: %s", entry_id, e)
-            reply_id = _s(fields.get(b"id", fields.get("id", entry_id)))
-            bad = Message(sender="pump", to="unknown", kind="error",
-                          payload=error_payload("pump", "MessageError", str(e)),
-                          in_reply_to=reply_id if _valid_id(reply_id) else None, id=derived_id(entry_id, 0))
-            await self._write_egress(bad, conversation=entry_id)
-            await self._ack(entry_id, conversation=entry_id)
-            return
-        if message.id in self._entries:
-            log.warning("ingress entry %s repeats message id %s, which is in flight; ignored", entry_id, message.id)
-            await self._ack(entry_id, conversation=entry_id)
-            return
-        self._entries[message.id] = entry_id
-        try:
-            await self.pump.inject(message)
-        except Exception as e:  # noqa: BLE001 - e.g. the pump is stopping: leave it pending for the next pump
-            log.warning("ingress entry %s not accepted (%s); it stays pending", entry_id, e)
-            self._entries.pop(message.id, None)
-            self._slots.release()
-
-    async def _on_output(self, message: Message) -> None:
-        await self._write_egress(message, conversation=message.in_reply_to)
-
-    def _sent_record(self, conversation: str) -> str:
-        return self.backend.key("egress", "sent", conversation)
-
-    async def _write_egress(self, message: Message, *, conversation: str | None) -> None:
-        """XADD `message` to egress; once per message id within `conversation` (see the class)."""
-        s = self.streams
-        fields = {"xml": message.to_xml(), "in_reply_to": message.in_reply_to or "", "thread": message.thread or "",
-                  "type": message.kind, "from": message.sender, "to": message.to}
-        if conversation is None:  # not part of a conversation: nothing to repeat it
-            def write() -> None:
-                pipe = s.client.pipeline(transaction=True)
-                pipe.xadd(s.egress, _xfields(fields), maxlen=EGRESS_MAXLEN, approximate=True)
-                s.expire(pipe, s.egress)
-                self.backend.execute(lambda _c: pipe.execute(), idempotent=False, what="write egress")
-        else:
-            args = [message.id, s.ttl or 0, EGRESS_MAXLEN, *(x for kv in fields.items() for x in kv)]
-            keys = [s.egress, self._sent_record(conversation)]
-
-            def write() -> None:
-                # Retried: HSETNX makes a repeat of a write that happened a no-op.
-                if not self.backend.execute(lambda _c: self.backend.run_script(EGRESS_ONCE, keys, args),
-                                            idempotent=True, what="write egress"):
-                    log.info("output %s of conversation %s was written by an earlier pump; not repeated",
-                             message.id, conversation)
-
-        assert self._loop is not None
-        await self._loop.run_in_executor(None, write)
-
-    async def _on_done(self, conv_id: str) -> None:
-        entry_id = self._entries.pop(conv_id, None)
-        if entry_id is not None:
-            await self._ack(entry_id, conversation=conv_id)
-
-    async def _ack(self, entry_id: str, *, conversation: str) -> None:
-        """XACK + XDEL the ingress entry and forget the conversation's sent-record, in one MULTI."""
-        s = self.streams
-
-        def ack() -> None:
-            pipe = s.client.pipeline(transaction=True)
-            pipe.xack(s.ingress, PUMP_GROUP, entry_id)
-            pipe.xdel(s.ingress, entry_id)
-            pipe.delete(self._sent_record(conversation))
-            pipe.execute()
-
-        assert self._loop is not None
-        try:
-            await self._loop.run_in_executor(None, ack)
-        except redis.RedisError as e:
-            log.warning("could not acknowledge ingress entry %s: %s", entry_id, e)
-        finally:
-            self._slots.release()
-
-
-def _valid_id(value: str) -> bool:
-    from .message import ID_RE
-    return bool(ID_RE.match(value))
-
-
-# ==================================================================================================
-# Clients: `xml-pipeline send`
-# ==================================================================================================
-def send_message(backend: Any, message: Message, *, wait: float | None = None) -> Message | None:
-    """Put `message` on the ingress stream; with `wait`, block up to that many seconds for the first
-    egress output answering it (in-reply-to = message.id). Returns None on timeout or without wait."""
-    s = Streams(backend)
-    client = s.client
-    start_id = "0-0"
-    if wait is not None:
-        last = client.xrevrange(s.egress, count=1)
-        start_id = _s(last[0][0]) if last else "0-0"
-    pipe = client.pipeline(transaction=True)
-    pipe.xadd(s.ingress, {"xml": message.to_xml(), "id": message.id})
-    s.expire(pipe, s.ingress)
-    backend.execute(lambda _c: pipe.execute(), idempotent=False, what="send to ingress")
-    if wait is None:
-        return None
-    deadline = time.monotonic() + wait
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        resp = client.xread({s.egress: start_id}, count=256, block=max(1, min(s.block_ms, int(left * 1000))))
-        for entry_id, fields in _entries(resp):
-            start_id = _s(entry_id)
-            if _s(fields.get(b"in_reply_to", b"")) == message.id:
-                return parse_message(fields[b"xml"])
 
 
 def dead_letters(backend: Any, count: int = 100) -> list[dict[str, str]]:
@@ -1013,3 +911,14 @@ def stream_info(backend: Any) -> dict[str, Any]:
         except redis.RedisError as e:
             out[name] = {"error": str(e)}
     return json.loads(json.dumps(out))
+
+
+# The pump pod's side (ingress → StreamPump → egress) and `xml-pipeline send` live in ingress.py;
+# imported here last (ingress.py builds on this module) so both keep one import path.
+from .ingress import EGRESS_ONCE, IngressBridge as IngressBridge, send_message as send_message  # noqa: E402
+
+#: The Lua scripts of the pump and the workers (memory.redis_functions puts them into the Redis
+#: Functions library beside the backend's, so a tenant on a shared Redis can FCALL them).
+HEARTBEAT = LuaScript("heartbeat", 1, 3, _HEARTBEAT_LUA)
+RELEASE = LuaScript("release", 2, 8, _RELEASE_LUA)
+SCRIPTS: tuple[LuaScript, ...] = (EGRESS_ONCE, HEARTBEAT, RELEASE)

@@ -16,6 +16,12 @@ Every message is addressed to a listener by name. The pump
 A handler that raises, a worker that dies, or a call to an unknown listener becomes an error
 response (type="error") sent back along the chain, plus a log line. The pump keeps running.
 
+Every conversation ends in an answer or an error response to its sender (docs/reliability.md): a
+step that fails outside any handler (a full thread, a backend that refuses or loses a write), a
+conversation that routes more than `max_conversation_messages` messages (a loop that keeps its
+chain short: ping-pong, fan-out), and a conversation that finished without any output all end in
+one error response from the pump, after which nothing more of that conversation is routed.
+
 Conversations: everything caused by one injected message belongs to its conversation. An output
 reaching the external sender carries `in-reply-to` = the id of the message that started the
 conversation (threads are shared by every conversation on the same chain, message ids are not),
@@ -33,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BackendError, SlotIntegrityError
+from ..errors import BackendError, SlotIntegrityError, ThreadFullError
 from ..memory.context_buffer import ContextBuffer
 from ..memory.protocol import SharedBackend
 from ..memory.redis_pipe import RedisPipe, Unsure
@@ -47,6 +53,9 @@ log = logging.getLogger(__name__)
 
 #: A call chain longer than this is a loop (a calls b calls a ...): the call fails with an error.
 MAX_CHAIN_HOPS = 32
+#: Messages one conversation may route (requests, calls, replies) before the pump ends it with a
+#: LoopLimit error: a loop whose chain stays short (ping-pong, fan-out) never hits MAX_CHAIN_HOPS.
+MAX_CONVERSATION_MESSAGES = 1000
 #: Messages with a larger payload take the io-thread path even with a RedisPipe: pickling, signing
 #: and sending them would hold up the event loop for milliseconds.
 PIPE_MAX_PAYLOAD = 64 * 1024
@@ -61,6 +70,12 @@ class _Conversation:
     inflight: int = 0
     outputs: list[Message] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Outputs sent to the outside (kept even when `outputs` is not).
+    answered: int = 0
+    #: Messages routed so far (the loop bound counts these).
+    routed: int = 0
+    #: The pump ended it with an error: nothing more of it is routed or sent.
+    failed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +220,8 @@ class PumpStats:
     conversations: int = 0
     #: Appends the RedisPipe could not confirm, redone through the blocking backend (see redis_pipe.py).
     redis_fallbacks: int = 0
+    #: Conversations the pump ended with its own error (full thread, backend failure, loop bound, ...).
+    failed_conversations: int = 0
 
 
 class StreamPump:
@@ -213,12 +230,14 @@ class StreamPump:
     def __init__(self, organism: Organism, backend: SharedBackend | None = None, *,
                  dispatcher: Dispatcher | None = None, on_output: OutputCallback | None = None,
                  on_done: DoneCallback | None = None, concurrency: int = 64, io_threads: int = 8,
-                 keep_outputs: bool = True, pipelined: bool = True) -> None:
+                 keep_outputs: bool = True, pipelined: bool = True,
+                 max_conversation_messages: int = MAX_CONVERSATION_MESSAGES) -> None:
         """`backend=None`: the organism's configured backend (created here, closed by stop()).
         `dispatcher=None` with cpu_bound listeners: a local pool of process_pool.workers processes
         (threads on the memory backend). Pods pass a RedisDispatcher instead.
         `pipelined`: on a Redis backend, the hot path's Redis commands go through a RedisPipe in the
-        event loop (group commit); False keeps every step in the io threads."""
+        event loop (group commit); False keeps every step in the io threads.
+        `max_conversation_messages`: the loop bound (see MAX_CONVERSATION_MESSAGES)."""
         self.organism = organism
         self._owns_backend = backend is None
         if backend is None:
@@ -243,6 +262,10 @@ class StreamPump:
         self.stats = PumpStats()
         self._listeners = {ls.name: ls for ls in organism.listeners}
         self._concurrency = concurrency
+        self.max_conversation_messages = max_conversation_messages
+        #: Consumers busy with a message, and when one last finished one (health: is it stuck?).
+        self.busy = 0
+        self.last_progress = time.monotonic()
         self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="xp-pump-io")
         self._io_lock = threading.Lock()
         self._io_done: list[tuple[asyncio.Future[Any], tuple[Any, BaseException | None]]] = []
@@ -304,6 +327,11 @@ class StreamPump:
             return True
         except asyncio.TimeoutError:
             return False
+
+    @property
+    def concurrency(self) -> int:
+        """Messages the pump routes at once (its consumers)."""
+        return self._concurrency
 
     @property
     def inflight(self) -> int:
@@ -369,13 +397,64 @@ class StreamPump:
             item = await self._queue.get()
             if item is None:
                 return
+            self.busy += 1
             try:
+                conv = self._conversations.get(item.conversation)
+                if conv is not None and conv.failed:
+                    continue  # the pump already answered this conversation with its error
+                if conv is not None:
+                    conv.routed += 1
+                    if conv.routed > self.max_conversation_messages:
+                        await self._fail(item, "LoopLimit",
+                                         f"the conversation routed more than {self.max_conversation_messages} "
+                                         f"messages (a loop between listeners?); last one: {item.message.sender!r} "
+                                         f"to {item.message.to!r}; the bound is the pump's max_conversation_messages")
+                        continue
                 await self._process(item)
-            except Exception:  # noqa: BLE001 - one message must never stop the pump
+            except ThreadFullError as e:
+                await self._fail(item, "ThreadFull", self._thread_full_text(item.message, e))
+            except BackendError as e:
+                await self._fail(item, "BackendError", f"the shared backend failed while routing message "
+                                 f"{item.message.id} to {item.message.to!r}: {type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - one message must never stop the pump
                 log.exception("pump: unexpected failure while routing message %s to %r (thread %s)",
                               item.message.id, item.message.to, item.message.thread)
+                await self._fail(item, "PumpError", f"routing message {item.message.id} to {item.message.to!r} "
+                                 f"failed: {type(e).__name__}: {e}")
             finally:
-                self._finish(item.conversation)
+                try:
+                    conv = self._conversations.get(item.conversation)
+                    if conv is not None and conv.inflight == 1 and not conv.answered and not conv.failed:
+                        # The last message of a conversation that reached nobody outside: say so, once.
+                        await self._fail(item, "NoResponse", f"the conversation to {conv.request.to!r} ended "
+                                         "without a response (the listeners on its way returned nothing)")
+                finally:
+                    self.busy -= 1
+                    self.last_progress = time.monotonic()
+                    self._finish(item.conversation)
+
+    def _thread_full_text(self, msg: Message, e: ThreadFullError) -> str:
+        return (f"thread {e.thread_id} is full ({e.limit} messages, the context buffer's max_slots_per_thread): "
+                f"every message from one sender to one listener shares one thread, so {msg.sender!r} → "
+                f"{msg.to!r} takes messages again once that thread's slots expire (the backend's TTL) or "
+                "are cleared (xml-pipeline backend clear)")
+
+    async def _fail(self, item: _Item, error_type: str, detail: str) -> None:
+        """End the conversation of `item` with one error response from the pump to its sender;
+        whatever of it is still in flight is dropped unrouted."""
+        conv = self._conversations.get(item.conversation)
+        if conv is not None and conv.failed:
+            return
+        log.error("pump: conversation %s ends in an error (%s): %s", item.conversation, error_type, detail)
+        self.stats.failed_conversations += 1
+        self.stats.errors += 1
+        request = conv.request if conv is not None else item.message
+        error = Message(sender="pump", to=request.sender, kind="error", thread=request.thread,
+                        payload=error_payload(item.message.to, error_type, detail),
+                        in_reply_to=item.conversation, id=derived_id(item.conversation, 1_000_000))
+        await self._emit(item, error)
+        if conv is not None:
+            conv.failed = True
 
     def _finish(self, conv_id: str) -> None:
         conv = self._conversations.get(conv_id)
@@ -563,11 +642,15 @@ class StreamPump:
 
     async def _emit(self, item: _Item, out: Message) -> None:
         conv = self._conversations.get(item.conversation)
+        if conv is not None and conv.failed:
+            return  # answered already by the pump's error
         if out.in_reply_to != item.conversation:
             out = out.with_(in_reply_to=item.conversation)
         self.stats.outputs += 1
-        if conv is not None and self.keep_outputs:
-            conv.outputs.append(out)
+        if conv is not None:
+            conv.answered += 1
+            if self.keep_outputs:
+                conv.outputs.append(out)
         if self.on_output is not None:
             try:
                 result = self.on_output(out)
@@ -583,7 +666,7 @@ class StreamPump:
             if inspect.isawaitable(result):
                 result = await result
             return normalize_result(result), None
-        except Exception as e:  # noqa: BLE001 - the handler's failure becomes an error response
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the handler's failure (even sys.exit) is an error response
             log.error("listener %s (handler %s) raised on thread %s: %s: %s", listener.name, listener.handler,
                       msg.thread, type(e).__name__, e)
             log.debug("traceback of the failure above", exc_info=True)

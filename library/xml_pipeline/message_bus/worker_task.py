@@ -39,6 +39,8 @@ INTEGRITY_ERROR = "IntegrityError"
 MISSING_DATA = "MissingData"
 DEAD_LETTER = "DeadLetter"
 BACKEND_ERROR = "BackendError"
+#: The pump got no result within process_pool.task_deadline (the task was lost, or ran too long).
+TASK_DEADLINE = "TaskDeadline"
 
 
 class _RandomPool:

@@ -5,6 +5,7 @@
     └── BackendError                       anything the shared backend could not do
         ├── BackendUnavailable             the store cannot be reached (Redis down, manager dead)
         ├── SlotIntegrityError             a stored blob failed its signature check; nothing was unpickled
+        ├── AppendIdConflict               an append id was reused in a thread for a different slot
         └── ThreadFullError                a thread reached its slot limit; the append was not stored
 """
 from __future__ import annotations
@@ -57,6 +58,23 @@ class BackendUnavailable(BackendError):
 class SlotIntegrityError(BackendError):
     """A stored blob is not a valid signed envelope (forged, truncated, foreign or signed with an
     unknown key). Raised before anything is unpickled."""
+
+
+class AppendIdConflict(BackendError):
+    """An append carried an append id the thread already recorded for a *different* slot. A repeat
+    of an append (a retry) is recognised only when it carries the same slot; this one was not
+    stored, and the slot stored under that id is unchanged."""
+
+    def __init__(self, thread_id: str, append_id: str, index: int, detail: str = "holds a different slot") -> None:
+        self.thread_id = thread_id
+        self.append_id = append_id
+        self.index = index
+        self.detail = detail
+        super().__init__(f"append id {append_id!r} was already used in thread {thread_id!r} for slot {index}, "
+                         f"which {detail}: the new slot was not stored (append ids must be unique per thread)")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (AppendIdConflict, (self.thread_id, self.append_id, self.index, self.detail))
 
 
 class ThreadFullError(BackendError):

@@ -40,7 +40,7 @@ from .slots import UNASSIGNED, BufferSlot, SlotMetadata
 DEFAULT_MAX_SLOTS_PER_THREAD = 10_000
 #: Compare-and-append rounds before giving up. A round fails only because another writer's slot
 #: was stored meanwhile, so this is only reached under extreme contention on one thread.
-MAX_APPEND_ATTEMPTS = 100
+MAX_APPEND_ATTEMPTS = 1000
 #: Threads whose next index a buffer remembers (least recently used are forgotten: a forgotten
 #: thread costs one extra round trip on its next append).
 EXPECTED_INDEX_CACHE = 4096

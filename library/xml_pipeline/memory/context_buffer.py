@@ -28,7 +28,7 @@ import pickle
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from ..errors import AppendIdConflict, BackendError, SlotIntegrityError
 from .inmemory import InMemoryBackend
@@ -41,8 +41,8 @@ DEFAULT_MAX_SLOTS_PER_THREAD = 10_000
 #: Compare-and-append rounds before giving up. A round fails only because another writer's slot
 #: was stored meanwhile, so this is only reached under extreme contention on one thread.
 MAX_APPEND_ATTEMPTS = 1000
-#: Threads whose next index a buffer remembers (least recently used are forgotten: a forgotten
-#: thread costs one extra round trip on its next append).
+#: Threads whose next index (and signing place) a buffer remembers; the least recently used are
+#: forgotten (a forgotten thread costs one extra round trip on its next append).
 EXPECTED_INDEX_CACHE = 4096
 
 
@@ -110,8 +110,10 @@ class ContextBuffer:
             raise ValueError(f"max_slots_per_thread must be an integer >= 1, got {max_slots_per_thread!r}")
         self._backend: SharedBackend = backend if backend is not None else InMemoryBackend()
         self.max_slots_per_thread = max_slots_per_thread
-        self._next_index: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # thread id -> [expected next index, SlotPlace]
+        self._threads: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
+        self._namespace: str = getattr(self._backend, "slot_namespace", "")
 
     @property
     def backend(self) -> SharedBackend:
@@ -223,30 +225,48 @@ class ContextBuffer:
         return BackendError(f"thread {prepared.thread_id!r}: the slot was not stored after {MAX_APPEND_ATTEMPTS} "
                             "attempts, each time another writer's slot was stored first")
 
-    # -- the expected next index per thread (bounded LRU) ----------------------------------------------
+    # -- per thread: the expected next index and the signing place (bounded LRU) -----------------------
     def expected_index(self, thread_id: str) -> int:
         """The index the next slot of `thread_id` is signed for first (its length as last seen)."""
         with self._cache_lock:
-            return self._next_index.get(thread_id, 0)
+            entry = self._threads.get(thread_id)
+            return entry[0] if entry is not None else 0
 
     def _remember(self, thread_id: str, length: int) -> None:
         with self._cache_lock:
-            cache = self._next_index
-            cache[thread_id] = length
-            cache.move_to_end(thread_id)
-            if len(cache) > EXPECTED_INDEX_CACHE:
-                cache.popitem(last=False)
+            entry = self._threads.get(thread_id)
+            if entry is not None:
+                entry[0] = length
+                self._threads.move_to_end(thread_id)
+            else:
+                self._add(thread_id, [length, self._backend.signer.place(self._namespace, thread_id)])
+
+    def _add(self, thread_id: str, entry: list[Any]) -> None:
+        cache = self._threads
+        cache[thread_id] = entry
+        if len(cache) > EXPECTED_INDEX_CACHE:
+            cache.popitem(last=False)
 
     def _forget(self, thread_id: str | None = None) -> None:
         with self._cache_lock:
             if thread_id is None:
-                self._next_index.clear()
+                self._threads.clear()
             else:
-                self._next_index.pop(thread_id, None)
+                self._threads.pop(thread_id, None)
 
-    # -- reading ---------------------------------------------------------------------------------------
     def _place(self, thread_id: str) -> SlotPlace:
-        return self._backend.signer.place(getattr(self._backend, "slot_namespace", ""), thread_id)
+        signer = self._backend.signer
+        with self._cache_lock:
+            entry = self._threads.get(thread_id)
+            if entry is not None and entry[1].signer is signer:
+                self._threads.move_to_end(thread_id)
+                return cast(SlotPlace, entry[1])
+            place = signer.place(self._namespace, thread_id)
+            if entry is not None:
+                entry[1] = place
+            else:
+                self._add(thread_id, [0, place])
+            return place
 
     @staticmethod
     def _open(place: SlotPlace, blob: bytes, index: int) -> tuple[bytes, bytes]:
@@ -264,14 +284,17 @@ class ContextBuffer:
         return slot
 
     def _load(self, place: SlotPlace, blob: bytes, index: int) -> BufferSlot:
-        body = self._open(place, blob, index)[1]
-        return self._unpickle(body, place.thread_id, index).at_index(index)
+        slot = self._unpickle(self._open(place, blob, index)[1], place.thread_id, index)
+        # A freshly unpickled slot nobody else holds: set its position in place (at_index would copy
+        # it; every slot of every read comes through here).
+        slot.metadata.__dict__["slot_index"] = index
+        return slot
 
     def get_thread_slots(self, thread_id: str) -> list[BufferSlot]:
         """All slots of a thread, in order ([] for an unknown thread)."""
         blobs = self._backend.buffer_get_thread(thread_id)
-        place = self._place(thread_id)
-        slots = [self._load(place, blob, i) for i, blob in enumerate(blobs)]
+        place, load = self._place(thread_id), self._load
+        slots = [load(place, blob, i) for i, blob in enumerate(blobs)]
         self._remember(thread_id, len(slots))
         return slots
 

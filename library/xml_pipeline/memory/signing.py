@@ -33,6 +33,7 @@ from ..errors import ConfigError, SlotIntegrityError
 
 MAGIC = b"XPS"
 VERSION = 2
+_HEAD = MAGIC + bytes((VERSION,))
 _HEADER = len(MAGIC) + 1 + 4
 _MAC_LEN = 32
 _MAC_END = _HEADER + _MAC_LEN
@@ -180,49 +181,68 @@ class Signer:
 class SlotPlace:
     """The signing context of one thread: `sign(index, ...)` binds a slot to (namespace, thread,
     index); `open(blob, index)` verifies it there. The keyed states after the thread's part of the
-    context are computed once per key, so each slot costs one state copy, as an unbound check would."""
+    context are computed once per key, so each slot costs one state copy, as an unbound check would
+    (every slot of every read goes through `open`)."""
 
-    __slots__ = ("thread_id", "_signer", "_context", "_len", "_states")
+    __slots__ = ("thread_id", "signer", "_signer", "_context", "_len", "_states")
 
     def __init__(self, signer: Signer, thread_id: str, context: bytes) -> None:
         self.thread_id = thread_id
-        self._signer = signer
+        self.signer = self._signer = signer
         self._context = context
         self._len = _context_len(context + bytes(8))
-        self._states: dict[bytes, Any] = {}
+        # key id -> (inner state after header + context, outer pad state)
+        self._states: dict[bytes, tuple[Any, Any]] = {}
 
-    def _state(self, kid: bytes, pads: tuple[Any, Any]) -> Any:
+    def _state(self, kid: bytes) -> tuple[Any, Any] | None:
         state = self._states.get(kid)
         if state is None:
-            state = pads[0].copy()
-            state.update(MAGIC + bytes((VERSION,)) + kid)
-            state.update(self._len)
-            state.update(self._context)
-            self._states[kid] = state
+            pads = self._signer._pads.get(kid)  # noqa: SLF001 - the signer's own key states
+            if pads is None:
+                return None
+            inner = pads[0].copy()
+            inner.update(MAGIC + bytes((VERSION,)) + kid)
+            inner.update(self._len)
+            inner.update(self._context)
+            state = self._states[kid] = (inner, pads[1])
         return state
 
     def sign(self, index: int, append_id: bytes, body: bytes) -> bytes:
-        signer = self._signer
         if len(append_id) > MAX_APPEND_ID:
             raise ValueError(f"an append id is at most {MAX_APPEND_ID} bytes, got {len(append_id)}")
-        kid = signer._sign_id  # noqa: SLF001 - the signer's own state
-        pads = signer._pads[kid]  # noqa: SLF001
+        kid = self._signer._sign_id  # noqa: SLF001
+        state = self._state(kid)
+        assert state is not None
         tail = bytes((len(append_id),)) + append_id
-        inner = self._state(kid, pads).copy()
-        inner.update(_index_bytes(index))
+        inner = state[0].copy()
+        inner.update(index.to_bytes(8, "big", signed=True))
         inner.update(tail)
         inner.update(body)
-        outer = pads[1].copy()
+        outer = state[1].copy()
         outer.update(inner.digest())
-        return MAGIC + bytes((VERSION,)) + kid + outer.digest() + tail + body
+        return _HEAD + kid + outer.digest() + tail + body
 
     def open(self, blob: bytes, index: int) -> tuple[bytes, bytes]:
         """(append id, body) of a slot that verifies at `index` of this thread, else SlotIntegrityError."""
-        signer = self._signer
-        blob, pads = signer._check(blob)  # noqa: SLF001
-        inner = self._state(blob[4:8], pads).copy()
-        inner.update(_index_bytes(index))
-        return signer._finish(blob, pads, inner)  # noqa: SLF001
+        state = self._states.get(blob[4:8]) if type(blob) is bytes and blob[:4] == _HEAD else None
+        if state is None:
+            blob, _pads = self._signer._check(blob)  # noqa: SLF001 - raises for anything malformed
+            state = self._state(blob[4:8])
+            assert state is not None
+        if len(blob) < OVERHEAD:
+            raise SlotIntegrityError("stored value is not a signed xml-pipeline envelope (truncated or foreign)")
+        inner = state[0].copy()
+        inner.update(index.to_bytes(8, "big", signed=True))
+        inner.update(memoryview(blob)[_MAC_END:])
+        outer = state[1].copy()
+        outer.update(inner.digest())
+        if not hmac.compare_digest(blob[_HEADER:_MAC_END], outer.digest()):
+            raise SlotIntegrityError("envelope signature does not match here: the value was forged, corrupted, "
+                                     "or copied from another thread, position or prefix")
+        start = OVERHEAD + blob[_MAC_END]
+        if len(blob) < start:
+            raise SlotIntegrityError("envelope is truncated inside its append id")
+        return blob[OVERHEAD:start], blob[start:]
 
 
 def _pads(key: bytes) -> tuple[Any, Any]:

@@ -316,3 +316,41 @@ def test_run_on_redis_without_a_key_hands_its_key_to_its_workers(redis_server: R
     assert r.returncode == 0, r.stderr
     assert "count=\"25\"" in r.stdout and "there are 4 primes below 10" in r.stdout, r.stdout
     assert "no signing key" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_the_pump_keeps_the_history_when_a_message_id_is_reused(kind: str, make_backend: MakeBackend,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Two different messages with the same id into one thread: the second is refused at its append
+    (logged, naming the id), the first one's history is intact; the same message again is a repeat."""
+    import asyncio
+    import logging
+
+    from xml_pipeline.message_bus.message import Message
+    from xml_pipeline.message_bus.stream_pump import StreamPump, run_messages
+    from xml_pipeline.organism import parse_organism
+
+    organism = parse_organism(textwrap.dedent("""
+        organism: {name: reuse}
+        listeners:
+          - {name: greeter, handler: "xml_pipeline.examples.greeter:handle"}
+    """), environ={})
+    backend = make_backend(kind)
+    first = Message("console", "greeter", '<greet name="Ada"/>', id="m" + secrets.token_hex(8))
+    impostor = Message("console", "greeter", '<greet name="Mallory"/>', id=first.id)
+
+    async def go() -> StreamPump:
+        pump = StreamPump(organism, backend)
+        await pump.start()
+        await run_messages(pump, [first])
+        await run_messages(pump, [impostor])
+        await run_messages(pump, [first])  # really the same message again: a repeat, nothing stored
+        await pump.stop()
+        return pump
+
+    with caplog.at_level(logging.ERROR):
+        pump = asyncio.run(go())
+    assert f"AppendIdConflict: append id '{first.id}' was already used" in caplog.text, caplog.text
+    thread = pump.registry.get_or_create("system.reuse.console.greeter")
+    payloads = [s.payload.payload for s in ContextBuffer(backend).get_thread_slots(thread)]
+    assert payloads.count('<greet name="Ada"/>') == 1 and '<greet name="Mallory"/>' not in payloads

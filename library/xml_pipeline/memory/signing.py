@@ -215,12 +215,11 @@ class SlotPlace:
         assert state is not None
         tail = bytes((len(append_id),)) + append_id
         inner = state[0].copy()
-        inner.update(index.to_bytes(8, "big", signed=True))
-        inner.update(tail)
+        inner.update(index.to_bytes(8, "big", signed=True) + tail)
         inner.update(body)
         outer = state[1].copy()
         outer.update(inner.digest())
-        return _HEAD + kid + outer.digest() + tail + body
+        return b"".join((_HEAD, kid, outer.digest(), tail, body))  # one copy of the body
 
     def open(self, blob: bytes, index: int) -> tuple[bytes, bytes]:
         """(append id, body) of a slot that verifies at `index` of this thread, else SlotIntegrityError."""

@@ -34,7 +34,7 @@ from ..errors import AppendIdConflict, BackendError, SlotIntegrityError
 from .inmemory import InMemoryBackend
 from .protocol import Appended, SharedBackend
 from .serialization import unpickle
-from .signing import SlotPlace
+from .signing import MAX_APPEND_ID, SlotPlace
 from .slots import UNASSIGNED, BufferSlot, SlotMetadata
 
 DEFAULT_MAX_SLOTS_PER_THREAD = 10_000
@@ -147,8 +147,10 @@ class ContextBuffer:
                 append_id: str | None = None) -> PreparedAppend:
         """The slot append() would store, pickled, without storing it: for `store` / `store_async`
         (the pump sends the append through its asyncio Redis pipe)."""
-        if append_id is not None and (not isinstance(append_id, str) or not append_id):
-            raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
+        if append_id is not None and (not isinstance(append_id, str) or not append_id
+                                      or len(append_id.encode()) > MAX_APPEND_ID):
+            raise ValueError(f"append_id must be a non-empty string of at most {MAX_APPEND_ID} bytes, "
+                             f"got {append_id!r:.80}")
         metadata = SlotMetadata(
             thread_id=thread_id,
             from_id=from_id,

@@ -354,3 +354,19 @@ def test_the_pump_keeps_the_history_when_a_message_id_is_reused(kind: str, make_
     thread = pump.registry.get_or_create("system.reuse.console.greeter")
     payloads = [s.payload.payload for s in ContextBuffer(backend).get_thread_slots(thread)]
     assert payloads.count('<greet name="Ada"/>') == 1 and '<greet name="Mallory"/>' not in payloads
+
+
+def test_a_tampered_append_id_record_is_detected(redis_server: RedisServer) -> None:
+    """Pointing an append id's record at another slot cannot make a new append vanish as a 'repeat':
+    the slot there was written under another append id."""
+    backend, raw = redis_on(redis_server), redis_server.client()
+    buffer = ContextBuffer(backend)
+    try:
+        buffer.append("t", "genuine", "a", "b", append_id="m-1")
+        raw.hset(backend.keys.op("t"), "m-2", 0)  # someone with write access to the Redis
+        with pytest.raises(SlotIntegrityError, match="thread 't' slot 0: the append id record points at a slot"):
+            buffer.append("t", "must not vanish", "a", "b", append_id="m-2")
+    finally:
+        backend.buffer_clear()
+        backend.close()
+        raw.close()

@@ -359,8 +359,8 @@ class RedisBackend:
             raise ValueError(f"index must be an integer >= 0, got {index!r}")
         head = self._script_heads["append"]
         body = self._append_body(thread_id, slot, max_slots, append_id, index)
-        names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
-        if names:
+        if items:
+            names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
             puts = self._pack_sets(names, [v for _, v in items])
 
             def run() -> Any:
@@ -377,7 +377,10 @@ class RedisBackend:
 
             reply = self._do("buffer_append", run)
         else:
+            names = []
             reply = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
+            if type(reply) is int and reply >= 0:  # the common case, without the general parse
+                return Appended("stored", reply)
         outcome = self.parse_append_reply(reply)
         if outcome is None:
             if names:

@@ -7,7 +7,9 @@ ops/s of buffer_append, buffer_get_thread (a 1,000-slot thread), registry_set an
 registry_get_uuid, and beside them, on the same server / machine, the raw baselines:
 
 - redis-py RPUSH of a blob of the same size, and LRANGE + pickle.loads of 1,000 pickles of the same
-  slot (our read path also verifies every slot's HMAC before unpickling);
+  slot. Our append signs the slot for its place (prefix, thread, index) and sends the
+  compare-and-append (`buffer_append_at`); our read is ContextBuffer.get_thread_slots, which checks
+  every slot's HMAC at its place before unpickling;
 - one plain call on a raw multiprocessing Manager proxy (a registered object's method doing the
   same work on a dict), for each manager operation.
 
@@ -34,8 +36,7 @@ from typing import Any
 
 import redis
 
-from xml_pipeline.memory import BackendConfig, get_shared_backend
-from xml_pipeline.memory.serialization import deserialize_slot, serialize_slot
+from xml_pipeline.memory import BackendConfig, ContextBuffer, get_shared_backend
 from xml_pipeline.memory.slots import UNASSIGNED, BufferSlot, SlotMetadata
 
 from benchkit import BenchRedis, cpu_seconds  # noqa: E402  (bench/ is the script directory)
@@ -77,10 +78,10 @@ RawManager.register("RawStore", RawStore)
 
 # -- helpers ----------------------------------------------------------------------------------------
 
-def sample_slot(i: int = 0) -> BufferSlot:
+def sample_slot(i: int = 0, thread_id: str = "bench-thread") -> BufferSlot:
     """A slot of the size a typical routed message has (a few hundred bytes of payload)."""
     payload = {"to": "analyzer", "text": "lorem ipsum dolor sit amet " * 8, "n": i}
-    meta = SlotMetadata(thread_id="bench-thread", from_id="console", to_id="analyzer", slot_index=UNASSIGNED,
+    meta = SlotMetadata(thread_id=thread_id, from_id="console", to_id="analyzer", slot_index=UNASSIGNED,
                         timestamp=datetime.now(timezone.utc).isoformat(), payload_type="dict")
     return BufferSlot(payload=payload, metadata=meta)
 
@@ -171,9 +172,9 @@ def bench_backend(kind: str, backend: Any, rounds: int, quick: bool, *,
                   raw_redis: redis.Redis | None = None, raw_proxy: Any = None,
                   raw_cpu: Callable[[], float] | None = None) -> list[Row]:
     rows: list[Row] = []
-    signer = backend.signer
-    blob = serialize_slot(sample_slot(), signer=signer)
+    signer, namespace = backend.signer, backend.slot_namespace
     body = pickle.dumps(sample_slot(), protocol=pickle.HIGHEST_PROTOCOL)
+    blob = signer.place(namespace, "any").sign(0, b"", body)  # same size as every bound slot here
     n_fast = 300 if quick else 1000
     n_read = 3 if quick else 10
     threads = [f"bench-{kind}-{i}" for i in range(50)]
@@ -191,8 +192,18 @@ def bench_backend(kind: str, backend: Any, rounds: int, quick: bool, *,
         compare(mine, base, n, rounds)
         rows.append(Row(kind, op, mine, base_name, base, aim))
 
-    append_op = f"buffer_append ({len(blob)} B slot)"
-    mine = ours(lambda i: backend.buffer_append(threads[i % 50], blob))
+    append_op = f"buffer_append_at ({len(blob)} B slot, signed for its index)"
+    places = {t: signer.place(namespace, t) for t in threads}
+    lengths = {t: backend.buffer_thread_len(t) for t in threads}
+
+    def bound_append(i: int) -> None:
+        t = threads[i % 50]
+        at = lengths[t]
+        outcome = backend.buffer_append_at(t, places[t].sign(at, b"", body), at)
+        assert outcome.status == "stored", outcome
+        lengths[t] = at + 1
+
+    mine = ours(bound_append)
     if raw_redis is not None:
         add(append_op, mine, "redis-py RPUSH", raw(lambda i: raw_redis.rpush(f"raw:{{{threads[i % 50]}}}", blob)), 0.8)
     elif raw_proxy is not None:
@@ -202,10 +213,12 @@ def bench_backend(kind: str, backend: Any, rounds: int, quick: bool, *,
 
     # Reads of one 1,000-slot thread. The raw Redis list holds plain pickles of the same slot.
     backend.buffer_delete_thread("reader")
-    for _ in range(THREAD_SLOTS):
-        backend.buffer_append("reader", blob)
+    reader, reader_body = signer.place(namespace, "reader"), pickle.dumps(sample_slot(0, "reader"), protocol=5)
+    for at in range(THREAD_SLOTS):
+        backend.buffer_append("reader", reader.sign(at, b"", reader_body))
     full = "get_thread 1,000 slots + verify + unpickle"
-    read_full = ours(lambda i: [deserialize_slot(x, signer=signer) for x in backend.buffer_get_thread("reader")])
+    buffer = ContextBuffer(backend)
+    read_full = ours(lambda i: buffer.get_thread_slots("reader"))
     read_bytes = ours(lambda i: backend.buffer_get_thread("reader"))
     if raw_redis is not None:
         raw_redis.delete("raw:reader")
@@ -229,7 +242,11 @@ def bench_backend(kind: str, backend: Any, rounds: int, quick: bool, *,
         # prefix's index; listing walks the index (SSCAN + a liveness script per 500 entries)
         # instead of SCAN MATCH over the whole keyspace, the library's earlier way.
         n_new = 500 if quick else 2000
-        add("buffer_append, a new thread each time", ours(lambda i: backend.buffer_append(f"new-{i}-{time.time_ns()}", blob)),
+        def new_thread(i: int) -> None:
+            t = f"new-{i}-{time.time_ns()}"
+            backend.buffer_append_at(t, signer.place(namespace, t).sign(0, b"", body), 0)
+
+        add("buffer_append_at, a new thread each time", ours(new_thread),
             "RPUSH to a new key", raw(lambda i: raw_redis.rpush(f"raw:new:{{{i}-{time.time_ns()}}}", blob)), n=n_new)
         prefix = backend.config.redis_prefix
         add(f"buffer_list_threads ({len(backend.buffer_list_threads()):,} threads)",

@@ -6,6 +6,8 @@
         ├── BackendUnavailable             the store cannot be reached (Redis down, manager dead)
         ├── SlotIntegrityError (also a ValueError)   a stored blob failed its signature check;
         │                                            nothing was unpickled
+        ├── AppendIdConflict                         an append id was reused in a thread for a different
+        │                                            slot; nothing was stored
         └── ThreadFullError (also a MemoryError)     a thread reached its slot limit; the append
                                                      was not stored
 
@@ -63,6 +65,23 @@ class BackendUnavailable(BackendError):
 class SlotIntegrityError(BackendError, ValueError):
     """A stored blob is not a valid signed envelope (forged, truncated, foreign or signed with an
     unknown key). Raised before anything is unpickled."""
+
+
+class AppendIdConflict(BackendError):
+    """An append carried an append id the thread already recorded for a *different* slot. A repeat
+    of an append (a retry) is recognised only when it carries the same slot; this one was not
+    stored, and the slot stored under that id is unchanged."""
+
+    def __init__(self, thread_id: str, append_id: str, index: int, detail: str = "holds a different slot") -> None:
+        self.thread_id = thread_id
+        self.append_id = append_id
+        self.index = index
+        self.detail = detail
+        super().__init__(f"append id {append_id!r} was already used in thread {thread_id!r} for slot {index}, "
+                         f"which {detail}: the new slot was not stored (append ids must be unique per thread)")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (AppendIdConflict, (self.thread_id, self.append_id, self.index, self.detail))
 
 
 class ThreadFullError(BackendError, MemoryError):

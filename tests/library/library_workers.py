@@ -34,3 +34,17 @@ def use_inherited(backend: SharedBackend, results: Any) -> None:
         results.put(("ok", backend.buffer_append("forked", b"from child"), backend.registry_get_uuid("c.parent")))
     except BaseException as e:
         results.put(("error", repr(e), None))
+
+
+def read_and_append(backend: SharedBackend, thread_id: str, results: Any) -> None:
+    """A spawned child with its parent's backend (and, with no key configured, its parent's
+    process-local key): read the thread, append one slot."""
+    try:
+        buffer = ContextBuffer(backend)
+        seen = [s.payload for s in buffer.get_thread_slots(thread_id)]
+        slot = buffer.append(thread_id, f"from child {os.getpid()}", "child", "parent")
+        results.put(("ok", seen, slot.index, backend.signer.local))
+    except BaseException as e:
+        results.put(("error", repr(e), None, None))
+    finally:
+        backend.close()

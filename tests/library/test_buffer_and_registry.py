@@ -1,6 +1,8 @@
 """ContextBuffer and ThreadRegistry keep xml-pipeline's shape and semantics on every backend."""
 from __future__ import annotations
 
+import pickle
+
 import dataclasses
 from collections.abc import Iterator
 
@@ -97,8 +99,8 @@ def test_slot_blob_carries_no_index_and_slots_read_back_get_their_position() -> 
     backend = InMemoryBackend()
     buffer = ContextBuffer(backend)
     buffer.append("t", "a", "x", "y")
-    from xml_pipeline.memory import deserialize_slot
-    stored = deserialize_slot(backend.buffer_get_slot("t", 0), signer=backend.signer)  # type: ignore[arg-type]
+    _aid, body = backend.signer.place(backend.slot_namespace, "t").open(backend.buffer_get_slot("t", 0), 0)  # type: ignore[arg-type]
+    stored = pickle.loads(body)
     assert stored.metadata.slot_index == -1  # assigned by the backend, not carried in the blob
     assert buffer.get_slot("t", 0).metadata.slot_index == 0  # type: ignore[union-attr]
 

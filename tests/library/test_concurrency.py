@@ -9,6 +9,7 @@ Two kinds of test:
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 import threading
 import uuid as uuid_module
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from typing import Any
 import library_workers
 import pytest
 
-from xml_pipeline.memory import BufferSlot, ContextBuffer, SharedBackend, SlotMetadata, serialize_slot
+from xml_pipeline.errors import SlotIntegrityError
+from xml_pipeline.memory import BufferSlot, ContextBuffer, SharedBackend, SlotMetadata
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry
 
 PROCESSES = 8
@@ -90,7 +92,8 @@ class NaiveContextBuffer(ContextBuffer):
         index = self.backend.buffer_thread_len(thread_id)
         self.gate()
         slot = BufferSlot(payload, SlotMetadata(thread_id, from_id, to_id, index, "now", type(payload).__name__))
-        self.backend.buffer_append(thread_id, serialize_slot(slot, signer=self.backend.signer))
+        place = self.backend.signer.place(self.backend.slot_namespace, thread_id)
+        self.backend.buffer_append(thread_id, place.sign(index, b"", pickle.dumps(slot)))  # signed for its guess
         return slot
 
 
@@ -124,7 +127,9 @@ def run_gated_appends(buffer_class: type[ContextBuffer], backend: SharedBackend,
 
 @pytest.mark.parametrize("kind", ["memory", "manager"])
 def test_check_catches_read_length_then_append(make_backend: MakeBackend, kind: str) -> None:
-    with pytest.raises(AssertionError, match="indices are not exactly"):
+    # Every naive writer signed its slot for the index it read (0): the slots that landed elsewhere
+    # fail their signature at the position they are at.
+    with pytest.raises(SlotIntegrityError, match="'contended' slot 1: "):
         run_gated_appends(NaiveContextBuffer, make_backend(kind))
     run_gated_appends(GatedContextBuffer, make_backend(kind))  # same gate, atomic append: correct
 

@@ -165,7 +165,8 @@ def test_slots_signed_by_one_client_verify_on_another(any_backend: SharedBackend
     buffer = ContextBuffer(any_backend)
     slot = buffer.append("th", {"n": 1}, "a", "b")
     assert buffer.get_thread_slots("th") == [slot]
-    assert any_backend.signer.verify(any_backend.buffer_get_slot("th", 0) or b"")
+    place = any_backend.signer.place(any_backend.slot_namespace, "th")
+    assert place.open(any_backend.buffer_get_slot("th", 0) or b"", 0)
 
 
 # -- TTL: sliding expiry, emulated identically -----------------------------------------------------

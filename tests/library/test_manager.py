@@ -230,7 +230,7 @@ def test_the_server_hands_its_key_to_clients() -> None:
             assert client.signer.keys == (configured.encode(),) == server.signer.keys
     with ManagerBackend(authkey=AUTHKEY) as a, ManagerBackend(authkey=AUTHKEY) as b:
         assert a.signer.keys == b.signer.keys  # derived from the authkey: stable across servers
-        assert not a.signer.derived  # and secret, because the authkey is
+        assert not a.signer.local  # and shared by every client, secret because the authkey is
     with ManagerBackend() as c, ManagerBackend() as d:
         assert c.signer.keys != d.signer.keys
 

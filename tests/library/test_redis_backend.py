@@ -2,6 +2,7 @@
 temporary data, info(), client hygiene and the no-signing-key warning."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import warnings
@@ -14,8 +15,10 @@ from redis_server import RedisServer
 
 from xml_pipeline.errors import BackendUnavailable, ConfigError, ThreadFullError
 from xml_pipeline.memory.config import BackendConfig
+from xml_pipeline.memory.context_buffer import ContextBuffer
 from xml_pipeline.memory.keys import RedisKeys, glob_escape, validate_prefix
 from xml_pipeline.memory.redis_backend import RedisBackend, UnsignedBackendWarning
+from xml_pipeline.memory.signing import Signer
 
 KEY = "test-signing-key-0123456789abcdef"
 
@@ -290,26 +293,32 @@ def test_context_manager_closes(redis_server: RedisServer) -> None:
     assert b.ping() is False
 
 
-def test_no_signing_key_warns_once_and_processes_agree(redis_server: RedisServer,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_no_signing_key_warns_once_and_signs_with_a_process_local_key(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XP_SIGNING_KEY", raising=False)
     prefix = unique_prefix("nokey")
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
         first = make(redis_server, prefix, signing_key=None)
-        second = make(redis_server, prefix, signing_key=None)  # e.g. the worker side
+        second = make(redis_server, prefix, signing_key=None)  # another backend of the same process
     try:
         ours = [w for w in caught if issubclass(w.category, UnsignedBackendWarning)]
         assert len(ours) == 1
-        assert "NOT forgery" in str(ours[0].message) and "XP_SIGNING_KEY" in str(ours[0].message)
+        assert "private to this process" in str(ours[0].message) and "XP_SIGNING_KEY" in str(ours[0].message)
         assert len([r for r in caplog.records if "no signing key" in r.getMessage()]) == 1
-        assert first.signer.derived and second.signer.derived
-        assert second.signer.verify(first.signer.sign(b"body")) == b"body"
-        assert first.info()["signing"] == "derived (no key configured)"
+        assert first.signer.local and second.signer.keys == first.signer.keys
+        ContextBuffer(first).append("t", "written by first", "a", "b")
+        assert [s.payload for s in ContextBuffer(second).get_thread_slots("t")] == ["written by first"]
+        assert first.info()["signing"] == "process-local (no key configured)"
+        # Nothing is derived from the prefix: a key computed from it does not verify our slots.
+        prefix_key = Signer((hashlib.sha256(prefix.encode()).digest(),))
+        assert first.signer.keys != prefix_key.keys
     finally:
+        first.buffer_clear()
         first.close()
         second.close()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a configured key gives no warning at all
         keyed = make(redis_server, unique_prefix())
-        assert not keyed.signer.derived
+        assert not keyed.signer.local
         keyed.close()

@@ -1,7 +1,8 @@
 """Many processes on one Redis thread: indices are positions, get_or_create has one winner.
 
-Real processes (spawn), released together by a gate in Redis itself (BLPOP), each with its own
-RedisBackend. The naive "read the length, then append" gives two writers the same index here.
+Real processes (spawn and forkserver), released together by a gate in Redis itself (BLPOP), each with its own
+RedisBackend. The naive "read the length, then append" gives two writers the same index here; the
+compare-and-append that signs each slot for its index gives every writer a verified slot.
 """
 from __future__ import annotations
 
@@ -56,9 +57,9 @@ def get_or_create_worker(url: str, prefix: str, gate: str, worker: int) -> list[
     return winners
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[ProcessPoolExecutor]:
-    with ProcessPoolExecutor(PROCS, mp_context=multiprocessing.get_context("spawn")) as executor:
+@pytest.fixture(scope="module", params=["spawn", "forkserver"])
+def pool(request: pytest.FixtureRequest) -> Iterator[ProcessPoolExecutor]:
+    with ProcessPoolExecutor(PROCS, mp_context=multiprocessing.get_context(request.param)) as executor:
         yield executor
 
 

@@ -44,7 +44,7 @@ def setup(redis_server: RedisServer) -> Iterator[tuple[RedisBackend, ContextBuff
 
 def forged_blobs(marker: Path, genuine: bytes) -> dict[str, bytes]:
     evil = pickle.dumps(Exploit(marker))
-    other = Signer.derive("somebody else's key")
+    other = Signer.random()  # somebody else's key
     header = MAGIC + bytes((VERSION,)) + genuine[4:8]  # our key id, but no valid MAC
     return {
         "raw pickle": evil,

@@ -21,6 +21,7 @@ from redis_server import RedisServer, block_server
 from xml_pipeline.errors import BackendError, BackendUnavailable, ThreadFullError
 from xml_pipeline.memory.config import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.memory.protocol import Appended
 from xml_pipeline.memory.redis_pipe import RedisPipe, RespParser, Unsure
 
 KEY = "pipe-tests-signing-key-0123456789abcdef"
@@ -72,10 +73,12 @@ async def test_group_commit_many_steps_in_few_writes(redis_server: RedisServer) 
         thread = tid()
         n = 60
         keys = [(secrets.token_hex(16), secrets.token_hex(16)) for _ in range(n)]
-        indexes = await asyncio.gather(*(
-            pipe.append_and_put(thread, backend.signer.sign(b"slot %d" % i), max_slots=None, append_id=f"a{i}",
-                                items=[(keys[i][0], b"payload %d" % i), (keys[i][1], b"meta %d" % i)])
+        outcomes = await asyncio.gather(*(
+            pipe.append_at(thread, b"slot %d" % i, i, max_slots=None, append_id=f"a{i}",
+                           items=[(keys[i][0], b"payload %d" % i), (keys[i][1], b"meta %d" % i)])
             for i in range(n)))
+        indexes = [o.position for o in outcomes]
+        assert {o.status for o in outcomes} == {"stored"}
         # One write carried all n appends (+ 2n puts): the loop issued them in one iteration.
         assert pipe.commands - c0 == 3 * n
         assert pipe.writes - w0 == 1
@@ -86,8 +89,11 @@ async def test_group_commit_many_steps_in_few_writes(redis_server: RedisServer) 
         assert pipe.writes - w0 == 2
         assert backend.temp_get_many([k for pair in keys for k in pair]) == [None] * (2 * n)  # deleted
         # Same append ids again: stored once (the backend's idempotent append), first indexes back.
-        again = await pipe.append_and_put(thread, b"ignored", max_slots=None, append_id="a7", items=[])
-        assert again == indexes[7]
+        again = await pipe.append_at(thread, b"slot 7", n, max_slots=None, append_id="a7", items=[])
+        assert again == Appended("repeat", indexes[7], b"slot 7")  # with the stored slot, to compare
+        # A stale expected index: nothing stored, the thread's real length back.
+        assert await pipe.append_at(thread, b"late", 3, max_slots=None, append_id="late", items=[]) == \
+            Appended("moved", n)
         assert backend.buffer_thread_len(thread) == n
     finally:
         pipe.close()
@@ -108,21 +114,21 @@ async def test_one_bad_command_in_a_batch_answers_only_its_caller(redis_server: 
         assert await pipe.take(secrets.token_hex(16)) is None  # connected
         w0 = pipe.writes
         outcomes = await asyncio.gather(
-            pipe.append_and_put(good, b"g0", max_slots=5, append_id="g0", items=[]),
-            pipe.append_and_put(full, b"f", max_slots=1, append_id="f1", items=[(secrets.token_hex(16), b"x")]),
-            pipe.append_and_put(wrong, b"w", max_slots=5, append_id="w1", items=[]),
+            pipe.append_at(good, b"g0", 0, max_slots=5, append_id="g0", items=[]),
+            pipe.append_at(full, b"f", 1, max_slots=1, append_id="f1", items=[(secrets.token_hex(16), b"x")]),
+            pipe.append_at(wrong, b"w", 0, max_slots=5, append_id="w1", items=[]),
             pipe.take(secrets.token_hex(16)),  # nothing there: None, not an error
             pipe.take(k),
-            pipe.append_and_put(good, b"g1", max_slots=5, append_id="g1", items=[]),
+            pipe.append_at(good, b"g1", 1, max_slots=5, append_id="g1", items=[]),
             return_exceptions=True)
         assert pipe.writes - w0 == 1
-        assert outcomes[0] == 0 and outcomes[5] == 1
+        assert outcomes[0] == Appended("stored", 0) and outcomes[5] == Appended("stored", 1)
         assert isinstance(outcomes[1], Unsure) and isinstance(outcomes[2], Unsure)
         assert outcomes[3] is None and outcomes[4] == b"value"
         assert backend.buffer_thread_len(full) == 1 and backend.buffer_thread_len(good) == 2
         # What the pump does with Unsure: redo through the blocking backend, which raises as before.
         with pytest.raises(ThreadFullError):
-            backend.buffer_append_and_put(full, b"f", max_slots=1, append_id="f1", items=[])
+            backend.buffer_append_at(full, b"f", 1, max_slots=1, append_id="f1")
         with pytest.raises(BackendError, match="WRONGTYPE"):
             backend.buffer_append(wrong, b"w", max_slots=5, append_id="w1")
     finally:
@@ -138,14 +144,15 @@ async def test_outage_with_a_batch_in_flight_fails_every_caller_then_reconnects(
         # path (the pump's fallback) runs EVAL, and from then on the pipe's EVALSHA works.
         thread = tid()
         with pytest.raises(Unsure, match="NoScript"):
-            await pipe.append_and_put(thread, b"s0", max_slots=None, append_id="s0", items=[])
+            await pipe.append_at(thread, b"s0", 0, max_slots=None, append_id="s0", items=[])
         assert backend.buffer_append(thread, b"s0", append_id="s0") == 0
-        assert await pipe.append_and_put(thread, b"s0", max_slots=None, append_id="s0", items=[]) == 0
+        assert await pipe.append_at(thread, b"s0", 0, max_slots=None, append_id="s0", items=[]) == \
+            Appended("repeat", 0, b"s0")
         # The server stops reading (DEBUG SLEEP), a batch goes out, then the server dies under it.
         sleeper = await asyncio.to_thread(block_server, fresh_redis, 3.0)
         w0 = pipe.writes
-        calls = [asyncio.ensure_future(pipe.append_and_put(thread, b"s%d" % i, max_slots=None,
-                                                           append_id=f"s{i}", items=[])) for i in range(1, 11)]
+        calls = [asyncio.ensure_future(pipe.append_at(thread, b"s%d" % i, i, max_slots=None,
+                                                      append_id=f"s{i}", items=[])) for i in range(1, 11)]
         calls += [asyncio.ensure_future(pipe.take(secrets.token_hex(16))) for _ in range(5)]
         await asyncio.sleep(0)  # let them queue
         await asyncio.sleep(0)
@@ -178,7 +185,7 @@ async def test_a_stalled_server_is_given_up_on_after_socket_timeout(fresh_redis:
         sleeper = await asyncio.to_thread(block_server, fresh_redis, 1.5)
         outcomes = await asyncio.wait_for(asyncio.gather(
             pipe.take(secrets.token_hex(16)),
-            pipe.append_and_put(tid(), b"s", max_slots=None, append_id="x", items=[]),
+            pipe.append_at(tid(), b"s", 0, max_slots=None, append_id="x", items=[]),
             return_exceptions=True), 10)
         assert isinstance(outcomes[0], BackendUnavailable) and "TimeoutError" in str(outcomes[0])
         assert isinstance(outcomes[1], Unsure)
@@ -196,7 +203,7 @@ async def test_pipe_authenticates_like_the_pool(redis_factory: type[RedisServer]
     pipe, bad_pipe = RedisPipe(good), RedisPipe(bad)
     try:
         load_scripts(good)
-        assert await pipe.append_and_put(tid(), b"s", max_slots=None, append_id="a", items=[]) == 0
+        assert await pipe.append_at(tid(), b"s", 0, max_slots=None, append_id="a", items=[]) == Appended("stored", 0)
         with pytest.raises(BackendUnavailable) as e:
             await bad_pipe.take(secrets.token_hex(16))
         assert "wrong-password" not in str(e.value)

@@ -71,8 +71,19 @@ def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # pump
 # ---------------------------------------------------------------------------------------------------
+def _require_signing_key(organism: Organism) -> None:
+    """Pump and workers are separate processes: on Redis they must share a configured key (without
+    one every process signs with a random key of its own, and none could read another's slots)."""
+    if organism.backend.backend_type == "redis" and not organism.backend.signing_keys:
+        raise ConfigError("XP_SIGNING_KEY", "is not set: the pump and its workers are separate processes "
+                          "and share slots only under a configured signing key",
+                          "a random secret of 16 or more characters, the same for the pump and every worker "
+                          "(or backend.signing_key in the organism file)")
+
+
 def cmd_pump(args: argparse.Namespace) -> int:
     organism = load(args)
+    _require_signing_key(organism)
     backend = create_backend(organism.backend)
     try:
         return asyncio.run(_pump_main(organism, backend, args.heartbeat_file, args.metrics_port))
@@ -202,6 +213,7 @@ def _require_redis(organism: Organism) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     organism = load(args)
     _require_redis(organism)
+    _require_signing_key(organism)
     processes = args.processes if args.processes is not None else organism.process_pool.workers
     if processes < 1:
         raise ConfigError("--processes", f"must be >= 1, got {processes}")

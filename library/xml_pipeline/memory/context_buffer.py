@@ -9,7 +9,17 @@ What is different, and why:
   carries slot_index = -1; every slot this class returns has `metadata.slot_index` = its position.
 - The per-thread limit is checked by the backend in that same step (`max_slots`), so it holds with
   many processes appending at once; a full thread raises ThreadFullError and stores nothing.
-- Slots are signed with the backend's key ring and verified before unpickling (serialization.py).
+- Slots are signed with the backend's key ring and verified before unpickling, and the signature
+  binds each slot to its place: the backend's namespace (Redis prefix), the thread and the index
+  (signing.SlotPlace). A slot copied to another thread or prefix, replayed at a later position or
+  swapped with another reads as SlotIntegrityError naming the thread and index. To sign for the
+  index before the backend assigns it, an append is a compare-and-append: the slot is signed for the
+  index this buffer expects (the thread's length as last seen, kept per thread in a bounded LRU; 0
+  for a thread it never saw), the backend stores it only if the thread holds exactly that many
+  slots, and otherwise answers the real length, for which the slot is signed again. Each such retry
+  means another writer's slot was stored, so every round makes progress for someone.
+- An append id identifies one append of one slot: a repeat (a retry) returns the first slot; the
+  same id with a different slot raises AppendIdConflict and stores nothing (see `_repeat`).
 
 `is_shared` and `get_stats()["backend"]` say what xml-pipeline's say: whether a backend was given
 ("shared") or the buffer keeps its history in this process ("local"). Whether other processes can
@@ -17,16 +27,19 @@ see the backend is `backend.is_shared`.
 """
 from __future__ import annotations
 
+import collections
+import pickle
 import threading
-from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
-from ..errors import BackendError, BackendUnavailable
+from ..errors import AppendIdConflict, BackendError, BackendUnavailable, SlotIntegrityError
 from .handler_metadata import HandlerMetadata, slot_to_handler_metadata
 from .inmemory import InMemoryBackend, check_thread_id
-from .protocol import SharedBackend
-from .serialization import deserialize_slot, serialize_slot
+from .protocol import Appended, SharedBackend
+from .serialization import unpickle
+from .signing import MAX_APPEND_ID, SlotPlace
 from .slots import UNASSIGNED, BufferSlot, SlotMetadata
 from .thread_context import ThreadContext
 
@@ -35,6 +48,34 @@ __all__ = ["ContextBuffer", "ThreadContext", "BufferSlot", "SlotMetadata", "Hand
 
 DEFAULT_MAX_SLOTS_PER_THREAD = 10_000
 DEFAULT_MAX_THREADS = 1_000
+#: Compare-and-append rounds before giving up. A round fails only because another writer's slot
+#: was stored meanwhile, so this is only reached under extreme contention on one thread.
+MAX_APPEND_ATTEMPTS = 1000
+#: Threads whose next index (and signing place) a buffer remembers; the least recently used are
+#: forgotten (a forgotten thread costs one extra round trip on its next append).
+EXPECTED_INDEX_CACHE = 4096
+
+
+class PreparedAppend:
+    """A slot ready to be stored: pickled once, signed for whichever index the thread is at."""
+
+    __slots__ = ("thread_id", "slot", "body", "append_id", "_aid", "_place", "_signed")
+
+    def __init__(self, slot: BufferSlot, body: bytes, append_id: str | None, place: SlotPlace) -> None:
+        self.thread_id = slot.metadata.thread_id
+        self.slot = slot
+        self.body = body
+        self.append_id = append_id
+        self._aid = append_id.encode() if append_id else b""
+        self._place = place
+        self._signed: tuple[int, bytes] | None = None
+
+    def blob(self, index: int) -> bytes:
+        """The signed envelope of this slot at `index` of its thread."""
+        signed = self._signed
+        if signed is None or signed[0] != index:
+            signed = self._signed = (index, self._place.sign(index, self._aid, self.body))
+        return signed[1]
 
 
 class ContextBuffer:
@@ -58,8 +99,12 @@ class ContextBuffer:
         self._lock = threading.Lock()
         # Local buffers: thread ids oldest first (max_threads eviction). Live views handed out by
         # get_or_create_thread, so asking twice gives the same object.
-        self._order: OrderedDict[str, None] = OrderedDict()
-        self._views: OrderedDict[str, ThreadContext] = OrderedDict()
+        self._order: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._views: collections.OrderedDict[str, ThreadContext] = collections.OrderedDict()
+        # thread id -> [expected next index, SlotPlace]
+        self._threads: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._namespace: str = getattr(self._backend, "slot_namespace", "")
 
     @property
     def backend(self) -> SharedBackend:
@@ -105,41 +150,29 @@ class ContextBuffer:
         """Store a validated payload at the end of `thread_id`'s log and return its slot.
 
         `append_id` makes a retry of this append (after a timeout, say) return the first call's slot
-        index instead of storing the slot twice. Raises ThreadFullError at max_slots_per_thread.
+        instead of storing it twice; reusing it for a different slot raises AppendIdConflict.
+        Raises ThreadFullError at max_slots_per_thread.
         """
         if not self._shared:
             self._admit(thread_id)
-        slot, blob = self._slot(thread_id, payload, from_id, to_id, own_name, is_self_call, usage_instructions)
-        index = self._backend.buffer_append(thread_id, blob, max_slots=self.max_slots_per_thread,
-                                            append_id=append_id)
-        return slot.at_index(index)
+        return self.store(self.prepare(thread_id, payload, from_id, to_id, own_name, is_self_call=is_self_call,
+                                       usage_instructions=usage_instructions, append_id=append_id))
 
     def append_and_put(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None = None,
                        *, append_id: str | None = None, temps: list[tuple[str, bytes]]) -> BufferSlot:
-        """append(), then temp_put(key, value) of each of `temps` (values already signed).
+        """append(), then temp_put(key, value) of each of `temps` (values already signed), in one
+        round trip on the manager and redis backends. A full thread raises before anything is stored."""
+        return self.store(self.prepare(thread_id, payload, from_id, to_id, own_name, append_id=append_id), temps)
 
-        On backends that offer it (manager, redis) both travel in one round trip; the append is
-        still the backend's own atomic append, and a full thread raises before anything is stored.
-        """
-        slot, blob = self._slot(thread_id, payload, from_id, to_id, own_name, False, "")
-        both = getattr(self._backend, "buffer_append_and_put", None)
-        if both is not None:
-            index = both(thread_id, blob, max_slots=self.max_slots_per_thread, append_id=append_id, items=temps)
-        else:
-            index = self._backend.buffer_append(thread_id, blob, max_slots=self.max_slots_per_thread,
-                                                append_id=append_id)
-            for key, value in temps:
-                self._backend.temp_put(key, value)
-        return slot.at_index(index)
-
-    def prepare(self, thread_id: str, payload: Any, from_id: str, to_id: str,
-                own_name: str | None = None) -> tuple[BufferSlot, bytes]:
-        """The slot append() would store (index unassigned) and its signed blob, without storing it:
-        for callers that send the backend's append themselves (the pump's asyncio Redis pipe)."""
-        return self._slot(thread_id, payload, from_id, to_id, own_name, False, "")
-
-    def _slot(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None,
-              is_self_call: bool, usage_instructions: str) -> tuple[BufferSlot, bytes]:
+    def prepare(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None = None,
+                *, is_self_call: bool = False, usage_instructions: str = "",
+                append_id: str | None = None) -> PreparedAppend:
+        """The slot append() would store, pickled, without storing it: for `store` / `store_async`
+        (the pump sends the append through its asyncio Redis pipe)."""
+        if append_id is not None and (not isinstance(append_id, str) or not append_id
+                                      or len(append_id.encode()) > MAX_APPEND_ID):
+            raise ValueError(f"append_id must be a non-empty string of at most {MAX_APPEND_ID} bytes, "
+                             f"got {append_id!r:.80}")
         metadata = SlotMetadata(
             thread_id=thread_id,
             from_id=from_id,
@@ -152,17 +185,142 @@ class ContextBuffer:
             usage_instructions=usage_instructions,
         )
         slot = BufferSlot(payload=payload, metadata=metadata)
-        return slot, serialize_slot(slot, signer=self._backend.signer)
+        body = pickle.dumps(slot, protocol=pickle.HIGHEST_PROTOCOL)
+        return PreparedAppend(slot, body, append_id, self._place(thread_id))
 
-    def _load(self, blob: bytes, index: int) -> BufferSlot:
-        slot = deserialize_slot(blob, signer=self._backend.signer)
-        if not isinstance(slot, BufferSlot):
-            raise BackendError(f"slot {index} holds a {type(slot).__name__}, not a BufferSlot")
+    def store(self, prepared: PreparedAppend, temps: Sequence[tuple[str, bytes]] = ()) -> BufferSlot:
+        """Store a prepared slot (compare-and-append, signed for the index it lands at)."""
+        index = self.expected_index(prepared.thread_id)
+        for _ in range(MAX_APPEND_ATTEMPTS):
+            outcome = self._backend.buffer_append_at(prepared.thread_id, prepared.blob(index), index,
+                                                     max_slots=self.max_slots_per_thread,
+                                                     append_id=prepared.append_id, items=temps)
+            done = self.settle(prepared, index, outcome)
+            if isinstance(done, BufferSlot):
+                return done
+            index = done
+        raise self._contended(prepared)
+
+    async def store_async(self, prepared: PreparedAppend,
+                          send: Callable[[int, bytes], Awaitable[Appended]]) -> BufferSlot:
+        """`store` with the backend call made by `send(index, blob)` (e.g. the pump's RedisPipe)."""
+        index = self.expected_index(prepared.thread_id)
+        for _ in range(MAX_APPEND_ATTEMPTS):
+            done = self.settle(prepared, index, await send(index, prepared.blob(index)))
+            if isinstance(done, BufferSlot):
+                return done
+            index = done
+        raise self._contended(prepared)
+
+    def settle(self, prepared: PreparedAppend, index: int, outcome: Appended) -> BufferSlot | int:
+        """The stored slot, or the index to sign for and try next."""
+        thread_id = prepared.thread_id
+        if outcome.status == "stored":
+            if outcome.position != index:
+                raise BackendError(f"thread {thread_id!r}: the backend stored a slot signed for index {index} "
+                                   f"at {outcome.position}")
+            self._remember(thread_id, index + 1)
+            return prepared.slot.at_index(index)
+        if outcome.status == "moved":
+            self._remember(thread_id, outcome.position)
+            return outcome.position
+        return self._repeat(prepared, outcome.position, outcome.stored)
+
+    def _repeat(self, prepared: PreparedAppend, index: int, stored: bytes | None) -> BufferSlot:
+        """The append id was recorded for the slot at `index`. It is the same append if that slot
+        verifies at its place, carries this append id, and holds the same slot apart from its
+        timestamp (a retry builds the slot again): same payload, sender, receiver and flags."""
+        thread_id, aid = prepared.thread_id, prepared.append_id or ""
+        if stored is None:
+            raise AppendIdConflict(thread_id, aid, index, "is gone (expired or deleted)")
+        aid_stored, body = self._open(prepared._place, stored, index)  # noqa: SLF001 - same module
+        if aid_stored != prepared._aid:  # noqa: SLF001
+            raise SlotIntegrityError(f"thread {thread_id!r} slot {index}: the append id record points at a slot "
+                                     "written under another append id (the record was tampered with)")
+        if body == prepared.body:
+            return prepared.slot.at_index(index)
+        slot = self._unpickle(body, thread_id, index)
+        if not _same_append(slot, prepared.slot):
+            raise AppendIdConflict(thread_id, aid, index)
         return slot.at_index(index)
+
+    @staticmethod
+    def _contended(prepared: PreparedAppend) -> BackendError:
+        return BackendError(f"thread {prepared.thread_id!r}: the slot was not stored after {MAX_APPEND_ATTEMPTS} "
+                            "attempts, each time another writer's slot was stored first")
+
+    # -- per thread: the expected next index and the signing place (bounded LRU) -----------------------
+    def expected_index(self, thread_id: str) -> int:
+        """The index the next slot of `thread_id` is signed for first (its length as last seen)."""
+        with self._cache_lock:
+            entry = self._threads.get(thread_id)
+            return entry[0] if entry is not None else 0
+
+    def _remember(self, thread_id: str, length: int) -> None:
+        with self._cache_lock:
+            entry = self._threads.get(thread_id)
+            if entry is not None:
+                entry[0] = length
+                self._threads.move_to_end(thread_id)
+            else:
+                self._add(thread_id, [length, self._backend.signer.place(self._namespace, thread_id)])
+
+    def _add(self, thread_id: str, entry: list[Any]) -> None:
+        cache = self._threads
+        cache[thread_id] = entry
+        if len(cache) > EXPECTED_INDEX_CACHE:
+            cache.popitem(last=False)
+
+    def _forget(self, thread_id: str | None = None) -> None:
+        with self._cache_lock:
+            if thread_id is None:
+                self._threads.clear()
+            else:
+                self._threads.pop(thread_id, None)
+
+    def _place(self, thread_id: str) -> SlotPlace:
+        signer = self._backend.signer
+        with self._cache_lock:
+            entry = self._threads.get(thread_id)
+            if entry is not None and entry[1].signer is signer:
+                self._threads.move_to_end(thread_id)
+                return cast(SlotPlace, entry[1])
+            place = signer.place(self._namespace, thread_id)
+            if entry is not None:
+                entry[1] = place
+            else:
+                self._add(thread_id, [0, place])
+            return place
+
+    @staticmethod
+    def _open(place: SlotPlace, blob: bytes, index: int) -> tuple[bytes, bytes]:
+        try:
+            return place.open(blob, index)
+        except SlotIntegrityError as e:
+            raise SlotIntegrityError(f"thread {place.thread_id!r} slot {index}: {e}") from None
+
+    @staticmethod
+    def _unpickle(body: bytes, thread_id: str, index: int) -> BufferSlot:
+        slot = unpickle(body)
+        if not isinstance(slot, BufferSlot) or slot.metadata.thread_id != thread_id:
+            raise BackendError(f"thread {thread_id!r} slot {index} holds a {type(slot).__name__}, "
+                               "not a BufferSlot of this thread")
+        return slot
+
+    def _load(self, place: SlotPlace, blob: bytes, index: int) -> BufferSlot:
+        slot = self._unpickle(self._open(place, blob, index)[1], place.thread_id, index)
+        # A freshly unpickled slot nobody else holds: set its position in place (at_index would copy
+        # it; every slot of every read comes through here).
+        slot.metadata.__dict__["slot_index"] = index
+        return slot
 
     def get_thread_slots(self, thread_id: str) -> list[BufferSlot]:
         """All slots of a thread, in order ([] for an unknown thread)."""
-        return [self._load(blob, i) for i, blob in enumerate(self._backend.buffer_get_thread(thread_id))]
+        blobs = self._backend.buffer_get_thread(thread_id)
+        place, load = self._place(thread_id), self._load
+        slots = [load(place, blob, i) for i, blob in enumerate(blobs)]
+        self._remember(thread_id, len(slots))
+        return slots
 
     def get_thread(self, thread_id: str) -> ThreadContext | None:
         """A snapshot of the thread, or None if it does not exist."""
@@ -176,7 +334,7 @@ class ContextBuffer:
             return None
         if index < 0:  # a second round trip; slots are never removed one by one, so it is stable
             index += self._backend.buffer_thread_len(thread_id)
-        return self._load(blob, index)
+        return self._load(self._place(thread_id), blob, index)
 
     def thread_len(self, thread_id: str) -> int:
         return self._backend.buffer_thread_len(thread_id)
@@ -187,6 +345,7 @@ class ContextBuffer:
     def delete_thread(self, thread_id: str) -> bool:
         with self._lock:
             self._order.pop(thread_id, None)
+        self._forget(thread_id)
         return self._backend.buffer_delete_thread(thread_id)
 
     def get_stats(self) -> dict[str, Any]:
@@ -208,10 +367,28 @@ class ContextBuffer:
         """Delete every thread (testing)."""
         with self._lock:
             self._order.clear()
+        self._forget()
         self._backend.buffer_clear()
 
     def __repr__(self) -> str:
         return f"ContextBuffer(backend={self._backend!r}, max_slots_per_thread={self.max_slots_per_thread})"
+
+
+def _same_append(stored: BufferSlot, new: BufferSlot) -> bool:
+    """Same slot apart from the timestamp: payload, sender, receiver, name and flags."""
+    a, b = stored.metadata, new.metadata
+    if (a.thread_id, a.from_id, a.to_id, a.payload_type, a.own_name, a.is_self_call, a.usage_instructions) != \
+            (b.thread_id, b.from_id, b.to_id, b.payload_type, b.own_name, b.is_self_call, b.usage_instructions):
+        return False
+    try:
+        if stored.payload == new.payload:  # a payload without __eq__ falls through to its pickle
+            return True
+    except Exception:  # noqa: BLE001 - e.g. an array whose == is elementwise
+        pass
+    try:
+        return pickle.dumps(stored.payload, pickle.HIGHEST_PROTOCOL) == pickle.dumps(new.payload, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - unpicklable here: not provably the same
+        return False
 
 
 _default_lock = threading.Lock()

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from ..errors import BackendUnavailable, ThreadFullError
+from ..errors import AppendIdConflict, BackendUnavailable, ThreadFullError
 from .config import BackendConfig
 from .keys import check_tagged_id
+from .protocol import Appended
 from .serialization import default_signer
 from .signing import Signer
 
@@ -77,6 +79,10 @@ class InMemoryBackend:
     @property
     def signer(self) -> Signer:
         return self._signer
+
+    @property
+    def slot_namespace(self) -> str:
+        return "memory"
 
     @property
     def ttl(self) -> int | None:
@@ -177,30 +183,71 @@ class InMemoryBackend:
     # -- Context Buffer -------------------------------------------------------------------------
     def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
+        blob, append_id = self._check_append(thread_id, slot_data, max_slots, append_id)
+        with self._lock:
+            now = self._now()
+            done = self._repeat(thread_id, append_id, now)
+            if done is not None:
+                if done.stored != blob:
+                    raise AppendIdConflict(thread_id, append_id or "", done.position)
+                return done.position  # a retry of an append that was stored: store nothing
+            return self._store(thread_id, blob, max_slots, append_id, now)
+
+    def buffer_append_at(self, thread_id: str, slot: bytes, index: int, *, max_slots: int | None = None,
+                         append_id: str | None = None, items: Sequence[tuple[str, bytes]] = ()) -> Appended:
+        blob, append_id = self._check_append(thread_id, slot, max_slots, append_id)
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"index must be an integer >= 0, got {index!r}")
+        with self._lock:
+            now = self._now()
+            outcome = self._repeat(thread_id, append_id, now)
+            if outcome is None:
+                slots = self._buffer(thread_id, now)
+                length = len(slots) if slots else 0
+                if length != index:
+                    return Appended("moved", length)
+                outcome = Appended("stored", self._store(thread_id, blob, max_slots, append_id, now))
+        for key, value in items:
+            self.temp_put(key, value)
+        return outcome
+
+    @staticmethod
+    def _check_append(thread_id: str, slot: bytes, max_slots: int | None,
+                      append_id: str | None) -> tuple[bytes, str | None]:
         check_thread_id(thread_id)
-        blob = check_blob(slot_data)
+        blob = check_blob(slot)
         if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int)
                                       or max_slots < 1):
             raise ValueError(f"max_slots must be None or an integer >= 1, got {max_slots!r}")
         if append_id is not None and (not isinstance(append_id, str) or not append_id):
             raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
-        with self._lock:
-            now = self._now()
-            if append_id is not None:
-                done = self._ops.get(thread_id, {}).get(append_id)
-                if done is not None and done[1] > now:
-                    return done[0]  # a retry of an append that was stored: store nothing
-            slots = self._buffer(thread_id, now)
-            if slots is None:
-                slots = self._buffers[thread_id] = []
-            if max_slots is not None and len(slots) >= max_slots:
-                raise ThreadFullError(thread_id, max_slots)
-            index = len(slots)
-            slots.append(blob)
-            self._touch_thread(thread_id, now)
-            if append_id is not None:
-                self._ops.setdefault(thread_id, {})[append_id] = (index, now + (self._ttl or DEFAULT_OP_TTL))
-            return index
+        return blob, append_id
+
+    def _repeat(self, thread_id: str, append_id: str | None, now: float) -> Appended | None:
+        """The recorded outcome of `append_id` in this thread, if any (call with the lock held)."""
+        if append_id is None:
+            return None
+        done = self._ops.get(thread_id, {}).get(append_id)
+        if done is None or done[1] <= now:
+            return None
+        slots = self._buffer(thread_id, now)
+        stored = slots[done[0]] if slots and done[0] < len(slots) else None
+        return Appended("repeat", done[0], stored)
+
+    def _store(self, thread_id: str, blob: bytes, max_slots: int | None, append_id: str | None, now: float) -> int:
+        slots = self._buffer(thread_id, now)
+        if slots is None:
+            slots = self._buffers[thread_id] = []
+        if max_slots is not None and len(slots) >= max_slots:
+            if not slots:
+                del self._buffers[thread_id]
+            raise ThreadFullError(thread_id, max_slots)
+        index = len(slots)
+        slots.append(blob)
+        self._touch_thread(thread_id, now)
+        if append_id is not None:
+            self._ops.setdefault(thread_id, {})[append_id] = (index, now + (self._ttl or DEFAULT_OP_TTL))
+        return index
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         check_thread_id(thread_id)

@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import connection as mpc
 from multiprocessing.managers import BaseManager, Server
 from types import TracebackType
@@ -56,6 +56,7 @@ from typing import Any, ClassVar
 from ..errors import BackendError, BackendUnavailable, ConfigError
 from .config import BackendConfig, compat_config
 from .inmemory import InMemoryBackend
+from .protocol import Appended
 from .signing import Signer
 
 Address = tuple[str, int] | str
@@ -81,7 +82,7 @@ _EXPOSED = (
     "buffer_thread_exists", "buffer_delete_thread", "buffer_list_threads", "buffer_clear",
     "registry_set", "registry_get_or_create", "registry_get_uuid", "registry_get_chain",
     "registry_delete", "registry_list_all", "registry_clear", "temp_put", "temp_get", "temp_delete",
-    "temp_put_many", "temp_get_many", "temp_take", "buffer_append_and_put",
+    "temp_put_many", "temp_get_many", "temp_take", "buffer_append_at",
 )
 
 
@@ -166,13 +167,6 @@ class _ServerStore(InMemoryBackend):
             return self.temp_get(key)
         finally:
             self.temp_delete(key, *also_delete)
-
-    def buffer_append_and_put(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
-                              items: list[tuple[str, bytes]]) -> int:
-        # The append first: a full thread raises and stores nothing, as append-then-put did.
-        index = self.buffer_append(thread_id, slot, max_slots=max_slots, append_id=append_id)
-        self.temp_put_many(items)
-        return index
 
 
 class _StoreServer(Server):
@@ -465,6 +459,10 @@ class ManagerBackend:
         return self._server is not None
 
     @property
+    def slot_namespace(self) -> str:
+        return "manager"
+
+    @property
     def signer(self) -> Signer:
         if self._signer is None:
             self._handshake()
@@ -560,6 +558,19 @@ class ManagerBackend:
                 return int(self._call("buffer_append", (thread_id, slot_data), kwargs))
         return int(self._call("buffer_append", (thread_id, slot_data), kwargs))
 
+    def buffer_append_at(self, thread_id: str, slot: bytes, index: int, *, max_slots: int | None = None,
+                         append_id: str | None = None, items: Sequence[tuple[str, bytes]] = ()) -> Appended:
+        """The server store's compare-and-append (and temp_put of `items`) in one round trip."""
+        kwargs = {"max_slots": max_slots, "append_id": append_id, "items": list(items)}
+        if append_id is not None:
+            # With an id a repeat stores nothing (it answers "repeat" with the stored slot) and the
+            # puts overwrite: safe to retry on a fresh connection.
+            try:
+                return Appended(*self._call("buffer_append_at", (thread_id, slot, index), kwargs))
+            except BackendUnavailable:
+                pass
+        return Appended(*self._call("buffer_append_at", (thread_id, slot, index), kwargs))
+
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         return self._call("buffer_get_thread", (thread_id,))
 
@@ -624,18 +635,6 @@ class ManagerBackend:
     def temp_take(self, key: str, *also_delete: str) -> bytes | None:
         """temp_get(key), then temp_delete(key, *also_delete) whether or not the get worked."""
         return self._call("temp_take", (key, also_delete))
-
-    def buffer_append_and_put(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
-                              append_id: str | None = None, items: list[tuple[str, bytes]]) -> int:
-        """buffer_append, then temp_put_many(items), in one round trip; returns the slot index."""
-        args = (thread_id, slot, max_slots, append_id, list(items))
-        if append_id is not None:
-            # With an id a repeated append stores nothing and the puts overwrite: safe to retry.
-            try:
-                return int(self._call("buffer_append_and_put", args))
-            except BackendUnavailable:
-                return int(self._call("buffer_append_and_put", args))
-        return int(self._call("buffer_append_and_put", args))
 
     # -- Lifecycle and monitoring ---------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -7,7 +7,10 @@ Guarantees every backend gives (the contract suite in tests/library checks all t
 - `buffer_append` assigns the slot's index atomically: the index is the slot's position in the
   thread's log, even with many processes appending to one thread at once.
 - With `append_id`, an append retried after a timeout is stored once: a repeated call with the same
-  id (within the TTL, or 24 h without one) returns the first call's index and stores nothing.
+  id and the same bytes (within the TTL, or 24 h without one) returns the first call's index and
+  stores nothing; the same id with different bytes raises AppendIdConflict and stores nothing.
+- `buffer_append_at(thread, slot, index)` is the compare-and-append ContextBuffer uses to sign each
+  slot for its position: it stores only if the thread holds exactly `index` slots (see Appended).
 - With `max_slots`, the limit is checked in the same atomic step as the append (ThreadFullError).
 - With a TTL, every key exists only with an expiry, and each write to a thread refreshes the TTL of
   its buffer and of its registry entries together (sliding expiry).
@@ -15,11 +18,28 @@ Guarantees every backend gives (the contract suite in tests/library checks all t
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from .config import BackendConfig
 from .signing import Signer
+
+
+class Appended(NamedTuple):
+    """What `buffer_append_at` did.
+
+    - "stored": the slot is now at `position` (the index asked for).
+    - "moved": the thread holds `position` slots, not the number asked for; nothing was stored (sign
+      the slot for that index and try again).
+    - "repeat": the append id was already recorded, for the slot at `position`; nothing was stored.
+      `stored` is that slot's blob (None if it is gone), for the caller to decide whether this is
+      really the same append.
+    """
+
+    status: Literal["stored", "moved", "repeat"]
+    position: int
+    stored: bytes | None = None
 
 
 @runtime_checkable
@@ -43,9 +63,19 @@ class SharedBackend(Protocol):
         """Key ring used for the signed envelopes of everything stored through this backend."""
         ...
 
+    @property
+    def slot_namespace(self) -> str:
+        """What a slot's signature binds besides its thread and index (the Redis prefix)."""
+        ...
+
     # -- Context Buffer -------------------------------------------------------------------------
     def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int: ...
+    def buffer_append_at(self, thread_id: str, slot: bytes, index: int, *, max_slots: int | None = None,
+                         append_id: str | None = None, items: Sequence[tuple[str, bytes]] = ()) -> Appended:
+        """Compare-and-append: store `slot` only if the thread holds exactly `index` slots, then
+        temp_put each of `items` (values already signed). Raises ThreadFullError at max_slots."""
+        ...
     def buffer_get_thread(self, thread_id: str) -> list[bytes]: ...
     def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None: ...
     def buffer_thread_len(self, thread_id: str) -> int: ...

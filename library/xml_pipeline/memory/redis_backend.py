@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -32,12 +32,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ..errors import BackendError, BackendUnavailable, ThreadFullError
+from ..errors import AppendIdConflict, BackendError, BackendUnavailable, ThreadFullError
 from . import redis_functions
 from . import redis_scripts as scripts
 from .config import BackendConfig, compat_config, redact_url
 from .keys import RedisKeys, check_tagged_id
 from .redis_pipe import DirectConnection
+from .protocol import Appended
+from .serialization import default_signer
 from .signing import Signer
 
 __all__ = ["RedisBackend", "UnsignedBackendWarning", "ACL_COMMANDS", "EVAL_COMMANDS", "DEFAULT_TEMP_TTL"]
@@ -71,7 +73,8 @@ _BACKOFF_CAP = 0.5
 
 
 class UnsignedBackendWarning(UserWarning):
-    """A Redis backend runs without a configured signing key (integrity against corruption only)."""
+    """A Redis backend runs without a configured signing key (its slots are readable by this process
+    and its children only)."""
 
 
 _warned_prefixes: set[str] = set()
@@ -79,20 +82,19 @@ _warn_lock = threading.Lock()
 
 
 def _signer_for(config: BackendConfig) -> Signer:
-    signer = config.signer()
-    if signer is not None:
+    signer = config.signer() or default_signer()
+    if not signer.local:
         return signer
     with _warn_lock:
         first = config.redis_prefix not in _warned_prefixes
         _warned_prefixes.add(config.redis_prefix)
     if first:
         msg = (f"Redis backend (prefix {config.redis_prefix!r}) has no signing key: set XP_SIGNING_KEY "
-               "or backend.signing_key. Until then slots are signed with a key derived from the prefix, "
-               "which detects corruption but NOT forgery by anyone who can write to this Redis.")
+               "or backend.signing_key. Until then slots are signed with a random key private to this "
+               "process (and the worker processes it starts): no other process can read them.")
         log.warning(msg)
         warnings.warn(msg, UnsignedBackendWarning, stacklevel=3)
-    # Derived from non-secret data every process of the organism shares, so pump and workers agree.
-    return Signer.derive("xml-pipeline redis backend", config.redis_prefix)
+    return signer
 
 
 def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
@@ -147,10 +149,12 @@ class RedisBackend:
     is_shared = True
 
     def __init__(self, config: BackendConfig | str | None = None, *, url: str | None = None,
-                 prefix: str | None = None, ttl: int | None = None) -> None:
+                 prefix: str | None = None, ttl: int | None = None, signer: Signer | None = None) -> None:
         """A backend on the Redis server of `config`, or of xml-pipeline's arguments:
         `RedisBackend(url="redis://host:6379", prefix="xp:", ttl=86400)` (`url` may also come first,
-        by position; `ttl=0` keeps keys forever). Arguments given override the config's fields."""
+        by position; `ttl=0` keeps keys forever). Arguments given override the config's fields.
+        `signer` overrides the key ring (a child process gets its parent's process-local key this
+        way when no key is configured, see __reduce__)."""
         config = compat_config(config, "redis", redis_url=url, redis_prefix=prefix, redis_ttl=ttl)
         self.config = config
         self.keys = RedisKeys(config.redis_prefix)
@@ -160,7 +164,7 @@ class RedisBackend:
         url, url_user, url_password = _split_credentials(config.redis_url)
         self._username = config.redis_username or url_user
         self._password = config.redis_password or url_password
-        self._signer = _signer_for(config)
+        self._signer = signer if signer is not None else _signer_for(config)
         # The pool's connections never retry on their own (Retry(..., 0)): `client` is handed to the
         # pump for stream commands that are not idempotent (XADD). Our idempotent operations go
         # through self._retry instead.
@@ -194,7 +198,7 @@ class RedisBackend:
         self._pb = self._prefix.encode()
         self._plen = len(self._pb)
         self._packed_index = _pack_args((self._index,))
-        # Packed (ttl, max_slots, prefix) tails of the append, per max_slots value seen.
+        # Packed (ttl, max_slots, prefix) of the append's ARGV, per max_slots value seen.
         self._append_tails: dict[int, bytes] = {0: _pack_args((self._ttl, 0, self._prefix))}
         self._closed = False
         log.debug("redis backend on %s, prefix %r, ttl %s", self._url, self._prefix, self._ttl or "none")
@@ -203,6 +207,10 @@ class RedisBackend:
     @property
     def signer(self) -> Signer:
         return self._signer
+
+    @property
+    def slot_namespace(self) -> str:
+        return self._prefix
 
     @property
     def url(self) -> str:
@@ -227,8 +235,10 @@ class RedisBackend:
         return f"RedisBackend(url={self._url!r}, prefix={self._prefix!r}, ttl={self._ttl or None})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Workers rebuild their own pool from the config (connections cannot cross processes).
-        return (RedisBackend, (self.config,))
+        # Workers rebuild their own pool from the config (connections cannot cross processes). A
+        # process-local key travels along (pickled into a child this process starts, e.g. the
+        # local worker pool of `xml-pipeline run`), so the child reads what this process signs.
+        return (_rebuild, (self.config, self._signer.keys if self._signer.local else None))
 
     # -- running commands -------------------------------------------------------------------------
     def execute(self, fn: Callable[[redis.Redis], T], *, idempotent: bool, what: str = "command") -> T:
@@ -413,44 +423,69 @@ class RedisBackend:
     def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
         head = self._script_heads["append"]
-        body = self._append_body(thread_id, slot_data, max_slots, append_id)
-        index: int = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
-        if index == scripts.THREAD_FULL:
+        body = self._append_body(thread_id, slot_data, max_slots, append_id, -1)
+        reply = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
+        outcome = self.parse_append_reply(reply)
+        if outcome is None:
             raise ThreadFullError(thread_id, max_slots or 0)
-        return index
+        if outcome.status == "repeat" and outcome.stored != bytes(slot_data):
+            raise AppendIdConflict(thread_id, append_id or "", outcome.position)
+        return outcome.position
 
-    def buffer_append_and_put(self, thread_id: str, slot: bytes, *, max_slots: int | None = None,
-                              append_id: str | None = None, items: list[tuple[str, bytes]]) -> int:
-        """buffer_append, then temp_put of each (key, data), in one round trip (a pipeline, not a
-        transaction). The append is the same script; every command is idempotent (the append
-        through its id), so the whole batch is retried like buffer_append. A full thread raises
-        ThreadFullError and its temp values are deleted again."""
+    def buffer_append_at(self, thread_id: str, slot: bytes, index: int, *, max_slots: int | None = None,
+                         append_id: str | None = None, items: Sequence[tuple[str, bytes]] = ()) -> Appended:
+        """Compare-and-append (the append script with an expected index), then SET EX of each item,
+        in one round trip (a pipeline, not a transaction). Every command is idempotent (the append
+        through its id, generated per call when not given), so the whole batch is retried like
+        buffer_append. A full thread raises ThreadFullError and its temp values are deleted again."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"index must be an integer >= 0, got {index!r}")
         head = self._script_heads["append"]
-        body = self._append_body(thread_id, slot, max_slots, append_id)
-        names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
-        puts = self._pack_sets(names, [v for _, v in items])
+        body = self._append_body(thread_id, slot, max_slots, append_id, index)
+        if items:
+            names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
+            puts = self._pack_sets(names, [v for _, v in items])
 
-        def run() -> Any:
-            replies = self._pipeline(head + body + puts, 1 + len(items))
-            first = replies[0]
-            for r in replies[1:]:
-                if isinstance(r, Exception):
-                    raise r
-            if isinstance(first, NoScriptError) or (isinstance(first, ResponseError)
-                                                    and redis_functions.mechanism_error(first)):
-                return self._roundtrip(head, body, scripts.APPEND)  # EVAL (cached again), or re-probed
-            if isinstance(first, Exception):
-                raise first
-            return first
+            def run() -> Any:
+                replies = self._pipeline(head + body + puts, 1 + len(names))
+                first = replies[0]
+                for r in replies[1:]:
+                    if isinstance(r, Exception):
+                        raise r
+                if isinstance(first, NoScriptError) or (isinstance(first, ResponseError)
+                                                        and redis_functions.mechanism_error(first)):
+                    return self._roundtrip(head, body, scripts.APPEND)  # EVAL (cached again), or re-probed
+                if isinstance(first, Exception):
+                    raise first
+                return first
 
-        index: int = self._do("buffer_append", run)
-        if index == scripts.THREAD_FULL:
+            reply = self._do("buffer_append", run)
+        else:
+            names = []
+            reply = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
+            if type(reply) is int and reply >= 0:  # the common case, without the general parse
+                return Appended("stored", reply)
+        outcome = self.parse_append_reply(reply)
+        if outcome is None:
             if names:
                 self._do("temp_delete", lambda: self.client.delete(*names))
             raise ThreadFullError(thread_id, max_slots or 0)
-        return index
+        return outcome
 
-    def _append_body(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None) -> bytes:
+    @staticmethod
+    def parse_append_reply(reply: Any) -> Appended | None:
+        """The append script's reply as an Appended (None: the thread is full)."""
+        if isinstance(reply, int):
+            return None if reply == scripts.THREAD_FULL else Appended("stored", reply)
+        if isinstance(reply, list) and len(reply) >= 2 and isinstance(reply[1], int):
+            if reply[0] == scripts.MOVED:
+                return Appended("moved", reply[1])
+            if reply[0] == scripts.REPEAT and len(reply) == 3:
+                return Appended("repeat", reply[1], reply[2])
+        raise BackendError(f"unexpected reply {reply!r:.80} from the append script")
+
+    def _append_body(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
+                     expected: int) -> bytes:
         """The packed KEYS and ARGV of the append script (after its EVALSHA head)."""
         check_tagged_id(thread_id, "thread_id")
         if not isinstance(slot, (bytes, bytearray, memoryview)):
@@ -473,11 +508,12 @@ class RedisBackend:
             tail = _pack_args((self._ttl, max_slots or 0, self._prefix))
             if len(self._append_tails) < 64:
                 self._append_tails[max_slots or 0] = tail
-        # KEYS buffer:{T} op:{T} uuid:{T} meta:index, ARGV slot append_id ttl max_slots prefix,
-        # packed in one go.
-        return b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+        exp = b"%d" % expected
+        # KEYS buffer:{T} op:{T} uuid:{T} meta:index, ARGV slot append_id ttl max_slots prefix
+        # expected, packed in one go.
+        return b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
             n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid, self._packed_index,
-            len(slot), slot, len(aid), aid, tail)
+            len(slot), slot, len(aid), aid, tail, len(exp), exp)
 
     def _pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
         """Send already packed commands in one write and read their `count` replies; a command's
@@ -726,7 +762,7 @@ class RedisBackend:
             "registry_entries": entries,
             "counts_capped": capped_t or capped_r,
             "server_version": server.get("redis_version"),
-            "signing": "derived (no key configured)" if self._signer.derived else "configured",
+            "signing": "process-local (no key configured)" if self._signer.local else "configured",
         }
 
     @property
@@ -771,11 +807,11 @@ class RedisBackend:
         """`error` as text with this backend's password (if any) blanked."""
         return self._scrub(error if isinstance(error, Exception) else Exception(str(error)))
 
-    def pack_append_and_put(self, thread_id: str, slot: bytes, *, max_slots: int | None, append_id: str | None,
-                            items: list[tuple[str, bytes]]) -> tuple[bytes, int]:
-        """buffer_append_and_put's commands (the append script, then SET EX of each item) and their
-        reply count."""
-        body = self._append_body(thread_id, slot, max_slots, append_id)
+    def pack_append_at(self, thread_id: str, slot: bytes, index: int, *, max_slots: int | None,
+                       append_id: str | None, items: Sequence[tuple[str, bytes]]) -> tuple[bytes, int]:
+        """buffer_append_at's commands (the append script, then SET EX of each item) and their
+        reply count; parse the first reply with parse_append_reply."""
+        body = self._append_body(thread_id, slot, max_slots, append_id, index)
         names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
         puts = self._pack_sets(names, [v for _, v in items]) if items else b""
         return self._script_heads["append"] + body + puts, 1 + len(items)
@@ -800,7 +836,7 @@ class RedisBackend:
 
     def use_direct_connection(self) -> None:
         """Send the calling thread's batched commands (temp_get_many, temp_put_many, temp_take,
-        buffer_append_and_put, send_commands) through one connection of its own instead of the pool:
+        buffer_append_at, send_commands) through one connection of its own instead of the pool:
         for a worker process's single task loop. Other threads keep using the pool. Same commands,
         same errors, same retries (see redis_pipe.DirectConnection). No-op over TLS (rediss://)."""
         direct = self.new_direct_connection()
@@ -815,3 +851,8 @@ class RedisBackend:
         cfg = self.config
         return DirectConnection(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
                                 connect_timeout=cfg.connect_timeout, pack=self.pack_commands)
+
+
+def _rebuild(config: BackendConfig, local_keys: tuple[bytes, ...] | None) -> RedisBackend:
+    """Unpickle a RedisBackend: its own pool, and its parent's process-local key if it had one."""
+    return RedisBackend(config, signer=Signer(local_keys, local=True) if local_keys else None)

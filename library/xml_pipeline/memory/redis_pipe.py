@@ -10,10 +10,10 @@ connection, one read often resolves dozens of waiting steps, and no thread is in
 
 The commands are the backend's own (the same append script with its append id, the same SET EX,
 GET + DEL), packed by the backend (`RedisBackend.pack_*`). What the pipe does NOT do is retry or
-interpret trouble: `append_and_put` raises `Unsure` for anything but a stored slot (a full thread,
-NOSCRIPT, a function not loaded, a refused command, a lost connection), and the caller redoes the
-operation through the blocking backend, whose retries, EVAL fallback, re-probe of FCALL/EVALSHA and
-errors are exactly those of the old path (the
+interpret trouble: `append_at` raises `Unsure` for anything but an answer of the append script
+(stored, moved, repeat: a full thread, NOSCRIPT, a function not loaded, a refused command, a lost
+connection), and the caller redoes the operation through the blocking backend, whose retries, EVAL
+fallback, re-probe of FCALL/EVALSHA and errors are the contract's (the
 append is idempotent through its append id, the SETs are plain overwrites). `take` is not
 idempotent (GET + DEL): a lost connection raises BackendUnavailable, as the backend's temp_take does.
 
@@ -27,6 +27,7 @@ import asyncio
 import collections
 import socket
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis._parsers.base import BaseParser
@@ -35,6 +36,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import BackendError, BackendUnavailable
+from .protocol import Appended
 
 if TYPE_CHECKING:
     from .redis_backend import RedisBackend
@@ -172,20 +174,23 @@ class RedisPipe:
         return cls(backend)
 
     # -- operations ---------------------------------------------------------------------------------
-    async def append_and_put(self, thread_id: str, slot: bytes, *, max_slots: int | None,
-                             append_id: str, items: list[tuple[str, bytes]]) -> int:
-        """The backend's buffer_append_and_put (buffer_append when `items` is empty): the slot's index.
-        Raises Unsure unless the slot was stored and every put answered OK."""
-        packed, count = self.backend.pack_append_and_put(thread_id, slot, max_slots=max_slots,
-                                                          append_id=append_id, items=items)
+    async def append_at(self, thread_id: str, slot: bytes, index: int, *, max_slots: int | None,
+                        append_id: str, items: Sequence[tuple[str, bytes]]) -> Appended:
+        """The backend's buffer_append_at: what the compare-and-append did. Raises Unsure unless the
+        script answered (stored, moved or repeat) and every put answered OK."""
+        packed, count = self.backend.pack_append_at(thread_id, slot, index, max_slots=max_slots,
+                                                    append_id=append_id, items=items)
         try:
             replies = await self.execute(packed, count)
         except BackendError as e:
             raise Unsure(str(e)) from None
-        index = replies[0]
-        if not isinstance(index, int) or index < 0 or any(isinstance(r, Exception) for r in replies[1:]):
+        try:
+            outcome = self.backend.parse_append_reply(replies[0])
+        except BackendError:
+            outcome = None
+        if outcome is None or any(isinstance(r, Exception) for r in replies[1:]):
             raise Unsure(f"append replied {replies!r}"[:200])
-        return index
+        return outcome
 
     async def take(self, key: str, *also_delete: str) -> bytes | None:
         """The backend's temp_take: GET key, DEL key and `also_delete`. Not retried."""

@@ -38,6 +38,10 @@ class LuaScript:
 
 #: Result of APPEND when the thread already holds max_slots slots (nothing was stored).
 THREAD_FULL = -1
+#: First element of APPEND's array replies: the thread's length is not the expected index / the
+#: append_id was recorded already (nothing was stored in either case).
+MOVED = 1
+REPEAT = 2
 
 # Shared by every script that adds an index entry. ARGV-independent: P (the prefix) and the index
 # key are passed in. Effects replication (the default since Redis 7) makes SRANDMEMBER followed by
@@ -57,19 +61,28 @@ end
 """
 
 # KEYS: buffer:{T}, op:{T}, uuid:{T}, meta:index
-# ARGV: slot, append_id, ttl (0 = none), max_slots (0 = none), prefix
-# Returns the slot's index, or THREAD_FULL.
+# ARGV: slot, append_id, ttl (0 = none), max_slots (0 = none), prefix, expected index (-1 = none)
+# Returns the slot's index when it was stored, THREAD_FULL, {MOVED, length} when the thread does not
+# hold `expected index` slots, or {REPEAT, index, stored slot} when the append_id was recorded.
 #
-# Push first, then record the append_id with HSETNX: the common path is two commands. A repeated
-# append_id (a retry of an append that was stored) takes its copy back off the tail, which is safe
-# because nothing runs between the RPUSH and the RPOP, and answers the first index.
+# Push first, then record the append_id with HSETNX: the common path is two commands. Any other
+# outcome takes the pushed copy back off the tail, which is safe because nothing runs between the
+# RPUSH and the RPOP. The expected index is the compare of a compare-and-append: the client signed
+# the slot for that position (signing.py), so it may only land there. A recorded append_id answers
+# with the slot it stored, and the client decides whether this is really the same append.
 # The registry refresh relies on the invariant REGISTRY_SET keeps: if uuid:{T} holds chain C, then
 # chain:C holds T (both written, refreshed and deleted together).
-APPEND = LuaScript("append", 4, 5, "redis.replicate_commands()" + _INDEX + """
+APPEND = LuaScript("append", 4, 6, "redis.replicate_commands()" + _INDEX + """
 local n = redis.call('RPUSH', KEYS[1], ARGV[1])
-if redis.call('HSETNX', KEYS[2], ARGV[2], n - 1) == 0 then
+local expected = tonumber(ARGV[6])
+if (expected >= 0 and n - 1 ~= expected) or redis.call('HSETNX', KEYS[2], ARGV[2], n - 1) == 0 then
   redis.call('RPOP', KEYS[1])
-  return tonumber(redis.call('HGET', KEYS[2], ARGV[2]))
+  local done = redis.call('HGET', KEYS[2], ARGV[2])
+  if done then
+    local at = tonumber(done)
+    return {2, at, redis.call('LINDEX', KEYS[1], at)}
+  end
+  return {1, n - 1}
 end
 local max = tonumber(ARGV[4])
 if max > 0 and n > max then

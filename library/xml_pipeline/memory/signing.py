@@ -1,14 +1,25 @@
-"""Signed envelopes for every blob the backends store.
+"""Signed envelopes for every blob the backends store, bound to where the blob belongs.
 
 Slots are pickled (as the spec says), and unpickling attacker-controlled bytes runs code. So every
-stored blob is wrapped in a versioned envelope with an HMAC-SHA256 over the body, and the MAC is
-checked with `hmac.compare_digest` before anything is unpickled:
+stored blob is wrapped in a versioned envelope with an HMAC-SHA256, checked with
+`hmac.compare_digest` before anything is unpickled:
 
-    b"XPS" | version (1 byte) | key id (4 bytes) | HMAC-SHA256 (32 bytes) | body
+    b"XPS" | version 2 (1 byte) | key id (4 bytes) | HMAC-SHA256 (32 bytes) | n (1 byte) | append id (n bytes) | body
+
+The MAC covers the version, the key id, the append id, the body **and a context that is not stored**:
+the caller supplies it again when it reads. For a context-buffer slot the context is its place —
+the backend's namespace (the Redis prefix), the thread id and the slot's index — so a genuine slot
+copied to another thread or prefix, re-pushed at a later position or swapped with another one no
+longer verifies where it now lies (`SlotPlace`). Blobs that belong nowhere in particular (the worker
+data flow's temp values, `serialize_slot` without a backend) use their own fixed contexts, which no
+slot place can equal (contexts are length-prefixed and slot contexts start with b"slot\\0").
 
 `key id` is the first 4 bytes of SHA-256 over the key, so verification picks the right key of a
 rotation ring at once. A ring is (signing key, *fallback keys): new blobs are signed with the first;
-blobs signed with any of them verify. The MAC also covers the version and key id bytes.
+blobs signed with any of them verify.
+
+Version 1 envelopes (no context, no append id) are refused with a message saying so: they cannot
+prove where they belong (docs/storage.md, "Signing").
 """
 from __future__ import annotations
 
@@ -21,10 +32,15 @@ from typing import Any
 from ..errors import ConfigError, SlotIntegrityError
 
 MAGIC = b"XPS"
-VERSION = 1
+VERSION = 2
+_HEAD = MAGIC + bytes((VERSION,))
 _HEADER = len(MAGIC) + 1 + 4
 _MAC_LEN = 32
-OVERHEAD = _HEADER + _MAC_LEN
+_MAC_END = _HEADER + _MAC_LEN
+#: The smallest envelope: header, MAC and the append id's length byte.
+OVERHEAD = _MAC_END + 1
+MAX_APPEND_ID = 255
+_SLOT_TAG = b"slot\0"
 
 
 def _key_id(key: bytes) -> bytes:
@@ -50,12 +66,28 @@ def parse_keys(value: str | bytes | Iterable[str | bytes] | None, field: str = "
     return tuple(keys)
 
 
+def _context_len(context: bytes) -> bytes:
+    if len(context) > 0xFFFF:
+        raise ValueError(f"a signing context is at most 65535 bytes, got {len(context)}")
+    return len(context).to_bytes(2, "big")
+
+
+def _index_bytes(index: int) -> bytes:
+    return index.to_bytes(8, "big", signed=True)
+
+
+def slot_context(namespace: str, thread_id: str) -> bytes:
+    """The part of a slot's context shared by every slot of one thread (the index follows it)."""
+    ns, tid = namespace.encode(), thread_id.encode()
+    return _SLOT_TAG + _context_len(ns) + ns + _context_len(tid) + tid
+
+
 class Signer:
     """An HMAC key ring. Immutable; safe to share between threads and to pickle into workers."""
 
-    __slots__ = ("_keys", "_ids", "_pads", "_sign_id", "_sign_key", "derived")
+    __slots__ = ("_keys", "_ids", "_pads", "_sign_id", "_sign_key", "local")
 
-    def __init__(self, keys: Sequence[bytes], *, derived: bool = False) -> None:
+    def __init__(self, keys: Sequence[bytes], *, local: bool = False) -> None:
         if not keys:
             raise ValueError("a Signer needs at least one key")
         self._keys = tuple(keys)
@@ -66,33 +98,46 @@ class Signer:
         # far cheaper than hmac.new() (OpenSSL 3 looks the algorithm up again on every call), and
         # every slot of every read is verified.
         self._pads = {kid: _pads(k) for kid, k in self._ids.items()}
-        #: True when the key was derived from non-secret data (no key configured): integrity
-        #: against corruption only, not against someone who can write to the store.
-        self.derived = derived
+        #: True for a random key private to this process (no key configured): what it signs, only
+        #: this process and the children it hands the key to can read.
+        self.local = local
 
     @classmethod
-    def random(cls) -> "Signer":
-        return cls((os.urandom(32),))
-
-    @classmethod
-    def derive(cls, *material: str | bytes) -> "Signer":
-        """A deterministic key from non-secret material (used only when no key is configured)."""
-        h = hashlib.sha256(b"xml-pipeline derived signing key\x00")
-        for m in material:
-            h.update(m.encode() if isinstance(m, str) else m)
-            h.update(b"\x00")
-        return cls((h.digest(),), derived=True)
+    def random(cls, *, local: bool = False) -> "Signer":
+        return cls((os.urandom(32),), local=local)
 
     @property
     def keys(self) -> tuple[bytes, ...]:
         return self._keys
 
-    def sign(self, body: bytes) -> bytes:
+    def sign(self, body: bytes, *, context: bytes = b"", append_id: bytes = b"") -> bytes:
+        """An envelope of `body` (and `append_id`, stored in clear) bound to `context`."""
+        if len(append_id) > MAX_APPEND_ID:
+            raise ValueError(f"an append id is at most {MAX_APPEND_ID} bytes, got {len(append_id)}")
         head = MAGIC + bytes((VERSION,)) + self._sign_id
-        return head + _mac(self._pads[self._sign_id], head, body) + body
+        tail = bytes((len(append_id),)) + append_id
+        mac = _mac(self._pads[self._sign_id], head, _context_len(context), context, tail, body)
+        return head + mac + tail + body
 
-    def verify(self, blob: bytes) -> bytes:
-        """Return the body of a valid envelope, else raise SlotIntegrityError (nothing is unpickled)."""
+    def open(self, blob: bytes, *, context: bytes = b"") -> tuple[bytes, bytes]:
+        """(append id, body) of a valid envelope bound to `context`, else SlotIntegrityError
+        (nothing is unpickled)."""
+        blob, pads = self._check(blob)
+        inner = pads[0].copy()
+        inner.update(blob[:_HEADER])
+        inner.update(_context_len(context))
+        inner.update(context)
+        return self._finish(blob, pads, inner)
+
+    def verify(self, blob: bytes, *, context: bytes = b"") -> bytes:
+        """The body of a valid envelope bound to `context`, else SlotIntegrityError."""
+        return self.open(blob, context=context)[1]
+
+    def place(self, namespace: str, thread_id: str) -> "SlotPlace":
+        """Signs and opens the slots of one thread of one namespace."""
+        return SlotPlace(self, thread_id, slot_context(namespace, thread_id))
+
+    def _check(self, blob: object) -> tuple[bytes, tuple[Any, Any]]:
         if type(blob) is not bytes:
             if not isinstance(blob, (bytes, bytearray, memoryview)):
                 raise SlotIntegrityError(f"stored value is {type(blob).__name__}, not bytes")
@@ -100,25 +145,103 @@ class Signer:
         if len(blob) < OVERHEAD or blob[:3] != MAGIC:
             raise SlotIntegrityError("stored value is not a signed xml-pipeline envelope (truncated or foreign)")
         if blob[3] != VERSION:
+            if blob[3] == 1:
+                raise SlotIntegrityError(
+                    "envelope version 1 is refused: it was written by an xml-pipeline older than the "
+                    "binding of slots to their thread and position, and cannot prove where it belongs "
+                    "(delete the thread, or read it with that older version)")
             raise SlotIntegrityError(f"unsupported envelope version {blob[3]} (this library reads version {VERSION})")
         pads = self._pads.get(blob[4:8])
         if pads is None:
-            raise SlotIntegrityError("envelope was signed with a key this process does not know (check XP_SIGNING_KEY)")
-        body = blob[OVERHEAD:]
-        inner = pads[0].copy()
-        inner.update(blob[:_HEADER])
-        inner.update(body)
+            raise SlotIntegrityError("envelope was signed with a key this process does not know "
+                                     "(check XP_SIGNING_KEY / backend.signing_key)")
+        return blob, pads
+
+    @staticmethod
+    def _finish(blob: bytes, pads: tuple[Any, Any], inner: Any) -> tuple[bytes, bytes]:
+        inner.update(memoryview(blob)[_MAC_END:])
         outer = pads[1].copy()
         outer.update(inner.digest())
-        if not hmac.compare_digest(blob[_HEADER:OVERHEAD], outer.digest()):
-            raise SlotIntegrityError("envelope signature does not match: the value was forged or corrupted")
-        return body
+        if not hmac.compare_digest(blob[_HEADER:_MAC_END], outer.digest()):
+            raise SlotIntegrityError("envelope signature does not match here: the value was forged, corrupted, "
+                                     "or copied from another thread, position or prefix")
+        n = blob[_MAC_END]
+        start = OVERHEAD + n
+        if len(blob) < start:
+            raise SlotIntegrityError("envelope is truncated inside its append id")
+        return blob[OVERHEAD:start], blob[start:]
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_signer, (self._keys, self.derived))
+        return (_rebuild_signer, (self._keys, self.local))
 
     def __repr__(self) -> str:  # never show key material
-        return f"Signer(keys={len(self._keys)}, derived={self.derived})"
+        return f"Signer(keys={len(self._keys)}, local={self.local})"
+
+
+class SlotPlace:
+    """The signing context of one thread: `sign(index, ...)` binds a slot to (namespace, thread,
+    index); `open(blob, index)` verifies it there. The keyed states after the thread's part of the
+    context are computed once per key, so each slot costs one state copy, as an unbound check would
+    (every slot of every read goes through `open`)."""
+
+    __slots__ = ("thread_id", "signer", "_signer", "_context", "_len", "_states")
+
+    def __init__(self, signer: Signer, thread_id: str, context: bytes) -> None:
+        self.thread_id = thread_id
+        self.signer = self._signer = signer
+        self._context = context
+        self._len = _context_len(context + bytes(8))
+        # key id -> (inner state after header + context, outer pad state)
+        self._states: dict[bytes, tuple[Any, Any]] = {}
+
+    def _state(self, kid: bytes) -> tuple[Any, Any] | None:
+        state = self._states.get(kid)
+        if state is None:
+            pads = self._signer._pads.get(kid)  # noqa: SLF001 - the signer's own key states
+            if pads is None:
+                return None
+            inner = pads[0].copy()
+            inner.update(MAGIC + bytes((VERSION,)) + kid)
+            inner.update(self._len)
+            inner.update(self._context)
+            state = self._states[kid] = (inner, pads[1])
+        return state
+
+    def sign(self, index: int, append_id: bytes, body: bytes) -> bytes:
+        if len(append_id) > MAX_APPEND_ID:
+            raise ValueError(f"an append id is at most {MAX_APPEND_ID} bytes, got {len(append_id)}")
+        kid = self._signer._sign_id  # noqa: SLF001
+        state = self._state(kid)
+        assert state is not None
+        tail = bytes((len(append_id),)) + append_id
+        inner = state[0].copy()
+        inner.update(index.to_bytes(8, "big", signed=True) + tail)
+        inner.update(body)
+        outer = state[1].copy()
+        outer.update(inner.digest())
+        return b"".join((_HEAD, kid, outer.digest(), tail, body))  # one copy of the body
+
+    def open(self, blob: bytes, index: int) -> tuple[bytes, bytes]:
+        """(append id, body) of a slot that verifies at `index` of this thread, else SlotIntegrityError."""
+        state = self._states.get(blob[4:8]) if type(blob) is bytes and blob[:4] == _HEAD else None
+        if state is None:
+            blob, _pads = self._signer._check(blob)  # noqa: SLF001 - raises for anything malformed
+            state = self._state(blob[4:8])
+            assert state is not None
+        if len(blob) < OVERHEAD:
+            raise SlotIntegrityError("stored value is not a signed xml-pipeline envelope (truncated or foreign)")
+        inner = state[0].copy()
+        inner.update(index.to_bytes(8, "big", signed=True))
+        inner.update(memoryview(blob)[_MAC_END:])
+        outer = state[1].copy()
+        outer.update(inner.digest())
+        if not hmac.compare_digest(blob[_HEADER:_MAC_END], outer.digest()):
+            raise SlotIntegrityError("envelope signature does not match here: the value was forged, corrupted, "
+                                     "or copied from another thread, position or prefix")
+        start = OVERHEAD + blob[_MAC_END]
+        if len(blob) < start:
+            raise SlotIntegrityError("envelope is truncated inside its append id")
+        return blob[OVERHEAD:start], blob[start:]
 
 
 def _pads(key: bytes) -> tuple[Any, Any]:
@@ -139,5 +262,5 @@ def _mac(pads: tuple[Any, Any], *parts: bytes | memoryview) -> bytes:
     return outer.digest()
 
 
-def _rebuild_signer(keys: tuple[bytes, ...], derived: bool) -> Signer:
-    return Signer(keys, derived=derived)
+def _rebuild_signer(keys: tuple[bytes, ...], local: bool) -> Signer:
+    return Signer(keys, local=local)

@@ -583,22 +583,16 @@ class StreamPump:
 
     async def _append_piped(self, msg: Message, temps: list[tuple[str, bytes]] | None = None) -> None:
         assert msg.thread is not None and self.pipe is not None
-        _slot, blob = self.buffer.prepare(msg.thread, msg, msg.sender, msg.to, own_name=msg.to)
+        thread, pipe, items = msg.thread, self.pipe, temps or []
+        prepared = self.buffer.prepare(thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id)
         try:
-            await self.pipe.append_and_put(msg.thread, blob, max_slots=self.buffer.max_slots_per_thread,
-                                           append_id=msg.id, items=temps or [])
+            await self.buffer.store_async(prepared, lambda index, blob: pipe.append_at(
+                thread, blob, index, max_slots=self.buffer.max_slots_per_thread, append_id=msg.id, items=items))
         except Unsure as e:
             self.stats.redis_fallbacks += 1
             log.debug("append of message %s through the pipe unconfirmed (%s); redone by the backend", msg.id, e)
-            await self._run_io(self._append_blocking, msg, temps)
-
-    def _append_blocking(self, msg: Message, temps: list[tuple[str, bytes]] | None) -> None:
-        assert msg.thread is not None
-        if temps is None:
-            self._append(msg)
-        else:
-            self.buffer.append_and_put(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id,
-                                       temps=temps)
+            # The same prepared slot: a repeat of an append the pipe did store is recognised as one.
+            await self._run_io(self.buffer.store, prepared, items)
 
     async def _step_out_piped(self, msg: Message, listener: ListenerSpec, actions: list[Action] | None,
                               error: tuple[str, str] | None, result: WorkerResult | None,

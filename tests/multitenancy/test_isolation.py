@@ -46,7 +46,7 @@ CROSS_TENANT: dict[str, Callable[[redis.Redis, str], object]] = {
     "WATCH": lambda r, p: r.execute_command("WATCH", f"{p}chain:console.greeter"),
     "FCALL with B's keys in KEYS": lambda r, p: r.execute_command(
         "FCALL", library().function(scripts.APPEND), 4, f"{p}buffer:{{t1}}", f"{p}op:{{t1}}", f"{p}uuid:{{t1}}",
-        f"{p}meta:index", b"forged", "aid", 0, 0, p),
+        f"{p}meta:index", b"forged", "aid", 0, 0, p, -1),
     "FCALL deleting B's thread": lambda r, p: r.execute_command(
         "FCALL", library().function(scripts.DELETE_THREAD), 3, f"{p}buffer:{{t1}}", f"{p}op:{{t1}}",
         f"{p}meta:index", "t1"),
@@ -103,7 +103,7 @@ def test_a_works_in_its_own_prefix(pair: tuple[Org, Org]) -> None:
         assert ra.set(f"{a.prefix}chain:x", "u1")
         assert ra.execute_command("FCALL", library().function(scripts.APPEND), 4, f"{a.prefix}buffer:{{t}}",
                                   f"{a.prefix}op:{{t}}", f"{a.prefix}uuid:{{t}}", f"{a.prefix}meta:index",
-                                  "s", "aid", 0, 0, a.prefix) == 0
+                                  "s", "aid", 0, 0, a.prefix, -1) == 0
         ra.unlink(f"{a.prefix}op:{{t}}", f"{a.prefix}meta:index")
         assert ra.publish(f"{a.prefix}events", "hello") == 0
         assert ra.unlink(f"{a.prefix}chain:x", f"{a.prefix}buffer:{{t}}") == 2

@@ -761,7 +761,9 @@ class RedisBackend:
             "buffer_threads": threads,
             "registry_entries": entries,
             "counts_capped": capped_t or capped_r,
-            "server_version": server.get("redis_version"),
+            # Valkey reports its own version beside the Redis version it is compatible with.
+            "server": str(server.get("server_name") or "redis"),
+            "server_version": str(server.get("valkey_version") or server.get("redis_version")),
             "signing": "process-local (no key configured)" if self._signer.local else "configured",
         }
 

@@ -302,9 +302,11 @@ class RedisBackend:
 
     def _eval(self, script: scripts.LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         body = _pack_args((*keys, *args))
-        if script.nargs >= 0:
-            return self._roundtrip(self._script_heads[script.name], body, script)
-        self._script_heads  # noqa: B018 - probes the mechanism on first use
+        # Packed heads exist for the backend's fixed-arity scripts; the distributed mode's scripts
+        # (heartbeat, egress) get theirs per call like the variadic ones.
+        head = self._script_heads.get(script.name)  # probes the mechanism on first use
+        if head is not None:
+            return self._roundtrip(head, body, script)
         eval_head = _pack_head(b"EVAL", script.source.encode(), script.numkeys, len(args))
         return self._roundtrip(self._heads.head(script, len(args)), body, script, eval_head)
 

@@ -16,10 +16,10 @@ import pickle
 import threading
 from typing import Any
 
+from ..contract import ENV_SIGNING_KEY
 from ..errors import BackendError
 from .signing import Signer, parse_keys
 
-ENV_SIGNING_KEY = "XP_SIGNING_KEY"
 
 _lock = threading.Lock()
 _default: tuple[str | None, Signer] | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from types import MappingProxyType
 from typing import Final, Literal
 
@@ -134,6 +134,7 @@ class Tenant:
     namespace: str
     name: str
     prefix: str
+    _: KW_ONLY
     #: metadata.creationTimestamp (RFC 3339, so it sorts as text); "" sorts first.
     created: str = ""
     #: metadata.uid (recorded as the prefix's owner on a shared Redis).

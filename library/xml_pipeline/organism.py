@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from . import safe_yaml
+from . import contract, safe_yaml
 from .errors import ConfigError
 from .memory.config import BackendConfig
 
@@ -187,12 +187,12 @@ def load_organism(path: str | os.PathLike[str], *, environ: Mapping[str, str] | 
 def load_from_env(environ: Mapping[str, str] | None = None, *, resolve_handlers: bool = True) -> Organism:
     """The organism of a pod: the file named by XP_CONFIG, the XP_* environment over its backend."""
     env = os.environ if environ is None else environ
-    path = env.get("XP_CONFIG")
+    path = env.get(contract.ENV_CONFIG)
     if not path:
-        raise ConfigError("XP_CONFIG", "is not set; it must name the organism.yaml "
-                          "(in pods: /etc/xml-pipeline/organism.yaml)")
+        raise ConfigError(contract.ENV_CONFIG, "is not set; it must name the organism.yaml "
+                          f"(in pods: {contract.CONFIG_PATH})")
     if Path(path).is_dir():
-        raise ConfigError("XP_CONFIG", f"{path!r} is a directory", "the path of an organism.yaml file")
+        raise ConfigError(contract.ENV_CONFIG, f"{path!r} is a directory", "the path of an organism.yaml file")
     return load_organism(path, environ=env, resolve_handlers=resolve_handlers)
 
 
@@ -221,7 +221,7 @@ def parse_organism(text: str, *, source: str | None = None, environ: Mapping[str
 def _organism_section(value: Any, lines: _Lines, env: Mapping[str, str]) -> tuple[str, str]:
     description = ""
     if value is None:
-        name = env.get("XP_ORGANISM")
+        name = env.get(contract.ENV_ORGANISM)
         if not name:
             raise lines.error("organism", "missing: give the organism a name (organism: {name: my-organism}) "
                               "or set XP_ORGANISM")
@@ -231,7 +231,7 @@ def _organism_section(value: Any, lines: _Lines, env: Mapping[str, str]) -> tupl
         for key in value:
             if key not in ORGANISM_KEYS:
                 raise lines.error(f"organism.{key}", "unknown key", ORGANISM_KEYS)
-        name = value.get("name") or env.get("XP_ORGANISM") or ""
+        name = value.get("name") or env.get(contract.ENV_ORGANISM) or ""
         description = value.get("description") or ""
         if not isinstance(description, str):
             raise lines.error("organism.description", f"must be a string, got {type(description).__name__}")

@@ -6,10 +6,6 @@ Public surface: the API coordinates below. Everything else is internal, by layer
 """
 from __future__ import annotations
 
-GROUP = "xml-pipeline.dev"
-VERSION = "v1alpha1"
-KIND = "Organism"
-PLURAL = "organisms"
-API_VERSION = f"{GROUP}/{VERSION}"
+from xml_pipeline.contract import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 __all__ = ["API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION"]

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+from xml_pipeline.contract import LABEL_MANAGED_BY
 
 from . import GROUP, PLURAL, VERSION, rotation
 from .desired.naming import MANAGED_BY, ORGANISM_LABEL
@@ -54,7 +55,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.posting.level = logging.WARNING
     # Watch only our workloads server-side; handlers filter by the same labels client-side too.
     for resource in (("apps", "deployments"), ("apps", "statefulsets")):
-        kopf_settings.watching.label_selectors[resource] = f"{ORGANISM_LABEL},app.kubernetes.io/managed-by={MANAGED_BY}"
+        kopf_settings.watching.label_selectors[resource] = f"{ORGANISM_LABEL},{LABEL_MANAGED_BY}={MANAGED_BY}"
     kopf_settings.watching.server_timeout = 600
     kopf_settings.watching.client_timeout = 660
     apply_peering(kopf_settings, settings)
@@ -190,7 +191,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
         # The label filter written out here so kopf's parameter type checks it (kopf does not export
         # the type of kopf.PRESENT, so a module constant could not be annotated with it).
         kopf.on.event("apps", "v1", plural, registry=registry,
-                      labels={ORGANISM_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY},
+                      labels={ORGANISM_LABEL: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY},
                       id=f"{plural}-changed")(workload_event)
 
     return reconciler

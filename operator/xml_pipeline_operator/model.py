@@ -19,6 +19,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 import yaml
+from xml_pipeline.contract import DEFAULT_PREFIX_SPACE, default_prefix
 from xml_pipeline.errors import ConfigError
 from xml_pipeline.memory.keys import validate_prefix
 from xml_pipeline.organism import parse_organism as parse_library_organism
@@ -178,15 +179,6 @@ class Organism:
         from . import API_VERSION, KIND
         return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
                 "controller": True, "blockOwnerDeletion": True}
-
-
-def default_prefix(namespace: str, name: str) -> str:
-    return f"xp:{namespace}.{name}:"
-
-
-#: The first segment of every default prefix: on a shared Redis the space under it is the
-#: operator's, one `xp:<namespace>.<name>:` per Organism.
-DEFAULT_PREFIX_SPACE = "xp:"
 
 
 def reserved_prefix_problem(prefix: str, namespace: str, name: str) -> str | None:

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from xml_pipeline.contract import CONFIG_DIR
+
 PodRole = Literal["pump", "worker", "redis"]
 
 METADATA_KEYS = ("labels", "annotations")
@@ -41,8 +43,8 @@ MAX_ITEMS = 64
 #: Per role: reserved env names/prefixes, volume names, and mount paths (a user mount may not be at or
 #: under them, nor above them).
 _RESERVED: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "pump": (("XP_",), ("config", "tmp"), ("/etc/xml-pipeline", "/tmp")),
-    "worker": (("XP_",), ("config", "tmp"), ("/etc/xml-pipeline", "/tmp")),
+    "pump": (("XP_",), ("config", "tmp"), (CONFIG_DIR, "/tmp")),
+    "worker": (("XP_",), ("config", "tmp"), (CONFIG_DIR, "/tmp")),
     "redis": (("REDIS_PASSWORD", "REDISCLI_AUTH"), ("data", "tmp"), ("/data", "/tmp")),
 }
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from xml_pipeline.contract import LABEL_COMPONENT
+
 from . import apply, desired as desired_mod, rotation, status as st
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
 from .kube import Kube, NotFound
@@ -228,7 +230,7 @@ class Reconciler:
         bodies = {(o.kind, o.name): o.body for o in outcomes if o.action != "deleted"}
         pods = [bodies.get(("Deployment", obj["metadata"]["name"])) for obj in want.workloads
                 if obj["kind"] == "Deployment"
-                and obj["metadata"]["labels"].get("app.kubernetes.io/component") in ("pump", "worker")]
+                and obj["metadata"]["labels"].get(LABEL_COMPONENT) in ("pump", "worker")]
         rolled = bool(pods) and all(rotation.rollout_complete(b, digest) for b in pods)
         rot.waited = _seconds_between(rot.since, now)
         step = rotation.next_step(phase=rot.phase, request=False, secret=values, redis_accepts_all=True,
@@ -303,7 +305,7 @@ class Reconciler:
                component: str) -> st.WorkloadState | None:
         for obj in want.workloads:
             labels = obj["metadata"]["labels"]
-            if labels.get("app.kubernetes.io/component") == component and obj["kind"] in ("Deployment", "StatefulSet"):
+            if labels.get(LABEL_COMPONENT) == component and obj["kind"] in ("Deployment", "StatefulSet"):
                 body = bodies.get((obj["kind"], obj["metadata"]["name"]))
                 return st.WorkloadState.from_body(body) if body else None
         return None

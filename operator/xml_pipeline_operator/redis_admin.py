@@ -11,19 +11,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from xml_pipeline.contract import Tenant as Tenant
+from xml_pipeline.contract import acl_username as acl_username
+
 from .settings import OperatorSettings
-
-
-@dataclass(frozen=True)
-class Tenant:
-    """One Organism as a tenant of the shared Redis."""
-
-    namespace: str
-    name: str
-    prefix: str
-    username: str
-    #: metadata.uid of the Organism (recorded as the prefix's owner on a shared Redis).
-    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -40,11 +31,6 @@ class TenantState:
 
 
 PASSWORD_CHANGED = "PasswordChanged"
-
-
-def acl_username(namespace: str, name: str) -> str:
-    """The ACL user of an Organism on the shared Redis (unique per namespace/name)."""
-    return f"xp-{namespace}.{name}"
 
 
 class RedisAdmin(Protocol):

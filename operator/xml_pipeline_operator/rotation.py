@@ -28,6 +28,8 @@ import hmac
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from xml_pipeline.contract import password_hash
+
 from .desired.naming import (CREDENTIALS_DIGEST_ANNOTATION, NEXT_PASSWORD_KEY, PASSWORD_KEY,
                              PREVIOUS_PASSWORD_HASHES_KEY, SIGNING_KEY_KEY)
 
@@ -101,11 +103,6 @@ def next_step(*, phase: Phase, request: bool, secret: Mapping[str, str], redis_a
 
 
 # -- the Secret ------------------------------------------------------------------------------------
-
-def password_hash(password: str) -> str:
-    """How Redis stores a password (ACL SETUSER #<hash>)."""
-    return hashlib.sha256(password.encode("utf-8")).hexdigest()
-
 
 def previous_hashes(secret: Mapping[str, str]) -> frozenset[str]:
     """The SHA-256 digests of passwords that must stay accepted until the pods rolled."""

@@ -272,7 +272,7 @@ def test_unreachable_shared_redis_is_a_condition_not_a_crash() -> None:
     settings = dataclasses.replace(harness.TEST_SETTINGS, shared_redis_url="redis://127.0.0.1:1/0",
                                    shared_redis_password=secrets.token_hex(8))
     admin = SharedRedisAdmin(settings)
-    state = admin.ensure_tenant(Tenant("default", "x", "xp:default.x:", "xp-default.x"), "pw")
+    state = admin.ensure_tenant(Tenant("default", "x", "xp:default.x:", username="xp-default.x"), "pw")
     assert not state.ready and state.reason == "SharedRedisUnavailable"
     assert "redis://127.0.0.1:1/0" in state.message and settings.shared_redis_password not in state.message
 

@@ -16,7 +16,8 @@ import redis
 
 from xml_pipeline.memory import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
-from xml_pipeline.message_bus.distributed import STREAM_ACL_COMMANDS, send_message
+from xml_pipeline.contract import STREAM_COMMANDS
+from xml_pipeline.message_bus.distributed import send_message
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline_operator.tenancy import acl
 
@@ -53,7 +54,7 @@ def acl_denials(admin: redis.Redis, username: str) -> list[dict[str, object]]:
 
 def test_stream_commands_are_granted() -> None:
     granted = set(acl.granted_commands())
-    for cmd in STREAM_ACL_COMMANDS:
+    for cmd in STREAM_COMMANDS:
         # Containers (XGROUP, XINFO) are granted subcommand by subcommand.
         assert cmd in granted or any(g.startswith(f"{cmd}|") for g in granted), cmd
 

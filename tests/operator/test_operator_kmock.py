@@ -184,7 +184,7 @@ async def test_delete_runs_the_finalizer(k8s: Cluster, start_operator: Any) -> N
     resp = await k8s.delete(org_path("bus"))
     assert resp.status == 200
     await eventually(lambda: get_obj(k8s, ORGANISMS, "bus") is None)  # finalizer removed, object gone
-    assert released == [Tenant("default", "bus", "xp:default.bus:", "xp-default.bus")]
+    assert released == [Tenant("default", "bus", "xp:default.bus:", username="xp-default.bus")]
     await eventually(lambda: "Deleted" in event_reasons(k8s))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -195,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command in ("pump", "worker"):
             _setup_logging(args, logging.INFO)
+            # The operator sets XP_ROLE to the command a pod must run; a pod running the other one
+            # (a hand-edited Deployment) would serve the wrong streams: refuse to start.
+            from ..contract import check_role
+            if check_role(args.command, os.environ) is not None:
+                logging.getLogger("xml_pipeline.cli").info("role %s (XP_ROLE)", args.command)
             from . import pods
             return pods.cmd_pump(args) if args.command == "pump" else pods.cmd_worker(args)
         if args.command == "healthcheck":

@@ -18,6 +18,7 @@ import time
 from multiprocessing.connection import wait as mp_wait
 from typing import TYPE_CHECKING, Any
 
+from ..contract import CONFIG_PATH, ENV_CONFIG
 from ..errors import ConfigError
 from ..memory.factory import create_backend
 from ..memory.protocol import SharedBackend
@@ -37,12 +38,12 @@ STALL_SECONDS = 30.0
 
 
 def config_path(args: argparse.Namespace) -> str:
-    path = getattr(args, "config", None) or os.environ.get("XP_CONFIG")
+    path = getattr(args, "config", None) or os.environ.get(ENV_CONFIG)
     if not path:
-        raise ConfigError("XP_CONFIG", "is not set: point it at the organism.yaml "
-                          "(pods: /etc/xml-pipeline/organism.yaml) or pass --config")
+        raise ConfigError(ENV_CONFIG, "is not set: point it at the organism.yaml "
+                          f"(pods: {CONFIG_PATH}) or pass --config")
     if os.path.isdir(path):
-        raise ConfigError("--config" if getattr(args, "config", None) else "XP_CONFIG",
+        raise ConfigError("--config" if getattr(args, "config", None) else ENV_CONFIG,
                           f"{path!r} is a directory", "the path of an organism.yaml file")
     return path
 

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..contract import ENV_CONFIG
 from ..errors import BackendUnavailable, ConfigError
 from ..memory.config import BackendConfig
 from ..memory.factory import create_backend
@@ -20,10 +21,10 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
     """XP_CONFIG (or --config) + XP_* environment, then the command-line overrides."""
     env = dict(os.environ)
     if getattr(args, "config", None):
-        env["XP_CONFIG"] = args.config
-    if env.get("XP_CONFIG"):
+        env[ENV_CONFIG] = args.config
+    if env.get(ENV_CONFIG):
         # Missing, a directory, a symlink loop, unreadable, too large: one error naming the option.
-        read_config_text(env["XP_CONFIG"], "XP_CONFIG" if not getattr(args, "config", None) else "--config")
+        read_config_text(env[ENV_CONFIG], ENV_CONFIG if not getattr(args, "config", None) else "--config")
     config = BackendConfig.from_env(env)
     changes: dict[str, Any] = {}
     if getattr(args, "backend_type", None):

@@ -17,7 +17,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
 
-from .. import safe_yaml
+from .. import contract, safe_yaml
 from ..errors import ConfigError
 from .keys import validate_prefix
 from .signing import Signer, parse_keys
@@ -45,17 +45,9 @@ _YAML_KEYS: dict[str, str] = {
     "max_connections": "max_connections",
 }
 
-#: The environment contract (DEVELOPERS.md): exactly these variables are read.
-ENV_VARS: dict[str, str] = {
-    "XP_BACKEND_TYPE": "backend_type",
-    "XP_REDIS_URL": "redis_url",
-    "XP_REDIS_USERNAME": "redis_username",
-    "XP_REDIS_PASSWORD": "redis_password",
-    "XP_REDIS_PREFIX": "redis_prefix",
-    "XP_REDIS_TTL": "redis_ttl",
-    "XP_SIGNING_KEY": "signing_key",
-}
-ENV_CONFIG_PATH = "XP_CONFIG"
+#: The environment contract (xml_pipeline.contract): exactly these variables are read.
+ENV_VARS: Mapping[str, str] = contract.BACKEND_ENV
+ENV_CONFIG_PATH = contract.ENV_CONFIG
 
 #: Bounds of the numeric settings: (low, high). A value outside them is a mistake (a retry count
 #: of 1e20 retries forever; a pool of 10^8 connections allocates its slots up front).
@@ -201,7 +193,7 @@ class BackendConfig:
     def from_yaml(cls, path: str | os.PathLike[str], *, required: bool = True) -> "BackendConfig":
         """Build from the `backend:` section of an organism.yaml file."""
         p = Path(path)
-        text = safe_yaml.read_config_text(p, "XP_CONFIG" if required is False else "path")
+        text = safe_yaml.read_config_text(p, ENV_CONFIG_PATH if required is False else "path")
         _, doc = safe_yaml.load(text, str(p))  # bounded: size, alias expansion, depth, no recursion
         if not isinstance(doc, Mapping) or "backend" not in doc:
             if required:
@@ -267,7 +259,7 @@ def compat_config(config: BackendConfig | str | tuple[Any, ...] | None, backend_
     if config is None:
         # Built from xml-pipeline's arguments alone: sign with XP_SIGNING_KEY when it is set, the
         # key serialize_slot() uses by default, so both agree without any other configuration.
-        env_key = os.environ.get("XP_SIGNING_KEY") or None
+        env_key = os.environ.get(contract.ENV_SIGNING_KEY) or None
         if env_key is not None:
             changes.setdefault("signing_key", env_key)
         return BackendConfig(backend_type=backend_type, **changes)

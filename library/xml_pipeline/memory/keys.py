@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import re
 
+from ..contract import INDEX_KEY, KEY_SPACES
 from ..errors import ConfigError
 
-#: Names the library uses right after the prefix. A prefix segment may not be one of them: otherwise
-#: tenant "a:" scanning "a:buffer:*" would also match tenant "a:buffer:x:"'s keys.
-KEY_SPACES: frozenset[str] = frozenset(
-    {"buffer", "chain", "uuid", "op", "tmp", "tasks", "results", "dlq", "ingress", "egress", "meta"}
-)
+__all__ = ["KEY_SPACES", "MAX_PREFIX_LEN", "RedisKeys", "check_tagged_id", "glob_escape", "prefixes_overlap",
+           "validate_prefix"]
 
 _SEGMENT = r"[A-Za-z0-9_.-]+"
 _PREFIX_RE = re.compile(rf"^(?:{_SEGMENT}:)+\Z")  # \Z: "$" would pass "xp:\n"
@@ -110,7 +108,7 @@ class RedisKeys:
 
     def index(self) -> str:
         """The SET that lists this prefix's threads and registry chains (see redis_scripts.py)."""
-        return f"{self.prefix}meta:index"
+        return self.prefix + INDEX_KEY
 
     def key(self, space: str, *parts: str) -> str:
         """`{prefix}<space>:<part>:<part>...` for any key space (the pump's streams use this)."""

@@ -42,7 +42,7 @@ from .protocol import Appended
 from .serialization import default_signer
 from .signing import Signer
 
-__all__ = ["RedisBackend", "UnsignedBackendWarning", "ACL_COMMANDS", "EVAL_COMMANDS", "DEFAULT_TEMP_TTL"]
+__all__ = ["RedisBackend", "UnsignedBackendWarning", "DEFAULT_TEMP_TTL"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,18 +54,6 @@ SCAN_COUNT = 1000
 #: info() stops counting after this many keys per key space (and says so with counts_capped).
 INFO_COUNT_LIMIT = 100_000
 _BATCH = 500
-
-#: Every command this backend sends, including those its Lua scripts call (Redis checks a script's
-#: commands against the caller's ACL too). An ACL user for one tenant needs these plus `~<prefix>*`
-#: on a server where our function library is loaded (redis_functions.py: FCALL_RO probes, FCALL
-#: runs); without the library the scripts run with EVAL_COMMANDS instead of FCALL.
-ACL_COMMANDS: tuple[str, ...] = (
-    "fcall", "fcall_ro", "rpush", "rpop", "lrange", "lindex", "llen", "hsetnx", "hget", "hdel",
-    "expire", "exists", "get", "getex", "mget", "set", "del", "unlink", "sadd", "srem", "srandmember",
-    "sscan", "ping", "info|server", "client|setname",
-)
-#: How the scripts run on a server without our function library (dedicated or external Redis).
-EVAL_COMMANDS: tuple[str, ...] = ("evalsha", "eval")
 
 # Backoff before retry k: a random wait of up to 20 ms * 2**k (40, 80, 160 ms ...), never above 0.5 s.
 _BACKOFF_BASE = 0.02

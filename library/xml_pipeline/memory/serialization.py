@@ -20,10 +20,10 @@ import pickle
 import threading
 from typing import Any
 
+from ..contract import ENV_SIGNING_KEY
 from ..errors import BackendError
 from .signing import Signer, parse_keys
 
-ENV_SIGNING_KEY = "XP_SIGNING_KEY"
 #: The context of unbound slot envelopes (serialize_slot without a place).
 UNBOUND_SLOT = b"xml-pipeline unbound slot"
 

@@ -91,15 +91,6 @@ _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 #: Outages a worker that is stopping sits through before it leaves a finished task to be reclaimed.
 ESSENTIAL_ATTEMPTS = 8
 
-#: Redis commands this module sends (beyond the backend's ACL_COMMANDS), for tenant ACL users.
-#: The heartbeat script runs XPENDING and XCLAIM; Redis checks those against the caller's ACL too.
-#: Scripts run like the backend's (RedisBackend.run_script): FCALL, or EVALSHA/EVAL without the
-#: function library.
-STREAM_ACL_COMMANDS: tuple[str, ...] = (
-    "xadd", "xreadgroup", "xread", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xlen",
-    "xrange", "xrevrange", "xgroup|create", "xgroup|delconsumer", "expire", "multi", "exec",
-    "fcall", "del", "unlink", "hsetnx",
-)
 
 # Re-claim a running task for its own consumer, only if that consumer still owns it.
 _HEARTBEAT_LUA = """

@@ -1,23 +1,24 @@
-"""Names and labels of everything the operator creates for an Organism (the DEVELOPERS.md contract)."""
+"""Names and labels of everything the operator creates for an Organism (the contract's labels)."""
 from __future__ import annotations
 
 from typing import Literal
 
+from xml_pipeline.contract import CONFIG_DIR as CONFIG_DIR
+from xml_pipeline.contract import CONFIG_PATH as CONFIG_PATH
+from xml_pipeline.contract import (APP_NAME, CONFIG_FILE, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME,
+                                   LABEL_ORGANISM, LABEL_REDIS_CLIENT, MANAGED_BY)
+
 Component = Literal["pump", "worker", "redis", "config", "credentials"]
 
-ORGANISM_LABEL = "xml-pipeline.dev/organism"
+ORGANISM_LABEL = LABEL_ORGANISM
 #: Pod label `<label>: <organism name>` that lets a pod of the namespace reach the organism's
 #: dedicated Redis through its NetworkPolicy besides the pump and workers (debugging, an exporter).
-REDIS_CLIENT_LABEL = "xml-pipeline.dev/redis-client"
+REDIS_CLIENT_LABEL = LABEL_REDIS_CLIENT
 CONFIG_HASH_ANNOTATION = "xml-pipeline.dev/config-hash"
 #: Pod-template annotation in shared mode: HMAC of the password the pods read (rotation.py).
 CREDENTIALS_DIGEST_ANNOTATION = "xml-pipeline.dev/credentials-digest"
-APP_NAME = "xml-pipeline"
-MANAGED_BY = "xml-pipeline-operator"
-
-CONFIG_DIR = "/etc/xml-pipeline"
-CONFIG_KEY = "organism.yaml"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+#: The ConfigMap key of organism.yaml (the file name under CONFIG_DIR).
+CONFIG_KEY = CONFIG_FILE
 REDIS_PORT = 6379
 
 # Keys of the <name>-credentials Secret.
@@ -53,9 +54,9 @@ def redis_name(name: str) -> str:
 def selector_labels(name: str, component: Component) -> dict[str, str]:
     """The immutable subset used in Deployment/StatefulSet/Service selectors."""
     return {
-        "app.kubernetes.io/name": APP_NAME,
-        "app.kubernetes.io/instance": name,
-        "app.kubernetes.io/component": component,
+        LABEL_NAME: APP_NAME,
+        LABEL_INSTANCE: name,
+        LABEL_COMPONENT: component,
     }
 
 
@@ -63,6 +64,6 @@ def labels(name: str, component: Component) -> dict[str, str]:
     """The labels every object of an Organism carries."""
     return {
         **selector_labels(name, component),
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_MANAGED_BY: MANAGED_BY,
         ORGANISM_LABEL: name,
     }

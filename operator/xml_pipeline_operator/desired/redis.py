@@ -11,6 +11,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from xml_pipeline.contract import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME
+
 from ..model import Organism
 from ..podshape import apply_shape
 from ..settings import OperatorSettings
@@ -115,9 +117,9 @@ def redis_network_policy(org: Organism, *, keda_scaler: bool = False) -> dict[st
             "policyTypes": ["Ingress"],
             "ingress": [
                 {"from": [{"podSelector": {
-                    "matchLabels": {"app.kubernetes.io/name": APP_NAME, "app.kubernetes.io/instance": org.name,
+                    "matchLabels": {LABEL_NAME: APP_NAME, LABEL_INSTANCE: org.name,
                                     ORGANISM_LABEL: org.name},
-                    "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
+                    "matchExpressions": [{"key": LABEL_COMPONENT, "operator": "In",
                                           "values": ["pump", "worker"]}]}}],
                  "ports": port},
                 {"from": [{"podSelector": {"matchLabels": {REDIS_CLIENT_LABEL: org.name}}}], "ports": port},

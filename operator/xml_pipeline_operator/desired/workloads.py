@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any
+
+from xml_pipeline import contract
 
 from ..model import Organism, Resources
 from ..podshape import PodShape, apply_shape
@@ -12,7 +14,7 @@ from .naming import (CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH
                      selector_labels, worker_name)
 from .security import APP_GID, APP_UID, container_security_context, pod_basics, pod_security_context
 
-Role = Literal["pump", "worker"]
+Role = contract.Role
 
 _HEALTHCHECK = ["xml-pipeline", "healthcheck"]
 #: The pump serves Prometheus metrics here (`xml-pipeline pump --metrics-port`); worker pods need none
@@ -32,29 +34,29 @@ def xp_env(org: Organism, role: Role, endpoint: str | None) -> list[dict[str, An
     """
     creds = secret_name(org.name)
     env: list[dict[str, Any]] = [
-        {"name": "XP_ORGANISM", "value": org.name},
-        {"name": "XP_ROLE", "value": role},
-        {"name": "XP_BACKEND_TYPE", "value": org.backend_type},
+        {"name": contract.ENV_ORGANISM, "value": org.name},
+        {"name": contract.ENV_ROLE, "value": role},
+        {"name": contract.ENV_BACKEND_TYPE, "value": org.backend_type},
     ]
     if org.redis is not None:
         assert endpoint is not None
         external = org.redis.external
-        user = _secret_env("XP_REDIS_USERNAME", creds, USERNAME_KEY)
-        password = _secret_env("XP_REDIS_PASSWORD", creds, PASSWORD_KEY)
+        user = _secret_env(contract.ENV_REDIS_USERNAME, creds, USERNAME_KEY)
+        password = _secret_env(contract.ENV_REDIS_PASSWORD, creds, PASSWORD_KEY)
         if external is not None:
-            password = _secret_env("XP_REDIS_PASSWORD", external.password.name, external.password.key)
+            password = _secret_env(contract.ENV_REDIS_PASSWORD, external.password.name, external.password.key)
             if external.username is not None:
-                user = _secret_env("XP_REDIS_USERNAME", external.username.name, external.username.key)
+                user = _secret_env(contract.ENV_REDIS_USERNAME, external.username.name, external.username.key)
         env += [
-            {"name": "XP_REDIS_URL", "value": endpoint},
+            {"name": contract.ENV_REDIS_URL, "value": endpoint},
             user,
             password,
-            {"name": "XP_REDIS_PREFIX", "value": org.redis.prefix},
-            {"name": "XP_REDIS_TTL", "value": str(org.redis.ttl)},
+            {"name": contract.ENV_REDIS_PREFIX, "value": org.redis.prefix},
+            {"name": contract.ENV_REDIS_TTL, "value": str(org.redis.ttl)},
         ]
     env += [
-        _secret_env("XP_SIGNING_KEY", creds, SIGNING_KEY_KEY),
-        {"name": "XP_CONFIG", "value": CONFIG_PATH},
+        _secret_env(contract.ENV_SIGNING_KEY, creds, SIGNING_KEY_KEY),
+        {"name": contract.ENV_CONFIG, "value": CONFIG_PATH},
     ]
     return env
 

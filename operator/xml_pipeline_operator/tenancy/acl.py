@@ -1,7 +1,8 @@
 """Redis ACL users for organisms on a shared Redis: one user per organism, confined to its prefix.
 
 The user of an organism may touch only keys and Pub/Sub channels under its prefix and may run only
-the commands the library, the pump and the workers issue (`ORGANISM_COMMANDS`). Everything that
+the commands the library, the pump and the workers issue (`ORGANISM_COMMANDS`, from the library's
+contract module). Everything that
 acts on the whole server (FLUSHALL, KEYS, CONFIG, ACL, SCRIPT FLUSH, FUNCTION, SELECT, ...) is
 denied. Key patterns are checked by Redis for every command, including the commands a function
 runs (functions run with the caller's permissions), so FCALL cannot escape the prefix either. Tenants
@@ -20,56 +21,27 @@ the second time.
 from __future__ import annotations
 
 import enum
-import hashlib
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from xml_pipeline import contract
+from xml_pipeline.contract import password_hash
 from xml_pipeline.memory.keys import validate_prefix
+
+#: The ACL username of Organism `namespace/name`.
+username_for = contract.acl_username
 
 # -- the permission set --------------------------------------------------------------------------
 
-#: Every command an organism's user may run, lower-case, `container|sub` for subcommands. Grouped by
-#: who needs it; a test proves none of FORBIDDEN_COMMANDS is here, and the library's contract suite
-#: runs with exactly this set (so it is sufficient as well as strict).
-ORGANISM_COMMANDS: tuple[str, ...] = (
-    # Connection. AUTH and HELLO need no permission (Redis exempts them), so a client can always
-    # re-authenticate after a reconnect. redis-py sends CLIENT SETNAME (client_name=) and, on
-    # Redis >= 7.2, CLIENT SETINFO on connect; the health check sends PING.
-    "ping", "echo", "client|setname", "client|getname", "client|setinfo", "client|id",
-    # RedisBackend.info() reports the server version. Only the `server` section (version, uptime,
-    # run_id): INFO's other sections (keyspace sizes, clients, commandstats) stay denied.
-    "info|server",
-    # Plain keys: registry (chain/uuid), append ids (op), temporary worker data (tmp), heartbeats.
-    "get", "set", "setnx", "getdel", "getex", "mget", "incr", "incrby",
-    "exists", "type", "del", "unlink", "expire", "pexpire", "ttl", "pttl",
-    # Lists: the context buffer (one LIST per thread) and blocking hand-offs.
-    "rpush", "lpush", "lrange", "lindex", "llen", "ltrim", "lpop", "rpop", "lrem",
-    "blpop", "brpop", "lmove", "blmove",
-    # Hashes: the append ids of a thread (`op:{T}`, HSETNX/HGET/HDEL in the append script) and
-    # worker bookkeeping. Sets and sorted sets: heartbeats, delivery counts, deadlines.
-    # The thread index (`meta:index`) is a set: SADD/SREM/SRANDMEMBER in the scripts, SSCAN to list.
-    "hset", "hsetnx", "hget", "hmget", "hgetall", "hdel", "hincrby", "hexists", "hlen",
-    "sadd", "srem", "smembers", "sismember", "scard", "srandmember", "sscan",
-    "zadd", "zrem", "zrange", "zrangebyscore", "zscore", "zcard",
-    # Streams: WorkerTasks through a consumer group, reclaiming tasks of dead consumers, trimming,
-    # and the dead-letter stream.
-    "xadd", "xread", "xreadgroup", "xack", "xautoclaim", "xclaim", "xpending", "xtrim", "xdel",
-    "xlen", "xrange", "xrevrange",
-    "xgroup|create", "xgroup|createconsumer", "xgroup|delconsumer", "xgroup|setid", "xgroup|destroy",
-    "xinfo|stream", "xinfo|groups", "xinfo|consumers",
-    # Lua, but only the library's own: the atomic append (index + TTL + idempotency in one step) and
-    # the other scripts run as FCALL of the function library the operator loads (functions.py);
-    # FCALL_RO probes its version. A tenant cannot submit Lua of its own (EVAL, SCRIPT LOAD and
-    # FUNCTION are denied), so it cannot start a script nobody can stop.
-    "fcall", "fcall_ro",
-    # Transactions (redis-py pipelines with transaction=True; WATCH keys are permission-checked).
-    "multi", "exec", "discard", "watch", "unwatch",
-    # Pub/Sub, confined to channels under the prefix by the `&<prefix>*` rule.
-    "publish", "subscribe", "unsubscribe", "psubscribe", "punsubscribe",
-)
+#: Every command an organism's user may run: exactly what the library, the pump, the workers and
+#: `send` issue (xml_pipeline.contract.LIBRARY_COMMANDS, proven against INFO commandstats by
+#: tests/multitenancy/test_command_contract.py), sorted so the rules read the same every time. AUTH
+#: and HELLO need no permission (Redis exempts them), so a client can always re-authenticate. Lua
+#: runs only as FCALL of the library's functions (functions.py); INFO only for its `server` section.
+ORGANISM_COMMANDS: tuple[str, ...] = tuple(sorted(contract.LIBRARY_COMMANDS))
 
 #: Commands that must never be granted to a tenant: they act on the whole server or on every
 #: tenant's data (or reveal other tenants' data or activity).
@@ -104,7 +76,7 @@ ADMIN_COMMANDS: tuple[str, ...] = (
 
 #: Subcommands that exist only on newer servers; they are granted only where the server knows them
 #: (ACL SETUSER rejects an unknown name, e.g. CLIENT SETINFO on Redis 7.0).
-_VERSION_DEPENDENT: frozenset[str] = frozenset({"client|setinfo"})
+_VERSION_DEPENDENT: frozenset[str] = contract.CONNECT_COMMANDS
 
 
 class Change(enum.Enum):
@@ -127,17 +99,6 @@ class AclUser:
     key_patterns: frozenset[str]
     channel_patterns: frozenset[str]
     has_selectors: bool
-
-
-def username_for(namespace: str, name: str) -> str:
-    """The ACL username of Organism `namespace/name` (the operator's redis_admin.acl_username).
-    Namespaces have no dots, so this is unique."""
-    return f"xp-{namespace}.{name}"
-
-
-def password_hash(password: str) -> str:
-    """How Redis stores a password (ACL GETUSER shows these)."""
-    return hashlib.sha256(password.encode("utf-8")).hexdigest()
 
 
 def server_commands(admin: redis.Redis) -> frozenset[str]:

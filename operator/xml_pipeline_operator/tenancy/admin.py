@@ -75,7 +75,7 @@ def tenant_from_body(namespace: str, name: str, body: Mapping[str, Any]) -> over
     status_prefix = ((body.get("status") or {}).get("redis") or {}).get("prefix")
     prefix = r.get("prefix") or status_prefix or default_prefix(namespace, name)
     created = str((body.get("metadata") or {}).get("creationTimestamp") or "")
-    return overlap.Tenant(namespace, name, str(prefix), created)
+    return overlap.Tenant(namespace, name, str(prefix), created=created)
 
 
 def admissible(tenant: overlap.Tenant) -> bool:
@@ -220,7 +220,7 @@ class SharedRedisAdmin:
             known = self._observed.get((namespace, name))
             # Not observed yet (a direct call): treat it as the newest, so it never displaces anyone.
             created = known.created if known is not None else "\uffff"
-            candidate = overlap.Tenant(namespace, name, prefix, created)
+            candidate = overlap.Tenant(namespace, name, prefix, created=created)
             return overlap.find_conflict(candidate, list(self._observed.values()))
 
     # -- RedisAdmin --------------------------------------------------------------------------------

@@ -10,28 +10,8 @@ the operator sees them in, also after a restart.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-
+from xml_pipeline.contract import Tenant
 from xml_pipeline.memory.keys import prefixes_overlap
-
-
-@dataclass(frozen=True)
-class Tenant:
-    """One Organism using the shared Redis."""
-
-    namespace: str
-    name: str
-    prefix: str
-    #: metadata.creationTimestamp (RFC 3339, so it sorts as text); "" sorts first.
-    created: str = ""
-
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def order(self) -> tuple[str, str, str]:
-        return (self.created, self.namespace, self.name)
 
 
 def find_conflict(candidate: Tenant, others: Iterable[Tenant]) -> Tenant | None:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import redis
+from xml_pipeline import contract
 
 #: Key-space name of a thread's buffer right after the prefix: `{prefix}buffer:{<thread_id>}`.
-BUFFER_SPACE = "buffer:"
+BUFFER_SPACE = contract.BUFFER_SPACE + ":"
 
 # Any hashable tenant id (the operator uses (namespace, name)); a TypeVar because Mapping is
 # invariant in its key, so a Mapping[tuple[str, str], str] is not a Mapping[Hashable, str].

@@ -1,0 +1,209 @@
+"""The Redis commands the contract declares are exactly the ones the library sends.
+
+A private server counts every command (INFO commandstats counts what Lua functions call as well)
+while a workload runs every library path: the SharedBackend contract with ContextBuffer and
+ThreadRegistry, reindex, a pump and a worker process on Redis Streams (a call through the task
+stream, a long task the heartbeat re-claims, a failing task retried then dead-lettered, a task of a
+killed worker reclaimed by the next), `send` through ingress/egress, and the inspection tools.
+Nothing sent may be missing from the contract, and nothing declared may go unsent.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis_server import RedisServer
+
+from xml_pipeline import contract
+from xml_pipeline.memory import BackendConfig
+from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.message_bus import distributed
+from xml_pipeline.message_bus.message import Message
+from xml_pipeline_operator.tenancy import acl, functions
+
+from .test_library_restricted import exercise
+
+CLI = str(Path(sys.executable).with_name("xml-pipeline"))
+SIGNING_KEY = secrets.token_hex(16)
+PREFIX = "xp:t.commands:"
+
+ORGANISM_YAML = """\
+organism:
+  name: commands
+backend:
+  type: redis
+process_pool:
+  workers: 1
+  max_attempts: 2
+  claim_idle_seconds: 1.5
+  heartbeat_seconds: 0.2
+listeners:
+  - name: greeter
+    handler: "xml_pipeline.examples.greeter:handle"
+  - name: primes
+    handler: "xml_pipeline.examples.cpu:count_primes"
+    cpu_bound: true
+  - name: burn
+    handler: "xml_pipeline.examples.cpu:burn"
+    cpu_bound: true
+  - name: broken
+    handler: "contract_handlers:broken"
+    cpu_bound: true
+  - name: slow
+    handler: "contract_handlers:slow"
+    cpu_bound: true
+"""
+HANDLERS = '''\
+import time
+
+
+def broken(message):
+    raise RuntimeError("this handler always fails")
+
+
+def slow(message):
+    time.sleep(float(message.element().get("seconds", "1")))
+    return "<slept/>"
+'''
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+def _start(role: str, env: dict[str, str], tmp_path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([CLI, role, "--heartbeat-file", str(tmp_path / f"{role}.hb")],
+                            env={**env, contract.ENV_ROLE: role}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _stop(p: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> str:
+    p.send_signal(sig)
+    try:
+        _, err = p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    return err.decode(errors="replace")
+
+
+def _wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _used(server: RedisServer) -> set[str]:
+    admin = server.client()
+    try:
+        return {name.removeprefix("cmdstat_").lower() for name in admin.info("commandstats")}
+    finally:
+        admin.close()
+
+
+@pytest.mark.timeout(150)
+def test_the_declared_commands_are_exactly_the_ones_the_library_sends(private_redis: RedisServer,
+                                                                      tmp_path: Path) -> None:
+    if not Path(CLI).exists():
+        pytest.skip("the xml-pipeline console script is not installed in this environment")
+    admin = private_redis.client()
+    functions.ensure_library(admin)  # as the operator does on a shared Redis
+    admin.config_resetstat()
+    admin.close()
+    cfg = BackendConfig(backend_type="redis", redis_url=private_redis.url, redis_prefix=PREFIX,
+                        redis_ttl=600, signing_key=SIGNING_KEY)
+
+    # 1. The SharedBackend contract, ContextBuffer, ThreadRegistry; reindex.
+    with RedisBackend(cfg) as b:
+        exercise(b)
+        assert b.script_mechanism == "fcall"
+        b.buffer_append("t-r", b"x")
+        assert b.reindex()
+    library_only = _used(private_redis)
+
+    # 2. Pump and worker processes, as the pods run them.
+    (tmp_path / "organism.yaml").write_text(ORGANISM_YAML)
+    (tmp_path / "contract_handlers.py").write_text(HANDLERS)
+    env = {**os.environ, contract.ENV_ORGANISM: "commands", contract.ENV_CONFIG: str(tmp_path / "organism.yaml"),
+           contract.ENV_BACKEND_TYPE: "redis", contract.ENV_REDIS_URL: private_redis.url,
+           contract.ENV_REDIS_PREFIX: PREFIX, contract.ENV_REDIS_TTL: "600", contract.ENV_SIGNING_KEY: SIGNING_KEY,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    pump = _start("pump", env, tmp_path)
+    worker = _start("worker", env, tmp_path)
+    errors: dict[str, str] = {}
+    try:
+        with RedisBackend(cfg) as b:
+            def send(to: str, payload: str, wait: float = 45) -> Message | None:
+                return distributed.send_message(b, Message(sender="console", to=to, payload=payload), wait=wait)
+
+            # A call from the pump (greeter) through the task stream (primes in the worker).
+            reply = send("greeter", '<greet name="Ada" lucky="100"/>')
+            assert reply is not None and "25 primes below 100" in reply.text(), reply
+            # A task running for many heartbeats: the heartbeat function re-claims it.
+            assert send("slow", '<sleep seconds="1"/>') is not None
+            # A failing task: retried (max_attempts 2), then dead-lettered.
+            send("broken", "<boom/>", wait=5)
+            _wait_for(lambda: distributed.dead_letters(b), 30, "a dead letter")
+            assert distributed.stream_info(b)["dlq"]
+            # A worker killed in the middle of a task: the next worker reclaims it.
+            send("slow", '<sleep seconds="3"/>', wait=0)
+            streams = distributed.Streams(b)
+
+            def pending() -> list[dict[str, object]]:
+                return list(streams.client.xpending_range(streams.tasks, distributed.WORKER_GROUP, "-", "+", 1))
+
+            _wait_for(pending, 30, "the slow task in the worker's hands")
+            _stop(worker, signal.SIGKILL)
+            worker = _start("worker", env, tmp_path)
+            _wait_for(lambda: (p := pending()) and int(p[0]["times_delivered"]) >= 2, 30,  # type: ignore[call-overload]
+                      "the new worker to reclaim the task")
+            # The reclaimed task finishes; a worker holding nothing leaves the group when it stops.
+            _wait_for(lambda: not pending(), 30, "the reclaimed task to finish")
+            # A dead worker process's tasks, released at once by its supervisor (`worker --processes N`):
+            # the release function of the library, for a consumer that holds a task and is gone.
+            send("slow", '<sleep seconds="1"/>', wait=0)
+            _wait_for(pending, 30, "a task in the worker's hands")
+            entry = pending()[0]["message_id"]
+            streams.client.xclaim(streams.tasks, distributed.WORKER_GROUP, "gone-worker", 0, [entry])
+            assert distributed.release_consumer(b, "gone-worker", max_attempts=5) == (1, 0)
+            _wait_for(lambda: not pending(), 30, "the released task to finish")
+    finally:
+        for role, p in (("worker", worker), ("pump", pump)):
+            errors[role] = _stop(p)
+    for role, err in errors.items():
+        # The only tracebacks are the broken handler's own (logged with each failed attempt).
+        for chunk in err.split("Traceback")[1:]:
+            assert "this handler always fails" in chunk.split("\n\n")[0], f"{role}: {chunk[:2000]}"
+
+    used = _used(private_redis)
+    used -= {"config|resetstat", "hello", "auth", "function|load", "function|list"}  # the test's own
+    # The library sends INFO for its `server` section only (what the ACL grants); the test's INFO
+    # commandstats counts under the same name, and the backend's info() is part of the workload.
+    used = {"info|server" if c == "info" else c for c in used}
+    declared = contract.LIBRARY_COMMANDS | contract.REINDEX_COMMANDS
+    sent_unknown = {c for c in used if c not in declared}
+    assert not sent_unknown, f"the library sends commands the contract does not declare: {sorted(sent_unknown)}"
+    # CLIENT SETINFO exists on Redis >= 7.2 only; redis-py sends it where it does.
+    never_sent = declared - used - contract.CONNECT_COMMANDS
+    assert not never_sent, f"the contract declares commands the library never sends: {sorted(never_sent)}"
+    # Scripts ran as FCALL: no EVAL on a server with the function library.
+    assert not used & contract.EVAL_COMMANDS
+    # The backend alone stays within its own set.
+    assert {"info|server" if c == "info" else c for c in library_only} - {"config|resetstat", "function|load",
+                                                                            "function|list", "hello"} \
+        <= contract.BACKEND_COMMANDS | contract.REINDEX_COMMANDS
+    # And the tenant ACL grants exactly the library's set.
+    assert set(acl.ORGANISM_COMMANDS) == contract.LIBRARY_COMMANDS

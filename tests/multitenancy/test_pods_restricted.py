@@ -16,7 +16,8 @@ import redis
 
 from xml_pipeline.memory import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
-from xml_pipeline.message_bus.distributed import STREAM_ACL_COMMANDS, send_message
+from xml_pipeline.message_bus.ingress import send_message
+from xml_pipeline.message_bus.streams import STREAM_ACL_COMMANDS
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline_operator.tenancy import acl
 

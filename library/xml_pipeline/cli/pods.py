@@ -92,7 +92,10 @@ def cmd_pump(args: argparse.Namespace) -> int:
 
 
 async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file: str, metrics_port: int = 0) -> int:
-    from ..message_bus.distributed import IngressBridge, RedisDispatcher, stream_info, touch
+    from ..message_bus.dispatcher import RedisDispatcher
+    from ..message_bus.ingress import IngressBridge
+    from ..message_bus.streams import stream_info
+    from ..message_bus.worker import touch
     from ..message_bus.stream_pump import StreamPump
     from .metrics import MetricsServer, pump_samples
     from .run import make_dispatcher
@@ -227,7 +230,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _worker_single(organism: Organism, heartbeat_file: str | None, *, name: str | None = None,
                    parent_pid: int | None = None) -> int:
-    from ..message_bus.distributed import DistributedWorker
+    from ..message_bus.worker import DistributedWorker
     backend = create_backend(organism.backend)
     worker = DistributedWorker(backend, organism, name=name, heartbeat_file=heartbeat_file, parent_pid=parent_pid)
 
@@ -255,7 +258,7 @@ def _child_main(path: str, index: int, parent_pid: int, level: int, name: str | 
 
 def _release(path: str, consumer: str) -> None:
     """Re-queue the tasks of a dead child at once (release_consumer), instead of after claim_idle."""
-    from ..message_bus.distributed import release_consumer
+    from ..message_bus.worker import release_consumer
     try:
         organism = load_organism(path)
         backend = create_backend(organism.backend)
@@ -274,7 +277,7 @@ def _release(path: str, consumer: str) -> None:
 
 def _supervise(processes: int, path: str, heartbeat_file: str) -> int:
     """Run `processes` consumer processes; restart the ones that die; SIGTERM stops them all."""
-    from ..message_bus.distributed import touch
+    from ..message_bus.worker import touch
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -292,7 +295,7 @@ def _supervise(processes: int, path: str, heartbeat_file: str) -> int:
     level = logging.getLogger().getEffectiveLevel()
 
     names: dict[int, str] = {}
-    from ..message_bus.distributed import consumer_name
+    from ..message_bus.streams import consumer_name
 
     def start(index: int) -> None:
         # The supervisor names each child's consumer, so it knows whose tasks to release on a death.

@@ -62,7 +62,7 @@ def _read_arg(value: str) -> bytes:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from ..message_bus.distributed import send_message
+    from ..message_bus.ingress import send_message
     from ..message_bus.message import Message, check_fragment, parse_message
 
     if args.timeout <= 0:
@@ -188,7 +188,7 @@ def cmd_backend(args: argparse.Namespace) -> int:
         if args.action == "info":
             data = backend.info()
             if config.backend_type == "redis":
-                from ..message_bus.distributed import stream_info
+                from ..message_bus.streams import stream_info
                 data["streams"] = stream_info(backend)
             _print(data, args.json)
         elif args.action == "threads":

@@ -1,7 +1,7 @@
 """The pump pod's side of distributed mode: the ingress stream feeds a StreamPump, its outputs go to
 the egress stream; and `xml-pipeline send`, which writes to ingress and reads egress.
 
-Streams and consumer groups are described in distributed.py. How an ingress entry stays safe:
+Streams and consumer groups are described in streams.py. How an ingress entry stays safe:
 it is acknowledged when its conversation has finished; every live pump sweeps the stream
 (XAUTOCLAIM) every claim_idle_seconds / 2 and takes over the entries of dead pumps, and refreshes
 the entries of its own running conversations first, so a merely long conversation is never
@@ -18,9 +18,10 @@ from typing import Any
 import redis
 from redis.exceptions import ResponseError
 
-from .distributed import (
-    _REDIS_DOWN,
+from .retry import _REDIS_DOWN
+from .streams import (
     EGRESS_MAXLEN,
+    EGRESS_ONCE,
     PUMP_GROUP,
     Streams,
     _entries,
@@ -28,27 +29,9 @@ from .distributed import (
     _xfields,
     consumer_name,
 )
-from ..memory.redis_scripts import LuaScript
 from .message import Message, MessageError, derived_id, error_payload, parse_message
 
 log = logging.getLogger(__name__)
-
-# KEYS: egress stream, the conversation's sent-record (a HASH: output message id -> 1)
-# ARGV: message id, ttl (0 = none), maxlen, then the entry's field/value pairs.
-# Writes an output of a conversation once: a pump that takes over an unfinished conversation from a
-# dead one re-runs it, and the outputs the dead pump got to are already on egress. Output ids are
-# derived from the conversation's message id (message.derived_id), so a re-run repeats them.
-_EGRESS_ONCE_LUA = """
-if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 0 then return 0 end
-local ttl = tonumber(ARGV[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-return 1
-"""
-EGRESS_ONCE = LuaScript("egress_once", 2, -1, _EGRESS_ONCE_LUA)
 
 
 # ==================================================================================================

@@ -53,7 +53,9 @@ def load(args: argparse.Namespace) -> Organism:
 
 def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
     """Block until the backend answers (pods may start before their Redis). False if asked to stop."""
-    delay = 0.2
+    from ..message_bus.retry import Backoff
+
+    backoff = Backoff()
     warned = False
     while not stopping():
         if backend.ping():
@@ -63,8 +65,7 @@ def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
         if not warned:
             log.warning("backend %s does not answer yet; waiting", backend)
             warned = True
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
+        time.sleep(backoff.next())
     return False
 
 

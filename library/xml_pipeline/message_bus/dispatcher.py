@@ -14,7 +14,7 @@ import redis
 
 from ..errors import BackendUnavailable
 from ..memory.redis_pipe import RedisPipe
-from .retry import _REDIS_DOWN
+from .retry import _REDIS_DOWN, Backoff
 from .streams import (
     WORKER_GROUP,
     Streams,
@@ -203,7 +203,7 @@ class RedisDispatcher:
     def _read_results(self) -> None:
         s = self.streams
         last = "0-0"
-        backoff = 0.2
+        backoff = Backoff()
         consumed: list[Any] = []  # ids read but not deleted yet: the XDEL rides with the next XREAD
         # This thread's own connection (no pool checkout per read), where the URL allows it.
         direct = self.backend.new_direct_connection() if hasattr(self.backend, "new_direct_connection") else None
@@ -222,12 +222,9 @@ class RedisDispatcher:
                     resp = replies[-1]
                     if isinstance(resp, Exception):
                         raise resp
-                    backoff = 0.2
+                    backoff.reset()
                 except _REDIS_DOWN as e:
-                    log.warning("results stream %s: Redis unavailable (%s); retrying in %.1f s",
-                                self.results_key, type(e).__name__, backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    self._stop.wait(backoff.retrying(log, f"results stream {self.results_key}", type(e).__name__))
                     continue
                 except Exception:  # noqa: BLE001 - the reader must survive anything
                     log.exception("results stream %s: read failed", self.results_key)
@@ -248,7 +245,7 @@ class RedisDispatcher:
         pipe = self._read_pipe
         assert pipe is not None
         last = "0-0"
-        backoff = 0.2
+        backoff = Backoff()
         consumed: list[Any] = []
         while not self._stop.is_set():
             cmds: list[tuple[Any, ...]] = []
@@ -261,14 +258,11 @@ class RedisDispatcher:
                 resp = replies[-1]
                 if isinstance(resp, Exception):
                     raise resp
-                backoff = 0.2
+                backoff.reset()
             except BackendUnavailable as e:
                 if self._stop.is_set():
                     return
-                log.warning("results stream %s: Redis unavailable (%s); retrying in %.1f s",
-                            self.results_key, e, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.retrying(log, f"results stream {self.results_key}", e))
                 continue
             except Exception:  # noqa: BLE001 - the reader must survive anything
                 log.exception("results stream %s: read failed", self.results_key)

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from redis.exceptions import ResponseError
 
-from .retry import _REDIS_DOWN
+from .retry import _REDIS_DOWN, Backoff
 from .streams import (
     EGRESS_MAXLEN,
     EGRESS_ONCE,
@@ -87,7 +87,7 @@ class IngressBridge:
 
     def _read(self) -> None:
         s = self.streams
-        backoff = 0.2
+        backoff = Backoff()
         cursor = "0-0"
         # Sweep for entries of dead pumps at start and then every claim_idle / 2 for as long as this
         # pump runs: a pump restarted quickly after a crash takes over its predecessor's entries as
@@ -113,15 +113,12 @@ class IngressBridge:
                     read = s.client.xreadgroup(PUMP_GROUP, self.consumer, {s.ingress: ">"}, count=64,
                                               block=block)
                     entries = [(_s(i), f) for i, f in _entries(read)]
-                backoff = 0.2
+                backoff.reset()
                 self.last_read = time.monotonic()
                 self.redis_error = None
             except _REDIS_DOWN as e:
                 self.redis_error = f"{type(e).__name__}: {e}"
-                log.warning("ingress %s: Redis unavailable (%s); retrying in %.1f s", s.ingress,
-                            type(e).__name__, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                self._stop.wait(backoff.retrying(log, f"ingress {s.ingress}", type(e).__name__))
                 continue
             except ResponseError as e:
                 if "NOGROUP" in str(e):

@@ -15,7 +15,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from ..organism import Organism
-from .retry import _REDIS_DOWN
+from .retry import _REDIS_DOWN, Backoff
 from .streams import (
     DLQ_MAXLEN,
     HEARTBEAT,
@@ -136,7 +136,7 @@ class DistributedWorker:
         task's result) are tried even while stopping — that is what draining means — and give up
         only after ESSENTIAL_ATTEMPTS outages; the task then stays pending and is reclaimed.
         """
-        backoff = 0.2
+        backoff = Backoff()
         attempts = 0
         while True:
             if self._stop.is_set() and not essential:
@@ -145,8 +145,7 @@ class DistributedWorker:
                 return fn()
             except _REDIS_DOWN as e:
                 attempts += 1
-                log.warning("worker %s: Redis unavailable (%s: %s); retrying in %.1f s",
-                            self.name, type(e).__name__, e, backoff)
+                delay = backoff.retrying(log, f"worker {self.name}", f"{type(e).__name__}: {e}")
                 if essential and self._stop.is_set() and attempts >= ESSENTIAL_ATTEMPTS:
                     log.error("worker %s: giving up on Redis while stopping; the task stays pending and "
                               "another worker will reclaim it", self.name)
@@ -159,10 +158,9 @@ class DistributedWorker:
                 self.streams.ensure_group(self.streams.tasks, WORKER_GROUP)
                 continue
             if essential:
-                time.sleep(backoff)
+                time.sleep(delay)
             else:
-                self._stop.wait(backoff)
-            backoff = min(backoff * 2, 5.0)
+                self._stop.wait(delay)
 
     def _read_one(self) -> tuple[str, dict[Any, Any], int] | None:
         s = self.streams

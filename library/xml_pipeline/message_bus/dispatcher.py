@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -25,6 +25,9 @@ from .streams import (
     consumer_name,
 )
 from .worker_task import BACKEND_ERROR, TASK_DEADLINE, WORKER_DIED, WorkerResult, WorkerTask
+
+if TYPE_CHECKING:
+    from ..memory.redis_backend import RedisBackend
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class RedisDispatcher:
     unix:// URLs): the tasks submitted during one loop iteration share one MULTI, sent with the
     pipe's next write; otherwise a submit thread does the same from a queue."""
 
-    def __init__(self, backend: Any, *, pump_id: str | None = None, pipelined: bool = True,
+    def __init__(self, backend: RedisBackend, *, pump_id: str | None = None, pipelined: bool = True,
                  deadline: float | None = None) -> None:
         """`deadline`: seconds to wait for a task's result before answering it with a TaskDeadline
         error (None: wait forever); see process_pool.task_deadline."""
@@ -206,7 +209,7 @@ class RedisDispatcher:
         backoff = Backoff()
         consumed: list[Any] = []  # ids read but not deleted yet: the XDEL rides with the next XREAD
         # This thread's own connection (no pool checkout per read), where the URL allows it.
-        direct = self.backend.new_direct_connection() if hasattr(self.backend, "new_direct_connection") else None
+        direct = self.backend.new_direct_connection()
         try:
             while not self._stop.is_set():
                 try:

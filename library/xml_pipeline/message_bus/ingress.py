@@ -13,7 +13,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.exceptions import ResponseError
@@ -30,6 +30,9 @@ from .streams import (
     consumer_name,
 )
 from .message import Message, MessageError, derived_id, error_payload, parse_message
+
+if TYPE_CHECKING:
+    from ..memory.redis_backend import RedisBackend
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class IngressBridge:
     context-buffer appends are recognised as repeats by the same ids.
     """
 
-    def __init__(self, backend: Any, pump: Any, *, consumer: str | None = None,
+    def __init__(self, backend: RedisBackend, pump: Any, *, consumer: str | None = None,
                  claim_idle_seconds: float = 30.0, max_inflight: int = 256) -> None:
         self.streams = Streams(backend)
         self.backend = backend
@@ -271,7 +274,7 @@ def _valid_id(value: str) -> bool:
 # ==================================================================================================
 # Clients: `xml-pipeline send`
 # ==================================================================================================
-def send_message(backend: Any, message: Message, *, wait: float | None = None) -> Message | None:
+def send_message(backend: RedisBackend, message: Message, *, wait: float | None = None) -> Message | None:
     """Put `message` on the ingress stream; with `wait`, block up to that many seconds for the first
     egress output answering it (in-reply-to = message.id). Returns None on timeout or without wait."""
     s = Streams(backend)

@@ -48,13 +48,16 @@ import json
 import os
 import socket
 import uuid
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
 from ..memory.redis_scripts import LuaScript
+
+if TYPE_CHECKING:
+    from ..memory.redis_backend import RedisBackend
 
 WORKER_GROUP = "workers"
 PUMP_GROUP = "pump"
@@ -179,12 +182,22 @@ def consumer_name(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def as_redis(backend: object) -> RedisBackend:
+    """`backend` (a SharedBackend from create_backend) as the RedisBackend distributed mode runs on;
+    ValueError if it is another type."""
+    from ..memory.redis_backend import RedisBackend  # late: memory/manager users never load redis-py
+
+    if not isinstance(backend, RedisBackend):
+        raise ValueError(f"distributed mode needs the redis backend (backend.type: redis), "
+                         f"not {type(backend).__name__}")
+    return backend
+
+
 class Streams:
     """Key names of one organism's streams and the small Redis steps shared by pump and workers."""
 
-    def __init__(self, backend: Any) -> None:
-        if getattr(backend.config, "backend_type", None) != "redis" or not hasattr(backend, "client"):
-            raise ValueError("distributed mode needs the redis backend")
+    def __init__(self, backend: RedisBackend) -> None:
+        as_redis(backend)  # a caller outside mypy's view may hand in another backend
         self.backend = backend
         self.client: redis.Redis = backend.client
         self.ttl: int | None = backend.config.ttl
@@ -214,7 +227,7 @@ class Streams:
             raise err
 
 
-def _transaction(backend: Any, cmds: list[tuple[Any, ...]]) -> list[Any]:
+def _transaction(backend: RedisBackend, cmds: list[tuple[Any, ...]]) -> list[Any]:
     """Run MULTI ... EXEC `cmds` in one round trip (backend.send_commands); raise the first error
     (a refused command aborts the whole transaction, EXECABORT)."""
     return _check_transaction(backend.send_commands(cmds))
@@ -234,7 +247,7 @@ def _check_transaction(replies: list[Any]) -> list[Any]:
     return exec_reply
 
 
-def dead_letters(backend: Any, count: int = 100) -> list[dict[str, str]]:
+def dead_letters(backend: RedisBackend, count: int = 100) -> list[dict[str, str]]:
     """The newest entries of the dead-letter stream (for inspection and tests)."""
     s = Streams(backend)
     # redis-py's stub allows a nil reply and nil fields; XREVRANGE sends an array (empty for a missing
@@ -243,7 +256,7 @@ def dead_letters(backend: Any, count: int = 100) -> list[dict[str, str]]:
     return [{**{_s(k): _s(v) for k, v in (f or {}).items()}, "_id": _s(i)} for i, f in rows]
 
 
-def stream_info(backend: Any) -> dict[str, Any]:
+def stream_info(backend: RedisBackend) -> dict[str, Any]:
     """Lengths and pending counts of the organism's streams."""
     s = Streams(backend)
     out: dict[str, Any] = {}

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.exceptions import ResponseError
@@ -40,6 +40,9 @@ from .worker_task import (
     run_task,
 )
 
+if TYPE_CHECKING:
+    from ..memory.redis_backend import RedisBackend
+
 log = logging.getLogger(__name__)
 
 #: Errors worth another attempt. Integrity failures and missing inputs will not get better.
@@ -51,7 +54,7 @@ ESSENTIAL_ATTEMPTS = 8
 class DistributedWorker:
     """One consumer of the tasks stream. `run()` blocks until `request_stop()` (SIGTERM)."""
 
-    def __init__(self, backend: Any, organism: Organism, *, name: str | None = None,
+    def __init__(self, backend: RedisBackend, organism: Organism, *, name: str | None = None,
                  heartbeat_file: str | None = None, parent_pid: int | None = None) -> None:
         self.streams = Streams(backend)
         self.backend = backend
@@ -88,9 +91,7 @@ class DistributedWorker:
         self._with_redis(lambda: s.ensure_group(s.tasks, WORKER_GROUP))
         # The task loop runs in this thread: its batched commands skip the connection pool (the
         # heartbeat thread keeps using the pool).
-        direct = getattr(self.backend, "use_direct_connection", None)
-        if direct is not None:
-            direct()
+        self.backend.use_direct_connection()
         beat = threading.Thread(target=self._heartbeat_loop, name="xp-heartbeat", daemon=True)
         beat.start()
         try:
@@ -347,7 +348,7 @@ class DistributedWorker:
             pass
 
 
-def release_consumer(backend: Any, consumer: str, *, max_attempts: int, by: str = "supervisor") -> tuple[int, int]:
+def release_consumer(backend: RedisBackend, consumer: str, *, max_attempts: int, by: str = "supervisor") -> tuple[int, int]:
     """Re-queue the tasks `consumer` (a worker that died) holds and remove it from the group: the
     death counts as a failure; a task at max_attempts goes to the dead-letter stream and its pump
     gets a DeadLetter result. Returns (re-queued, dead-lettered)."""

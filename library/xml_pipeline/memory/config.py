@@ -1,6 +1,6 @@
 """BackendConfig: which shared backend to use and how to reach it.
 
-Three ways to build one, as the spec shows: the constructor, the `backend:` section of an
+Three ways to build one: the constructor, the `backend:` section of an
 organism.yaml (`from_yaml` / `from_dict`), and the XP_* environment of a pod (`from_env`, where the
 environment overrides the file named by XP_CONFIG). Every value is validated on construction; an
 error names the field and the allowed values.
@@ -45,7 +45,7 @@ _YAML_KEYS: dict[str, str] = {
     "max_connections": "max_connections",
 }
 
-#: The environment contract (DEVELOPERS.md): exactly these variables are read.
+#: The pods' environment (docs/operator.md lists it): exactly these variables are read.
 ENV_VARS: dict[str, str] = {
     "XP_BACKEND_TYPE": "backend_type",
     "XP_REDIS_URL": "redis_url",

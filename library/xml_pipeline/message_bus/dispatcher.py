@@ -221,7 +221,7 @@ class RedisDispatcher:
                         replies = direct.pipeline(self.backend.pack_commands(cmds), len(cmds))
                     else:
                         replies = self.backend.send_commands(cmds)
-                    consumed = []  # an error reply of XDEL is ignored, as before: entries are tiny
+                    consumed = []  # an error reply of XDEL is ignored: entries are tiny
                     resp = replies[-1]
                     if isinstance(resp, Exception):
                         raise resp

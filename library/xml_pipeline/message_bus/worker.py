@@ -264,8 +264,8 @@ class DistributedWorker:
     def _finish(self, entry_id: str, task: WorkerTask, outcome: Outcome) -> None:
         """Response, result, XACK and XDEL in one MULTI; in the same round trip (after EXEC, outside
         the transaction) the XREADGROUP for the next task, unless the worker is stopping or a
-        reclaim is due. One write, two replies read: the same commands as before, one round trip
-        less per task, and without redis-py's pipeline machinery (its CPU cost per task was larger
+        reclaim is due. One write, two replies read: the same commands as a separate read, one round
+        trip less per task, and without redis-py's pipeline machinery (its CPU cost per task is larger
         than the round trip's)."""
         s = self.streams
         cmds: list[tuple[Any, ...]] = [("MULTI",)]

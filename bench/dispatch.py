@@ -39,7 +39,8 @@ from typing import Any
 
 from xml_pipeline.examples.cpu import burn
 from xml_pipeline.memory import BackendConfig, get_shared_backend
-from xml_pipeline.message_bus.distributed import DistributedWorker, RedisDispatcher
+from xml_pipeline.message_bus.dispatcher import RedisDispatcher
+from xml_pipeline.message_bus.worker import DistributedWorker
 from xml_pipeline.message_bus.local_pool import LocalWorkerPool
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump, run_messages

@@ -184,18 +184,6 @@ def load_organism(path: str | os.PathLike[str], *, environ: Mapping[str, str] | 
     return parse_organism(text, source=str(p), environ=environ, resolve_handlers=resolve_handlers)
 
 
-def load_from_env(environ: Mapping[str, str] | None = None, *, resolve_handlers: bool = True) -> Organism:
-    """The organism of a pod: the file named by XP_CONFIG, the XP_* environment over its backend."""
-    env = os.environ if environ is None else environ
-    path = env.get(contract.ENV_CONFIG)
-    if not path:
-        raise ConfigError(contract.ENV_CONFIG, "is not set; it must name the organism.yaml "
-                          f"(in pods: {contract.CONFIG_PATH})")
-    if Path(path).is_dir():
-        raise ConfigError(contract.ENV_CONFIG, f"{path!r} is a directory", "the path of an organism.yaml file")
-    return load_organism(path, environ=env, resolve_handlers=resolve_handlers)
-
-
 def parse_organism(text: str, *, source: str | None = None, environ: Mapping[str, str] | None = None,
                    resolve_handlers: bool = True) -> Organism:
     env = os.environ if environ is None else environ

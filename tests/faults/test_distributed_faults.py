@@ -15,7 +15,8 @@ from fault_harness import Tally, executions, load, messages, redis_backend, wait
 from pump_harness import cli, cli_popen
 
 from xml_pipeline.memory import create_backend
-from xml_pipeline.message_bus.distributed import Streams, send_message
+from xml_pipeline.message_bus.ingress import send_message
+from xml_pipeline.message_bus.streams import Streams
 from xml_pipeline.message_bus.message import Message, parse_message
 
 pytestmark = pytest.mark.faults

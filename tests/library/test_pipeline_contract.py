@@ -13,7 +13,7 @@ from xml_pipeline.errors import ConfigError
 from xml_pipeline.memory import redis_scripts
 from xml_pipeline.memory.config import BackendConfig
 from xml_pipeline.memory.keys import RedisKeys, validate_prefix
-from xml_pipeline.message_bus import distributed
+from xml_pipeline.message_bus import streams
 
 
 def test_backend_env_names_backend_config_fields_and_is_read() -> None:
@@ -57,7 +57,7 @@ def test_key_layout_matches_the_contract_and_the_lua() -> None:
     assert contract.INDEX_KEY.split(":")[0] in contract.KEY_SPACES
     assert keys.buffer("t").startswith("xp:a.b:" + contract.BUFFER_SPACE + ":")
     # Every key space the Lua scripts build after the prefix is one of the contract's.
-    sources = [s.source for s in (*redis_scripts.ALL, *distributed.SCRIPTS)]
+    sources = [s.source for s in (*redis_scripts.ALL, *streams.SCRIPTS)]
     spaces = {m for src in sources for m in re.findall(r"'([a-z]+):[{']", src)} - {"t", "c"}
     assert spaces and spaces <= contract.KEY_SPACES, spaces
     # The append script cuts the thread id out of KEYS[1] = prefix .. "buffer:{" .. id .. "}".

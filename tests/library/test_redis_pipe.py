@@ -126,7 +126,7 @@ async def test_one_bad_command_in_a_batch_answers_only_its_caller(redis_server: 
         assert isinstance(outcomes[1], Unsure) and isinstance(outcomes[2], Unsure)
         assert outcomes[3] is None and outcomes[4] == b"value"
         assert backend.buffer_thread_len(full) == 1 and backend.buffer_thread_len(good) == 2
-        # What the pump does with Unsure: redo through the blocking backend, which raises as before.
+        # What the pump does with Unsure: redo through the blocking backend, which raises the real error.
         with pytest.raises(ThreadFullError):
             backend.buffer_append_at(full, b"f", 1, max_slots=1, append_id="f1")
         with pytest.raises(BackendError, match="WRONGTYPE"):

@@ -151,7 +151,7 @@ def test_a_slot_forged_with_the_prefix_derived_key_never_runs(redis_server: Redi
     try:
         buffer = ContextBuffer(backend)
         buffer.append("t", "genuine", "a", "b")
-        # The key a no-key Redis backend used to derive from the prefix: computable by anyone.
+        # A key derived from the prefix alone (no configured key): computable by anyone, so refused.
         h = hashlib.sha256(b"xml-pipeline derived signing key\x00")
         for part in (b"xml-pipeline redis backend", prefix.encode()):
             h.update(part + b"\x00")

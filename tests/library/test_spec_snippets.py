@@ -1,6 +1,6 @@
-"""Every ```python block of the spec (docs: shared-backend.md), copied verbatim and executed.
+"""Every ```python block of the upstream Shared Backend API document, copied verbatim and executed.
 
-The spec is not shipped with the project, so the snippets are copied here character for character
+That document (called "the spec" below) is not shipped with the project, so the snippets are copied here character for character
 (SNIPPETS, in the order they appear). They run in one namespace per backend, the way a reader walks
 through the document: the backend-creating snippet first, then the API snippets on that backend.
 Names a snippet uses without defining (thread_id, slot_bytes, chain, uuid, buffer_slot, ...) are

@@ -24,7 +24,7 @@ from redis_server import RedisServer
 from xml_pipeline import contract
 from xml_pipeline.memory import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
-from xml_pipeline.message_bus import distributed
+from xml_pipeline.message_bus import ingress, streams as stream_mod, worker as worker_mod
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline_operator.tenancy import acl, functions
 
@@ -147,7 +147,7 @@ def test_the_declared_commands_are_exactly_the_ones_the_library_sends(private_re
     try:
         with RedisBackend(cfg) as b:
             def send(to: str, payload: str, wait: float = 45) -> Message | None:
-                return distributed.send_message(b, Message(sender="console", to=to, payload=payload), wait=wait)
+                return ingress.send_message(b, Message(sender="console", to=to, payload=payload), wait=wait)
 
             # A call from the pump (greeter) through the task stream (primes in the worker).
             reply = send("greeter", '<greet name="Ada" lucky="100"/>')
@@ -156,14 +156,14 @@ def test_the_declared_commands_are_exactly_the_ones_the_library_sends(private_re
             assert send("slow", '<sleep seconds="1"/>') is not None
             # A failing task: retried (max_attempts 2), then dead-lettered.
             send("broken", "<boom/>", wait=5)
-            _wait_for(lambda: distributed.dead_letters(b), 30, "a dead letter")
-            assert distributed.stream_info(b)["dlq"]
+            _wait_for(lambda: stream_mod.dead_letters(b), 30, "a dead letter")
+            assert stream_mod.stream_info(b)["dlq"]
             # A worker killed in the middle of a task: the next worker reclaims it.
             send("slow", '<sleep seconds="3"/>', wait=0)
-            streams = distributed.Streams(b)
+            streams = stream_mod.Streams(b)
 
             def pending() -> list[dict[str, object]]:
-                return list(streams.client.xpending_range(streams.tasks, distributed.WORKER_GROUP, "-", "+", 1))
+                return list(streams.client.xpending_range(streams.tasks, stream_mod.WORKER_GROUP, "-", "+", 1))
 
             _wait_for(pending, 30, "the slow task in the worker's hands")
             _stop(worker, signal.SIGKILL)
@@ -177,8 +177,8 @@ def test_the_declared_commands_are_exactly_the_ones_the_library_sends(private_re
             send("slow", '<sleep seconds="1"/>', wait=0)
             _wait_for(pending, 30, "a task in the worker's hands")
             entry = pending()[0]["message_id"]
-            streams.client.xclaim(streams.tasks, distributed.WORKER_GROUP, "gone-worker", 0, [entry])
-            assert distributed.release_consumer(b, "gone-worker", max_attempts=5) == (1, 0)
+            streams.client.xclaim(streams.tasks, stream_mod.WORKER_GROUP, "gone-worker", 0, [entry])
+            assert worker_mod.release_consumer(b, "gone-worker", max_attempts=5) == (1, 0)
             _wait_for(lambda: not pending(), 30, "the released task to finish")
     finally:
         for role, p in (("worker", worker), ("pump", pump)):

@@ -17,7 +17,7 @@ import redis
 from xml_pipeline.memory import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.contract import STREAM_COMMANDS
-from xml_pipeline.message_bus.distributed import send_message
+from xml_pipeline.message_bus.ingress import send_message
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline_operator.tenancy import acl
 

@@ -25,7 +25,8 @@ import redis
 from redis_server import RedisServer
 
 from xml_pipeline.memory import create_backend
-from xml_pipeline.message_bus.distributed import WORKER_GROUP, RedisDispatcher, Streams
+from xml_pipeline.message_bus.dispatcher import RedisDispatcher
+from xml_pipeline.message_bus.streams import WORKER_GROUP, Streams
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump
 from xml_pipeline.organism import load_organism

@@ -14,7 +14,8 @@ import pytest
 from pump_harness import SIGNING_KEY, cli, cli_popen, organism_yaml
 
 from xml_pipeline.memory import create_backend
-from xml_pipeline.message_bus.distributed import WORKER_GROUP, RedisDispatcher, Streams, dead_letters
+from xml_pipeline.message_bus.dispatcher import RedisDispatcher
+from xml_pipeline.message_bus.streams import WORKER_GROUP, Streams, dead_letters
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump
 from xml_pipeline.message_bus.worker_task import WorkerResult
@@ -248,7 +249,8 @@ async def test_a_pump_taking_over_repeats_neither_outputs_nor_buffer_entries(red
     the answer reaches egress once, every context buffer holds each message once, and the entry and
     the conversation's sent-record are gone afterwards."""
     from xml_pipeline.memory import ContextBuffer
-    from xml_pipeline.message_bus.distributed import PUMP_GROUP, IngressBridge, send_message
+    from xml_pipeline.message_bus.ingress import IngressBridge, send_message
+    from xml_pipeline.message_bus.streams import PUMP_GROUP
 
     org = load(write_organism(tmp_path, redis_server.url, prefix))
     backend = create_backend(org.backend)

@@ -229,7 +229,3 @@ def test_unreadable_paths(tmp_path: Path) -> None:
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(ConfigError, match="symbolic links"):
         load_organism(tmp_path / "a")
-    from xml_pipeline.organism import load_from_env
-    with pytest.raises(ConfigError) as e:
-        load_from_env({"XP_CONFIG": str(tmp_path)})
-    assert e.value.field == "XP_CONFIG"

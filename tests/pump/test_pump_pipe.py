@@ -126,7 +126,7 @@ def test_the_pump_uses_a_pipe_only_where_it_can(redis_server: RedisServer) -> No
 
 
 async def test_dispatcher_submits_tasks_of_one_loop_iteration_in_one_multi(redis_server: RedisServer) -> None:
-    from xml_pipeline.message_bus.distributed import RedisDispatcher
+    from xml_pipeline.message_bus.dispatcher import RedisDispatcher
     from xml_pipeline.message_bus.worker_task import BACKEND_ERROR, WorkerResult, WorkerTask
 
     backend = backend_for(redis_server)

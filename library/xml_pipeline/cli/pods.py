@@ -54,7 +54,9 @@ def load(args: argparse.Namespace) -> Organism:
 
 def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
     """Block until the backend answers (pods may start before their Redis). False if asked to stop."""
-    delay = 0.2
+    from ..message_bus.retry import Backoff
+
+    backoff = Backoff()
     warned = False
     while not stopping():
         if backend.ping():
@@ -64,8 +66,7 @@ def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
         if not warned:
             log.warning("backend %s does not answer yet; waiting", backend)
             warned = True
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
+        time.sleep(backoff.next())
     return False
 
 
@@ -93,7 +94,10 @@ def cmd_pump(args: argparse.Namespace) -> int:
 
 
 async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file: str, metrics_port: int = 0) -> int:
-    from ..message_bus.distributed import IngressBridge, RedisDispatcher, stream_info, touch
+    from ..message_bus.dispatcher import RedisDispatcher
+    from ..message_bus.ingress import IngressBridge
+    from ..message_bus.streams import as_redis, stream_info
+    from ..message_bus.worker import touch
     from ..message_bus.stream_pump import StreamPump
     from .metrics import MetricsServer, pump_samples
     from .run import make_dispatcher
@@ -127,17 +131,17 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
         redis_mode = organism.backend.backend_type == "redis"
         dispatcher: Dispatcher | None
         if redis_mode:
-            dispatcher = RedisDispatcher(backend, deadline=organism.process_pool.task_deadline) \
+            dispatcher = RedisDispatcher(as_redis(backend), deadline=organism.process_pool.task_deadline) \
                 if organism.has_cpu_bound else None
         else:
             dispatcher = make_dispatcher(organism, backend)
         pump = StreamPump(organism, backend, dispatcher=dispatcher, keep_outputs=False)
         await pump.start()
         if metrics_port:
-            streams = (lambda: stream_info(backend)) if redis_mode else None
+            streams = (lambda: stream_info(as_redis(backend))) if redis_mode else None
             metrics = MetricsServer(lambda: pump_samples(pump, organism.name, organism.backend.backend_type, streams),
                                     metrics_port).start()
-        bridge = IngressBridge(backend, pump, claim_idle_seconds=organism.process_pool.claim_idle_seconds) \
+        bridge = IngressBridge(as_redis(backend), pump, claim_idle_seconds=organism.process_pool.claim_idle_seconds) \
             if redis_mode else None
         pump_ref[:] = [pump, bridge]
         if bridge is not None:
@@ -228,9 +232,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _worker_single(organism: Organism, heartbeat_file: str | None, *, name: str | None = None,
                    parent_pid: int | None = None) -> int:
-    from ..message_bus.distributed import DistributedWorker
+    from ..message_bus.streams import as_redis
+    from ..message_bus.worker import DistributedWorker
     backend = create_backend(organism.backend)
-    worker = DistributedWorker(backend, organism, name=name, heartbeat_file=heartbeat_file, parent_pid=parent_pid)
+    worker = DistributedWorker(as_redis(backend), organism, name=name, heartbeat_file=heartbeat_file, parent_pid=parent_pid)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("worker %s: %s received; finishing the task in hand", worker.name, signal.Signals(signum).name)
@@ -256,12 +261,13 @@ def _child_main(path: str, index: int, parent_pid: int, level: int, name: str | 
 
 def _release(path: str, consumer: str) -> None:
     """Re-queue the tasks of a dead child at once (release_consumer), instead of after claim_idle."""
-    from ..message_bus.distributed import release_consumer
+    from ..message_bus.streams import as_redis
+    from ..message_bus.worker import release_consumer
     try:
         organism = load_organism(path)
         backend = create_backend(organism.backend)
         try:
-            requeued, dead = release_consumer(backend, consumer, max_attempts=organism.process_pool.max_attempts)
+            requeued, dead = release_consumer(as_redis(backend), consumer, max_attempts=organism.process_pool.max_attempts)
         finally:
             backend.close()
     except Exception as e:  # noqa: BLE001 - the time-based reclaim still recovers them
@@ -275,7 +281,7 @@ def _release(path: str, consumer: str) -> None:
 
 def _supervise(processes: int, path: str, heartbeat_file: str) -> int:
     """Run `processes` consumer processes; restart the ones that die; SIGTERM stops them all."""
-    from ..message_bus.distributed import touch
+    from ..message_bus.worker import touch
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -293,7 +299,7 @@ def _supervise(processes: int, path: str, heartbeat_file: str) -> int:
     level = logging.getLogger().getEffectiveLevel()
 
     names: dict[int, str] = {}
-    from ..message_bus.distributed import consumer_name
+    from ..message_bus.streams import consumer_name
 
     def start(index: int) -> None:
         # The supervisor names each child's consumer, so it knows whose tasks to release on a death.

@@ -63,7 +63,8 @@ def _read_arg(value: str) -> bytes:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from ..message_bus.distributed import send_message
+    from ..message_bus.ingress import send_message
+    from ..message_bus.streams import as_redis
     from ..message_bus.message import Message, check_fragment, parse_message
 
     if args.timeout <= 0:
@@ -90,7 +91,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         # one line naming the cause, not a redis-py traceback from the stream commands below.
         _check_redis(backend, config)
         try:
-            response = send_message(backend, message, wait=args.timeout if args.wait else None)
+            response = send_message(as_redis(backend), message, wait=args.timeout if args.wait else None)
         except _redis_errors() as e:  # Redis went away between the PING and the stream commands
             raise BackendUnavailable(f"Redis at {config.redacted_url}: {type(e).__name__}: "
                                      f"{_scrub(str(e), config)}") from None
@@ -189,8 +190,8 @@ def cmd_backend(args: argparse.Namespace) -> int:
         if args.action == "info":
             data = backend.info()
             if config.backend_type == "redis":
-                from ..message_bus.distributed import stream_info
-                data["streams"] = stream_info(backend)
+                from ..message_bus.streams import as_redis, stream_info
+                data["streams"] = stream_info(as_redis(backend))
             _print(data, args.json)
         elif args.action == "threads":
             chains = backend.registry_list_all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from xml.sax.saxutils import quoteattr
 
-from xml_pipeline.message_bus.message import Message, MessageError
+from xml_pipeline.message_bus import Message, MessageError
 
 #: Upper bound of <count below=".."/>, so a typo cannot occupy a worker for hours.
 MAX_BELOW = 5_000_000

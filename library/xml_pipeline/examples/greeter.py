@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from xml.sax.saxutils import quoteattr
 
-from xml_pipeline.message_bus.message import Call, Message, text_payload
+from xml_pipeline.message_bus import Call, Message, text_payload
 
 
 def handle(message: Message) -> str | Call | None:

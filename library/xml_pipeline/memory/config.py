@@ -1,6 +1,6 @@
 """BackendConfig: which shared backend to use and how to reach it.
 
-Three ways to build one, as the spec shows: the constructor, the `backend:` section of an
+Three ways to build one: the constructor, the `backend:` section of an
 organism.yaml (`from_yaml` / `from_dict`), and the XP_* environment of a pod (`from_env`, where the
 environment overrides the file named by XP_CONFIG). Every value is validated on construction; an
 error names the field and the allowed values.

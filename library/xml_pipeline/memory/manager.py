@@ -23,7 +23,7 @@ The design, and why:
   same authkey signs and verifies with the same key.
 - The server process is a fresh interpreter (`python -c ...serve()`), not a multiprocessing child:
   no fork of a threaded parent, and no re-import of the user's __main__ (which makes spawn fail for
-  scripts without an `if __name__ == "__main__"` guard, like the spec's snippets). It stops when its
+  scripts without an `if __name__ == "__main__"` guard, like short example scripts). It stops when its
   owner closes the backend or dies (its stdin is a lifeline). Clients work in processes made by
   spawn, forkserver or fork (a forked child opens its own sockets).
 """

@@ -7,7 +7,7 @@ and FCALL_RO but neither EVAL/EVALSHA nor SCRIPT nor FUNCTION: a tenant can run 
 nothing else.
 
 Single source: the library text is generated from the scripts themselves (redis_scripts.ALL and the
-pump's and workers' scripts in message_bus.distributed.SCRIPTS), each script body wrapped in a Lua
+pump's and workers' scripts in message_bus.streams.SCRIPTS), each script body wrapped in a Lua
 function taking (KEYS, ARGV), so an edit to a script changes the library with it. The version is a
 digest of the generated text and is part of the library name and of every function name
 (`xp_<version>_<script>`): two versions can be loaded side by side (pods of an older release keep
@@ -76,7 +76,7 @@ def _wrap(i: int, script: LuaScript) -> str:
 @functools.lru_cache(maxsize=1)
 def library() -> FunctionLibrary:
     """The library of this release: the backend's scripts and the distributed mode's."""
-    from ..message_bus.distributed import SCRIPTS as DISTRIBUTED_SCRIPTS  # imported late: it imports us
+    from ..message_bus.streams import SCRIPTS as DISTRIBUTED_SCRIPTS  # late: message_bus builds on memory
     return FunctionLibrary((*BACKEND_SCRIPTS, *DISTRIBUTED_SCRIPTS))
 
 

@@ -1,6 +1,6 @@
 """Signed envelopes for every blob the backends store, bound to where the blob belongs.
 
-Slots are pickled (as the spec says), and unpickling attacker-controlled bytes runs code. So every
+Slots are pickled (the Shared Backend API stores pickled slots), and unpickling attacker-controlled bytes runs code. So every
 stored blob is wrapped in a versioned envelope with an HMAC-SHA256, checked with
 `hmac.compare_digest` before anything is unpickled:
 

@@ -1,7 +1,7 @@
 """The pump pod's side of distributed mode: the ingress stream feeds a StreamPump, its outputs go to
 the egress stream; and `xml-pipeline send`, which writes to ingress and reads egress.
 
-Streams and consumer groups are described in distributed.py. How an ingress entry stays safe:
+Streams and consumer groups are described in streams.py. How an ingress entry stays safe:
 it is acknowledged when its conversation has finished; every live pump sweeps the stream
 (XAUTOCLAIM) every claim_idle_seconds / 2 and takes over the entries of dead pumps, and refreshes
 the entries of its own running conversations first, so a merely long conversation is never
@@ -13,14 +13,15 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.exceptions import ResponseError
 
-from .distributed import (
-    _REDIS_DOWN,
+from .retry import _REDIS_DOWN, Backoff
+from .streams import (
     EGRESS_MAXLEN,
+    EGRESS_ONCE,
     PUMP_GROUP,
     Streams,
     _entries,
@@ -28,27 +29,12 @@ from .distributed import (
     _xfields,
     consumer_name,
 )
-from ..memory.redis_scripts import LuaScript
 from .message import Message, MessageError, derived_id, error_payload, parse_message
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from ..memory.redis_backend import RedisBackend
 
-# KEYS: egress stream, the conversation's sent-record (a HASH: output message id -> 1)
-# ARGV: message id, ttl (0 = none), maxlen, then the entry's field/value pairs.
-# Writes an output of a conversation once: a pump that takes over an unfinished conversation from a
-# dead one re-runs it, and the outputs the dead pump got to are already on egress. Output ids are
-# derived from the conversation's message id (message.derived_id), so a re-run repeats them.
-_EGRESS_ONCE_LUA = """
-if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 0 then return 0 end
-local ttl = tonumber(ARGV[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-return 1
-"""
-EGRESS_ONCE = LuaScript("egress_once", 2, -1, _EGRESS_ONCE_LUA)
+log = logging.getLogger(__name__)
 
 
 # ==================================================================================================
@@ -66,7 +52,7 @@ class IngressBridge:
     context-buffer appends are recognised as repeats by the same ids.
     """
 
-    def __init__(self, backend: Any, pump: Any, *, consumer: str | None = None,
+    def __init__(self, backend: RedisBackend, pump: Any, *, consumer: str | None = None,
                  claim_idle_seconds: float = 30.0, max_inflight: int = 256) -> None:
         self.streams = Streams(backend)
         self.backend = backend
@@ -104,7 +90,7 @@ class IngressBridge:
 
     def _read(self) -> None:
         s = self.streams
-        backoff = 0.2
+        backoff = Backoff()
         cursor = "0-0"
         # Sweep for entries of dead pumps at start and then every claim_idle / 2 for as long as this
         # pump runs: a pump restarted quickly after a crash takes over its predecessor's entries as
@@ -130,15 +116,12 @@ class IngressBridge:
                     read = s.client.xreadgroup(PUMP_GROUP, self.consumer, {s.ingress: ">"}, count=64,
                                               block=block)
                     entries = [(_s(i), f) for i, f in _entries(read)]
-                backoff = 0.2
+                backoff.reset()
                 self.last_read = time.monotonic()
                 self.redis_error = None
             except _REDIS_DOWN as e:
                 self.redis_error = f"{type(e).__name__}: {e}"
-                log.warning("ingress %s: Redis unavailable (%s); retrying in %.1f s", s.ingress,
-                            type(e).__name__, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                self._stop.wait(backoff.retrying(log, f"ingress {s.ingress}", type(e).__name__))
                 continue
             except ResponseError as e:
                 if "NOGROUP" in str(e):
@@ -291,7 +274,7 @@ def _valid_id(value: str) -> bool:
 # ==================================================================================================
 # Clients: `xml-pipeline send`
 # ==================================================================================================
-def send_message(backend: Any, message: Message, *, wait: float | None = None) -> Message | None:
+def send_message(backend: RedisBackend, message: Message, *, wait: float | None = None) -> Message | None:
     """Put `message` on the ingress stream; with `wait`, block up to that many seconds for the first
     egress output answering it (in-reply-to = message.id). Returns None on timeout or without wait."""
     s = Streams(backend)

@@ -237,10 +237,6 @@ class LocalWorkerPool:
         """Process ids of the live workers."""
         return [w.process.pid for w in self._workers if w.process.pid is not None]
 
-    @property
-    def busy(self) -> int:
-        return sum(1 for w in self._workers if w.task is not None) + len(self._pending)
-
     async def close(self) -> None:
         """Stop the workers. Call after the pump drained: tasks still queued get an error."""
         if self._closing:

@@ -136,7 +136,9 @@ class Call:
 
 
 Action = Reply | Call
-HandlerResult = None | str | bytes | Element | Reply | Call | Sequence["Reply | Call"]
+#: What a handler returns (normalize_result turns it into Actions): None (no reply), an XML fragment
+#: (str/bytes), an Element, a Reply, a Call, or a list of them.
+HandlerResult = None | str | bytes | Element | Reply | Call | Sequence["str | bytes | Element | Reply | Call"]
 
 
 def normalize_result(result: object) -> list[Action]:

@@ -7,7 +7,7 @@ Every message is addressed to a listener by name. The pump
    back one hop, to the caller, on the pruned chain's thread),
 2. appends it to the ContextBuffer (every message, including replies and errors),
 3. runs the listener's handler: plain listeners in the pump's event loop (write them `async def`
-   if they wait on I/O), cpu_bound listeners in a worker through the spec's data flow
+   if they wait on I/O), cpu_bound listeners in a worker through the Shared Backend's data flow
    (worker_task.py: temp keys in, WorkerTask, response key back, temp keys deleted),
 4. routes what the handler returned: a reply to the caller, a Call to another listener, and
    anything addressed to a name that is not a listener (an external sender such as "console") to

@@ -1,4 +1,5 @@
-"""Names and labels of everything the operator creates for an Organism (the contract's labels)."""
+"""Names and labels of everything the operator creates for an Organism (the contract's labels;
+pods, the chart and tests find the objects by these names)."""
 from __future__ import annotations
 
 from typing import Literal

@@ -21,7 +21,7 @@ from .naming import PASSWORD_KEY, USERNAME_KEY, labels, pump_name, secret_name, 
 
 KEDA_API = "keda.sh/v1alpha1"
 TASKS_SPACE = "tasks"
-WORKER_GROUP = "workers"  # xml_pipeline.message_bus.distributed.WORKER_GROUP
+WORKER_GROUP = "workers"  # xml_pipeline.message_bus.streams.WORKER_GROUP
 HPA_CPU_UTILIZATION = 80
 
 

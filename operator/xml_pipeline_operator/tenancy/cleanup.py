@@ -1,8 +1,9 @@
 """Delete every key under an organism's prefix: SCAN + UNLINK in batches, resumable.
 
 The finalizer of a deleted Organism calls `cleanup_prefix` with a bounded number of batches per
-call and records the returned `CleanupProgress` (the operator keeps it in the Organism's status),
-so an operator that dies half way resumes from the recorded SCAN cursor instead of starting over.
+call and records the `CleanupProgress` after every batch (the operator keeps it in the admin Redis,
+under PROGRESS_KEY + prefix, see tenancy.admin), so an operator that dies half way resumes from the
+recorded SCAN cursor instead of starting over.
 
 Why resuming from a stale cursor is safe: SCAN guarantees that a key present for the whole scan is
 returned at least once, whatever happened between two calls; deleted keys never come back; UNLINK
@@ -25,7 +26,7 @@ DEFAULT_BATCH = 1000
 
 @dataclass(frozen=True)
 class CleanupProgress:
-    """Where a cleanup stands. JSON-friendly (`as_dict`/`from_dict`) so it can live in a status."""
+    """Where a cleanup stands. JSON-friendly (`as_dict`/`from_dict`) so it can be stored as a string."""
 
     prefix: str
     cursor: int = 0

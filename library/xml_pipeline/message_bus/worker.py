@@ -1,0 +1,386 @@
+"""The worker side of distributed mode: the loop of `xml-pipeline worker` (DistributedWorker), the
+supervisor's release of a dead child's tasks (release_consumer) and the heartbeat file (touch).
+streams.py describes the streams and how a task stays safe."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+from redis.exceptions import ResponseError
+
+from ..organism import Organism
+from .retry import _REDIS_DOWN, Backoff
+from .streams import (
+    DLQ_MAXLEN,
+    HEARTBEAT,
+    RELEASE,
+    RESULTS_MAXLEN,
+    WORKER_GROUP,
+    Streams,
+    _entries,
+    _s,
+    _xfields,
+    consumer_name,
+)
+from .worker_task import (
+    BACKEND_ERROR,
+    DEAD_LETTER,
+    HANDLER_ERROR,
+    WORKER_DIED,
+    Outcome,
+    WorkerResult,
+    WorkerTask,
+    response_ttl,
+    run_task,
+)
+
+if TYPE_CHECKING:
+    from ..memory.redis_backend import RedisBackend
+
+log = logging.getLogger(__name__)
+
+#: Errors worth another attempt. Integrity failures and missing inputs will not get better.
+RETRYABLE = frozenset({HANDLER_ERROR, BACKEND_ERROR, WORKER_DIED})
+#: Outages a worker that is stopping sits through before it leaves a finished task to be reclaimed.
+ESSENTIAL_ATTEMPTS = 8
+
+
+class DistributedWorker:
+    """One consumer of the tasks stream. `run()` blocks until `request_stop()` (SIGTERM)."""
+
+    def __init__(self, backend: RedisBackend, organism: Organism, *, name: str | None = None,
+                 heartbeat_file: str | None = None, parent_pid: int | None = None) -> None:
+        self.streams = Streams(backend)
+        self.backend = backend
+        self.organism = organism
+        self.name = name or consumer_name("worker")
+        pool = organism.process_pool
+        self.max_attempts = pool.max_attempts
+        self.claim_idle_ms = int(pool.claim_idle_seconds * 1000)
+        self.heartbeat_s = pool.heartbeat_seconds
+        self.heartbeat_file = heartbeat_file
+        self.parent_pid = parent_pid
+        self._handlers = {ls.name: ls.handler for ls in organism.listeners if ls.cpu_bound}
+        self._stop = threading.Event()
+        self._claim_cursor = "0-0"
+        self.completed = 0
+        self.current: str | None = None
+        self._entry: str | None = None  # stream entry of the task in hand (the heartbeat re-claims it)
+        self._next: tuple[str, dict[Any, Any], int] | None = None  # read along with the last result
+        self._next_claim = 0.0
+        self._beat_stop = threading.Event()
+
+    def request_stop(self) -> None:
+        """Finish the task in hand, then return from run() (SIGTERM)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        s = self.streams
+        log.info("worker %s: consuming %s (group %s), claim idle %.1f s, heartbeat %.1f s, max attempts %d",
+                 self.name, s.tasks, WORKER_GROUP, self.claim_idle_ms / 1000, self.heartbeat_s, self.max_attempts)
+        self._with_redis(lambda: s.ensure_group(s.tasks, WORKER_GROUP))
+        # The task loop runs in this thread: its batched commands skip the connection pool (the
+        # heartbeat thread keeps using the pool).
+        self.backend.use_direct_connection()
+        beat = threading.Thread(target=self._heartbeat_loop, name="xp-heartbeat", daemon=True)
+        beat.start()
+        try:
+            self._loop()
+        finally:
+            self._beat_stop.set()
+            beat.join()
+        self._leave()
+        log.info("worker %s: stopped after %d task(s)", self.name, self.completed)
+
+    def _loop(self) -> None:
+        self._next_claim = 0.0
+        while not self._stop.is_set():
+            self.touch()
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("worker %s: parent process is gone; exiting", self.name)
+                break
+            # A task read in the same round trip as the previous task's result (see _finish).
+            entry, self._next = self._next, None
+            if entry is None and time.monotonic() >= self._next_claim:
+                entry = self._with_redis(self._reclaim_one)
+                if entry is None:
+                    self._next_claim = time.monotonic() + max(0.05, self.claim_idle_ms / 2000)
+            if entry is None:
+                entry = self._with_redis(self._read_one)
+            if entry is not None:
+                self._handle(*entry)
+        if self._next is not None:
+            # Stopped while the chained read was waiting and it brought a task: run it, as a task
+            # returned by a plain read is run (draining means finishing what we took).
+            entry, self._next = self._next, None
+            self._handle(*entry)
+
+    def touch(self) -> None:
+        if self.heartbeat_file:
+            touch(self.heartbeat_file)
+
+    # -- Redis steps ------------------------------------------------------------------------------------
+    def _with_redis(self, fn: Callable[[], Any], *, essential: bool = False) -> Any:
+        """Run one Redis step; on an outage, retry with backoff.
+
+        Reads give up as soon as a stop is requested. `essential` steps (handing in a finished
+        task's result) are tried even while stopping — that is what draining means — and give up
+        only after ESSENTIAL_ATTEMPTS outages; the task then stays pending and is reclaimed.
+        """
+        backoff = Backoff()
+        attempts = 0
+        while True:
+            if self._stop.is_set() and not essential:
+                return None
+            try:
+                return fn()
+            except _REDIS_DOWN as e:
+                attempts += 1
+                delay = backoff.retrying(log, f"worker {self.name}", f"{type(e).__name__}: {e}")
+                if essential and self._stop.is_set() and attempts >= ESSENTIAL_ATTEMPTS:
+                    log.error("worker %s: giving up on Redis while stopping; the task stays pending and "
+                              "another worker will reclaim it", self.name)
+                    return None
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                # The stream expired (TTL) or was deleted while idle: recreate the group.
+                log.info("worker %s: consumer group missing (%s); recreating it", self.name, e)
+                self.streams.ensure_group(self.streams.tasks, WORKER_GROUP)
+                continue
+            if essential:
+                time.sleep(delay)
+            else:
+                self._stop.wait(delay)
+
+    def _read_one(self) -> tuple[str, dict[Any, Any], int] | None:
+        s = self.streams
+        resp = s.client.xreadgroup(WORKER_GROUP, self.name, {s.tasks: ">"}, count=1, block=s.block_ms)
+        for entry_id, fields in _entries(resp):
+            return _s(entry_id), fields, 1
+        return None
+
+    def _reclaim_one(self) -> tuple[str, dict[Any, Any], int] | None:
+        """Take over one task whose worker has been silent for claim_idle (it died)."""
+        s = self.streams
+        resp = s.client.xautoclaim(s.tasks, WORKER_GROUP, self.name, self.claim_idle_ms,
+                                   start_id=self._claim_cursor, count=1)
+        cursor, entries = _s(resp[0]), resp[1]
+        self._claim_cursor = cursor
+        for entry_id, fields in entries:
+            if not fields:
+                continue
+            eid = _s(entry_id)
+            pending = s.client.xpending_range(s.tasks, WORKER_GROUP, min=eid, max=eid, count=1)
+            deliveries = int(pending[0]["times_delivered"]) if pending else 2
+            log.warning("worker %s: reclaimed task entry %s (delivered %d times; its worker went silent)",
+                        self.name, eid, deliveries)
+            return eid, fields, deliveries
+        return None
+
+    def _heartbeat_loop(self) -> None:
+        """One thread per worker: every heartbeat_seconds, refresh the heartbeat file and re-claim
+        the task in hand (resetting its idle time), so a long task is not taken over."""
+        s = self.streams
+        warned: str | None = None
+        while not self._beat_stop.wait(self.heartbeat_s):
+            self.touch()
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.error("worker %s: parent process is gone; exiting", self.name)
+                os._exit(1)
+            entry_id = self._entry
+            if entry_id is None or entry_id == warned:
+                continue
+            try:
+                # run_script reloads a script Redis forgot (restart, SCRIPT FLUSH) and runs it again.
+                owned = self.backend.run_script(HEARTBEAT, (s.tasks,), (WORKER_GROUP, self.name, entry_id))
+                if not owned and self._entry == entry_id:
+                    warned = entry_id
+                    log.warning("worker %s: task entry %s was reclaimed by another worker; the pump "
+                                "keeps only the first result", self.name, entry_id)
+            except redis.RedisError as e:
+                log.warning("worker %s: heartbeat for %s failed: %s", self.name, entry_id, e)
+
+    def _handle(self, entry_id: str, fields: dict[Any, Any], deliveries: int) -> None:
+        try:
+            task = WorkerTask.from_fields(fields)
+        except ValueError as e:
+            log.error("worker %s: dropping malformed task entry %s: %s", self.name, entry_id, e)
+            reason = f"malformed task: {e}"  # bound now: `e` is unbound once the except block ends
+            self._with_redis(lambda: self._dead_letter(entry_id, None, {_s(k): _s(v) for k, v in fields.items()},
+                                                      reason), essential=True)
+            return
+        if not task.reply_to.startswith(self.streams.results_prefix):
+            log.error("worker %s: task %s names a reply stream outside this organism (%r); dead-lettered",
+                      self.name, task.task_id, task.reply_to)
+            self._with_redis(lambda: self._dead_letter(entry_id, None, task.to_fields(), "foreign reply_to"),
+                             essential=True)
+            return
+        prior = task.failures + max(0, deliveries - 1)
+        if prior >= self.max_attempts:
+            error = (f"task failed {prior} time(s) (its workers died or stalled); "
+                     f"moved to the dead-letter stream {self.streams.dlq}")
+            log.error("worker %s: task %s (listener %s): %s", self.name, task.task_id, task.listener, error)
+            self._with_redis(lambda: self._dead_letter(entry_id, task, task.to_fields(), error), essential=True)
+            return
+        expected = self._handlers.get(task.listener)
+        if expected is None or expected != task.handler:
+            result = WorkerResult(task.task_id, error=f"listener {task.listener!r} with handler {task.handler!r} "
+                                  f"is not a cpu_bound listener of organism {self.organism.name!r} here",
+                                  error_type="UnknownListener", worker=self.name)
+            outcome = Outcome(result)
+        else:
+            self.current, self._entry = task.task_id, entry_id
+            try:
+                outcome = run_task(self.backend, task, worker=self.name)
+            finally:
+                self.current = self._entry = None
+            result = outcome.result
+        if result.ok:
+            # Response, result and acknowledgement in one MULTI: one round trip, all or nothing.
+            self._with_redis(lambda: self._finish(entry_id, task, outcome), essential=True)
+            self.completed += 1
+        elif result.error_type in RETRYABLE and prior + 1 < self.max_attempts:
+            log.warning("worker %s: task %s failed (attempt %d of %d): %s; re-queued", self.name, task.task_id,
+                        prior + 1, self.max_attempts, result.error)
+            self._with_redis(lambda: self._requeue(entry_id, task, prior + 1), essential=True)
+        else:
+            attempts = prior + 1
+            error = (f"{result.error} (failed {attempts} time(s); moved to the dead-letter stream "
+                     f"{self.streams.dlq})")
+            self._with_redis(lambda: self._dead_letter(entry_id, task, task.to_fields(), error,
+                                                      error_type=result.error_type), essential=True)
+
+    def _finish(self, entry_id: str, task: WorkerTask, outcome: Outcome) -> None:
+        """Response, result, XACK and XDEL in one MULTI; in the same round trip (after EXEC, outside
+        the transaction) the XREADGROUP for the next task, unless the worker is stopping or a
+        reclaim is due. One write, two replies read: the same commands as a separate read, one round
+        trip less per task, and without redis-py's pipeline machinery (its CPU cost per task is larger
+        than the round trip's)."""
+        s = self.streams
+        cmds: list[tuple[Any, ...]] = [("MULTI",)]
+        if outcome.response is not None:
+            key, blob = outcome.response
+            cmds.append(("SET", self.backend.keys.tmp(key), blob, "EX", response_ttl(self.backend)))
+        fields = outcome.result.to_fields()
+        cmds.append(("XADD", task.reply_to, "MAXLEN", "~", RESULTS_MAXLEN, "*",
+                      *(x for kv in fields.items() for x in kv)))
+        if s.ttl:
+            cmds.append(("EXPIRE", task.reply_to, s.ttl))
+        cmds.append(("XACK", s.tasks, WORKER_GROUP, entry_id))
+        cmds.append(("XDEL", s.tasks, entry_id))
+        cmds.append(("EXEC",))
+        chain = not self._stop.is_set() and time.monotonic() < self._next_claim
+        if chain:
+            cmds.append(("XREADGROUP", "GROUP", WORKER_GROUP, self.name, "COUNT", 1, "BLOCK", s.block_ms,
+                         "STREAMS", s.tasks, ">"))
+        # The read's reply is best effort: if the connection fails after EXEC's reply, the result
+        # is in and _finish must not be repeated (that would send the result twice).
+        replies = self.backend.send_commands(cmds, best_effort_tail=1 if chain else 0)
+        exec_reply = replies[len(cmds) - 2] if chain else replies[-1]
+        for r in replies[:len(cmds) - (1 if chain else 0)]:
+            if isinstance(r, Exception):  # a refused command or EXECABORT: nothing was applied
+                raise r
+        if not isinstance(exec_reply, list):
+            raise ResponseError(f"MULTI/EXEC for task {task.task_id} returned {exec_reply!r}")
+        for r in exec_reply:
+            if isinstance(r, Exception):
+                raise r
+        if chain:
+            read = replies[-1]
+            if isinstance(read, Exception):
+                # The result is in; a failed read (NOGROUP after the stream expired, say) is left
+                # to the loop's own read, which knows how to recover.
+                log.debug("worker %s: chained read failed: %s", self.name, read)
+                return
+            for eid, flds in _entries(read):
+                if isinstance(flds, list):
+                    flds = dict(zip(flds[::2], flds[1::2]))
+                self._next = (_s(eid), flds, 1)
+                break
+
+    def _requeue(self, entry_id: str, task: WorkerTask, failures: int) -> None:
+        s = self.streams
+        again = WorkerTask(task.task_id, task.listener, task.handler, task.payload_key, task.metadata_key,
+                           reply_to=task.reply_to, failures=failures)
+        pipe = s.client.pipeline(transaction=True)
+        pipe.xadd(s.tasks, _xfields(again.to_fields()))
+        s.expire(pipe, s.tasks)
+        pipe.xack(s.tasks, WORKER_GROUP, entry_id)
+        pipe.xdel(s.tasks, entry_id)
+        pipe.execute()
+
+    def _dead_letter(self, entry_id: str, task: WorkerTask | None, fields: dict[str, str], error: str,
+                     *, error_type: str | None = None) -> None:
+        s = self.streams
+        pipe = s.client.pipeline(transaction=True)
+        dead = dict(fields, error=error, error_type=error_type or DEAD_LETTER, entry_id=entry_id,
+                    worker=self.name, failed_at=str(time.time()))
+        pipe.xadd(s.dlq, _xfields(dead), maxlen=DLQ_MAXLEN, approximate=True)
+        s.expire(pipe, s.dlq)
+        if task is not None and task.reply_to.startswith(s.results_prefix):
+            res = WorkerResult(task.task_id, error=error, error_type=DEAD_LETTER, worker=self.name)
+            pipe.xadd(task.reply_to, _xfields(res.to_fields()), maxlen=RESULTS_MAXLEN, approximate=True)
+            s.expire(pipe, task.reply_to)
+        pipe.xack(s.tasks, WORKER_GROUP, entry_id)
+        pipe.xdel(s.tasks, entry_id)
+        pipe.execute()
+
+    def _leave(self) -> None:
+        """Remove this consumer from the group if it holds no pending task."""
+        s = self.streams
+        try:
+            pending = s.client.xpending_range(s.tasks, WORKER_GROUP, min="-", max="+", count=1,
+                                              consumername=self.name)
+            if not pending:
+                s.client.xgroup_delconsumer(s.tasks, WORKER_GROUP, self.name)
+        except redis.RedisError:
+            pass
+
+
+def release_consumer(backend: RedisBackend, consumer: str, *, max_attempts: int, by: str = "supervisor") -> tuple[int, int]:
+    """Re-queue the tasks `consumer` (a worker that died) holds and remove it from the group: the
+    death counts as a failure; a task at max_attempts goes to the dead-letter stream and its pump
+    gets a DeadLetter result. Returns (re-queued, dead-lettered)."""
+    s = Streams(backend)
+    try:
+        requeued, dead = backend.run_script(RELEASE, (s.tasks, s.dlq),
+                                            (WORKER_GROUP, consumer, max_attempts, s.ttl or 0, DLQ_MAXLEN,
+                                             s.results_prefix, RESULTS_MAXLEN, by))
+    except ResponseError as e:
+        if "NOGROUP" in str(e):  # no tasks stream (expired, or Redis lost it): nothing to release
+            return 0, 0
+        raise
+    return int(requeued), int(dead)
+
+
+def touch(path: str, status: str | None = None) -> None:
+    """Refresh a heartbeat file (`xml-pipeline healthcheck` checks its age). `status`: the file's
+    new content ("" = healthy, else why not; the healthcheck prints it and fails); None keeps it."""
+    p = Path(path)
+
+    def write() -> None:
+        if status is None:
+            p.touch()
+        else:  # whole or not at all: the probe never reads half a status
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text(status)
+            os.replace(tmp, p)
+
+    try:
+        write()
+    except FileNotFoundError:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write()
+    except OSError as e:  # a read-only /tmp must not kill the worker; the probe will say so
+        log.debug("cannot touch heartbeat file %s: %s", path, e)

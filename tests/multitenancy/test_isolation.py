@@ -103,7 +103,7 @@ def test_a_works_in_its_own_prefix(pair: tuple[Org, Org]) -> None:
         assert ra.set(f"{a.prefix}chain:x", "u1")
         assert ra.execute_command("FCALL", library().function(scripts.APPEND), 4, f"{a.prefix}buffer:{{t}}",
                                   f"{a.prefix}op:{{t}}", f"{a.prefix}uuid:{{t}}", f"{a.prefix}meta:index",
-                                  "s", "aid", 0, 0, a.prefix) == 0
+                                  "s", "aid", 0, 0, a.prefix, -1) == 0
         ra.unlink(f"{a.prefix}op:{{t}}", f"{a.prefix}meta:index")
         assert ra.publish(f"{a.prefix}events", "hello") == 0
         assert ra.unlink(f"{a.prefix}chain:x", f"{a.prefix}buffer:{{t}}") == 2

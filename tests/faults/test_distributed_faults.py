@@ -212,6 +212,22 @@ def test_health_fails_while_redis_is_gone_and_says_why(  # type: ignore[no-untyp
     c.close()
 
 
+def test_health_says_when_redis_rejects_the_credentials(  # type: ignore[no-untyped-def]
+        redis_factory, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
+    """A Redis that refuses the pump's password answers: the health reason and the log say the
+    credentials were rejected (not that Redis does not answer), and never show the password."""
+    server = redis_factory(password="right-password").start()
+    c = Cluster(server, prefix, tmp_path, dict(cli_env, XP_REDIS_PASSWORD="wrong-password"), procs)
+    c.start("pump", "pump")
+    r = c.wait(lambda: (tmp_path / "pump.hb").exists()
+               and (lambda r: r if r.returncode == 1 else None)(healthcheck(c, "pump")), "the healthcheck to fail")
+    assert "rejected the credentials of user 'default'" in r.stderr and "does not answer" not in r.stderr, r.stderr
+    log = c.log("pump")
+    assert "rejected the credentials" in log and "does not answer" not in log, log
+    assert "wrong-password" not in r.stderr + log
+    c.close()
+
+
 def test_sigterm_says_truthfully_where_unfinished_messages_are(  # type: ignore[no-untyped-def]
         fresh_redis, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
     """A pump stopped with work unfinished (no worker runs its task) says how many conversations

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from multiprocessing.connection import wait as mp_wait
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -51,17 +52,40 @@ def load(args: argparse.Namespace) -> Organism:
     return load_organism(config_path(args))
 
 
+def _backend_down(backend: SharedBackend) -> str | None:
+    """None if the backend answers, else why not: a Redis that refuses the credentials answers, so
+    saying it "does not answer" would send the operator looking for a network problem."""
+    if backend.ping():
+        return None
+    from ..memory.redis_backend import RedisBackend
+    if isinstance(backend, RedisBackend):
+        import redis
+        try:  # one unretried PING: its error says whether Redis is down or refused the login
+            backend.client.ping()
+        except redis.exceptions.AuthenticationError:
+            config = backend.config
+            user = config.redis_username or urlsplit(config.redis_url).username or "default"
+            return (f"Redis at {config.redacted_url} answers but rejected the credentials of user {user!r} "
+                    "(XP_REDIS_USERNAME/XP_REDIS_PASSWORD)")
+        except Exception:  # noqa: BLE001 - down, or any other failure: it does not answer
+            pass
+        else:
+            return None
+    return f"the backend {backend} does not answer"
+
+
 def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
     """Block until the backend answers (pods may start before their Redis). False if asked to stop."""
     delay = 0.2
     warned = False
     while not stopping():
-        if backend.ping():
+        down = _backend_down(backend)
+        if down is None:
             if warned:
                 log.info("backend is reachable again")
             return True
         if not warned:
-            log.warning("backend %s does not answer yet; waiting", backend)
+            log.warning("%s; waiting", down)
             warned = True
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
@@ -182,8 +206,9 @@ def _pump_problem(backend: SharedBackend, pump_ref: list[Any], stall: float) -> 
     """(thread) Why this pump cannot make progress, or None: Redis does not answer, every consumer
     or ingress slot is held while nothing finished for `stall` seconds, or worker results are
     overdue (tasks missed their deadline and no result came since)."""
-    if not backend.ping():
-        return f"the backend {backend} does not answer"
+    down = _backend_down(backend)
+    if down is not None:
+        return down
     if not pump_ref:
         return None
     pump, bridge = pump_ref

@@ -125,6 +125,30 @@ def test_lost_tasks_after_a_redis_restart_without_persistence_are_answered(  # t
     c.close()
 
 
+def test_errors_of_lost_tasks_reach_egress_when_redis_stays_down_past_the_deadline(  # type: ignore[no-untyped-def]
+        fresh_redis, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
+    """Redis goes down (and comes back without its data) for longer than the task deadline: the
+    errors ending those conversations cannot be written when they are due, and the ingress entries that would have
+    let another run write them are gone. The pump writes them itself once Redis answers."""
+    c = Cluster(fresh_redis, prefix, tmp_path, cli_env, procs, task_deadline_seconds=2)
+    c.start("pump", "pump")  # no worker: the tasks stay queued until Redis loses them
+    sent = messages("work", 3, tmp_path / "runs")
+    tally = Tally(sent)
+    c.send(sent)
+    c.wait(lambda: "ready" in c.log("pump") and c.server.client().xpending(c.streams.ingress, "pump")["pending"] == 3,
+           "the pump to hold every message")
+    fresh_redis.stop()
+    c.wait(lambda: c.log("pump").count("could not be written") == 3, "the deadline to pass while Redis is down")
+    fresh_redis.start()
+    c.wait(lambda: c.poll(tally), "an error for every message once Redis is back")
+    tally.assert_exactly_one_each()
+    # The deadline's error, or the BackendError of the step that met Redis down after it.
+    assert tally.errored == 3 and all('type="TaskDeadline"' in m.payload or 'type="BackendError"' in m.payload
+                                      for m in tally.outputs), tally.outputs
+    assert "ingress entry was lost with Redis's data" in c.log("pump")
+    c.close()
+
+
 def test_a_pump_restarted_quickly_after_sigkill_takes_over_every_message(  # type: ignore[no-untyped-def]
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
     """SIGKILL the pump mid-work and start a new one at once (before the dead pump's entries are

@@ -149,6 +149,35 @@ def test_errors_of_lost_tasks_reach_egress_when_redis_stays_down_past_the_deadli
     c.close()
 
 
+@pytest.mark.parametrize("redis_back", [True, False], ids=["redis-back", "redis-down"])
+def test_sigterm_writes_the_kept_outputs_or_says_they_are_unwritten(  # type: ignore[no-untyped-def]
+        redis_back: bool, fresh_redis, prefix: str, tmp_path: Path, cli_env: dict[str, str],
+        procs: list[Any]) -> None:
+    """SIGTERM while the pump keeps outputs Redis did not take: with Redis back it writes them before
+    it exits 0; with Redis still down it exits 1 and says how many conversations may get no answer."""
+    c = Cluster(fresh_redis, prefix, tmp_path, cli_env, procs, task_deadline_seconds=2)
+    pump = c.start("pump", "pump")
+    sent = messages("work", 2, tmp_path / "runs")
+    tally = Tally(sent)
+    c.send(sent)
+    c.wait(lambda: "ready" in c.log("pump") and c.server.client().xpending(c.streams.ingress, "pump")["pending"] == 2,
+           "the pump to hold every message")
+    fresh_redis.stop()
+    c.wait(lambda: c.log("pump").count("could not be written") == 2, "the deadline to pass while Redis is down")
+    if redis_back:
+        fresh_redis.start()
+    pump.send_signal(signal.SIGTERM)
+    assert pump.wait(30) == (0 if redis_back else 1), c.log("pump")
+    if redis_back:
+        c.wait(lambda: c.poll(tally), "an error for every message")
+        tally.assert_exactly_one_each()
+        assert "pump stopped cleanly" in c.log("pump")
+    else:
+        assert "2 conversation(s) whose outputs Redis did not take may get no answer" in c.log("pump")
+        assert "pump stopped cleanly" not in c.log("pump")
+    c.close()
+
+
 def test_a_pump_restarted_quickly_after_sigkill_takes_over_every_message(  # type: ignore[no-untyped-def]
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
     """SIGKILL the pump mid-work and start a new one at once (before the dead pump's entries are

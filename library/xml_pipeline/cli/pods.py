@@ -179,6 +179,7 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
             await bridge.stop()
         unfinished = pump.inflight
         drained = await pump.stop(drain=True, timeout=organism.process_pool.drain_seconds)
+        unwritten = await bridge.finish(5.0) if bridge is not None else 0
         if not drained:
             pending = await loop.run_in_executor(None, bridge.pending_entries) if bridge is not None else None
             if pending is None:
@@ -193,6 +194,8 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
                          f"them over); the other {unfinished - pending} were lost with Redis's data and "
                          "get no answer")
             log.error("drain timed out with %d conversation(s) unfinished: %s", unfinished, where)
+            return EXIT_FAILURE
+        if unwritten:
             return EXIT_FAILURE
         log.info("pump stopped cleanly (%d messages, %d outputs)", pump.stats.messages, pump.stats.outputs)
         return EXIT_OK

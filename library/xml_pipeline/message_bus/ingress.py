@@ -79,6 +79,7 @@ class IngressBridge:
         #: conversation id -> its outputs egress did not take (Redis down for longer than its retries)
         self._unwritten: dict[str, list[Message]] = {}
         self._rewrites: set[asyncio.Task[None]] = set()
+        self._finishing = False
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
@@ -104,11 +105,7 @@ class IngressBridge:
         self._stop.set()
         if self._reader is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5.0)
-        if self._rewrites:
-            log.error("%d conversation(s) whose outputs Redis did not take may get no answer: this pump stops "
-                      "before Redis answered again to tell whether their ingress entries survived", len(self._rewrites))
-        for task in list(self._rewrites):
-            task.cancel()
+
 
     def _read(self) -> None:
         s = self.streams
@@ -272,6 +269,20 @@ class IngressBridge:
         if entry_id is not None:
             await self._ack(entry_id, conversation=conv_id)
 
+    async def finish(self, timeout: float) -> int:
+        """After the pump drained: give the outputs still waiting for Redis (_rewrite) up to `timeout`
+        seconds, retrying at once. Returns how many conversations that leaves without an answer."""
+        self._finishing = True
+        if self._rewrites:
+            await asyncio.wait(list(self._rewrites), timeout=timeout)
+        left = len(self._rewrites)
+        for task in list(self._rewrites):
+            task.cancel()
+        if left:
+            log.error("%d conversation(s) whose outputs Redis did not take may get no answer: Redis did not "
+                      "answer within %.0f s to tell whether their ingress entries survived", left, timeout)
+        return left
+
     async def _rewrite(self, conv_id: str, entry_id: str, outputs: list[Message]) -> None:
         """Once Redis answers: if the conversation's ingress entry is still pending, leave it to the
         sweep; if Redis lost it, write the outputs egress lacks (once per id, as always)."""
@@ -288,7 +299,7 @@ class IngressBridge:
         assert self._loop is not None
         delay = 0.5
         while True:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(0.2 if self._finishing else delay)
             delay = min(delay * 2, 5.0)
             try:
                 if await self._loop.run_in_executor(None, entry_pending):

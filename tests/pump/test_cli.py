@@ -318,3 +318,15 @@ def test_wrong_password_says_authentication_failed(redis_factory, cli_env: dict[
     assert json.loads(r.stdout)["state"] == "authentication failed"
     r = cli("backend", "ping", env=dict(env, XP_REDIS_PASSWORD="right-password"))
     assert r.returncode == 0 and r.stdout.startswith("ok:")
+
+
+def test_run_refuses_an_input_that_reuses_a_message_id_before_feeding_any(cli_env: dict[str, str]) -> None:
+    """Two messages of one input with one id: refused up front (exit 2, one line naming both), not
+    half way through the run with the rest of the input never fed."""
+    first = Message("console", "greeter", '<greet name="First"/>')
+    again = Message("console", "greeter", '<greet name="Second"/>', id=first.id)
+    third = Message("console", "greeter", '<greet name="Third"/>')
+    text = "<messages>" + "".join(m.to_xml() for m in (first, again, third)) + "</messages>"
+    r = cli("run", EXAMPLE, "--input", "-", env=dict(cli_env, XP_BACKEND_TYPE="memory"), input=text)
+    _one_line_usage_error(r, "message 2 repeats the id", first.id, "message 1")
+    assert "Hello" not in r.stdout

@@ -316,6 +316,10 @@ def test_wrong_password_says_authentication_failed(redis_factory, cli_env: dict[
     assert "unreachable" not in r.stdout and "Traceback" not in r.stderr and "wrong-password" not in r.stderr
     r = cli("backend", "ping", "--json", env=env)
     assert json.loads(r.stdout)["state"] == "authentication failed"
+    for action in ("info", "threads", "reindex"):  # every backend action: exit 2, as for ping
+        r = cli("backend", action, env=env)
+        _one_line_usage_error(r, "authentication failed", "XP_REDIS_PASSWORD")
+        assert "wrong-password" not in r.stderr + r.stdout
     r = cli("backend", "ping", env=dict(env, XP_REDIS_PASSWORD="right-password"))
     assert r.returncode == 0 and r.stdout.startswith("ok:")
 

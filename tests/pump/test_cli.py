@@ -334,3 +334,15 @@ def test_run_refuses_an_input_that_reuses_a_message_id_before_feeding_any(cli_en
     r = cli("run", EXAMPLE, "--input", "-", env=dict(cli_env, XP_BACKEND_TYPE="memory"), input=text)
     _one_line_usage_error(r, "message 2 repeats the id", first.id, "message 1")
     assert "Hello" not in r.stdout
+
+
+@pytest.mark.parametrize("role", ["pump", "worker"])
+def test_an_unwritable_heartbeat_file_is_one_line(role: str, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """Refused at start: a pump or worker that cannot write its heartbeat would be restarted by its
+    liveness probe over and over without a word about why."""
+    path = tmp_path / "organism.yaml"
+    path.write_text('organism: h\nbackend: {type: redis}\nlisteners: [{name: g, handler: "xml_pipeline.examples.greeter:handle"}]\n')
+    env = dict(cli_env, XP_CONFIG=str(path))
+    for bad, why in ((tmp_path, "is a directory"), (tmp_path / "organism.yaml" / "hb", "Not a directory")):
+        r = cli(role, "--heartbeat-file", str(bad), env=env)
+        _one_line_usage_error(r, "--heartbeat-file", why)

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from multiprocessing.connection import wait as mp_wait
+from pathlib import Path
 from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,26 @@ def config_path(args: argparse.Namespace) -> str:
         raise ConfigError("--config" if getattr(args, "config", None) else "XP_CONFIG",
                           f"{path!r} is a directory", "the path of an organism.yaml file")
     return path
+
+
+def check_heartbeat_file(path: str | None) -> None:
+    """Refuse a heartbeat file that cannot be written: the process would run, but its liveness probe
+    would never find a heartbeat and have it restarted over and over without saying why."""
+    if path is None:
+        return
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        if p.parent.exists() and not p.parent.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")  # how the heartbeat is written (touch)
+        tmp.write_text("")
+        tmp.unlink()
+    except OSError as e:
+        raise ConfigError("--heartbeat-file", f"{path!r} cannot be written ({e.strerror or e})",
+                          "a file in a writable directory, e.g. /tmp/xml-pipeline.heartbeat") from None
 
 
 def load(args: argparse.Namespace) -> Organism:
@@ -108,6 +129,7 @@ def _require_signing_key(organism: Organism) -> None:
 def cmd_pump(args: argparse.Namespace) -> int:
     organism = load(args)
     _require_signing_key(organism)
+    check_heartbeat_file(args.heartbeat_file)
     backend = create_backend(organism.backend)
     try:
         return asyncio.run(_pump_main(organism, backend, args.heartbeat_file, args.metrics_port))
@@ -242,6 +264,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     organism = load(args)
     _require_redis(organism)
     _require_signing_key(organism)
+    check_heartbeat_file(args.heartbeat_file)
     processes = args.processes if args.processes is not None else organism.process_pool.workers
     if processes < 1:
         raise ConfigError("--processes", f"must be >= 1, got {processes}")

@@ -346,3 +346,10 @@ def test_an_unwritable_heartbeat_file_is_one_line(role: str, tmp_path: Path, cli
     for bad, why in ((tmp_path, "is a directory"), (tmp_path / "organism.yaml" / "hb", "Not a directory")):
         r = cli(role, "--heartbeat-file", str(bad), env=env)
         _one_line_usage_error(r, "--heartbeat-file", why)
+
+
+@pytest.mark.parametrize("argv", [["send"], ["run", EXAMPLE, "--input", "-"]], ids=["send", "run"])
+def test_a_20000_deep_messages_document_on_stdin_is_one_line(argv: list[str], cli_env: dict[str, str]) -> None:
+    deep = b"<messages>" * 20_000 + b"</messages>" * 20_000
+    r = _cli_bytes(*argv, env=dict(cli_env, XP_BACKEND_TYPE="redis" if argv == ["send"] else "memory"), stdin=deep)
+    _one_line_usage_error(r, "nested more than 256 deep")

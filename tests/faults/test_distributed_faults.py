@@ -126,6 +126,60 @@ def test_lost_tasks_after_a_redis_restart_without_persistence_are_answered(  # t
     c.close()
 
 
+def test_errors_of_lost_tasks_reach_egress_when_redis_stays_down_past_the_deadline(  # type: ignore[no-untyped-def]
+        fresh_redis, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
+    """Redis goes down (and comes back without its data) for longer than the task deadline: the
+    errors ending those conversations cannot be written when they are due, and the ingress entries that would have
+    let another run write them are gone. The pump writes them itself once Redis answers."""
+    c = Cluster(fresh_redis, prefix, tmp_path, cli_env, procs, task_deadline_seconds=2)
+    c.start("pump", "pump")  # no worker: the tasks stay queued until Redis loses them
+    sent = messages("work", 3, tmp_path / "runs")
+    tally = Tally(sent)
+    c.send(sent)
+    c.wait(lambda: "ready" in c.log("pump") and c.server.client().xpending(c.streams.ingress, "pump")["pending"] == 3,
+           "the pump to hold every message")
+    fresh_redis.stop()
+    c.wait(lambda: c.log("pump").count("could not be written") == 3, "the deadline to pass while Redis is down")
+    fresh_redis.start()
+    c.wait(lambda: c.poll(tally), "an error for every message once Redis is back")
+    tally.assert_exactly_one_each()
+    # The deadline's error, or the BackendError of the step that met Redis down after it.
+    assert tally.errored == 3 and all('type="TaskDeadline"' in m.payload or 'type="BackendError"' in m.payload
+                                      for m in tally.outputs), tally.outputs
+    assert "ingress entry was lost with Redis's data" in c.log("pump")
+    assert "Traceback" not in c.log("pump")  # an outage is logged by what failed, one line each
+    c.close()
+
+
+@pytest.mark.parametrize("redis_back", [True, False], ids=["redis-back", "redis-down"])
+def test_sigterm_writes_the_kept_outputs_or_says_they_are_unwritten(  # type: ignore[no-untyped-def]
+        redis_back: bool, fresh_redis, prefix: str, tmp_path: Path, cli_env: dict[str, str],
+        procs: list[Any]) -> None:
+    """SIGTERM while the pump keeps outputs Redis did not take: with Redis back it writes them before
+    it exits 0; with Redis still down it exits 1 and says how many conversations may get no answer."""
+    c = Cluster(fresh_redis, prefix, tmp_path, cli_env, procs, task_deadline_seconds=2)
+    pump = c.start("pump", "pump")
+    sent = messages("work", 2, tmp_path / "runs")
+    tally = Tally(sent)
+    c.send(sent)
+    c.wait(lambda: "ready" in c.log("pump") and c.server.client().xpending(c.streams.ingress, "pump")["pending"] == 2,
+           "the pump to hold every message")
+    fresh_redis.stop()
+    c.wait(lambda: c.log("pump").count("could not be written") == 2, "the deadline to pass while Redis is down")
+    if redis_back:
+        fresh_redis.start()
+    pump.send_signal(signal.SIGTERM)
+    assert pump.wait(30) == (0 if redis_back else 1), c.log("pump")
+    if redis_back:
+        c.wait(lambda: c.poll(tally), "an error for every message")
+        tally.assert_exactly_one_each()
+        assert "pump stopped cleanly" in c.log("pump")
+    else:
+        assert "2 conversation(s) whose outputs Redis did not take may get no answer" in c.log("pump")
+        assert "pump stopped cleanly" not in c.log("pump")
+    c.close()
+
+
 def test_a_pump_restarted_quickly_after_sigkill_takes_over_every_message(  # type: ignore[no-untyped-def]
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
     """SIGKILL the pump mid-work and start a new one at once (before the dead pump's entries are
@@ -210,6 +264,22 @@ def test_health_fails_while_redis_is_gone_and_says_why(  # type: ignore[no-untyp
     assert "ERROR" in c.log("pump") and "pump unhealthy" in c.log("pump")
     fresh_redis.start()
     c.wait(lambda: healthcheck(c, "pump").returncode == 0, "the pump healthy again", 60)
+    c.close()
+
+
+def test_health_says_when_redis_rejects_the_credentials(  # type: ignore[no-untyped-def]
+        redis_factory, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:
+    """A Redis that refuses the pump's password answers: the health reason and the log say the
+    credentials were rejected (not that Redis does not answer), and never show the password."""
+    server = redis_factory(password="right-password").start()
+    c = Cluster(server, prefix, tmp_path, dict(cli_env, XP_REDIS_PASSWORD="wrong-password"), procs)
+    c.start("pump", "pump")
+    r = c.wait(lambda: (tmp_path / "pump.hb").exists()
+               and (lambda r: r if r.returncode == 1 else None)(healthcheck(c, "pump")), "the healthcheck to fail")
+    assert "rejected the credentials of user 'default'" in r.stderr and "does not answer" not in r.stderr, r.stderr
+    log = c.log("pump")
+    assert "rejected the credentials" in log and "does not answer" not in log, log
+    assert "wrong-password" not in r.stderr + log
     c.close()
 
 

@@ -316,5 +316,40 @@ def test_wrong_password_says_authentication_failed(redis_factory, cli_env: dict[
     assert "unreachable" not in r.stdout and "Traceback" not in r.stderr and "wrong-password" not in r.stderr
     r = cli("backend", "ping", "--json", env=env)
     assert json.loads(r.stdout)["state"] == "authentication failed"
+    for action in ("info", "threads", "reindex"):  # every backend action: exit 2, as for ping
+        r = cli("backend", action, env=env)
+        _one_line_usage_error(r, "authentication failed", "XP_REDIS_PASSWORD")
+        assert "wrong-password" not in r.stderr + r.stdout
     r = cli("backend", "ping", env=dict(env, XP_REDIS_PASSWORD="right-password"))
     assert r.returncode == 0 and r.stdout.startswith("ok:")
+
+
+def test_run_refuses_an_input_that_reuses_a_message_id_before_feeding_any(cli_env: dict[str, str]) -> None:
+    """Two messages of one input with one id: refused up front (exit 2, one line naming both), not
+    half way through the run with the rest of the input never fed."""
+    first = Message("console", "greeter", '<greet name="First"/>')
+    again = Message("console", "greeter", '<greet name="Second"/>', id=first.id)
+    third = Message("console", "greeter", '<greet name="Third"/>')
+    text = "<messages>" + "".join(m.to_xml() for m in (first, again, third)) + "</messages>"
+    r = cli("run", EXAMPLE, "--input", "-", env=dict(cli_env, XP_BACKEND_TYPE="memory"), input=text)
+    _one_line_usage_error(r, "message 2 repeats the id", first.id, "message 1")
+    assert "Hello" not in r.stdout
+
+
+@pytest.mark.parametrize("role", ["pump", "worker"])
+def test_an_unwritable_heartbeat_file_is_one_line(role: str, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """Refused at start: a pump or worker that cannot write its heartbeat would be restarted by its
+    liveness probe over and over without a word about why."""
+    path = tmp_path / "organism.yaml"
+    path.write_text('organism: h\nbackend: {type: redis}\nlisteners: [{name: g, handler: "xml_pipeline.examples.greeter:handle"}]\n')
+    env = dict(cli_env, XP_CONFIG=str(path))
+    for bad, why in ((tmp_path, "is a directory"), (tmp_path / "organism.yaml" / "hb", "Not a directory")):
+        r = cli(role, "--heartbeat-file", str(bad), env=env)
+        _one_line_usage_error(r, "--heartbeat-file", why)
+
+
+@pytest.mark.parametrize("argv", [["send"], ["run", EXAMPLE, "--input", "-"]], ids=["send", "run"])
+def test_a_20000_deep_messages_document_on_stdin_is_one_line(argv: list[str], cli_env: dict[str, str]) -> None:
+    deep = b"<messages>" * 20_000 + b"</messages>" * 20_000
+    r = _cli_bytes(*argv, env=dict(cli_env, XP_BACKEND_TYPE="redis" if argv == ["send"] else "memory"), stdin=deep)
+    _one_line_usage_error(r, "nested more than 256 deep")

@@ -16,6 +16,8 @@ import signal
 import sys
 import time
 from multiprocessing.connection import wait as mp_wait
+from pathlib import Path
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
 from ..contract import CONFIG_PATH, ENV_CONFIG
@@ -48,8 +50,50 @@ def config_path(args: argparse.Namespace) -> str:
     return path
 
 
+def check_heartbeat_file(path: str | None) -> None:
+    """Refuse a heartbeat file that cannot be written: the process would run, but its liveness probe
+    would never find a heartbeat and have it restarted over and over without saying why."""
+    if path is None:
+        return
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        if p.parent.exists() and not p.parent.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")  # how the heartbeat is written (touch)
+        tmp.write_text("")
+        tmp.unlink()
+    except OSError as e:
+        raise ConfigError("--heartbeat-file", f"{path!r} cannot be written ({e.strerror or e})",
+                          "a file in a writable directory, e.g. /tmp/xml-pipeline.heartbeat") from None
+
+
 def load(args: argparse.Namespace) -> Organism:
     return load_organism(config_path(args))
+
+
+def _backend_down(backend: SharedBackend) -> str | None:
+    """None if the backend answers, else why not: a Redis that refuses the credentials answers, so
+    saying it "does not answer" would send the operator looking for a network problem."""
+    if backend.ping():
+        return None
+    from ..memory.redis_backend import RedisBackend
+    if isinstance(backend, RedisBackend):
+        import redis
+        try:  # one unretried PING: its error says whether Redis is down or refused the login
+            backend.client.ping()
+        except redis.exceptions.AuthenticationError:
+            config = backend.config
+            user = config.redis_username or urlsplit(config.redis_url).username or "default"
+            return (f"Redis at {config.redacted_url} answers but rejected the credentials of user {user!r} "
+                    "(XP_REDIS_USERNAME/XP_REDIS_PASSWORD)")
+        except Exception:  # noqa: BLE001 - down, or any other failure: it does not answer
+            pass
+        else:
+            return None
+    return f"the backend {backend} does not answer"
 
 
 def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
@@ -59,12 +103,13 @@ def _wait_for_backend(backend: SharedBackend, stopping: Any) -> bool:
     backoff = Backoff()
     warned = False
     while not stopping():
-        if backend.ping():
+        down = _backend_down(backend)
+        if down is None:
             if warned:
                 log.info("backend is reachable again")
             return True
         if not warned:
-            log.warning("backend %s does not answer yet; waiting", backend)
+            log.warning("%s; waiting", down)
             warned = True
         time.sleep(backoff.next())
     return False
@@ -86,6 +131,7 @@ def _require_signing_key(organism: Organism) -> None:
 def cmd_pump(args: argparse.Namespace) -> int:
     organism = load(args)
     _require_signing_key(organism)
+    check_heartbeat_file(args.heartbeat_file)
     backend = create_backend(organism.backend)
     try:
         return asyncio.run(_pump_main(organism, backend, args.heartbeat_file, args.metrics_port))
@@ -160,6 +206,7 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
             await bridge.stop()
         unfinished = pump.inflight
         drained = await pump.stop(drain=True, timeout=organism.process_pool.drain_seconds)
+        unwritten = await bridge.finish(5.0) if bridge is not None else 0
         if not drained:
             pending = await loop.run_in_executor(None, bridge.pending_entries) if bridge is not None else None
             if pending is None:
@@ -175,6 +222,8 @@ async def _pump_main(organism: Organism, backend: SharedBackend, heartbeat_file:
                          "get no answer")
             log.error("drain timed out with %d conversation(s) unfinished: %s", unfinished, where)
             return EXIT_FAILURE
+        if unwritten:
+            return EXIT_FAILURE
         log.info("pump stopped cleanly (%d messages, %d outputs)", pump.stats.messages, pump.stats.outputs)
         return EXIT_OK
     finally:
@@ -187,8 +236,9 @@ def _pump_problem(backend: SharedBackend, pump_ref: list[Any], stall: float) -> 
     """(thread) Why this pump cannot make progress, or None: Redis does not answer, every consumer
     or ingress slot is held while nothing finished for `stall` seconds, or worker results are
     overdue (tasks missed their deadline and no result came since)."""
-    if not backend.ping():
-        return f"the backend {backend} does not answer"
+    down = _backend_down(backend)
+    if down is not None:
+        return down
     if not pump_ref:
         return None
     pump, bridge = pump_ref
@@ -219,6 +269,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     organism = load(args)
     _require_redis(organism)
     _require_signing_key(organism)
+    check_heartbeat_file(args.heartbeat_file)
     processes = args.processes if args.processes is not None else organism.process_pool.workers
     if processes < 1:
         raise ConfigError("--processes", f"must be >= 1, got {processes}")

@@ -92,9 +92,18 @@ def _read_messages(args: argparse.Namespace) -> list[Message]:
         where = source
     from ..message_bus.message import MessageError
     try:
-        return split_messages(data)
+        messages = split_messages(data)
     except MessageError as e:
         raise MessageError(f"{where}: {e}") from None
+    # Checked before anything runs: the pump refuses an id already in flight, which would end the
+    # run half way with the rest of the input never fed.
+    first: dict[str, int] = {}
+    for n, m in enumerate(messages, 1):
+        if m.id in first:
+            raise MessageError(f"{where}: message {n} repeats the id {m.id!r} of message {first[m.id]} "
+                               "(allowed: a distinct id per message, or no id attribute for a fresh one)")
+        first[m.id] = n
+    return messages
 
 
 def _pool_overrides(organism: Organism, args: argparse.Namespace) -> Organism:

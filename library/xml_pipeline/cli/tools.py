@@ -224,6 +224,10 @@ def cmd_backend(args: argparse.Namespace) -> int:
             if not swept:
                 print("note: this Redis user may not SCAN (an organism's restricted user), so temporary worker "
                       "data and results streams were left to expire with their TTL", file=sys.stderr)
+    except BackendUnavailable:
+        if config.backend_type == "redis":
+            _check_redis(backend, config)  # wrong credentials are the user's mistake: exit 2, as for ping
+        raise
     finally:
         backend.close()
     return EXIT_OK

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.exceptions import ResponseError
 
+from ..errors import BackendError
 from .retry import _REDIS_DOWN, Backoff
 from .streams import (
     EGRESS_MAXLEN,
@@ -61,7 +62,10 @@ class IngressBridge:
         self.claim_idle_ms = int(claim_idle_seconds * 1000)
         self.max_inflight = max_inflight
         self._entries: dict[str, str] = {}  # conversation id -> ingress entry id
-        self._unwritten: set[str] = set()  # conversations with an output egress did not take
+        #: conversation id -> its outputs egress did not take (Redis down for longer than its retries)
+        self._unwritten: dict[str, list[Message]] = {}
+        self._rewrites: set[asyncio.Task[None]] = set()
+        self._finishing = False
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
@@ -87,6 +91,7 @@ class IngressBridge:
         self._stop.set()
         if self._reader is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5.0)
+
 
     def _read(self) -> None:
         s = self.streams
@@ -195,7 +200,7 @@ class IngressBridge:
             await self._write_egress(message, conversation=message.in_reply_to)
         except Exception:
             if message.in_reply_to is not None:
-                self._unwritten.add(message.in_reply_to)
+                self._unwritten.setdefault(message.in_reply_to, []).append(message)
             raise
 
 
@@ -231,15 +236,65 @@ class IngressBridge:
         entry_id = self._entries.pop(conv_id, None)
         if conv_id in self._unwritten:
             # An output never reached egress: no ack. The entry stays pending, a sweep takes it over
-            # after claim_idle and the re-run writes what egress lacks.
-            self._unwritten.discard(conv_id)
-            log.error("conversation %s: an output could not be written to %s; its ingress entry stays "
-                      "pending and the conversation runs again after claim_idle", conv_id, self.streams.egress)
+            # after claim_idle and the re-run writes what egress lacks -- unless Redis lost the entry
+            # with its data (a restart without persistence): then nobody would run it again, so this
+            # pump writes the outputs itself once Redis answers (_rewrite).
+            outputs = self._unwritten.pop(conv_id)
+            log.error("conversation %s: %d output(s) could not be written to %s; its ingress entry stays "
+                      "pending and the conversation runs again after claim_idle (if Redis lost the entry, "
+                      "this pump writes the outputs once Redis answers)", conv_id, len(outputs), self.streams.egress)
             if entry_id is not None:
                 self._release_slot()
+                task = asyncio.create_task(self._rewrite(conv_id, entry_id, outputs))
+                self._rewrites.add(task)
+                task.add_done_callback(self._rewrites.discard)
             return
         if entry_id is not None:
             await self._ack(entry_id, conversation=conv_id)
+
+    async def finish(self, timeout: float) -> int:
+        """After the pump drained: give the outputs still waiting for Redis (_rewrite) up to `timeout`
+        seconds, retrying at once. Returns how many conversations that leaves without an answer."""
+        self._finishing = True
+        if self._rewrites:
+            await asyncio.wait(list(self._rewrites), timeout=timeout)
+        left = len(self._rewrites)
+        for task in list(self._rewrites):
+            task.cancel()
+        if left:
+            log.error("%d conversation(s) whose outputs Redis did not take may get no answer: Redis did not "
+                      "answer within %.0f s to tell whether their ingress entries survived", left, timeout)
+        return left
+
+    async def _rewrite(self, conv_id: str, entry_id: str, outputs: list[Message]) -> None:
+        """Once Redis answers: if the conversation's ingress entry is still pending, leave it to the
+        sweep; if Redis lost it, write the outputs egress lacks (once per id, as always)."""
+        s = self.streams
+
+        def entry_pending() -> bool:
+            try:
+                return bool(s.client.xpending_range(s.ingress, PUMP_GROUP, min=entry_id, max=entry_id, count=1))
+            except ResponseError as e:
+                if "NOGROUP" in str(e):
+                    return False  # the stream and its group are gone: so is the entry
+                raise
+
+        assert self._loop is not None
+        delay = 0.5
+        while True:
+            await asyncio.sleep(0.2 if self._finishing else delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                if await self._loop.run_in_executor(None, entry_pending):
+                    return
+                for message in outputs:
+                    await self._write_egress(message, conversation=conv_id)
+                await self._loop.run_in_executor(None, s.client.delete, self._sent_record(conv_id))
+            except (redis.RedisError, BackendError):
+                continue  # Redis still down: try again
+            log.warning("conversation %s: its ingress entry was lost with Redis's data; its %d output(s) "
+                        "were written to %s now", conv_id, len(outputs), s.egress)
+            return
 
     async def _ack(self, entry_id: str, *, conversation: str) -> None:
         """XACK + XDEL the ingress entry and forget the conversation's sent-record, in one MULTI."""

@@ -650,6 +650,8 @@ class StreamPump:
                 result = self.on_output(out)
                 if inspect.isawaitable(result):
                     await result
+            except BackendError as e:  # the store is down: its message says all (no traceback per output)
+                log.error("pump: on_output failed for message %s: %s: %s", out.id, type(e).__name__, e)
             except Exception:  # noqa: BLE001
                 log.exception("pump: on_output failed for message %s", out.id)
 

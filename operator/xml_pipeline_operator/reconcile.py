@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import apply, desired as desired_mod, rotation, status as st
+from .desired import binding as binding_mod
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
 from .kube import Kube, NotFound
 from .model import Organism, SpecError, check_prefix_unchanged, parse_organism
@@ -114,6 +115,8 @@ class Reconciler:
             status = st.build_status(previous=previous, generation=generation, now=now, org=None, desired=None,
                                      redis=None, pump=None, workers=None, blocked=invalid, failed=True,
                                      workers_state=None)
+            if previous.get("binding"):  # clients keep their binding while the last good spec serves
+                status["binding"] = previous["binding"]
             return self._finish(namespace, name, previous, status, [], retry=None)
 
         # Also without autoscaling: leftover KEDA objects (autoscaling switched off) are removed.
@@ -124,6 +127,7 @@ class Reconciler:
         retry: str | None = None
         redis_cond: st.Condition | None = None
         rot: _Rotation | None = None
+        binding: dict[str, str] | None = None
         previous = dict(previous)  # a rotation start writes status.credentials early (see _shared)
         try:
             secret_outcome, values = apply.ensure_credentials(self.kube, org)
@@ -133,6 +137,7 @@ class Reconciler:
                 if redis_cond.ok:  # Redis knows the Secret's password: the pods may roll to it
                     want = desired_mod.build(org, self.settings, keda=keda,
                                              credentials_digest=rotation.credentials_digest(values))
+                    binding = self._client(org, values, want, outcomes)
             else:
                 redis_cond = self._remote_redis_condition(org, values)
             if redis_cond is not None and redis_cond.reason == "ExternalSecretMissing":
@@ -170,6 +175,10 @@ class Reconciler:
             + [c for c in [st.autoscaling_condition(org, want.autoscaler)] if c is not None])
         if rot is not None:
             status["credentials"] = rot.as_status()
+        if binding is not None:
+            status["binding"] = binding
+        elif org.redis is not None and org.redis.mode == "shared" and previous.get("binding"):
+            status["binding"] = previous["binding"]  # Redis unreachable this pass: the binding still holds
         events = _object_events(outcomes) + (rot.events_for(previous, status) if rot is not None else [])
         return self._finish(namespace, name, previous, status, events, retry=retry)
 
@@ -217,6 +226,23 @@ class Reconciler:
         if rot.phase is rotation.Phase.IDLE and cred.get("phase") not in (None, rotation.Phase.IDLE.value):
             rot.since = None  # the Secret shows the last rotation finished (a restart after retiring)
         return st.Condition("RedisReady", "True" if state.ready else "False", state.reason, state.message), rot
+
+    def _client(self, org: Organism, values: dict[str, str], want: desired_mod.DesiredState,
+                outcomes: list[apply.Outcome]) -> dict[str, str] | None:
+        """The organism's client identity (shared mode): the binding Secret, then its ACL user.
+        Returns status.binding once Redis knows the client's password, else None."""
+        assert org.redis is not None
+        if want.endpoint is None:
+            return None
+        outcome, bvalues = apply.ensure_binding(self.kube, org, want.endpoint, values)
+        outcomes.append(outcome)
+        tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
+                        username=values.get("redis-username", ""), uid=org.uid)
+        state = self.admin.ensure_client(tenant, bvalues[binding_mod.USERNAME_KEY], bvalues[binding_mod.PASSWORD_KEY])
+        if not state.ready:
+            logger.warning("Organism %s/%s: %s", org.namespace, org.name, state.message)
+            return None
+        return {"name": binding_mod.binding_name(org.name)}
 
     def _after_rollout(self, org: Organism, rot: _Rotation, values: dict[str, str],
                        outcomes: list[apply.Outcome], want: desired_mod.DesiredState, now: str) -> st.Condition | None:

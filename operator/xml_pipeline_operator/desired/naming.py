@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-Component = Literal["pump", "worker", "redis", "config", "credentials"]
+Component = Literal["pump", "worker", "redis", "config", "credentials", "binding"]
 
 ORGANISM_LABEL = "xml-pipeline.dev/organism"
 #: Pod label `<label>: <organism name>` that lets a pod of the namespace reach the organism's

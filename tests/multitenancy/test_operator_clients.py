@@ -1,0 +1,99 @@
+"""The operator provisions an organism's client identity on the shared Redis: a binding Secret in the
+Service Binding layout, status.binding naming it, and a client ACL user that can send, read answers and
+read the context -- and is deleted with the Organism."""
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis_server import RedisServer
+
+from xml_pipeline.client import OrganismClient
+from xml_pipeline.memory import BackendConfig
+from xml_pipeline.memory.context_buffer import ContextBuffer
+from xml_pipeline_operator.tenancy import acl, client_acl
+
+from .test_operator_shared import (  # noqa: F401 - fixtures
+    admin_client, create, delete, get_obj, harness, k8s, kubeconfig, pod_backend, quiet, redis_ready,
+    run_operator, shared, shared_spec, start_operator, eventually, ORGANISMS,
+)
+
+
+def binding(k8s: Any, name: str, namespace: str = "default") -> dict[str, Any] | None:
+    return get_obj(k8s, "v1/secrets", f"{name}-binding", namespace)
+
+
+def bound(k8s: Any, name: str) -> dict[str, Any] | None:
+    obj = get_obj(k8s, ORGANISMS, name)
+    return obj if obj and (obj.get("status") or {}).get("binding") else None
+
+
+def mount(secret: dict[str, Any], root: Path) -> Path:
+    """The Secret as kubelet mounts it: one file per key."""
+    d = root / "organism"
+    d.mkdir(parents=True)
+    for k, v in secret["data"].items():
+        (d / k).write_bytes(base64.b64decode(v))
+    return d
+
+
+async def test_binding_secret_status_and_client_user(k8s: Any, run_operator: Any, shared: RedisServer,
+                                                    admin_client: redis.Redis, tmp_path: Path) -> None:
+    await run_operator()
+    await create(k8s, "shop", shared_spec())
+    org = await eventually(lambda: bound(k8s, "shop"))
+    assert org["status"]["binding"] == {"name": "shop-binding"}
+    secret = binding(k8s, "shop")
+    assert secret is not None and secret["type"] == "servicebinding.io/redis"
+    values = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    creds = {k: base64.b64decode(v).decode() for k, v in get_obj(k8s, "v1/secrets", "shop-credentials")["data"].items()}
+    assert values["type"] == "redis" and values["provider"] == "xml-pipeline"
+    assert values["url"] == shared.url and "@" not in values["url"]
+    assert (values["host"], values["port"]) == ("127.0.0.1", str(shared.port))
+    assert values["prefix"] == "xp:default.shop:" and values["ttl"] == "600" and values["tls"] == "false"
+    assert values["username"] == "xpc-default.shop" != creds["redis-username"]
+    assert values["password"] != creds["redis-password"]
+    assert values["signing-key"] == creds["signing-key"]
+    user = acl.get_user(admin_client, "xpc-default.shop")
+    assert user is not None and user.key_patterns == set(client_acl.key_patterns("xp:default.shop:"))
+
+    # The pods write a thread; a client configured from the mounted binding reads it and may not write.
+    with pod_backend(shared, k8s, "shop") as b:
+        ContextBuffer(b).append("t-1", "<order/>", "shop", "console")
+    config = BackendConfig.from_binding(mount(secret, tmp_path))
+    with OrganismClient(config) as client:
+        assert [s.payload for s in client.read_thread("t-1")] == ["<order/>"]
+        raw = redis.Redis.from_url(values["url"], username=values["username"], password=values["password"])
+        try:
+            raw.rpush("xp:default.shop:buffer:{t-1}", b"forged")
+        except redis.exceptions.NoPermissionError:
+            pass
+        else:
+            raise AssertionError("the client user could write the context buffer")
+        raw.close()
+
+    # Idle passes write nothing (no Secret patch, no ACL SETUSER).
+    await quiet(k8s)
+    calls = admin_client.info("commandstats").get("cmdstat_acl|setuser", {}).get("calls", 0)
+    start = len(k8s.history)
+    await quiet(k8s)
+    assert admin_client.info("commandstats").get("cmdstat_acl|setuser", {}).get("calls", 0) == calls
+    assert not harness.writes(k8s, start)
+
+    # Deleting the Organism deletes its client user too.
+    await delete(k8s, "shop")
+    assert not acl.user_exists(admin_client, "xpc-default.shop")
+
+
+async def test_lost_client_user_comes_back_on_the_next_pass(k8s: Any, run_operator: Any, shared: RedisServer,
+                                                           admin_client: redis.Redis) -> None:
+    op = await run_operator()
+    await create(k8s, "svc", shared_spec())
+    await eventually(lambda: bound(k8s, "svc"))
+    admin_client.execute_command("ACL", "DELUSER", "xpc-default.svc")
+    # A pass runs in a thread: kmock is served by this test's event loop.
+    await asyncio.get_running_loop().run_in_executor(None, op.reconciler.reconcile, "default", "svc")
+    assert acl.user_exists(admin_client, "xpc-default.svc")

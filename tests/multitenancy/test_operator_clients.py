@@ -16,10 +16,13 @@ from xml_pipeline.memory import BackendConfig
 from xml_pipeline.memory.context_buffer import ContextBuffer
 from xml_pipeline_operator.tenancy import acl, client_acl
 
-from .test_operator_shared import (  # noqa: F401 - fixtures
-    admin_client, create, delete, get_obj, harness, k8s, kubeconfig, pod_backend, quiet, redis_ready,
-    run_operator, shared, shared_spec, start_operator, eventually, ORGANISMS,
-)
+from . import test_operator_shared as base
+
+# Fixtures and helpers of the shared-mode operator tests (the kmock harness and a real shared Redis).
+k8s, kubeconfig, start_operator = base.k8s, base.kubeconfig, base.start_operator
+shared, admin_client, run_operator = base.shared, base.admin_client, base.run_operator
+create, get_obj, harness, pod_backend, quiet = base.create, base.get_obj, base.harness, base.pod_backend, base.quiet
+shared_spec, eventually, ORGANISMS = base.shared_spec, base.eventually, base.ORGANISMS
 
 
 def binding(k8s: Any, name: str, namespace: str = "default") -> dict[str, Any] | None:
@@ -84,7 +87,9 @@ async def test_binding_secret_status_and_client_user(k8s: Any, run_operator: Any
     assert not harness.writes(k8s, start)
 
     # Deleting the Organism deletes its client user too.
-    await delete(k8s, "shop")
+    resp = await k8s.delete(harness.org_path("shop"))
+    assert resp.status == 200, await resp.text()
+    await eventually(lambda: get_obj(k8s, ORGANISMS, "shop") is None, timeout=60)  # a hang detector
     assert not acl.user_exists(admin_client, "xpc-default.shop")
 
 

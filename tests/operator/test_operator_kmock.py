@@ -176,6 +176,10 @@ async def test_delete_runs_the_finalizer(k8s: Cluster, start_operator: Any) -> N
         def release_tenant(self, tenant: Tenant) -> None:
             released.append(tenant)
 
+        def ensure_client(self, tenant: Tenant, username: str, password: str,
+                          also_accept_hashes: Any = frozenset()) -> TenantState:
+            return TenantState(True, "ClientUserReady", f"user {username}")
+
     await start_operator(admin=RecordingAdmin())
     await create(k8s, "bus", {"config": {"listeners": LISTENERS}, "backend": {"redis": {"mode": "shared"}}})
     org = await eventually(lambda: (o := get_obj(k8s, ORGANISMS, "bus")) and condition(o, "RedisReady") and o)

@@ -14,6 +14,7 @@ from redis_server import RedisServer
 from xml_pipeline.client import OrganismClient
 from xml_pipeline.memory import BackendConfig
 from xml_pipeline.memory.context_buffer import ContextBuffer
+from xml_pipeline_operator.redis_admin import Tenant
 from xml_pipeline_operator.tenancy import acl, client_acl
 
 from . import test_operator_shared as base
@@ -86,11 +87,6 @@ async def test_binding_secret_status_and_client_user(k8s: Any, run_operator: Any
     assert admin_client.info("commandstats").get("cmdstat_acl|setuser", {}).get("calls", 0) == calls
     assert not harness.writes(k8s, start)
 
-    # Deleting the Organism deletes its client user too.
-    resp = await k8s.delete(harness.org_path("shop"))
-    assert resp.status == 200, await resp.text()
-    await eventually(lambda: get_obj(k8s, ORGANISMS, "shop") is None, timeout=60)  # a hang detector
-    assert not acl.user_exists(admin_client, "xpc-default.shop")
 
 
 async def test_lost_client_user_comes_back_on_the_next_pass(k8s: Any, run_operator: Any, shared: RedisServer,
@@ -102,3 +98,8 @@ async def test_lost_client_user_comes_back_on_the_next_pass(k8s: Any, run_operat
     # A pass runs in a thread: kmock is served by this test's event loop.
     await asyncio.get_running_loop().run_in_executor(None, op.reconciler.reconcile, "default", "svc")
     assert acl.user_exists(admin_client, "xpc-default.svc")
+    # Releasing the organism (its finalizer, whatever the deletion policy) deletes its client user.
+    uid = get_obj(k8s, ORGANISMS, "svc")["metadata"]["uid"]
+    tenant = Tenant("default", "svc", "xp:default.svc:", "xp-default.svc", uid)
+    await asyncio.get_running_loop().run_in_executor(None, op.reconciler.admin.release_tenant, tenant, "Retain")
+    assert not acl.user_exists(admin_client, "xpc-default.svc")

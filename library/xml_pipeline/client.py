@@ -85,6 +85,11 @@ class OrganismClient:
         self._backend = RedisBackend(config)
         self._buffer = ContextBuffer(self._backend)
 
+    @property
+    def backend(self) -> Any:
+        """The RedisBackend underneath (its PING, its key names); the client owns and closes it."""
+        return self._backend
+
     # -- messages -------------------------------------------------------------------------------
     def send(self, message: Message) -> str:
         """Put `message` on the organism's ingress stream; returns its id (answers carry it as

@@ -103,3 +103,27 @@ async def test_lost_client_user_comes_back_on_the_next_pass(k8s: Any, run_operat
     tenant = Tenant("default", "svc", "xp:default.svc:", "xp-default.svc", uid)
     await asyncio.get_running_loop().run_in_executor(None, op.reconciler.admin.release_tenant, tenant, "Retain")
     assert not acl.user_exists(admin_client, "xpc-default.svc")
+
+
+async def test_deleting_the_password_key_replaces_the_client_password(k8s: Any, run_operator: Any,
+                                                                      shared: RedisServer) -> None:
+    """docs/clients.md: the way to replace a client password; the old one stops working."""
+    op = await run_operator()
+    await create(k8s, "pay", shared_spec())
+    await eventually(lambda: bound(k8s, "pay"))
+    old = base64.b64decode(binding(k8s, "pay")["data"]["password"]).decode()
+    resp = await k8s.patch("/api/v1/namespaces/default/secrets/pay-binding", json={"data": {"password": None}},
+                           headers={"Content-Type": "application/merge-patch+json"})
+    assert resp.status == 200, await resp.text()
+    await asyncio.get_running_loop().run_in_executor(None, op.reconciler.reconcile, "default", "pay")
+    new = base64.b64decode(binding(k8s, "pay")["data"]["password"]).decode()
+    assert new and new != old
+    ok = redis.Redis.from_url(shared.url, username="xpc-default.pay", password=new)
+    assert ok.ping()
+    ok.close()
+    try:
+        redis.Redis.from_url(shared.url, username="xpc-default.pay", password=old).ping()
+    except redis.AuthenticationError:
+        pass
+    else:
+        raise AssertionError("the old client password still works")

@@ -137,7 +137,7 @@ class Reconciler:
                 if redis_cond.ok:  # Redis knows the Secret's password: the pods may roll to it
                     want = desired_mod.build(org, self.settings, keda=keda,
                                              credentials_digest=rotation.credentials_digest(values))
-                    binding = self._client(org, values, want, outcomes)
+                    binding = self._client(org, values, want, outcomes, rot)
             else:
                 redis_cond = self._remote_redis_condition(org, values)
             if redis_cond is not None and redis_cond.reason == "ExternalSecretMissing":
@@ -159,6 +159,8 @@ class Reconciler:
                         outcomes.append(gone)
             if rot is not None and redis_cond is not None and redis_cond.ok:
                 redis_cond = self._after_rollout(org, rot, values, outcomes, want, now) or redis_cond
+                if "retired" in rot.done and binding is not None:  # the client's old password goes too
+                    binding = self._client(org, values, want, [], rot) or binding
         except apply.NameConflict as e:
             blocked, retry = st.Condition("Ready", "False", "NameConflict", str(e)), str(e)
 
@@ -228,21 +230,49 @@ class Reconciler:
         return st.Condition("RedisReady", "True" if state.ready else "False", state.reason, state.message), rot
 
     def _client(self, org: Organism, values: dict[str, str], want: desired_mod.DesiredState,
-                outcomes: list[apply.Outcome]) -> dict[str, str] | None:
-        """The organism's client identity (shared mode): the binding Secret, then its ACL user.
-        Returns status.binding once Redis knows the client's password, else None."""
+                outcomes: list[apply.Outcome], rot: _Rotation) -> dict[str, str] | None:
+        """The organism's client identity (shared mode): the binding Secret, then its ACL user, its
+        password rotated with the organism's (desired/binding.client_rotation_step; Redis always
+        before the Secret). Returns status.binding once Redis knows the client's password, else None."""
         assert org.redis is not None
         if want.endpoint is None:
             return None
-        outcome, bvalues = apply.ensure_binding(self.kube, org, want.endpoint, values)
+        outcome, b = apply.ensure_binding(self.kube, org, want.endpoint, values)
         outcomes.append(outcome)
         tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
                         username=values.get("redis-username", ""), uid=org.uid)
-        state = self.admin.ensure_client(tenant, bvalues[binding_mod.USERNAME_KEY], bvalues[binding_mod.PASSWORD_KEY])
-        if not state.ready:
-            logger.warning("Organism %s/%s: %s", org.namespace, org.name, state.message)
+
+        def accept(extra: frozenset[str]) -> bool:
+            state = self.admin.ensure_client(tenant, b[binding_mod.USERNAME_KEY], b[binding_mod.PASSWORD_KEY], extra)
+            if not state.ready:
+                logger.warning("Organism %s/%s: %s", org.namespace, org.name, state.message)
+            return state.ready
+
+        step = binding_mod.client_rotation_step(rot.phase.value, rot.request, b)
+        if step == "generate":
+            self._patch_binding(org, b, {binding_mod.NEXT_PASSWORD_KEY: binding_mod.generate_password()})
+            step = "publish"
+        if step == "publish":
+            if not accept(binding_mod.accepted_besides_password(b)):
+                return None
+            self._patch_binding(org, b, binding_mod.client_publish_patch(b, rot.request))
+        elif step == "retire":
+            if not accept(frozenset()):
+                return None
+            self._patch_binding(org, b, {binding_mod.PREVIOUS_PASSWORD_HASHES_KEY: None})
+        if not accept(binding_mod.accepted_besides_password(b)):
             return None
         return {"name": binding_mod.binding_name(org.name)}
+
+    def _patch_binding(self, org: Organism, values: dict[str, str], changes: Mapping[str, str | None]) -> None:
+        """Write `changes` (None deletes a key) into the binding Secret and into `values`."""
+        data = {k: (None if v is None else base64.b64encode(v.encode()).decode()) for k, v in changes.items()}
+        self.kube.patch("Secret", org.namespace, binding_mod.binding_name(org.name), {"data": data})
+        for k, v in changes.items():
+            if v is None:
+                values.pop(k, None)
+            else:
+                values[k] = v
 
     def _after_rollout(self, org: Organism, rot: _Rotation, values: dict[str, str],
                        outcomes: list[apply.Outcome], want: desired_mod.DesiredState, now: str) -> st.Condition | None:

@@ -127,3 +127,42 @@ async def test_deleting_the_password_key_replaces_the_client_password(k8s: Any, 
         pass
     else:
         raise AssertionError("the old client password still works")
+
+
+async def test_client_password_rotates_with_the_organisms(k8s: Any, run_operator: Any, shared: RedisServer,
+                                                          admin_client: redis.Redis) -> None:
+    """xml-pipeline.dev/rotate-credentials rotates the client password too: Redis accepts the new one
+    before the binding hands it out, keeps the old one while the organism's pods roll, then retires it."""
+    from . import test_rotation as rot
+    await run_operator()
+    await rot.ready_shared_organism(k8s, "cli")
+    await eventually(lambda: bound(k8s, "cli"))
+    user = "xpc-default.cli"
+    old = base64.b64decode(binding(k8s, "cli")["data"]["password"]).decode()
+    await rot.request_rotation(k8s, "cli", "r1")
+    new = await eventually(lambda: (p := base64.b64decode(binding(k8s, "cli")["data"]["password"]).decode()) != old
+                           and p)
+    assert rot.can_login(shared, user, new) and rot.can_login(shared, user, old)
+    assert "password-next" not in binding(k8s, "cli")["data"]
+    for dep in ("cli-pump", "cli-worker"):
+        await eventually(lambda d=dep: rot.rotation_status(k8s, "cli").get("phase") == "RollingOut")
+        await rot.mark_rolled(k8s, dep)
+    await eventually(lambda: "password-previous-sha256" not in binding(k8s, "cli")["data"])
+    assert not rot.can_login(shared, user, old) and rot.can_login(shared, user, new)
+    assert acl.get_user(admin_client, user).password_hashes == {acl.password_hash(new)}
+    await quiet(k8s)  # one rotation per request
+    assert base64.b64decode(binding(k8s, "cli")["data"]["password"]).decode() == new
+
+
+def test_client_rotation_steps() -> None:
+    from xml_pipeline_operator.desired import binding as b
+    base = {"password": "old"}
+    assert b.client_rotation_step("Idle", None, base) is None
+    assert b.client_rotation_step("Accepting", "r1", base) == "generate"
+    assert b.client_rotation_step("RollingOut", "r1", base | {"rotated-for": "r1"}) is None  # once per request
+    assert b.client_rotation_step("RollingOut", "r1", base | {"password-next": "new"}) == "publish"
+    assert b.client_rotation_step("Idle", "r1", base | {"password-previous-sha256": "ab" * 32}) == "retire"
+    patch = b.client_publish_patch(base | {"password-next": "new"}, "r1")
+    assert patch == {"password": "new", "password-next": None, "rotated-for": "r1",
+                     "password-previous-sha256": acl.password_hash("old")}
+    assert b.accepted_besides_password(base | {"password-next": "new"}) == {acl.password_hash("new")}

@@ -86,3 +86,48 @@ def binding_secret(org: Organism, values: Mapping[str, str]) -> dict[str, Any]:
         },
         "data": encode(values),
     }
+
+
+# -- rotation of the client password, riding on the organism's rotation (rotation.py) ----------------
+#: The rotate-credentials request a client password was last rotated for (so each request rotates once).
+ROTATION_REQUEST_KEY = "rotated-for"
+
+
+def accepted_besides_password(values: Mapping[str, str]) -> frozenset[str]:
+    """SHA-256 digests Redis must accept for the client besides `password`: the next one, the previous ones."""
+    from .. import rotation
+    return rotation.accepted_besides_password({
+        rotation.PASSWORD_KEY: values.get(PASSWORD_KEY, ""), rotation.NEXT_KEY: values.get(NEXT_PASSWORD_KEY, ""),
+        rotation.PREVIOUS_KEY: values.get(PREVIOUS_PASSWORD_HASHES_KEY, "")})
+
+
+def client_rotation_step(phase: str, request: str | None, values: Mapping[str, str]) -> str | None:
+    """What the client password needs while the organism's password rotates (pure):
+
+    - "generate": a rotation (request) is in progress that this binding has not followed yet: write
+      `password-next` (the Secret is the durable record, before Redis changes);
+    - "publish": Redis was told to accept `password-next` beside the old one (the caller does that
+      first): swap it into `password`, keep the old one's digest in `password-previous-sha256`;
+    - "retire": the organism's rotation finished (its pods rolled): Redis forgets the old client
+      password, then the Secret its digest. Client pods that read the binding at start must have
+      restarted by then (existing connections stay authenticated; new ones need the new password).
+    """
+    if values.get(NEXT_PASSWORD_KEY):
+        return "publish"
+    if phase != "Idle" and request and values.get(ROTATION_REQUEST_KEY) != request:
+        return "generate"
+    if phase == "Idle" and values.get(PREVIOUS_PASSWORD_HASHES_KEY):
+        return "retire"
+    return None
+
+
+def client_publish_patch(values: Mapping[str, str], request: str | None) -> dict[str, str | None]:
+    from .. import rotation
+    old, new = values.get(PASSWORD_KEY, ""), values[NEXT_PASSWORD_KEY]
+    previous = set(rotation.previous_hashes({rotation.PREVIOUS_KEY: values.get(PREVIOUS_PASSWORD_HASHES_KEY, "")}))
+    if old:
+        previous.add(rotation.password_hash(old))
+    previous.discard(rotation.password_hash(new))
+    return {PASSWORD_KEY: new, NEXT_PASSWORD_KEY: None,
+            PREVIOUS_PASSWORD_HASHES_KEY: rotation.format_hashes(previous) or None,
+            ROTATION_REQUEST_KEY: request or values.get(ROTATION_REQUEST_KEY)}

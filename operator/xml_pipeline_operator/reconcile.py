@@ -139,6 +139,11 @@ class Reconciler:
                                              credentials_digest=rotation.credentials_digest(values))
                     binding = self._client(org, values, want, outcomes, rot)
             else:
+                if org.redis is not None and org.redis.mode == "dedicated" and want.endpoint is not None:
+                    # Before the Redis workload: its config's client `user` line reads the password.
+                    outcome, _ = apply.ensure_binding(self.kube, org, want.endpoint, values)
+                    outcomes.append(outcome)
+                    binding = {"name": binding_mod.binding_name(org.name)}
                 redis_cond = self._remote_redis_condition(org, values)
             if redis_cond is not None and redis_cond.reason == "ExternalSecretMissing":
                 blocked, retry = redis_cond, redis_cond.message

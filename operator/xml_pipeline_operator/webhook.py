@@ -37,12 +37,13 @@ from typing import Any
 
 import kopf
 
+from .desired import naming
 from .desired.binding import binding_name
 from .kube import Kube
 
 logger = logging.getLogger(__name__)
 
-CLIENT_LABEL = "xml-pipeline.dev/client"
+CLIENT_LABEL = naming.CLIENT_LABEL
 INJECT_ANNOTATION = "xml-pipeline.dev/client-inject"
 INJECT_MODES = ("env", "binding")
 BINDING_ROOT = "/bindings"
@@ -81,8 +82,8 @@ def check_organism(namespace: str, organism: str, body: Mapping[str, Any] | None
     bound = ((body.get("status") or {}).get("binding") or {}).get("name")
     if bound != binding_name(organism):
         mode = (((body.get("spec") or {}).get("backend") or {}).get("redis") or {}).get("mode")
-        why = ("it is not provisioned yet (its status.binding is empty; retry once it is Ready)" if mode == "shared"
-               else "client identities exist for organisms on the shared Redis (spec.backend.redis.mode: shared)")
+        why = ("client identities exist for organisms on the shared or a dedicated Redis (not on an external one)"
+               if mode == "external" else "it is not provisioned yet (its status.binding is empty; retry once it is Ready)")
         raise Refused(f"{where}: Organism {namespace}/{organism} has no client binding: {why}")
 
 

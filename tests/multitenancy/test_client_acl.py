@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -142,3 +143,51 @@ def test_client_send_is_refused_a_write_elsewhere_with_a_clear_error(org_and_cli
     with RedisBackend(_config(client)) as backend:
         with pytest.raises(BackendError, match="NOPERM|permission"):
             ContextBuffer(backend).append("t-1", "<forged/>", "x", "y")
+
+
+def test_dedicated_redis_start_script_makes_the_client_user(tmp_path: Path) -> None:
+    """The dedicated Redis's real start script (shell, here-document, `user` line), run by sh with a real
+    redis-server: the client user logs in with the binding's password and has exactly the client rights."""
+    import os
+    import subprocess
+    import time
+
+    from redis_server import free_port, server_binary
+    from xml_pipeline_operator.desired import redis as desired_redis
+    from xml_pipeline_operator.model import parse_organism
+    from xml_pipeline_operator.settings import OperatorSettings
+
+    org = parse_organism({"apiVersion": "xml-pipeline.dev/v1alpha1", "kind": "Organism",
+                          "metadata": {"name": "shop", "namespace": "team", "uid": "u"},
+                          "spec": {"config": {"listeners": [{"name": "g", "handler": "m:f"}]}}}, OperatorSettings())
+    port = free_port()
+    args = " ".join(desired_redis.redis_args(org))
+    script = desired_redis.start_script(org)
+    assert args in script
+    script = script.replace(args, f"--port {port} --dir {tmp_path} --save ''").replace(
+        "exec redis-server", f"exec {server_binary().path}")
+    env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": "admin-pw-" + "a" * 20, "REDISCLI_AUTH": "x",
+           "XP_CLIENT_PASSWORD": "client-pw-" + "b" * 20}
+    proc = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        client = redis.Redis(port=port, username="xpc-team.shop", password=env["XP_CLIENT_PASSWORD"], socket_timeout=5)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        assert client.xadd(f"{org.redis.prefix}ingress", {"xml": "<m/>"})
+        assert client.lrange(f"{org.redis.prefix}buffer:{{t}}", 0, -1) == []
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.xrange(f"{org.redis.prefix}ingress")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.set(f"{org.redis.prefix}chain:x", "y")
+        # The secrets are not in the server's environment (the script unsets them before exec).
+        admin = redis.Redis(port=port, password=env["REDIS_PASSWORD"], socket_timeout=5)
+        assert admin.ping()
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        assert b"client-pw-" not in environ and b"admin-pw-" not in environ
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -88,7 +88,8 @@ def apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str
 
 @pytest.fixture
 async def hook(k8s: Cluster, start_operator: Any) -> Any:
-    """The operator with its webhook on; organism "shop" (shared, bound) and "local" (dedicated)."""
+    """The operator with its webhook on; organisms "shop" (shared), "local" (dedicated), both bound, and
+    "ext" (external Redis: no binding)."""
     # As the chart renders it (without a caBundle: the operator provides that).
     mwc = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
            "metadata": {"name": MWC},
@@ -106,7 +107,10 @@ async def hook(k8s: Cluster, start_operator: Any) -> Any:
                                    webhook_configuration=MWC)
     await start_operator(settings, admin=ReadyAdmin())
     for name, spec in (("shop", {"backend": {"redis": {"mode": "shared", "ttl": 600}}}),
-                       ("local", {"backend": {"redis": {"mode": "dedicated"}}})):
+                       ("local", {"backend": {"redis": {"mode": "dedicated"}}}),
+                       ("ext", {"backend": {"redis": {"mode": "external", "external": {
+                           "url": "redis://redis.example:6379/0",
+                           "passwordSecretRef": {"name": "ext-pw", "key": "pw"}}}}})):
         resp = await k8s.post(org_path(), json=organism(name, {"config": {"listeners": LISTENERS}, **spec}))
         assert resp.status == 201, await resp.text()
     await eventually(lambda: ((get_obj(k8s, "xml-pipeline.dev/v1alpha1/organisms", "shop") or {})
@@ -150,6 +154,12 @@ async def test_create_gets_env_from_the_binding_secret(hook: Any) -> None:
     assert result["metadata"] == p["metadata"] and "volumes" not in result["spec"]
 
 
+async def test_dedicated_organism_is_bound_too(hook: Any) -> None:
+    p = pod({webhook.CLIENT_LABEL: "local"})
+    env = {e["name"]: e for e in apply_json_patch(p, patch_of(await hook(review(p))))["spec"]["containers"][0]["env"]}
+    assert env["XP_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "local-binding", "key": "password"}
+
+
 async def test_binding_annotation_mounts_the_binding(hook: Any) -> None:
     p = pod({webhook.CLIENT_LABEL: "shop"}, {webhook.INJECT_ANNOTATION: "binding"})
     result = apply_json_patch(p, patch_of(await hook(review(p))))
@@ -175,8 +185,8 @@ async def test_missing_organism_and_unbound_organism_are_refused(hook: Any) -> N
     assert response["allowed"] is False
     assert "no Organism 'nope' in namespace 'default'" in response["status"]["message"]
     assert response["status"]["code"] == 403
-    response = await hook(review(pod({webhook.CLIENT_LABEL: "local"})))
-    assert response["allowed"] is False and "shared Redis" in response["status"]["message"], response
+    response = await hook(review(pod({webhook.CLIENT_LABEL: "ext"})))
+    assert response["allowed"] is False and "not on an external one" in response["status"]["message"], response
     response = await hook(review(pod({webhook.CLIENT_LABEL: "shop"}, {webhook.INJECT_ANNOTATION: "files"})))
     assert response["allowed"] is False and "env, binding" in response["status"]["message"], response
 

@@ -1,7 +1,8 @@
 """The <name>-binding Secret: the organism's client identity in the Service Binding layout.
 
 A team's own pods (a web service, a batch job) talk to an organism as its *client*, not as the pump:
-their own Redis ACL user (tenancy.client_acl: send to ingress, read egress, read the context), in a
+their own Redis ACL user (send to ingress, read egress, read the context; made by tenancy.client_acl on
+the shared Redis, by a `user` line of its config on a dedicated one: `client_rules` here), in a
 Secret laid out as the Service Binding specification for Kubernetes (servicebinding.io) describes a
 provisioned service: `type` and `provider` say what it is, one key per connection value. The
 Organism names it in `status.binding.name` (the specification's "provisioned service" duck type), so
@@ -18,6 +19,9 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
+
+from xml_pipeline.client import CLIENT_COMMANDS, CLIENT_KEYS
+from xml_pipeline.memory.keys import validate_prefix
 
 from ..model import Organism
 from .credentials import encode
@@ -43,9 +47,36 @@ def client_username(namespace: str, name: str) -> str:
     return f"xpc-{namespace}.{name}"
 
 
+#: Redis versions that lack one of these subcommands simply do not get it (CLIENT SETINFO: 7.2).
+_VERSION_DEPENDENT = frozenset({"client|setinfo"})
+
+
+def key_patterns(prefix: str) -> tuple[str, ...]:
+    validate_prefix(prefix, "backend.redis.prefix")
+    return tuple(f"%{mode}~{prefix}{suffix}" for suffix, mode in CLIENT_KEYS)
+
+
+def granted_commands(available: frozenset[str] | None = None) -> tuple[str, ...]:
+    return tuple(c for c in CLIENT_COMMANDS
+                 if c not in _VERSION_DEPENDENT or (available is not None and c in available))
+
+
+def client_rules(prefix: str, *, available: frozenset[str] | None = None) -> list[str]:
+    """ACL SETUSER rules (without on/off and passwords) of a client of the organism at `prefix`."""
+    return ["resetkeys", *key_patterns(prefix), "resetchannels", "-@all",
+            *(f"+{c}" for c in granted_commands(available))]
+
+
+def config_line(username: str, password: str, prefix: str) -> str:
+    """The redis.conf `user` directive of the client user (a dedicated Redis reads it at start)."""
+    return " ".join(["user", username, "on", f">{password}", *client_rules(prefix)])
+
+
+
 def supports_binding(org: Organism) -> bool:
-    """A client identity exists where the operator makes Redis users: the shared Redis."""
-    return org.redis is not None and org.redis.mode == "shared"
+    """A client identity exists where the operator makes Redis users: on the shared Redis (ACL SETUSER)
+    and on a dedicated one (a `user` line of its config); not on an external Redis."""
+    return org.redis is not None and org.redis.mode in ("shared", "dedicated")
 
 
 def binding_values(org: Organism, endpoint: str, credentials: Mapping[str, str], password: str) -> dict[str, str]:

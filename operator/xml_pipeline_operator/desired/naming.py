@@ -9,6 +9,9 @@ ORGANISM_LABEL = "xml-pipeline.dev/organism"
 #: Pod label `<label>: <organism name>` that lets a pod of the namespace reach the organism's
 #: dedicated Redis through its NetworkPolicy besides the pump and workers (debugging, an exporter).
 REDIS_CLIENT_LABEL = "xml-pipeline.dev/redis-client"
+#: Pod label `<label>: <organism name>` of the organism's client pods (the injection webhook configures
+#: them; a dedicated Redis's NetworkPolicy admits them). docs/clients.md.
+CLIENT_LABEL = "xml-pipeline.dev/client"
 CONFIG_HASH_ANNOTATION = "xml-pipeline.dev/config-hash"
 #: Pod-template annotation in shared mode: HMAC of the password the pods read (rotation.py).
 CREDENTIALS_DIGEST_ANNOTATION = "xml-pipeline.dev/credentials-digest"

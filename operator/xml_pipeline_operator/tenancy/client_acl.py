@@ -24,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import redis
-from xml_pipeline.client import CLIENT_COMMANDS, CLIENT_KEYS
-from xml_pipeline.memory.keys import validate_prefix
 
+from ..desired.binding import client_rules, config_line, granted_commands, key_patterns
+from ..desired.binding import client_username as binding_client_username
 from .acl import AclUser, Change, _pairs, _s, get_user, password_hash, server_commands
 
-#: Redis versions that lack one of these subcommands simply do not get it (CLIENT SETINFO: 7.2).
-_VERSION_DEPENDENT = frozenset({"client|setinfo"})
+__all__ = ["NEVER", "client_rules", "client_username", "config_line", "described_commands", "desired_user",
+           "ensure_client_user", "granted_commands", "key_patterns"]
 #: A client user never gets these, whatever CLIENT_COMMANDS says (a test checks the intersection).
 NEVER: frozenset[str] = frozenset({
     "fcall", "fcall_ro", "eval", "evalsha", "eval_ro", "evalsha_ro", "function", "script|load",
@@ -41,28 +41,7 @@ NEVER: frozenset[str] = frozenset({
 
 def client_username(namespace: str, name: str) -> str:
     """`xpc-<namespace>.<name>`: never equal to an organism's own user (`xp-...`), whatever the names."""
-    return f"xpc-{namespace}.{name}"
-
-
-def key_patterns(prefix: str) -> tuple[str, ...]:
-    validate_prefix(prefix, "backend.redis.prefix")
-    return tuple(f"%{mode}~{prefix}{suffix}" for suffix, mode in CLIENT_KEYS)
-
-
-def granted_commands(available: frozenset[str] | None = None) -> tuple[str, ...]:
-    return tuple(c for c in CLIENT_COMMANDS
-                 if c not in _VERSION_DEPENDENT or (available is not None and c in available))
-
-
-def client_rules(prefix: str, *, available: frozenset[str] | None = None) -> list[str]:
-    """ACL SETUSER rules (without on/off and passwords) of a client of the organism at `prefix`."""
-    return ["resetkeys", *key_patterns(prefix), "resetchannels", "-@all",
-            *(f"+{c}" for c in granted_commands(available))]
-
-
-def config_line(username: str, password: str, prefix: str) -> str:
-    """The redis.conf `user` directive for a dedicated Redis (it reads its config at start)."""
-    return " ".join(["user", username, "on", f">{password}", *client_rules(prefix)])
+    return binding_client_username(namespace, name)
 
 
 def described_commands(admin: redis.Redis, available: frozenset[str]) -> frozenset[str]:

@@ -208,3 +208,41 @@ def test_pod_changes_is_pure_and_idempotent() -> None:
     once = webhook.pod_changes(p, "shop")
     again = webhook.pod_changes({**p, "spec": {**p["spec"], **once}}, "shop")
     assert once == again and p == pod({webhook.CLIENT_LABEL: "shop"})
+
+
+async def test_certificate_from_a_directory_as_cert_manager_writes_it(k8s: Cluster, start_operator: Any,
+                                                                      tmp_path: Path) -> None:
+    """XPO_WEBHOOK_CERT_DIR: the server presents the certificate found there (cert-manager's tls.crt and
+    tls.key) and publishes nothing (cert-manager injects the CA)."""
+    cert, key = webhook.self_signed("xpo-webhook.xml-pipeline-system.svc", extra_sans=["127.0.0.1"])
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    port = free_port()
+    settings = dataclasses.replace(TEST_SETTINGS, webhook_port=port, webhook_host="127.0.0.1",
+                                   webhook_cert_dir=str(tmp_path))
+    await start_operator(settings, admin=ReadyAdmin())
+    context = ssl.create_default_context(cadata=cert.decode())
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        async def answer() -> Any:
+            try:
+                async with session.post(f"https://127.0.0.1:{port}/client-pods",
+                                        json=review(pod({webhook.CLIENT_LABEL: "nope"}))) as r:
+                    return (await r.json())["response"]
+            except aiohttp.ClientConnectionError:
+                return None
+        response = await eventually(answer)
+    assert response["allowed"] is False and "no Organism 'nope'" in response["status"]["message"]
+
+
+def test_webhook_settings_are_validated() -> None:
+    from xml_pipeline.errors import ConfigError
+    from xml_pipeline_operator.settings import OperatorSettings
+    s = OperatorSettings.from_env({"XPO_WEBHOOK_PORT": "9443", "XPO_WEBHOOK_HOST": "x.ns.svc",
+                                   "XPO_WEBHOOK_CONFIGURATION": "xpo-clients"})
+    assert (s.webhook_port, s.webhook_host, s.webhook_configuration, s.webhook_cert_dir) == (
+        9443, "x.ns.svc", "xpo-clients", None)
+    assert OperatorSettings.from_env({}).webhook_port == 0
+    with pytest.raises(ConfigError, match="XPO_WEBHOOK_PORT"):
+        OperatorSettings.from_env({"XPO_WEBHOOK_PORT": "70000"})
+    with pytest.raises(ConfigError, match="XPO_WEBHOOK_HOST"):
+        OperatorSettings.from_env({"XPO_WEBHOOK_HOST": "a b"})

@@ -180,6 +180,32 @@ STREAM_COMMANDS: frozenset[str] = frozenset({
 CONNECT_COMMANDS: frozenset[str] = frozenset({"client|setinfo"})
 #: Everything an organism's pods and clients send on a shared Redis (its ACL user's grant).
 LIBRARY_COMMANDS: frozenset[str] = BACKEND_COMMANDS | STREAM_COMMANDS | CONNECT_COMMANDS
+#: Every Redis command the client API (xml_pipeline.client) issues, lower-case (`container|sub` for subcommands): the command
+#: rules of an organism's client ACL user are exactly these. Connection: redis-py's CLIENT SETNAME
+#: (CLIENT SETINFO on Redis >= 7.2) and PING. Sending: MULTI, XADD + EXPIRE of the ingress stream,
+#: EXEC (message_bus.ingress.send_message). Answers: XREVRANGE (where to start) and XREAD BLOCK of
+#: egress. Threads: LRANGE/LINDEX/LLEN/EXISTS of a buffer, GET of registry keys, SSCAN of the index.
+CLIENT_COMMANDS: tuple[str, ...] = (
+    "ping", "client|setname", "client|setinfo",
+    "multi", "exec", "xadd", "expire",
+    "xread", "xrevrange",
+    "lrange", "lindex", "llen", "exists", "get", "sscan",
+)
+
+#: The keys under the organism's prefix a client touches, and how: "W" write only (it may XADD to the
+#: ingress stream but not read what other clients sent), "R" read only. Suffixes after the prefix;
+#: a trailing `*` matches the thread or chain part. Nothing else (tasks, results, temporary worker
+#: data, append ids, the dead-letter stream) is reachable.
+CLIENT_KEYS: tuple[tuple[str, str], ...] = (
+    ("ingress", "W"),
+    ("egress", "R"),
+    ("buffer:*", "R"),
+    ("chain:*", "R"),
+    ("uuid:*", "R"),
+    ("meta:index", "R"),
+)
+
+
 #: `xml-pipeline backend reindex` (RedisBackend.reindex) rebuilds the index with SCAN, which a tenant
 #: is never granted (it would list other tenants' key names): an admin runs it.
 REINDEX_COMMANDS: frozenset[str] = frozenset({"scan"})

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nSettings come from the environment: XPO_NAMESPACES, XPO_DEFAULT_IMAGE, XPO_DEFAULT_TTL,\n"
               "XPO_REDIS_IMAGE, XPO_SHARED_REDIS_URL, XPO_SHARED_REDIS_USERNAME, XPO_SHARED_REDIS_PASSWORD,\n"
               "XPO_HEALTH_PORT, XPO_LOG_LEVEL, XPO_RESYNC_SECONDS, XPO_AUTOSCALER, XPO_PEERING,\n"
-              "XPO_PEERING_LIFETIME (see docs/operator.md).")
+              "XPO_PEERING_LIFETIME, XPO_WEBHOOK_PORT, XPO_WEBHOOK_HOST, XPO_WEBHOOK_CERT_DIR,\n"
+              "XPO_WEBHOOK_CONFIGURATION (see docs/operator.md).")
         return 0
     if args:
         print(f"xml-pipeline-operator: unexpected arguments {args!r}; settings come from XPO_* variables",

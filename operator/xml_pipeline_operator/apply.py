@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .desired import binding as binding_mod
 from .desired import credentials as creds
 from .kube import Conflict, Kube
 from .model import Organism
@@ -185,6 +186,44 @@ def ensure_credentials(kube: Kube, org: Organism) -> tuple[Outcome, dict[str, st
     if not patch:
         return Outcome("Secret", name, "unchanged", current), values
     # The changed key names (never values) go into the outcome, for the event.
+    return (Outcome("Secret", name, "patched", kube.patch("Secret", org.namespace, name, patch),
+                    changed=[f"data.{k}" for k in sorted(changes)] + (["metadata.labels"] if label_patch else [])),
+            values)
+
+
+def ensure_binding(kube: Kube, org: Organism, endpoint: str, credentials: Mapping[str, str]) -> tuple[Outcome, dict[str, str]]:
+    """The <name>-binding Secret (desired/binding.py): created with a fresh client password, afterwards
+    kept in line with the Organism (prefix, TTL, endpoint, signing key); the password is never replaced.
+
+    Returns the outcome and the decoded values (kept in memory only, for the shared-Redis seam).
+    """
+    name = binding_mod.binding_name(org.name)
+    current = kube.get("Secret", org.namespace, name)
+    if current is None:
+        values = binding_mod.binding_values(org, endpoint, credentials, binding_mod.generate_password())
+        try:
+            return Outcome("Secret", name, "created",
+                           kube.create("Secret", org.namespace, binding_mod.binding_secret(org, values))), values
+        except Conflict:
+            current = kube.get("Secret", org.namespace, name)
+            if current is None:
+                raise
+    if not owned_by(current, org.uid):
+        raise NameConflict("Secret", name)
+    values = creds.decode(current.get("data"))
+    password = values.get(binding_mod.PASSWORD_KEY) or binding_mod.generate_password()
+    wanted = binding_mod.binding_values(org, endpoint, credentials, password)
+    changes = {k: v for k, v in wanted.items() if values.get(k) != v}
+    values.update(changes)
+    desired = binding_mod.binding_secret(org, wanted)
+    patch: dict[str, Any] = {}
+    if changes:
+        patch["data"] = creds.encode(changes)
+    label_patch = diff({"labels": desired["metadata"]["labels"]}, current.get("metadata", {}))
+    if label_patch:
+        patch["metadata"] = label_patch
+    if not patch:
+        return Outcome("Secret", name, "unchanged", current), values
     return (Outcome("Secret", name, "patched", kube.patch("Secret", org.namespace, name, patch),
                     changed=[f"data.{k}" for k in sorted(changes)] + (["metadata.labels"] if label_patch else [])),
             values)

@@ -40,7 +40,7 @@ def namespaced(namespace: str | None) -> str:
     return namespace
 
 
-def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
+def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings, kube: Kube | None = None) -> None:
     """kopf's own knobs: where it keeps its state, what it posts as events, what it watches."""
     # Handler progress and the last handled spec live in annotations: the CRD's structural schema
     # would prune kopf's default status.kopf field.
@@ -59,6 +59,13 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.watching.server_timeout = 600
     kopf_settings.watching.client_timeout = 660
     apply_peering(kopf_settings, settings)
+    if settings.webhook_port:
+        from . import webhook
+        name = settings.webhook_configuration
+        publish = (lambda ca: webhook.publish_ca(kube or Kube(), name, ca)) if name else None
+        kopf_settings.admission.server = webhook.make_server(
+            port=settings.webhook_port, host=settings.webhook_host, cert_dir=settings.webhook_cert_dir,
+            publish=publish)
 
 
 def apply_peering(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
@@ -90,10 +97,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
     seen_lock = threading.Lock()
 
     kopf.on.login(registry=registry)(kopf.login_via_client)
+    if settings.webhook_port:  # pods labelled xml-pipeline.dev/client get the organism's binding
+        from . import webhook
+        webhook.register(registry, lambda ns, name: kube.get("Organism", ns, name))
 
     @kopf.on.startup(registry=registry, id="configure")
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure_kopf(settings, reconciler.settings)
+        configure_kopf(settings, reconciler.settings, kube)
 
     @kopf.on.cleanup(registry=registry, id="close-client")
     def cleanup(**_: Any) -> None:

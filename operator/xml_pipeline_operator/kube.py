@@ -31,6 +31,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
     "TriggerAuthentication": ("/apis/keda.sh/v1alpha1", "triggerauthentications"),
     "Organism": (f"/apis/{GROUP}/{VERSION}", "organisms"),
+    # Cluster-scoped (namespace ""): the client-pod webhook's configuration, for its caBundle.
+    "MutatingWebhookConfiguration": ("/apis/admissionregistration.k8s.io/v1", "mutatingwebhookconfigurations"),
 }
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -173,7 +175,7 @@ def load_configuration() -> kubernetes.client.Configuration:
 
 def _path(kind: str, namespace: str, name: str | None = None) -> str:
     prefix, plural = KINDS[kind]
-    path = f"{prefix}/namespaces/{quote(namespace, safe='')}/{plural}"
+    path = f"{prefix}/namespaces/{quote(namespace, safe='')}/{plural}" if namespace else f"{prefix}/{plural}"
     return f"{path}/{quote(name, safe='')}" if name else path
 
 

@@ -75,3 +75,11 @@ PEERING_RULES: Final[list[PolicyRule]] = [
     {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
      "verbs": ["list", "watch", "patch"]},
 ]
+
+#: Only with the client-pod webhook in self-signed mode (chart value webhook.enabled, certManager off):
+#: the operator writes its certificate's CA into the chart's MutatingWebhookConfiguration
+#: (webhook.publish_ca). The chart restricts both verbs to that one object by resourceNames.
+WEBHOOK_RULES: Final[list[PolicyRule]] = [
+    {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+     "verbs": ["get", "patch"]},
+]

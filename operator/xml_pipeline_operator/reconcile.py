@@ -20,6 +20,7 @@ from typing import Any, Literal
 from xml_pipeline.contract import LABEL_COMPONENT
 
 from . import apply, desired as desired_mod, rotation, status as st
+from .desired import binding as binding_mod
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
 from .kube import Kube, NotFound
 from .model import Organism, SpecError, check_prefix_unchanged, parse_organism
@@ -116,6 +117,8 @@ class Reconciler:
             status = st.build_status(previous=previous, generation=generation, now=now, org=None, desired=None,
                                      redis=None, pump=None, workers=None, blocked=invalid, failed=True,
                                      workers_state=None)
+            if previous.get("binding"):  # clients keep their binding while the last good spec serves
+                status["binding"] = previous["binding"]
             return self._finish(namespace, name, previous, status, [], retry=None)
 
         # Also without autoscaling: leftover KEDA objects (autoscaling switched off) are removed.
@@ -126,6 +129,7 @@ class Reconciler:
         retry: str | None = None
         redis_cond: st.Condition | None = None
         rot: _Rotation | None = None
+        binding: dict[str, str] | None = None
         previous = dict(previous)  # a rotation start writes status.credentials early (see _shared)
         try:
             secret_outcome, values = apply.ensure_credentials(self.kube, org)
@@ -135,7 +139,13 @@ class Reconciler:
                 if redis_cond.ok:  # Redis knows the Secret's password: the pods may roll to it
                     want = desired_mod.build(org, self.settings, keda=keda,
                                              credentials_digest=rotation.credentials_digest(values))
+                    binding = self._client(org, values, want, outcomes, rot)
             else:
+                if org.redis is not None and org.redis.mode == "dedicated" and want.endpoint is not None:
+                    # Before the Redis workload: its config's client `user` line reads the password.
+                    outcome, _ = apply.ensure_binding(self.kube, org, want.endpoint, values)
+                    outcomes.append(outcome)
+                    binding = {"name": binding_mod.binding_name(org.name)}
                 redis_cond = self._remote_redis_condition(org, values)
             if redis_cond is not None and redis_cond.reason == "ExternalSecretMissing":
                 blocked, retry = redis_cond, redis_cond.message
@@ -156,6 +166,8 @@ class Reconciler:
                         outcomes.append(gone)
             if rot is not None and redis_cond is not None and redis_cond.ok:
                 redis_cond = self._after_rollout(org, rot, values, outcomes, want, now) or redis_cond
+                if "retired" in rot.done and binding is not None:  # the client's old password goes too
+                    binding = self._client(org, values, want, [], rot) or binding
         except apply.NameConflict as e:
             blocked, retry = st.Condition("Ready", "False", "NameConflict", str(e)), str(e)
 
@@ -172,6 +184,10 @@ class Reconciler:
             + [c for c in [st.autoscaling_condition(org, want.autoscaler)] if c is not None])
         if rot is not None:
             status["credentials"] = rot.as_status()
+        if binding is not None:
+            status["binding"] = binding
+        elif org.redis is not None and org.redis.mode == "shared" and previous.get("binding"):
+            status["binding"] = previous["binding"]  # Redis unreachable this pass: the binding still holds
         events = _object_events(outcomes) + (rot.events_for(previous, status) if rot is not None else [])
         return self._finish(namespace, name, previous, status, events, retry=retry)
 
@@ -219,6 +235,51 @@ class Reconciler:
         if rot.phase is rotation.Phase.IDLE and cred.get("phase") not in (None, rotation.Phase.IDLE.value):
             rot.since = None  # the Secret shows the last rotation finished (a restart after retiring)
         return st.Condition("RedisReady", "True" if state.ready else "False", state.reason, state.message), rot
+
+    def _client(self, org: Organism, values: dict[str, str], want: desired_mod.DesiredState,
+                outcomes: list[apply.Outcome], rot: _Rotation) -> dict[str, str] | None:
+        """The organism's client identity (shared mode): the binding Secret, then its ACL user, its
+        password rotated with the organism's (desired/binding.client_rotation_step; Redis always
+        before the Secret). Returns status.binding once Redis knows the client's password, else None."""
+        assert org.redis is not None
+        if want.endpoint is None:
+            return None
+        outcome, b = apply.ensure_binding(self.kube, org, want.endpoint, values)
+        outcomes.append(outcome)
+        tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
+                        username=values.get("redis-username", ""), uid=org.uid)
+
+        def accept(extra: frozenset[str]) -> bool:
+            state = self.admin.ensure_client(tenant, b[binding_mod.USERNAME_KEY], b[binding_mod.PASSWORD_KEY], extra)
+            if not state.ready:
+                logger.warning("Organism %s/%s: %s", org.namespace, org.name, state.message)
+            return state.ready
+
+        step = binding_mod.client_rotation_step(rot.phase.value, rot.request, b)
+        if step == "generate":
+            self._patch_binding(org, b, {binding_mod.NEXT_PASSWORD_KEY: binding_mod.generate_password()})
+            step = "publish"
+        if step == "publish":
+            if not accept(binding_mod.accepted_besides_password(b)):
+                return None
+            self._patch_binding(org, b, binding_mod.client_publish_patch(b, rot.request))
+        elif step == "retire":
+            if not accept(frozenset()):
+                return None
+            self._patch_binding(org, b, {binding_mod.PREVIOUS_PASSWORD_HASHES_KEY: None})
+        if not accept(binding_mod.accepted_besides_password(b)):
+            return None
+        return {"name": binding_mod.binding_name(org.name)}
+
+    def _patch_binding(self, org: Organism, values: dict[str, str], changes: Mapping[str, str | None]) -> None:
+        """Write `changes` (None deletes a key) into the binding Secret and into `values`."""
+        data = {k: (None if v is None else base64.b64encode(v.encode()).decode()) for k, v in changes.items()}
+        self.kube.patch("Secret", org.namespace, binding_mod.binding_name(org.name), {"data": data})
+        for k, v in changes.items():
+            if v is None:
+                values.pop(k, None)
+            else:
+                values[k] = v
 
     def _after_rollout(self, org: Organism, rot: _Rotation, values: dict[str, str],
                        outcomes: list[apply.Outcome], want: desired_mod.DesiredState, now: str) -> st.Condition | None:

@@ -43,6 +43,11 @@ class RedisAdmin(Protocol):
     def release_tenant(self, tenant: Tenant) -> None:
         """Remove the tenant's ACL user (and, by policy, its keys) when the Organism is deleted."""
 
+    def ensure_client(self, tenant: Tenant, username: str, password: str,
+                      also_accept_hashes: AbstractSet[str] = frozenset()) -> TenantState:
+        """Create or update the tenant's *client* ACL user (tenancy.client_acl: send to ingress, read
+        egress and the context, nothing else). Call only after ensure_tenant answered ready."""
+
 
 class NoSharedRedisAdmin:
     """Used when the operator has no shared Redis configured: provisions nothing and says why."""
@@ -59,6 +64,13 @@ class NoSharedRedisAdmin:
 
     def release_tenant(self, tenant: Tenant) -> None:
         del tenant
+
+    def ensure_client(self, tenant: Tenant, username: str, password: str,
+                      also_accept_hashes: AbstractSet[str] = frozenset()) -> TenantState:
+        del password, also_accept_hashes
+        return TenantState(False, "SharedRedisNotConfigured",
+                           f"client ACL user {username!r} of {tenant.namespace}/{tenant.name} cannot be provisioned: "
+                           "the operator has no shared Redis")
 
 
 def make_admin(settings: OperatorSettings) -> RedisAdmin:

@@ -68,6 +68,14 @@ class OperatorSettings:
     peering: str | None = None
     #: Seconds a peer's keep-alive is valid; a standby takes over at most this long after the active died.
     peering_lifetime: int = 60
+    #: The client-pod injection webhook (webhook.py): HTTPS port, 0 = off.
+    webhook_port: int = 0
+    #: The DNS name the API server reaches the webhook by (its Service), for the self-signed certificate.
+    webhook_host: str | None = None
+    #: A directory with tls.crt and tls.key (cert-manager); unset: a self-signed certificate.
+    webhook_cert_dir: str | None = None
+    #: The MutatingWebhookConfiguration whose caBundle gets the self-signed certificate's CA.
+    webhook_configuration: str | None = None
 
     @property
     def clusterwide(self) -> bool:
@@ -135,6 +143,14 @@ class OperatorSettings:
             kwargs["peering_lifetime"] = _int("XPO_PEERING_LIFETIME", raw, 2, 600)
         if (raw := get("XPO_RESYNC_SECONDS")) is not None:
             kwargs["resync_seconds"] = float(_int("XPO_RESYNC_SECONDS", raw, 0, 86_400))
+        if (raw := get("XPO_WEBHOOK_PORT")) is not None:
+            kwargs["webhook_port"] = _int("XPO_WEBHOOK_PORT", raw, 0, 65535)
+        for var, name in (("XPO_WEBHOOK_HOST", "webhook_host"), ("XPO_WEBHOOK_CERT_DIR", "webhook_cert_dir"),
+                          ("XPO_WEBHOOK_CONFIGURATION", "webhook_configuration")):
+            if (raw := get(var)) is not None:
+                if any(c.isspace() for c in raw):
+                    raise ConfigError(var, f"{raw!r} contains whitespace", "a DNS name, a path or an object name")
+                kwargs[name] = raw
         return cls(**kwargs)  # type: ignore[arg-type]
 
     @property

@@ -17,7 +17,7 @@ from .model import Organism
 ConditionStatus = Literal["True", "False", "Unknown"]
 #: Status keys the operator owns (a merge patch sets the ones it drops to null).
 STATUS_KEYS = ("observedGeneration", "phase", "configHash", "workersReady", "workerReplicas", "workerSelector",
-               "redis", "credentials", "conditions")
+               "redis", "credentials", "binding", "conditions")
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ async def test_create_gives_objects_status_and_events(k8s: Cluster, start_operat
     assert live_names(k8s, "v1/services") == ["orders-redis"]
     assert live_names(k8s, "networking.k8s.io/v1/networkpolicies") == ["orders-redis"]
     assert live_names(k8s, "v1/configmaps") == ["orders-config"]
-    assert live_names(k8s, "v1/secrets") == ["orders-credentials"]
+    assert live_names(k8s, "v1/secrets") == ["orders-binding", "orders-credentials"]
     uid = org["metadata"]["uid"]
     for res, name in [(DEPLOYMENTS, "orders-pump"), ("v1/secrets", "orders-credentials"), ("v1/configmaps", "orders-config")]:
         assert get_obj(k8s, res, name)["metadata"]["ownerReferences"][0]["uid"] == uid
@@ -104,7 +104,7 @@ async def test_create_gives_objects_status_and_events(k8s: Cluster, start_operat
     assert condition(org, "Ready")["status"] == "False"
     created = await eventually(lambda: [e for e in events(k8s) if e["reason"] == "Created"])
     assert len(created) == 1  # one event per pass, naming every object
-    assert created[0]["message"] == ("Created Secret orders-credentials, ConfigMap orders-config, "
+    assert created[0]["message"] == ("Created Secret orders-credentials, Secret orders-binding, ConfigMap orders-config, "
                                      "NetworkPolicy orders-redis, Service orders-redis, "
                                      "Deployment orders-redis, Deployment orders-pump, Deployment orders-worker, "
                                      "PodDisruptionBudget orders-worker")
@@ -176,6 +176,10 @@ async def test_delete_runs_the_finalizer(k8s: Cluster, start_operator: Any) -> N
         def release_tenant(self, tenant: Tenant) -> None:
             released.append(tenant)
 
+        def ensure_client(self, tenant: Tenant, username: str, password: str,
+                          also_accept_hashes: Any = frozenset()) -> TenantState:
+            return TenantState(True, "ClientUserReady", f"user {username}")
+
     await start_operator(admin=RecordingAdmin())
     await create(k8s, "bus", {"config": {"listeners": LISTENERS}, "backend": {"redis": {"mode": "shared"}}})
     org = await eventually(lambda: (o := get_obj(k8s, ORGANISMS, "bus")) and condition(o, "RedisReady") and o)
@@ -205,7 +209,7 @@ async def test_restart_mid_provisioning_converges_without_duplicates(k8s: Cluste
     await eventually(lambda: get_obj(k8s, DEPLOYMENTS, "orders-worker"))
     await quiet(k8s)
     assert live_names(k8s, DEPLOYMENTS) == ["orders-pump", "orders-redis", "orders-worker"]
-    assert successful_creates(k8s, "secrets") == ["orders-credentials"]
+    assert sorted(successful_creates(k8s, "secrets")) == ["orders-binding", "orders-credentials"]
     assert successful_creates(k8s, "configmaps") == ["orders-config"]
     assert successful_creates(k8s, "services") == ["orders-redis"]
     assert sorted(successful_creates(k8s, "deployments")) == ["orders-pump", "orders-redis", "orders-worker"]
@@ -358,7 +362,7 @@ async def test_switching_to_memory_removes_redis_and_workers(k8s: Cluster, start
     assert live_names(k8s, "networking.k8s.io/v1/networkpolicies") == []
     org = await eventually(lambda: (o := get_obj(k8s, ORGANISMS, "orders")) and "redis" not in o["status"] and o)
     assert condition(org, "RedisReady")["reason"] == "NotRequired"
-    assert live_names(k8s, "v1/secrets") == ["orders-credentials"]  # kept: a switch back reuses it
+    assert live_names(k8s, "v1/secrets") == ["orders-binding", "orders-credentials"]  # kept: a switch back reuses them
 
 
 async def test_foreign_objects_are_never_taken_over(k8s: Cluster, start_operator: Any) -> None:

@@ -103,9 +103,10 @@ def test_dedicated_redis_admits_kedas_operator_only_when_keda_scales() -> None:
     def peers(state: Any) -> list[Any]:
         (policy,) = [o for o in state.workloads if o["kind"] == "NetworkPolicy"]
         return [rule["from"] for rule in policy["spec"]["ingress"]]
-    assert len(peers(desired.build(make(AUTOSCALED), SETTINGS, keda=True))) == 3
-    assert len(peers(desired.build(make(AUTOSCALED), SETTINGS, keda=False))) == 2
-    assert len(peers(desired.build(make({"workers": {}}), SETTINGS, keda=True))) == 2
+    # pump/workers, redis-client pods, client pods (docs/clients.md), and KEDA only when it scales.
+    assert len(peers(desired.build(make(AUTOSCALED), SETTINGS, keda=True))) == 4
+    assert len(peers(desired.build(make(AUTOSCALED), SETTINGS, keda=False))) == 3
+    assert len(peers(desired.build(make({"workers": {}}), SETTINGS, keda=True))) == 3
 
 
 def test_hpa_never_below_one_replica() -> None:

@@ -38,6 +38,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # Active/standby operators through kopf peering, cluster-wide and namespaced.
     "peering": {"replicaCount": 2},
     "peering-namespaced": {"replicaCount": 2, "watchNamespaces": ["team-a", "team-b"], "autoscaler": "keda"},
+    "webhook": {"webhook": {"enabled": True}},
+    "webhook-cert-manager": {"webhook": {"enabled": True, "certManager": {"enabled": True},
+                                         "namespaceSelector": {"matchLabels": {"xml-pipeline.dev/clients": "on"}}}},
     # OpenShift-style: the platform assigns user ids (restricted SCC).
     "platform-user-ids": {"podUserIds": "platform", "sharedRedis": {"mode": "deploy"}},
     "no-rbac": {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from chartkit import NAMESPACE, find, one
-from xml_pipeline_operator.rbac import PEERING_RULES, RULES
+from xml_pipeline_operator.rbac import PEERING_RULES, RULES, WEBHOOK_RULES
 
 OPERATOR_SA = {"kind": "ServiceAccount", "name": "xml-pipeline-operator", "namespace": NAMESPACE}
 CLUSTER_SCOPED = {("", "namespaces"), ("apiextensions.k8s.io", "customresourcedefinitions")}
@@ -67,7 +67,7 @@ def test_peering_adds_exactly_peering_rules(rendered: dict[str, list[dict[str, A
 
 
 def test_no_wildcards_and_nothing_beyond_rules(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    allowed = _triples(list(RULES) + list(PEERING_RULES))
+    allowed = _triples(list(RULES) + list(PEERING_RULES) + list(WEBHOOK_RULES))
     for scenario, objects in rendered.items():
         for role in find(objects, "ClusterRole") + find(objects, "Role"):
             for rule in role["rules"]:
@@ -103,3 +103,42 @@ def test_organism_roles_are_aggregated_to_admin_edit_view(rendered: dict[str, li
     # They are for people, not for the operator.
     assert view not in _operator_roles(objects) and edit not in _operator_roles(objects)
     assert not find(rendered["no-rbac"], "ClusterRole")
+
+
+def test_webhook_adds_exactly_webhook_rules_for_one_named_object(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The client-pod webhook in self-signed mode: RULES + WEBHOOK_RULES, the latter limited by
+    resourceNames to the chart's own MutatingWebhookConfiguration; with cert-manager: no extra rights."""
+    objects = rendered["webhook"]
+    roles = _operator_roles(objects)
+    assert sorted((_rules(r) for r in roles), key=len) == [WEBHOOK_RULES, RULES]
+    (extra,) = [r for r in roles if _rules(r) == WEBHOOK_RULES]
+    (mwc,) = find(objects, "MutatingWebhookConfiguration")
+    assert extra["rules"][0]["resourceNames"] == [mwc["metadata"]["name"]]
+    assert [_rules(r) for r in _operator_roles(rendered["webhook-cert-manager"])] == [RULES]
+
+
+def test_webhook_configuration_selects_only_labelled_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from xml_pipeline_operator import webhook
+    assert not find(rendered["defaults"], "MutatingWebhookConfiguration")  # off by default
+    for scenario in ("webhook", "webhook-cert-manager"):
+        objects = rendered[scenario]
+        (mwc,) = find(objects, "MutatingWebhookConfiguration")
+        (hook,) = mwc["webhooks"]
+        assert hook["objectSelector"] == {"matchExpressions": [{"key": webhook.CLIENT_LABEL, "operator": "Exists"}]}
+        assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+                                  "operations": ["CREATE"], "scope": "Namespaced"}]
+        assert hook["sideEffects"] == "None" and hook["failurePolicy"] == "Fail"
+        service = hook["clientConfig"]["service"]
+        svc = one(objects, "Service", service["name"])
+        assert svc["spec"]["ports"][0]["targetPort"] == "webhook"
+        (deploy,) = find(objects, "Deployment")
+        env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["XPO_WEBHOOK_HOST"] == f"{service['name']}.{service['namespace']}.svc"
+        if scenario == "webhook":
+            assert env["XPO_WEBHOOK_CONFIGURATION"] == mwc["metadata"]["name"] and "XPO_WEBHOOK_CERT_DIR" not in env
+        else:
+            assert mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].endswith("-webhook")
+            assert hook["namespaceSelector"] == {"matchLabels": {"xml-pipeline.dev/clients": "on"}}
+            assert env["XPO_WEBHOOK_CERT_DIR"] and "XPO_WEBHOOK_CONFIGURATION" not in env
+            (cert,) = find(objects, "Certificate")
+            assert f"{service['name']}.{service['namespace']}.svc" in cert["spec"]["dnsNames"]

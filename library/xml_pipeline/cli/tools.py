@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from ..contract import ENV_CONFIG
 from ..errors import BackendUnavailable, ConfigError
 from ..memory.config import BackendConfig
-from ..memory.factory import create_backend
+from ..memory.factory import create_backend, default_config
 from ..safe_yaml import read_config_text
 from ..memory.protocol import SharedBackend
 from . import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
@@ -25,7 +25,7 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
     if env.get(ENV_CONFIG):
         # Missing, a directory, a symlink loop, unreadable, too large: one error naming the option.
         read_config_text(env[ENV_CONFIG], ENV_CONFIG if not getattr(args, "config", None) else "--config")
-    config = BackendConfig.from_env(env)
+    config = default_config(env)  # XP_* / XP_CONFIG, else a mounted xml-pipeline Service Binding
     changes: dict[str, Any] = {}
     if getattr(args, "backend_type", None):
         changes["backend_type"] = args.backend_type
@@ -63,8 +63,7 @@ def _read_arg(value: str) -> bytes:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from ..message_bus.ingress import send_message
-    from ..message_bus.streams import as_redis
+    from ..client import NoAnswer, OrganismClient
     from ..message_bus.message import Message, check_fragment, parse_message
 
     if args.timeout <= 0:
@@ -85,18 +84,26 @@ def cmd_send(args: argparse.Namespace) -> int:
     if config.backend_type != "redis":
         raise ConfigError("backend.type", f"is {config.backend_type!r}: `send` talks to a pump through its Redis "
                           "ingress stream", ["redis"])
-    backend = create_backend(config)
+    client = OrganismClient(config)  # the library's client API: ingress, egress, nothing else
+    response = None
     try:
         # A PING through the backend's error mapping first: Redis down or refusing the credentials is
         # one line naming the cause, not a redis-py traceback from the stream commands below.
-        _check_redis(backend, config)
+        _check_redis(client.backend, config)
         try:
-            response = send_message(as_redis(backend), message, wait=args.timeout if args.wait else None)
+            if args.wait:
+                response = client.request(message, timeout=args.timeout)
+            else:
+                client.send(message)
+        except NoAnswer:
+            response = None
+        except PermissionError as e:
+            raise BackendUnavailable(str(e)) from None
         except _redis_errors() as e:  # Redis went away between the PING and the stream commands
             raise BackendUnavailable(f"Redis at {config.redacted_url}: {type(e).__name__}: "
                                      f"{_scrub(str(e), config)}") from None
     finally:
-        backend.close()
+        client.close()
     if not args.wait:
         print(message.id)
         return EXIT_OK

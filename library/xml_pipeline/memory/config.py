@@ -211,6 +211,14 @@ class BackendConfig:
             base = cls.from_yaml(env[ENV_CONFIG_PATH], required=False)
         return base.with_env_overrides(env)
 
+    @classmethod
+    def from_binding(cls, path: str | os.PathLike[str]) -> "BackendConfig":
+        """Build from a mounted Service Binding directory (one file per key: type, provider, host,
+        port, username, password, prefix, ttl, signing-key, ...; xml_pipeline.binding). Errors
+        name the file."""
+        from ..binding import config_from_binding
+        return config_from_binding(path)
+
     def with_env_overrides(self, environ: Mapping[str, str] | None = None) -> "BackendConfig":
         """This config with the XP_* variables of the contract applied on top (environment wins).
 

@@ -22,7 +22,8 @@ def get_shared_backend(config: BackendConfig | Mapping[str, Any] | None = None) 
     it. reset_shared_backend() closes all of them.
 
     No argument: the current backend, or `BackendConfig.from_env()` (XP_* variables over the
-    organism.yaml named by XP_CONFIG; memory when nothing is set). A mapping is read as the
+    organism.yaml named by XP_CONFIG), or, when none of those is set, the organism's Service Binding
+    under SERVICE_BINDING_ROOT (`default_config`); memory when there is none either. A mapping is read as the
     `backend:` section of an organism.yaml. For a backend of your own to close, use create_backend().
     """
     global _default
@@ -31,14 +32,29 @@ def get_shared_backend(config: BackendConfig | Mapping[str, Any] | None = None) 
         current = _default
         if current is not None and not current.closed and (wanted is None or wanted == current.config):
             return current
-        _default = create_backend(wanted if wanted is not None else BackendConfig.from_env())
+        _default = create_backend(wanted if wanted is not None else default_config())
         return _default
+
+
+def default_config(environ: Mapping[str, str] | None = None) -> BackendConfig:
+    """The config of a process that was given none: the XP_* environment (and XP_CONFIG) when any of
+    it is set, else the xml-pipeline binding under SERVICE_BINDING_ROOT, else the defaults (memory)."""
+    import os
+
+    from ..binding import discover
+    from .config import ENV_CONFIG_PATH, ENV_VARS
+    env = os.environ if environ is None else environ
+    if not any(env.get(v) for v in (*ENV_VARS, ENV_CONFIG_PATH)):
+        found = discover(env)
+        if found is not None:
+            return BackendConfig.from_binding(found)
+    return BackendConfig.from_env(env)
 
 
 def create_backend(config: BackendConfig | Mapping[str, Any] | None = None) -> SharedBackend:
     """A new backend for `config` that the caller owns (close it, or use `with`). Arguments as for
     get_shared_backend()."""
-    backend = _create(BackendConfig.from_env() if config is None else _as_config(config))
+    backend = _create(default_config() if config is None else _as_config(config))
     with _created_lock:
         _created.add(backend)
     return backend

@@ -7,14 +7,17 @@ from typing import Literal
 from xml_pipeline.contract import CONFIG_DIR as CONFIG_DIR
 from xml_pipeline.contract import CONFIG_PATH as CONFIG_PATH
 from xml_pipeline.contract import (APP_NAME, CONFIG_FILE, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME,
-                                   LABEL_ORGANISM, LABEL_REDIS_CLIENT, MANAGED_BY)
+                                   LABEL_CLIENT, LABEL_ORGANISM, LABEL_REDIS_CLIENT, MANAGED_BY)
 
-Component = Literal["pump", "worker", "redis", "config", "credentials"]
+Component = Literal["pump", "worker", "redis", "config", "credentials", "binding"]
 
 ORGANISM_LABEL = LABEL_ORGANISM
 #: Pod label `<label>: <organism name>` that lets a pod of the namespace reach the organism's
 #: dedicated Redis through its NetworkPolicy besides the pump and workers (debugging, an exporter).
 REDIS_CLIENT_LABEL = LABEL_REDIS_CLIENT
+#: Pod label `<label>: <organism name>` of the organism's client pods (the injection webhook configures
+#: them; a dedicated Redis's NetworkPolicy admits them). docs/clients.md.
+CLIENT_LABEL = LABEL_CLIENT
 CONFIG_HASH_ANNOTATION = "xml-pipeline.dev/config-hash"
 #: Pod-template annotation in shared mode: HMAC of the password the pods read (rotation.py).
 CREDENTIALS_DIGEST_ANNOTATION = "xml-pipeline.dev/credentials-digest"

@@ -20,6 +20,7 @@ from .naming import (
     APP_NAME,
     ORGANISM_LABEL,
     PASSWORD_KEY,
+    CLIENT_LABEL,
     REDIS_CLIENT_LABEL,
     REDIS_PORT,
     labels,
@@ -27,6 +28,8 @@ from .naming import (
     secret_name,
     selector_labels,
 )
+from .binding import PASSWORD_KEY as BINDING_PASSWORD_KEY
+from .binding import binding_name, client_username, config_line
 from .security import REDIS_GID, REDIS_UID, container_security_context, pod_basics, pod_security_context
 
 #: Fraction of the container memory limit given to Redis as maxmemory (the rest: buffers, AOF rewrite).
@@ -35,9 +38,11 @@ MAXMEMORY_FRACTION = Decimal("0.8")
 _START = (
     "set -eu\n"
     'pw="$REDIS_PASSWORD"\n'
-    "unset REDIS_PASSWORD REDISCLI_AUTH\n"
+    'cpw="$XP_CLIENT_PASSWORD"\n'
+    "unset REDIS_PASSWORD REDISCLI_AUTH XP_CLIENT_PASSWORD\n"
     "exec redis-server - {args} <<END_OF_CONFIG\n"
     "requirepass $pw\n"
+    "{client}\n"
     "END_OF_CONFIG\n"
 )
 
@@ -73,7 +78,11 @@ def redis_args(org: Organism) -> list[str]:
 
 
 def start_script(org: Organism) -> str:
-    return _START.format(args=" ".join(redis_args(org)))
+    """The container's shell script. The organism's client user (desired/binding.py) is a `user` line
+    of the config, its password expanded from the environment like requirepass's."""
+    assert org.redis is not None
+    client = config_line(client_username(org.namespace, org.name), "$cpw", org.redis.prefix)
+    return _START.format(args=" ".join(redis_args(org)), client=client)
 
 
 def redis_service(org: Organism) -> dict[str, Any]:
@@ -123,6 +132,8 @@ def redis_network_policy(org: Organism, *, keda_scaler: bool = False) -> dict[st
                                           "values": ["pump", "worker"]}]}}],
                  "ports": port},
                 {"from": [{"podSelector": {"matchLabels": {REDIS_CLIENT_LABEL: org.name}}}], "ports": port},
+                # The organism's client pods (docs/clients.md); they log in as its client user.
+                {"from": [{"podSelector": {"matchLabels": {CLIENT_LABEL: org.name}}}], "ports": port},
             ] + ([_keda_peer(port)] if keda_scaler else []),
         },
     }
@@ -150,7 +161,9 @@ def _pod_template(org: Organism, settings: OperatorSettings, persistent: bool) -
                 "image": settings.redis_image,
                 "command": ["sh", "-c", start_script(org)],
                 "env": [{"name": "REDIS_PASSWORD", "valueFrom": password_ref},
-                        {"name": "REDISCLI_AUTH", "valueFrom": password_ref}],
+                        {"name": "REDISCLI_AUTH", "valueFrom": password_ref},
+                        {"name": "XP_CLIENT_PASSWORD", "valueFrom": {"secretKeyRef": {
+                            "name": binding_name(org.name), "key": BINDING_PASSWORD_KEY}}}],
                 "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
                 "readinessProbe": {"exec": {"command": _PING}, "periodSeconds": 5, "timeoutSeconds": 3},
                 "livenessProbe": {"exec": {"command": _PING}, "initialDelaySeconds": 15, "periodSeconds": 10,

@@ -36,7 +36,7 @@ from xml_pipeline.memory.keys import validate_prefix
 from ..model import default_prefix, reserved_prefix_problem
 from ..redis_admin import PASSWORD_CHANGED, Tenant, TenantState
 from ..settings import OperatorSettings
-from . import acl, functions, overlap, ownership
+from . import acl, client_acl, functions, overlap, ownership
 from .cleanup import CleanupProgress, cleanup_prefix
 from .recovery import DesiredUser, UserRecovery
 from .usage import Usage, UsageSampler
@@ -129,6 +129,8 @@ class SharedRedisAdmin:
         self._last_check = float("-inf")
         #: The function library tenants FCALL was found or loaded (cleared when a check misses it).
         self._functions_ready = False
+        #: (server commands, their ACL wording) of the client users' rules (client_acl.py).
+        self._client_words: tuple[frozenset[str], frozenset[str]] | None = None
 
     # -- connection --------------------------------------------------------------------------------
     def client(self) -> redis.Redis:
@@ -296,6 +298,35 @@ class SharedRedisAdmin:
             message += f"; {len(extra)} other password(s) accepted while a password rotation runs"
         return TenantState(True, "AclUserReady", message)
 
+    def ensure_client(self, tenant: Tenant, username: str, password: str,
+                      also_accept_hashes: AbstractSet[str] = frozenset()) -> TenantState:
+        """The organism's client user (client_acl.py); the organism's own user must be ready first."""
+        if not password:
+            return TenantState(False, "ClientCredentialsMissing",
+                               f"the Secret {tenant.name}-binding has no password yet")
+        failed = self._recent_failure()
+        if failed is not None:
+            return failed
+        try:
+            client = self.client()
+            available = self.recovery().current_profile().available
+            # How this server words the client's rules: learnt once per server profile (a probe user
+            # is an ACL write; an idle pass writes none).
+            cached = self._client_words
+            if cached is None or cached[0] != available:
+                cached = self._client_words = (available, client_acl.described_commands(client, available))
+            change = client_acl.ensure_client_user(client, username, password, tenant.prefix,
+                                                   also_accept_hashes=frozenset(also_accept_hashes),
+                                                   available=available, described=cached[1])
+        except redis.RedisError as e:
+            return self._unavailable(e, f"provisioning client ACL user {username!r}")
+        if change is not acl.Change.UNCHANGED:
+            logger.info("client ACL user %s %s on %s (prefix %s)", username, change.value, self.url, tenant.prefix)
+            self._save_acl()
+        return TenantState(True, "ClientUserReady",
+                           f"client ACL user {username!r} may send to {tenant.prefix}ingress and read the "
+                           "organism's answers and context")
+
     def release_tenant(self, tenant: Tenant, policy: str | None = None) -> None:
         """Apply the deletion policy (`policy`, else the Organism's spec.backend.redis.deletionPolicy
         as observed). Raises CleanupInProgress when keys remain: call again to continue."""
@@ -304,6 +335,8 @@ class SharedRedisAdmin:
             with self._lock:
                 policy = self._policies.get(key, "Delete")
         client = self.client()
+        # The organism's clients go with it, whatever the policy (Retain keeps data, not access).
+        acl.delete_user(client, client_acl.client_username(tenant.namespace, tenant.name))
         conflict = self.conflict_of(tenant.namespace, tenant.name, tenant.prefix) if tenant.prefix else None
         with self._lock:
             admitted = key in self._desired

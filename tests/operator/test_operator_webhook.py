@@ -113,8 +113,9 @@ async def hook(k8s: Cluster, start_operator: Any) -> Any:
                            "passwordSecretRef": {"name": "ext-pw", "key": "pw"}}}}})):
         resp = await k8s.post(org_path(), json=organism(name, {"config": {"listeners": LISTENERS}, **spec}))
         assert resp.status == 201, await resp.text()
-    await eventually(lambda: ((get_obj(k8s, "xml-pipeline.dev/v1alpha1/organisms", "shop") or {})
-                              .get("status") or {}).get("binding"))
+    for bound in ("shop", "local"):  # both bound before any review (the operator handles them in turn)
+        await eventually(lambda: ((get_obj(k8s, "xml-pipeline.dev/v1alpha1/organisms", bound) or {})
+                                  .get("status") or {}).get("binding"))
     # The operator wrote its certificate's CA into the configuration (as the API server needs it).
     cfg = await eventually(lambda: (c := get_obj(k8s, "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
                                                  MWC, None)) and c["webhooks"][0]["clientConfig"].get("caBundle") and c)

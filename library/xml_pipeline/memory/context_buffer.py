@@ -14,10 +14,12 @@ What is different, and why:
   (signing.SlotPlace). A slot copied to another thread or prefix, replayed at a later position or
   swapped with another reads as SlotIntegrityError naming the thread and index. To sign for the
   index before the backend assigns it, an append is a compare-and-append: the slot is signed for the
-  index this buffer expects (the thread's length as last seen, kept per thread in a bounded LRU; 0
-  for a thread it never saw), the backend stores it only if the thread holds exactly that many
-  slots, and otherwise answers the real length, for which the slot is signed again. Each such retry
-  means another writer's slot was stored, so every round makes progress for someone.
+  index this buffer claims for it (the thread's length as last seen plus the appends it has in
+  flight there, kept per thread in a bounded LRU; 0 for a thread it never saw), the backend stores
+  it only if the thread holds exactly that many slots, and otherwise answers the real length, for
+  which the slot is signed again. Each such retry means another writer's slot was stored, so every
+  round makes progress for someone; the buffer's own concurrent appends to one thread land in one
+  round each (`_claim`, and one blocking append per thread at a time).
 - An append id identifies one append of one slot: a repeat (a retry) returns the first slot; the
   same id with a different slot raises AppendIdConflict and stores nothing (see `_repeat`).
 
@@ -54,6 +56,8 @@ MAX_APPEND_ATTEMPTS = 1000
 #: Threads whose next index (and signing place) a buffer remembers; the least recently used are
 #: forgotten (a forgotten thread costs one extra round trip on its next append).
 EXPECTED_INDEX_CACHE = 4096
+#: Locks that order the blocking appends of one thread within a buffer (threads hash onto them).
+APPEND_LOCK_STRIPES = 64
 
 
 class PreparedAppend:
@@ -104,6 +108,7 @@ class ContextBuffer:
         # thread id -> [expected next index, SlotPlace]
         self._threads: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
+        self._append_locks = tuple(threading.Lock() for _ in range(APPEND_LOCK_STRIPES))
         self._namespace: str = getattr(self._backend, "slot_namespace", "")
 
     @property
@@ -190,21 +195,26 @@ class ContextBuffer:
 
     def store(self, prepared: PreparedAppend, temps: Sequence[tuple[str, bytes]] = ()) -> BufferSlot:
         """Store a prepared slot (compare-and-append, signed for the index it lands at)."""
-        index = self.expected_index(prepared.thread_id)
-        for _ in range(MAX_APPEND_ATTEMPTS):
-            outcome = self._backend.buffer_append_at(prepared.thread_id, prepared.blob(index), index,
-                                                     max_slots=self.max_slots_per_thread,
-                                                     append_id=prepared.append_id, items=temps)
-            done = self.settle(prepared, index, outcome)
-            if isinstance(done, BufferSlot):
-                return done
-            index = done
+        # One blocking append per thread at a time from this buffer: threads of one process that
+        # append to the same thread concurrently would reach the backend in any order, and every
+        # slot that overtakes one with a lower index is refused and signed again. In turn, each
+        # lands in its first round trip.
+        with self._append_locks[hash(prepared.thread_id) % len(self._append_locks)]:
+            index = self._claim(prepared.thread_id)
+            for _ in range(MAX_APPEND_ATTEMPTS):
+                outcome = self._backend.buffer_append_at(prepared.thread_id, prepared.blob(index), index,
+                                                         max_slots=self.max_slots_per_thread,
+                                                         append_id=prepared.append_id, items=temps)
+                done = self.settle(prepared, index, outcome)
+                if isinstance(done, BufferSlot):
+                    return done
+                index = done
         raise self._contended(prepared)
 
     async def store_async(self, prepared: PreparedAppend,
                           send: Callable[[int, bytes], Awaitable[Appended]]) -> BufferSlot:
         """`store` with the backend call made by `send(index, blob)` (e.g. the pump's RedisPipe)."""
-        index = self.expected_index(prepared.thread_id)
+        index = self._claim(prepared.thread_id)
         for _ in range(MAX_APPEND_ATTEMPTS):
             done = self.settle(prepared, index, await send(index, prepared.blob(index)))
             if isinstance(done, BufferSlot):
@@ -219,11 +229,10 @@ class ContextBuffer:
             if outcome.position != index:
                 raise BackendError(f"thread {thread_id!r}: the backend stored a slot signed for index {index} "
                                    f"at {outcome.position}")
-            self._remember(thread_id, index + 1)
+            self._landed(thread_id, index)
             return prepared.slot.at_index(index)
         if outcome.status == "moved":
-            self._remember(thread_id, outcome.position)
-            return outcome.position
+            return self._claim(thread_id, outcome.position)
         return self._repeat(prepared, outcome.position, outcome.stored)
 
     def _repeat(self, prepared: PreparedAppend, index: int, stored: bytes | None) -> BufferSlot:
@@ -255,6 +264,38 @@ class ContextBuffer:
         with self._cache_lock:
             entry = self._threads.get(thread_id)
             return entry[0] if entry is not None else 0
+
+    def _claim(self, thread_id: str, length: int | None = None) -> int:
+        """The index to sign the next slot of `thread_id` for, taken from the thread's expected length.
+
+        Appends this buffer has in flight on one thread get consecutive indices (k, k+1, ...): the
+        pump sends hundreds at once through one pipelined connection, in order, and all of them land
+        in that one round; signing each for the same k would land one per round. `length` is the
+        length the backend answered with ("moved"): beyond our own claims it is another writer's
+        doing and we continue after it; below them an earlier claim of ours has not landed (or never
+        will: it failed), so that index is tried.
+        """
+        with self._cache_lock:
+            entry = self._threads.get(thread_id)
+            if entry is None:
+                entry = [0, self._backend.signer.place(self._namespace, thread_id)]
+                self._add(thread_id, entry)
+            else:
+                self._threads.move_to_end(thread_id)
+            if length is not None and length < entry[0]:
+                return length
+            index = entry[0] if length is None else length
+            entry[0] = index + 1
+            return index
+
+    def _landed(self, thread_id: str, index: int) -> None:
+        """A slot was stored at `index`: the thread holds at least index + 1 slots."""
+        with self._cache_lock:
+            entry = self._threads.get(thread_id)
+            if entry is not None:
+                entry[0] = max(entry[0], index + 1)
+            else:
+                self._add(thread_id, [index + 1, self._backend.signer.place(self._namespace, thread_id)])
 
     def _remember(self, thread_id: str, length: int) -> None:
         with self._cache_lock:

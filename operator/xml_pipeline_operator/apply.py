@@ -176,19 +176,8 @@ def ensure_credentials(kube: Kube, org: Organism) -> tuple[Outcome, dict[str, st
         raise NameConflict("Secret", name)
     values = creds.decode(current.get("data"))
     changes = creds.completion(org, values, desired_values)
-    patch: dict[str, Any] = {}
-    if changes:
-        patch["data"] = creds.encode(changes)
-        values.update(changes)
-    label_patch = diff({"labels": desired["metadata"]["labels"]}, current.get("metadata", {}))
-    if label_patch:
-        patch["metadata"] = label_patch
-    if not patch:
-        return Outcome("Secret", name, "unchanged", current), values
-    # The changed key names (never values) go into the outcome, for the event.
-    return (Outcome("Secret", name, "patched", kube.patch("Secret", org.namespace, name, patch),
-                    changed=[f"data.{k}" for k in sorted(changes)] + (["metadata.labels"] if label_patch else [])),
-            values)
+    values.update(changes)
+    return _complete_secret(kube, org, current, desired, changes), values
 
 
 def ensure_binding(kube: Kube, org: Organism, endpoint: str, credentials: Mapping[str, str]) -> tuple[Outcome, dict[str, str]]:
@@ -215,18 +204,24 @@ def ensure_binding(kube: Kube, org: Organism, endpoint: str, credentials: Mappin
     wanted = binding_mod.binding_values(org, endpoint, credentials, password)
     changes = {k: v for k, v in wanted.items() if values.get(k) != v}
     values.update(changes)
-    desired = binding_mod.binding_secret(org, wanted)
+    return _complete_secret(kube, org, current, binding_mod.binding_secret(org, wanted), changes), values
+
+
+def _complete_secret(kube: Kube, org: Organism, current: dict[str, Any], desired: Mapping[str, Any],
+                     changes: Mapping[str, str]) -> Outcome:
+    """Patch `changes` (decoded values) and the desired labels into the Secret `current`, if any."""
+    name = current["metadata"]["name"]
     patch: dict[str, Any] = {}
     if changes:
-        patch["data"] = creds.encode(changes)
+        patch["data"] = creds.encode(dict(changes))
     label_patch = diff({"labels": desired["metadata"]["labels"]}, current.get("metadata", {}))
     if label_patch:
         patch["metadata"] = label_patch
     if not patch:
-        return Outcome("Secret", name, "unchanged", current), values
-    return (Outcome("Secret", name, "patched", kube.patch("Secret", org.namespace, name, patch),
-                    changed=[f"data.{k}" for k in sorted(changes)] + (["metadata.labels"] if label_patch else [])),
-            values)
+        return Outcome("Secret", name, "unchanged", current)
+    # The changed key names (never values) go into the outcome, for the event.
+    return Outcome("Secret", name, "patched", kube.patch("Secret", org.namespace, name, patch),
+                   changed=[f"data.{k}" for k in sorted(changes)] + (["metadata.labels"] if label_patch else []))
 
 
 def _paths(patch: Mapping[str, Any], prefix: str = "", depth: int = 3) -> list[str]:

@@ -87,12 +87,12 @@ def parse(raw: Any, path: str, role: PodRole) -> PodShape:
     """Validate `<path>` (a template subset) for a pod of `role`. Raises ShapeError naming the field."""
     if raw is None:
         return EMPTY
-    t = _map(raw, path)
-    _known(t, path, ("metadata", "spec"))
-    meta = _map(t.get("metadata") or {}, f"{path}.metadata")
-    _known(meta, f"{path}.metadata", METADATA_KEYS)
-    spec = _map(t.get("spec") or {}, f"{path}.spec")
-    _known(spec, f"{path}.spec", SPEC_KEYS)
+    t = as_mapping(raw, path)
+    only_known(t, path, ("metadata", "spec"))
+    meta = as_mapping(t.get("metadata") or {}, f"{path}.metadata")
+    only_known(meta, f"{path}.metadata", METADATA_KEYS)
+    spec = as_mapping(t.get("spec") or {}, f"{path}.spec")
+    only_known(spec, f"{path}.spec", SPEC_KEYS)
     env_names, volume_names, mount_paths = _RESERVED[role]
 
     labels = _strings(meta.get("labels"), f"{path}.metadata.labels")
@@ -110,7 +110,7 @@ def parse(raw: Any, path: str, role: PodRole) -> PodShape:
     env = _items(spec.get("env"), f"{sp}.env")
     seen: set[str] = set()
     for i, var in enumerate(env):
-        _known(var, f"{sp}.env[{i}]", ("name", "value", "valueFrom"))
+        only_known(var, f"{sp}.env[{i}]", ("name", "value", "valueFrom"))
         name = var.get("name")
         if not isinstance(name, str) or not _ENV_NAME.match(name):
             raise ShapeError(f"{sp}.env[{i}].name", f"{name!r} is not an environment variable name",
@@ -126,10 +126,10 @@ def parse(raw: Any, path: str, role: PodRole) -> PodShape:
         if "value" in var and not isinstance(var["value"], str):
             raise ShapeError(f"{sp}.env[{i}].value", f"must be a string, got {var['value']!r}", "a string (quote numbers)")
         if "valueFrom" in var:
-            _map(var["valueFrom"], f"{sp}.env[{i}].valueFrom")
+            as_mapping(var["valueFrom"], f"{sp}.env[{i}].valueFrom")
     env_from = _items(spec.get("envFrom"), f"{sp}.envFrom")
     for i, src in enumerate(env_from):
-        _known(src, f"{sp}.envFrom[{i}]", ("prefix", "configMapRef", "secretRef"))
+        only_known(src, f"{sp}.envFrom[{i}]", ("prefix", "configMapRef", "secretRef"))
         if ("configMapRef" in src) == ("secretRef" in src):
             raise ShapeError(f"{sp}.envFrom[{i}]", "needs exactly one of configMapRef, secretRef",
                              "{secretRef: {name: ...}} or {configMapRef: {name: ...}}")
@@ -156,7 +156,7 @@ def parse(raw: Any, path: str, role: PodRole) -> PodShape:
                              "exactly one of " + ", ".join(VOLUME_SOURCES) + " (Pod Security restricted)")
     mounts = _items(spec.get("volumeMounts"), f"{sp}.volumeMounts")
     for i, mount in enumerate(mounts):
-        _known(mount, f"{sp}.volumeMounts[{i}]", ("name", "mountPath", "subPath", "readOnly"))
+        only_known(mount, f"{sp}.volumeMounts[{i}]", ("name", "mountPath", "subPath", "readOnly"))
         if mount.get("name") not in names:
             raise ShapeError(f"{sp}.volumeMounts[{i}].name", f"{mount.get('name')!r} is not one of the template's volumes",
                              ", ".join(sorted(names)) or "add the volume to spec.volumes first")
@@ -174,7 +174,7 @@ def parse(raw: Any, path: str, role: PodRole) -> PodShape:
         raise ShapeError(f"{sp}.serviceAccountName", f"{sa!r} is not a ServiceAccount name", "a DNS subdomain")
     pull = _items(spec.get("imagePullSecrets"), f"{sp}.imagePullSecrets")
     for i, ref in enumerate(pull):
-        _known(ref, f"{sp}.imagePullSecrets[{i}]", ("name",))
+        only_known(ref, f"{sp}.imagePullSecrets[{i}]", ("name",))
         if not isinstance(ref.get("name"), str) or not _DNS_1123_SUBDOMAIN.match(ref["name"]):
             raise ShapeError(f"{sp}.imagePullSecrets[{i}].name", f"{ref.get('name')!r} is not a Secret name",
                              "a DNS subdomain")
@@ -183,8 +183,8 @@ def parse(raw: Any, path: str, role: PodRole) -> PodShape:
         raise ShapeError(f"{sp}.priorityClassName", f"{pcn!r} is not a PriorityClass name", "a DNS subdomain")
     affinity = spec.get("affinity")
     if affinity is not None:
-        affinity = dict(_map(affinity, f"{sp}.affinity"))
-        _known(affinity, f"{sp}.affinity", ("nodeAffinity", "podAffinity", "podAntiAffinity"))
+        affinity = dict(as_mapping(affinity, f"{sp}.affinity"))
+        only_known(affinity, f"{sp}.affinity", ("nodeAffinity", "podAffinity", "podAntiAffinity"))
     return PodShape(
         labels=labels, annotations=annotations, env=[dict(v) for v in env], env_from=[dict(v) for v in env_from],
         volume_mounts=[dict(m) for m in mounts], volumes=[dict(v) for v in volumes], service_account_name=sa,
@@ -225,23 +225,24 @@ def apply_shape(template: dict[str, Any], shape: PodShape) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _map(value: Any, path: str) -> Mapping[str, Any]:
+def as_mapping(value: Any, path: str) -> Mapping[str, Any]:
+    """`value` if it is a mapping, else a ShapeError naming `path` (also used by scaling.py)."""
     if not isinstance(value, Mapping):
         raise ShapeError(path, f"must be a mapping, got {type(value).__name__}", "a mapping of fields")
     return value
 
 
-def _known(value: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> None:
+def only_known(value: Mapping[str, Any], path: str, allowed: tuple[str, ...],
+               why: str = "is not a known field (or not in the shapeable subset)") -> None:
     for key in value:
         if key not in allowed:
-            raise ShapeError(f"{path}.{key}", "is not a known field (or not in the shapeable subset)",
-                             ", ".join(allowed))
+            raise ShapeError(f"{path}.{key}", why, ", ".join(allowed))
 
 
 def _strings(value: Any, path: str) -> dict[str, str]:
     if value is None:
         return {}
-    m = _map(value, path)
+    m = as_mapping(value, path)
     for k, v in m.items():
         if not isinstance(k, str) or not k or len(k) > 317:
             raise ShapeError(path, f"key {k!r} is not a label/annotation key", "prefix/name, e.g. team.example.com/owner")
@@ -257,4 +258,4 @@ def _items(value: Any, path: str) -> list[Mapping[str, Any]]:
         raise ShapeError(path, f"must be a list, got {type(value).__name__}", "a list of mappings")
     if len(value) > MAX_ITEMS:
         raise ShapeError(path, f"has {len(value)} items", f"at most {MAX_ITEMS}")
-    return [_map(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return [as_mapping(v, f"{path}[{i}]") for i, v in enumerate(value)]

@@ -10,11 +10,10 @@ be evicted (unhealthyPodEvictionPolicy AlwaysAllow), so a crash-looping pod neve
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .podshape import ShapeError
+from .podshape import ShapeError, as_mapping, only_known
 
 MAX_REPLICAS = 100
 _PERCENT = re.compile(r"^([1-9][0-9]?|100)%$")
@@ -41,8 +40,9 @@ class DisruptionBudget:
 def parse_autoscaling(raw: Any, path: str) -> Autoscaling | None:
     if raw is None:
         return None
-    a = _map(raw, path)
-    _known(a, path, ("minReplicas", "maxReplicas", "tasksPerReplica", "cooldownSeconds", "pollingSeconds"))
+    a = as_mapping(raw, path)
+    only_known(a, path, ("minReplicas", "maxReplicas", "tasksPerReplica", "cooldownSeconds", "pollingSeconds"),
+               "is not a known field")
     low = _int(a.get("minReplicas", 1), f"{path}.minReplicas", 0, MAX_REPLICAS)
     high = _int(a.get("maxReplicas", 10), f"{path}.maxReplicas", 1, MAX_REPLICAS)
     if low > high:
@@ -56,8 +56,8 @@ def parse_autoscaling(raw: Any, path: str) -> Autoscaling | None:
 def parse_budget(raw: Any, path: str) -> DisruptionBudget:
     if raw is None:
         return DisruptionBudget()
-    b = _map(raw, path)
-    _known(b, path, ("enabled", "maxUnavailable"))
+    b = as_mapping(raw, path)
+    only_known(b, path, ("enabled", "maxUnavailable"), "is not a known field")
     enabled = b.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ShapeError(f"{path}.enabled", f"must be a boolean, got {enabled!r}", "true, false")
@@ -67,18 +67,6 @@ def parse_budget(raw: Any, path: str) -> DisruptionBudget:
         raise ShapeError(f"{path}.maxUnavailable", f"{mu!r} would block evictions or is not a count",
                          f"1..{MAX_REPLICAS} or a percentage 1%..100% (0 would block node drains)")
     return DisruptionBudget(enabled=enabled, max_unavailable=mu)
-
-
-def _map(value: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ShapeError(path, f"must be a mapping, got {type(value).__name__}", "a mapping of fields")
-    return value
-
-
-def _known(value: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> None:
-    for key in value:
-        if key not in allowed:
-            raise ShapeError(f"{path}.{key}", "is not a known field", ", ".join(allowed))
 
 
 def _int(value: Any, path: str, low: int, high: int) -> int:

@@ -1,7 +1,8 @@
 """Fixtures of the end-to-end test: the project's image built with Docker, a kind cluster (through
 pytest-kind) with the image loaded, and the chart installed with the real Helm.
 
-Everything here needs a reachable Docker engine; without one the tests skip with that reason.
+Everything here needs a reachable Docker engine, the kind binary and the images (the Kubernetes node
+image, the Dockerfile's base, Redis) on the machine or pullable; without them the tests skip saying which.
 Files (kind binary, kubeconfig) go to .e2e/ at the repository root (git-ignored).
 Set XP_E2E_KEEP=1 to keep the cluster after the run (`kind delete cluster --name xml-pipeline-e2e`).
 """
@@ -15,17 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from kindkit import (CLUSTER_NAME, IMAGE, IMAGE_TAG, KIND_VERSION, NAMESPACE, REDIS_IMAGE, RELEASE, ROOT,
-                     WORKDIR, Cluster, docker_unavailable, tool)
+from kindkit import (CLUSTER_NAME, IMAGE, IMAGE_TAG, KIND_NODE_IMAGE, KIND_VERSION, NAMESPACE, REDIS_IMAGE, RELEASE, ROOT,
+                     WORKDIR, Cluster, kind_unavailable, tool)
 
 
 @pytest.fixture(scope="session")
 def docker_image() -> str:
-    reason = docker_unavailable()
+    reason = kind_unavailable(WORKDIR / f"kind-{KIND_VERSION}")
     if reason:
         pytest.skip(reason)
     subprocess.run(["docker", "build", "-t", IMAGE, str(ROOT)], check=True, timeout=1200)
-    subprocess.run(["docker", "pull", REDIS_IMAGE], check=True, timeout=600)
     return IMAGE
 
 
@@ -40,6 +40,7 @@ def cluster(docker_image: str) -> Iterator[Cluster]:
         kind = kind_module.KindCluster(
             CLUSTER_NAME,
             kubeconfig=WORKDIR / "kubeconfig",
+            image=KIND_NODE_IMAGE,
             kind_path=WORKDIR / f"kind-{KIND_VERSION}",
             kubectl_path=Path(kubectl_bin),
         )

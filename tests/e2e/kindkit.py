@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -23,6 +24,9 @@ REDIS_IMAGE = "redis:7.2.5-alpine"
 RELEASE, NAMESPACE = "xml-pipeline", "xml-pipeline-system"
 # pytest-kind's default kind (v0.17) starts Kubernetes 1.25; the CRD's CEL rules want a newer one.
 KIND_VERSION = os.environ.get("XP_E2E_KIND_VERSION", "v0.29.0")
+#: The Kubernetes node image kind v0.29.0 starts (named explicitly, so it can be checked for first).
+KIND_NODE_IMAGE = os.environ.get("XP_E2E_NODE_IMAGE", "kindest/node:v1.33.1")
+KIND_URL = f"https://github.com/kubernetes-sigs/kind/releases/download/{KIND_VERSION}/kind-linux-amd64"
 
 
 def docker_unavailable() -> str | None:
@@ -38,6 +42,41 @@ def docker_unavailable() -> str | None:
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
         return f"Docker engine not reachable (`docker info`: {reason})"
+    return None
+
+
+def base_image() -> str:
+    """The Dockerfile's base image (its PYTHON_IMAGE build argument's default)."""
+    match = re.search(r"^ARG PYTHON_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
+    assert match is not None, "Dockerfile: ARG PYTHON_IMAGE=<image> not found"
+    return match.group(1)
+
+
+def kind_unavailable(kind_path: Path) -> str | None:
+    """Why a kind cluster cannot run here, or None. Needs a Docker engine, the kind binary (or its
+    download), and the images: the Kubernetes node image, the Dockerfile's base, Redis — each on
+    this machine already or pullable from a registry."""
+    reason = docker_unavailable()
+    if reason:
+        return reason
+    if not kind_path.exists():
+        import requests
+        try:
+            requests.head(KIND_URL, timeout=15, allow_redirects=True).raise_for_status()
+        except requests.RequestException as e:
+            return f"kind cannot run here: the kind binary is not in {kind_path.parent} and cannot be downloaded ({e})"
+    for image in (KIND_NODE_IMAGE, base_image(), REDIS_IMAGE):
+        if subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=60).returncode == 0:
+            continue
+        try:
+            pulled = subprocess.run(["docker", "pull", image], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return f"kind cannot run here: `docker pull {image}` did not finish within 300 s (no registry reachable?)"
+        if pulled.returncode != 0:
+            why = (pulled.stderr.strip().splitlines() or ["unknown error"])[-1]
+            what = "Kubernetes node image" if image == KIND_NODE_IMAGE else "image"
+            return (f"kind cannot run here: the {what} {image} is not on this machine and no image registry "
+                    f"is reachable to pull it (`docker pull`: {why})")
     return None
 
 

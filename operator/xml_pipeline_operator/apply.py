@@ -15,7 +15,7 @@ them) seed a new object and are never compared or patched afterwards.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -130,21 +130,31 @@ def apply_object(kube: Kube, desired: dict[str, Any], owner_uid: str,
     """Create the object, or patch the fields that differ. Never takes over a foreign object."""
     kind, meta = desired["kind"], desired["metadata"]
     name, namespace = meta["name"], meta["namespace"]
+    created, current = _create_or_own(kube, kind, namespace, name, owner_uid, lambda: prune(desired))
+    if created is not None:
+        return Outcome(kind, name, "created", created)
+    patch = diff(_comparable(desired, create_only), current)
+    if patch is None:
+        return Outcome(kind, name, "unchanged", current)
+    return Outcome(kind, name, "patched", kube.patch(kind, namespace, name, patch), changed=_paths(patch))
+
+
+def _create_or_own(kube: Kube, kind: str, namespace: str, name: str, owner_uid: str,
+                   body: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(the object this call created, {}) when it did not exist, else (None, the existing object),
+    which must be owned by `owner_uid` (NameConflict otherwise: never take over a foreign object).
+    Created meanwhile (an earlier run of ours, interrupted): the existing one is returned."""
     current = kube.get(kind, namespace, name)
     if current is None:
         try:
-            return Outcome(kind, name, "created", kube.create(kind, namespace, prune(desired)))
+            return kube.create(kind, namespace, body()), {}
         except Conflict:
-            # Created meanwhile (an earlier run of ours, interrupted): compare with that one instead.
             current = kube.get(kind, namespace, name)
             if current is None:
                 raise
     if not owned_by(current, owner_uid):
         raise NameConflict(kind, name)
-    patch = diff(_comparable(desired, create_only), current)
-    if patch is None:
-        return Outcome(kind, name, "unchanged", current)
-    return Outcome(kind, name, "patched", kube.patch(kind, namespace, name, patch), changed=_paths(patch))
+    return None, current
 
 
 def delete_if_owned(kube: Kube, kind: str, namespace: str, name: str, owner_uid: str) -> Outcome | None:
@@ -164,16 +174,9 @@ def ensure_credentials(kube: Kube, org: Organism) -> tuple[Outcome, dict[str, st
     desired_values = creds.generate(org)
     desired = creds.credentials_secret(org, desired_values)
     name = desired["metadata"]["name"]
-    current = kube.get("Secret", org.namespace, name)
-    if current is None:
-        try:
-            return Outcome("Secret", name, "created", kube.create("Secret", org.namespace, desired)), desired_values
-        except Conflict:
-            current = kube.get("Secret", org.namespace, name)
-            if current is None:
-                raise
-    if not owned_by(current, org.uid):
-        raise NameConflict("Secret", name)
+    created, current = _create_or_own(kube, "Secret", org.namespace, name, org.uid, lambda: desired)
+    if created is not None:
+        return Outcome("Secret", name, "created", created), desired_values
     values = creds.decode(current.get("data"))
     changes = creds.completion(org, values, desired_values)
     values.update(changes)
@@ -187,18 +190,11 @@ def ensure_binding(kube: Kube, org: Organism, endpoint: str, credentials: Mappin
     Returns the outcome and the decoded values (kept in memory only, for the shared-Redis seam).
     """
     name = binding_mod.binding_name(org.name)
-    current = kube.get("Secret", org.namespace, name)
-    if current is None:
-        values = binding_mod.binding_values(org, endpoint, credentials, binding_mod.generate_password())
-        try:
-            return Outcome("Secret", name, "created",
-                           kube.create("Secret", org.namespace, binding_mod.binding_secret(org, values))), values
-        except Conflict:
-            current = kube.get("Secret", org.namespace, name)
-            if current is None:
-                raise
-    if not owned_by(current, org.uid):
-        raise NameConflict("Secret", name)
+    fresh = binding_mod.binding_values(org, endpoint, credentials, binding_mod.generate_password())
+    created, current = _create_or_own(kube, "Secret", org.namespace, name, org.uid,
+                                      lambda: binding_mod.binding_secret(org, fresh))
+    if created is not None:
+        return Outcome("Secret", name, "created", created), fresh
     values = creds.decode(current.get("data"))
     password = values.get(binding_mod.PASSWORD_KEY) or binding_mod.generate_password()
     wanted = binding_mod.binding_values(org, endpoint, credentials, password)

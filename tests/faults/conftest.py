@@ -1,7 +1,6 @@
 """Fixtures of the fault suite: real redis-server, real pump / worker / run processes."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -15,7 +14,7 @@ for p in (HERE, HERE.parent / "pump"):  # fault_handlers for spawned workers; pu
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from pump_harness import REPO, SIGNING_KEY  # noqa: E402
+from pump_harness import cli_environment, kill_all  # noqa: E402
 
 
 @pytest.fixture
@@ -25,18 +24,11 @@ def prefix() -> str:
 
 @pytest.fixture
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XP_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO / "library"), env.get("PYTHONPATH", "")])
-    env["XP_SIGNING_KEY"] = SIGNING_KEY
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return cli_environment(HERE)
 
 
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
+    kill_all(started)

@@ -1,7 +1,6 @@
 """Fixtures of the pump tests (plain helpers live in pump_harness.py)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -14,7 +13,7 @@ HERE = Path(__file__).parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # xp_test_handlers, for this process and its spawned children
 
-from pump_harness import REPO, SIGNING_KEY  # noqa: E402
+from pump_harness import cli_environment, kill_all  # noqa: E402
 
 
 @pytest.fixture
@@ -26,11 +25,7 @@ def prefix() -> str:
 @pytest.fixture
 def cli_env() -> dict[str, str]:
     """Environment for `python -m xml_pipeline.cli` subprocesses: test handlers importable, no stray XP_*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XP_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO / "library"), env.get("PYTHONPATH", "")])
-    env["XP_SIGNING_KEY"] = SIGNING_KEY
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return cli_environment(HERE)
 
 
 @pytest.fixture
@@ -38,7 +33,4 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Long-running processes started by a test; killed at teardown if still alive."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
+    kill_all(started)

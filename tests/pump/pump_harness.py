@@ -4,6 +4,7 @@
 areas run in one pytest command, since every conftest.py is imported under the name `conftest`.)"""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,24 @@ from typing import Any
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 SIGNING_KEY = "pump-tests-signing-key-0123456789"
+
+
+def cli_environment(handlers_dir: Path) -> dict[str, str]:
+    """Environment for `python -m xml_pipeline.cli` subprocesses: the test handlers in `handlers_dir`
+    importable, no stray XP_* from the caller, the tests' signing key, unbuffered output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XP_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(handlers_dir), str(REPO / "library"), env.get("PYTHONPATH", "")])
+    env["XP_SIGNING_KEY"] = SIGNING_KEY
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def kill_all(started: list[subprocess.Popen[bytes]]) -> None:
+    """Kill the processes a test started that are still alive (fixture teardown)."""
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
 
 
 def organism_yaml(*, name: str = "t", backend: dict[str, Any] | None = None, listeners: str,

@@ -8,8 +8,10 @@ of a Sentinel set. The nodes are discovered from the URL's addresses:
 
 - cluster: `CLUSTER NODES` of the first seed that answers (masters and replicas, with their ids;
   nodes flagged `fail`, `handshake` or `noaddr` are skipped: they cannot be reached);
-- sentinel: `SENTINEL MASTER <name>` and `SENTINEL REPLICAS <name>` of the first sentinel that
-  answers (replicas a sentinel sees as down or disconnected are skipped).
+- sentinel: `SENTINEL GET-MASTER-ADDR-BY-NAME <name>` (the master clients are sent to; during a
+  failover it already names the promoted replica, where SENTINEL MASTER still shows the old one) and
+  `SENTINEL REPLICAS <name>` of the first sentinel that answers (replicas a sentinel sees as down or
+  disconnected are skipped).
 
 The parsers are pure (tested on text); `discover` does the round trips. Nodes are named by the
 address they announce (`host:port`): the operator must reach that address, so announce addresses it
@@ -90,18 +92,21 @@ def pairs(reply: Any) -> dict[str, Any]:
 
 
 def parse_sentinel(master: Any, replicas: Iterable[Any]) -> list[Node]:
-    """The master and its reachable replicas from SENTINEL MASTER / SENTINEL REPLICAS replies."""
-    m = pairs(master)
-    if "ip" not in m or "port" not in m:
-        raise DiscoveryError("the sentinel's SENTINEL MASTER reply names no address")
-    nodes = [Node(m["ip"], int(m["port"]), "master")]
+    """The master and its reachable replicas from SENTINEL GET-MASTER-ADDR-BY-NAME (`[ip, port]`)
+    and SENTINEL REPLICAS replies."""
+    if not master or len(master) != 2:
+        raise DiscoveryError("the sentinel does not know the master's address")
+    first = Node(_s(master[0]), int(master[1]), "master")
+    nodes = []
     for raw in replicas:
         r = pairs(raw)
         flags = set(str(r.get("flags", "")).split(","))
         if flags & _DOWN_FLAGS or "ip" not in r or "port" not in r:
             continue
-        nodes.append(Node(r["ip"], int(r["port"]), "replica"))
-    return nodes[:1] + sorted(nodes[1:])
+        node = Node(r["ip"], int(r["port"]), "replica")
+        if node.address != first.address:  # the promoted replica, still listed during a failover
+            nodes.append(node)
+    return [first, *sorted(nodes)]
 
 
 def discover(top: Topology, connect: Callable[[Address], redis.Redis],
@@ -122,11 +127,14 @@ def discover(top: Topology, connect: Callable[[Address], redis.Redis],
             else:
                 assert top.master_name is not None
                 client = (connect_sentinel or connect)(address)
-                master = client.execute_command("SENTINEL", "MASTER", top.master_name)
+                master = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", top.master_name)
                 replicas = client.execute_command("SENTINEL", "REPLICAS", top.master_name)
                 nodes = parse_sentinel(master, replicas or [])
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             failures.append(f"{format_address(address)}: {type(e).__name__}")
+            continue
+        except DiscoveryError as e:
+            failures.append(f"{format_address(address)}: {e}")
             continue
         except redis.ResponseError as e:
             if "no such master" in str(e).lower() or "unknown" in str(e).lower():

@@ -24,7 +24,7 @@ from .desired import binding as binding_mod
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
 from .kube import Kube, NotFound
 from .model import Organism, SpecError, check_prefix_unchanged, parse_organism
-from .probe import probe_redis
+from .probe import probe_topology
 from .redis_admin import PASSWORD_CHANGED, RedisAdmin, Tenant
 from .settings import OperatorSettings
 
@@ -345,7 +345,7 @@ class Reconciler:
             if not self.settings.probe_external_redis:
                 return st.Condition("RedisReady", "True", "ExternalRedisConfigured",
                                     f"pods use {ext.url}; not probed by the operator (XPO_PROBE_EXTERNAL_REDIS=false)")
-            result = probe_redis(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"))
+            result = probe_topology(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"))
             user = found.get("usernameSecretRef") or "default"
             if result.ok:
                 return st.Condition("RedisReady", "True", "ExternalRedisReachable",

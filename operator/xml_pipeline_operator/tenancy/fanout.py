@@ -5,8 +5,8 @@ disable it, delete it — is taken on every node, and the outcome is kept per no
 where the user had to be *created* while the others already had it is a node that lost it (restarted
 without an ACL file, replaced, or edited by hand) and was repaired; the Organism's condition names it.
 
-The decisions are pure functions over per-node facts (`overall`, `repaired`, `missing_by_node`,
-`progress_*`); the loops that gather the facts and apply them are thin.
+The decisions are pure functions over per-node facts (`overall`, `repaired`, `still_accepted`,
+`progress_done`); the loops that gather the facts and apply them are thin.
 """
 from __future__ import annotations
 
@@ -60,13 +60,6 @@ def repaired(changes: Mapping[str, Change]) -> tuple[str, ...]:
     if Change.CREATED not in changes.values() or set(changes.values()) == {Change.CREATED}:
         return ()
     return tuple(sorted(a for a, c in changes.items() if c is Change.CREATED))
-
-
-def missing_by_node(desired: Iterable[DesiredUser], actual: Mapping[str, frozenset[str]]) -> dict[str, list[DesiredUser]]:
-    """For each node (address -> its ACL USERS), the desired users it lacks (pure)."""
-    wanted = list(desired)
-    return {address: [u for u in wanted if u.username not in users] for address, users in sorted(actual.items())
-            if any(u.username not in users for u in wanted)}
 
 
 def still_accepted(users: Mapping[str, acl.AclUser | None], password: str, extra: frozenset[str]) -> frozenset[str]:

@@ -183,6 +183,20 @@ def test_release_removes_keys_from_every_master_and_users_from_every_node(cluste
     assert primary.get(PROGRESS_KEY + t.prefix) is None
 
 
+def test_usage_is_summed_over_every_master(cluster: LocalCluster) -> None:
+    admin = admin_for(cluster.url, usage_interval=0.0, user_check_interval=3600.0)
+    t = tenant("counted")
+    assert admin.ensure_tenant(t, "pw").ready
+    data = cluster.client()
+    keys = keys_on_every_master(cluster, t.prefix, 40)
+    for k in keys:
+        data.rpush(k, "slot")
+    for _ in range(3):  # one tick per master and call; a small keyspace completes a round per tick
+        admin.periodic()
+    usage = admin.usage_of("team", "counted")
+    assert usage is not None and usage.threads == 40 and usage.keys == 40, usage
+
+
 # -- isolation through a cluster client ------------------------------------------------------------------
 def test_a_tenant_cluster_client_is_refused_the_other_tenants_keys_on_every_master(cluster: LocalCluster) -> None:
     admin = admin_for(cluster.url)

@@ -174,3 +174,18 @@ def test_cleanup_is_done_when_every_current_master_is_done() -> None:
     raw = fanout.progress_to_json({"m1": done})
     assert fanout.progress_from_json(raw, "p:") == {"m1": done}
     assert fanout.progress_from_json(raw, "other:") == {}
+
+
+def test_keda_triggers_follow_the_topology() -> None:
+    from xml_pipeline_operator.desired import scaling
+    spec = external(mode="sentinel", addresses=["s0:26379", "s1:26379"], masterName="main", tls=True)
+    spec["spec"]["workers"] = {"autoscaling": {"maxReplicas": 4}}
+    org = model.parse_organism(spec, TEST_SETTINGS)
+    obj = scaling.scaled_object(org, org.redis.external.url)  # type: ignore[union-attr]
+    trigger = obj["spec"]["triggers"][0]
+    assert trigger["type"] == "redis-sentinel-streams"
+    assert trigger["metadata"]["addresses"] == "s0:26379,s1:26379"
+    assert trigger["metadata"]["sentinelMaster"] == "main" and trigger["metadata"]["enableTLS"] == "true"
+    assert scaling.trigger_type("redis+cluster://a:1,b:2") == "redis-cluster-streams"
+    assert scaling.trigger_metadata(org, "redis+cluster://a:1,b:2")[0]["addresses"] == "a:1,b:2"
+    assert scaling.trigger_type("redis://a:1/0") == "redis-streams"

@@ -197,6 +197,17 @@ def test_usage_is_summed_over_every_master(cluster: LocalCluster) -> None:
     assert usage is not None and usage.threads == 40 and usage.keys == 40, usage
 
 
+def test_a_refused_admin_or_an_unreachable_cluster_is_a_condition(cluster: LocalCluster) -> None:
+    wrong = SharedRedisAdmin(OperatorSettings(shared_redis_url=cluster.url, shared_redis_password="not-the-pw"))
+    state = wrong.ensure_tenant(tenant("refused"), "pw")
+    assert not state.ready and state.reason == "SharedRedisAuthFailed", state
+    assert "not-the-pw" not in state.message and cluster.url in state.message
+    nowhere = admin_for("redis+cluster://127.0.0.1:1,127.0.0.1:2")
+    state = nowhere.ensure_tenant(tenant("refused"), "pw")
+    assert not state.ready and state.reason == "SharedRedisUnavailable", state
+    assert "127.0.0.1:1" in state.message and "127.0.0.1:2" in state.message
+
+
 # -- isolation through a cluster client ------------------------------------------------------------------
 def test_a_tenant_cluster_client_is_refused_the_other_tenants_keys_on_every_master(cluster: LocalCluster) -> None:
     admin = admin_for(cluster.url)

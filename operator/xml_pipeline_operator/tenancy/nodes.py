@@ -130,6 +130,8 @@ def discover(top: Topology, connect: Callable[[Address], redis.Redis],
                 master = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", top.master_name)
                 replicas = client.execute_command("SENTINEL", "REPLICAS", top.master_name)
                 nodes = parse_sentinel(master, replicas or [])
+        except redis.AuthenticationError:
+            raise  # the admin is refused: say so, not "unreachable"
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             failures.append(f"{format_address(address)}: {type(e).__name__}")
             continue

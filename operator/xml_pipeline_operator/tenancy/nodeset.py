@@ -150,6 +150,8 @@ class NodeSet:
         for node in (self.nodes() if nodes is None else nodes):
             try:
                 results[node.address] = fn(node, self.client(node))
+            except redis.AuthenticationError:
+                raise  # the admin's credentials are refused there: a configuration error, not an outage
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 failures.append(NodeFailure(node.address, type(e).__name__))
         if failures and self.clustered:

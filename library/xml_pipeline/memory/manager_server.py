@@ -87,7 +87,7 @@ class _ServerStore(InMemoryBackend):
     def temp_get_many(self, keys: list[str]) -> list[bytes | None]:
         return [self.temp_get(k) for k in keys]
 
-    def temp_take(self, key: str, also_delete: tuple[str, ...]) -> bytes | None:
+    def temp_take(self, key: str, also_delete: tuple[str, ...]) -> bytes | None:  # type: ignore[override]  # the wire form: keys as one tuple
         try:
             return self.temp_get(key)
         finally:

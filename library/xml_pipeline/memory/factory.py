@@ -38,17 +38,26 @@ def get_shared_backend(config: BackendConfig | Mapping[str, Any] | None = None) 
 
 def default_config(environ: Mapping[str, str] | None = None) -> BackendConfig:
     """The config of a process that was given none: the XP_* environment (and XP_CONFIG) when any of
-    it is set, else the xml-pipeline binding under SERVICE_BINDING_ROOT, else the defaults (memory)."""
+    it is set, else the xml-pipeline binding under SERVICE_BINDING_ROOT, else the defaults (memory).
+    A TLS URL from the environment without a CA file takes the binding's ca.crt when one is mounted."""
     import os
 
-    from ..binding import discover
-    from .config import ENV_CONFIG_PATH, ENV_VARS
+    from ..binding import ca_file, discover
+    from .config import ENV_CONFIG_PATH, ENV_VARS, is_tls_url
     env = os.environ if environ is None else environ
     if not any(env.get(v) for v in (*ENV_VARS, ENV_CONFIG_PATH)):
         found = discover(env)
         if found is not None:
             return BackendConfig.from_binding(found)
-    return BackendConfig.from_env(env)
+    config = BackendConfig.from_env(env)
+    if config.backend_type == "redis" and config.redis_ca_cert is None and is_tls_url(config.redis_url):
+        # No XP_* variable names a CA file: a pod configured by environment (the injection webhook's env
+        # mode) gets the CA of a TLS server from the organism binding mounted beside it.
+        found = discover(env)
+        ca = ca_file(found) if found is not None else None
+        if ca is not None:
+            config = config.replace(redis_ca_cert=ca)
+    return config
 
 
 def create_backend(config: BackendConfig | Mapping[str, Any] | None = None) -> SharedBackend:

@@ -168,6 +168,7 @@ class RedisBackend:
             health_check_interval=config.health_check_interval,
             retry=Retry(NoBackoff(), 0),
             client_name=f"xml-pipeline:{config.redis_prefix}",
+            **config.tls_kwargs(),
         )
         #: The redis-py client (no automatic retries). The distributed worker mode builds its stream
         #: keys with `key()` so they stay under this tenant's prefix. decode_responses is off, so every
@@ -789,9 +790,11 @@ class RedisBackend:
         return urlsplit(self.config.redis_url).scheme in ("redis", "unix") and not self._closed
 
     def connection_kwargs(self) -> dict[str, Any]:
-        """host/port or path, db, username, password and client_name of this backend's connections."""
+        """host/port or path, db, username, password and client_name of this backend's connections, and
+        ssl_ca_certs (the CA file of a TLS server, None for the system trust store)."""
         kw = dict(self._pool.connection_kwargs)
-        return {k: kw.get(k) for k in ("host", "port", "path", "db", "username", "password", "client_name")}
+        return {k: kw.get(k) for k in ("host", "port", "path", "db", "username", "password", "client_name",
+                                       "ssl_ca_certs")}
 
     def scrub(self, error: object) -> str:
         """`error` as text with this backend's password (if any) blanked."""

@@ -132,7 +132,8 @@ class Reconciler:
         binding: dict[str, str] | None = None
         previous = dict(previous)  # a rotation start writes status.credentials early (see _shared)
         try:
-            secret_outcome, values = apply.ensure_credentials(self.kube, org)
+            shared_ca = self.settings.shared_redis_ca if org.redis is not None and org.redis.mode == "shared" else None
+            secret_outcome, values = apply.ensure_credentials(self.kube, org, shared_ca)
             outcomes.append(secret_outcome)
             if org.redis is not None and org.redis.mode == "shared":
                 redis_cond, rot = self._shared(org, body, previous, values, now)
@@ -327,7 +328,8 @@ class Reconciler:
             ext = org.redis.external
             assert ext is not None
             found: dict[str, str] = {}
-            for ref, what in ((ext.password, "passwordSecretRef"), (ext.username, "usernameSecretRef")):
+            for ref, what in ((ext.password, "passwordSecretRef"), (ext.username, "usernameSecretRef"),
+                              (ext.ca, "tls.caSecret")):
                 if ref is None:
                     continue
                 secret = self.kube.get("Secret", org.namespace, ref.name)
@@ -344,7 +346,8 @@ class Reconciler:
             if not self.settings.probe_external_redis:
                 return st.Condition("RedisReady", "True", "ExternalRedisConfigured",
                                     f"pods use {ext.url}; not probed by the operator (XPO_PROBE_EXTERNAL_REDIS=false)")
-            result = probe_redis(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"))
+            result = probe_redis(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"),
+                                 ca=found.get("tls.caSecret"))
             user = found.get("usernameSecretRef") or "default"
             if result.ok:
                 return st.Condition("RedisReady", "True", "ExternalRedisReachable",

@@ -126,6 +126,9 @@ def binding_secret(org: Organism, values: Mapping[str, str]) -> dict[str, Any]:
 # -- rotation of the client password, riding on the organism's rotation (rotation.py) ----------------
 #: The rotate-credentials request a client password was last rotated for (so each request rotates once).
 ROTATION_REQUEST_KEY = "rotated-for"
+#: When the new client password was published (UTC, RFC 3339): client workloads restarted after it
+#: have the new one (clients_current).
+ROTATED_AT_KEY = "rotated-at"
 
 
 def accepted_besides_password(values: Mapping[str, str]) -> frozenset[str]:
@@ -143,9 +146,9 @@ def client_rotation_step(phase: str, request: str | None, values: Mapping[str, s
       `password-next` (the Secret is the durable record, before Redis changes);
     - "publish": Redis was told to accept `password-next` beside the old one (the caller does that
       first): swap it into `password`, keep the old one's digest in `password-previous-sha256`;
-    - "retire": the organism's rotation finished (its pods rolled): Redis forgets the old client
-      password, then the Secret its digest. Client pods that read the binding at start must have
-      restarted by then (existing connections stay authenticated; new ones need the new password).
+    - "retire": the organism's rotation finished (its pods rolled): once every client workload has the
+      new password too (stale_clients), Redis forgets the old client password, then the Secret its
+      digest (existing connections stay authenticated; new ones need the new password).
     """
     if values.get(NEXT_PASSWORD_KEY):
         return "publish"
@@ -156,7 +159,8 @@ def client_rotation_step(phase: str, request: str | None, values: Mapping[str, s
     return None
 
 
-def client_publish_patch(values: Mapping[str, str], request: str | None) -> dict[str, str | None]:
+def client_publish_patch(values: Mapping[str, str], request: str | None,
+                         now: str | None = None) -> dict[str, str | None]:
     from .. import rotation
     old, new = values.get(PASSWORD_KEY, ""), values[NEXT_PASSWORD_KEY]
     previous = set(rotation.previous_hashes({rotation.PREVIOUS_KEY: values.get(PREVIOUS_PASSWORD_HASHES_KEY, "")}))
@@ -165,4 +169,85 @@ def client_publish_patch(values: Mapping[str, str], request: str | None) -> dict
     previous.discard(rotation.password_hash(new))
     return {PASSWORD_KEY: new, NEXT_PASSWORD_KEY: None,
             PREVIOUS_PASSWORD_HASHES_KEY: rotation.format_hashes(previous) or None,
-            ROTATION_REQUEST_KEY: request or values.get(ROTATION_REQUEST_KEY)}
+            ROTATION_REQUEST_KEY: request or values.get(ROTATION_REQUEST_KEY),
+            ROTATED_AT_KEY: now or values.get(ROTATED_AT_KEY)}
+
+
+# -- rotation of the client password on its own (a dedicated Redis: no organism rotation to ride on) --
+def dedicated_rotation_step(request: str | None, values: Mapping[str, str]) -> str | None:
+    """The next step of a client password rotation that follows the rotate-credentials annotation
+    (`request`) directly (pure): "generate" (a request not handled yet: write `password-next`),
+    "publish" (Redis accepts `password-next`: swap it in), "overlap" (old and new accepted until every
+    client has the new one: clients_current decides when to retire), or None."""
+    if values.get(NEXT_PASSWORD_KEY):
+        return "publish"
+    if request and values.get(ROTATION_REQUEST_KEY) != request:
+        return "generate"
+    if values.get(PREVIOUS_PASSWORD_HASHES_KEY):
+        return "overlap"
+    return None
+
+
+#: A client pod mounting the binding sees a new password once the kubelet refreshed the volume (its
+#: sync period, 60 s by default, plus its cache); the library re-reads the binding on WRONGPASS.
+BINDING_SYNC_SECONDS = 120.0
+#: Template annotation `kubectl rollout restart` sets (RFC 3339).
+RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
+
+
+def client_workloads(workloads: list[Mapping[str, Any]], organism: str) -> list[Mapping[str, Any]]:
+    """The Deployments / StatefulSets among `workloads` whose pods are clients of `organism` (pod
+    template labelled xml-pipeline.dev/client: <organism>)."""
+    from .naming import CLIENT_LABEL
+    return [w for w in workloads
+            if ((((w.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {})
+            .get(CLIENT_LABEL) == organism]
+
+
+def _epoch(text: object) -> float | None:
+    import datetime
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def stale_clients(workloads: list[Mapping[str, Any]], organism: str, published: str | None, now: str, *,
+                  binding_sync: float = BINDING_SYNC_SECONDS) -> list[str]:
+    """`Kind/name` of each client workload that may still hold the old client password (pure).
+
+    A workload has the new password when its pods mount the binding (annotation
+    xml-pipeline.dev/client-inject: binding) and the kubelet has had `binding_sync` seconds to refresh
+    the volume, or -- environment from secretKeyRef is read at container start -- when it was created
+    or restarted (`kubectl rollout restart`) after `published` and that rollout is complete. A
+    workload scaled to zero holds nothing. Bare pods and Jobs are not seen: restart them yourself."""
+    from ..webhook import INJECT_ANNOTATION
+    since, at = _epoch(published), _epoch(now)
+    stale = []
+    for w in client_workloads(workloads, organism):
+        meta, spec, st = w.get("metadata") or {}, w.get("spec") or {}, w.get("status") or {}
+        template = (spec.get("template") or {}).get("metadata") or {}
+        want = int(spec.get("replicas", 1) if spec.get("replicas") is not None else 1)
+        if want == 0:
+            continue
+        if since is None or at is None:
+            stale.append(f"{w.get('kind')}/{meta.get('name')}")
+            continue
+        if (template.get("annotations") or {}).get(INJECT_ANNOTATION) == "binding":
+            if at - since >= binding_sync:
+                continue
+        else:
+            started = max(filter(None, (_epoch(meta.get("creationTimestamp")),
+                                        _epoch((template.get("annotations") or {}).get(RESTARTED_AT_ANNOTATION)))),
+                          default=None)
+            generation, observed = meta.get("generation"), st.get("observedGeneration")
+            rolled = (generation is not None and observed is not None and int(observed) >= int(generation)
+                      and int(st.get("updatedReplicas") or 0) >= want
+                      and int(st.get("availableReplicas") or st.get("readyReplicas") or 0) >= want
+                      and int(st.get("replicas") or 0) <= int(st.get("updatedReplicas") or 0))
+            if started is not None and started >= since and rolled:
+                continue
+        stale.append(f"{w.get('kind')}/{meta.get('name')}")
+    return sorted(stale)

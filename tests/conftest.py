@@ -4,12 +4,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from redis_server import RedisServer, server_binary  # noqa: E402
+
+if TYPE_CHECKING:
+    from redis_cluster import LocalCluster, LocalSentinel
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -49,3 +53,23 @@ def redis_factory() -> Iterator[type[RedisServer]]:
     yield _Factory
     for s in started:
         s.cleanup()
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator["LocalCluster"]:
+    """A private local Redis Cluster: 3 masters + 3 replicas (tests may kill, restart, reshard)."""
+    from redis_cluster import start_cluster
+
+    cluster = start_cluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def redis_sentinel() -> Iterator["LocalSentinel"]:
+    """A private Sentinel set: 1 master, 1 replica, 3 sentinels (tests may fail the master over)."""
+    from redis_cluster import start_sentinel
+
+    local = start_sentinel()
+    yield local
+    local.close()

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import Counter
+from typing import cast
 
 import pytest
 from pump_harness import SIGNING_KEY, organism_yaml
 from redis_server import RedisServer, block_server
 
 from xml_pipeline.memory import BackendConfig, create_backend
+from xml_pipeline.memory.async_store import RedisStore
 from xml_pipeline.memory.redis_pipe import RedisPipe
 from xml_pipeline.message_bus.local_pool import LocalWorkerPool
 from xml_pipeline.message_bus.message import Message
@@ -134,7 +136,7 @@ async def test_dispatcher_submits_tasks_of_one_loop_iteration_in_one_multi(redis
     dispatcher = RedisDispatcher(backend)
     await dispatcher.start()
     try:
-        pipe = dispatcher._pipe  # noqa: SLF001 - the test counts what it sent
+        pipe = cast(RedisStore, dispatcher.store).pipe  # the test counts what it sent
         assert pipe is not None
         tasks = [WorkerTask(f"t{i:02d}", "echo", "xp_test_handlers:echo", "a" * 32, "b" * 32) for i in range(30)]
         runs = [asyncio.ensure_future(dispatcher.run(t)) for t in tasks]

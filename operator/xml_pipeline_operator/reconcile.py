@@ -347,7 +347,7 @@ class Reconciler:
             assert ext is not None
             found: dict[str, str] = {}
             for ref, what in ((ext.password, "passwordSecretRef"), (ext.username, "usernameSecretRef"),
-                              (ext.ca, "tls.caSecret")):
+                              (ext.ca, "caSecretRef")):
                 if ref is None:
                     continue
                 secret = self.kube.get("Secret", org.namespace, ref.name)
@@ -365,7 +365,7 @@ class Reconciler:
                 return st.Condition("RedisReady", "True", "ExternalRedisConfigured",
                                     f"pods use {ext.url}; not probed by the operator (XPO_PROBE_EXTERNAL_REDIS=false)")
             result = probe_redis(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"),
-                                 ca=found.get("tls.caSecret"))
+                                 ca=found.get("caSecretRef"))
             user = found.get("usernameSecretRef") or "default"
             if result.ok:
                 return st.Condition("RedisReady", "True", "ExternalRedisReachable",

@@ -54,23 +54,23 @@ def pods(state: desired.DesiredState) -> list[dict[str, Any]]:
 # -- pure functions ---------------------------------------------------------------------------------------
 def test_external_tls_ca_secret_is_parsed_and_validated() -> None:
     s = OperatorSettings()
-    org = parse_organism(body("ext", external(tls={"caSecret": {"name": "redis-ca"}})), s)
+    org = parse_organism(body("ext", external(caSecretRef={"name": "redis-ca"})), s)
     assert org.redis is not None and org.redis.external is not None
     assert (org.redis.external.ca.name, org.redis.external.ca.key) == ("redis-ca", "ca.crt")  # type: ignore[union-attr]
-    for tls_spec, field, words in (
-            ({"caSecret": {"name": "c"}}, "spec.backend.redis.external.tls", "rediss://"),
-            ({}, "spec.backend.redis.external.tls.caSecret", "is required"),
-            ({"caSecret": {"name": "Bad_Name"}}, "spec.backend.redis.external.tls.caSecret.name", "not a Secret name"),
-            ({"caSecret": {"name": "c", "key": "../x"}}, "spec.backend.redis.external.tls.caSecret.key", "not a Secret key"),
-            ({"caFile": "/x"}, "spec.backend.redis.external.tls.caFile", "not a known field")):
+    for ref, field, words in (
+            ({"name": "c"}, "spec.backend.redis.external.caSecretRef", "rediss://"),
+            ({}, "spec.backend.redis.external.caSecretRef.name", "not a Secret name"),
+            ({"name": "Bad_Name"}, "spec.backend.redis.external.caSecretRef.name", "not a Secret name"),
+            ({"name": "c", "key": "../x"}, "spec.backend.redis.external.caSecretRef.key", "not a Secret key"),
+            ({"name": "c", "file": "/x"}, "spec.backend.redis.external.caSecretRef.file", "not a known field")):
         url = "redis://redis.example.com:6379/0" if "rediss://" in words else "rediss://redis.example.com:6380/0"
         with pytest.raises(SpecError) as caught:
-            parse_organism(body("ext", external(url, tls=tls_spec)), s)
-        assert caught.value.field == field and words in str(caught.value), (tls_spec, str(caught.value))
+            parse_organism(body("ext", external(url, caSecretRef=ref)), s)
+        assert caught.value.field == field and words in str(caught.value), (ref, str(caught.value))
 
 
 def test_external_ca_is_mounted_read_only_and_named_by_organism_yaml() -> None:
-    org = parse_organism(body("ext", external(tls={"caSecret": {"name": "redis-ca", "key": "root.pem"}})),
+    org = parse_organism(body("ext", external(caSecretRef={"name": "redis-ca", "key": "root.pem"})),
                          OperatorSettings())
     state = desired.build(org, OperatorSettings())
     specs = pods(state)
@@ -203,7 +203,7 @@ async def test_external_tls_probe_uses_the_ca_secret(k8s: Any, start_operator: A
     for name, ca_secret in (("good", "ext-ca"), ("wrong", "ext-wrong-ca"), ("missing", "ext-nope")):
         await create(k8s, name, {"config": {"listeners": LISTENERS}, "backend": {"redis": {
             "mode": "external", "external": {"url": tls_shared.tls_url, "passwordSecretRef": {"name": "ext-auth"},
-                                             "tls": {"caSecret": {"name": ca_secret}}}}}})
+                                             "caSecretRef": {"name": ca_secret}}}}})
 
     def reason(n: str) -> str:
         return (condition(get_obj(k8s, ORGANISMS, n), "RedisReady") or {}).get("reason", "")
@@ -211,7 +211,7 @@ async def test_external_tls_probe_uses_the_ca_secret(k8s: Any, start_operator: A
     await eventually(lambda: reason("wrong") == "ExternalRedisUnreachable")
     assert "certificate verify failed" in condition(get_obj(k8s, ORGANISMS, "wrong"), "RedisReady")["message"]
     await eventually(lambda: reason("missing") == "ExternalSecretMissing")
-    assert "'ext-nope' (spec.backend.redis.external.tls.caSecret)" in condition(
+    assert "'ext-nope' (spec.backend.redis.external.caSecretRef)" in condition(
         get_obj(k8s, ORGANISMS, "missing"), "RedisReady")["message"]
     pump = get_obj(k8s, DEPLOYMENTS, "good-pump")["spec"]["template"]["spec"]
     assert {"name": "redis-ca", "secret": {"secretName": "ext-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} \

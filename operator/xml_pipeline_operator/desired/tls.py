@@ -3,7 +3,7 @@
 Where the Organism's Redis speaks TLS with a private CA, the pods verify its certificate against that
 CA instead of their image's system trust store:
 
-- external Redis: `spec.backend.redis.external.tls.caSecret` names a Secret key of the user's;
+- external Redis: `spec.backend.redis.external.caSecretRef` names a Secret key of the user's;
 - shared Redis: the operator's own CA file (XPO_SHARED_REDIS_CA_FILE), copied into each Organism's
   `<name>-credentials` Secret under `ca.crt` (and into its binding, desired/binding.py).
 

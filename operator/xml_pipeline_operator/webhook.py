@@ -42,14 +42,13 @@ import kopf
 from xml_pipeline import contract
 
 from .desired import naming
-from .desired.binding import binding_name
+from .desired.binding import INJECT_ANNOTATION, binding_name
 from .desired.tls import CA_KEY
 from .kube import Kube
 
 logger = logging.getLogger(__name__)
 
 CLIENT_LABEL = naming.CLIENT_LABEL
-INJECT_ANNOTATION = "xml-pipeline.dev/client-inject"
 INJECT_MODES = ("env", "binding")
 BINDING_ROOT = "/bindings"
 BINDING_VOLUME = "xml-pipeline-binding"

@@ -191,6 +191,8 @@ def dedicated_rotation_step(request: str | None, values: Mapping[str, str]) -> s
 #: A client pod mounting the binding sees a new password once the kubelet refreshed the volume (its
 #: sync period, 60 s by default, plus its cache); the library re-reads the binding on WRONGPASS.
 BINDING_SYNC_SECONDS = 120.0
+#: Pod annotation choosing how the injection webhook configures a client pod (webhook.py): env | binding.
+INJECT_ANNOTATION = "xml-pipeline.dev/client-inject"
 #: Template annotation `kubectl rollout restart` sets (RFC 3339).
 RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 
@@ -223,7 +225,6 @@ def stale_clients(workloads: list[Mapping[str, Any]], organism: str, published: 
     the volume, or -- environment from secretKeyRef is read at container start -- when it was created
     or restarted (`kubectl rollout restart`) after `published` and that rollout is complete. A
     workload scaled to zero holds nothing. Bare pods and Jobs are not seen: restart them yourself."""
-    from ..webhook import INJECT_ANNOTATION
     since, at = _epoch(published), _epoch(now)
     stale = []
     for w in client_workloads(workloads, organism):

@@ -1,4 +1,4 @@
-"""Rotating the client password of an organism on a dedicated Redis: the real kopf operator on kmock, and
+"""Rotating the client password (dedicated Redis; the client wait on the shared Redis): the real kopf operator on kmock, and
 a real redis-server started by the very script of the operator's Redis Deployment (its `requirepass` and
 client `user` line from the Secrets, as the pod gets them). Redis accepts the new password before the
 binding hands it out; old and new both work until every client workload has restarted with the new one
@@ -256,3 +256,30 @@ def test_the_dedicated_redis_admits_the_operator() -> None:
     peers = [p for rule in policy["spec"]["ingress"] for p in rule["from"]]
     assert {"namespaceSelector": {}, "podSelector": {"matchLabels": {
         "app.kubernetes.io/part-of": "xml-pipeline", "app.kubernetes.io/component": "operator"}}} in peers
+
+
+shared, admin_client, run_operator = base.shared, base.admin_client, base.run_operator
+
+
+async def test_shared_rotation_waits_for_the_client_workloads(k8s: Any, run_operator: Any, shared: Any) -> None:
+    """On the shared Redis the client password rides on the organism's rotation; once the organism's pods
+    rolled, the old client password still waits for the client workloads."""
+    op = await run_operator()
+    await rot.ready_shared_organism(k8s, "cli")
+    await eventually(lambda: ((get_obj(k8s, ORGANISMS, "cli") or {}).get("status") or {}).get("binding"))
+    await client_deployment(k8s, "web", "cli")
+    user, old = "xpc-default.cli", secret(k8s, "cli-binding")["password"]
+    await rot.request_rotation(k8s, "cli", "r1")
+    new = await eventually(lambda: (p := secret(k8s, "cli-binding")["password"]) != old and p)
+    for dep in ("cli-pump", "cli-worker"):
+        await eventually(lambda: rot.rotation_status(k8s, "cli").get("phase") == "RollingOut")
+        await rot.mark_rolled(k8s, dep)
+    await eventually(lambda: rot.rotation_status(k8s, "cli").get("phase") == "Idle")  # the organism's is done
+    cond = await eventually(lambda: client_condition(k8s, "cli"))
+    assert cond["reason"] == "WaitingForClients" and "Deployment/web" in cond["message"]
+    assert rot.can_login(shared, user, old) and rot.can_login(shared, user, new)
+    assert "password-previous-sha256" in secret(k8s, "cli-binding")
+    await rollout_restart(k8s, "web")
+    await run_pass(op, "cli")
+    assert not rot.can_login(shared, user, old) and rot.can_login(shared, user, new)
+    assert "password-previous-sha256" not in secret(k8s, "cli-binding") and client_condition(k8s, "cli") is None

@@ -14,7 +14,7 @@ from typing import cast
 
 import pytest
 from pump_harness import SIGNING_KEY, organism_yaml
-from redis_server import RedisServer, block_server
+from redis_server import RedisServer, TLSFiles, TLSRedisServer, block_server
 
 from xml_pipeline.memory import BackendConfig, create_backend
 from xml_pipeline.memory.async_store import RedisStore
@@ -85,6 +85,26 @@ async def test_same_answers_and_buffer_with_and_without_the_pipe(redis_server: R
             assert pump.pipe.writes * 2 <= pump.pipe.commands
     # Nothing left in the temp key space.
     assert list(redis_server.client().scan_iter(match=f"{backend.config.redis_prefix}tmp:*")) == []  # type: ignore[attr-defined]
+    backend.close()  # type: ignore[attr-defined]
+
+
+async def test_the_pump_serves_conversations_over_tls_on_its_pipe(tls_redis: TLSRedisServer, tls_files: TLSFiles,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test CA is trusted like a system CA, by the pump and by the worker processes it starts.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
+    backend = backend_for(tls_redis)
+    pool = LocalWorkerPool(backend, workers=2)  # type: ignore[arg-type]
+    pump = StreamPump(organism("pptls"), backend, dispatcher=pool)  # type: ignore[arg-type]
+    assert pump.pipe is not None  # rediss:// keeps the pipe
+    async with pump:
+        requests = [Message("console", "echo", f'<e tag="t{i}"/>') for i in range(30)]
+        answers = await asyncio.wait_for(asyncio.gather(*(pump.request(m) for m in requests)), 120)
+        for m, outs in zip(requests, answers):
+            assert len(outs) == 1 and outs[0].kind == "response" and outs[0].in_reply_to == m.id
+            assert tag_of(outs[0]) == m.element().get("tag")  # type: ignore[union-attr]
+        # Every step went through the pipe, over TLS, and none fell back to the blocking backend.
+        assert pump.pipe.commands >= 5 * 30 and pump.pipe.writes * 2 <= pump.pipe.commands
+        assert pump.stats.redis_fallbacks == 0
     backend.close()  # type: ignore[attr-defined]
 
 

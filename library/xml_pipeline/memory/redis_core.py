@@ -31,11 +31,11 @@ from . import redis_functions
 from . import redis_scripts as scripts
 from .config import BackendConfig, redact_url
 from .keys import RedisKeys
-from .redis_pipe import DirectConnection
-from .redis_wire import pack_args, pack_commands, pack_head
+from .redis_direct import DirectConnection
+from .redis_wire import pack_args, pack_commands, pack_head, tls_supported
 from .signing import Signer
 
-__all__ = ["RedisCore"]
+__all__ = ["RedisCore", "TLS_DEFAULTS"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +43,15 @@ T = TypeVar("T")
 # Backoff before retry k: a random wait of up to 20 ms * 2**k (40, 80, 160 ms ...), never above 0.5 s.
 _BACKOFF_BASE = 0.02
 _BACKOFF_CAP = 0.5
+
+
+#: TLS settings of a rediss:// connection, given to the pool explicitly (not left to redis-py's
+#: defaults, which changed between releases) so that redis-py's connections and ours
+#: (redis_wire.tls_context) verify the server the same way: its certificate against the system's
+#: CAs (or SSL_CERT_FILE / SSL_CERT_DIR), and its host name.
+TLS_DEFAULTS: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+#: The connection kwargs a raw connection (RedisPipe, DirectConnection) is made from.
+_RAW_KWARGS = ("host", "port", "path", "db", "username", "password", "client_name")
 
 
 def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
@@ -76,6 +85,7 @@ class RedisCore:
         self._ttl = config.ttl or 0
         self._url = redact_url(config.redis_url)
         url, url_user, url_password = _split_credentials(config.redis_url)
+        self._tls = urlsplit(url).scheme == "rediss"
         self._username = config.redis_username or url_user
         self._password = config.redis_password or url_password
         self._signer = signer
@@ -94,6 +104,8 @@ class RedisCore:
             health_check_interval=config.health_check_interval,
             retry=Retry(NoBackoff(), 0),
             client_name=f"xml-pipeline:{config.redis_prefix}",
+            **(TLS_DEFAULTS if self._tls else {}),
+            # The CA file of backend.redis_ca_cert (else the system trust store verifies the server).
             **config.tls_kwargs(),
         )
         #: The redis-py client (no automatic retries). The distributed worker mode builds its stream
@@ -338,15 +350,19 @@ class RedisCore:
 
     # -- What the pump's RedisPipe and a worker's DirectConnection need -------------------------------
     def pipe_capable(self) -> bool:
-        """True when RedisPipe can talk to this server (plain TCP or a unix socket, not TLS)."""
-        return urlsplit(self.config.redis_url).scheme in ("redis", "unix") and not self._closed
+        """True when RedisPipe and DirectConnection can talk to this server: plain TCP, a unix socket
+        or TLS (unless the pool's TLS settings ask for OCSP checks, which only redis-py makes)."""
+        return not self._closed and (not self._tls or tls_supported(self._pool.connection_kwargs))
 
     def connection_kwargs(self) -> dict[str, Any]:
-        """host/port or path, db, username, password and client_name of this backend's connections, and
-        ssl_ca_certs (the CA file of a TLS server, None for the system trust store)."""
-        kw = dict(self._pool.connection_kwargs)
-        return {k: kw.get(k) for k in ("host", "port", "path", "db", "username", "password", "client_name",
-                                       "ssl_ca_certs")}
+        """host/port or path, db, username, password and client_name of this backend's connections,
+        `tls` (True for rediss://) and, over TLS, the pool's ssl_* settings."""
+        kw = self._pool.connection_kwargs
+        out = {k: kw.get(k) for k in _RAW_KWARGS}
+        out["tls"] = self._tls
+        if self._tls:
+            out.update((k, v) for k, v in kw.items() if k.startswith("ssl_"))
+        return out
 
     def scrub(self, error: object) -> str:
         """`error` as text with this backend's password (if any) blanked."""
@@ -365,18 +381,19 @@ class RedisCore:
         """Send the calling thread's batched commands (temp_get_many, temp_put_many, temp_take,
         buffer_append_at, send_commands) through one connection of its own instead of the pool:
         for a worker process's single task loop. Other threads keep using the pool. Same commands,
-        same errors, same retries (see redis_pipe.DirectConnection). No-op over TLS (rediss://)."""
+        same errors, same retries (see redis_direct.py). No-op where pipe_capable() is False."""
         direct = self.new_direct_connection()
         if direct is not None:
             self._direct = direct
             self._direct_owner = threading.get_ident()
 
     def new_direct_connection(self) -> DirectConnection | None:
-        """A DirectConnection to this backend's server for one thread's own use (None over TLS)."""
+        """A DirectConnection to this backend's server for one thread's own use (None where
+        pipe_capable() is False)."""
         if not self.pipe_capable():
             return None
         cfg = self.config
         return DirectConnection(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
-                                connect_timeout=cfg.connect_timeout, pack=pack_commands)
+                                connect_timeout=cfg.connect_timeout)
 
 

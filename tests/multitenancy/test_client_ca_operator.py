@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tls_server import TlsRedisServer, other_ca
+from redis_server import TLSFiles, TLSRedisServer
 
 from xml_pipeline.client import OrganismClient
 from xml_pipeline.errors import ConfigError
@@ -28,6 +28,7 @@ from xml_pipeline_operator.tenancy.admin import SharedRedisAdmin
 
 from . import test_operator_shared as base
 from .conftest import ADMIN_PASSWORD
+from .test_client_tls import start_tls
 
 k8s, kubeconfig, start_operator = base.k8s, base.kubeconfig, base.start_operator
 harness, create, get_obj, eventually, condition = base.harness, base.create, base.get_obj, base.eventually, base.condition
@@ -128,18 +129,18 @@ def test_shared_ca_file_setting_is_validated(tmp_path: Path) -> None:
 
 # -- the operator on kmock with a real TLS redis-server ----------------------------------------------------
 @pytest.fixture
-def tls_shared() -> Iterator[TlsRedisServer]:
-    server = TlsRedisServer(password=ADMIN_PASSWORD).start_or_skip()
+def tls_shared(tls_files: TLSFiles) -> Iterator[TLSRedisServer]:
+    server = start_tls(tls_files, ADMIN_PASSWORD)
     yield server
     server.cleanup()
 
 
 @pytest.fixture
-def run_tls_operator(start_operator: Any, tls_shared: TlsRedisServer) -> Callable[..., Any]:
+def run_tls_operator(start_operator: Any, tls_shared: TLSRedisServer) -> Callable[..., Any]:
     async def run() -> Any:
-        settings = dataclasses.replace(harness.TEST_SETTINGS, shared_redis_url=tls_shared.tls_url,
+        settings = dataclasses.replace(harness.TEST_SETTINGS, shared_redis_url=tls_shared.url,
                                        shared_redis_password=ADMIN_PASSWORD,
-                                       shared_redis_ca=tls_shared.ca_path.read_text())
+                                       shared_redis_ca=tls_shared.tls.ca.read_text())
         return await start_operator(settings, admin=SharedRedisAdmin(settings, usage_interval=0.2,
                                                                      user_check_interval=0.2))
     return run
@@ -159,16 +160,16 @@ def mount_items(values: dict[str, str], directory: Path) -> Path:
 
 
 async def test_shared_tls_redis_ca_reaches_pods_and_binding(k8s: Any, run_tls_operator: Any,
-                                                            tls_shared: TlsRedisServer, tmp_path: Path) -> None:
+                                                            tls_shared: TLSRedisServer, tmp_path: Path) -> None:
     await run_tls_operator()
     await create(k8s, "shop", {"config": {"listeners": LISTENERS}, "workers": {"replicas": 1},
                                "backend": {"redis": {"mode": "shared", "ttl": 600}}})
     org = await eventually(lambda: (o := get_obj(k8s, ORGANISMS, "shop")) and (o.get("status") or {}).get("binding") and o)
     assert condition(org, "RedisReady")["status"] == "True"  # the operator's admin connection verified the CA
-    ca = tls_shared.ca_path.read_text()
+    ca = tls_shared.tls.ca.read_text()
     creds, bound = decoded(get_obj(k8s, "v1/secrets", "shop-credentials")), decoded(get_obj(k8s, "v1/secrets", "shop-binding"))
     assert creds["ca.crt"] == ca and bound["ca.crt"] == ca and bound["tls"] == "true"
-    assert bound["url"] == tls_shared.tls_url
+    assert bound["url"] == tls_shared.url
     for dep in ("shop-pump", "shop-worker"):
         spec = get_obj(k8s, DEPLOYMENTS, dep)["spec"]["template"]["spec"]
         vol = next(v for v in spec["volumes"] if v["name"] == "redis-ca")
@@ -190,11 +191,11 @@ async def test_shared_tls_redis_ca_reaches_pods_and_binding(k8s: Any, run_tls_op
         assert [s.payload for s in client.read_thread("t-tls")] == ["<order/>"]
 
 
-async def test_external_tls_probe_uses_the_ca_secret(k8s: Any, start_operator: Any, tls_shared: TlsRedisServer,
+async def test_external_tls_probe_uses_the_ca_secret(k8s: Any, start_operator: Any, tls_shared: TLSRedisServer,
                                                      tmp_path: Path) -> None:
     await start_operator()
-    secrets = {"ext-auth": {"password": ADMIN_PASSWORD}, "ext-ca": {"ca.crt": tls_shared.ca_path.read_text()},
-               "ext-wrong-ca": {"ca.crt": other_ca(tmp_path).read_text()}}
+    secrets = {"ext-auth": {"password": ADMIN_PASSWORD}, "ext-ca": {"ca.crt": tls_shared.tls.ca.read_text()},
+               "ext-wrong-ca": {"ca.crt": tls_shared.tls.other_ca.read_text()}}
     for name, data in secrets.items():
         resp = await k8s.post("/api/v1/namespaces/default/secrets", json={
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
@@ -202,7 +203,7 @@ async def test_external_tls_probe_uses_the_ca_secret(k8s: Any, start_operator: A
         assert resp.status == 201, await resp.text()
     for name, ca_secret in (("good", "ext-ca"), ("wrong", "ext-wrong-ca"), ("missing", "ext-nope")):
         await create(k8s, name, {"config": {"listeners": LISTENERS}, "backend": {"redis": {
-            "mode": "external", "external": {"url": tls_shared.tls_url, "passwordSecretRef": {"name": "ext-auth"},
+            "mode": "external", "external": {"url": tls_shared.url, "passwordSecretRef": {"name": "ext-auth"},
                                              "caSecretRef": {"name": ca_secret}}}}})
 
     def reason(n: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from tls_server import TlsRedisServer
+from redis_server import TLSFiles, TLSRedisServer
 
 from xml_pipeline.client import OrganismClient
 from xml_pipeline.memory.factory import default_config
@@ -19,6 +19,7 @@ from xml_pipeline_operator import webhook
 
 from . import test_operator_shared as base
 from .conftest import ADMIN_PASSWORD
+from .test_client_tls import start_tls
 
 k8s, kubeconfig, start_operator = base.k8s, base.kubeconfig, base.start_operator
 harness, eventually, get_obj = base.harness, base.eventually, base.get_obj
@@ -44,13 +45,13 @@ def test_env_mode_mounts_the_ca_only_for_tls() -> None:
 
 
 @pytest.fixture
-def tls_shared() -> Any:
-    server = TlsRedisServer(password=ADMIN_PASSWORD).start_or_skip()
+def tls_shared(tls_files: TLSFiles) -> Any:
+    server = start_tls(tls_files, ADMIN_PASSWORD)
     yield server
     server.cleanup()
 
 
-async def test_env_mode_pod_talks_tls_with_the_mounted_ca(k8s: Any, start_operator: Any, tls_shared: TlsRedisServer,
+async def test_env_mode_pod_talks_tls_with_the_mounted_ca(k8s: Any, start_operator: Any, tls_shared: TLSRedisServer,
                                                           tmp_path: Path) -> None:
     from redis_server import free_port
     from xml_pipeline_operator.tenancy.admin import SharedRedisAdmin
@@ -62,8 +63,8 @@ async def test_env_mode_pod_talks_tls_with_the_mounted_ca(k8s: Any, start_operat
     assert resp.status == 201
     port = free_port()
     settings = dataclasses.replace(harness.TEST_SETTINGS, webhook_port=port, webhook_host="127.0.0.1",
-                                   webhook_configuration=wh.MWC, shared_redis_url=tls_shared.tls_url,
-                                   shared_redis_password=ADMIN_PASSWORD, shared_redis_ca=tls_shared.ca_path.read_text())
+                                   webhook_configuration=wh.MWC, shared_redis_url=tls_shared.url,
+                                   shared_redis_password=ADMIN_PASSWORD, shared_redis_ca=tls_shared.tls.ca.read_text())
     await start_operator(settings, admin=SharedRedisAdmin(settings))
     await base.create(k8s, "shop", base.shared_spec())
     await eventually(lambda: ((get_obj(k8s, base.ORGANISMS, "shop") or {}).get("status") or {}).get("binding"))

@@ -45,7 +45,7 @@ def probe_redis(url: str, username: str | None, password: str | None, *,
     # PING are all the probe sends).
     client = redis.Redis.from_url(url, username=username or None, password=password or None,
                                   socket_connect_timeout=timeout, socket_timeout=timeout, retry_on_timeout=False,
-                                  **({"ssl_ca_data": ca} if ca and url.startswith("rediss://") else {}))
+                                  **({"ssl_ca_data": ca} if ca and url.startswith("rediss") else {}))
     start = time.monotonic()
     try:
         client.ping()

@@ -189,7 +189,7 @@ def check_redis_url(field_name: str, url: str) -> str:
 def read_ca_file(name: str, path: str, url: str) -> str:
     """The PEM text of a CA file for a rediss:// URL (a CA beside a plain URL would be ignored)."""
     allowed = "the path of a readable PEM file with the shared Redis's CA certificate(s), beside a rediss:// URL"
-    if not url.startswith("rediss://"):
+    if not url.startswith("rediss"):  # rediss://, and the rediss+... forms
         raise ConfigError(name, "is set, but XPO_SHARED_REDIS_URL does not use TLS (rediss://)", allowed)
     try:
         with open(path, "rb") as f:

@@ -37,23 +37,23 @@ class ProbeResult:
 
 
 def probe_topology(url: str, username: str | None, password: str | None, *,
-                   timeout: float = PROBE_TIMEOUT) -> ProbeResult:
+                   timeout: float = PROBE_TIMEOUT, ca: str | None = None) -> ProbeResult:
     """probe_redis for any XP_REDIS_URL form: one server, a cluster's seeds, a Sentinel set's master."""
     from .topology import format_address, parse_url
     top = parse_url("url", url)
     if top.mode == "standalone":
-        return probe_redis(url, username, password, timeout=timeout)
+        return probe_redis(url, username, password, timeout=timeout, ca=ca)
     scheme = "rediss" if top.tls else "redis"
     if top.mode == "cluster":
         targets = [f"{scheme}://{format_address(a)}" for a in top.addresses]
     else:
-        master, why = _sentinel_master(top.addresses, top.master_name or "", top.tls, timeout)
+        master, why = _sentinel_master(top.addresses, top.master_name or "", top.tls, timeout, ca)
         if master is None:
             return ProbeResult("Unreachable", why)
         targets = [f"{scheme}://{format_address(master)}"]
     failures = []
     for target in targets:
-        result = probe_redis(target, username, password, timeout=timeout)
+        result = probe_redis(target, username, password, timeout=timeout, ca=ca)
         if result.outcome != "Unreachable":
             return ProbeResult(result.outcome, f"{target.partition('://')[2]}: {result.detail}")
         failures.append(f"{target.partition('://')[2]}: {result.detail}")
@@ -61,11 +61,12 @@ def probe_topology(url: str, username: str | None, password: str | None, *,
 
 
 def _sentinel_master(sentinels: tuple[tuple[str, int], ...], name: str, tls: bool,
-                     timeout: float) -> tuple[tuple[str, int] | None, str]:
+                     timeout: float, ca: str | None) -> tuple[tuple[str, int] | None, str]:
     """The master's address as the first answering sentinel names it, or None and why not."""
     failures = []
     for host, port in sentinels:
-        client = redis.Redis(host=host, port=port, ssl=tls, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = redis.Redis(host=host, port=port, ssl=tls, socket_connect_timeout=timeout, socket_timeout=timeout,
+                             ssl_ca_data=ca if ca and tls else None)
         try:
             reply = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", name)
         except (RedisConnectionError, RedisTimeoutError, ResponseError, OSError) as e:
@@ -81,8 +82,9 @@ def _sentinel_master(sentinels: tuple[tuple[str, int], ...], name: str, tls: boo
 
 
 def probe_redis(url: str, username: str | None, password: str | None, *,
-                timeout: float = PROBE_TIMEOUT) -> ProbeResult:
-    """PING `url` as `username`/`password`. Never raises; the detail never contains the password."""
+                timeout: float = PROBE_TIMEOUT, ca: str | None = None) -> ProbeResult:
+    """PING `url` as `username`/`password`. Never raises; the detail never contains the password.
+    `ca`: PEM CA certificate(s) a rediss:// server is verified against (the pods' CA file holds the same)."""
     def scrub(error: Exception) -> str:
         text = f"{type(error).__name__}: {error}"
         return text.replace(password, "***") if password else text
@@ -90,7 +92,8 @@ def probe_redis(url: str, username: str | None, password: str | None, *,
     # No client name: CLIENT SETNAME is a command the Redis user might not be granted (AUTH and
     # PING are all the probe sends).
     client = redis.Redis.from_url(url, username=username or None, password=password or None,
-                                  socket_connect_timeout=timeout, socket_timeout=timeout, retry_on_timeout=False)
+                                  socket_connect_timeout=timeout, socket_timeout=timeout, retry_on_timeout=False,
+                                  **({"ssl_ca_data": ca} if ca and url.startswith("rediss") else {}))
     start = time.monotonic()
     try:
         client.ping()

@@ -74,6 +74,9 @@ class ExternalRedis:
     addresses: tuple[topology.Address, ...] = ()
     master_name: str | None = None
     tls: bool = False
+    #: spec.backend.redis.external.caSecretRef: the CA certificate (PEM) the server's certificate is
+    #: verified against; None: the system trust store (or no TLS).
+    ca: SecretKeyRef | None = None
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,8 @@ def parse_redis(r: Mapping[str, Any], namespace: str, name: str, settings: Opera
 
 def parse_external(e: Mapping[str, Any]) -> ExternalRedis:
     path = "spec.backend.redis.external"
-    known(e, path, ("mode", "url", "addresses", "masterName", "tls", "passwordSecretRef", "usernameSecretRef"))
+    known(e, path, ("mode", "url", "addresses", "masterName", "tls", "passwordSecretRef", "usernameSecretRef",
+                    "caSecretRef"))
     mode = e.get("mode", "standalone")
     if mode not in EXTERNAL_MODES:
         raise SpecError(f"{path}.mode", f"unknown external Redis mode {mode!r}", EXTERNAL_MODES)
@@ -194,7 +198,22 @@ def parse_external(e: Mapping[str, Any]) -> ExternalRedis:
     if e.get("usernameSecretRef") is not None:
         username = _secret_ref(e["usernameSecretRef"], f"{path}.usernameSecretRef", "username")
     return ExternalRedis(url=url, password=password, username=username, mode=cast(topology.Mode, mode),
-                         addresses=addresses, master_name=master_name, tls=tls)
+                         addresses=addresses, master_name=master_name, tls=tls,
+                         ca=_ca_ref(e.get("caSecretRef"), tls, mode))
+
+
+def _ca_ref(raw: Any, tls: bool, mode: str) -> SecretKeyRef | None:
+    """spec.backend.redis.external.caSecretRef: {name, key (default ca.crt)}, only with TLS."""
+    path = "spec.backend.redis.external.caSecretRef"
+    if raw is None:
+        return None
+    if not tls:
+        if mode == "standalone":
+            raise SpecError(path, "is only allowed with a TLS URL (spec.backend.redis.external.url is not "
+                            "rediss://)", "a rediss://host:port URL, or remove caSecretRef")
+        raise SpecError(path, f"is only allowed with TLS (spec.backend.redis.external.tls is not true, mode {mode})",
+                        "tls: true, or remove caSecretRef")
+    return _secret_ref(raw, path, "ca.crt")
 
 
 def _standalone_url(e: Mapping[str, Any], path: str) -> str:

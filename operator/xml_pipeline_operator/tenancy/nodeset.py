@@ -78,7 +78,13 @@ class NodeSet:
         return {"username": s.shared_redis_username or None, "password": s.shared_redis_password,
                 "socket_connect_timeout": 2.0, "socket_timeout": 10.0, "health_check_interval": 30,
                 "client_name": "xml-pipeline-operator",
-                "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 2)}
+                "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 2),
+                **self._ca()}
+
+    def _ca(self) -> dict[str, Any]:
+        """The CA of a TLS shared Redis (XPO_SHARED_REDIS_CA_FILE), for every node and the sentinels."""
+        ca = self.settings.shared_redis_ca
+        return {"ssl_ca_data": ca} if ca and self.topology.tls else {}
 
     def client(self, node: Node) -> redis.Redis:
         """The admin client of `node` (kept for the operator's lifetime)."""
@@ -96,7 +102,7 @@ class NodeSet:
 
     def _sentinel(self, address: Address) -> redis.Redis:
         return redis.Redis(host=address[0], port=address[1], ssl=self.topology.tls, socket_connect_timeout=2.0,
-                           socket_timeout=5.0)
+                           socket_timeout=5.0, **self._ca())
 
     # -- nodes ---------------------------------------------------------------------------------------
     def nodes(self, *, refresh: bool = False) -> list[Node]:

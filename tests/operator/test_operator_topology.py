@@ -189,3 +189,14 @@ def test_keda_triggers_follow_the_topology() -> None:
     assert scaling.trigger_type("redis+cluster://a:1,b:2") == "redis-cluster-streams"
     assert scaling.trigger_metadata(org, "redis+cluster://a:1,b:2")[0]["addresses"] == "a:1,b:2"
     assert scaling.trigger_type("redis://a:1/0") == "redis-streams"
+
+
+def test_a_ca_secret_goes_with_tls_in_every_external_mode() -> None:
+    ca = {"caSecretRef": {"name": "redis-ca"}}
+    org = model.parse_organism(external(mode="cluster", addresses=["r0:6379"], tls=True, **ca), TEST_SETTINGS)
+    assert org.redis is not None and org.redis.external is not None
+    assert org.redis.external.ca == model.SecretKeyRef("redis-ca", "ca.crt")
+    for fields in ({"mode": "cluster", "addresses": ["r0:6379"]}, {"url": "redis://r:6379/0"}):
+        with pytest.raises(model.SpecError) as err:
+            model.parse_organism(external(**fields, **ca), TEST_SETTINGS)
+        assert err.value.field == "spec.backend.redis.external.caSecretRef" and "TLS" in str(err.value)

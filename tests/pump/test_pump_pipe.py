@@ -97,6 +97,10 @@ async def test_the_pump_serves_conversations_over_tls_on_its_pipe(tls_redis: TLS
     pump = StreamPump(organism("pptls"), backend, dispatcher=pool)  # type: ignore[arg-type]
     assert pump.pipe is not None  # rediss:// keeps the pipe
     async with pump:
+        # One conversation first: a fresh server learns the scripts (NOSCRIPT -> EVAL on the blocking path).
+        (warm,) = await asyncio.wait_for(pump.request(Message("console", "echo", '<e tag="w"/>')), 60)
+        assert warm.kind == "response"
+        fallbacks = pump.stats.redis_fallbacks
         requests = [Message("console", "echo", f'<e tag="t{i}"/>') for i in range(30)]
         answers = await asyncio.wait_for(asyncio.gather(*(pump.request(m) for m in requests)), 120)
         for m, outs in zip(requests, answers):
@@ -104,7 +108,7 @@ async def test_the_pump_serves_conversations_over_tls_on_its_pipe(tls_redis: TLS
             assert tag_of(outs[0]) == m.element().get("tag")  # type: ignore[union-attr]
         # Every step went through the pipe, over TLS, and none fell back to the blocking backend.
         assert pump.pipe.commands >= 5 * 30 and pump.pipe.writes * 2 <= pump.pipe.commands
-        assert pump.stats.redis_fallbacks == 0
+        assert pump.stats.redis_fallbacks == fallbacks
     backend.close()  # type: ignore[attr-defined]
 
 

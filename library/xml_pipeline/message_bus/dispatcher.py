@@ -55,7 +55,7 @@ class RedisDispatcher:
 
     def __init__(self, backend: RedisBackend, *, pump_id: str | None = None, pipelined: bool = True,
                  deadline: float | None = None) -> None:
-        """`pipelined=False`: the store's io threads instead of its RedisPipe (as on TLS URLs).
+        """`pipelined=False`: the store's io threads instead of its RedisPipe (always used where no pipe can go).
         `deadline`: seconds to wait for a task's result before answering it with a TaskDeadline
         error (None: wait forever); see process_pool.task_deadline."""
         self.streams = Streams(backend)

@@ -188,3 +188,24 @@ async def test_dispatcher_submits_tasks_of_one_loop_iteration_in_one_multi(redis
     finally:
         await dispatcher.close()
         backend.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipe", "io-threads"])
+def test_the_dispatcher_submits_through_the_pumps_store_when_both_pipe(redis_server: RedisServer,
+                                                                       pipelined: bool) -> None:
+    from xml_pipeline.message_bus.dispatcher import RedisDispatcher
+
+    backend = backend_for(redis_server)
+    dispatcher = RedisDispatcher(backend)  # type: ignore[arg-type]
+    own = dispatcher.store
+    pump = StreamPump(organism("share"), backend, dispatcher=dispatcher, pipelined=pipelined)  # type: ignore[arg-type]
+    # One group-commit connection for the pump's steps and the dispatcher's XADDs; without a pump
+    # pipe the dispatcher keeps its own.
+    assert (dispatcher.store is pump.store) is pipelined and (dispatcher.store is own) is not pipelined
+    other = StreamPump(organism("other"), backend_for(redis_server), dispatcher=RedisDispatcher(backend))  # type: ignore[arg-type]
+    assert other.dispatcher is not None and other.dispatcher.store is not other.store  # type: ignore[attr-defined]
+    for p in (pump, other):
+        p.store.close()
+    own.close()
+    backend.close()  # type: ignore[attr-defined]
+    other.backend.close()

@@ -106,6 +106,10 @@ def test_pods_and_a_user_pod_over_tls_with_the_ca_file(make_org: Callable[..., O
                 p.kill()
             raise AssertionError(f"{e}\n" + "\n".join(p.communicate()[1].decode()[-2000:] for p in procs)) from None
         check(out)
+        # `xml-pipeline send` in the same pod: the CLI finds the CA the same way.
+        sent = subprocess.run([CLI, "send", "--to", "greeter", '<greet name="Cy" lucky="10"/>', "--wait",
+                               "--timeout", "45"], env=user_env, capture_output=True, text=True, timeout=90)
+        assert sent.returncode == 0 and "Hello, Cy" in sent.stdout, sent.stderr[-2000:]
         # Without the mounted CA the same pod cannot verify the server.
         (files / CA_KEY).unlink()
         failed = subprocess.run([CLI, "send", "--to", "greeter", "<greet/>"], env=user_env, capture_output=True,

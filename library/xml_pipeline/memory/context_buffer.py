@@ -42,7 +42,7 @@ from .inmemory import InMemoryBackend, check_thread_id
 from .protocol import Appended, SharedBackend
 from .serialization import unpickle
 from .signing import MAX_APPEND_ID, SlotPlace
-from .slots import UNASSIGNED, BufferSlot, SlotMetadata
+from .slots import UNASSIGNED, BufferSlot, SlotMetadata, make_slot
 from .thread_context import ThreadContext
 
 __all__ = ["ContextBuffer", "ThreadContext", "BufferSlot", "SlotMetadata", "HandlerMetadata",
@@ -178,18 +178,8 @@ class ContextBuffer:
                                       or len(append_id.encode()) > MAX_APPEND_ID):
             raise ValueError(f"append_id must be a non-empty string of at most {MAX_APPEND_ID} bytes, "
                              f"got {append_id!r:.80}")
-        metadata = SlotMetadata(
-            thread_id=thread_id,
-            from_id=from_id,
-            to_id=to_id,
-            slot_index=UNASSIGNED,
-            timestamp=datetime.now(timezone.utc).isoformat(),
-            payload_type=type(payload).__name__,
-            own_name=own_name,
-            is_self_call=is_self_call,
-            usage_instructions=usage_instructions,
-        )
-        slot = BufferSlot(payload=payload, metadata=metadata)
+        slot = make_slot(payload, thread_id, from_id, to_id, UNASSIGNED, datetime.now(timezone.utc).isoformat(),
+                         type(payload).__name__, own_name, is_self_call, usage_instructions)
         body = pickle.dumps(slot, protocol=pickle.HIGHEST_PROTOCOL)
         return PreparedAppend(slot, body, append_id, self._place(thread_id))
 

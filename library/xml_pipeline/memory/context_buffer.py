@@ -60,6 +60,11 @@ EXPECTED_INDEX_CACHE = 4096
 APPEND_LOCK_STRIPES = 64
 
 
+#: Temp values to store with an append: (key, signed value) pairs, or a function of the index the
+#: slot is signed for that returns them (a value that refers to the slot by its place).
+Temps = Sequence[tuple[str, bytes]] | Callable[[int], Sequence[tuple[str, bytes]]]
+
+
 class PreparedAppend:
     """A slot ready to be stored: pickled once, signed for whichever index the thread is at."""
 
@@ -164,9 +169,10 @@ class ContextBuffer:
                                        usage_instructions=usage_instructions, append_id=append_id))
 
     def append_and_put(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None = None,
-                       *, append_id: str | None = None, temps: list[tuple[str, bytes]]) -> BufferSlot:
-        """append(), then temp_put(key, value) of each of `temps` (values already signed), in one
-        round trip on the manager and redis backends. A full thread raises before anything is stored."""
+                       *, append_id: str | None = None, temps: Temps) -> BufferSlot:
+        """append(), then temp_put(key, value) of each of `temps` (values already signed; or a
+        function of the index the slot is signed for that returns them), in one round trip on the
+        manager and redis backends. A full thread raises before anything is stored."""
         return self.store(self.prepare(thread_id, payload, from_id, to_id, own_name, append_id=append_id), temps)
 
     def prepare(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None = None,
@@ -183,8 +189,9 @@ class ContextBuffer:
         body = pickle.dumps(slot, protocol=pickle.HIGHEST_PROTOCOL)
         return PreparedAppend(slot, body, append_id, self._place(thread_id))
 
-    def store(self, prepared: PreparedAppend, temps: Sequence[tuple[str, bytes]] = ()) -> BufferSlot:
-        """Store a prepared slot (compare-and-append, signed for the index it lands at)."""
+    def store(self, prepared: PreparedAppend, temps: Temps = ()) -> BufferSlot:
+        """Store a prepared slot (compare-and-append, signed for the index it lands at), and `temps`
+        in the same round trip (see append_and_put)."""
         # One blocking append per thread at a time from this buffer: threads of one process that
         # append to the same thread concurrently would reach the backend in any order, and every
         # slot that overtakes one with a lower index is refused and signed again. In turn, each
@@ -194,7 +201,8 @@ class ContextBuffer:
             for _ in range(MAX_APPEND_ATTEMPTS):
                 outcome = self._backend.buffer_append_at(prepared.thread_id, prepared.blob(index), index,
                                                          max_slots=self.max_slots_per_thread,
-                                                         append_id=prepared.append_id, items=temps)
+                                                         append_id=prepared.append_id,
+                                                         items=temps(index) if callable(temps) else temps)
                 done = self.settle(prepared, index, outcome)
                 if isinstance(done, BufferSlot):
                     return done

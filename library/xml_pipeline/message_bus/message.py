@@ -122,7 +122,7 @@ class Message:
 
     def with_(self, **changes: Any) -> "Message":
         """A copy with `changes` applied; only the changed fields are validated again."""
-        values = [self.sender, self.to, self.payload, self.thread, self.kind, self.id, self.in_reply_to]
+        values: list[Any] = [self.sender, self.to, self.payload, self.thread, self.kind, self.id, self.in_reply_to]
         for name, value in changes.items():
             try:
                 values[_POSITION[name]] = value
@@ -295,7 +295,7 @@ class _DtdRefused(Exception):
     """A fragment declared a DTD or an entity (check_fragment)."""
 
 
-def _refuse_dtd(*_args: object) -> None:
+def _refuse_dtd(*_args: object) -> Any:
     raise _DtdRefused
 
 

@@ -47,7 +47,8 @@ from ..organism import ListenerSpec, Organism
 from .local_pool import Dispatcher, default_dispatcher
 from .message import Action, Call, Message, MessageError, Reply, derived_id, error_payload, normalize_result
 from .thread_registry import ThreadRegistry
-from .worker_task import WorkerResult, WorkerTask, new_key, open_response, signed_inputs, take_response
+from .worker_task import (WorkerResult, WorkerTask, new_key, open_response, signed_inputs, take_response,
+                          worker_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -540,10 +541,10 @@ class StreamPump:
             return msg, None
         # The message's slot and the worker's inputs go to the backend together (one round trip on
         # the manager and redis backends): append first, so a full thread stores no inputs.
-        keys, values = signed_inputs(self.backend, msg)
+        inputs = worker_inputs(self.backend, msg)  # a large payload: a reference to the slot
         self.buffer.append_and_put(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id,
-                                   temps=values)
-        return msg, keys
+                                   temps=inputs.items)
+        return msg, inputs.keys
 
     def _step_out(self, msg: Message, listener: ListenerSpec, actions: list[Action] | None,
                   error: tuple[str, str] | None, result: WorkerResult | None, keys: tuple[str, str] | None,

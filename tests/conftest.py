@@ -4,12 +4,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from redis_server import RedisServer, server_binary  # noqa: E402
+from redis_server import RedisServer, TLSFiles, TLSRedisServer, make_tls_files, server_binary  # noqa: E402
+
+if TYPE_CHECKING:
+    from redis_cluster import LocalCluster, LocalSentinel
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -36,6 +40,27 @@ def fresh_redis() -> Iterator[RedisServer]:
     server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A private CA with a server certificate for 127.0.0.1 / localhost and a client certificate
+    (redis_server.make_tls_files), made once per session (per xdist worker)."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tls_files: TLSFiles) -> Iterator[TLSRedisServer]:
+    """One redis-server that speaks only TLS (rediss://127.0.0.1:PORT/0) with a certificate of
+    `tls_files.ca`, for the session. Skipped where the server binary was built without TLS."""
+    server = TLSRedisServer(tls_files)
+    try:
+        server.start()
+    except RuntimeError as e:
+        server.cleanup()
+        pytest.skip(f"no TLS server here: {e} when given the --tls-* options (built without TLS?)")
+    yield server
+    server.cleanup()
+
+
 @pytest.fixture
 def redis_factory() -> Iterator[type[RedisServer]]:
     """Start extra servers with custom options; all are cleaned up at teardown."""
@@ -49,3 +74,23 @@ def redis_factory() -> Iterator[type[RedisServer]]:
     yield _Factory
     for s in started:
         s.cleanup()
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator["LocalCluster"]:
+    """A private local Redis Cluster: 3 masters + 3 replicas (tests may kill, restart, reshard)."""
+    from redis_cluster import start_cluster
+
+    cluster = start_cluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def redis_sentinel() -> Iterator["LocalSentinel"]:
+    """A private Sentinel set: 1 master, 1 replica, 3 sentinels (tests may fail the master over)."""
+    from redis_cluster import start_sentinel
+
+    local = start_sentinel()
+    yield local
+    local.close()

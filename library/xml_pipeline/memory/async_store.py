@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .protocol import Appended, SharedBackend
-from .redis_pipe import DirectConnection, RedisPipe, Unsure
+from .redis_direct import DirectConnection
+from .redis_pipe import RedisPipe, Unsure
 from .store import INLINE_MAX_BYTES, AsyncStore
 from .store_io import IoThreads
 

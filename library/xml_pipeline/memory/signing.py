@@ -221,8 +221,10 @@ class SlotPlace:
         outer.update(inner.digest())
         return b"".join((_HEAD, kid, outer.digest(), tail, body))  # one copy of the body
 
-    def open(self, blob: bytes, index: int) -> tuple[bytes, bytes]:
-        """(append id, body) of a slot that verifies at `index` of this thread, else SlotIntegrityError."""
+    def open(self, blob: bytes, index: int, *, view: bool = False) -> tuple[bytes, bytes]:
+        """(append id, body) of a slot that verifies at `index` of this thread, else SlotIntegrityError.
+        `view=True`: the body as a memoryview of `blob` instead of a copy (for a large slot that is
+        only unpickled)."""
         state = self._states.get(blob[4:8]) if type(blob) is bytes and blob[:4] == _HEAD else None
         if state is None:
             blob, _pads = self._signer._check(blob)  # noqa: SLF001 - raises for anything malformed
@@ -241,6 +243,8 @@ class SlotPlace:
         start = OVERHEAD + blob[_MAC_END]
         if len(blob) < start:
             raise SlotIntegrityError("envelope is truncated inside its append id")
+        if view:
+            return blob[OVERHEAD:start], memoryview(blob)[start:]  # type: ignore[return-value]
         return blob[OVERHEAD:start], blob[start:]
 
 

@@ -202,10 +202,14 @@ def input_values(message: Message, *, chain: str | None = None) -> tuple[tuple[s
     """Pump side, step 1 without the write: the new (payload_key, metadata_key) and the
     (key, tag, body) values to store under them."""
     payload_key, metadata_key = new_key(), new_key()
+    return (payload_key, metadata_key), [(payload_key, _PAYLOAD, message.payload.encode("utf-8")),
+                                         (metadata_key, _META, _metadata(message, chain))]
+
+
+def _metadata(message: Message, chain: str | None) -> bytes:
     meta = {"from": message.sender, "to": message.to, "thread": message.thread, "type": message.kind,
             "id": message.id, "in_reply_to": message.in_reply_to, "chain": chain}
-    return (payload_key, metadata_key), [(payload_key, _PAYLOAD, message.payload.encode("utf-8")),
-                                         (metadata_key, _META, json.dumps(meta, separators=(",", ":")).encode())]
+    return json.dumps(meta, separators=(",", ":")).encode()
 
 
 def signed_inputs(backend: SharedBackend, message: Message, *,
@@ -230,15 +234,15 @@ class WorkerInputs:
     __slots__ = ("keys", "_backend", "_message", "_meta", "_inline")
 
     def __init__(self, backend: SharedBackend, message: Message, *, chain: str | None = None) -> None:
-        keys, values = input_values(message, chain=chain)
-        self.keys = keys
         self._backend = backend
         self._message = message
         if len(message.payload) <= INLINE_PAYLOAD_MAX:
+            self.keys, values = input_values(message, chain=chain)
             self._inline: list[tuple[str, bytes]] | None = _signed(backend, values)
         else:
+            self.keys = (new_key(), new_key())
             self._inline = None
-            self._meta = values[1]
+            self._meta = (self.keys[1], _META, _metadata(message, chain))
 
     @property
     def by_reference(self) -> bool:
@@ -289,7 +293,7 @@ def _payload_from_slot(backend: SharedBackend, ref: dict[str, Any], meta: dict[s
                           "(expired or deleted)")
     place = backend.signer.place(getattr(backend, "slot_namespace", ""), thread)
     try:
-        append_id, pickled = place.open(blob, index)
+        append_id, pickled = place.open(blob, index, view=True)  # a large payload: no copy before unpickling
     except SlotIntegrityError as e:
         raise SlotIntegrityError(f"thread {thread!r} slot {index} (payload {key}): {e}") from None
     if append_id != str(ident).encode():

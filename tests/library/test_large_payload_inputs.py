@@ -125,3 +125,19 @@ def test_a_gone_slot_is_missing_data(make_backend: MakeBackend) -> None:
     with pytest.raises(LookupError, match="is gone"):
         load_inputs(backend, task)
     assert execute_task(backend, task).error_type == MISSING_DATA
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_repeated_append_refers_to_the_first_slot(kind: str, make_backend: MakeBackend) -> None:
+    """A conversation run again (a pump taking over) appends its message again under the same append
+    id: the backend answers with the first slot, elsewhere than the index the values were made for."""
+    backend = make_backend(kind)
+    buffer = ContextBuffer(backend)
+    msg, _task, first = _submit(backend, buffer, BIG)
+    buffer.append("t1", Message("console", "work", "<later/>", thread="t1"), "console", "work")
+    inputs = worker_inputs(backend, msg)  # the same message again: expected index 2, stored at 0
+    slot = buffer.append_and_put("t1", msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id,
+                                 temps=inputs.items)
+    assert slot.index == first == 0 and buffer.thread_len("t1") == 2
+    again = WorkerTask("again", "work", HANDLER, *inputs.keys)
+    assert load_inputs(backend, again) == msg

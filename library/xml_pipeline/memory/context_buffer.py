@@ -205,6 +205,10 @@ class ContextBuffer:
                                                          items=temps(index) if callable(temps) else temps)
                 done = self.settle(prepared, index, outcome)
                 if isinstance(done, BufferSlot):
+                    if callable(temps) and done.index != index:
+                        # A repeat: the slot is the first append's, at another index than the one
+                        # the values were made for. Values that name the slot's place are put again.
+                        self._backend.temp_put_many(list(temps(done.index)))
                     return done
                 index = done
         raise self._contended(prepared)

@@ -360,8 +360,15 @@ class ContextBuffer:
     def get_thread_slots(self, thread_id: str) -> list[BufferSlot]:
         """All slots of a thread, in order ([] for an unknown thread)."""
         blobs = self._backend.buffer_get_thread(thread_id)
-        place, load = self._place(thread_id), self._load
-        slots = [load(place, blob, i) for i, blob in enumerate(blobs)]
+        slots: list[BufferSlot] = []
+        for index, body in enumerate(self._place(thread_id).bodies(blobs)):  # every slot verified first
+            slot = unpickle(body)
+            meta = getattr(slot, "metadata", None)
+            if type(slot) is not BufferSlot or type(meta) is not SlotMetadata or meta.thread_id != thread_id:
+                slot = self._unpickle(body, thread_id, index)  # raises, saying what it holds
+            # A freshly unpickled slot nobody else holds: its position is set in place.
+            slot.metadata.__dict__["slot_index"] = index
+            slots.append(slot)
         self._remember(thread_id, len(slots))
         return slots
 

@@ -10,10 +10,10 @@ so other load on the machine distorts it much less than wall-clock rates; run it
 PYTHONPATH to another tree's `library`) to compare code versions.
 
 Baselines (same run, same data): pickle of a plain dict holding the slot's fields (what a slot costs
-without its classes), and for the data flow, the payload pickled and unpickled once (what a
-concurrent.futures.ProcessPoolExecutor does to it). The data-flow rows run against the bench's own
-redis-server, in this process: `pump` is the step-in (slot, inputs, one append round trip), `worker`
-is everything a worker does for the task (fetch, verify, handler, response).
+without its classes, signature and place). The data-flow rows have none (compare trees instead):
+they run against the bench's own redis-server, in this process, round trips included: `pump` is the
+step-in (slot, inputs, one append round trip), `worker` everything a worker does for the task
+(fetch, verify, handler, response).
 """
 from __future__ import annotations
 
@@ -63,8 +63,8 @@ def inputs(backend: Any, buffer: ContextBuffer, msg: Message) -> tuple[str, str]
     return keys
 
 
-def data_flow(url: str, size: int, count: int) -> tuple[float, float, float]:
-    """(pump µs, worker µs, baseline µs) per message of `size` payload bytes, on Redis."""
+def data_flow(url: str, size: int, count: int) -> tuple[float, float]:
+    """(pump µs, worker µs) per message of `size` payload bytes, on Redis (round trips included)."""
     backend = get_shared_backend(BackendConfig(backend_type="redis", redis_url=url, signing_key=KEY,
                                                redis_prefix=f"bs{secrets.token_hex(4)}:", redis_ttl=600))
     buffer = ContextBuffer(backend)
@@ -84,8 +84,7 @@ def data_flow(url: str, size: int, count: int) -> tuple[float, float, float]:
     worker = (time.thread_time() - start) / count
     backend.buffer_clear()
     backend.close()
-    base = cpu_us(lambda: pickle.loads(pickle.dumps(fragment, pickle.HIGHEST_PROTOCOL)), max(10, count))
-    return pump * 1e6, worker * 1e6, base
+    return pump * 1e6, worker * 1e6
 
 
 def main() -> None:
@@ -126,9 +125,8 @@ def main() -> None:
     server = BenchRedis(name="serialization")
     try:
         for label, size, count in (("100 B", 100, 200 if args.quick else 2000), ("1 MB", 1 << 20, 10 if args.quick else 40)):
-            pump, worker, base = data_flow(server.url, size, count)
-            row(f"data flow {label}: pump step-in (slot + inputs, one round trip)", pump,
-                "pickle.dumps + loads of the payload", base)
+            pump, worker = data_flow(server.url, size, count)
+            row(f"data flow {label}: pump step-in (slot + inputs, one round trip)", pump)
             row(f"data flow {label}: worker (fetch, verify, handler, response)", worker)
     finally:
         server.stop()

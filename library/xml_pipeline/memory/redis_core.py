@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendUnavailable, CredentialsRejected
 from . import redis_functions
 from . import redis_scripts as scripts
 from .config import BackendConfig, redact_url
@@ -105,6 +105,8 @@ class RedisCore:
             retry=Retry(NoBackoff(), 0),
             client_name=f"xml-pipeline:{config.redis_prefix}",
             **(TLS_DEFAULTS if self._tls else {}),
+            # The CA file of backend.redis_ca_cert (else the system trust store verifies the server).
+            **config.tls_kwargs(),
         )
         #: The redis-py client (no automatic retries). The distributed worker mode builds its stream
         #: keys with `key()` so they stay under this tenant's prefix. decode_responses is off, so every
@@ -159,7 +161,7 @@ class RedisCore:
                 return self._retry.call_with_retry(fn, _ignore, _retryable)
             return fn()
         except AuthenticationError as e:
-            raise BackendUnavailable(
+            raise CredentialsRejected(
                 f"Redis at {self._url} rejected the credentials of user {self._username or 'default'!r} "
                 f"({what}): {self._scrub(e)}") from None
         except (RedisConnectionError, RedisTimeoutError) as e:

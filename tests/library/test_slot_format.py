@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import pickle
+from dataclasses import dataclass
 
 import pytest
 
@@ -64,3 +65,21 @@ def test_unpickled_messages_are_equal_but_with_revalidates_what_changed() -> Non
         msg.with_(sender="a.b")
     with pytest.raises(TypeError, match="no field 'colour'"):
         msg.with_(colour="red")
+
+
+@dataclass(frozen=True)
+class _TaggedMetadata(SlotMetadata):
+    tag: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _TaggedMessage(Message):
+    tag: str = ""
+
+
+def test_subclasses_keep_their_type_and_fields_through_pickle() -> None:
+    meta = _TaggedMetadata("t1", "a", "b", -1, "ts", "x", tag="m")
+    slot = BufferSlot(payload=_TaggedMessage("console", "work", "<w/>", thread="t1", tag="p"), metadata=meta)
+    back = pickle.loads(pickle.dumps(slot, pickle.HIGHEST_PROTOCOL))
+    assert back == slot and type(back.metadata) is _TaggedMetadata and back.metadata.tag == "m"
+    assert type(back.payload) is _TaggedMessage and back.payload.tag == "p"

@@ -9,9 +9,12 @@ position on every slot it returns (see context_buffer.py).
 """
 from __future__ import annotations
 
+import copyreg
 from dataclasses import dataclass
 from typing import Any
 
+#: What pickle's default form of a class instance unpickles through (subclasses keep that form).
+_NEWOBJ = copyreg.__newobj__  # type: ignore[attr-defined]
 #: slot_index of a slot that has not been stored yet (and of the copy inside a stored blob).
 UNASSIGNED = -1
 
@@ -33,6 +36,8 @@ class SlotMetadata:
     usage_instructions: str = ""
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if type(self) is not SlotMetadata:  # a subclass keeps the default form (and its type)
+            return (_NEWOBJ, (type(self),), self.__dict__)
         return (_metadata, (self.thread_id, self.from_id, self.to_id, self.slot_index, self.timestamp,
                             self.payload_type, self.own_name, self.is_self_call, self.usage_instructions))
 
@@ -50,6 +55,8 @@ class BufferSlot:
         # unpickle, and every append pickles one and every read unpickles them all. Blobs pickled
         # the default way still load (the classes' layout is unchanged).
         m = self.metadata
+        if type(self) is not BufferSlot or type(m) is not SlotMetadata:  # subclasses: the default form
+            return (_NEWOBJ, (type(self),), self.__dict__)
         return (_slot, (self.payload, m.thread_id, m.from_id, m.to_id, m.slot_index, m.timestamp, m.payload_type,
                         m.own_name, m.is_self_call, m.usage_instructions))
 

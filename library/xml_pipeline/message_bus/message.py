@@ -15,6 +15,7 @@ it must be declared inside it.
 """
 from __future__ import annotations
 
+import copyreg
 import hashlib
 import re
 import uuid
@@ -30,6 +31,8 @@ from defusedxml.ElementTree import DefusedXMLParser, fromstring
 
 from ..errors import XmlPipelineError
 
+#: What pickle's default form of a class instance unpickles through (subclasses keep that form).
+_NEWOBJ = copyreg.__newobj__  # type: ignore[attr-defined]
 NS = "https://xml-pipeline.dev/v1"
 #: Names of listeners and external senders. No '.', which separates the hops of a call chain.
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}\Z")  # \Z: "$" would pass a trailing newline
@@ -93,7 +96,9 @@ class Message:
     def __reduce__(self) -> tuple[Any, ...]:
         # A flat tuple: the dataclass default (a state list set field by field through fields())
         # costs ~3x more per pickle and per unpickle, and every slot of the context buffer holds a
-        # Message. Unpickling does not validate again (see _rebuild).
+        # Message. Unpickling does not validate again (see _rebuild). A subclass keeps the default.
+        if type(self) is not Message:
+            return (_NEWOBJ, (type(self),), self.__getstate__())
         return (_rebuild, (self.sender, self.to, self.payload, self.thread, self.kind, self.id, self.in_reply_to))
 
     # -- convenience for handlers -----------------------------------------------------------------

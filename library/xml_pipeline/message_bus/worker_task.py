@@ -281,9 +281,11 @@ def load_inputs(backend: SharedBackend, task: WorkerTask) -> Message:
                    kind=meta.get("type", "request"), id=meta["id"], in_reply_to=meta.get("in_reply_to"))
 
 
-def _payload_from_slot(backend: SharedBackend, ref: dict[str, Any], meta: dict[str, Any], key: str) -> str:
+def _payload_from_slot(backend: SharedBackend, ref: Any, meta: dict[str, Any], key: str) -> str:
     """The payload of the message whose slot `ref` names, after the slot verified at its place
     (prefix, thread, index) and proved to be this message's (its append id is the message id)."""
+    if not isinstance(ref, dict):
+        raise SlotIntegrityError(f"payload {key} holds a malformed slot reference")
     thread, index, ident = ref.get("thread"), ref.get("index"), meta.get("id")
     if thread != meta.get("thread") or ref.get("id") != ident or type(index) is not int or not isinstance(thread, str):
         raise SlotIntegrityError(f"payload {key} refers to a slot of another message")

@@ -16,7 +16,7 @@ registry_get_uuid, and beside them, on the same server / machine, the raw baseli
 
 Each operation and its baseline are timed in short alternating rounds (so a burst of load from
 other processes hits both alike); the figure is the median round.
-Aims: redis append >= 0.8x RPUSH, redis get_thread >= 0.8x LRANGE+unpickle, manager op >= 0.8x one
+Aims: redis append >= 0.8x RPUSH, redis get_thread >= 0.6x LRANGE + unpickle of dicts (issue 12), manager op >= 0.8x one
 raw proxy call. Not a test: nothing asserts on speed.
 """
 from __future__ import annotations
@@ -231,7 +231,13 @@ def bench_backend(kind: str, backend: Any, rounds: int, quick: bool, *,
         raw_redis.delete("raw:reader")
         raw_redis.rpush("raw:reader", *[plain_slot()] * THREAD_SLOTS)
         add(full, read_full, "LRANGE + unpickle (dicts)",
-            raw(lambda i: [pickle.loads(x) for x in raw_redis.lrange("raw:reader", 0, -1)]), 0.8, n=n_read)
+            raw(lambda i: [pickle.loads(x) for x in raw_redis.lrange("raw:reader", 0, -1)]), 0.6, n=n_read)
+        # The earlier baseline, for continuity with older figures: the same BufferSlot pickles
+        # unpickled without their signature (so it gets faster with every change to slots too).
+        raw_redis.delete("raw:slots")
+        raw_redis.rpush("raw:slots", *[reader_body] * THREAD_SLOTS)
+        add(full, read_full, "LRANGE + unpickle (same slots)",
+            raw(lambda i: [pickle.loads(x) for x in raw_redis.lrange("raw:slots", 0, -1)]), n=n_read)
         add("buffer_get_thread 1,000 slots (bytes)", read_bytes, "LRANGE (bytes)",
             raw(lambda i: raw_redis.lrange("raw:reader", 0, -1)), n=n_read)
     elif raw_proxy is not None:

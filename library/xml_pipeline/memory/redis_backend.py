@@ -33,7 +33,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..errors import AppendIdConflict, BackendError, BackendUnavailable, ThreadFullError
-from . import redis_functions
+from .. import contract
+from . import redis_functions, redis_topology
 from . import redis_scripts as scripts
 from .config import BackendConfig, compat_config, redact_url
 from .keys import RedisKeys, check_tagged_id
@@ -136,6 +137,14 @@ class RedisBackend:
 
     is_shared = True
 
+    def __new__(cls, config: BackendConfig | str | None = None, **kwargs: Any) -> "RedisBackend":
+        # A redis+cluster:// URL gets the cluster backend, whichever constructor was called.
+        url = kwargs.get("url") or (config.redis_url if isinstance(config, BackendConfig) else config)
+        if cls is RedisBackend and isinstance(url, str) and contract.redis_mode(url) == "cluster":
+            from .redis_cluster import RedisClusterBackend
+            return super().__new__(RedisClusterBackend)
+        return super().__new__(cls)
+
     def __init__(self, config: BackendConfig | str | None = None, *, url: str | None = None,
                  prefix: str | None = None, ttl: int | None = None, signer: Signer | None = None) -> None:
         """A backend on the Redis server of `config`, or of xml-pipeline's arguments:
@@ -156,19 +165,12 @@ class RedisBackend:
         # The pool's connections never retry on their own (Retry(..., 0)): `client` is handed to the
         # pump for stream commands that are not idempotent (XADD). Our idempotent operations go
         # through self._retry instead.
-        self._pool = redis.BlockingConnectionPool.from_url(
-            url,
-            username=self._username,
-            password=self._password,
-            max_connections=config.max_connections,
-            timeout=config.connect_timeout + config.socket_timeout,  # wait for a free pooled connection
-            socket_connect_timeout=config.connect_timeout,
-            socket_timeout=config.socket_timeout,
-            socket_keepalive=True,
-            health_check_interval=config.health_check_interval,
-            retry=Retry(NoBackoff(), 0),
-            client_name=f"xml-pipeline:{config.redis_prefix}",
-        )
+        # One server, or the master a Sentinel set names (redis_topology.py; a cluster URL gets
+        # RedisClusterBackend, see __new__).
+        self._pool = redis_topology.connection_pool(config, url, self._username, self._password)
+        # Opt-in durability (backend.redis_wait_replicas): WAIT after every script, on its connection.
+        self._wait_tail = (_pack_command(b"WAIT", [config.redis_wait_replicas, int(config.socket_timeout * 1000)])
+                           if config.redis_wait_replicas else b"")
         #: The redis-py client (no automatic retries). The distributed worker mode builds its stream
         #: keys with `key()` so they stay under this tenant's prefix. decode_responses is off, so every
         #: string in a reply is bytes: the casts to bytes below narrow redis-py's `bytes | str` on that.
@@ -324,14 +326,24 @@ class RedisBackend:
         pool = self._pool
         conn = pool.get_connection()
 
-        def run(h: bytes) -> Any:
-            conn.send_packed_command([h + body])
+        wait = self._wait_tail
+
+        def send(packed: bytes) -> Any:
+            """One script (and its WAIT, when configured: both replies are read, so the connection
+            stays in step even when the script is refused)."""
+            conn.send_packed_command([packed + wait])
             try:
                 return conn.read_response()
+            finally:
+                if wait:
+                    self._check_wait(conn.read_response())
+
+        def run(h: bytes) -> Any:
+            try:
+                return send(h + body)
             except NoScriptError:
                 # Server restarted or SCRIPT FLUSH: EVAL runs the script and caches it again.
-                conn.send_packed_command([(eval_head or self._eval_heads[script.name]) + body])
-                return conn.read_response()
+                return send((eval_head or self._eval_heads[script.name]) + body)
 
         try:
             heads = self._heads
@@ -359,6 +371,13 @@ class RedisBackend:
             raise
         finally:
             pool.release(conn)
+
+    def _check_wait(self, acked: Any) -> None:
+        """WAIT's answer: fewer replicas than redis_wait_replicas is a timeout (the write is on the
+        master and may be lost in a failover; retried, a repeat of the write is harmless)."""
+        if not isinstance(acked, int) or acked < self.config.redis_wait_replicas:
+            raise RedisTimeoutError(f"WAIT: {acked} of {self.config.redis_wait_replicas} replica(s) acknowledged "
+                                    f"the write within {self.config.socket_timeout:g} s")
 
     def _scan(self, space: str) -> Iterator[bytes]:
         return self.client.scan_iter(match=self.keys.pattern(space), count=SCAN_COUNT)
@@ -430,7 +449,11 @@ class RedisBackend:
             raise ValueError(f"index must be an integer >= 0, got {index!r}")
         head = self._script_heads["append"]
         body = self._append_body(thread_id, slot, max_slots, append_id, index)
-        if items:
+        if items and self._wait_tail:
+            self.temp_put_many(list(items))  # then the append alone, followed by its WAIT
+            names = [self.keys.tmp(k) for k, _ in items]
+            reply = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
+        elif items:
             names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
             puts = self._pack_sets(names, [v for _, v in items])
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from redis_server import RedisServer, server_binary  # noqa: E402
+
+if TYPE_CHECKING:
+    from redis_topologies import ClusterSet, SentinelSet
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -49,3 +53,22 @@ def redis_factory() -> Iterator[type[RedisServer]]:
     yield _Factory
     for s in started:
         s.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator["ClusterSet"]:
+    """A 3-master + 3-replica Redis Cluster for the session (per xdist worker; marker `cluster`).
+    Tests use their own prefixes and must leave every node running (fault tests use their own)."""
+    from redis_topologies import ClusterSet
+    cluster = ClusterSet().start()
+    yield cluster
+    cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator["SentinelSet"]:
+    """A master, a replica and three sentinels for the session (per xdist worker; marker `cluster`)."""
+    from redis_topologies import SentinelSet
+    sentinels = SentinelSet().start()
+    yield sentinels
+    sentinels.cleanup()

@@ -176,7 +176,8 @@ class RedisBackend:
         #: string in a reply is bytes: the casts to bytes below narrow redis-py's `bytes | str` on that.
         self.client: redis.Redis = redis.Redis(connection_pool=self._pool)
         self._retry = Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE),
-                            config.retries, supported_errors=(RedisConnectionError, RedisTimeoutError))
+                            redis_topology.failover_retries(config),
+                            supported_errors=(RedisConnectionError, RedisTimeoutError))
         self._ping_retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError))
         # RESP heads "EVALSHA <sha> <numkeys>" / "EVAL <source> <numkeys>" of each script, packed once,
         # and "FCALL <function> <numkeys>" once the server is known to have our function library

@@ -60,8 +60,6 @@ _BATCH = 500
 #: Errors after which an idempotent operation is tried again (the slot map is refreshed by then).
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotCoveredError, TryAgainError,
              MasterDownError, MovedError, AskError)
-#: Retries of an idempotent operation after redis-py's own: 0.05 s doubling to 1 s, about 12 s in all.
-_RETRIES = 14
 
 
 class RedisClusterBackend(RedisBackend):
@@ -81,7 +79,7 @@ class RedisClusterBackend(RedisBackend):
         self._password = config.redis_password
         self._signer = signer if signer is not None else _signer_for(config)
         self.client: Any = redis_topology.cluster_client(config, self._username, self._password)
-        self._retry = Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), max(config.retries, _RETRIES),
+        self._retry = Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), redis_topology.failover_retries(config),
                             supported_errors=RETRYABLE)
         self._ping_retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError))
         self._wait = config.redis_wait_replicas
@@ -184,6 +182,12 @@ class RedisClusterBackend(RedisBackend):
             with self._refresh_lock:
                 self._refreshed[bucket] = time.monotonic()
 
+    def _touch_bucket(self, entry: str, out: list[tuple[Any, ...]]) -> None:
+        """Refresh the expiry of `entry`'s bucket when this process has not for ttl/8."""
+        bucket = self.keys.bucket(entry)
+        if self._ttl and self._due(bucket):
+            out.append(("PEXPIRE", bucket, self._slack_ms))
+
     # -- Context Buffer -------------------------------------------------------------------------
     def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
                       append_id: str | None = None) -> int:
@@ -208,8 +212,13 @@ class RedisClusterBackend(RedisBackend):
     def _append(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
                 expected: int) -> Appended:
         check_tagged_id(thread_id, "thread_id")
-        body = self._append_body(thread_id, slot, max_slots, append_id, expected)  # validates the arguments
-        del body
+        if not isinstance(slot, (bytes, bytearray, memoryview)):
+            raise TypeError(f"slot must be bytes, got {type(slot).__name__}")
+        if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int)
+                                      or max_slots < 1):
+            raise ValueError(f"max_slots must be None or an integer >= 1, got {max_slots!r}")
+        if append_id is not None and not (isinstance(append_id, str) and append_id):
+            raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
         aid = append_id if append_id is not None else _random_id()
         keys = (self.keys.buffer(thread_id), self.keys.op(thread_id), self.keys.uuid(thread_id))
         args = (bytes(slot), aid, self._ttl, max_slots or 0, expected)
@@ -221,12 +230,13 @@ class RedisClusterBackend(RedisBackend):
             if status in (cs.STORED, cs.REPEAT) and (status == cs.REPEAT or reply[2] == 1):
                 # A new thread (or a repeat, whose first attempt may have stopped before this): list it.
                 self._index_add(f"t:{thread_id}", follow)
-            elif status == cs.STORED and self._ttl and self._due(self.keys.bucket(f"t:{thread_id}")):
-                follow.append(("PEXPIRE", self.keys.bucket(f"t:{thread_id}"), self._slack_ms))
+            elif status == cs.STORED:
+                self._touch_bucket(f"t:{thread_id}", follow)
             if status == cs.STORED and self._ttl and reply[3]:
                 chain_key = self.keys.chain(reply[3].decode())
                 if self._due(chain_key):
                     follow.append(("PEXPIRE", chain_key, self._slack_ms))
+                    self._touch_bucket(f"c:{reply[3].decode()}", follow)
             self._follow_up(follow)
             return reply
 
@@ -269,6 +279,7 @@ class RedisClusterBackend(RedisBackend):
         def run() -> None:
             follow: list[tuple[Any, ...]] = []
             self._index_add(f"c:{chain}", follow)
+            self._touch_bucket(f"t:{uuid}", follow)  # the write refreshes the thread's expiry too
             self._follow_up(follow)  # listed before it exists: listing drops entries without a key
             _, previous = self._write(cs.C_CHAIN_SET, (self.keys.chain(chain),), (uuid, self._slack_ms, 0))
             self._link(chain, uuid, previous.decode() if previous else "", only_if_missing=False)
@@ -282,6 +293,7 @@ class RedisClusterBackend(RedisBackend):
         def run() -> str:
             follow: list[tuple[Any, ...]] = []
             self._index_add(f"c:{chain}", follow)
+            self._touch_bucket(f"t:{uuid}", follow)
             self._follow_up(follow)
             wrote, current = self._write(cs.C_CHAIN_SET, (self.keys.chain(chain),), (uuid, self._slack_ms, 1))
             winner = current.decode() if wrote == 0 else uuid

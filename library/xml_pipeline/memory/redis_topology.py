@@ -28,7 +28,7 @@ from redis.retry import Retry
 from .. import contract
 from .config import BackendConfig
 
-__all__ = ["cluster_client", "connection_pool", "target", "SENTINEL_CHECK_PERIOD"]
+__all__ = ["cluster_client", "connection_pool", "failover_retries", "target", "FAILOVER_RETRIES"]
 
 #: Seconds between the cluster client's retries of a command that met a moving slot or a node
 #: that is down: 20 ms * 2**k with jitter, at most 0.5 s.
@@ -38,8 +38,19 @@ _BACKOFF_CAP = 0.5
 #: top of these, up to redis-py's request TTL of 16). With the backoff above this covers about
 #: 8 s: longer than a replica takes to be promoted with cluster-node-timeout up to 5 s.
 CLUSTER_RETRIES = 20
-#: The sentinel pool re-checks a connection's master role this often (redis-py's default).
-SENTINEL_CHECK_PERIOD = 1
+#: Retries of an idempotent operation on a cluster or a Sentinel-managed master (backend.retries
+#: when that is larger). With the backend's jittered backoff (up to 20 ms * 2**k, at most 0.5 s)
+#: they span about 7 s on average and at most 14 s: long enough for a replica to be promoted
+#: (down-after-milliseconds / cluster-node-timeout plus the election), so a failover is a pause,
+#: not an error. A standalone server keeps backend.retries (nothing is promoted there).
+FAILOVER_RETRIES = 30
+
+
+def failover_retries(config: BackendConfig) -> int:
+    """How many times an idempotent operation is retried on `config`'s topology."""
+    if contract.redis_mode(config.redis_url) == "standalone":
+        return config.retries
+    return max(config.retries, FAILOVER_RETRIES)
 
 
 def target(config: BackendConfig) -> contract.RedisTarget:

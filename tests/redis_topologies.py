@@ -83,8 +83,9 @@ class ClusterSet:
         return node.client(socket_timeout=5)
 
     def master_of_slot(self, slot: int) -> RedisServer:
+        """The master serving `slot`, as the first live node answering says."""
         for n in self.live_nodes():
-            with n.client() as c:
+            with n.client(socket_connect_timeout=0.5) as c:
                 for lo, hi, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
                     if lo <= slot <= hi:
                         port = int(master[1])

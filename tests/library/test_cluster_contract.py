@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import secrets
+
 import pytest
-from conftest import SIGNING_KEY, unique_prefix
 
 from xml_pipeline.memory import BackendConfig, SharedBackend
 from xml_pipeline.memory.redis_backend import RedisBackend
@@ -22,6 +23,7 @@ import test_contract as _contract
 pytestmark = pytest.mark.cluster
 
 MODES = ("cluster", "sentinel")
+SIGNING_KEY = "library-tests-signing-key-0123456789"
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[..., Share
     def make(kind: str, **config: Any) -> SharedBackend:
         topology = request.getfixturevalue("redis_cluster" if kind == "cluster" else "redis_sentinel")
         config.setdefault("signing_key", SIGNING_KEY)
-        config.setdefault("redis_prefix", unique_prefix("cl"))
+        config.setdefault("redis_prefix", f"cl{secrets.token_hex(5)}:")
         backend = RedisBackend(BackendConfig(backend_type="redis", redis_url=topology.url, **config))
         assert isinstance(backend, RedisClusterBackend) is (kind == "cluster")
         made.append(backend)

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.exceptions import (AskError, ClusterDownError, MasterDownError, MovedError, NoScriptError,
+from redis.exceptions import (AskError, ClusterDownError, ClusterError, MasterDownError, MovedError, NoScriptError,
                               RedisClusterException, SlotNotCoveredError, TryAgainError)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -113,9 +113,16 @@ class RedisClusterBackend(RedisBackend):
         """EVALSHA on the node of the keys' slot (EVAL when that node does not know the script yet,
         which also caches it there). redis-py routes by the first key and follows redirections."""
         try:
-            return self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return self.client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+            try:
+                return self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return self.client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+        except ClusterError as e:
+            # redis-py gives up after 16 redirections and TRYAGAINs (well under a second): a slot
+            # whose migration is still under way. Retried like TRYAGAIN, with backoff.
+            if "TTL exhausted" in str(e):
+                raise TryAgainError(str(e)) from None
+            raise
 
     def _eval_waited(self, script: LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         """The script, then WAIT on the same connection (WAIT covers the writes of its own

@@ -1,0 +1,243 @@
+"""Faults on a real Redis Cluster and a real Sentinel set, under a steady append load.
+
+- a resharding (slots of live threads migrated with their keys): no error reaches the caller, every
+  acknowledged append is stored once at its index, indices stay gap-free;
+- a master killed (SIGKILL): appends pause until its replica is promoted, then carry on; the
+  acknowledged appends lost to asynchronous replication are counted (printed), and with
+  `redis_wait_replicas: 1` none is lost;
+- the same on Sentinel (SENTINEL FAILOVER, and SIGKILL of the master);
+- a real `xml-pipeline run` (pump + worker processes) keeps answering across each fault: exactly one
+  answer or error per conversation.
+
+The pause and loss figures are printed (`-s`), not asserted as timings: docs/storage.md quotes them.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fault_harness import Tally, executions, redis_backend, wait_for, write_organism
+from redis_topologies import ClusterSet, SentinelSet
+from test_pump_faults import _collect, _run_cli
+
+from xml_pipeline.memory import BackendConfig, ContextBuffer
+from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.message_bus.message import Message
+
+pytestmark = [pytest.mark.cluster, pytest.mark.faults]
+
+SIGNING_KEY = "fault-tests-signing-key-0123456789"
+
+
+class AppendLoad:
+    """`writers` threads appending to their own conversation threads through one ContextBuffer, as
+    fast as they can, recording what each append acknowledged and how long each call took."""
+
+    def __init__(self, backend: RedisBackend, writers: int = 6, threads_per_writer: int = 2) -> None:
+        self.buffer = ContextBuffer(backend)
+        self.tids = [f"load-{w}-{t}" for w in range(writers) for t in range(threads_per_writer)]
+        self.acked: dict[str, list[tuple[int, str]]] = {tid: [] for tid in self.tids}
+        self.errors: list[BaseException] = []
+        self.max_call = 0.0
+        self._stop = threading.Event()
+        self._workers = [threading.Thread(target=self._run, args=(self.tids[w::writers],), daemon=True)
+                         for w in range(writers)]
+
+    def _run(self, tids: list[str]) -> None:
+        n = 0
+        while not self._stop.is_set():
+            tid = tids[n % len(tids)]
+            tag = f"{tid}#{n}"
+            started = time.monotonic()
+            try:
+                slot = self.buffer.append(tid, {"tag": tag}, "load", "sink")
+            except BaseException as e:  # noqa: BLE001 - every error is a failure of the test
+                self.errors.append(e)
+                return
+            self.max_call = max(self.max_call, time.monotonic() - started)
+            self.acked[tid].append((slot.index, tag))
+            n += 1
+
+    def __enter__(self) -> "AppendLoad":
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(60)
+
+    def total(self) -> int:
+        return sum(len(a) for a in self.acked.values())
+
+    def wait_more(self, n: int, timeout: float = 30) -> None:
+        target = self.total() + n
+        wait_for(lambda: self.total() >= target or self.errors, f"{n} more appends", timeout)
+
+    def check(self) -> list[tuple[str, int, str]]:
+        """Assert the stored threads are gap-free and hold no duplicate; return the acknowledged
+        appends that are not stored at their index (lost in a failover)."""
+        lost = []
+        for tid, acks in self.acked.items():
+            slots = self.buffer.get_thread_slots(tid)
+            assert [s.index for s in slots] == list(range(len(slots))), tid
+            tags = [s.payload["tag"] for s in slots]
+            assert len(set(tags)) == len(tags), f"{tid}: an append was stored twice"
+            lost += [(tid, i, tag) for i, tag in acks if i >= len(tags) or tags[i] != tag]
+        return lost
+
+
+def _backend(url: str, **config: Any) -> RedisBackend:
+    config.setdefault("socket_timeout", 1.0)
+    config.setdefault("connect_timeout", 0.5)
+    return RedisBackend(BackendConfig(backend_type="redis", redis_url=url, redis_prefix=f"xpc{time.monotonic_ns()}:",
+                                      redis_ttl=300, signing_key=SIGNING_KEY, **config))
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[ClusterSet]:
+    """A cluster of this test's own: it is going to lose a node."""
+    cluster = ClusterSet().start()
+    yield cluster
+    cluster.cleanup()
+
+
+@pytest.fixture
+def own_sentinel() -> Iterator[SentinelSet]:
+    sentinels = SentinelSet().start()
+    yield sentinels
+    sentinels.cleanup()
+
+
+def _slot(backend: RedisBackend, tid: str) -> int:
+    return int(backend.client.keyslot(backend.keys.buffer(tid)))
+
+
+def test_resharding_under_load_loses_nothing_and_surfaces_nothing(redis_cluster: ClusterSet) -> None:
+    backend = _backend(redis_cluster.url)
+    masters = redis_cluster.masters()
+    with AppendLoad(backend) as load:
+        load.wait_more(300)
+        moved = 0
+        # Every live thread's slot moves to the next master, one slot at a time, keys and all.
+        for tid in load.tids:
+            slot = _slot(backend, tid)
+            owner = redis_cluster.master_of_slot(slot)
+            target = masters[(masters.index(owner) + 1) % len(masters)]
+            moved += redis_cluster.migrate_slot(slot, target)
+            load.wait_more(20)
+        load.wait_more(200)
+    assert load.errors == []
+    assert moved >= 2 * len(load.tids)  # buffer and op keys of every thread moved (at least)
+    assert load.check() == []
+    assert all(len(acks) == backend.buffer_thread_len(tid) for tid, acks in load.acked.items())
+    print(f"\nresharding: {len(load.tids)} slots moved ({moved} keys) during {load.total()} appends; "
+          f"longest append {load.max_call * 1000:.0f} ms, none lost, no error")
+    backend.buffer_clear()
+    backend.close()
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+def test_a_killed_master_pauses_appends_and_loses_only_unreplicated_ones(own_cluster: ClusterSet,
+                                                                         wait_replicas: int) -> None:
+    backend = _backend(own_cluster.url, redis_wait_replicas=wait_replicas)
+    with AppendLoad(backend) as load:
+        load.wait_more(300)
+        victim = own_cluster.master_of_slot(_slot(backend, load.tids[0]))
+        killed_at = time.monotonic()
+        own_cluster.kill(victim)
+        wait_for(lambda: own_cluster.master_of_slot(_slot(backend, load.tids[0])) is not victim,
+                 "the replica's promotion", 30)
+        own_cluster.wait_healthy()
+        promoted_after = time.monotonic() - killed_at
+        if wait_replicas:
+            victim.start()  # back as the replica of its successor: WAIT can be answered again
+        load.wait_more(300, timeout=60)
+    assert load.errors == []
+    lost = load.check()
+    print(f"\ncluster master killed (WAIT {wait_replicas}): replica promoted after {promoted_after:.1f} s; "
+          f"longest append {load.max_call:.1f} s; {len(lost)} of {load.total()} acknowledged appends lost")
+    if wait_replicas:
+        assert lost == []
+    backend.close()
+
+
+@pytest.mark.parametrize("how", ["failover", "kill"])
+def test_sentinel_failover_is_a_pause(own_sentinel: SentinelSet, how: str) -> None:
+    backend = _backend(own_sentinel.url)
+    with AppendLoad(backend, writers=3) as load:
+        load.wait_more(300)
+        started = time.monotonic()
+        if how == "failover":
+            own_sentinel.failover()
+        else:
+            old = own_sentinel.current_master()
+            assert old.proc is not None
+            old.proc.kill()
+            old.proc.wait()
+            old.proc = None
+            wait_for(lambda: own_sentinel.master_port() != old.port, "a new master", 30)
+        switched_after = time.monotonic() - started
+        load.wait_more(300, timeout=60)
+    assert load.errors == []
+    lost = load.check()
+    print(f"\nsentinel {how}: new master after {switched_after:.1f} s; longest append {load.max_call:.1f} s; "
+          f"{len(lost)} of {load.total()} acknowledged appends lost")
+    if how == "failover":
+        assert own_sentinel.current_master() is own_sentinel.replica
+    backend.close()
+
+
+WORK = """
+- {name: work, handler: "fault_handlers:work", cpu_bound: true}
+- {name: wait, handler: "fault_handlers:wait"}
+"""
+
+
+def _run_across(url: str, inject: Any, tmp_path: Path, cli_env: dict[str, str]) -> Tally:
+    """`xml-pipeline run` (the pump and its worker processes) on `url` while `inject()` happens:
+    every conversation gets exactly one answer or one error, and no handler runs twice."""
+    marker = tmp_path / "runs"
+    path = write_organism(tmp_path, WORK, backend=redis_backend(url, f"xpr{time.monotonic_ns()}:"), workers=2)
+    sent = [Message(sender="console", to=to, payload=f'<m tag="{to}{i}" marker="{marker}" seconds="0.01"/>')
+            for to in ("work", "wait") for i in range(150)]
+    tally = Tally(sent)
+    p = _run_cli(path, sent, cli_env)
+    reader = _collect(p, tally)
+    wait_for(lambda: len(tally.outputs) >= 40, "the first answers", 60)
+    inject()
+    assert p.wait(180) in (0, 1)
+    reader.join(10)
+    stderr = p.stderr.read() if p.stderr else ""
+    tally.assert_exactly_one_each()
+    assert p.returncode == (1 if tally.errored else 0), stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert max(executions(marker).values()) == 1
+    return tally
+
+
+@pytest.mark.parametrize("fault", ["reshard", "kill-master"])
+def test_a_run_on_a_cluster_keeps_answering(fault: str, own_cluster: ClusterSet, tmp_path: Path,
+                                            cli_env: dict[str, str]) -> None:
+    def inject() -> None:
+        if fault == "reshard":
+            masters = own_cluster.masters()
+            for slot in range(0, 16384, 97):  # slots all over the key space move to the next master
+                owner = own_cluster.master_of_slot(slot)
+                own_cluster.migrate_slot(slot, masters[(masters.index(owner) + 1) % len(masters)])
+        else:
+            own_cluster.kill(own_cluster.masters()[0])
+
+    tally = _run_across(own_cluster.url, inject, tmp_path, cli_env)
+    print(f"\nrun across {fault}: {tally.answered} answered, {tally.errored} errors of {len(tally.sent)}")
+
+
+def test_a_run_on_sentinel_keeps_answering_across_a_failover(own_sentinel: SentinelSet, tmp_path: Path,
+                                                              cli_env: dict[str, str]) -> None:
+    tally = _run_across(own_sentinel.url, own_sentinel.failover, tmp_path, cli_env)
+    print(f"\nrun across a sentinel failover: {tally.answered} answered, {tally.errored} errors of {len(tally.sent)}")

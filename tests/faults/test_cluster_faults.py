@@ -210,7 +210,9 @@ def _run_across(url: str, inject: Any, tmp_path: Path, cli_env: dict[str, str]) 
     p = _run_cli(path, sent, cli_env)
     reader = _collect(p, tally)
     wait_for(lambda: len(tally.outputs) >= 40, "the first answers", 60)
+    before = len(tally.outputs)
     inject()
+    after = len(tally.outputs)
     assert p.wait(180) in (0, 1)
     reader.join(10)
     stderr = p.stderr.read() if p.stderr else ""
@@ -218,6 +220,11 @@ def _run_across(url: str, inject: Any, tmp_path: Path, cli_env: dict[str, str]) 
     assert p.returncode == (1 if tally.errored else 0), stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]
     assert max(executions(marker).values()) == 1
+    assert before < len(sent)  # the fault hit a running organism
+    for m in tally.outputs:
+        if m.is_error:
+            print("error response:", m.payload[:300])
+    print(f"\n{before} answered before the fault, {after} when it was over")
     return tally
 
 

@@ -387,12 +387,11 @@ class RedisClusterBackend(RedisBackend):
     def temp_take(self, key: str, *also_delete: str) -> bytes | None:
         names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k in (key, *also_delete)]
 
-        def run() -> bytes | None:
-            got = cast("bytes | None", self.client.get(names[0]))
-            self.client.delete(*names)
-            return got
-
-        return self._do("temp_get+delete", run, retry=False)
+        # Two steps, each retried on its own: a GET is a read, and a DEL repeated after a lost
+        # reply deletes nothing more (on one server the pair is one pipeline, not retried).
+        got = self._do("temp_get+delete", lambda: cast("bytes | None", self.client.get(names[0])))
+        self._do("temp_get+delete", lambda: self.client.delete(*names))
+        return got
 
     def _pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
         raise BackendError(f"Redis Cluster at {self._url}: raw pipelines of packed commands need one server "

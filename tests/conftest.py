@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from redis_server import RedisServer, server_binary  # noqa: E402
 
 if TYPE_CHECKING:
-    from redis_topologies import ClusterSet, SentinelSet
+    from redis_cluster import LocalCluster, LocalSentinel
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -55,20 +55,42 @@ def redis_factory() -> Iterator[type[RedisServer]]:
         s.cleanup()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator["ClusterSet"]:
-    """A 3-master + 3-replica Redis Cluster for the session (per xdist worker; marker `cluster`).
-    Tests use their own prefixes and must leave every node running (fault tests use their own)."""
-    from redis_topologies import ClusterSet
-    cluster = ClusterSet().start()
+@pytest.fixture
+def redis_cluster() -> Iterator["LocalCluster"]:
+    """A private local Redis Cluster: 3 masters + 3 replicas (tests may kill, restart, reshard)."""
+    from redis_cluster import start_cluster
+
+    cluster = start_cluster()
     yield cluster
-    cluster.cleanup()
+    cluster.close()
+
+
+@pytest.fixture
+def redis_sentinel() -> Iterator["LocalSentinel"]:
+    """A private Sentinel set: 1 master, 1 replica, 3 sentinels (tests may fail the master over)."""
+    from redis_cluster import start_sentinel
+
+    local = start_sentinel()
+    yield local
+    local.close()
 
 
 @pytest.fixture(scope="session")
-def redis_sentinel() -> Iterator["SentinelSet"]:
-    """A master, a replica and three sentinels for the session (per xdist worker; marker `cluster`)."""
-    from redis_topologies import SentinelSet
-    sentinels = SentinelSet().start()
-    yield sentinels
-    sentinels.cleanup()
+def shared_cluster() -> Iterator["LocalCluster"]:
+    """One local Redis Cluster for the session (per xdist worker), for tests that leave every node
+    running and use prefixes of their own (the cluster contract suite, resharding)."""
+    from redis_cluster import start_cluster
+
+    cluster = start_cluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def shared_sentinel() -> Iterator["LocalSentinel"]:
+    """One Sentinel set for the session (per xdist worker), for tests that do not fail it over."""
+    from redis_cluster import start_sentinel
+
+    local = start_sentinel()
+    yield local
+    local.close()

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fault_harness import Tally, executions, redis_backend, wait_for, write_organism
-from redis_topologies import ClusterSet, SentinelSet
+from redis_cluster import LocalCluster, LocalSentinel
 from test_pump_faults import _collect, _run_cli
 
 from xml_pipeline.memory import BackendConfig, ContextBuffer
@@ -99,37 +98,22 @@ def _backend(url: str, **config: Any) -> RedisBackend:
                                       redis_ttl=300, signing_key=SIGNING_KEY, **config))
 
 
-@pytest.fixture
-def own_cluster() -> Iterator[ClusterSet]:
-    """A cluster of this test's own: it is going to lose a node."""
-    cluster = ClusterSet().start()
-    yield cluster
-    cluster.cleanup()
-
-
-@pytest.fixture
-def own_sentinel() -> Iterator[SentinelSet]:
-    sentinels = SentinelSet().start()
-    yield sentinels
-    sentinels.cleanup()
-
-
 def _slot(backend: RedisBackend, tid: str) -> int:
     return int(backend.client.keyslot(backend.keys.buffer(tid)))
 
 
-def test_resharding_under_load_loses_nothing_and_surfaces_nothing(redis_cluster: ClusterSet) -> None:
-    backend = _backend(redis_cluster.url)
-    masters = redis_cluster.masters()
+def test_resharding_under_load_loses_nothing_and_surfaces_nothing(shared_cluster: LocalCluster) -> None:
+    backend = _backend(shared_cluster.url)
+    masters = shared_cluster.masters()
     with AppendLoad(backend) as load:
         load.wait_more(300)
         moved = 0
         # Every live thread's slot moves to the next master, one slot at a time, keys and all.
         for tid in load.tids:
             slot = _slot(backend, tid)
-            owner = redis_cluster.master_of_slot(slot)
+            owner = shared_cluster.owner_of(slot)
             target = masters[(masters.index(owner) + 1) % len(masters)]
-            moved += redis_cluster.migrate_slot(slot, target)
+            moved += shared_cluster.migrate_slot(slot, target)
             load.wait_more(20)
         load.wait_more(200)
     assert load.errors == []
@@ -143,20 +127,17 @@ def test_resharding_under_load_loses_nothing_and_surfaces_nothing(redis_cluster:
 
 
 @pytest.mark.parametrize("wait_replicas", [0, 1])
-def test_a_killed_master_pauses_appends_and_loses_only_unreplicated_ones(own_cluster: ClusterSet,
+def test_a_killed_master_pauses_appends_and_loses_only_unreplicated_ones(redis_cluster: LocalCluster,
                                                                          wait_replicas: int) -> None:
-    backend = _backend(own_cluster.url, redis_wait_replicas=wait_replicas)
+    backend = _backend(redis_cluster.url, redis_wait_replicas=wait_replicas)
     with AppendLoad(backend) as load:
         load.wait_more(300)
-        victim = own_cluster.master_of_slot(_slot(backend, load.tids[0]))
+        victim = redis_cluster.owner_of(_slot(backend, load.tids[0]))
         killed_at = time.monotonic()
-        own_cluster.kill(victim)
-        wait_for(lambda: own_cluster.master_of_slot(_slot(backend, load.tids[0])) is not victim,
-                 "the replica's promotion", 30)
-        own_cluster.wait_healthy()
+        redis_cluster.kill_master_and_wait_failover(victim)
         promoted_after = time.monotonic() - killed_at
         if wait_replicas:
-            victim.start()  # back as the replica of its successor: WAIT can be answered again
+            redis_cluster.restart(victim)  # back as its successor's replica: WAIT is answered again
         load.wait_more(300, timeout=60)
     assert load.errors == []
     lost = load.check()
@@ -168,28 +149,20 @@ def test_a_killed_master_pauses_appends_and_loses_only_unreplicated_ones(own_clu
 
 
 @pytest.mark.parametrize("how", ["failover", "kill"])
-def test_sentinel_failover_is_a_pause(own_sentinel: SentinelSet, how: str) -> None:
-    backend = _backend(own_sentinel.url)
+def test_sentinel_failover_is_a_pause(redis_sentinel: LocalSentinel, how: str) -> None:
+    backend = _backend(redis_sentinel.url)
     with AppendLoad(backend, writers=3) as load:
         load.wait_more(300)
         started = time.monotonic()
-        if how == "failover":
-            own_sentinel.failover()
-        else:
-            old = own_sentinel.current_master()
-            assert old.proc is not None
-            old.proc.kill()
-            old.proc.wait()
-            old.proc = None
-            wait_for(lambda: own_sentinel.master_port() != old.port, "a new master", 30)
+        old = redis_sentinel.current_master()
+        new = redis_sentinel.failover(kill=how == "kill")
         switched_after = time.monotonic() - started
         load.wait_more(300, timeout=60)
     assert load.errors == []
     lost = load.check()
     print(f"\nsentinel {how}: new master after {switched_after:.1f} s; longest append {load.max_call:.1f} s; "
           f"{len(lost)} of {load.total()} acknowledged appends lost")
-    if how == "failover":
-        assert own_sentinel.current_master() is own_sentinel.replica
+    assert new is not old and redis_sentinel.current_master() is new
     backend.close()
 
 
@@ -229,22 +202,22 @@ def _run_across(url: str, inject: Any, tmp_path: Path, cli_env: dict[str, str]) 
 
 
 @pytest.mark.parametrize("fault", ["reshard", "kill-master"])
-def test_a_run_on_a_cluster_keeps_answering(fault: str, own_cluster: ClusterSet, tmp_path: Path,
+def test_a_run_on_a_cluster_keeps_answering(fault: str, redis_cluster: LocalCluster, tmp_path: Path,
                                             cli_env: dict[str, str]) -> None:
     def inject() -> None:
         if fault == "reshard":
-            masters = own_cluster.masters()
+            masters = redis_cluster.masters()
             for slot in range(0, 16384, 97):  # slots all over the key space move to the next master
-                owner = own_cluster.master_of_slot(slot)
-                own_cluster.migrate_slot(slot, masters[(masters.index(owner) + 1) % len(masters)])
+                owner = redis_cluster.owner_of(slot)
+                redis_cluster.migrate_slot(slot, masters[(masters.index(owner) + 1) % len(masters)])
         else:
-            own_cluster.kill(own_cluster.masters()[0])
+            redis_cluster.kill_master_and_wait_failover(redis_cluster.masters()[0])
 
-    tally = _run_across(own_cluster.url, inject, tmp_path, cli_env)
+    tally = _run_across(redis_cluster.url, inject, tmp_path, cli_env)
     print(f"\nrun across {fault}: {tally.answered} answered, {tally.errored} errors of {len(tally.sent)}")
 
 
-def test_a_run_on_sentinel_keeps_answering_across_a_failover(own_sentinel: SentinelSet, tmp_path: Path,
+def test_a_run_on_sentinel_keeps_answering_when_its_master_dies(redis_sentinel: LocalSentinel, tmp_path: Path,
                                                               cli_env: dict[str, str]) -> None:
-    tally = _run_across(own_sentinel.url, own_sentinel.failover, tmp_path, cli_env)
+    tally = _run_across(redis_sentinel.url, lambda: redis_sentinel.failover(kill=True), tmp_path, cli_env)
     print(f"\nrun across a sentinel failover: {tally.answered} answered, {tally.errored} errors of {len(tally.sent)}")

@@ -31,7 +31,7 @@ def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[..., Share
     made: list[SharedBackend] = []
 
     def make(kind: str, **config: Any) -> SharedBackend:
-        topology = request.getfixturevalue("redis_cluster" if kind == "cluster" else "redis_sentinel")
+        topology = request.getfixturevalue("shared_cluster" if kind == "cluster" else "shared_sentinel")
         config.setdefault("signing_key", SIGNING_KEY)
         config.setdefault("redis_prefix", f"cl{secrets.token_hex(5)}:")
         backend = RedisBackend(BackendConfig(backend_type="redis", redis_url=topology.url, **config))

@@ -110,8 +110,9 @@ class BackendConfig:
     health_check_interval: int = 30
     max_connections: int = 64
     #: Opt-in durability on a cluster or a replicated master: after each append (and registry write)
-    #: WAIT for this many replicas to acknowledge it (at most socket_timeout). 0: asynchronous
-    #: replication, the Redis default (a failover can lose the last acknowledged writes).
+    #: WAIT for this many replicas to acknowledge it. 0: asynchronous
+    #: replication, the Redis default (a failover can lose the last acknowledged writes). WAIT waits
+    #: at most socket_timeout / 2.
     redis_wait_replicas: int = 0
     #: xml-pipeline's "common limits". Kept so its configs construct; ContextBuffer takes its own
     #: limits (max_slots_per_thread, max_threads), these are not read by any backend.

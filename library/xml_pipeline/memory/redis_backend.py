@@ -169,7 +169,7 @@ class RedisBackend:
         # RedisClusterBackend, see __new__).
         self._pool = redis_topology.connection_pool(config, url, self._username, self._password)
         # Opt-in durability (backend.redis_wait_replicas): WAIT after every script, on its connection.
-        self._wait_tail = (_pack_command(b"WAIT", [config.redis_wait_replicas, int(config.socket_timeout * 1000)])
+        self._wait_tail = (_pack_command(b"WAIT", [config.redis_wait_replicas, redis_topology.wait_timeout_ms(config)])
                            if config.redis_wait_replicas else b"")
         #: The redis-py client (no automatic retries). The distributed worker mode builds its stream
         #: keys with `key()` so they stay under this tenant's prefix. decode_responses is off, so every
@@ -378,7 +378,7 @@ class RedisBackend:
         master and may be lost in a failover; retried, a repeat of the write is harmless)."""
         if not isinstance(acked, int) or acked < self.config.redis_wait_replicas:
             raise RedisTimeoutError(f"WAIT: {acked} of {self.config.redis_wait_replicas} replica(s) acknowledged "
-                                    f"the write within {self.config.socket_timeout:g} s")
+                                    f"the write within {redis_topology.wait_timeout_ms(self.config)} ms")
 
     def _scan(self, space: str) -> Iterator[bytes]:
         return self.client.scan_iter(match=self.keys.pattern(space), count=SCAN_COUNT)

@@ -36,13 +36,14 @@ from typing import Any, TypeVar, cast
 
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (AskError, ClusterDownError, ClusterError, MasterDownError, MovedError, NoScriptError,
-                              RedisClusterException, SlotNotCoveredError, TryAgainError)
+                              RedisClusterException, ResponseError, SlotNotCoveredError, TryAgainError)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..errors import AppendIdConflict, BackendError, BackendUnavailable, ThreadFullError
 from . import redis_cluster_scripts as cs
+from . import redis_functions
 from . import redis_topology
 from .config import BackendConfig, compat_config, redact_url
 from .keys import ClusterKeys, check_tagged_id
@@ -78,7 +79,10 @@ class RedisClusterBackend(RedisBackend):
         self._username = config.redis_username
         self._password = config.redis_password
         self._signer = signer if signer is not None else _signer_for(config)
-        self.client: Any = redis_topology.cluster_client(config, self._username, self._password)
+        # Connected on first use, like a pool: a cluster that is down while a pod starts is an
+        # operation's BackendUnavailable (after the retries), not a constructor's crash.
+        self._client: Any = None
+        self._client_lock = threading.Lock()
         self._retry = Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), redis_topology.failover_retries(config),
                             supported_errors=RETRYABLE)
         self._ping_retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError))
@@ -88,9 +92,23 @@ class RedisClusterBackend(RedisBackend):
         self._slack_ms = self._ttl * 1000 + self._ttl * 125
         self._refreshed: dict[str, float] = {}
         self._refresh_lock = threading.Lock()
-        self._shas: dict[str, bool] = {}
+        self._mechanism: redis_functions.Mechanism | None = None
         self._closed = False
         log.debug("redis cluster backend on %s, prefix %r, ttl %s", self._url, self._prefix, self._ttl or "none")
+
+    @property
+    def client(self) -> Any:  # type: ignore[override]
+        """The redis-py RedisCluster client (it keeps the slot map and follows redirections)."""
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    try:
+                        self._client = redis_topology.cluster_client(self.config, self._username, self._password)
+                    except RedisClusterException as e:  # no seed node answered: retried like a refused connection
+                        raise RedisConnectionError(self._scrub(e)) from None
+                client = self._client
+        return client
 
     def __repr__(self) -> str:
         return f"RedisClusterBackend(url={self._url!r}, prefix={self._prefix!r}, ttl={self._ttl or None})"
@@ -100,8 +118,8 @@ class RedisClusterBackend(RedisBackend):
 
     # -- running commands -------------------------------------------------------------------------
     @property
-    def script_mechanism(self) -> Any:
-        return "eval"
+    def script_mechanism(self) -> redis_functions.Mechanism | None:
+        return self._mechanism
 
     def _do(self, what: str, fn: Callable[[], T], retry: bool = True) -> T:
         try:
@@ -109,20 +127,50 @@ class RedisClusterBackend(RedisBackend):
         except RedisClusterException as e:  # no node reachable at all, or a cross-slot mistake
             raise BackendUnavailable(f"Redis Cluster at {self._url}: {what} failed: {self._scrub(e)}") from None
 
-    def _eval(self, script: LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
-        """EVALSHA on the node of the keys' slot (EVAL when that node does not know the script yet,
-        which also caches it there). redis-py routes by the first key and follows redirections."""
-        try:
+    def _mechanism_now(self) -> redis_functions.Mechanism:
+        """FCALL when the library's function library (with the cluster scripts) is loaded, as the
+        operator does on every master of a shared cluster; EVALSHA/EVAL otherwise. Probed once."""
+        if self._mechanism is None:
+            lib = redis_functions.library()
             try:
-                return self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                return self.client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+                reply = self.client.execute_command("FCALL_RO", lib.version_function, 0)
+                self._mechanism = "fcall" if redis_functions.probe_reply_ok(reply, lib) else "eval"
+            except ResponseError:
+                self._mechanism = "eval"
+        return self._mechanism
+
+    def _commands(self, script: LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> tuple[tuple[Any, ...], ...]:
+        """The command that runs `script`, then the one to send if the first is unavailable there."""
+        tail = (len(keys), *keys, *args)
+        evalsha, eval_ = ("EVALSHA", script.sha, *tail), ("EVAL", script.source, *tail)
+        if self._mechanism_now() == "fcall":
+            return ("FCALL", redis_functions.library().function(script), *tail), evalsha, eval_
+        return evalsha, eval_
+
+    def _eval(self, script: LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        """The script on the node of the keys' slot: FCALL, or EVALSHA (EVAL when that node does not
+        know the script yet, which also caches it there). redis-py routes by the first key and
+        follows redirections."""
+        try:
+            return self._first_available(self._commands(script, keys, args), self.client.execute_command)
         except ClusterError as e:
             # redis-py gives up after 16 redirections and TRYAGAINs (well under a second): a slot
             # whose migration is still under way. Retried like TRYAGAIN, with backoff.
             if "TTL exhausted" in str(e):
                 raise TryAgainError(str(e)) from None
             raise
+
+    def _first_available(self, commands: tuple[tuple[Any, ...], ...], send: Callable[..., Any]) -> Any:
+        for i, command in enumerate(commands):
+            try:
+                return send(*command)
+            except ResponseError as e:
+                unavailable = isinstance(e, NoScriptError) or redis_functions.mechanism_error(e)
+                if i == len(commands) - 1 or not unavailable:
+                    raise
+                if command[0] == "FCALL":
+                    self._mechanism = None  # probe again next time (the library may be reloaded)
+        raise AssertionError("unreachable")
 
     def _eval_waited(self, script: LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         """The script, then WAIT on the same connection (WAIT covers the writes of its own
@@ -132,14 +180,13 @@ class RedisClusterBackend(RedisBackend):
         node = client.get_node_from_key(keys[0])
         pool = client.get_redis_connection(node).connection_pool
         conn = pool.get_connection()
+        def send(*command: Any) -> Any:
+            conn.send_command(*command)
+            return conn.read_response()
+
         try:
-            try:
-                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                reply = conn.read_response()
-            except NoScriptError:
-                conn.send_command("EVAL", script.source, len(keys), *keys, *args)
-                reply = conn.read_response()
-            conn.send_command("WAIT", self._wait, int(self.config.socket_timeout * 1000))
+            reply = self._first_available(self._commands(script, keys, args), send)
+            conn.send_command("WAIT", self._wait, redis_topology.wait_timeout_ms(self.config))
             acked = int(conn.read_response())
         except (MovedError, AskError):
             client.nodes_manager.initialize()  # the slot moved: the next attempt asks its new owner
@@ -151,7 +198,7 @@ class RedisClusterBackend(RedisBackend):
             pool.release(conn)
         if acked < self._wait:
             raise RedisTimeoutError(f"WAIT: {acked} of {self._wait} replica(s) acknowledged the write "
-                                    f"within {self.config.socket_timeout:g} s")
+                                    f"within {redis_topology.wait_timeout_ms(self.config)} ms")
         return reply
 
     def _write(self, script: LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
@@ -511,7 +558,8 @@ class RedisClusterBackend(RedisBackend):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.client.close()
+            if self._client is not None:
+                self._client.close()
 
     def pipe_capable(self) -> bool:
         return False

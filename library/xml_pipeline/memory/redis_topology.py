@@ -28,7 +28,7 @@ from redis.retry import Retry
 from .. import contract
 from .config import BackendConfig
 
-__all__ = ["cluster_client", "connection_pool", "failover_retries", "target", "FAILOVER_RETRIES"]
+__all__ = ["cluster_client", "connection_pool", "failover_retries", "target", "wait_timeout_ms", "FAILOVER_RETRIES"]
 
 #: Seconds between the cluster client's retries of a command that met a moving slot or a node
 #: that is down: 20 ms * 2**k with jitter, at most 0.5 s.
@@ -42,14 +42,21 @@ CLUSTER_RETRIES = 20
 #: when that is larger). With the backend's jittered backoff (up to 20 ms * 2**k, at most 0.5 s)
 #: they span about 7 s on average and at most 14 s: long enough for a replica to be promoted
 #: (down-after-milliseconds / cluster-node-timeout plus the election), so a failover is a pause,
-#: not an error. A standalone server keeps backend.retries (nothing is promoted there).
+#: not an error. A standalone server keeps backend.retries (nothing is promoted there), and
+#: `retries: 0` means no retries in every mode.
 FAILOVER_RETRIES = 30
+
+
+def wait_timeout_ms(config: BackendConfig) -> int:
+    """WAIT's own timeout: half the socket timeout, so WAIT answers (with how many replicas it got)
+    before the socket read gives up on it."""
+    return max(1, int(config.socket_timeout * 500))
 
 
 def failover_retries(config: BackendConfig) -> int:
     """How many times an idempotent operation is retried on `config`'s topology."""
-    if contract.redis_mode(config.redis_url) == "standalone":
-        return config.retries
+    if contract.redis_mode(config.redis_url) == "standalone" or config.retries == 0:
+        return config.retries  # 0 turns retries off in every mode
     return max(config.retries, FAILOVER_RETRIES)
 
 

@@ -181,12 +181,11 @@ STREAM_COMMANDS: frozenset[str] = frozenset({
     "xrange", "xrevrange", "xgroup|create", "xgroup|delconsumer",
     "multi", "exec", "expire", "del", "unlink", "hsetnx", "fcall",
 })
-#: What a backend on a Redis Cluster sends besides the above: redis-py's cluster handshake (HELLO,
-#: COMMAND and COMMAND GETKEYS to learn where each command's keys are, CLUSTER SLOTS for the slot
-#: map, again after a redirection), the expiry refresh of keys in other slots than their thread
-#: (PEXPIRE), and WAIT (backend.redis_wait_replicas; a backend on Sentinel sends WAIT too).
-CLUSTER_COMMANDS: frozenset[str] = frozenset({"hello", "command", "command|getkeys", "cluster|slots", "pexpire",
-                                              "wait"})
+#: What a backend on a Redis Cluster sends besides the above: redis-py's cluster handshake (COMMAND
+#: and COMMAND GETKEYS to learn where each command's keys are, CLUSTER SLOTS for the slot map, again
+#: after a redirection), the expiry refresh of keys in other slots than their thread (PEXPIRE), and
+#: WAIT (backend.redis_wait_replicas; a backend on Sentinel sends WAIT too).
+CLUSTER_COMMANDS: frozenset[str] = frozenset({"command", "command|getkeys", "cluster|slots", "pexpire", "wait"})
 #: Version-dependent: redis-py sends CLIENT SETINFO on connect to Redis >= 7.2 (ignores a refusal).
 CONNECT_COMMANDS: frozenset[str] = frozenset({"client|setinfo"})
 #: Everything an organism's pods and clients send on a shared Redis (its ACL user's grant).

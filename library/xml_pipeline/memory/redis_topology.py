@@ -123,5 +123,7 @@ def cluster_client(config: BackendConfig, username: str | None, password: str | 
         max_connections=config.max_connections,
         # A slot without a master (during a failover) fails only the commands of that slot.
         require_full_coverage=False,
+        # RESP2, as the standalone pool speaks: the replies the backend parses are the same.
+        protocol=2,
         retry=Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE), CLUSTER_RETRIES),
         **common, **kwargs)

@@ -12,6 +12,8 @@ only), started side by side and measured round by round, interleaved. Per cluste
 - dispatch   `--producers` processes, each a StreamPump with an in-process handler (no worker
              processes) running conversations to the end: registry, append of the message, the
              handler, append of the answer; conversations/s summed.
+- WAIT       on a third cluster, 3 masters + 3 replicas: the same appends with
+             `redis_wait_replicas` 0 and 1 (the cost of durability across a failover).
 
 Printed: each rate, ours / raw for appends, and the scaling 3 masters / 1 master. Not a test:
 nothing asserts on speed. docs/performance.md explains what the ratio means on this machine and
@@ -56,8 +58,8 @@ def _config(url: str, prefix: str) -> BackendConfig:
                          signing_key=SIGNING_KEY)
 
 
-def _append_producer(url: str, prefix: str, seconds: float, start_at: float, raw: bool) -> int:
-    backend = RedisBackend(_config(url, prefix))
+def _append_producer(url: str, prefix: str, seconds: float, start_at: float, raw: bool, wait: int = 0) -> int:
+    backend = RedisBackend(_config(url, prefix).replace(redis_wait_replicas=wait))
     buffer = ContextBuffer(backend)
     tids = [f"{os.getpid()}-{j}" for j in range(THREADS_PER_PRODUCER)]
     blob = b"x" * 200
@@ -107,7 +109,8 @@ def measure(pool: Any, kind: str, url: str, producers: int, seconds: float, disp
     if kind == "dispatch":
         rates = pool.starmap(_dispatch_producer, [(url, prefix, dispatch_n, start_at)] * producers)
         return float(sum(rates))
-    counts = pool.starmap(_append_producer, [(url, prefix, seconds, start_at, kind == "raw")] * producers)
+    wait = 1 if kind == "append-wait1" else 0
+    counts = pool.starmap(_append_producer, [(url, prefix, seconds, start_at, kind == "raw", wait)] * producers)
     return sum(counts) / seconds
 
 
@@ -128,6 +131,7 @@ def main() -> None:
     try:
         for masters in (1, 3):
             clusters[masters] = start_cluster(masters, 0)
+        replicated = start_cluster(3, 1)
         results: dict[tuple[int, str], list[float]] = {}
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(args.producers) as pool:
@@ -136,8 +140,11 @@ def main() -> None:
                     for masters, cluster in clusters.items():
                         rate = measure(pool, kind, cluster.url, args.producers, args.seconds, dispatch_n)
                         results.setdefault((masters, kind), []).append(rate)
+                for kind in ("append", "append-wait1"):
+                    rate = measure(pool, kind, replicated.url, args.producers, args.seconds, dispatch_n)
+                    results.setdefault((0, kind), []).append(rate)
     finally:
-        for cluster in clusters.values():
+        for cluster in [*clusters.values(), *([replicated] if "replicated" in locals() else [])]:
             cluster.close()
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"{'masters':>7} {'append/s':>10} {'raw RPUSH/s':>12} {'ours/raw':>9} {'dispatch conv/s':>16}")
@@ -146,6 +153,9 @@ def main() -> None:
         print(f"{masters:>7} {a:>10.0f} {r:>12.0f} {a / r:>9.2f} {d:>16.0f}")
     print(f"scaling 3/1 masters: append {med[(3, 'append')] / med[(1, 'append')]:.2f}x, "
           f"raw RPUSH {med[(3, 'raw')] / med[(1, 'raw')]:.2f}x, dispatch {med[(3, 'dispatch')] / med[(1, 'dispatch')]:.2f}x")
+    w0, w1 = med[(0, "append")], med[(0, "append-wait1")]
+    print(f"3 masters + 3 replicas: append {w0:.0f}/s, with redis_wait_replicas=1 {w1:.0f}/s "
+          f"({w1 / w0:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from redis_server import RedisServer, server_binary  # noqa: E402
+from redis_server import RedisServer, TLSFiles, TLSRedisServer, make_tls_files, server_binary  # noqa: E402
 
 if TYPE_CHECKING:
     from redis_cluster import LocalCluster, LocalSentinel
@@ -36,6 +36,27 @@ def redis_server() -> Iterator[RedisServer]:
 def fresh_redis() -> Iterator[RedisServer]:
     """A private redis-server for tests that stop, restart or reconfigure it."""
     server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A private CA with a server certificate for 127.0.0.1 / localhost and a client certificate
+    (redis_server.make_tls_files), made once per session (per xdist worker)."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tls_files: TLSFiles) -> Iterator[TLSRedisServer]:
+    """One redis-server that speaks only TLS (rediss://127.0.0.1:PORT/0) with a certificate of
+    `tls_files.ca`, for the session. Skipped where the server binary was built without TLS."""
+    server = TLSRedisServer(tls_files)
+    try:
+        server.start()
+    except RuntimeError as e:
+        server.cleanup()
+        pytest.skip(f"no TLS server here: {e} when given the --tls-* options (built without TLS?)")
     yield server
     server.cleanup()
 

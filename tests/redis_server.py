@@ -163,6 +163,99 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files of a private CA, a server certificate it signed (for 127.0.0.1 and localhost) and a
+    client certificate it signed; `other_ca` is an unrelated CA (a wrong CA for a client to trust)."""
+
+    dir: Path
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+def make_tls_files(where: Path) -> TLSFiles:
+    """Write a CA, a server and a client certificate (EC P-256, valid for a day) under `where`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def build(subject: str, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateKey | None,
+              *, ca: bool, usage: x509.ObjectIdentifier | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                decipher_only=False), critical=True)
+            builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        else:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)  # type: ignore[list-item]
+        return builder.sign(issuer_key or key, hashes.SHA256()), key
+
+    def write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None) -> Path:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if key is not None:
+            path.with_suffix(".key").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        return path
+
+    where.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = build("xml-pipeline test CA", name("xml-pipeline test CA"), None, ca=True)
+    server, server_key = build("127.0.0.1", ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    client, client_key = build("xml-pipeline test client", ca.subject, ca_key, ca=False,
+                               usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    other, _ = build("some other CA", name("some other CA"), None, ca=True)
+    return TLSFiles(dir=where, ca=write(where / "ca.pem", ca), cert=write(where / "server.pem", server, server_key),
+                    key=where / "server.key", client_cert=write(where / "client.pem", client, client_key),
+                    client_key=where / "client.key", other_ca=write(where / "other-ca.pem", other))
+
+
+class TLSRedisServer(RedisServer):
+    """A server that speaks only TLS (`--port 0 --tls-port N`) with a certificate of `tls.ca` for
+    127.0.0.1 / localhost. `auth_clients=True` also requires a client certificate signed by that CA.
+    Clients find the CA through `tls.ca` (ssl_ca_certs, or SSL_CERT_FILE for code that uses the
+    system's CAs)."""
+
+    def __init__(self, tls: TLSFiles, *, auth_clients: bool = False, password: str | None = None) -> None:
+        super().__init__(password=password)
+        # The free port becomes the TLS port; the plain port is switched off (the later --port wins).
+        self.extra_args = ("--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(tls.cert),
+                           "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+                           "--tls-auth-clients", "yes" if auth_clients else "no")
+        self.tls = tls
+        self.auth_clients = auth_clients
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        kw: dict[str, object] = {"ssl_ca_certs": str(self.tls.ca)}
+        if self.auth_clients:
+            kw.update(ssl_certfile=str(self.tls.client_cert), ssl_keyfile=str(self.tls.client_key))
+        kw.update(kwargs)
+        return super().client(**kw)
+
+
 def block_server(server: RedisServer, seconds: float) -> threading.Thread:
     """DEBUG SLEEP from another connection; returns once the server really stopped answering
     (a PING with a 50 ms timeout went unanswered: sequencing, not timing). The thread ends when the

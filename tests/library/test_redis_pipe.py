@@ -15,14 +15,13 @@ import secrets
 import threading
 
 import pytest
-import redis
 from redis_server import RedisServer, block_server
 
 from xml_pipeline.errors import BackendError, BackendUnavailable, ThreadFullError
 from xml_pipeline.memory.config import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.protocol import Appended
-from xml_pipeline.memory.redis_pipe import RedisPipe, RespParser, Unsure
+from xml_pipeline.memory.redis_pipe import RedisPipe, Unsure
 
 KEY = "pipe-tests-signing-key-0123456789abcdef"
 
@@ -41,26 +40,6 @@ def tid() -> str:
 def load_scripts(backend: RedisBackend) -> None:
     """One blocking append: EVALSHA, NOSCRIPT, EVAL (what the pump's fallback does once per server)."""
     backend.buffer_append(tid(), backend.signer.sign(b"warm-up"))
-
-
-def test_resp_parser_reads_every_reply_kind_split_anywhere() -> None:
-    wire = (b"+OK\r\n:42\r\n$5\r\nhello\r\n$-1\r\n*3\r\n:1\r\n$0\r\n\r\n*-1\r\n-NOSCRIPT No matching script\r\n"
-            b"-WRONGTYPE Operation against a key\r\n")
-    for cut in range(1, len(wire)):
-        p = RespParser()
-        got = []
-        for part in (wire[:cut], wire[cut:]):
-            p.feed(part)
-            while True:
-                ok, reply = p.pop()
-                if not ok:
-                    break
-                got.append(reply)
-            p.compact()
-        assert got[:5] == [b"OK", 42, b"hello", None, [1, b"", None]], cut
-        assert type(got[5]).__name__ == "NoScriptError"  # what redis-py raises for it
-        assert isinstance(got[6], redis.ResponseError) and "WRONGTYPE" in str(got[6])
-        assert len(got) == 7
 
 
 async def test_group_commit_many_steps_in_few_writes(redis_server: RedisServer) -> None:
@@ -214,14 +193,16 @@ async def test_pipe_authenticates_like_the_pool(redis_factory: type[RedisServer]
         bad.close()
 
 
-def test_for_backend_only_on_plain_redis_urls(redis_server: RedisServer) -> None:
+def test_for_backend_on_every_redis_url_but_not_other_backends(redis_server: RedisServer) -> None:
     backend = backend_on(redis_server)
     tls = RedisBackend(BackendConfig(backend_type="redis", redis_url=f"rediss://127.0.0.1:{redis_server.port}/0",
                                      redis_prefix="tls:", signing_key=KEY))
     try:
         assert isinstance(RedisPipe.for_backend(backend), RedisPipe)
-        assert RedisPipe.for_backend(tls) is None
+        assert isinstance(RedisPipe.for_backend(tls), RedisPipe)  # TLS keeps the fast path (test_redis_tls.py)
         assert RedisPipe.for_backend(object()) is None
+        tls.close()
+        assert RedisPipe.for_backend(tls) is None and tls.new_direct_connection() is None
     finally:
         backend.close()
         tls.close()

@@ -130,6 +130,27 @@ async def test_a_task_that_keeps_failing_goes_to_the_dead_letter_stream(
     backend.close()
 
 
+async def test_distributed_mode_over_tls(tls_redis, tls_files, prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                        cli_env: dict[str, str], procs: list[Any],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # rediss://: the dispatcher's pipe, the worker process's own connection and the pool all speak
+    # TLS, trusting the test CA like a system CA (SSL_CERT_FILE, in this process and the worker's).
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
+    path = write_organism(tmp_path, tls_redis.url, prefix)
+    start_worker(path, {**cli_env, "SSL_CERT_FILE": str(tls_files.ca)}, tmp_path, "w", procs)
+    org = load(path)
+    backend = create_backend(org.backend)
+    dispatcher = RedisDispatcher(backend)
+    async with StreamPump(org, backend, dispatcher=dispatcher) as pump:
+        assert pump.pipe is not None and dispatcher._pipe is not None  # noqa: SLF001 - the fast path kept TLS
+        outs = await asyncio.gather(*(pump.request(ask("primes", f'<count below="{n}"/>'), timeout=60)
+                                      for n in (10, 100, 1000)))
+        assert [o.payload for (o,) in outs] == ['<primes below="10" count="4"/>', '<primes below="100" count="25"/>',
+                                               '<primes below="1000" count="168"/>']
+        assert pump.stats.redis_fallbacks == 0
+    backend.close()
+
+
 async def test_a_task_that_kills_its_workers_is_dead_lettered(
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
     path = write_organism(tmp_path, redis_server.url, prefix, max_attempts=2)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import Counter
+from typing import cast
 
 import pytest
 from pump_harness import SIGNING_KEY, organism_yaml
-from redis_server import RedisServer, block_server
+from redis_server import RedisServer, TLSFiles, TLSRedisServer, block_server
 
 from xml_pipeline.memory import BackendConfig, create_backend
+from xml_pipeline.memory.async_store import RedisStore
 from xml_pipeline.memory.redis_pipe import RedisPipe
 from xml_pipeline.message_bus.local_pool import LocalWorkerPool
 from xml_pipeline.message_bus.message import Message
@@ -86,6 +88,26 @@ async def test_same_answers_and_buffer_with_and_without_the_pipe(redis_server: R
     backend.close()  # type: ignore[attr-defined]
 
 
+async def test_the_pump_serves_conversations_over_tls_on_its_pipe(tls_redis: TLSRedisServer, tls_files: TLSFiles,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test CA is trusted like a system CA, by the pump and by the worker processes it starts.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
+    backend = backend_for(tls_redis)
+    pool = LocalWorkerPool(backend, workers=2)  # type: ignore[arg-type]
+    pump = StreamPump(organism("pptls"), backend, dispatcher=pool)  # type: ignore[arg-type]
+    assert pump.pipe is not None  # rediss:// keeps the pipe
+    async with pump:
+        requests = [Message("console", "echo", f'<e tag="t{i}"/>') for i in range(30)]
+        answers = await asyncio.wait_for(asyncio.gather(*(pump.request(m) for m in requests)), 120)
+        for m, outs in zip(requests, answers):
+            assert len(outs) == 1 and outs[0].kind == "response" and outs[0].in_reply_to == m.id
+            assert tag_of(outs[0]) == m.element().get("tag")  # type: ignore[union-attr]
+        # Every step went through the pipe, over TLS, and none fell back to the blocking backend.
+        assert pump.pipe.commands >= 5 * 30 and pump.pipe.writes * 2 <= pump.pipe.commands
+        assert pump.stats.redis_fallbacks == 0
+    backend.close()  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipe", "io-threads"])
 async def test_outage_with_messages_in_flight_ends_every_conversation(fresh_redis: RedisServer,
                                                                      pipelined: bool) -> None:
@@ -134,7 +156,7 @@ async def test_dispatcher_submits_tasks_of_one_loop_iteration_in_one_multi(redis
     dispatcher = RedisDispatcher(backend)
     await dispatcher.start()
     try:
-        pipe = dispatcher._pipe  # noqa: SLF001 - the test counts what it sent
+        pipe = cast(RedisStore, dispatcher.store).pipe  # the test counts what it sent
         assert pipe is not None
         tasks = [WorkerTask(f"t{i:02d}", "echo", "xp_test_handlers:echo", "a" * 32, "b" * 32) for i in range(30)]
         runs = [asyncio.ensure_future(dispatcher.run(t)) for t in tasks]

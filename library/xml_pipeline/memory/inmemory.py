@@ -380,6 +380,19 @@ class InMemoryBackend:
                 self._expires.pop((_TMP, key), None)
             return count
 
+    def temp_put_many(self, items: list[tuple[str, bytes]]) -> None:
+        for key, data in items:
+            self.temp_put(key, data)
+
+    def temp_get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self.temp_get(k) for k in keys]
+
+    def temp_take(self, key: str, *also_delete: str) -> bytes | None:
+        try:
+            return self.temp_get(key)
+        finally:
+            self.temp_delete(key, *also_delete)
+
     # -- Lifecycle and monitoring ---------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         with self._lock:

@@ -2,9 +2,8 @@
 
 The design, and why:
 
-- ONE object lives in the server: an InMemoryBackend (so the TTL emulation, atomic index, dedup and
-  slot limit are the same code as the memory backend). It is registered in the BaseManager server
-  under a fixed id at start, so clients need no `create`/`incref` round trips and no nested proxies.
+- ONE object lives in the server (manager_server.py): an InMemoryBackend, so the TTL emulation,
+  atomic index, dedup and slot limit are the same code as the memory backend.
 - ONE round trip per operation: the client speaks the manager server's own wire protocol directly
   (send `(id, method, args, kwargs)`, receive `('#RETURN', result)`) on a per-thread connection. No
   lock proxies: atomicity comes from the server object's lock, held for the whole operation.
@@ -21,51 +20,34 @@ The design, and why:
 - The signing key: the server hands its key ring to every client over the authenticated connection.
   It is the configured key, else one derived from the authkey (HMAC), so a restarted server with the
   same authkey signs and verifies with the same key.
-- The server process is a fresh interpreter (`python -c ...serve()`), not a multiprocessing child:
-  no fork of a threaded parent, and no re-import of the user's __main__ (which makes spawn fail for
-  scripts without an `if __name__ == "__main__"` guard, like short example scripts). It stops when its
-  owner closes the backend or dies (its stdin is a lifeline). Clients work in processes made by
-  spawn, forkserver or fork (a forked child opens its own sockets).
+- A server this backend starts is a fresh interpreter that stops when its owner closes the backend
+  or dies. Clients work in processes made by spawn, forkserver or fork (a forked child opens its
+  own sockets).
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import multiprocessing
 import os
-import pickle
-import select
-import shutil
-import signal
 import socket
-import stat
-import struct
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import connection as mpc
-from multiprocessing.managers import BaseManager, Server
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any
 
 from ..errors import BackendError, BackendUnavailable, ConfigError
+from . import manager_server
 from .config import BackendConfig, compat_config
-from .inmemory import InMemoryBackend
+from .manager_server import PROTOCOL, STORE_ID, Address, derive_manager_signer, tune_socket
 from .protocol import Appended
 from .signing import Signer
 
-Address = tuple[str, int] | str
+__all__ = ["ManagerBackend", "derive_manager_signer", "format_address", "parse_address"]
 
-PROTOCOL = 1
-#: Seconds a starting server may take to report its address (a cold interpreter start).
-_START_TIMEOUT = 30.0
-#: id of the one store object inside the server (fixed, so clients need no `create` round trip).
-_IDENT = "xp-store"
 _NO_KWARGS: dict[str, Any] = {}
 _ADDRESS_FIELD = "backend.manager_address"
 _ADDRESS_ALLOWED = "'127.0.0.1:PORT', 'localhost:PORT' or an absolute Unix socket path ('/run/xp.sock', 'unix:///run/xp.sock')"
@@ -77,13 +59,6 @@ _IDEMPOTENT = frozenset({
     "buffer_list_threads", "registry_set", "registry_get_or_create", "registry_get_uuid",
     "registry_get_chain", "registry_list_all", "temp_put", "temp_get", "temp_put_many", "temp_get_many",
 })
-_EXPOSED = (
-    "hello", "info", "buffer_append", "buffer_get_thread", "buffer_get_slot", "buffer_thread_len",
-    "buffer_thread_exists", "buffer_delete_thread", "buffer_list_threads", "buffer_clear",
-    "registry_set", "registry_get_or_create", "registry_get_uuid", "registry_get_chain",
-    "registry_delete", "registry_list_all", "registry_clear", "temp_put", "temp_get", "temp_delete",
-    "temp_put_many", "temp_get_many", "temp_take", "buffer_append_at",
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,164 +104,6 @@ def _authkey_bytes(value: str | bytes) -> bytes:
     return key
 
 
-def derive_manager_signer(authkey: bytes) -> Signer:
-    """The signing key of a server with no configured key: secret (derived from the authkey) and
-    stable across restarts with the same authkey."""
-    return Signer((hmac.new(authkey, b"xml-pipeline manager signing key v1", hashlib.sha256).digest(),))
-
-
-# ---------------------------------------------------------------------------------------------
-# Server side (runs in the manager process)
-# ---------------------------------------------------------------------------------------------
-_server_settings: dict[str, Any] = {}
-
-
-class _ServerStore(InMemoryBackend):
-    """The one object of the server. `hello` tells a client the protocol and the signing keys."""
-
-    def hello(self) -> dict[str, Any]:
-        return {"protocol": PROTOCOL, "keys": self.signer.keys, "ttl": self.ttl, "pid": os.getpid()}
-
-    def info(self) -> dict[str, Any]:
-        out = super().info()
-        out["backend"] = "manager"
-        out["server_pid"] = os.getpid()
-        return out
-
-    # Several operations of the worker data flow in one round trip. Each is the store's own
-    # operation (same checks, same lock, same TTL), just called here instead of once per request.
-    def temp_put_many(self, items: list[tuple[str, bytes]]) -> None:
-        for key, data in items:
-            self.temp_put(key, data)
-
-    def temp_get_many(self, keys: list[str]) -> list[bytes | None]:
-        return [self.temp_get(k) for k in keys]
-
-    def temp_take(self, key: str, also_delete: tuple[str, ...]) -> bytes | None:
-        try:
-            return self.temp_get(key)
-        finally:
-            self.temp_delete(key, *also_delete)
-
-
-class _StoreServer(Server):
-    # Set by Server.__init__; typeshed's stub leaves it out.
-    id_to_refcount: dict[str, int]
-
-    def __init__(self, registry: dict[str, Any], address: Any, authkey: bytes, serializer: str) -> None:
-        super().__init__(registry, address, authkey, serializer)
-        keys: tuple[bytes, ...] = _server_settings.get("keys") or derive_manager_signer(authkey).keys
-        config = _server_settings.get("config") or BackendConfig(backend_type="manager")
-        store = _ServerStore(config, signer=Signer(keys))
-        # No method hands back a proxy: an empty method_to_typeid, which the stdlib treats like None.
-        self.id_to_obj[_IDENT] = (store, set(_EXPOSED), {})
-        self.id_to_refcount[_IDENT] = 1  # never released
-
-    def handle_request(self, conn: Any) -> None:
-        _tune_socket(conn.fileno())
-        super().handle_request(conn)
-
-
-def _the_store() -> _ServerStore:
-    """The registered typeid 'store': a standard proxy to the same one object (for debugging)."""
-    server = multiprocessing.current_process()._manager_server  # type: ignore[attr-defined]
-    return server.id_to_obj[_IDENT][0]
-
-
-class _StoreManager(BaseManager):
-    _Server = _StoreServer
-    # Filled by register() below; typeshed's BaseManager stub leaves it out. A bare annotation, so
-    # register() still copies the base class's registry into this class on first use.
-    _registry: ClassVar[dict[str, tuple[Callable[..., Any], Iterable[str], dict[str, str], Any]]]
-
-
-_StoreManager.register("store", callable=_the_store, exposed=_EXPOSED)
-
-
-def _write_msg(stream: Any, obj: object) -> None:
-    data = pickle.dumps(obj)
-    stream.write(struct.pack("!I", len(data)) + data)
-    stream.flush()
-
-
-def _read_exact(stream: Any, n: int, deadline: float | None) -> bytes:
-    buf = b""
-    fd = stream.fileno()
-    while len(buf) < n:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError("no answer")
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return buf
-
-
-def _read_msg(stream: Any, deadline: float | None = None) -> Any:
-    (n,) = struct.unpack("!I", _read_exact(stream, 4, deadline))
-    return pickle.loads(_read_exact(stream, n, deadline))
-
-
-def serve() -> None:
-    """Entry point of the manager server process (a fresh interpreter started by ManagerBackend).
-
-    Settings arrive as one pickle on stdin; stdin then stays open as a lifeline: when the process
-    that started us closes it or dies, the server exits (no orphaned servers). Started with
-    `python -c`, so the starting program's __main__ is never re-imported (the spawn start method
-    would re-run a script that lacks an `if __name__ == "__main__"` guard).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the owner; the lifeline stops us
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    settings = _read_msg(stdin)
-    _server_settings.update(config=settings["config"], keys=settings["keys"])
-    try:
-        server = _StoreServer(_StoreManager._registry, settings["address"], settings["authkey"], "pickle")
-    except Exception as e:  # noqa: BLE001 - reported to the owner, which raises BackendUnavailable
-        _write_msg(stdout, ("error", f"{type(e).__name__}: {e}"))
-        sys.exit(1)
-    _write_msg(stdout, ("ok", server.address))
-
-    def lifeline() -> None:
-        while os.read(stdin.fileno(), 4096):
-            pass
-        if isinstance(server.address, str):
-            try:
-                os.unlink(server.address)
-            except OSError:
-                pass
-        os._exit(0)
-
-    threading.Thread(target=lifeline, name="xp-lifeline", daemon=True).start()
-    server.serve_forever()
-
-
-def _stop_server(proc: subprocess.Popen[bytes], cleanup: tuple[str, ...], owner_pid: int) -> None:
-    """Close the lifeline, wait briefly, then make sure; remove the socket file / private dir."""
-    if os.getpid() != owner_pid:
-        return  # a forked copy of the owner exiting: the server belongs to the original process
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-    finally:
-        for path in cleanup:
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-
-
 _CLOSE_LOCK = threading.Lock()
 
 
@@ -304,38 +121,6 @@ class _Connection(mpc.Connection):
             handle, self._handle = self._handle, None  # type: ignore[has-type]
         if handle is not None:
             _close(handle)
-
-
-def _tune_socket(fd: int, timeout: float | None = None) -> None:
-    """TCP_NODELAY (replies over 16 KiB are sent in two writes), and kernel-level I/O timeouts that
-    multiprocessing's blocking Connection honours (a read past the timeout raises BlockingIOError)."""
-    s = socket.socket(fileno=os.dup(fd))
-    try:
-        if s.family in (socket.AF_INET, socket.AF_INET6):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if timeout is not None:
-            sec = int(timeout)
-            tv = struct.pack("ll", sec, int((timeout - sec) * 1e6))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-    finally:
-        s.close()
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Before binding a Unix socket: remove a socket file nobody listens on any more."""
-    try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return
-    except FileNotFoundError:
-        return
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,32 +170,9 @@ class ManagerBackend:
 
     # -- construction ---------------------------------------------------------------------------
     def _start(self, address: Address, authkey: bytes, cleanup: tuple[str, ...]) -> Address:
-        if isinstance(address, str):
-            _remove_stale_socket(address)
-        import xml_pipeline
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(xml_pipeline.__file__ or "")))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from xml_pipeline.memory.manager import serve; serve()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
-        )
-        finalizer = weakref.finalize(self, _stop_server, proc, cleanup, os.getpid())
-        where = format_address(address)
-        try:
-            assert proc.stdin is not None and proc.stdout is not None
-            _write_msg(proc.stdin, {"address": address, "authkey": authkey, "config": self.config,
-                                    "keys": self.config.signing_keys})
-            status, detail = _read_msg(proc.stdout, time.monotonic() + _START_TIMEOUT)
-        except (OSError, EOFError, TimeoutError) as e:
-            finalizer()
-            raise BackendUnavailable(f"the manager server for {where} did not start "
-                                     f"(exit code {proc.poll()}): {type(e).__name__} {e}") from None
-        if status != "ok":
-            finalizer()
-            raise BackendUnavailable(f"the manager server could not listen on {where}: {detail}")
-        self._server, self._finalizer = proc, finalizer
-        return detail
+        self._server, self._finalizer, bound = manager_server.start_server(
+            self, address, authkey, self.config, cleanup, format_address(address))
+        return bound
 
     def _init_client(self, address: Address, authkey: bytes) -> None:
         self._address = address
@@ -494,7 +256,7 @@ class ManagerBackend:
             sock.close()
             raise self._unavailable(e) from e
         try:
-            _tune_socket(conn.fileno(), self._timeout)
+            tune_socket(conn.fileno(), self._timeout)
             mpc.answer_challenge(conn, self._authkey)
             mpc.deliver_challenge(conn, self._authkey)
             conn.send((None, "accept_connection", (f"xp-client-{os.getpid()}",), _NO_KWARGS))
@@ -531,7 +293,7 @@ class ManagerBackend:
         if conn is None:
             conn = self._local.conn = self._open()
         try:
-            conn.send((_IDENT, method, args, kwargs))
+            conn.send((STORE_ID, method, args, kwargs))
             kind, result = conn.recv()
         except (OSError, EOFError) as e:
             self._local.conn = None

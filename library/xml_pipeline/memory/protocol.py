@@ -15,6 +15,9 @@ Guarantees every backend gives (the contract suite in tests/library checks all t
 - With a TTL, every key exists only with an expiry, and each write to a thread refreshes the TTL of
   its buffer and of its registry entries together (sliding expiry).
 - `registry_set(chain, uuid)` keeps both directions consistent (a stale reverse entry is removed).
+- The temp batches (`temp_put_many`, `temp_get_many`, `temp_take`, `buffer_append_at` with items)
+  are the single operations, one round trip each; the pump reaches them through its async face
+  (store.py).
 """
 from __future__ import annotations
 
@@ -101,6 +104,14 @@ class SharedBackend(Protocol):
     def temp_put(self, key: str, data: bytes, *, ttl: int | None = None) -> None: ...
     def temp_get(self, key: str) -> bytes | None: ...
     def temp_delete(self, *keys: str) -> int: ...
+    # Batches: the same operations, one round trip each (the worker data flow's steps).
+    def temp_put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """temp_put of each (key, data), with the backend's TTL."""
+        ...
+    def temp_get_many(self, keys: list[str]) -> list[bytes | None]: ...
+    def temp_take(self, key: str, *also_delete: str) -> bytes | None:
+        """temp_get(key), then temp_delete(key, *also_delete) whether or not the get worked."""
+        ...
 
     # -- Lifecycle and monitoring ---------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -48,7 +48,8 @@ from . import redis_topology
 from .config import BackendConfig, compat_config, redact_url
 from .keys import ClusterKeys, check_tagged_id
 from .protocol import Appended
-from .redis_backend import SCAN_COUNT, RedisBackend, _signer_for
+from .redis_backend import RedisBackend, _signer_for
+from .redis_index import SCAN_COUNT
 from .redis_scripts import LuaScript
 from .signing import Signer
 

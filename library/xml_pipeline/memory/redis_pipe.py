@@ -17,102 +17,34 @@ fallback, re-probe of FCALL/EVALSHA and errors are the contract's (the
 append is idempotent through its append id, the SETs are plain overwrites). `take` is not
 idempotent (GET + DEL): a lost connection raises BackendUnavailable, as the backend's temp_take does.
 
-Supported: redis:// and unix:// URLs (rediss:// keeps the blocking path: `for_backend` returns None).
-A reply overdue by socket_timeout fails every waiting command (the connection is dropped; the next
-command reconnects), so nothing waits forever on a dead server.
+Supported: redis://, rediss:// (TLS with the SSLContext redis-py would build for the same settings,
+redis_wire.tls_context) and unix:// URLs. Replies are read by hiredis and the connection handshake
+is redis_wire.handshake's. A reply overdue by socket_timeout fails every waiting command (the
+connection is dropped; the next command reconnects), so nothing waits forever on a dead server.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import socket
+import ssl
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis._parsers.base import BaseParser
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import InvalidResponse
 
 from ..errors import BackendError, BackendUnavailable
 from .protocol import Appended
+from .redis_wire import MORE, handshake, pack_commands, reply_reader, tls_context
 
 if TYPE_CHECKING:
     from .redis_backend import RedisBackend
 
-__all__ = ["RedisPipe", "Unsure", "RespParser", "DirectConnection"]
+__all__ = ["RedisPipe", "Unsure"]
 
 
 class Unsure(Exception):
     """The fast path has no plain answer: redo the operation through the blocking backend."""
-
-
-class _Incomplete(Exception):
-    pass
-
-
-class RespParser:
-    """Incremental RESP2 reply parser: feed() bytes, pop() complete replies.
-
-    Replies: simple strings and bulk strings as bytes (None for nil), integers as int, arrays as
-    lists (None for nil), error replies as the exception redis-py would raise for them (NoScriptError
-    for NOSCRIPT, ...), returned, not raised."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    def pop(self) -> tuple[bool, Any]:
-        """(True, reply) for the next complete reply, (False, None) if more bytes are needed."""
-        start = self._pos
-        try:
-            value = self._parse()
-        except _Incomplete:
-            self._pos = start
-            return False, None
-        return True, value
-
-    def compact(self) -> None:
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
-
-    def _line(self) -> bytes:
-        buf, pos = self._buf, self._pos
-        end = buf.find(b"\r\n", pos)
-        if end < 0:
-            raise _Incomplete
-        self._pos = end + 2
-        return bytes(buf[pos:end])
-
-    def _parse(self) -> Any:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            pos = self._pos
-            if len(self._buf) < pos + n + 2:
-                raise _Incomplete
-            self._pos = pos + n + 2
-            return bytes(self._buf[pos:pos + n])
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            return BaseParser.parse_error(rest.decode("utf-8", "replace"))
-        if kind == b"*":
-            n = int(rest)
-            if n < 0:
-                return None
-            return [self._parse() for _ in range(n)]
-        raise BackendError(f"unexpected RESP reply type {kind!r} from Redis")
 
 
 class _Protocol(asyncio.Protocol):
@@ -145,16 +77,15 @@ class RedisPipe:
         self._host: str | None = kw.get("host")
         self._port: int = int(kw.get("port") or 6379)
         self._path: str | None = kw.get("path")
-        self._db = int(kw.get("db") or 0)
         self._username: str | None = kw.get("username")
-        self._password: str | None = kw.get("password")
-        self._client_name: str | None = kw.get("client_name")
+        self._handshake = handshake(kw)
+        self._tls: ssl.SSLContext | None = tls_context(kw) if kw.get("tls") else None
         self._timeout = float(backend.config.socket_timeout)
         self._connect_timeout = float(backend.config.connect_timeout)
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[None] | None = None
-        self._parser = RespParser()
+        self._reader = reply_reader()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._out: list[bytes] = []
         self._flush_pending = False
@@ -167,7 +98,8 @@ class RedisPipe:
 
     @classmethod
     def for_backend(cls, backend: Any) -> "RedisPipe | None":
-        """A pipe for a RedisBackend on a redis:// or unix:// URL; None otherwise (keep the blocking path)."""
+        """A pipe for a RedisBackend whose connections it can make (redis://, rediss://, unix://);
+        None otherwise (keep the blocking path)."""
         from .redis_backend import RedisBackend
         if not isinstance(backend, RedisBackend) or not backend.pipe_capable():
             return None
@@ -267,22 +199,19 @@ class RedisPipe:
         if self._path:
             transport, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
         else:
-            transport, protocol = await loop.create_connection(lambda: _Protocol(self), self._host or "localhost", self._port)
+            host = self._host or "localhost"
+            transport, protocol = await loop.create_connection(
+                lambda: _Protocol(self), host, self._port, ssl=self._tls,
+                server_hostname=host if self._tls is not None else None,
+                ssl_handshake_timeout=self._connect_timeout if self._tls is not None else None)
         self._transport, self._protocol = transport, protocol
-        self._parser = RespParser()
-        # The handshake the pooled connections make: AUTH, CLIENT SETNAME, SELECT.
-        hello: list[tuple[Any, ...]] = []
-        if self._password is not None:
-            hello.append(("AUTH", self._username, self._password) if self._username else ("AUTH", self._password))
-        if self._client_name:
-            hello.append(("CLIENT", "SETNAME", self._client_name))
-        if self._db:
-            hello.append(("SELECT", self._db))
+        self._reader = reply_reader()
+        hello = self._handshake
         if not hello:
             return
         request = _Request(loop.create_future(), len(hello))
         self._waiting.appendleft(request)
-        transport.write(self.backend.pack_commands(hello))
+        transport.write(pack_commands(hello))
         for reply in await request.future:
             if isinstance(reply, Exception):
                 raise BackendUnavailable(f"Redis at {self.backend.url} refused the connection handshake of "
@@ -303,14 +232,14 @@ class RedisPipe:
     def _on_data(self, protocol: _Protocol, data: bytes) -> None:
         if protocol is not self._protocol:
             return
-        parser = self._parser
-        parser.feed(data)
+        reader = self._reader
+        reader.feed(data)
         waiting = self._waiting
         self._progress = time.monotonic()
         try:
             while waiting:
-                ok, reply = parser.pop()
-                if not ok:
+                reply = reader.gets()
+                if reply is MORE:
                     break
                 request = waiting[0]
                 request.replies.append(reply)
@@ -318,10 +247,8 @@ class RedisPipe:
                     waiting.popleft()
                     if not request.future.done():
                         request.future.set_result(request.replies)
-        except BackendError as e:  # a reply we cannot read: the stream is out of step
-            self._fail(ConnectionError(str(e)))
-            return
-        parser.compact()
+        except InvalidResponse as e:  # not RESP: the stream is out of step
+            self._fail(ConnectionError(f"unreadable reply from Redis: {e}"))
 
     def _on_lost(self, protocol: _Protocol, exc: Exception | None) -> None:
         if protocol is self._protocol:
@@ -355,108 +282,3 @@ class RedisPipe:
             self._timer.cancel()
             self._timer = None
         self._fail(ConnectionError("the redis pipe was closed"))
-
-
-class DirectConnection:
-    """One blocking connection owned by one thread, for a worker's hot loop (RedisBackend's
-    `use_direct_connection`): packed commands out in one sendall, replies read with RespParser.
-
-    What it saves per round trip against a pooled redis-py connection: the pool's locks and
-    queue, its liveness poll (a select() per checkout) and its metrics bookkeeping, about 60 us of
-    a worker's CPU each time. Errors are redis-py's: ConnectionError / TimeoutError (the connection is
-    dropped and the next call reconnects; the backend's retry policy decides what happens next), error
-    replies in place like RedisBackend._pipeline's, other error replies (AUTH, ...) raised."""
-
-    def __init__(self, kwargs: dict[str, Any], *, socket_timeout: float, connect_timeout: float,
-                 pack: Any) -> None:
-        self._kw = kwargs
-        self._timeout = socket_timeout
-        self._connect_timeout = connect_timeout
-        self._pack = pack
-        self._sock: socket.socket | None = None
-        self._parser = RespParser()
-        self.round_trips = 0
-
-    def _connect(self) -> socket.socket:
-        kw = self._kw
-        try:
-            if kw.get("path"):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self._connect_timeout)
-                sock.connect(kw["path"])
-            else:
-                sock = socket.create_connection((kw.get("host") or "localhost", int(kw.get("port") or 6379)),
-                                                timeout=self._connect_timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            sock.settimeout(self._timeout)
-        except socket.timeout as e:
-            raise RedisTimeoutError(f"Timeout connecting to server: {e}") from None
-        except OSError as e:
-            raise RedisConnectionError(f"Error connecting to the server: {e}") from None
-        self._sock = sock
-        self._parser = RespParser()
-        hello: list[tuple[Any, ...]] = []
-        if kw.get("password") is not None:
-            hello.append(("AUTH", kw["username"], kw["password"]) if kw.get("username") else ("AUTH", kw["password"]))
-        if kw.get("client_name"):
-            hello.append(("CLIENT", "SETNAME", kw["client_name"]))
-        if kw.get("db"):
-            hello.append(("SELECT", kw["db"]))
-        if hello:
-            for reply in self._exchange(self._pack(hello), len(hello), 0):
-                if isinstance(reply, Exception):
-                    self.disconnect()
-                    raise reply
-        return sock
-
-    def pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
-        """RedisBackend._pipeline's contract on this connection."""
-        if self._sock is None:
-            self._connect()
-        self.round_trips += 1
-        return self._exchange(packed, count, best_effort_tail)
-
-    def _exchange(self, packed: bytes, count: int, best_effort_tail: int) -> list[Any]:
-        sock, parser = self._sock, self._parser
-        assert sock is not None
-        out: list[Any] = []
-        try:
-            sock.sendall(packed)
-            while len(out) < count:
-                ok, reply = parser.pop()
-                if ok:
-                    if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
-                        raise reply  # e.g. an AuthenticationError, as redis-py raises it
-                    out.append(reply)
-                    continue
-                parser.compact()
-                data = sock.recv(65536)
-                if not data:
-                    raise RedisConnectionError("Connection closed by server.")
-                parser.feed(data)
-        except (socket.timeout, RedisTimeoutError) as e:
-            self.disconnect()
-            error: Exception = RedisTimeoutError(f"Timeout reading from socket: {e}")
-            if len(out) < count - best_effort_tail:
-                raise error from None
-            out.extend([error] * (count - len(out)))
-        except (OSError, RedisConnectionError, BackendError) as e:
-            self.disconnect()
-            error = e if isinstance(e, RedisConnectionError) else RedisConnectionError(f"Error while talking to the server: {e}")
-            if len(out) < count - best_effort_tail:
-                raise error from None
-            out.extend([error] * (count - len(out)))
-        except BaseException:
-            self.disconnect()
-            raise
-        parser.compact()
-        return out
-
-    def disconnect(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass

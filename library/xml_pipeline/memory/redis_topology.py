@@ -81,14 +81,15 @@ def _common(config: BackendConfig, username: str | None, password: str | None) -
 
 
 def connection_pool(config: BackendConfig, url: str, username: str | None,
-                    password: str | None) -> redis.ConnectionPool:
-    """The connection pool of a standalone or sentinel URL (`url` without userinfo)."""
+                    password: str | None, **tls: Any) -> redis.ConnectionPool:
+    """The connection pool of a standalone or sentinel URL (`url` without userinfo); `tls` are the
+    ssl_* settings of a TLS connection."""
     common = _common(config, username, password)
     if contract.redis_mode(url) == "standalone":
         return redis.BlockingConnectionPool.from_url(
             url, max_connections=config.max_connections,
             timeout=config.connect_timeout + config.socket_timeout,  # wait for a free pooled connection
-            **common)
+            **common, **tls)
     where = target(config)
     if where.mode != "sentinel":
         raise ValueError(f"{config.redacted_url} is a {where.mode} URL: use cluster_client()")
@@ -98,12 +99,12 @@ def connection_pool(config: BackendConfig, url: str, username: str | None,
         "socket_timeout": config.socket_timeout,
     }
     if where.tls:
-        sentinel_kwargs["ssl"] = True
+        sentinel_kwargs.update(ssl=True, **tls)
     sentinel = Sentinel(list(where.nodes), sentinel_kwargs=sentinel_kwargs)
     assert where.master_name is not None
     return SentinelConnectionPool(where.master_name, sentinel, ssl=where.tls,
                                   max_connections=config.max_connections,
-                                  check_connection=False, **common)
+                                  check_connection=False, **common, **(tls if where.tls else {}))
 
 
 def cluster_client(config: BackendConfig, username: str | None, password: str | None) -> Any:
@@ -117,7 +118,8 @@ def cluster_client(config: BackendConfig, username: str | None, password: str | 
     common.pop("health_check_interval")
     kwargs: dict[str, Any] = {}
     if where.tls:
-        kwargs["ssl"] = True
+        # Verified as on one server: the certificate against the system's CAs, and the host name.
+        kwargs.update(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True)
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in where.nodes],
         max_connections=config.max_connections,

@@ -1,29 +1,24 @@
 """The pump's side of distributed mode: WorkerTasks out to the tasks stream, WorkerResults in from
-the pump's own results stream (streams.py describes the streams and how a task stays safe)."""
+the pump's own results stream (streams.py describes the streams and how a task stays safe).
+
+Both directions go through the dispatcher's StreamStore (memory/store.py): on a pipe-capable URL a
+RedisPipe in the event loop (group commit), otherwise the io threads; the dispatcher has one submit
+path and one read loop either way."""
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-import queue
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from ..errors import BackendUnavailable
-from ..memory.redis_pipe import RedisPipe
-from .retry import _REDIS_DOWN, Backoff
-from .streams import (
-    WORKER_GROUP,
-    Streams,
-    _check_transaction,
-    _entries,
-    _s,
-    _transaction,
-    consumer_name,
-)
+from ..memory.async_store import open_stream_store
+from ..memory.store import StreamStore
+from .retry import Backoff
+from .streams import WORKER_GROUP, Streams, _check_transaction, _entries, _s, consumer_name
 from .worker_task import BACKEND_ERROR, TASK_DEADLINE, WORKER_DIED, WorkerResult, WorkerTask
 
 if TYPE_CHECKING:
@@ -48,17 +43,16 @@ def _results_of(resp: Any, consumed: list[Any], last: str) -> tuple[list["Worker
     return results, last
 
 
-
 class RedisDispatcher:
     """The pump's Dispatcher in distributed mode: XADD tasks, XREAD BLOCK results (no polling).
 
-    Tasks go out from the event loop through a RedisPipe (`pipelined`, the default on redis:// and
-    unix:// URLs): the tasks submitted during one loop iteration share one MULTI, sent with the
-    pipe's next write; otherwise a submit thread does the same from a queue."""
+    The tasks submitted during one loop iteration share one MULTI; results are read by one task of
+    the event loop (XREAD BLOCK on a connection of its own)."""
 
     def __init__(self, backend: RedisBackend, *, pump_id: str | None = None, pipelined: bool = True,
                  deadline: float | None = None) -> None:
-        """`deadline`: seconds to wait for a task's result before answering it with a TaskDeadline
+        """`pipelined=False`: the store's io threads instead of its RedisPipe (as on TLS URLs).
+        `deadline`: seconds to wait for a task's result before answering it with a TaskDeadline
         error (None: wait forever); see process_pool.task_deadline."""
         self.streams = Streams(backend)
         self.deadline = deadline
@@ -69,18 +63,12 @@ class RedisDispatcher:
         self.backend = backend
         self.pump_id = pump_id or consumer_name("pump")
         self.results_key = self.streams.results(self.pump_id)
+        self.store: StreamStore = open_stream_store(backend, pipelined=pipelined)
         self._futures: dict[str, asyncio.Future[WorkerResult]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop = threading.Event()
-        self._reader: threading.Thread | None = None
-        self._submitter: threading.Thread | None = None
-        self._outbox: queue.SimpleQueue[WorkerTask | None] = queue.SimpleQueue()
-        self._pipe: RedisPipe | None = RedisPipe.for_backend(backend) if pipelined else None
+        self._stopping = False
         self._batch: list[WorkerTask] = []
         self._sending: set[asyncio.Task[None]] = set()
-        #: With a pipe, results are read by a task of the event loop on a pipe of its own (XREAD BLOCK
-        #: holds its connection), instead of a thread.
-        self._read_pipe: RedisPipe | None = RedisPipe.for_backend(backend) if self._pipe is not None else None
         self._read_task: asyncio.Task[None] | None = None
         self.duplicates = 0
         #: Ids of the latest tasks answered (for logs and tests; dedupe itself uses the futures).
@@ -91,15 +79,8 @@ class RedisDispatcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self._loop.run_in_executor(None, self.streams.ensure_group, self.streams.tasks, WORKER_GROUP)
-        if self._read_pipe is not None:
-            self._read_task = asyncio.ensure_future(self._read_results_piped())
-        else:
-            self._reader = threading.Thread(target=self._read_results, name="xp-results", daemon=True)
-            self._reader.start()
-        if self._pipe is None:
-            self._submitter = threading.Thread(target=self._submit_loop, name="xp-submit", daemon=True)
-            self._submitter.start()
+        await self.store.run(self.streams.ensure_group, self.streams.tasks, WORKER_GROUP)
+        self._read_task = asyncio.ensure_future(self._read_results())
 
     async def run(self, task: WorkerTask) -> WorkerResult:
         assert self._loop is not None, "start() the dispatcher first"
@@ -110,12 +91,9 @@ class RedisDispatcher:
         # A timer, not wait_for: no extra task per worker task on the hot path.
         timer = self._loop.call_later(self.deadline, self._expire, task) if self.deadline else None
         try:
-            if self._pipe is None:
-                self._outbox.put(task)
-            else:
-                self._batch.append(task)
-                if len(self._batch) == 1:
-                    self._loop.call_soon(self._submit_batch)
+            self._batch.append(task)
+            if len(self._batch) == 1:
+                self._loop.call_soon(self._submit_batch)
             return await fut
         finally:
             if timer is not None:
@@ -156,114 +134,41 @@ class RedisDispatcher:
         """(loop) Everything submitted since the last call: one MULTI per SUBMIT_BATCH tasks."""
         batch, self._batch = self._batch, []
         for i in range(0, len(batch), SUBMIT_BATCH):
-            sending = asyncio.ensure_future(self._submit_piped(batch[i:i + SUBMIT_BATCH]))
+            sending = asyncio.ensure_future(self._submit(batch[i:i + SUBMIT_BATCH]))
             self._sending.add(sending)
             sending.add_done_callback(self._sending.discard)
 
-    async def _submit_piped(self, batch: list[WorkerTask]) -> None:
-        assert self._pipe is not None
-        cmds = self._submit_commands(batch)
+    async def _submit(self, batch: list[WorkerTask]) -> None:
+        """One MULTI (XADD..., EXPIRE); a submit that fails answers each of its tasks with an error."""
         try:
-            replies = await self._pipe.execute(self.backend.pack_commands(cmds), len(cmds), what="submit tasks")
-            _check_transaction(replies)
-        except Exception as e:  # noqa: BLE001 - the callers get an error response, as from the thread
+            _check_transaction(await self.store.execute(self._submit_commands(batch), what="submit tasks"))
+        except Exception as e:  # noqa: BLE001 - the callers get an error response
             log.error("could not submit %d task(s) to %s: %s", len(batch), self.streams.tasks, e)
             for task in batch:
                 self._deliver(WorkerResult(task.task_id, error=f"could not submit the task: {e}",
                                            error_type=BACKEND_ERROR))
 
-    def _submit_loop(self) -> None:
-        """Send queued tasks: everything waiting goes out in one MULTI (XADD..., EXPIRE)."""
-        s = self.streams
-        while True:
-            first = self._outbox.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < SUBMIT_BATCH:
-                try:
-                    nxt = self._outbox.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            cmds = self._submit_commands(batch)
-            try:
-                self.backend.execute(lambda _c: _transaction(self.backend, cmds), idempotent=False,
-                                     what="submit tasks")
-            except Exception as e:  # noqa: BLE001 - the callers get an error response
-                log.error("could not submit %d task(s) to %s: %s", len(batch), s.tasks, e)
-                assert self._loop is not None
-                for task in batch:
-                    self._loop.call_soon_threadsafe(self._deliver, WorkerResult(
-                        task.task_id, error=f"could not submit the task: {e}", error_type=BACKEND_ERROR))
-            if stop:
-                return
-
-    def _read_results(self) -> None:
+    async def _read_results(self) -> None:
+        """Read this pump's results stream until close(): XREAD BLOCK, with the XDEL of what the
+        previous read consumed riding along; an outage is waited out with the Backoff."""
         s = self.streams
         last = "0-0"
         backoff = Backoff()
         consumed: list[Any] = []  # ids read but not deleted yet: the XDEL rides with the next XREAD
-        # This thread's own connection (no pool checkout per read), where the URL allows it.
-        direct = self.backend.new_direct_connection()
-        try:
-            while not self._stop.is_set():
-                try:
-                    cmds: list[tuple[Any, ...]] = []
-                    if consumed:
-                        cmds.append(("XDEL", self.results_key, *consumed))  # trim what we consumed
-                    cmds.append(("XREAD", "COUNT", 256, "BLOCK", s.block_ms, "STREAMS", self.results_key, last))
-                    if direct is not None:
-                        replies = direct.pipeline(self.backend.pack_commands(cmds), len(cmds))
-                    else:
-                        replies = self.backend.send_commands(cmds)
-                    consumed = []  # an error reply of XDEL is ignored: entries are tiny
-                    resp = replies[-1]
-                    if isinstance(resp, Exception):
-                        raise resp
-                    backoff.reset()
-                except _REDIS_DOWN as e:
-                    self._stop.wait(backoff.retrying(log, f"results stream {self.results_key}", type(e).__name__))
-                    continue
-                except Exception:  # noqa: BLE001 - the reader must survive anything
-                    log.exception("results stream %s: read failed", self.results_key)
-                    self._stop.wait(1.0)
-                    continue
-                if not resp:
-                    continue
-                results, last = _results_of(resp, consumed, last)
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._deliver_all, results)  # one wake-up per batch
-        finally:
-            if direct is not None:
-                direct.disconnect()
-
-    async def _read_results_piped(self) -> None:
-        """_read_results as a task of the event loop: the same commands, the same recovery."""
-        s = self.streams
-        pipe = self._read_pipe
-        assert pipe is not None
-        last = "0-0"
-        backoff = Backoff()
-        consumed: list[Any] = []
-        while not self._stop.is_set():
+        while not self._stopping:
             cmds: list[tuple[Any, ...]] = []
             if consumed:
                 cmds.append(("XDEL", self.results_key, *consumed))
             cmds.append(("XREAD", "COUNT", 256, "BLOCK", s.block_ms, "STREAMS", self.results_key, last))
             try:
-                replies = await pipe.execute(self.backend.pack_commands(cmds), len(cmds), what="read results")
-                consumed = []
+                replies = await self.store.read(cmds, what="read results")
+                consumed = []  # an error reply of XDEL is ignored: entries are tiny
                 resp = replies[-1]
                 if isinstance(resp, Exception):
                     raise resp
                 backoff.reset()
             except BackendUnavailable as e:
-                if self._stop.is_set():
+                if self._stopping:
                     return
                 await asyncio.sleep(backoff.retrying(log, f"results stream {self.results_key}", e))
                 continue
@@ -271,13 +176,11 @@ class RedisDispatcher:
                 log.exception("results stream %s: read failed", self.results_key)
                 await asyncio.sleep(1.0)
                 continue
+            if not resp:
+                continue
             results, last = _results_of(resp, consumed, last)
             for result in results:
                 self._deliver(result)
-
-    def _deliver_all(self, results: list[WorkerResult]) -> None:
-        for result in results:
-            self._deliver(result)
 
     def _deliver(self, result: WorkerResult) -> None:
         fut = self._futures.get(result.task_id)
@@ -286,40 +189,33 @@ class RedisDispatcher:
             self.duplicates += 1
             log.info("dropped a duplicate result for task %s (from %s)", result.task_id, result.worker or "?")
             if result.response_key:
-                assert self._loop is not None
-                self._loop.run_in_executor(None, self._drop_response, result.response_key)
+                dropping = asyncio.ensure_future(self._drop_response(result.response_key))
+                self._sending.add(dropping)
+                dropping.add_done_callback(self._sending.discard)
             return
         self.completed_ids.append(result.task_id)
         self.last_result = time.monotonic()
         fut.set_result(result)
 
-    def _drop_response(self, key: str) -> None:
+    async def _drop_response(self, key: str) -> None:
         try:
-            self.backend.temp_delete(key)
+            await self.store.delete(key)
         except Exception:  # noqa: BLE001 - it expires with the TTL anyway
             pass
 
     async def close(self) -> None:
-        self._stop.set()
-        self._outbox.put(None)
+        self._stopping = True
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
-        if self._pipe is not None:
-            self._pipe.close()
         if self._read_task is not None:
             self._read_task.cancel()
             await asyncio.gather(self._read_task, return_exceptions=True)
-        if self._read_pipe is not None:
-            self._read_pipe.close()
         for task_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_result(WorkerResult(task_id, error="the pump stopped before a worker answered",
                                             error_type=WORKER_DIED))
-        loop = asyncio.get_running_loop()
-        for t in (self._submitter, self._reader):
-            if t is not None:
-                await loop.run_in_executor(None, t.join, 5.0)
         try:
-            self.streams.client.delete(self.results_key)
+            await self.store.run(self.streams.client.delete, self.results_key)
         except redis.RedisError:
             pass
+        self.store.close()

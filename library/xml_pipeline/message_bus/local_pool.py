@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..memory.async_store import use_from_one_thread
 from ..memory.protocol import SharedBackend
 from ..organism import Organism
 from .worker_task import WORKER_DIED, WorkerResult, WorkerTask, execute_task
@@ -60,9 +61,7 @@ def _worker_main(conn: Connection, backend: SharedBackend, name: str, log_level:
     # Ctrl-C is the parent's business: it drains and then tells us to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One task at a time in this thread: its Redis commands skip the connection pool.
-    direct = getattr(backend, "use_direct_connection", None)
-    if direct is not None:
-        direct()
+    use_from_one_thread(backend)
     conn.send(("ready", os.getpid()))
     while True:
         try:

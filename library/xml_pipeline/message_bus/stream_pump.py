@@ -30,38 +30,39 @@ and `on_done(request_id)` fires once the conversation has nothing left in flight
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BackendError, SlotIntegrityError, ThreadFullError
-from ..memory.context_buffer import ContextBuffer
+from ..memory.async_store import RedisStore, open_store
+from ..memory.context_buffer import ContextBuffer, PreparedAppend
 from ..memory.protocol import SharedBackend
-from ..memory.redis_pipe import RedisPipe, Unsure
+from ..memory.redis_pipe import RedisPipe
+from ..memory.store import INLINE_MAX_BYTES, AsyncStore
 from ..organism import ListenerSpec, Organism
 from .local_pool import Dispatcher, default_dispatcher
-from .message import Action, Call, Message, MessageError, Reply, derived_id, error_payload, normalize_result
+from .message import Action, Message, MessageError, derived_id, error_payload, normalize_result
+from .pump_registry import PumpRegistry
+from .pump_feed import run_messages
+from .pump_routing import MAX_CHAIN_HOPS, Router
 from .thread_registry import ThreadRegistry
-from .worker_task import WorkerResult, WorkerTask, new_key, open_response, signed_inputs, take_response
+from .worker_task import WorkerResult, WorkerTask, new_key, open_response, signed_inputs
 
 log = logging.getLogger(__name__)
 
-#: A call chain longer than this is a loop (a calls b calls a ...): the call fails with an error.
-MAX_CHAIN_HOPS = 32
+__all__ = ["StreamPump", "PumpStats", "run_messages", "MAX_CHAIN_HOPS", "MAX_CONVERSATION_MESSAGES"]
+
 #: Messages one conversation may route (requests, calls, replies) before the pump ends it with a
 #: LoopLimit error: a loop whose chain stays short (ping-pong, fan-out) never hits MAX_CHAIN_HOPS.
 MAX_CONVERSATION_MESSAGES = 1000
-#: Messages with a larger payload take the io-thread path even with a RedisPipe: pickling, signing
-#: and sending them would hold up the event loop for milliseconds.
-PIPE_MAX_PAYLOAD = 64 * 1024
 
 OutputCallback = Callable[[Message], Awaitable[None] | None]
 DoneCallback = Callable[[str], Awaitable[None] | None]
+Outcome = tuple[list[Action] | None, tuple[str, str] | None]
 
 
 @dataclass(eq=False)
@@ -85,132 +86,6 @@ class _Item:
     admit: bool = False  # from outside: validate it and give it a thread first
 
 
-class _RegistryCache:
-    """The pump's view of the registry backend, with chain ↔ uuid lookups cached.
-
-    Routing asks for the same few chains over and over ("system.demo.console.greeter"), and a
-    mapping, once made, only changes when it expires or is deleted. Cached entries are re-read
-    after `max_age` seconds (well inside the backend's TTL, which every append to the thread slides),
-    so a pump never routes on a mapping the backend dropped long ago. Everything else is passed
-    through to the real backend. Saves up to four round trips per routed message.
-    """
-
-    def __init__(self, backend: SharedBackend, max_age: float) -> None:
-        self._backend = backend
-        self._max_age = max_age
-        self._chain_of: dict[str, tuple[str, float]] = {}
-        self._uuid_of: dict[str, tuple[str, float]] = {}
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
-
-    def _remember(self, chain: str, uuid: str) -> None:
-        deadline = time.monotonic() + self._max_age
-        with self._lock:
-            if len(self._uuid_of) > 50_000:  # bounded: forget everything rather than grow forever
-                self._uuid_of.clear()
-                self._chain_of.clear()
-            self._uuid_of[chain] = (uuid, deadline)
-            self._chain_of[uuid] = (chain, deadline)
-
-    def _cached(self, table: dict[str, tuple[str, float]], key: str) -> str | None:
-        hit = table.get(key)
-        if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
-        return None
-
-    def registry_get_chain(self, uuid: str) -> str | None:
-        chain = self._cached(self._chain_of, uuid)
-        if chain is None:
-            chain = self._backend.registry_get_chain(uuid)
-            if chain is not None:
-                self._remember(chain, uuid)
-        return chain
-
-    def registry_get_uuid(self, chain: str) -> str | None:
-        uuid = self._cached(self._uuid_of, chain)
-        if uuid is None:
-            uuid = self._backend.registry_get_uuid(chain)
-            if uuid is not None:
-                self._remember(chain, uuid)
-        return uuid
-
-    def registry_get_or_create(self, chain: str, uuid: str) -> str:
-        cached = self._cached(self._uuid_of, chain)
-        if cached is not None:
-            return cached
-        winner = self._backend.registry_get_or_create(chain, uuid)
-        self._remember(chain, winner)
-        return winner
-
-    def _forget(self) -> None:
-        with self._lock:
-            self._uuid_of.clear()
-            self._chain_of.clear()
-
-    def registry_set(self, chain: str, uuid: str) -> None:
-        self._forget()
-        self._backend.registry_set(chain, uuid)
-
-    def registry_delete(self, uuid: str) -> bool:
-        self._forget()
-        return self._backend.registry_delete(uuid)
-
-    def registry_clear(self) -> int:
-        self._forget()
-        return self._backend.registry_clear()
-
-
-    def cached_uuid(self, chain: str) -> str | None:
-        return self._cached(self._uuid_of, chain)
-
-
-class _CacheMiss(Exception):
-    """A registry step on the event loop needs the backend: redo it in an io thread."""
-
-
-class _CacheOnly:
-    """The registry backend as the event loop sees it: answers from the _RegistryCache only, and
-    raises _CacheMiss for anything else (before any side effect), so a step that needs the backend
-    is redone in an io thread through the real one."""
-
-    def __init__(self, cache: _RegistryCache) -> None:
-        self._cache = cache
-        self.is_shared = cache.is_shared
-
-    def __getattr__(self, name: str) -> Any:
-        raise _CacheMiss(name)
-
-    def cached_uuid(self, chain: str) -> str:
-        uuid = self._cache.cached_uuid(chain)
-        if uuid is None:
-            raise _CacheMiss(chain)
-        return uuid
-
-    def registry_get_or_create(self, chain: str, uuid: str) -> str:
-        return self.cached_uuid(chain)
-
-    def registry_get_uuid(self, chain: str) -> str:
-        return self.cached_uuid(chain)
-
-    def registry_get_chain(self, uuid: str) -> str:
-        chain = self._cache._cached(self._cache._chain_of, uuid)  # noqa: SLF001
-        if chain is None:
-            raise _CacheMiss(uuid)
-        return chain
-
-
-class _PumpRegistry(ThreadRegistry):
-    """ThreadRegistry over a _RegistryCache (or its _CacheOnly view): a cached chain needs no fresh
-    candidate uuid (each costs an os.urandom call) before the cache answers."""
-
-    def get_or_create(self, chain: str) -> str:
-        cached = getattr(self._backend, "cached_uuid", None)
-        hit = cached(chain) if cached is not None else None
-        return hit if hit is not None else super().get_or_create(chain)
-
-
 @dataclass
 class PumpStats:
     messages: int = 0
@@ -218,10 +93,15 @@ class PumpStats:
     errors: int = 0
     worker_tasks: int = 0
     conversations: int = 0
-    #: Appends the RedisPipe could not confirm, redone through the blocking backend (see redis_pipe.py).
-    redis_fallbacks: int = 0
     #: Conversations the pump ended with its own error (full thread, backend failure, loop bound, ...).
     failed_conversations: int = 0
+    #: The pump's store (its fallbacks are `redis_fallbacks`).
+    store: AsyncStore | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def redis_fallbacks(self) -> int:
+        """Appends the RedisPipe could not confirm, redone through the blocking backend (async_store.py)."""
+        return self.store.fallbacks if self.store is not None else 0
 
 
 class StreamPump:
@@ -235,6 +115,7 @@ class StreamPump:
         """`backend=None`: the organism's configured backend (created here, closed by stop()).
         `dispatcher=None` with cpu_bound listeners: a local pool of process_pool.workers processes
         (threads on the memory backend). Pods pass a RedisDispatcher instead.
+        `io_threads`: the store's threads for blocking backend calls.
         `pipelined`: on a Redis backend, the hot path's Redis commands go through a RedisPipe in the
         event loop (group commit); False keeps every step in the io threads.
         `max_conversation_messages`: the loop bound (see MAX_CONVERSATION_MESSAGES)."""
@@ -247,29 +128,25 @@ class StreamPump:
         if dispatcher is None and organism.has_cpu_bound:
             dispatcher = default_dispatcher(organism, backend)
         self.dispatcher = dispatcher
+        #: Every backend operation of the hot path, awaited (store.py).
+        self.store = open_store(backend, io_threads, pipelined=pipelined)
         self.buffer = ContextBuffer(backend)
-        ttl = getattr(backend, "ttl", None) or backend.config.ttl
-        #: Registry operations go through a small cache (see _RegistryCache).
-        cache = _RegistryCache(backend, max_age=min(30.0, (ttl or 60) / 4))
-        self.registry = _PumpRegistry(cache)
-        #: The same registry seen from the event loop: cache hits only (see _CacheOnly).
-        self._loop_registry = _PumpRegistry(_CacheOnly(cache), _root=self.registry._root)  # noqa: SLF001
-        #: Redis only: the hot path's commands, group-committed from the event loop.
-        self.pipe: RedisPipe | None = RedisPipe.for_backend(backend) if pipelined else None
+        #: The blocking registry (for callers outside the loop; its root is the routing registry's).
+        self.registry = ThreadRegistry(backend)
+        ttl = backend.config.ttl
+        #: Routing's registry: cached lookups, misses through the store (pump_registry.py).
+        self.routes = PumpRegistry(self.registry, self.store, max_age=min(30.0, (ttl or 60) / 4))
+        self._listeners = {ls.name: ls for ls in organism.listeners}
+        self._router = Router(self._listeners, self.routes)
         self.on_output = on_output
         self.on_done = on_done
         self.keep_outputs = keep_outputs
-        self.stats = PumpStats()
-        self._listeners = {ls.name: ls for ls in organism.listeners}
+        self.stats = PumpStats(store=self.store)
         self._concurrency = concurrency
         self.max_conversation_messages = max_conversation_messages
         #: Consumers busy with a message, and when one last finished one (health: is it stuck?).
         self.busy = 0
         self.last_progress = time.monotonic()
-        self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="xp-pump-io")
-        self._io_lock = threading.Lock()
-        self._io_done: list[tuple[asyncio.Future[Any], tuple[Any, BaseException | None]]] = []
-        self._io_wake_pending = False
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._consumers: list[asyncio.Task[None]] = []
         self._conversations: dict[str, _Conversation] = {}
@@ -278,11 +155,16 @@ class StreamPump:
         self._running = False
         self._accepting = False
 
+    @property
+    def pipe(self) -> RedisPipe | None:
+        """The store's group-commit connection (Redis with a pipe-capable URL), or None."""
+        return self.store.pipe if isinstance(self.store, RedisStore) else None
+
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> "StreamPump":
         if self._running:
             return self
-        await self._run_io(self.registry.initialize_root, self.organism.name)
+        await self.store.run(self.registry.initialize_root, self.organism.name)
         if self.dispatcher is not None:
             await self.dispatcher.start()
         self._consumers = [asyncio.create_task(self._consume(), name=f"xp-pump-{i}")
@@ -307,9 +189,7 @@ class StreamPump:
         if self.dispatcher is not None:
             await self.dispatcher.close()
         self._running = False
-        if self.pipe is not None:
-            self.pipe.close()
-        self._io.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
         if self._owns_backend:
             self.backend.close()
         return drained
@@ -364,32 +244,6 @@ class StreamPump:
         self.stats.conversations += 1
         self._queue.put_nowait(_Item(message, message.id, admit=True))
         return conv
-
-    def _admit(self, message: Message, reg: ThreadRegistry | None = None) -> Message:
-        """(io thread, or the loop with its cache-only registry) Validate an external message and
-        register its thread."""
-        if message.to not in self._listeners:
-            raise MessageError(f"unknown listener {message.to!r} (listeners: {', '.join(self._listeners)})")
-        if message.sender in self._listeners:
-            raise MessageError(f"'from' must name the external sender, not a listener ({message.sender!r})")
-        return message.with_(thread=self._external_thread(message, reg or self.registry))
-
-    def _external_thread(self, message: Message, reg: ThreadRegistry) -> str:
-        sender, target = message.sender, message.to
-        if message.thread is None:
-            # What register_thread(new uuid, sender, target) does, minus its lookup of the brand-new
-            # uuid: one cached get_or_create of the conversation's chain.
-            new_chain = f"{reg.root_chain}.{sender}.{target}" if reg.root_uuid else f"{sender}.{target}"
-            return reg.get_or_create(new_chain)
-        chain = reg.lookup(message.thread)
-        if chain is None:
-            return reg.register_thread(message.thread, sender, target)
-        hops = chain.split(".")
-        if hops[-2:] == [sender, target]:
-            return message.thread
-        if hops[-1] == sender:  # the sender continues on a thread it got a response on
-            return reg.extend_chain(message.thread, target)
-        return reg.register_thread(new_key(), sender, target)
 
     # -- the routing loop ---------------------------------------------------------------------------------
     async def _consume(self) -> None:
@@ -485,14 +339,8 @@ class StreamPump:
     async def _process(self, item: _Item) -> None:
         msg = item.message
         listener = self._listeners.get(msg.to)
-        piped = self.pipe is not None and len(msg.payload) <= PIPE_MAX_PAYLOAD
-        # Step in: admit, append to the buffer, store the worker's input. Through the pipe in the
-        # loop, else one hop to the io threads.
         try:
-            if piped:
-                msg, keys = await self._step_in_piped(msg, item.admit, listener)
-            else:
-                msg, keys = await self._run_io(self._step_in, msg, item.admit, listener)
+            msg, keys = await self._step_in(msg, item.admit, listener)
         except MessageError as e:
             log.warning("rejected message %s from %r to %r: %s", msg.id, msg.sender, msg.to, e)
             await self._emit(item, Message(sender="pump", to=msg.sender, kind="error", thread=msg.thread,
@@ -512,17 +360,11 @@ class StreamPump:
             try:
                 result = await self.dispatcher.run(task)
             except BaseException:
-                await self._run_io(self.backend.temp_delete, *keys)
+                await self.store.delete(*keys)
                 raise
         else:
             actions, error = await self._run_plain(listener, msg)
-        # Step out: fetch the worker's response, delete temp keys, route, append outputs.
-        if piped:
-            outgoing = await self._step_out_piped(msg, listener, actions, error, result, keys, item.conversation)
-        else:
-            outgoing = await self._run_io(self._step_out, msg, listener, actions, error, result, keys,
-                                          item.conversation)
-        for out, external in outgoing:
+        for out, external in await self._step_out(msg, listener, actions, error, result, keys, item.conversation):
             if out.kind == "error":
                 self.stats.errors += 1
             if external:
@@ -530,103 +372,78 @@ class StreamPump:
             else:
                 self._forward(item, out)
 
-    def _step_in(self, msg: Message, admit: bool, listener: ListenerSpec | None) -> tuple[Message, tuple[str, str] | None]:
+    # -- the steps of one message: in (admit, append, store the worker's inputs), run, out ------------
+    async def _step_in(self, msg: Message, admit: bool,
+                       listener: ListenerSpec | None) -> tuple[Message, tuple[str, str] | None]:
+        """Admit (a message from outside), then append to the buffer; for a cpu_bound listener the
+        worker's inputs go with the append (one round trip; append first, so a full thread stores
+        no inputs). Returns the message (with its thread) and the inputs' keys."""
         if admit:
-            msg = self._admit(msg)
+            msg = await self._router.admit(msg)
         assert listener is not None
-        assert msg.thread is not None
         if not listener.cpu_bound:
-            self._append(msg)
+            await self._append(msg)
             return msg, None
-        # The message's slot and the worker's inputs go to the backend together (one round trip on
-        # the manager and redis backends): append first, so a full thread stores no inputs.
-        keys, values = signed_inputs(self.backend, msg)
-        self.buffer.append_and_put(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id,
-                                   temps=values)
+        if len(msg.payload) > INLINE_MAX_BYTES:  # signing it would hold up the loop
+            keys, values = await self.store.run(signed_inputs, self.backend, msg)
+        else:
+            keys, values = signed_inputs(self.backend, msg)
+        await self._append(msg, values)
         return msg, keys
 
-    def _step_out(self, msg: Message, listener: ListenerSpec, actions: list[Action] | None,
-                  error: tuple[str, str] | None, result: WorkerResult | None, keys: tuple[str, str] | None,
-                  conversation: str) -> list[tuple[Message, bool]]:
+    async def _append(self, msg: Message, temps: list[tuple[str, bytes]] | None = None) -> None:
+        if len(msg.payload) > INLINE_MAX_BYTES:  # pickling it would hold up the loop
+            prepared = await self.store.run(self._prepare, msg)
+        else:
+            prepared = self._prepare(msg)
+        await self.store.append(self.buffer, prepared, temps or ())
+
+    def _prepare(self, msg: Message) -> PreparedAppend:
+        assert msg.thread is not None
+        return self.buffer.prepare(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id)
+
+    async def _step_out(self, msg: Message, listener: ListenerSpec, actions: list[Action] | None,
+                        error: tuple[str, str] | None, result: WorkerResult | None,
+                        keys: tuple[str, str] | None, conversation: str) -> list[tuple[Message, bool]]:
+        """Collect the worker's response (deleting the temp keys), route what the handler returned,
+        and append the outputs to the outside (each answers the conversation's first message)."""
         if result is not None and keys is not None:
-            actions, error = self._collect(result, keys)
-        routed = self._route(msg, listener, actions or [], error)
+            actions, error = await self._collect(result, keys)
         out: list[tuple[Message, bool]] = []
-        for m, external in routed:
+        for m, external in await self._router.route(msg, listener, actions or [], error):
             if external:
-                # Outputs to the outside answer the conversation's first message.
                 m = m.with_(in_reply_to=conversation)
-                self._append(m)
+                await self._append(m)
             out.append((m, external))
         return out
 
-    # -- the same steps in the event loop, Redis commands through the pipe ----------------------------
-    async def _step_in_piped(self, msg: Message, admit: bool,
-                             listener: ListenerSpec | None) -> tuple[Message, tuple[str, str] | None]:
-        """_step_in without the io thread. Registry lookups come from the cache; a miss redoes the
-        whole step in an io thread (nothing was written yet). The append (with the worker's inputs)
-        goes through the pipe; any answer but a stored slot redoes it through the blocking backend,
-        whose retries and errors (ThreadFullError, ...) are the io-thread path's."""
-        if admit:
-            try:
-                msg = self._admit(msg, self._loop_registry)
-            except _CacheMiss:
-                return await self._run_io(self._step_in, msg, admit, listener)
-        assert listener is not None
-        assert msg.thread is not None
-        if not listener.cpu_bound:
-            await self._append_piped(msg)
-            return msg, None
-        keys, values = signed_inputs(self.backend, msg)
-        await self._append_piped(msg, values)
-        return msg, keys
-
-    async def _append_piped(self, msg: Message, temps: list[tuple[str, bytes]] | None = None) -> None:
-        assert msg.thread is not None and self.pipe is not None
-        thread, pipe, items = msg.thread, self.pipe, temps or []
-        prepared = self.buffer.prepare(thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id)
-        try:
-            await self.buffer.store_async(prepared, lambda index, blob: pipe.append_at(
-                thread, blob, index, max_slots=self.buffer.max_slots_per_thread, append_id=msg.id, items=items))
-        except Unsure as e:
-            self.stats.redis_fallbacks += 1
-            log.debug("append of message %s through the pipe unconfirmed (%s); redone by the backend", msg.id, e)
-            # The same prepared slot: a repeat of an append the pipe did store is recognised as one.
-            await self._run_io(self.buffer.store, prepared, items)
-
-    async def _step_out_piped(self, msg: Message, listener: ListenerSpec, actions: list[Action] | None,
-                              error: tuple[str, str] | None, result: WorkerResult | None,
-                              keys: tuple[str, str] | None, conversation: str) -> list[tuple[Message, bool]]:
-        """_step_out without the io thread (routing from the cache; a miss routes in an io thread)."""
-        if result is not None and keys is not None:
-            actions, error = await self._collect_piped(result, keys)
-        try:
-            routed = self._route(msg, listener, actions or [], error, self._loop_registry)
-        except _CacheMiss:
-            routed = await self._run_io(self._route, msg, listener, actions or [], error)
-        out: list[tuple[Message, bool]] = []
-        for m, external in routed:
-            if external:
-                m = m.with_(in_reply_to=conversation)
-                await self._append_piped(m)
-            out.append((m, external))
-        return out
-
-    async def _collect_piped(self, result: WorkerResult,
-                             keys: tuple[str, str]) -> tuple[list[Action] | None, tuple[str, str] | None]:
-        """_collect through the pipe: the same outcomes for the same failures."""
-        assert self.pipe is not None
+    async def _collect(self, result: WorkerResult, keys: tuple[str, str]) -> Outcome:
+        """Fetch the worker's response, and delete every temp key of the task."""
         try:
             if not result.ok or result.response_key is None:
-                await self.pipe.delete(*keys)
+                await self.store.delete(*keys)
                 return None, (result.error_type or "WorkerError", result.error or "unknown error")
-            blob = await self.pipe.take(result.response_key, *keys)
+            response_key = result.response_key
+            blob = await self.store.take(response_key, *keys)
+            if blob is not None and len(blob) > INLINE_MAX_BYTES:  # verifying it would hold up the loop
+                return await self.store.run(self._response_outcome, result, blob, response_key)
+            return self._response_outcome(result, blob, response_key)
         except BackendError as e:
-            # As _collect: the temp keys expire with the TTL anyway.
+            # Could not reach the backend to collect: the temp keys expire with the TTL anyway.
             log.error("task %s: cannot collect the response: %s", result.task_id, e)
             return None, ("BackendError", f"{type(e).__name__}: {e}")
-        response_key = result.response_key
-        return self._response_outcome(result, lambda: open_response(self.backend, blob, response_key))
+
+    def _response_outcome(self, result: WorkerResult, blob: bytes | None, key: str) -> Outcome:
+        """(actions, None), or (None, error) for a response that is gone, fails its integrity check
+        or cannot be decoded."""
+        try:
+            return open_response(self.backend, blob, key), None
+        except SlotIntegrityError as e:
+            log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
+            return None, ("IntegrityError", f"SlotIntegrityError: {e}")
+        except (LookupError, MessageError, ValueError) as e:
+            log.error("task %s: cannot read the response: %s", result.task_id, e)
+            return None, ("MissingData", f"{type(e).__name__}: {e}")
 
     def _forward(self, item: _Item, out: Message) -> None:
         conv = self._conversations.get(item.conversation)
@@ -655,7 +472,7 @@ class StreamPump:
             except Exception:  # noqa: BLE001
                 log.exception("pump: on_output failed for message %s", out.id)
 
-    async def _run_plain(self, listener: ListenerSpec, msg: Message) -> tuple[list[Action] | None, tuple[str, str] | None]:
+    async def _run_plain(self, listener: ListenerSpec, msg: Message) -> Outcome:
         assert listener.func is not None, f"listener {listener.name} was loaded without its handler"
         try:
             result = listener.func(msg)
@@ -668,158 +485,7 @@ class StreamPump:
             log.debug("traceback of the failure above", exc_info=True)
             return None, ("HandlerError", f"{type(e).__name__}: {e}")
 
-    # -- blocking steps (run in the io threads: backends do network round trips) -------------------------
-    async def _run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        fut = asyncio.get_running_loop().create_future()
-        self._io.submit(self._io_work, fut, fn, args)
-        return await fut
-
-    def _io_work(self, fut: asyncio.Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        """(io thread) Run one blocking step and hand its outcome to the loop. Outcomes finished
-        while the loop has not yet collected the earlier ones share its wake-up (one
-        call_soon_threadsafe, i.e. one self-pipe write, per batch instead of per step)."""
-        try:
-            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the awaiting task
-            outcome = (None, e)
-        with self._io_lock:
-            self._io_done.append((fut, outcome))
-            if self._io_wake_pending:
-                return
-            self._io_wake_pending = True
-        try:
-            fut.get_loop().call_soon_threadsafe(self._io_collect)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-    def _io_collect(self) -> None:
-        with self._io_lock:
-            done, self._io_done = self._io_done, []
-            self._io_wake_pending = False
-        for fut, (value, error) in done:
-            if fut.cancelled():
-                continue
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(value)
-
-    def _append(self, msg: Message) -> None:
-        assert msg.thread is not None
-        self.buffer.append(msg.thread, msg, msg.sender, msg.to, own_name=msg.to, append_id=msg.id)
-
-    @staticmethod
-    def _response_outcome(result: WorkerResult, read: Callable[[], list[Action]]
-                          ) -> tuple[list[Action] | None, tuple[str, str] | None]:
-        """(actions, None) from `read()`, or (None, error) for a response that fails its integrity
-        check or cannot be decoded. Backend errors propagate (each caller reports them)."""
-        try:
-            return read(), None
-        except SlotIntegrityError as e:
-            log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
-            return None, ("IntegrityError", f"SlotIntegrityError: {e}")
-        except (LookupError, MessageError, ValueError) as e:
-            log.error("task %s: cannot read the response: %s", result.task_id, e)
-            return None, ("MissingData", f"{type(e).__name__}: {e}")
-
-    def _collect(self, result: WorkerResult, keys: tuple[str, str]) -> tuple[list[Action] | None, tuple[str, str] | None]:
-        """Fetch the worker's response, and delete every temp key of the task."""
-        try:
-            if not result.ok or result.response_key is None:
-                self.backend.temp_delete(*keys)
-                return None, (result.error_type or "WorkerError", result.error or "unknown error")
-            response_key = result.response_key
-            return self._response_outcome(result, lambda: take_response(self.backend, response_key, list(keys)))
-        except BackendError as e:
-            # Could not reach the backend to collect: the temp keys expire with the TTL anyway.
-            log.error("task %s: cannot collect the response: %s", result.task_id, e)
-            return None, ("BackendError", f"{type(e).__name__}: {e}")
-
-    def _route(self, msg: Message, listener: ListenerSpec, actions: list[Action],
-               error: tuple[str, str] | None, reg: ThreadRegistry | None = None) -> list[tuple[Message, bool]]:
-        """(io thread, or the loop with its cache-only registry) Turn a handler's actions into
-        addressed messages: (message, is_external). Logs only once routing is done, so a cache miss
-        that sends the routing to an io thread never logs a problem twice."""
-        assert msg.thread is not None
-        reg = reg or self.registry
-        out: list[tuple[Message, bool]] = []
-        problems: list[str] = []
-        if error is not None:
-            actions = [Reply(error_payload(listener.name, error[0], error[1]))]
-            kind = "error"
-        else:
-            kind = "response"
-        for action in actions:
-            if isinstance(action, Call):
-                chain = reg.lookup(msg.thread) or ""
-                if action.to not in self._listeners:
-                    problem = (f"listener {listener.name!r} called {action.to!r}, which is not a listener "
-                               f"(listeners: {', '.join(self._listeners)})")
-                elif chain.count(".") + 1 >= MAX_CHAIN_HOPS:
-                    problem = f"call chain longer than {MAX_CHAIN_HOPS} hops (a loop?): {chain}"
-                else:
-                    thread = reg.extend_chain(msg.thread, action.to)
-                    out.append((Message(sender=listener.name, to=action.to, payload=action.payload,
-                                        thread=thread, in_reply_to=None, id=derived_id(msg.id, len(out))), False))
-                    continue
-                problems.append(problem)
-                out.append(self._reply(msg, listener, error_payload(listener.name, "RoutingError", problem), "error",
-                                       reg, derived_id(msg.id, len(out))))
-            else:
-                out.append(self._reply(msg, listener, action.payload, kind, reg, derived_id(msg.id, len(out))))
-        for problem in problems:
-            log.error("%s", problem)
-        return out
-
-    def _reply(self, msg: Message, listener: ListenerSpec, payload: str, kind: str,
-               reg: ThreadRegistry, ident: str) -> tuple[Message, bool]:
-        assert msg.thread is not None
-        caller, thread = reg.prune_for_response(msg.thread)
-        if caller is None or thread is None:
-            # Nobody left on the chain (an unknown or expired thread): answer the sender directly.
-            caller, thread = msg.sender, msg.thread
-        reply = Message(sender=listener.name, to=caller, payload=payload, thread=thread, kind=kind,  # type: ignore[arg-type]
-                        in_reply_to=msg.id, id=ident)
-        return reply, caller not in self._listeners
-
 
 def _log_task_error(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("pump: callback failed: %r", task.exception())
-
-
-async def run_messages(pump: StreamPump, messages: list[Message], *,
-                       on_progress: Callable[[int, int], None] | None = None,
-                       window: int = 256) -> float:
-    """Inject `messages` (at most `window` conversations in flight at once) and wait for all of them.
-
-    Returns the elapsed seconds. `on_progress(done, total)` is called as conversations finish.
-    """
-    start = time.perf_counter()
-    total = len(messages)
-    done = 0
-    slots = asyncio.Semaphore(window)
-    finished = asyncio.Event()
-    if total == 0:
-        return 0.0
-    previous = pump.on_done
-
-    def _done(conv_id: str) -> Any:
-        nonlocal done
-        done += 1
-        slots.release()
-        if on_progress is not None:
-            on_progress(done, total)
-        if done >= total:
-            finished.set()
-        return previous(conv_id) if previous is not None else None
-
-    pump.on_done = _done
-    try:
-        for m in messages:
-            await slots.acquire()
-            await pump.inject(m)
-        await finished.wait()
-    finally:
-        pump.on_done = previous
-    return time.perf_counter() - start

@@ -128,6 +128,7 @@ def main() -> None:
           f"python {platform.python_version()}  {os.cpu_count()} cpu(s)  {platform.machine()}")
     print(f"# load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     clusters: dict[int, LocalCluster] = {}
+    replicated: LocalCluster | None = None
     try:
         for masters in (1, 3):
             clusters[masters] = start_cluster(masters, 0)
@@ -141,10 +142,11 @@ def main() -> None:
                         rate = measure(pool, kind, cluster.url, args.producers, args.seconds, dispatch_n)
                         results.setdefault((masters, kind), []).append(rate)
                 for kind in ("append", "append-wait1"):
+                    assert replicated is not None
                     rate = measure(pool, kind, replicated.url, args.producers, args.seconds, dispatch_n)
                     results.setdefault((0, kind), []).append(rate)
     finally:
-        for cluster in [*clusters.values(), *([replicated] if "replicated" in locals() else [])]:
+        for cluster in [*clusters.values(), *([replicated] if replicated else [])]:
             cluster.close()
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"{'masters':>7} {'append/s':>10} {'raw RPUSH/s':>12} {'ours/raw':>9} {'dispatch conv/s':>16}")

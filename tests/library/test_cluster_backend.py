@@ -199,7 +199,8 @@ def test_wait_replicas_on_sentinel_and_on_the_cluster(shared_cluster: LocalClust
 def test_sentinel_mode_reaches_the_master_the_sentinels_name(shared_sentinel: LocalSentinel) -> None:
     b = _make(shared_sentinel.url)
     try:
-        assert type(b) is RedisBackend and not b.pipe_capable()
+        assert type(b) is RedisBackend and b.pipe_capable()
+        assert b.connection_kwargs()["port"] == shared_sentinel.current_master().port
         b.buffer_append("s", b"x")
         master = shared_sentinel.current_master()
         assert master.client().llen(f"{b.prefix}buffer:{{s}}") == 1

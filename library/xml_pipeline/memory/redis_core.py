@@ -361,17 +361,22 @@ class RedisCore:
     def pipe_capable(self) -> bool:
         """True when RedisPipe and DirectConnection can talk to this server: plain TCP, a unix socket
         or TLS (unless the pool's TLS settings ask for OCSP checks, which only redis-py makes)."""
-        # Sentinel: RedisPipe and DirectConnection connect to one address, the pool re-resolves the
-        # master after a failover; they stay off (the blocking path is used).
-        if self.config.redis_mode != "standalone":
+        # Sentinel: RedisPipe and DirectConnection ask connection_kwargs() for the current master on
+        # every (re)connection. WAIT (redis_wait_replicas) is sent by the pooled path only.
+        if self._wait_tail:
             return False
         return not self._closed and (not self._tls or tls_supported(self._pool.connection_kwargs))
 
     def connection_kwargs(self) -> dict[str, Any]:
-        """host/port or path, db, username, password and client_name of this backend's connections,
-        `tls` (True for rediss://) and, over TLS, the pool's ssl_* settings."""
+        """host/port or path, db, username, password and client_name of this backend's connections
+        (on Sentinel: of the current master), `tls` (True for rediss://) and, over TLS, the pool's
+        ssl_* settings."""
         kw = self._pool.connection_kwargs
         out = {k: kw.get(k) for k in _RAW_KWARGS}
+        if self.config.redis_mode == "sentinel":
+            # The master the sentinels name now (a round trip to them): a raw connection asks
+            # again each time it connects, so after a failover it follows, as the pool does.
+            out["host"], out["port"] = self._pool.get_master_address()  # type: ignore[attr-defined]
         out["tls"] = self._tls
         if self._tls:
             out.update((k, v) for k, v in kw.items() if k.startswith("ssl_"))
@@ -406,7 +411,8 @@ class RedisCore:
         if not self.pipe_capable():
             return None
         cfg = self.config
+        follow = self.connection_kwargs if self.config.redis_mode == "sentinel" else None
         return DirectConnection(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
-                                connect_timeout=cfg.connect_timeout)
+                                connect_timeout=cfg.connect_timeout, refresh=follow)
 
 

@@ -142,7 +142,7 @@ async def test_distributed_mode_over_tls(tls_redis, tls_files, prefix: str, tmp_
     backend = create_backend(org.backend)
     dispatcher = RedisDispatcher(backend)
     async with StreamPump(org, backend, dispatcher=dispatcher) as pump:
-        assert pump.pipe is not None and dispatcher._pipe is not None  # noqa: SLF001 - the fast path kept TLS
+        assert pump.pipe is not None and dispatcher.store.pipe is not None  # the fast path kept TLS
         outs = await asyncio.gather(*(pump.request(ask("primes", f'<count below="{n}"/>'), timeout=60)
                                       for n in (10, 100, 1000)))
         assert [o.payload for (o,) in outs] == ['<primes below="10" count="4"/>', '<primes below="100" count="25"/>',

@@ -215,3 +215,30 @@ def test_a_cluster_nobody_answers_is_backend_unavailable() -> None:
     from xml_pipeline.errors import BackendUnavailable
     with pytest.raises((BackendUnavailable, redis.RedisError)):
         _make(f"redis+cluster://127.0.0.1:{free_port()}", connect_timeout=0.2).buffer_get_thread("t")
+
+
+def test_reindex_rebuilds_the_buckets_from_every_master(backend: RedisClusterBackend,
+                                                        shared_cluster: LocalCluster) -> None:
+    for i in range(20):
+        backend.buffer_append(f"re-{i}", b"x")
+    backend.registry_set("re.chain", "re-0")
+    admin = shared_cluster.client()
+    for bucket in backend.keys.buckets():
+        admin.delete(bucket)
+    assert backend.buffer_list_threads() == [] and backend.registry_list_all() == {}
+    assert backend.reindex() == {"threads": 20, "chains": 1}
+    assert backend.buffer_list_threads() == sorted(f"re-{i}" for i in range(20))
+    assert backend.registry_list_all() == {"re-0": "re.chain"}
+    assert all(0 < admin.pttl(b) <= 600_000 + 75_000 for b in backend.keys.buckets() if admin.exists(b))
+
+
+def test_the_cli_reports_on_a_cluster(shared_cluster: LocalCluster) -> None:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "xml_pipeline.cli", "backend", "info"],
+                         env={"XP_BACKEND_TYPE": "redis", "XP_REDIS_URL": shared_cluster.url,
+                              "XP_REDIS_PREFIX": f"cli{secrets.token_hex(3)}:", "XP_SIGNING_KEY": SIGNING_KEY,
+                              "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    info = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.strip())
+    assert (info["mode"], info["masters"], info["buffer_threads"]) == ("cluster", "3", "0")

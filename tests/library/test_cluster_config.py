@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from xml_pipeline import contract
 from xml_pipeline.errors import ConfigError
@@ -97,3 +98,26 @@ def test_the_pods_refuse_a_cluster_in_one_line(command: str, tmp_path: Path) -> 
     assert out.returncode == 2, out
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "backend.redis_url" in out.stderr and "redis+sentinel://" in out.stderr, out.stderr
+
+
+def test_sentinel_over_tls_verifies_like_one_server() -> None:
+    """rediss+sentinel://: TLS to the sentinels and to the master, the certificate checked against the
+    system's CAs and the host name, as for rediss:// (nothing connects here)."""
+    from redis.sentinel import SentinelManagedSSLConnection
+
+    from xml_pipeline.memory.redis_backend import RedisBackend
+    backend = RedisBackend(BackendConfig(backend_type="redis", redis_url="rediss+sentinel://127.0.0.1:1/m",
+                                         signing_key="tls-config-tests-key-0123456789"))
+    pool = backend._pool  # noqa: SLF001 - what the connections are made from
+    assert pool.connection_class is SentinelManagedSSLConnection
+    assert pool.connection_kwargs["ssl_cert_reqs"] == "required" and pool.connection_kwargs["ssl_check_hostname"]
+    sentinel_kwargs = pool.sentinel_manager.sentinel_kwargs  # type: ignore[attr-defined]
+    assert sentinel_kwargs["ssl"] is True and sentinel_kwargs["ssl_cert_reqs"] == "required"
+    # No sentinel answers (nothing listens on port 1): the fast path is still offered, and its
+    # connections ask the sentinels when they connect (a connection error then, not a crash now).
+    assert backend.pipe_capable() and backend.connection_kwargs()["host"] is None
+    direct = backend.new_direct_connection()
+    assert direct is not None
+    with pytest.raises(redis.ConnectionError, match="sentinel"):
+        direct.pipeline(backend.pack_commands([("PING",)]), 1)
+    backend.close()

@@ -376,7 +376,10 @@ class RedisCore:
         if self.config.redis_mode == "sentinel":
             # The master the sentinels name now (a round trip to them): a raw connection asks
             # again each time it connects, so after a failover it follows, as the pool does.
-            out["host"], out["port"] = self._pool.get_master_address()  # type: ignore[attr-defined]
+            try:
+                out["host"], out["port"] = self._pool.get_master_address()  # type: ignore[attr-defined]
+            except RedisError:  # no sentinel answers now: a raw connection asks again when it connects
+                out["host"] = out["port"] = None
         out["tls"] = self._tls
         if self._tls:
             out.update((k, v) for k, v in kw.items() if k.startswith("ssl_"))

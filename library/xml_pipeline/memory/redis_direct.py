@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import InvalidResponse, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .redis_wire import MORE, handshake, pack_commands, reply_reader, tls_context
@@ -46,11 +46,10 @@ class DirectConnection:
         self.round_trips = 0
 
     def _connect(self) -> socket.socket:
-        if self._refresh is not None and self.round_trips:
-            try:
-                self._kw = self._refresh()
-            except RedisError as e:  # no sentinel answered: a connection error, retried as such
-                raise RedisConnectionError(f"Error asking the sentinels for the master: {e}") from None
+        if self._refresh is not None:
+            self._kw = self._refresh()
+            if not self._kw.get("host"):  # no sentinel answered: a connection error, retried as such
+                raise RedisConnectionError("Error connecting: no sentinel named the master")
         kw = self._kw
         host = kw.get("host") or "localhost"
         sock: socket.socket | None = None

@@ -219,6 +219,8 @@ class RedisPipe:
             # The master may have changed since the last connection: ask the sentinels again
             # (blocking calls, off the loop).
             kw = await loop.run_in_executor(None, self.backend.connection_kwargs)
+            if not kw.get("host"):
+                raise ConnectionError("no sentinel named the master")
             self._host, self._port = kw.get("host"), int(kw.get("port") or 6379)
         if self._path:
             transport, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)

@@ -97,6 +97,8 @@ def connection_pool(config: BackendConfig, url: str, username: str | None,
     sentinel_kwargs: dict[str, Any] = {
         "socket_connect_timeout": config.connect_timeout,
         "socket_timeout": config.socket_timeout,
+        # One try per sentinel and question: the backend's own retries (with backoff) ask again.
+        "retry": Retry(NoBackoff(), 0),
     }
     if where.tls:
         sentinel_kwargs.update(ssl=True, **tls)

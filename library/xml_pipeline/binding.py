@@ -14,6 +14,8 @@ Binding specification for Kubernetes (servicebinding.io): one file per key, moun
     ttl           seconds; 0 = keys never expire
     signing-key   verifies the slots of the context buffer
     tls           "true" when the server speaks TLS (host/port then mean rediss://)
+    ca.crt        PEM CA certificate(s) of a TLS server (else the system trust store verifies it);
+                  used in place, as the file BackendConfig.redis_ca_cert names
 
 `BackendConfig.from_binding(path)` reads one directory; `discover()` finds the organism binding under
 SERVICE_BINDING_ROOT. Errors name the file (or key) that is wrong and what it should hold.
@@ -37,6 +39,8 @@ BINDING_PROVIDER = "xml-pipeline"
 #: Every key this library reads (a binding may carry others; they are ignored).
 KEYS: tuple[str, ...] = ("type", "provider", "host", "port", "url", "username", "password", "prefix", "ttl",
                          "signing-key", "tls")
+#: The binding file holding the CA certificate of a TLS server (the specification's name for it).
+CA_FILE = "ca.crt"
 #: One value file larger than this is not a binding value (a mounted directory of something else).
 _MAX_VALUE_BYTES = 64 * 1024
 
@@ -65,8 +69,9 @@ def read_binding(path: str | os.PathLike[str]) -> dict[str, str]:
     return values
 
 
-def config_from_values(values: Mapping[str, str], where: str) -> "BackendConfig":
-    """A redis BackendConfig from binding values; `where` names the directory in errors."""
+def config_from_values(values: Mapping[str, str], where: str, ca_cert: str | None = None) -> "BackendConfig":
+    """A redis BackendConfig from binding values; `where` names the directory in errors. `ca_cert`: the
+    path of the binding's ca.crt file, if it has one."""
     from .memory.config import BackendConfig
 
     def field(key: str) -> str:
@@ -101,19 +106,26 @@ def config_from_values(values: Mapping[str, str], where: str) -> "BackendConfig"
         ttl = int(ttl_text)
     kwargs = {"backend_type": "redis", "redis_url": url, "redis_prefix": prefix, "redis_ttl": ttl,
               "redis_username": values.get("username") or None, "redis_password": values.get("password") or None,
-              "signing_key": values.get("signing-key") or None}
+              "signing_key": values.get("signing-key") or None, "redis_ca_cert": ca_cert}
     try:
         return BackendConfig(**kwargs)  # type: ignore[arg-type]
     except ConfigError as e:
         # Name the file that holds the bad value, not the config field.
         files = {"backend.redis_url": "url", "backend.redis_prefix": "prefix", "backend.redis_ttl": "ttl",
-                 "backend.signing_key": "signing-key"}
+                 "backend.signing_key": "signing-key", "backend.redis_ca_cert": CA_FILE}
         raise ConfigError(field(files.get(e.field, e.field)), e.problem, e.allowed) from None
 
 
 def config_from_binding(path: str | os.PathLike[str]) -> "BackendConfig":
-    """BackendConfig.from_binding: one binding directory."""
-    return config_from_values(read_binding(path), str(Path(path)))
+    """BackendConfig.from_binding: one binding directory (its ca.crt, when present, verifies the server)."""
+    return config_from_values(read_binding(path), str(Path(path)), ca_file(path))
+
+
+def ca_file(path: str | os.PathLike[str]) -> str | None:
+    """The binding's ca.crt as a path (the file is used where it is mounted: the kubelet keeps it current),
+    or None when the binding has none."""
+    f = Path(path) / CA_FILE
+    return str(f) if f.is_file() else None
 
 
 def is_organism_binding(path: Path) -> bool:

@@ -18,11 +18,13 @@ client never signs (it has no write access to the buffer).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from .contract import CLIENT_COMMANDS, CLIENT_KEYS
-from .errors import BackendUnavailable, ConfigError, XmlPipelineError
+from .errors import BackendUnavailable, ConfigError, CredentialsRejected, XmlPipelineError
 from .memory.config import BackendConfig
 from .memory.context_buffer import ContextBuffer
 from .memory.keys import check_tagged_id
@@ -45,20 +47,54 @@ class OrganismClient:
 
     `config`: a redis BackendConfig; None reads the process's configuration the way
     get_shared_backend() does (XP_* environment and XP_CONFIG, else the xml-pipeline binding under
-    SERVICE_BINDING_ROOT). The client owns its connection pool: close it, or use `with`.
+    SERVICE_BINDING_ROOT). `binding`: a binding directory to read instead. The client owns its
+    connection pool: close it, or use `with`.
+
+    Configured from a binding (either way), the client re-reads it when Redis refuses the password of
+    a new connection, and carries on with the credentials it holds now: a mounted binding Secret is
+    updated in place by the kubelet when the operator rotates the client password. Configured from
+    the environment, a pod sees a new password only after a restart.
     """
 
-    def __init__(self, config: BackendConfig | None = None) -> None:
-        from .memory.factory import default_config
-        from .memory.redis_backend import RedisBackend
+    def __init__(self, config: BackendConfig | None = None, *, binding: str | os.PathLike[str] | None = None) -> None:
+        from .memory.factory import configuring_binding, default_config
 
+        if config is not None and binding is not None:
+            raise TypeError("give a config or a binding directory, not both")
+        if binding is None and config is None:
+            binding = configuring_binding()
+        #: The binding directory the configuration comes from (re-read when Redis refuses the password).
+        self.binding = Path(binding) if binding is not None else None
+        if self.binding is not None:
+            config = BackendConfig.from_binding(self.binding)
         config = default_config() if config is None else config
         if config.backend_type != "redis":
             raise ConfigError("backend.type", f"is {config.backend_type!r}: a client talks to an organism through "
                               "its Redis (set XP_BACKEND_TYPE=redis and XP_REDIS_*, or mount its binding)", ["redis"])
+        self._connect(config)
+
+    def _connect(self, config: BackendConfig) -> None:
+        from .memory.redis_backend import RedisBackend
         self.config = config
         self._backend = RedisBackend(config)
         self._buffer = ContextBuffer(self._backend)
+
+    def _reread_binding(self) -> bool:
+        """After Redis refused the password: the binding's credentials, if they changed since they were
+        read (a rotation: the kubelet updates a mounted Secret in place), replace the connection pool's.
+        True when they did (the call is worth repeating)."""
+        if self.binding is None:
+            return False
+        try:
+            fresh = BackendConfig.from_binding(self.binding)
+        except ConfigError:
+            return False  # mid-update or broken: the caller reports the authentication failure
+        if (fresh.redis_username, fresh.redis_password) == (self.config.redis_username, self.config.redis_password):
+            return False
+        old = self._backend
+        self._connect(fresh)
+        old.close()
+        return True
 
     @property
     def backend(self) -> Any:
@@ -119,10 +155,21 @@ class OrganismClient:
                 yield tid
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _guard(self, what: str, fn: Any) -> Any:
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
         import redis
         try:
-            return fn()
+            try:
+                return fn()
+            except (redis.exceptions.AuthenticationError, CredentialsRejected):
+                # A new connection was refused its password: after a rotation, the binding may hold the
+                # new one (the command was never sent, so sending it again duplicates nothing).
+                if not self._reread_binding():
+                    raise
+                return fn()
+        except (redis.exceptions.AuthenticationError, CredentialsRejected) as e:
+            where = f" (binding {self.binding} re-read: no newer password in it)" if self.binding is not None else ""
+            raise CredentialsRejected(f"{what}: Redis at {self.config.redacted_url} refused the password of user "
+                                      f"{self.config.redis_username or 'default'!r}{where}") from e
         except redis.exceptions.NoPermissionError as e:
             raise PermissionError(f"{what}: the Redis user {self.config.redis_username or 'default'!r} may not do "
                                   f"this ({self._backend.scrub(e)})") from None

@@ -4,6 +4,7 @@
     ├── ConfigError (also a ValueError)    bad configuration; names the field and allowed values
     └── BackendError                       anything the shared backend could not do
         ├── BackendUnavailable             the store cannot be reached (Redis down, manager dead)
+        │   └── CredentialsRejected        Redis refused the user's password (e.g. after a rotation)
         ├── SlotIntegrityError (also a ValueError)   a stored blob failed its signature check;
         │                                            nothing was unpickled
         ├── AppendIdConflict                         an append id was reused in a thread for a different
@@ -60,6 +61,11 @@ class BackendError(XmlPipelineError):
 
 class BackendUnavailable(BackendError):
     """The backend's store cannot be reached. The message names the endpoint, never a password."""
+
+
+class CredentialsRejected(BackendUnavailable):
+    """Redis refused the configured user's password at login (WRONGPASS): a new password is due (a
+    rotation), or the configuration is wrong. Nothing was sent."""
 
 
 class SlotIntegrityError(BackendError, ValueError):

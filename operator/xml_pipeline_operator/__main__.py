@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         print("\nSettings come from the environment: XPO_NAMESPACES, XPO_DEFAULT_IMAGE, XPO_DEFAULT_TTL,\n"
               "XPO_REDIS_IMAGE, XPO_SHARED_REDIS_URL, XPO_SHARED_REDIS_USERNAME, XPO_SHARED_REDIS_PASSWORD,\n"
+              "XPO_SHARED_REDIS_CA_FILE, "
               "XPO_HEALTH_PORT, XPO_LOG_LEVEL, XPO_RESYNC_SECONDS, XPO_AUTOSCALER, XPO_PEERING,\n"
               "XPO_PEERING_LIFETIME, XPO_WEBHOOK_PORT, XPO_WEBHOOK_HOST, XPO_WEBHOOK_CERT_DIR,\n"
               "XPO_WEBHOOK_CONFIGURATION (see docs/operator.md).")

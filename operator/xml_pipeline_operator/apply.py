@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from .desired import binding as binding_mod
 from .desired import credentials as creds
+from .desired.tls import CA_KEY
 from .kube import Conflict, Kube
 from .model import Organism
 
@@ -166,21 +167,32 @@ def delete_if_owned(kube: Kube, kind: str, namespace: str, name: str, owner_uid:
     return Outcome(kind, name, "deleted")
 
 
-def ensure_credentials(kube: Kube, org: Organism) -> tuple[Outcome, dict[str, str]]:
+def ensure_credentials(kube: Kube, org: Organism, ca: str | None = None) -> tuple[Outcome, dict[str, str]]:
     """The <name>-credentials Secret: created once with fresh values, afterwards only completed.
+    `ca`: the shared Redis's CA certificate, kept under `ca.crt` (desired/tls.py; removed when None).
 
     Returns the outcome and the decoded values (kept in memory only, for the shared-Redis seam).
     """
-    desired_values = creds.generate(org)
+    desired_values = creds.generate(org) | ({CA_KEY: ca} if ca else {})
     desired = creds.credentials_secret(org, desired_values)
     name = desired["metadata"]["name"]
     created, current = _create_or_own(kube, "Secret", org.namespace, name, org.uid, lambda: desired)
     if created is not None:
         return Outcome("Secret", name, "created", created), desired_values
     values = creds.decode(current.get("data"))
-    changes = creds.completion(org, values, desired_values)
-    values.update(changes)
+    changes: dict[str, str | None] = dict(creds.completion(org, values, desired_values))
+    if values.get(CA_KEY) != ca:
+        changes[CA_KEY] = ca or None
+    _update(values, changes)
     return _complete_secret(kube, org, current, desired, changes), values
+
+
+def _update(values: dict[str, str], changes: Mapping[str, str | None]) -> None:
+    for k, v in changes.items():
+        if v is None:
+            values.pop(k, None)
+        else:
+            values[k] = v
 
 
 def ensure_binding(kube: Kube, org: Organism, endpoint: str, credentials: Mapping[str, str]) -> tuple[Outcome, dict[str, str]]:
@@ -198,18 +210,21 @@ def ensure_binding(kube: Kube, org: Organism, endpoint: str, credentials: Mappin
     values = creds.decode(current.get("data"))
     password = values.get(binding_mod.PASSWORD_KEY) or binding_mod.generate_password()
     wanted = binding_mod.binding_values(org, endpoint, credentials, password)
-    changes = {k: v for k, v in wanted.items() if values.get(k) != v}
-    values.update(changes)
+    changes: dict[str, str | None] = {k: v for k, v in wanted.items() if values.get(k) != v}
+    if CA_KEY in values and CA_KEY not in wanted:  # the Redis no longer has a private CA
+        changes[CA_KEY] = None
+    _update(values, changes)
     return _complete_secret(kube, org, current, binding_mod.binding_secret(org, wanted), changes), values
 
 
 def _complete_secret(kube: Kube, org: Organism, current: dict[str, Any], desired: Mapping[str, Any],
-                     changes: Mapping[str, str]) -> Outcome:
-    """Patch `changes` (decoded values) and the desired labels into the Secret `current`, if any."""
+                     changes: Mapping[str, str | None]) -> Outcome:
+    """Patch `changes` (decoded values; None removes a key) and the desired labels into the Secret
+    `current`, if any."""
     name = current["metadata"]["name"]
     patch: dict[str, Any] = {}
     if changes:
-        patch["data"] = creds.encode(dict(changes))
+        patch["data"] = {k: None if v is None else creds.encode({k: v})[k] for k, v in changes.items()}
     label_patch = diff({"labels": desired["metadata"]["labels"]}, current.get("metadata", {}))
     if label_patch:
         patch["metadata"] = label_patch

@@ -110,6 +110,11 @@ class Kube:
         except NotFound:
             return None
 
+    def list(self, kind: str, namespace: str) -> list[dict[str, Any]]:
+        """Every object of `kind` in `namespace` (one page; `items` of the list)."""
+        found = self._call("GET", _path(kind, namespace), kind=kind, verb="list")
+        return list(found.get("items") or [])
+
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", _path(kind, namespace), body=body, kind=kind, verb="create")
 

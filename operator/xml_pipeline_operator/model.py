@@ -116,6 +116,9 @@ class ExternalRedis:
     url: str
     password: SecretKeyRef
     username: SecretKeyRef | None = None
+    #: spec.backend.redis.external.caSecretRef: the CA certificate (PEM) the server's certificate is
+    #: verified against; None: the system trust store (or a plain redis:// URL).
+    ca: SecretKeyRef | None = None
 
 
 @dataclass(frozen=True)
@@ -385,7 +388,7 @@ def _parse_redis(r: Mapping[str, Any], namespace: str, name: str, settings: Oper
 
 def _parse_external(e: Mapping[str, Any]) -> ExternalRedis:
     path = "spec.backend.redis.external"
-    _known(e, path, ("url", "passwordSecretRef", "usernameSecretRef"))
+    _known(e, path, ("url", "passwordSecretRef", "usernameSecretRef", "caSecretRef"))
     url = e.get("url")
     if not isinstance(url, str) or not url:
         raise SpecError(f"{path}.url", "is required", "redis://host[:port][/db] or rediss://host[:port][/db]")
@@ -400,7 +403,18 @@ def _parse_external(e: Mapping[str, Any]) -> ExternalRedis:
     username = None
     if e.get("usernameSecretRef") is not None:
         username = _secret_ref(e["usernameSecretRef"], f"{path}.usernameSecretRef", "username")
-    return ExternalRedis(url=url, password=password, username=username)
+    return ExternalRedis(url=url, password=password, username=username, ca=_ca_ref(e.get("caSecretRef"), url))
+
+
+def _ca_ref(raw: Any, url: str) -> SecretKeyRef | None:
+    """spec.backend.redis.external.caSecretRef: {name, key (default ca.crt)}, only beside a TLS URL."""
+    path = "spec.backend.redis.external.caSecretRef"
+    if raw is None:
+        return None
+    if not url.startswith("rediss"):
+        raise SpecError(path, "is only allowed with a TLS URL (spec.backend.redis.external.url is not rediss://)",
+                        "a rediss://host:port URL, or remove caSecretRef")
+    return _secret_ref(raw, path, "ca.crt")
 
 
 def _check_external_host(path: str, url: str) -> None:

@@ -34,8 +34,9 @@ class ProbeResult:
 
 
 def probe_redis(url: str, username: str | None, password: str | None, *,
-                timeout: float = PROBE_TIMEOUT) -> ProbeResult:
-    """PING `url` as `username`/`password`. Never raises; the detail never contains the password."""
+                timeout: float = PROBE_TIMEOUT, ca: str | None = None) -> ProbeResult:
+    """PING `url` as `username`/`password`. Never raises; the detail never contains the password.
+    `ca`: PEM CA certificate(s) a rediss:// server is verified against (the pods' CA file holds the same)."""
     def scrub(error: Exception) -> str:
         text = f"{type(error).__name__}: {error}"
         return text.replace(password, "***") if password else text
@@ -43,7 +44,8 @@ def probe_redis(url: str, username: str | None, password: str | None, *,
     # No client name: CLIENT SETNAME is a command the Redis user might not be granted (AUTH and
     # PING are all the probe sends).
     client = redis.Redis.from_url(url, username=username or None, password=password or None,
-                                  socket_connect_timeout=timeout, socket_timeout=timeout, retry_on_timeout=False)
+                                  socket_connect_timeout=timeout, socket_timeout=timeout, retry_on_timeout=False,
+                                  **({"ssl_ca_data": ca} if ca and url.startswith("rediss") else {}))
     start = time.monotonic()
     try:
         client.ping()

@@ -19,14 +19,15 @@ from typing import Any, Literal
 
 from xml_pipeline.contract import LABEL_COMPONENT
 
-from . import apply, desired as desired_mod, rotation, status as st
+from . import apply, client_rotation, desired as desired_mod, rotation, status as st
 from .desired import binding as binding_mod
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
 from .kube import Kube, NotFound
 from .model import Organism, SpecError, check_prefix_unchanged, parse_organism
 from .probe import probe_redis
-from .redis_admin import PASSWORD_CHANGED, RedisAdmin, Tenant
+from .redis_admin import PASSWORD_CHANGED, RedisAdmin, Tenant, TenantState
 from .settings import OperatorSettings
+from .tenancy.dedicated_client import DedicatedClientAdmin
 
 logger = logging.getLogger(__name__)
 #: How long the answer to "does the cluster serve KEDA's API" is trusted.
@@ -64,6 +65,10 @@ class Reconciler:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._keda: tuple[bool, float] | None = None
+        #: Client users on dedicated Redis servers, changed while they run (rotation; tests map the address).
+        self.dedicated = DedicatedClientAdmin()
+        #: Seconds the kubelet may take to refresh a mounted binding (client_rotation; short in tests).
+        self.binding_sync = binding_mod.BINDING_SYNC_SECONDS
 
     def _keda_served(self) -> bool:
         """KEDA's ScaledObject API is served (checked at most every KEDA_RECHECK_SECONDS: discovery
@@ -130,22 +135,31 @@ class Reconciler:
         redis_cond: st.Condition | None = None
         rot: _Rotation | None = None
         binding: dict[str, str] | None = None
+        clients = client_rotation.ClientRotation()
+        client_credentials: dict[str, str] | None = None  # dedicated: status.credentials (the client's rotation)
         previous = dict(previous)  # a rotation start writes status.credentials early (see _shared)
         try:
-            secret_outcome, values = apply.ensure_credentials(self.kube, org)
+            shared_ca = self.settings.shared_redis_ca if org.redis is not None and org.redis.mode == "shared" else None
+            secret_outcome, values = apply.ensure_credentials(self.kube, org, shared_ca)
             outcomes.append(secret_outcome)
             if org.redis is not None and org.redis.mode == "shared":
                 redis_cond, rot = self._shared(org, body, previous, values, now)
                 if redis_cond.ok:  # Redis knows the Secret's password: the pods may roll to it
                     want = desired_mod.build(org, self.settings, keda=keda,
                                              credentials_digest=rotation.credentials_digest(values))
-                    binding = self._client(org, values, want, outcomes, rot)
+                    binding = self._client(org, values, want, outcomes, rot, clients, now)
             else:
                 if org.redis is not None and org.redis.mode == "dedicated" and want.endpoint is not None:
                     # Before the Redis workload: its config's client `user` line reads the password.
-                    outcome, _ = apply.ensure_binding(self.kube, org, want.endpoint, values)
+                    outcome, b = apply.ensure_binding(self.kube, org, want.endpoint, values)
                     outcomes.append(outcome)
                     binding = {"name": binding_mod.binding_name(org.name)}
+                    clients = client_rotation.rotate_dedicated(self.kube, self.dedicated, org, body, values, b,
+                                                               want.endpoint, outcome, now,
+                                                               binding_sync=self.binding_sync)
+                    if b.get(binding_mod.ROTATION_REQUEST_KEY):  # the request acted upon (handlers.py)
+                        client_credentials = {"phase": rotation.Phase.IDLE.value,
+                                              "request": b[binding_mod.ROTATION_REQUEST_KEY]}
                 redis_cond = self._remote_redis_condition(org, values)
             if redis_cond is not None and redis_cond.reason == "ExternalSecretMissing":
                 blocked, retry = redis_cond, redis_cond.message
@@ -167,7 +181,7 @@ class Reconciler:
             if rot is not None and redis_cond is not None and redis_cond.ok:
                 redis_cond = self._after_rollout(org, rot, values, outcomes, want, now) or redis_cond
                 if "retired" in rot.done and binding is not None:  # the client's old password goes too
-                    binding = self._client(org, values, want, [], rot) or binding
+                    binding = self._client(org, values, want, [], rot, clients, now) or binding
         except apply.NameConflict as e:
             blocked, retry = st.Condition("Ready", "False", "NameConflict", str(e)), str(e)
 
@@ -181,14 +195,17 @@ class Reconciler:
             pump=st.pump_condition(pump_state), workers=st.workers_condition(org, worker_state),
             blocked=blocked, failed=False, workers_state=worker_state,
             extra=([rot.condition(self.rotation_timeout)] if rot is not None else [])
-            + [c for c in [st.autoscaling_condition(org, want.autoscaler)] if c is not None])
+            + [c for c in [st.autoscaling_condition(org, want.autoscaler), clients.condition] if c is not None])
         if rot is not None:
             status["credentials"] = rot.as_status()
+        elif client_credentials is not None:
+            status["credentials"] = client_credentials
         if binding is not None:
             status["binding"] = binding
         elif org.redis is not None and org.redis.mode == "shared" and previous.get("binding"):
             status["binding"] = previous["binding"]  # Redis unreachable this pass: the binding still holds
-        events = _object_events(outcomes) + (rot.events_for(previous, status) if rot is not None else [])
+        events = (_object_events(outcomes) + (rot.events_for(previous, status) if rot is not None else [])
+                  + [Event("Normal", "ClientCredentialsRotation", text) for text in clients.events])
         return self._finish(namespace, name, previous, status, events, retry=retry)
 
     # ------------------------------------------------------------------------------------ shared mode
@@ -237,7 +254,8 @@ class Reconciler:
         return st.Condition("RedisReady", "True" if state.ready else "False", state.reason, state.message), rot
 
     def _client(self, org: Organism, values: dict[str, str], want: desired_mod.DesiredState,
-                outcomes: list[apply.Outcome], rot: _Rotation) -> dict[str, str] | None:
+                outcomes: list[apply.Outcome], rot: _Rotation, clients: client_rotation.ClientRotation,
+                now: str) -> dict[str, str] | None:
         """The organism's client identity (shared mode): the binding Secret, then its ACL user, its
         password rotated with the organism's (desired/binding.client_rotation_step; Redis always
         before the Secret). Returns status.binding once Redis knows the client's password, else None."""
@@ -249,11 +267,14 @@ class Reconciler:
         tenant = Tenant(namespace=org.namespace, name=org.name, prefix=org.redis.prefix,
                         username=values.get("redis-username", ""), uid=org.uid)
 
-        def accept(extra: frozenset[str]) -> bool:
+        def state_of(extra: frozenset[str]) -> TenantState:
             state = self.admin.ensure_client(tenant, b[binding_mod.USERNAME_KEY], b[binding_mod.PASSWORD_KEY], extra)
             if not state.ready:
                 logger.warning("Organism %s/%s: %s", org.namespace, org.name, state.message)
-            return state.ready
+            return state
+
+        def accept(extra: frozenset[str]) -> bool:
+            return state_of(extra).ready
 
         step = binding_mod.client_rotation_step(rot.phase.value, rot.request, b)
         if step == "generate":
@@ -262,11 +283,9 @@ class Reconciler:
         if step == "publish":
             if not accept(binding_mod.accepted_besides_password(b)):
                 return None
-            self._patch_binding(org, b, binding_mod.client_publish_patch(b, rot.request))
-        elif step == "retire":
-            if not accept(frozenset()):
-                return None
-            self._patch_binding(org, b, {binding_mod.PREVIOUS_PASSWORD_HASHES_KEY: None})
+            self._patch_binding(org, b, binding_mod.client_publish_patch(b, rot.request, now))
+        elif step == "retire":  # the organism's pods rolled; the clients' turn (client_rotation.py)
+            client_rotation.finish_overlap(self.kube, org, b, now, state_of, clients, binding_sync=self.binding_sync)
         if not accept(binding_mod.accepted_besides_password(b)):
             return None
         return {"name": binding_mod.binding_name(org.name)}
@@ -327,7 +346,8 @@ class Reconciler:
             ext = org.redis.external
             assert ext is not None
             found: dict[str, str] = {}
-            for ref, what in ((ext.password, "passwordSecretRef"), (ext.username, "usernameSecretRef")):
+            for ref, what in ((ext.password, "passwordSecretRef"), (ext.username, "usernameSecretRef"),
+                              (ext.ca, "caSecretRef")):
                 if ref is None:
                     continue
                 secret = self.kube.get("Secret", org.namespace, ref.name)
@@ -344,7 +364,8 @@ class Reconciler:
             if not self.settings.probe_external_redis:
                 return st.Condition("RedisReady", "True", "ExternalRedisConfigured",
                                     f"pods use {ext.url}; not probed by the operator (XPO_PROBE_EXTERNAL_REDIS=false)")
-            result = probe_redis(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"))
+            result = probe_redis(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"),
+                                 ca=found.get("caSecretRef"))
             user = found.get("usernameSecretRef") or "default"
             if result.ok:
                 return st.Condition("RedisReady", "True", "ExternalRedisReachable",

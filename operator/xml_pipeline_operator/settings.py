@@ -51,6 +51,9 @@ class OperatorSettings:
     shared_redis_url: str | None = None
     shared_redis_username: str = "default"
     shared_redis_password: str | None = field(default=None, repr=False)
+    #: PEM CA certificate(s) of a rediss:// shared Redis (read from XPO_SHARED_REDIS_CA_FILE at start):
+    #: the operator verifies the server with it and hands it to the Organisms' pods and bindings.
+    shared_redis_ca: str | None = field(default=None, repr=False)
     health_port: int = 8080
     log_level: str = "INFO"
     #: `fixed`: pods run with the images' user ids; `platform`: the platform assigns them (security.py).
@@ -116,6 +119,9 @@ class OperatorSettings:
             kwargs["shared_redis_username"] = raw
         if (raw := environ.get("XPO_SHARED_REDIS_PASSWORD")):
             kwargs["shared_redis_password"] = raw  # not stripped: a password is taken verbatim
+        if (raw := get("XPO_SHARED_REDIS_CA_FILE")) is not None:
+            kwargs["shared_redis_ca"] = read_ca_file("XPO_SHARED_REDIS_CA_FILE", raw,
+                                                     str(kwargs.get("shared_redis_url") or ""))
         if (raw := get("XPO_HEALTH_PORT")) is not None:
             kwargs["health_port"] = _int("XPO_HEALTH_PORT", raw, 1, 65535)
         if (raw := get("XPO_LOG_LEVEL")) is not None:
@@ -178,6 +184,27 @@ def check_redis_url(field_name: str, url: str) -> str:
         raise ConfigError(field_name, "must not have a query or fragment", allowed)
     del port
     return url
+
+
+def read_ca_file(name: str, path: str, url: str) -> str:
+    """The PEM text of a CA file for a rediss:// URL (a CA beside a plain URL would be ignored)."""
+    allowed = "the path of a readable PEM file with the shared Redis's CA certificate(s), beside a rediss:// URL"
+    if not url.startswith("rediss"):  # rediss://, and the rediss+... forms
+        raise ConfigError(name, "is set, but XPO_SHARED_REDIS_URL does not use TLS (rediss://)", allowed)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4 * 1024 * 1024 + 1)
+    except OSError as e:
+        raise ConfigError(name, f"{path!r} cannot be read ({e.strerror or e})", allowed) from None
+    if len(raw) > 4 * 1024 * 1024:
+        raise ConfigError(name, f"{path!r} is larger than 4 MiB", allowed)
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ConfigError(name, f"{path!r} is not PEM text", allowed) from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ConfigError(name, f"{path!r} holds no PEM certificate", allowed)
+    return text
 
 
 def _int(name: str, raw: str, low: int, high: int) -> int:

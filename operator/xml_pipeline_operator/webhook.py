@@ -11,6 +11,9 @@ annotation `xml-pipeline.dev/client-inject`:
 - `binding`: the Secret mounted read-only at `/bindings/<organism>` and SERVICE_BINDING_ROOT=/bindings
   (the Service Binding specification's layout; the library's get_shared_backend() finds it).
 
+For an organism whose Redis speaks TLS, env mode also mounts the binding's `ca.crt` (the CA file the
+library verifies the server with; binding mode has it already).
+
 A pod naming an Organism that does not exist, or one without a binding (not provisioned yet, or not
 on the shared Redis), is refused with a message saying so: admitting it unchanged would start a pod
 that fails later with a less helpful error. The MutatingWebhookConfiguration (chart) selects only pods
@@ -39,13 +42,13 @@ import kopf
 from xml_pipeline import contract
 
 from .desired import naming
-from .desired.binding import binding_name
+from .desired.binding import INJECT_ANNOTATION, binding_name
+from .desired.tls import CA_KEY
 from .kube import Kube
 
 logger = logging.getLogger(__name__)
 
 CLIENT_LABEL = naming.CLIENT_LABEL
-INJECT_ANNOTATION = "xml-pipeline.dev/client-inject"
 INJECT_MODES = ("env", "binding")
 BINDING_ROOT = "/bindings"
 BINDING_VOLUME = "xml-pipeline-binding"
@@ -88,11 +91,29 @@ def check_organism(namespace: str, organism: str, body: Mapping[str, Any] | None
         raise Refused(f"{where}: Organism {namespace}/{organism} has no client binding: {why}")
 
 
-def pod_changes(pod: Mapping[str, Any], organism: str) -> dict[str, Any]:
+def uses_tls(body: Mapping[str, Any] | None) -> bool:
+    """The Organism's Redis speaks TLS (status.redis.endpoint is rediss://...)."""
+    endpoint = (((body or {}).get("status") or {}).get("redis") or {}).get("endpoint") or ""
+    return str(endpoint).startswith("rediss")
+
+
+def _mount_binding(containers: list[dict[str, Any]], organism: str) -> None:
+    for c in containers:
+        env = [e for e in c.get("env") or [] if e.get("name") != "SERVICE_BINDING_ROOT"]
+        c["env"] = env + [{"name": "SERVICE_BINDING_ROOT", "value": BINDING_ROOT}]
+        mounts = [m for m in c.get("volumeMounts") or [] if m.get("name") != BINDING_VOLUME]
+        c["volumeMounts"] = mounts + [{"name": BINDING_VOLUME, "mountPath": f"{BINDING_ROOT}/{organism}",
+                                       "readOnly": True}]
+
+
+def pod_changes(pod: Mapping[str, Any], organism: str, *, tls: bool = False) -> dict[str, Any]:
     """The new `spec.containers` (and `spec.volumes` in binding mode) of a client pod. Pure.
 
     Variables we inject replace any of the same name the pod set (the label asked for this organism);
-    everything else in the pod is kept as it is."""
+    everything else in the pod is kept as it is. `tls` (the organism's Redis speaks TLS): in env mode
+    the binding's ca.crt is mounted too (with `type` and `provider`, so the library finds it under
+    SERVICE_BINDING_ROOT: no XP_* variable names a CA file); optional, as a Redis whose certificate
+    the system trust store accepts has no ca.crt."""
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     mode = annotations.get(INJECT_ANNOTATION, "env")
     if mode not in INJECT_MODES:
@@ -100,21 +121,22 @@ def pod_changes(pod: Mapping[str, Any], organism: str) -> dict[str, Any]:
     spec = pod.get("spec") or {}
     containers = copy.deepcopy(list(spec.get("containers") or []))
     changes: dict[str, Any] = {"containers": containers}
+    volumes = [v for v in copy.deepcopy(list(spec.get("volumes") or [])) if v.get("name") != BINDING_VOLUME]
     if mode == "env":
         ours = injected_env(organism)
         names = {e["name"] for e in ours}
         for c in containers:
             c["env"] = [e for e in c.get("env") or [] if e.get("name") not in names] + copy.deepcopy(ours)
+        if tls:
+            volumes.append({"name": BINDING_VOLUME, "secret": {
+                "secretName": binding_name(organism), "optional": True,
+                "items": [{"key": k, "path": k} for k in ("type", "provider", CA_KEY)]}})
+            changes["volumes"] = volumes
+            _mount_binding(containers, organism)
         return changes
-    volumes = [v for v in copy.deepcopy(list(spec.get("volumes") or [])) if v.get("name") != BINDING_VOLUME]
     volumes.append({"name": BINDING_VOLUME, "secret": {"secretName": binding_name(organism)}})
     changes["volumes"] = volumes
-    for c in containers:
-        env = [e for e in c.get("env") or [] if e.get("name") != "SERVICE_BINDING_ROOT"]
-        c["env"] = env + [{"name": "SERVICE_BINDING_ROOT", "value": BINDING_ROOT}]
-        mounts = [m for m in c.get("volumeMounts") or [] if m.get("name") != BINDING_VOLUME]
-        c["volumeMounts"] = mounts + [{"name": BINDING_VOLUME, "mountPath": f"{BINDING_ROOT}/{organism}",
-                                       "readOnly": True}]
+    _mount_binding(containers, organism)
     return changes
 
 
@@ -133,8 +155,9 @@ def register(registry: kopf.OperatorRegistry, get_organism: Callable[[str, str],
         organism = str(labels.get(CLIENT_LABEL, ""))
         ns = namespace or body.get("metadata", {}).get("namespace") or ""
         try:
-            check_organism(ns, organism, get_organism(ns, organism) if _DNS_SUBDOMAIN.match(organism) else None)
-            changes = pod_changes(dict(body), organism)
+            found = get_organism(ns, organism) if _DNS_SUBDOMAIN.match(organism) else None
+            check_organism(ns, organism, found)
+            changes = pod_changes(dict(body), organism, tls=uses_tls(found))
         except Refused as e:
             raise kopf.AdmissionError(str(e), code=403) from None
         for key, value in changes.items():

@@ -162,7 +162,7 @@ def test_client_rotation_steps() -> None:
     assert b.client_rotation_step("RollingOut", "r1", base | {"rotated-for": "r1"}) is None  # once per request
     assert b.client_rotation_step("RollingOut", "r1", base | {"password-next": "new"}) == "publish"
     assert b.client_rotation_step("Idle", "r1", base | {"password-previous-sha256": "ab" * 32}) == "retire"
-    patch = b.client_publish_patch(base | {"password-next": "new"}, "r1")
+    patch = b.client_publish_patch(base | {"password-next": "new"}, "r1", "2026-01-01T00:00:00Z")
     assert patch == {"password": "new", "password-next": None, "rotated-for": "r1",
-                     "password-previous-sha256": acl.password_hash("old")}
+                     "password-previous-sha256": acl.password_hash("old"), "rotated-at": "2026-01-01T00:00:00Z"}
     assert b.accepted_besides_password(base | {"password-next": "new"}) == {acl.password_hash("new")}

@@ -32,6 +32,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "url": "rediss://redis.platform.svc:6380/0", "username": "xp-admin",
             "existingSecret": "redis-admin", "existingSecretKey": "admin-password"}},
     },
+    # A rediss:// shared Redis with a private CA (mounted into the operator, XPO_SHARED_REDIS_CA_FILE).
+    "shared-existing-ca": {
+        "sharedRedis": {"mode": "existing", "existing": {
+            "url": "rediss://redis.platform.svc:6380/0", "existingSecret": "redis-admin",
+            "caSecret": "redis-ca", "caSecretKey": "root.pem"}},
+    },
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                                     "podMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "metrics-service": {"metrics": {"service": {"enabled": True}}},

@@ -216,6 +216,17 @@ def test_shared_redis_existing(rendered: dict[str, list[dict[str, Any]]]) -> Non
         "secretKeyRef": {"name": "redis-admin", "key": "admin-password"}}
 
 
+def test_shared_redis_existing_with_a_ca(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    pod = one(rendered["shared-existing-ca"], "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    env = env_of(pod["containers"][0])
+    assert env["XPO_SHARED_REDIS_CA_FILE"] == "/etc/xml-pipeline-operator/shared-redis-ca/ca.crt"
+    assert {"name": "shared-redis-ca", "secret": {"secretName": "redis-ca", "items": [
+        {"key": "root.pem", "path": "ca.crt"}]}} in pod["volumes"]
+    assert {"name": "shared-redis-ca", "mountPath": "/etc/xml-pipeline-operator/shared-redis-ca",
+            "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert "XPO_SHARED_REDIS_CA_FILE" not in env_of(_operator(rendered["shared-existing"]))
+
+
 def test_service_monitor(rendered: dict[str, list[dict[str, Any]]]) -> None:
     objects = rendered["service-monitor"]
     sm = one(objects, "ServiceMonitor")

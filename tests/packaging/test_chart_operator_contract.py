@@ -27,10 +27,15 @@ def test_chart_sets_only_variables_the_operator_reads(rendered: dict[str, list[d
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_operator_accepts_the_chart_settings(rendered: dict[str, list[dict[str, Any]]], scenario: str) -> None:
+def test_operator_accepts_the_chart_settings(rendered: dict[str, list[dict[str, Any]]], scenario: str,
+                                            tmp_path: Any) -> None:
     env = _operator_env(rendered[scenario])
     # Values from Secrets arrive at runtime; the parser only needs some password.
     plain = {k: (v if isinstance(v, str) else "from-a-secret") for k, v in env.items()}
+    if "XPO_SHARED_REDIS_CA_FILE" in plain:  # a file the chart mounts; read at start
+        ca = tmp_path / "ca.crt"
+        ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+        plain["XPO_SHARED_REDIS_CA_FILE"] = str(ca)
     s = OperatorSettings.from_env(plain)
     values = SCENARIOS[scenario]
     assert s.namespaces == tuple(values.get("watchNamespaces", ()))

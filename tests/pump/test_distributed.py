@@ -8,12 +8,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pump_harness import SIGNING_KEY, cli, cli_popen, organism_yaml
 
 from xml_pipeline.memory import create_backend
+from xml_pipeline.memory.async_store import RedisStore
 from xml_pipeline.message_bus.dispatcher import RedisDispatcher
 from xml_pipeline.message_bus.streams import WORKER_GROUP, Streams, dead_letters
 from xml_pipeline.message_bus.message import Message
@@ -142,7 +143,7 @@ async def test_distributed_mode_over_tls(tls_redis, tls_files, prefix: str, tmp_
     backend = create_backend(org.backend)
     dispatcher = RedisDispatcher(backend)
     async with StreamPump(org, backend, dispatcher=dispatcher) as pump:
-        assert pump.pipe is not None and dispatcher.store.pipe is not None  # the fast path kept TLS
+        assert pump.pipe is not None and cast(RedisStore, dispatcher.store).pipe is not None  # the fast path kept TLS
         outs = await asyncio.gather(*(pump.request(ask("primes", f'<count below="{n}"/>'), timeout=60)
                                       for n in (10, 100, 1000)))
         assert [o.payload for (o,) in outs] == ['<primes below="10" count="4"/>', '<primes below="100" count="25"/>',

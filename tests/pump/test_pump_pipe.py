@@ -97,6 +97,10 @@ async def test_the_pump_serves_conversations_over_tls_on_its_pipe(tls_redis: TLS
     pump = StreamPump(organism("pptls"), backend, dispatcher=pool)  # type: ignore[arg-type]
     assert pump.pipe is not None  # rediss:// keeps the pipe
     async with pump:
+        # One conversation first: a fresh server learns the scripts (NOSCRIPT -> EVAL on the blocking path).
+        (warm,) = await asyncio.wait_for(pump.request(Message("console", "echo", '<e tag="w"/>')), 60)
+        assert warm.kind == "response"
+        fallbacks = pump.stats.redis_fallbacks
         requests = [Message("console", "echo", f'<e tag="t{i}"/>') for i in range(30)]
         answers = await asyncio.wait_for(asyncio.gather(*(pump.request(m) for m in requests)), 120)
         for m, outs in zip(requests, answers):
@@ -104,7 +108,7 @@ async def test_the_pump_serves_conversations_over_tls_on_its_pipe(tls_redis: TLS
             assert tag_of(outs[0]) == m.element().get("tag")  # type: ignore[union-attr]
         # Every step went through the pipe, over TLS, and none fell back to the blocking backend.
         assert pump.pipe.commands >= 5 * 30 and pump.pipe.writes * 2 <= pump.pipe.commands
-        assert pump.stats.redis_fallbacks == 0
+        assert pump.stats.redis_fallbacks == fallbacks
     backend.close()  # type: ignore[attr-defined]
 
 
@@ -184,3 +188,24 @@ async def test_dispatcher_submits_tasks_of_one_loop_iteration_in_one_multi(redis
     finally:
         await dispatcher.close()
         backend.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipe", "io-threads"])
+def test_the_dispatcher_submits_through_the_pumps_store_when_both_pipe(redis_server: RedisServer,
+                                                                       pipelined: bool) -> None:
+    from xml_pipeline.message_bus.dispatcher import RedisDispatcher
+
+    backend = backend_for(redis_server)
+    dispatcher = RedisDispatcher(backend)  # type: ignore[arg-type]
+    own = dispatcher.store
+    pump = StreamPump(organism("share"), backend, dispatcher=dispatcher, pipelined=pipelined)  # type: ignore[arg-type]
+    # One group-commit connection for the pump's steps and the dispatcher's XADDs; without a pump
+    # pipe the dispatcher keeps its own.
+    assert (dispatcher.store is pump.store) is pipelined and (dispatcher.store is own) is not pipelined
+    other = StreamPump(organism("other"), backend_for(redis_server), dispatcher=RedisDispatcher(backend))  # type: ignore[arg-type]
+    assert other.dispatcher is not None and other.dispatcher.store is not other.store  # type: ignore[attr-defined]
+    for p in (pump, other):
+        p.store.close()
+    own.close()
+    backend.close()  # type: ignore[attr-defined]
+    other.backend.close()

@@ -12,6 +12,7 @@ idempotent, so a lost connection is the caller's BackendUnavailable, as from the
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 from collections.abc import Callable, Sequence
@@ -87,6 +88,7 @@ class RedisStore(ThreadedStore):
         self._reading = threading.Lock()
         self._closed = False
         self._fallbacks = 0
+        self._ready: asyncio.Future[None] | None = None
 
     @property
     def fallbacks(self) -> int:
@@ -96,6 +98,17 @@ class RedisStore(ThreadedStore):
                      items: Sequence[tuple[str, bytes]] = ()) -> BufferSlot:
         if self.pipe is None or len(prepared.body) > INLINE_MAX_BYTES:
             return await super().append(buffer, prepared, items)
+        if self._ready is None or not self._ready.done():
+            if self._ready is None:
+                # The first append goes through the blocking backend, which probes the script
+                # mechanism and loads the scripts: the pipe then starts on a server that has them,
+                # instead of every append of the first burst meeting NOSCRIPT and falling back.
+                self._ready = asyncio.get_running_loop().create_future()
+                try:
+                    return await super().append(buffer, prepared, items)
+                finally:
+                    self._ready.set_result(None)
+            await self._ready
         thread, append_id, max_slots = prepared.thread_id, prepared.append_id, buffer.max_slots_per_thread
         assert append_id is not None, "the pipe's appends are redone on doubt: they need an append id"
 

@@ -36,6 +36,7 @@ _YAML_KEYS: dict[str, str] = {
     "redis_ttl": "redis_ttl",
     "redis_username": "redis_username",
     "redis_password": "redis_password",
+    "redis_ca_cert": "redis_ca_cert",
     "signing_key": "signing_key",
     "manager_address": "manager_address",
     "manager_authkey": "manager_authkey",
@@ -98,6 +99,10 @@ class BackendConfig:
     _: KW_ONLY
     redis_username: str | None = None
     redis_password: str | None = field(default=None, repr=False)
+    #: Path of a PEM file with the CA certificate(s) a TLS server's certificate is verified against
+    #: (instead of the system trust store). Only with a TLS URL (rediss://...). Not secret: a path, in
+    #: organism.yaml; the file is checked to exist and hold a certificate.
+    redis_ca_cert: str | None = None
     #: HMAC key(s) for slot envelopes: bytes, 'k1,k2' or a list; the first signs, all verify.
     signing_key: str | bytes | Sequence[str | bytes] | None = field(default=None, repr=False)
     #: ManagerBackend: 'host:port' (or a (host, port) tuple), a Unix socket path, or None to start
@@ -148,6 +153,7 @@ class BackendConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ConfigError(f"backend.{name}", f"must be a string, got {type(v).__name__}")
+        _check_ca_cert(self.redis_ca_cert, self.redis_url)
         _check_signing_key(self.signing_key)
         # Normalise the key ring once (raises ConfigError on short keys).
         object.__setattr__(self, "_keys", parse_keys(self.signing_key, "backend.signing_key"))
@@ -165,6 +171,10 @@ class BackendConfig:
     def signer(self) -> Signer | None:
         """The configured key ring, or None when no key is configured."""
         return Signer(self.signing_keys) if self.signing_keys else None
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """redis-py connection arguments of the TLS settings ({} without a CA file: the system trust store)."""
+        return {"ssl_ca_certs": self.redis_ca_cert} if self.redis_ca_cert else {}
 
     @property
     def redis_mode(self) -> contract.RedisMode:
@@ -318,6 +328,46 @@ def _check_url(url: object) -> None:
     if parts.scheme != "unix" and not _DB_PATH.match(parts.path):
         raise ConfigError(field_, f"{redact_url(url)!r} has the path {parts.path!r}, not a database number",
                           "redis://host[:port] or redis://host[:port]/N with N a database number 0..9999")
+
+
+#: What a PEM CA file starts a certificate with (a key file or a DER file is a mistake worth naming).
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+#: Larger than any CA bundle (the Mozilla bundle is ~220 KB): something else was named.
+_CA_MAX_BYTES = 4 * 1024 * 1024
+
+
+def is_tls_url(url: str) -> bool:
+    """True for the URL schemes that speak TLS (rediss://, and rediss+... forms)."""
+    return url.partition("://")[0].startswith("rediss")
+
+
+def _check_ca_cert(path: object, url: str) -> None:
+    """backend.redis_ca_cert: a readable PEM file with at least one certificate, and a TLS URL to use it
+    for (a CA beside a plain redis:// URL would be silently ignored)."""
+    field_ = "backend.redis_ca_cert"
+    allowed = "the path of a readable PEM file holding the CA certificate(s) of a rediss:// server"
+    if path is None:
+        return
+    if not isinstance(path, str) or not path:
+        raise ConfigError(field_, f"must be a non-empty string (a file path), got {path!r}", allowed)
+    if not is_tls_url(url):
+        raise ConfigError(field_, f"is set, but backend.redis_url ({redact_url(url)!r}) does not use TLS",
+                          "a rediss://... URL with a CA file, or no redis_ca_cert")
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            head = f.read(_CA_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(field_, f"{path!r} does not exist", allowed) from None
+    except IsADirectoryError:
+        raise ConfigError(field_, f"{path!r} is a directory", allowed) from None
+    except OSError as e:
+        raise ConfigError(field_, f"{path!r} cannot be read ({e.strerror or e})", allowed) from None
+    if len(head) > _CA_MAX_BYTES:
+        raise ConfigError(field_, f"{path!r} is larger than {_CA_MAX_BYTES} bytes", allowed)
+    if _PEM_CERTIFICATE not in head:
+        raise ConfigError(field_, f"{path!r} holds no PEM certificate (no {_PEM_CERTIFICATE.decode()!r} line)",
+                          allowed)
 
 
 def _check_signing_key(value: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -36,19 +37,40 @@ def get_shared_backend(config: BackendConfig | Mapping[str, Any] | None = None) 
         return _default
 
 
-def default_config(environ: Mapping[str, str] | None = None) -> BackendConfig:
-    """The config of a process that was given none: the XP_* environment (and XP_CONFIG) when any of
-    it is set, else the xml-pipeline binding under SERVICE_BINDING_ROOT, else the defaults (memory)."""
+def configuring_binding(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The binding directory default_config() reads the whole configuration from: the xml-pipeline
+    binding under SERVICE_BINDING_ROOT when no XP_* variable (nor XP_CONFIG) is set, else None."""
     import os
 
     from ..binding import discover
     from .config import ENV_CONFIG_PATH, ENV_VARS
     env = os.environ if environ is None else environ
-    if not any(env.get(v) for v in (*ENV_VARS, ENV_CONFIG_PATH)):
+    if any(env.get(v) for v in (*ENV_VARS, ENV_CONFIG_PATH)):
+        return None
+    return discover(env)
+
+
+def default_config(environ: Mapping[str, str] | None = None) -> BackendConfig:
+    """The config of a process that was given none: the XP_* environment (and XP_CONFIG) when any of
+    it is set, else the xml-pipeline binding under SERVICE_BINDING_ROOT, else the defaults (memory).
+    A TLS URL from the environment without a CA file takes the binding's ca.crt when one is mounted."""
+    import os
+
+    from ..binding import ca_file, discover
+    from .config import is_tls_url
+    env = os.environ if environ is None else environ
+    found = configuring_binding(env)
+    if found is not None:
+        return BackendConfig.from_binding(found)
+    config = BackendConfig.from_env(env)
+    if config.backend_type == "redis" and config.redis_ca_cert is None and is_tls_url(config.redis_url):
+        # No XP_* variable names a CA file: a pod configured by environment (the injection webhook's env
+        # mode) gets the CA of a TLS server from the organism binding mounted beside it.
         found = discover(env)
-        if found is not None:
-            return BackendConfig.from_binding(found)
-    return BackendConfig.from_env(env)
+        ca = ca_file(found) if found is not None else None
+        if ca is not None:
+            config = config.replace(redis_ca_cert=ca)
+    return config
 
 
 def create_backend(config: BackendConfig | Mapping[str, Any] | None = None) -> SharedBackend:

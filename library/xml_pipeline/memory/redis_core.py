@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendUnavailable, CredentialsRejected
 from . import redis_functions, redis_topology
 from . import redis_scripts as scripts
 from .config import BackendConfig, redact_url
@@ -93,9 +93,10 @@ class RedisCore:
         # pump for stream commands that are not idempotent (XADD). Our idempotent operations go
         # through self._retry instead.
         # One server, or the master a Sentinel set names (redis_topology.py; a cluster URL gets
-        # RedisClusterBackend, see RedisBackend.__new__).
+        # RedisClusterBackend, see RedisBackend.__new__). TLS: verified against the CA file of
+        # backend.redis_ca_cert, else the system trust store.
         self._pool = redis_topology.connection_pool(config, url, self._username, self._password,
-                                                    **(TLS_DEFAULTS if self._tls else {}))
+                                                    **(TLS_DEFAULTS if self._tls else {}), **config.tls_kwargs())
         # Opt-in durability (backend.redis_wait_replicas): WAIT after every script, on its connection.
         self._wait_tail = (pack_command(b"WAIT", [config.redis_wait_replicas, redis_topology.wait_timeout_ms(config)])
                            if config.redis_wait_replicas else b"")
@@ -153,7 +154,7 @@ class RedisCore:
                 return self._retry.call_with_retry(fn, _ignore, _retryable)
             return fn()
         except AuthenticationError as e:
-            raise BackendUnavailable(
+            raise CredentialsRejected(
                 f"Redis at {self._url} rejected the credentials of user {self._username or 'default'!r} "
                 f"({what}): {self._scrub(e)}") from None
         except (RedisConnectionError, RedisTimeoutError) as e:

@@ -101,7 +101,7 @@ def connection_pool(config: BackendConfig, url: str, username: str | None,
         "retry": Retry(NoBackoff(), 0),
     }
     if where.tls:
-        sentinel_kwargs.update(ssl=True, **tls)
+        sentinel_kwargs.update(ssl=True, **tls)  # the same CA file and checks as the master's
     sentinel = Sentinel(list(where.nodes), sentinel_kwargs=sentinel_kwargs)
     assert where.master_name is not None
     return SentinelConnectionPool(where.master_name, sentinel, ssl=where.tls,
@@ -121,7 +121,7 @@ def cluster_client(config: BackendConfig, username: str | None, password: str | 
     kwargs: dict[str, Any] = {}
     if where.tls:
         # Verified as on one server: the certificate against the system's CAs, and the host name.
-        kwargs.update(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True)
+        kwargs.update(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True, **config.tls_kwargs())
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in where.nodes],
         max_connections=config.max_connections,

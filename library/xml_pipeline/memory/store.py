@@ -9,8 +9,8 @@ the same operations as coroutines, and how they reach the store differs per back
 - Redis (`async_store.RedisStore`): the commands group-committed through a RedisPipe from the
   event loop; whatever the pipe cannot confirm (a lost connection, a script missing after a
   restart or a FLUSH, a full thread, a refused command) is redone through the blocking backend in
-  the io threads, whose retries and errors are the contract's. Where no pipe can go (e.g. TLS),
-  every call takes the io threads.
+  the io threads, whose retries and errors are the contract's. Where no pipe can go (pipelined=False,
+  or TLS settings only redis-py checks, such as OCSP), every call takes the io threads.
 
 Callers never learn which: there is one `append`, one `take`, one `delete`, and `run` for any other
 blocking step (registry misses, admin calls). `open_store` picks the implementation.

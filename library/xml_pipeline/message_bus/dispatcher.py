@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from ..errors import BackendUnavailable
-from ..memory.async_store import open_stream_store
-from ..memory.store import StreamStore
+from ..memory.async_store import RedisStore, open_stream_store
+from ..memory.store import AsyncStore, StreamStore
 from .retry import Backoff
 from .streams import WORKER_GROUP, Streams, _check_transaction, _entries, _s, consumer_name
 from .worker_task import BACKEND_ERROR, TASK_DEADLINE, WORKER_DIED, WorkerResult, WorkerTask
@@ -43,6 +43,10 @@ def _results_of(resp: Any, consumed: list[Any], last: str) -> tuple[list["Worker
     return results, last
 
 
+def _pipelined(store: AsyncStore) -> bool:
+    return isinstance(store, RedisStore) and store.pipe is not None
+
+
 class RedisDispatcher:
     """The pump's Dispatcher in distributed mode: XADD tasks, XREAD BLOCK results (no polling).
 
@@ -51,7 +55,7 @@ class RedisDispatcher:
 
     def __init__(self, backend: RedisBackend, *, pump_id: str | None = None, pipelined: bool = True,
                  deadline: float | None = None) -> None:
-        """`pipelined=False`: the store's io threads instead of its RedisPipe (as on TLS URLs).
+        """`pipelined=False`: the store's io threads instead of its RedisPipe (always used where no pipe can go).
         `deadline`: seconds to wait for a task's result before answering it with a TaskDeadline
         error (None: wait forever); see process_pool.task_deadline."""
         self.streams = Streams(backend)
@@ -64,6 +68,7 @@ class RedisDispatcher:
         self.pump_id = pump_id or consumer_name("pump")
         self.results_key = self.streams.results(self.pump_id)
         self.store: StreamStore = open_stream_store(backend, pipelined=pipelined)
+        self._owns_store = True
         self._futures: dict[str, asyncio.Future[WorkerResult]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -76,6 +81,19 @@ class RedisDispatcher:
 
     def describe(self) -> str:
         return f"Redis stream {self.streams.tasks} (worker pods, consumer group {WORKER_GROUP!r})"
+
+    def adopt_store(self, store: AsyncStore) -> None:
+        """Submit through the pump's store when it is a pipelined StreamStore on this backend (as
+        this dispatcher's own is): a loop iteration's XADDs then leave in the pump's write."""
+        if self._read_task is not None:
+            raise RuntimeError("adopt_store() comes before start() (or after close())")
+        if not isinstance(store, StreamStore) or store.backend is not self.backend:
+            return
+        if _pipelined(store) != _pipelined(self.store):
+            return
+        if self._owns_store:
+            self.store.close()
+        self.store, self._owns_store = store, False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -210,6 +228,7 @@ class RedisDispatcher:
         if self._read_task is not None:
             self._read_task.cancel()
             await asyncio.gather(self._read_task, return_exceptions=True)
+            self._read_task = None
         for task_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_result(WorkerResult(task_id, error="the pump stopped before a worker answered",
@@ -218,4 +237,5 @@ class RedisDispatcher:
             await self.store.run(self.streams.client.delete, self.results_key)
         except redis.RedisError:
             pass
-        self.store.close()
+        if self._owns_store:
+            self.store.close()

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..memory.async_store import use_from_one_thread
 from ..memory.protocol import SharedBackend
+from ..memory.store import AsyncStore
 from ..organism import Organism
 from .worker_task import WORKER_DIED, WorkerResult, WorkerTask, execute_task
 
@@ -48,6 +49,10 @@ MAX_BOOT_FAILURES = 3
 class Dispatcher(Protocol):
     """Where the pump sends WorkerTasks: a local pool, threads, or a Redis Stream."""
 
+    def adopt_store(self, store: AsyncStore) -> None:
+        """The pump's store, offered before start(): a dispatcher that talks to the same backend
+        may send through it (its commands then share the pump's writes)."""
+        ...
     async def start(self) -> None: ...
     async def run(self, task: WorkerTask) -> WorkerResult: ...
     async def close(self) -> None: ...
@@ -124,6 +129,9 @@ class LocalWorkerPool:
 
     def describe(self) -> str:
         return f"{self.size} worker process(es) ({self.start_method})"
+
+    def adopt_store(self, store: AsyncStore) -> None:
+        """Tasks travel over the workers' own pipes: nothing to send through the store."""
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -286,6 +294,9 @@ class ThreadWorkerPool:
 
     def describe(self) -> str:
         return f"{self.size} thread(s) in the pump process (memory backend: nothing is shared between processes)"
+
+    def adopt_store(self, store: AsyncStore) -> None:
+        """Tasks run in this process: nothing to send through the store."""
 
     async def start(self) -> None:
         log.info("memory backend: cpu_bound listeners run in %d thread(s) of the pump process; "

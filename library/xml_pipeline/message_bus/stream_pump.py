@@ -130,6 +130,8 @@ class StreamPump:
         self.dispatcher = dispatcher
         #: Every backend operation of the hot path, awaited (store.py).
         self.store = open_store(backend, io_threads, pipelined=pipelined)
+        if dispatcher is not None:
+            dispatcher.adopt_store(self.store)
         self.buffer = ContextBuffer(backend)
         #: The blocking registry (for callers outside the loop; its root is the routing registry's).
         self.registry = ThreadRegistry(backend)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..model import Organism
 from ..settings import OperatorSettings
-from . import config, credentials, naming, redis, scaling, workloads
+from . import config, credentials, naming, redis, scaling, tls, workloads
 
 ObjectKey = tuple[str, str]  # (kind, name)
 
@@ -44,7 +44,8 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
     templates; None leaves whatever annotation the Deployments carry untouched. `keda`: KEDA's CRDs
     are served by the cluster (an autoscaled Organism gets a ScaledObject instead of an HPA)."""
     url = redis.endpoint(org, settings)
-    cm = config.config_map(org, url)
+    ca = tls.ca_source(org, settings)
+    cm = config.config_map(org, url, tls.CA_PATH if ca is not None else None)
     digest = workloads.config_hash(org, cm["data"][naming.CONFIG_KEY], url)
 
     objects: list[dict[str, Any]] = []
@@ -58,13 +59,13 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
     else:
         absent += [("NetworkPolicy", rname), ("Service", rname), ("Deployment", rname), ("StatefulSet", rname)]
     fixed_ids = settings.pod_user_ids == "fixed"
-    objects.append(workloads.pump_deployment(org, url, digest, credentials_digest, fixed_ids=fixed_ids))
+    objects.append(workloads.pump_deployment(org, url, digest, credentials_digest, fixed_ids=fixed_ids, ca=ca))
     wname, pname = naming.worker_name(org.name), naming.pump_name(org.name)
     optional: list[ObjectKey] = []
     create_only: dict[ObjectKey, tuple[tuple[str, ...], ...]] = {}
     autoscaler: str | None = None
     if org.workers is not None:
-        objects.append(workloads.worker_deployment(org, url, digest, credentials_digest, fixed_ids=fixed_ids))
+        objects.append(workloads.worker_deployment(org, url, digest, credentials_digest, fixed_ids=fixed_ids, ca=ca))
         if org.workers.budget.enabled:
             objects.append(scaling.budget(org, "worker", org.workers.budget.max_unavailable))
         else:
@@ -105,4 +106,5 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
     )
 
 
-__all__ = ["DesiredState", "ObjectKey", "build", "config", "credentials", "naming", "redis", "scaling", "workloads"]
+__all__ = ["DesiredState", "ObjectKey", "build", "config", "credentials", "naming", "redis", "scaling", "tls",
+           "workloads"]

@@ -32,6 +32,8 @@ from .binding import PASSWORD_KEY as BINDING_PASSWORD_KEY
 from .binding import binding_name, client_username, config_line
 from .security import REDIS_GID, REDIS_UID, container_security_context, pod_basics, pod_security_context
 
+#: Labels the chart gives the operator's pods (xpo.labels: part-of and component are fixed names).
+OPERATOR_POD_LABELS = {"app.kubernetes.io/part-of": "xml-pipeline", LABEL_COMPONENT: "operator"}
 #: Fraction of the container memory limit given to Redis as maxmemory (the rest: buffers, AOF rewrite).
 MAXMEMORY_FRACTION = Decimal("0.8")
 
@@ -110,7 +112,8 @@ def _metadata(org: Organism) -> dict[str, Any]:
 
 def redis_network_policy(org: Organism, *, keda_scaler: bool = False) -> dict[str, Any]:
     """Only the organism's pump and worker pods (and pods labelled `xml-pipeline.dev/redis-client:
-    <name>`) may open connections to its dedicated Redis, and only on the Redis port.
+    <name>`, its client pods, and the operator) may open connections to its dedicated Redis, and only
+    on the Redis port.
 
     The password already keeps others out; this is the second wall (a leaked password is useless
     from elsewhere in the cluster). Enforced where the cluster's network plugin implements
@@ -129,7 +132,10 @@ def redis_network_policy(org: Organism, *, keda_scaler: bool = False) -> dict[st
                     "matchLabels": {LABEL_NAME: APP_NAME, LABEL_INSTANCE: org.name,
                                     ORGANISM_LABEL: org.name},
                     "matchExpressions": [{"key": LABEL_COMPONENT, "operator": "In",
-                                          "values": ["pump", "worker"]}]}}],
+                                          "values": ["pump", "worker"]}]}},
+                    # The operator (its chart's pod labels, any namespace): it changes the client user
+                    # while the Redis runs (tenancy/dedicated_client.py: a client password rotation).
+                    {"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD_LABELS}}],
                  "ports": port},
                 {"from": [{"podSelector": {"matchLabels": {REDIS_CLIENT_LABEL: org.name}}}], "ports": port},
                 # The organism's client pods (docs/clients.md); they log in as its client user.

@@ -12,6 +12,7 @@ from ..podshape import PodShape, apply_shape
 from .naming import (CONFIG_DIR, CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONFIG_PATH, CREDENTIALS_DIGEST_ANNOTATION,
                      PASSWORD_KEY, SIGNING_KEY_KEY, USERNAME_KEY, config_map_name, labels, pump_name, secret_name,
                      selector_labels, worker_name)
+from .tls import CaSource, ca_mount, ca_volume
 from .security import APP_GID, APP_UID, container_security_context, pod_basics, pod_security_context
 
 Role = contract.Role
@@ -76,7 +77,7 @@ def config_hash(org: Organism, organism_yaml: str, endpoint: str | None) -> str:
 
 
 def _container(org: Organism, role: Role, endpoint: str | None, resources: Resources,
-               fixed_ids: bool) -> dict[str, Any]:
+               fixed_ids: bool, ca: CaSource | None) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": role,
         "image": org.image,
@@ -93,6 +94,8 @@ def _container(org: Organism, role: Role, endpoint: str | None, resources: Resou
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
+    if ca is not None:
+        container["volumeMounts"].append(ca_mount())
     if role == "pump":
         container["command"] += ["--metrics-port", str(PUMP_METRICS_PORT)]
         container["ports"] = [{"name": "metrics", "containerPort": PUMP_METRICS_PORT, "protocol": "TCP"}]
@@ -100,7 +103,8 @@ def _container(org: Organism, role: Role, endpoint: str | None, resources: Resou
 
 
 def _template(org: Organism, role: Role, endpoint: str | None, resources: Resources,
-              digest: str, credentials_digest: str | None, fixed_ids: bool, shape: PodShape) -> dict[str, Any]:
+              digest: str, credentials_digest: str | None, fixed_ids: bool, shape: PodShape,
+              ca: CaSource | None) -> dict[str, Any]:
     annotations = {CONFIG_HASH_ANNOTATION: digest}
     if credentials_digest:
         # Shared mode: pods read the password once at start, so a new one in the Secret rolls them
@@ -115,12 +119,12 @@ def _template(org: Organism, role: Role, endpoint: str | None, resources: Resour
             **pod_basics(),
             "securityContext": pod_security_context(APP_UID, APP_GID, fixed=fixed_ids),
             "terminationGracePeriodSeconds": 30,
-            "containers": [_container(org, role, endpoint, resources, fixed_ids)],
+            "containers": [_container(org, role, endpoint, resources, fixed_ids, ca)],
             "volumes": [
                 {"name": "config", "configMap": {"name": config_map_name(org.name),
                                                  "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
                 {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
-            ],
+            ] + ([ca_volume(ca)] if ca is not None else []),
         },
     }, shape)
 
@@ -146,8 +150,10 @@ def _deployment(org: Organism, role: Role, name: str, replicas: int, strategy: d
 
 
 def pump_deployment(org: Organism, endpoint: str | None, digest: str,
-                    credentials_digest: str | None = None, *, fixed_ids: bool = True) -> dict[str, Any]:
-    """`fixed_ids=False`: the platform assigns the pods' user ids (XPO_POD_USER_IDS=platform).
+                    credentials_digest: str | None = None, *, fixed_ids: bool = True,
+                    ca: CaSource | None = None) -> dict[str, Any]:
+    """`fixed_ids=False`: the platform assigns the pods' user ids (XPO_POD_USER_IDS=platform). `ca`:
+    the Secret key mounted as the TLS Redis's CA file (desired/tls.py).
 
     One pump: Recreate (never two at once, the pump being the only reader of the ingress in the
     memory/manager backends). Several pumps (redis backend only): they share the ingress consumer
@@ -160,11 +166,12 @@ def pump_deployment(org: Organism, endpoint: str | None, digest: str,
                                 {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
     return _deployment(org, "pump", pump_name(org.name), replicas, strategy,
                        _template(org, "pump", endpoint, org.pump_resources, digest, credentials_digest, fixed_ids,
-                                 org.pump.shape))
+                                 org.pump.shape, ca))
 
 
 def worker_deployment(org: Organism, endpoint: str | None, digest: str,
-                      credentials_digest: str | None = None, *, fixed_ids: bool = True) -> dict[str, Any]:
+                      credentials_digest: str | None = None, *, fixed_ids: bool = True,
+                      ca: CaSource | None = None) -> dict[str, Any]:
     assert org.workers is not None
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}}
     a = org.workers.autoscaling
@@ -172,4 +179,4 @@ def worker_deployment(org: Organism, endpoint: str | None, digest: str,
     replicas = org.workers.replicas if a is None else max(1, a.min_replicas)
     return _deployment(org, "worker", worker_name(org.name), replicas, strategy,
                        _template(org, "worker", endpoint, org.workers.resources, digest, credentials_digest,
-                                 fixed_ids, org.workers.shape))
+                                 fixed_ids, org.workers.shape, ca))

@@ -140,7 +140,8 @@ class SharedRedisAdmin:
                 s.shared_redis_url or "", username=s.shared_redis_username or None,
                 password=s.shared_redis_password, socket_connect_timeout=2.0, socket_timeout=10.0,
                 health_check_interval=30, client_name="xml-pipeline-operator",
-                retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 2))
+                retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 2),
+                **({"ssl_ca_data": s.shared_redis_ca} if s.shared_redis_ca else {}))
         return self._client_obj
 
     def recovery(self) -> UserRecovery:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
@@ -43,13 +42,13 @@ from redis.retry import Retry
 
 from ..errors import AppendIdConflict, BackendError, BackendUnavailable, ThreadFullError
 from . import redis_cluster_scripts as cs
+from .redis_cluster_index import ClusterIndex
 from . import redis_functions
 from . import redis_topology
 from .config import BackendConfig, compat_config, redact_url
 from .keys import ClusterKeys, check_tagged_id
 from .protocol import Appended
 from .redis_backend import RedisBackend, _signer_for
-from .redis_index import SCAN_COUNT
 from .redis_scripts import LuaScript
 from .signing import Signer
 
@@ -58,7 +57,6 @@ __all__ = ["RedisClusterBackend"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_BATCH = 500
 #: Errors after which an idempotent operation is tried again (the slot map is refreshed by then).
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotCoveredError, TryAgainError,
              MasterDownError, MovedError, AskError)
@@ -89,10 +87,8 @@ class RedisClusterBackend(RedisBackend):
         self._ping_retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError))
         self._wait = config.redis_wait_replicas
         # Chain keys and index buckets get ttl + ttl/8 and are refreshed at most every ttl/8.
-        self._refresh_every = self._ttl / 8
         self._slack_ms = self._ttl * 1000 + self._ttl * 125
-        self._refreshed: dict[str, float] = {}
-        self._refresh_lock = threading.Lock()
+        self.index = ClusterIndex(self)
         self._mechanism: redis_functions.Mechanism | None = None
         self._closed = False
         log.debug("redis cluster backend on %s, prefix %r, ttl %s", self._url, self._prefix, self._ttl or "none")
@@ -218,30 +214,13 @@ class RedisClusterBackend(RedisBackend):
                 raise r
 
     def _due(self, key: str) -> bool:
-        """True when `key` (a chain key or bucket) was not refreshed by this process for ttl/8."""
-        now = time.monotonic()
-        with self._refresh_lock:
-            last = self._refreshed.get(key)
-            if last is not None and now - last < self._refresh_every:
-                return False
-            if len(self._refreshed) > 8192:
-                self._refreshed.clear()
-            self._refreshed[key] = now
-            return True
+        return self.index.due(key)
 
     def _index_add(self, entry: str, out: list[tuple[Any, ...]]) -> None:
-        bucket = self.keys.bucket(entry)
-        out.append(("SADD", bucket, entry))
-        if self._ttl:
-            out.append(("PEXPIRE", bucket, self._slack_ms))
-            with self._refresh_lock:
-                self._refreshed[bucket] = time.monotonic()
+        self.index.add(entry, out)
 
     def _touch_bucket(self, entry: str, out: list[tuple[Any, ...]]) -> None:
-        """Refresh the expiry of `entry`'s bucket when this process has not for ttl/8."""
-        bucket = self.keys.bucket(entry)
-        if self._ttl and self._due(bucket):
-            out.append(("PEXPIRE", bucket, self._slack_ms))
+        self.index.touch(entry, out)
 
     # -- Context Buffer -------------------------------------------------------------------------
     def buffer_append(self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None,
@@ -448,97 +427,16 @@ class RedisClusterBackend(RedisBackend):
     def send_commands(self, commands: list[tuple[Any, ...]], *, best_effort_tail: int = 0) -> list[Any]:
         return self._pipeline(b"", len(commands))
 
-    # -- Index (N buckets) ------------------------------------------------------------------------
-    def _bucket_entries(self, kind: bytes) -> Iterator[tuple[str, list[bytes]]]:
-        for bucket in self.keys.buckets():
-            seen: set[bytes] = set()
-            batch: list[bytes] = []
-            for entry in self.client.sscan_iter(bucket, match=kind + b":*", count=SCAN_COUNT):
-                if entry in seen:
-                    continue
-                seen.add(entry)
-                batch.append(entry)
-                if len(batch) >= _BATCH:
-                    yield bucket, batch
-                    batch = []
-            if batch:
-                yield bucket, batch
-
-    def _entry_key(self, entry: bytes) -> str:
-        ident = entry[2:].decode()
-        return self.keys.buffer(ident) if entry[:2] == b"t:" else self.keys.chain(ident)
-
+    # -- Index (N buckets: redis_cluster_index.py) --------------------------------------------------
     def _live(self, kind: bytes, limit: int | None = None) -> Iterator[tuple[str, bytes]]:
-        """(id, value) of each live entry of `kind` (value: the uuid of a chain, 1 for a thread); dead
-        entries are removed, and put back if their key appeared meanwhile."""
-        found = 0
-        for bucket, batch in self._bucket_entries(kind):
-            good: list[tuple[bytes, str]] = []
-            for entry in batch:
-                try:
-                    ident = entry[2:].decode()
-                    if kind == b"t":
-                        check_tagged_id(ident, "thread id")
-                    good.append((entry, self._entry_key(entry)))
-                except (UnicodeDecodeError, ValueError):
-                    log.warning("prefix %r: skipping index entry %r, which this library never writes",
-                                self._prefix, entry[:80])
-            pipe = self.client.pipeline()
-            for _, key in good:
-                if kind == b"t":
-                    pipe.exists(key)
-                else:
-                    pipe.get(key)
-            values = pipe.execute()
-            dead = [entry for (entry, _), v in zip(good, values) if not v]
-            if dead:
-                self.client.srem(bucket, *dead)
-                pipe = self.client.pipeline()
-                for entry in dead:
-                    pipe.exists(self._entry_key(entry))
-                back = [entry for entry, again in zip(dead, pipe.execute()) if again]
-                if back:
-                    self.client.sadd(bucket, *back)
-            for (entry, _), v in zip(good, values):
-                if v:
-                    yield entry[2:].decode(), (v if kind == b"c" else b"1")
-                    found += 1
-            if limit is not None and found >= limit:
-                return
+        return self.index.live(kind, limit)
 
     def _clear_index(self, kind: bytes) -> int:
-        removed = 0
-        for bucket, batch in list(self._bucket_entries(kind)):
-            for entry in batch:
-                ident = entry[2:].decode(errors="replace")
-                if kind == b"t":
-                    removed += min(int(self.client.unlink(self.keys.buffer(ident), self.keys.op(ident))), 1)
-                else:
-                    uuid = self.client.get(self.keys.chain(ident))
-                    if uuid is not None:
-                        self._eval(cs.C_DEL_IF, (self.keys.uuid(uuid.decode()),), (ident,))
-                        removed += int(self.client.unlink(self.keys.chain(ident)))
-            self.client.srem(bucket, *batch)
-        return removed
+        return self.index.clear(kind)
 
     def reindex(self) -> dict[str, int]:
         """Add every thread and chain of this prefix to the index buckets, from a SCAN of every master."""
-        def run() -> dict[str, int]:
-            added = {"threads": 0, "chains": 0}
-            for space, kind, name in (("buffer", "t", "threads"), ("chain", "c", "chains")):
-                for raw in self.client.scan_iter(match=self.keys.pattern(space), count=SCAN_COUNT):
-                    try:
-                        key = raw.decode()
-                        ident = self.keys.thread_of(key) if kind == "t" else self.keys.chain_of(key)
-                    except (UnicodeDecodeError, ValueError):
-                        continue
-                    entry = f"{kind}:{ident}"
-                    added[name] += int(self.client.sadd(self.keys.bucket(entry), entry))
-            if self._ttl:
-                for bucket in self.keys.buckets():
-                    self.client.pexpire(bucket, self._slack_ms)
-            return added
-        return self._do("reindex", run)
+        return self._do("reindex", self.index.reindex)
 
     # -- Lifecycle and monitoring -----------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -221,3 +221,73 @@ def test_a_run_on_sentinel_keeps_answering_when_its_master_dies(redis_sentinel: 
                                                               cli_env: dict[str, str]) -> None:
     tally = _run_across(redis_sentinel.url, lambda: redis_sentinel.failover(kill=True), tmp_path, cli_env)
     print(f"\nrun across a sentinel failover: {tally.answered} answered, {tally.errored} errors of {len(tally.sent)}")
+
+
+PODS = """
+- {name: work, handler: "fault_handlers:work", cpu_bound: true}
+"""
+
+
+@pytest.mark.parametrize("fault", ["kill-master", "reshard"])
+def test_pump_and_worker_pods_on_a_cluster_keep_answering(fault: str, redis_cluster: LocalCluster, tmp_path: Path,
+                                                          cli_env: dict[str, str], procs: list[Any]) -> None:
+    """`xml-pipeline pump` and `xml-pipeline worker` processes on a cluster (streams in one slot per
+    organism, thread data spread over the masters) while a master dies or slots move: every
+    conversation sent through ingress gets exactly one answer or error on egress."""
+    from pump_harness import cli_popen
+
+    from xml_pipeline.memory import create_backend
+    from xml_pipeline.message_bus.ingress import send_message
+    from xml_pipeline.message_bus.message import parse_message
+    from xml_pipeline.message_bus.streams import Streams
+    from fault_harness import load, messages
+
+    path = write_organism(tmp_path, PODS, backend=redis_backend(redis_cluster.url, f"xpp{time.monotonic_ns()}:"),
+                          workers=1, claim_idle_seconds=1.0, heartbeat_seconds=0.2, max_attempts=3, drain_seconds=5)
+    env = dict(cli_env, XP_CONFIG=str(path))
+    for role in ("pump", "worker"):
+        procs.append(cli_popen(role, "--heartbeat-file", str(tmp_path / f"{role}.hb"), env=env,
+                               log=tmp_path / f"{role}.log"))
+    backend = create_backend(load(path).backend)
+    streams = Streams(backend)  # type: ignore[arg-type]
+    marker = tmp_path / "runs"
+    sent = messages("work", 40, marker, seconds="0.02")
+    tally = Tally(sent)
+    last = ["-"]
+
+    def poll() -> bool:
+        try:
+            rows = backend.client.xrange(streams.egress, min=last[0])  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a node failing over: read again later
+            return False
+        for entry_id, fields in rows:
+            if last[0] != "-" and entry_id.decode() == last[0][1:]:
+                continue
+            last[0] = "(" + entry_id.decode()
+            tally.add(parse_message(fields[b"xml"]))
+        return tally.complete()
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+
+    for m in sent[:20]:
+        send_message(backend, m)  # type: ignore[arg-type]
+    try:
+        wait_for(lambda: poll() or len(tally.outputs) >= 5, "the first answers", 60)
+        if fault == "kill-master":
+            redis_cluster.kill_master_and_wait_failover(redis_cluster.masters()[0])
+        else:
+            masters = redis_cluster.masters()
+            for slot in range(0, 16384, 331):
+                owner = redis_cluster.owner_of(slot)
+                redis_cluster.migrate_slot(slot, masters[(masters.index(owner) + 1) % len(masters)])
+        for m in sent[20:]:
+            send_message(backend, m)  # type: ignore[arg-type]
+        wait_for(poll, "an output for every conversation", 90)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{logs()}") from None
+    tally.assert_exactly_one_each()
+    assert "Traceback" not in logs()
+    print(f"\npods across {fault}: {tally.answered} answered, {tally.errored} errors of {len(sent)}; "
+          f"handler runs per task at most {max(executions(marker).values())}")
+    backend.close()

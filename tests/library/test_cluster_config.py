@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import redis
@@ -85,19 +84,6 @@ def test_the_cli_says_one_line_for_a_bad_url() -> None:
     assert out.returncode == 2, out
     assert "Traceback" not in out.stderr and "XP_REDIS_URL" in out.stderr and "master" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-
-
-@pytest.mark.parametrize("command", ["pump", "worker"])
-def test_the_pods_refuse_a_cluster_in_one_line(command: str, tmp_path: Path) -> None:
-    organism = tmp_path / "organism.yaml"
-    organism.write_text("organism: {name: c}\nlisteners:\n  - {name: greeter, handler: \"xml_pipeline.examples.greeter:handle\"}\n")
-    out = subprocess.run([sys.executable, "-m", "xml_pipeline.cli", command],
-                         env={"XP_CONFIG": str(organism), "XP_BACKEND_TYPE": "redis",
-                              "XP_REDIS_URL": "redis+cluster://127.0.0.1:1", "XP_SIGNING_KEY": "k" * 32,
-                              "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2, out
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "backend.redis_url" in out.stderr and "redis+sentinel://" in out.stderr, out.stderr
 
 
 def test_sentinel_over_tls_verifies_like_one_server() -> None:

@@ -128,19 +128,8 @@ def _require_signing_key(organism: Organism) -> None:
                           "(or backend.signing_key in the organism file)")
 
 
-def _refuse_cluster(organism: Organism) -> None:
-    """The pump and worker pods talk through streams and transactions that span the pump's keys,
-    which a Redis Cluster would put in different slots (docs/storage.md, "Which mode to pick")."""
-    if organism.backend.backend_type == "redis" and organism.backend.redis_mode == "cluster":
-        raise ConfigError("backend.redis_url", "is a Redis Cluster (redis+cluster://): the pump and worker pods "
-                          "need one Redis server or a Sentinel-managed master; a cluster serves the library "
-                          "API and `xml-pipeline run`",
-                          "redis://host[:port], rediss://..., redis+sentinel://host:port[,...]/<master-name>")
-
-
 def cmd_pump(args: argparse.Namespace) -> int:
     organism = load(args)
-    _refuse_cluster(organism)
     _require_signing_key(organism)
     check_heartbeat_file(args.heartbeat_file)
     backend = create_backend(organism.backend)
@@ -279,7 +268,6 @@ def _require_redis(organism: Organism) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     organism = load(args)
     _require_redis(organism)
-    _refuse_cluster(organism)
     _require_signing_key(organism)
     check_heartbeat_file(args.heartbeat_file)
     processes = args.processes if args.processes is not None else organism.process_pool.workers

@@ -18,6 +18,7 @@ On a Redis Cluster (ClusterKeys) two keys change, so that each lands in a slot o
 
     {prefix}chain:{<chain>}        the chain is its own hash tag (it cannot share its thread's)
     {prefix}meta:index:{<prefix><n>}  the index split into CLUSTER_INDEX_BUCKETS sets (n = 0..15)
+    {prefix}<space>:{<prefix>}[:...]  the pump's streams and records, in one slot per organism
 
 Thread ids and tmp ids may not contain '{' or '}' (it would move the hash tag). Listing and
 clearing walk the index (SSCAN of one key under the prefix): Redis cannot confine SCAN to a prefix,
@@ -163,6 +164,14 @@ class ClusterKeys(RedisKeys):
         if not (key.startswith(self._chain + "{") and key.endswith("}")):
             raise ValueError(f"{key!r} is not a cluster chain key of prefix {self.prefix!r}")
         return key[len(self._chain) + 1:-1]
+
+    def key(self, space: str, *parts: str) -> str:
+        """`{prefix}<space>:{<prefix>}[:<part>...]`: the pump's streams (tasks, results, dlq, ingress,
+        egress) and their records share one hash tag per organism, so a MULTI or script over them
+        runs on one node."""
+        plain = super().key(space, *parts)  # validates space and parts
+        head = self.prefix + space
+        return f"{head}:{{{self.prefix}}}{plain[len(head):]}"
 
     def buckets(self) -> tuple[str, ...]:
         """Every index bucket key, in bucket order."""

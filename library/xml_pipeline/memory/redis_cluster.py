@@ -22,8 +22,9 @@ retried with backoff for about as long as a failover takes (redis_topology.CLUST
 resharding or a promoted replica is not seen by the caller.
 
 The pump's asyncio pipe and a worker's direct connection talk to one server: on a cluster
-`pipe_capable()` is False and they keep the blocking path. The distributed worker mode (streams
-and MULTI across the pump's keys) needs one server or Sentinel.
+`pipe_capable()` is False and they keep the blocking path. The distributed worker mode works: its
+streams share one hash tag per organism (keys.ClusterKeys.key) and `send_commands` routes a batch
+to the node of its slot.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from redis.retry import Retry
 from ..errors import AppendIdConflict, BackendError, BackendUnavailable, ThreadFullError
 from . import redis_cluster_scripts as cs
 from .redis_cluster_index import ClusterIndex
+from .redis_cluster_route import send_routed
 from . import redis_functions
 from . import redis_topology
 from .config import BackendConfig, compat_config, redact_url
@@ -421,11 +423,13 @@ class RedisClusterBackend(RedisBackend):
         return got
 
     def _pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
-        raise BackendError(f"Redis Cluster at {self._url}: raw pipelines of packed commands need one server "
-                           "(the distributed worker mode runs on a single Redis or on Sentinel)")
+        raise BackendError(f"Redis Cluster at {self._url}: packed commands cannot be routed to a node "
+                           "(send_commands routes commands by their keys)")
 
     def send_commands(self, commands: list[tuple[Any, ...]], *, best_effort_tail: int = 0) -> list[Any]:
-        return self._pipeline(b"", len(commands))
+        """RedisCore.send_commands, routed to the node of the commands' slot
+        (redis_cluster_route.send_routed)."""
+        return send_routed(self.client, commands, best_effort_tail, self.pack_commands)
 
     # -- Index (N buckets: redis_cluster_index.py) --------------------------------------------------
     def _live(self, kind: bytes, limit: int | None = None) -> Iterator[tuple[str, bytes]]:

@@ -103,6 +103,9 @@ def test_shared_ca_comes_from_the_credentials_secret_and_goes_into_the_binding()
     assert yaml.safe_load(state.config_map["data"]["organism.yaml"])["backend"]["redis_ca_cert"] == tls.CA_PATH
     values = binding_mod.binding_values(org, s.shared_redis_url or "", {"signing-key": "k" * 64, "ca.crt": PEM}, "pw")
     assert values["tls"] == "true" and values["ca.crt"] == PEM
+    # A new CA rolls the pods (the pump's pipe reads it at start).
+    renewed = desired.build(org, dataclasses.replace(s, shared_redis_ca=PEM + PEM))
+    assert renewed.config_hash != state.config_hash
     # A plain shared Redis: no CA anywhere.
     plain = OperatorSettings(shared_redis_url="redis://shared.platform.svc:6379/0")
     assert tls.ca_source(parse_organism(body("orders", {"mode": "shared"}), plain), plain) is None

@@ -130,11 +130,12 @@ def test_ca_cert_must_be_a_readable_pem_file(tmp_path: Path) -> None:
         unreadable.chmod(0o600)
     with pytest.raises(ConfigError, match=r"backend\.redis_ca_cert.*must be a non-empty string"):
         BackendConfig(backend_type="redis", redis_url=url, redis_ca_cert=42)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"backend\.redis_ca_cert.*does not use TLS"):
-        BackendConfig(backend_type="redis", redis_url="redis://h:6379/0", redis_ca_cert=str(unreadable))
     ok = BackendConfig(backend_type="redis", redis_url=url, redis_ca_cert=str(unreadable))
     assert ok.tls_kwargs() == {"ssl_ca_certs": str(unreadable)}
     assert BackendConfig(backend_type="redis", redis_url=url).tls_kwargs() == {}
+    # organism.yaml may name the CA while the environment brings the URL: a plain URL does not use it.
+    plain = BackendConfig(backend_type="redis", redis_url="redis://h:6379/0", redis_ca_cert=str(unreadable))
+    assert plain.tls_kwargs() == {}
 
 
 def test_ca_cert_in_organism_yaml_and_in_a_binding(tmp_path: Path) -> None:
@@ -144,6 +145,12 @@ def test_ca_cert_in_organism_yaml_and_in_a_binding(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         BackendConfig.from_yaml(doc)
     assert caught.value.field == "backend.redis_ca_cert" and str(doc) in str(caught.value)
+    # organism.yaml names the CA, the environment brings the TLS URL (as in the operator's pods).
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    doc.write_text(f"backend:\n  type: redis\n  redis_ca_cert: {ca}\n")
+    layered = BackendConfig.from_env({"XP_CONFIG": str(doc), "XP_REDIS_URL": "rediss://r.example:6380/0"})
+    assert layered.tls_kwargs() == {"ssl_ca_certs": str(ca)}
     # A binding's ca.crt that is not a certificate: the error names the file.
     d = tmp_path / "b"
     d.mkdir()

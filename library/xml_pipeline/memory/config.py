@@ -100,7 +100,7 @@ class BackendConfig:
     redis_username: str | None = None
     redis_password: str | None = field(default=None, repr=False)
     #: Path of a PEM file with the CA certificate(s) a TLS server's certificate is verified against
-    #: (instead of the system trust store). Only with a TLS URL (rediss://...). Not secret: a path, in
+    #: (instead of the system trust store); unused with a plain redis:// URL. Not secret: a path, in
     #: organism.yaml; the file is checked to exist and hold a certificate.
     redis_ca_cert: str | None = None
     #: HMAC key(s) for slot envelopes: bytes, 'k1,k2' or a list; the first signs, all verify.
@@ -153,7 +153,7 @@ class BackendConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ConfigError(f"backend.{name}", f"must be a string, got {type(v).__name__}")
-        _check_ca_cert(self.redis_ca_cert, self.redis_url)
+        _check_ca_cert(self.redis_ca_cert)
         _check_signing_key(self.signing_key)
         # Normalise the key ring once (raises ConfigError on short keys).
         object.__setattr__(self, "_keys", parse_keys(self.signing_key, "backend.signing_key"))
@@ -173,8 +173,9 @@ class BackendConfig:
         return Signer(self.signing_keys) if self.signing_keys else None
 
     def tls_kwargs(self) -> dict[str, Any]:
-        """redis-py connection arguments of the TLS settings ({} without a CA file: the system trust store)."""
-        return {"ssl_ca_certs": self.redis_ca_cert} if self.redis_ca_cert else {}
+        """redis-py connection arguments of the TLS settings: {} without a CA file (the system trust store
+        verifies the server) or with a plain URL (no TLS, nothing to verify)."""
+        return {"ssl_ca_certs": self.redis_ca_cert} if self.redis_ca_cert and is_tls_url(self.redis_url) else {}
 
     @property
     def redis_mode(self) -> contract.RedisMode:
@@ -341,18 +342,16 @@ def is_tls_url(url: str) -> bool:
     return url.partition("://")[0].startswith("rediss")
 
 
-def _check_ca_cert(path: object, url: str) -> None:
-    """backend.redis_ca_cert: a readable PEM file with at least one certificate, and a TLS URL to use it
-    for (a CA beside a plain redis:// URL would be silently ignored)."""
+def _check_ca_cert(path: object) -> None:
+    """backend.redis_ca_cert: a readable PEM file with at least one certificate. Not tied to the URL's
+    scheme here: organism.yaml may name the CA while XP_REDIS_URL brings the rediss:// URL (layers are
+    validated one by one); beside a plain URL it is not used (tls_kwargs)."""
     field_ = "backend.redis_ca_cert"
     allowed = "the path of a readable PEM file holding the CA certificate(s) of a rediss:// server"
     if path is None:
         return
     if not isinstance(path, str) or not path:
         raise ConfigError(field_, f"must be a non-empty string (a file path), got {path!r}", allowed)
-    if not is_tls_url(url):
-        raise ConfigError(field_, f"is set, but backend.redis_url ({redact_url(url)!r}) does not use TLS",
-                          "a rediss://... URL with a CA file, or no redis_ca_cert")
     p = Path(path)
     try:
         with p.open("rb") as f:

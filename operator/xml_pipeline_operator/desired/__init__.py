@@ -46,7 +46,9 @@ def build(org: Organism, settings: OperatorSettings, *, credentials_digest: str 
     url = redis.endpoint(org, settings)
     ca = tls.ca_source(org, settings)
     cm = config.config_map(org, url, tls.CA_PATH if ca is not None else None)
-    digest = workloads.config_hash(org, cm["data"][naming.CONFIG_KEY], url)
+    # The operator knows the shared Redis's CA (an external one's is in the user's Secret: not read here).
+    shared_ca = settings.shared_redis_ca if ca is not None and ca.secret == naming.secret_name(org.name) else None
+    digest = workloads.config_hash(org, cm["data"][naming.CONFIG_KEY], url, shared_ca)
 
     objects: list[dict[str, Any]] = []
     absent: list[ObjectKey] = []

@@ -9,9 +9,9 @@ CA instead of their image's system trust store:
 
 Either way the pods mount that one key read-only at CA_PATH (a Secret volume with a single item) and
 organism.yaml names the path (`backend.redis_ca_cert`; a path is not a secret, the ConfigMap may hold
-it). The kubelet updates a mounted Secret in place, and the library reads the file at every new
-connection, so a renewed CA needs no restart. A dedicated Redis speaks plain TCP inside the namespace:
-no CA.
+it). The kubelet updates a mounted Secret in place; the library's connection pool reads the file at
+each new connection, its pipe and a worker's own connection when the process starts. A dedicated Redis
+speaks plain TCP inside the namespace: no CA.
 """
 from __future__ import annotations
 

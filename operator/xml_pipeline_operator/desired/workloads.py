@@ -62,16 +62,18 @@ def xp_env(org: Organism, role: Role, endpoint: str | None) -> list[dict[str, An
     return env
 
 
-def config_hash(org: Organism, organism_yaml: str, endpoint: str | None) -> str:
+def config_hash(org: Organism, organism_yaml: str, endpoint: str | None, ca: str | None = None) -> str:
     """Hash of everything a pod reads once at start. Written on the pod templates, so a change of
     config, TTL, prefix, endpoint, image or worker processes rolls the pods (a replica count change
-    only scales)."""
+    only scales); so does a new shared-Redis CA (`ca`, PEM; the pump's pipe reads it at start)."""
     material = {
         "organism.yaml": organism_yaml,
         "image": org.image,
         "env": xp_env(org, "pump", endpoint),
         "processes": org.workers.processes if org.workers else None,
     }
+    if ca:
+        material["ca"] = hashlib.sha256(ca.encode()).hexdigest()
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return digest[:16]
 

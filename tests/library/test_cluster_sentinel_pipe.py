@@ -74,6 +74,12 @@ def test_a_direct_connection_follows_a_failover(redis_sentinel: LocalSentinel) -
     assert backend._direct is not None  # noqa: SLF001 - the path under test
     backend.temp_put_many([("d1", b"1")])
     old = redis_sentinel.current_master()
+    # On the replica before the failover (asynchronous replication could otherwise lose it: not
+    # what this test is about).
+    deadline = time.monotonic() + 20
+    while not all(r.client().exists(backend.keys.tmp("d1")) for r in redis_sentinel.replicas):
+        assert time.monotonic() < deadline, "d1 never reached the replica"
+        time.sleep(0.05)
     new = redis_sentinel.failover(kill=False)
     _demoted(old)  # it answers READONLY from now on
     backend.temp_put_many([("d2", b"2")])  # retried on a new connection to the new master

@@ -181,11 +181,21 @@ STREAM_COMMANDS: frozenset[str] = frozenset({
     "xrange", "xrevrange", "xgroup|create", "xgroup|delconsumer",
     "multi", "exec", "expire", "del", "unlink", "hsetnx", "fcall",
 })
-#: What a backend on a Redis Cluster sends besides the above: redis-py's cluster handshake (COMMAND
-#: and COMMAND GETKEYS to learn where each command's keys are, CLUSTER SLOTS for the slot map, again
-#: after a redirection), the expiry refresh of keys in other slots than their thread (PEXPIRE), and
-#: WAIT (backend.redis_wait_replicas; a backend on Sentinel sends WAIT too).
-CLUSTER_COMMANDS: frozenset[str] = frozenset({"command", "command|getkeys", "cluster|slots", "pexpire", "wait"})
+#: What any client on a Redis Cluster (redis-py's RedisCluster, under RedisClusterBackend and the
+#: client API alike) sends to find the node of each key. None reads or writes data:
+#:   cluster|slots    the slot map, read from a seed on connect and again after MOVED or a lost node
+#:   command          the command table (first/last key positions), read once per client
+#:   command|getkeys  the keys of a command whose key positions move with its arguments (FCALL,
+#:                    XREAD, XREADGROUP): redis-py asks the server
+#:   asking           sent before a command redirected by ASK (its slot is being migrated: reshard)
+#: Not here: READONLY / READWRITE (sent only by a client that reads from replicas; the library reads
+#: from masters) and CLUSTER SHARDS / NODES (redis-py maps slots with CLUSTER SLOTS).
+CLUSTER_TOPOLOGY_COMMANDS: frozenset[str] = frozenset({"cluster|slots", "command", "command|getkeys", "asking"})
+#: What a backend on a Redis Cluster sends besides BACKEND_COMMANDS and STREAM_COMMANDS: the topology
+#: commands, the expiry refresh of keys that live in other slots than their thread (PEXPIRE of the
+#: chain keys and index buckets, redis_cluster_index.py), and WAIT (backend.redis_wait_replicas; a
+#: backend on Sentinel sends WAIT too). A tenant's ACL user gets these on every cluster node.
+CLUSTER_COMMANDS: frozenset[str] = CLUSTER_TOPOLOGY_COMMANDS | {"pexpire", "wait"}
 #: Version-dependent: redis-py sends CLIENT SETINFO on connect to Redis >= 7.2 (ignores a refusal).
 CONNECT_COMMANDS: frozenset[str] = frozenset({"client|setinfo"})
 #: Everything an organism's pods and clients send on a shared Redis (its ACL user's grant).
@@ -214,6 +224,32 @@ CLIENT_KEYS: tuple[tuple[str, str], ...] = (
     ("uuid:*", "R"),
     ("meta:index", "R"),
 )
+#: The same on a Redis Cluster, whose layout differs (memory/keys.py ClusterKeys): the ingress and
+#: egress streams carry the organism's hash tag (`<prefix>` stands for the prefix), the index is
+#: CLUSTER_INDEX_BUCKETS sets `meta:index:{<prefix><n>}`. Buffers and registry keys keep their names
+#: (`chain:{<chain>}` on a cluster). A client there also sends CLUSTER_TOPOLOGY_COMMANDS.
+CLUSTER_CLIENT_KEYS: tuple[tuple[str, str], ...] = (
+    ("ingress:{<prefix>}", "W"),
+    ("egress:{<prefix>}", "R"),
+    ("buffer:*", "R"),
+    ("chain:*", "R"),
+    ("uuid:*", "R"),
+    ("meta:index:*", "R"),
+)
+
+
+def client_commands(mode: RedisMode = "standalone") -> tuple[str, ...]:
+    """The commands of an organism's client ACL user on a server of `mode` (its nodes' grant)."""
+    if mode == "cluster":
+        return CLIENT_COMMANDS + tuple(sorted(CLUSTER_TOPOLOGY_COMMANDS))
+    return CLIENT_COMMANDS
+
+
+def client_key_patterns(prefix: str, mode: RedisMode = "standalone") -> tuple[tuple[str, str], ...]:
+    """(Redis key pattern, "R" or "W") of every key an organism's client may touch, for `prefix` (a
+    validated prefix: no glob characters) on a server of `mode`."""
+    keys = CLUSTER_CLIENT_KEYS if mode == "cluster" else CLIENT_KEYS
+    return tuple((prefix + suffix.replace("<prefix>", prefix), how) for suffix, how in keys)
 
 
 #: `xml-pipeline backend reindex` (RedisBackend.reindex) rebuilds the index with SCAN, which a tenant
@@ -290,7 +326,7 @@ def parse_redis_url(url: object, field: str = "redis_url") -> RedisTarget:
                           "the node list only; set XP_REDIS_USERNAME / XP_REDIS_PASSWORD "
                           "(backend.redis_username / redis_password) instead")
     default_port = DEFAULT_SENTINEL_PORT if mode == "sentinel" else DEFAULT_REDIS_PORT
-    nodes = tuple(_parse_node(item, default_port, field) for item in netloc.split(","))
+    nodes = tuple(parse_redis_node(item, default_port, field) for item in netloc.split(","))
     if len(nodes) > _MAX_NODES:
         raise ConfigError(field, f"names {len(nodes)} nodes, at most {_MAX_NODES} are accepted", REDIS_URL_FORMS)
     if mode == "cluster":
@@ -308,7 +344,9 @@ def parse_redis_url(url: object, field: str = "redis_url") -> RedisTarget:
     return RedisTarget("sentinel", tls, nodes, path)
 
 
-def _parse_node(item: str, default_port: int, field: str) -> tuple[str, int]:
+def parse_redis_node(item: str, default_port: int, field: str) -> tuple[str, int]:
+    """One `host[:port]` or `[ipv6]:port` of a node list (`default_port` when none is named).
+    Raises ConfigError naming `field`."""
     allowed = "host[:port] or [ipv6]:port, comma-separated, e.g. redis-0:6379,redis-1:6379"
     if not item:
         raise ConfigError(field, "has an empty node in its node list (stray comma?)", allowed)

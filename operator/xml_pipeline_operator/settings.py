@@ -191,8 +191,10 @@ def check_shared_redis_url(field_name: str, url: str) -> str:
     """The shared Redis: one server (check_redis_url), or a Redis Cluster / Sentinel set by its URL
     (`redis+cluster://h:p,...`, `redis+sentinel://h:p,.../<master>`, `rediss+` for TLS; topology.py).
     The operator administers every node of it (tenancy/nodes.py)."""
-    from .topology import SCHEMES, parse_url
-    if url.partition("://")[0].lower() in SCHEMES.values():
+    from xml_pipeline.contract import redis_mode
+
+    from .topology import parse_url
+    if redis_mode(url) != "standalone":
         parse_url(field_name, url)
         return url
     return check_redis_url(field_name, url)

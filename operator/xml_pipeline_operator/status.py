@@ -10,10 +10,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from xml_pipeline.contract import redis_mode
+
 from .desired import DesiredState
 from .desired.naming import selector_labels
 from .model import Organism
-from .topology import mode_of
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 #: Status keys the operator owns (a merge patch sets the ones it drops to null).
@@ -175,7 +176,7 @@ def build_status(*, previous: Mapping[str, Any], generation: int, now: str,
         if org.redis is not None:
             status["redis"] = {"mode": org.redis.mode, "endpoint": desired.endpoint, "prefix": org.redis.prefix,
                                "ttl": org.redis.ttl, "secretName": desired.secret_name,
-                               "topology": mode_of(desired.endpoint or "")}
+                               "topology": redis_mode(desired.endpoint or "")}
     else:  # the spec could not be read: keep what describes the running objects
         for key in ("configHash", "workersReady", "redis", "credentials"):
             if key in previous:

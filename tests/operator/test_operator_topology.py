@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from operator_harness import TEST_SETTINGS, organism
+from xml_pipeline import contract
 from xml_pipeline.errors import ConfigError
 from xml_pipeline_operator import desired, model, topology
 from xml_pipeline_operator.desired import binding
@@ -35,15 +36,22 @@ def test_cluster_and_sentinel_urls_round_trip() -> None:
     assert url == "redis+sentinel://s1:26379,s2:26380/mymaster"
     top = topology.parse_url("f", url)
     assert (top.mode, top.master_name, top.tls) == ("sentinel", "mymaster", False)
-    assert topology.mode_of("redis://h:1/0") == "standalone" and topology.mode_of(url) == "sentinel"
+    # The operator reads URLs as the library does (one parser: the contract's).
+    for text in (url, "redis+cluster://r0,[::1]:7000", "rediss+cluster://h:1/0", "redis://h:1/2"):
+        target = contract.parse_redis_url(text)
+        top = topology.parse_url("f", text)
+        assert (top.mode, top.tls, top.master_name) == (target.mode, target.tls, target.master_name)
+        assert top.addresses == (target.nodes or top.addresses)
+    assert topology.parse_url("f", "redis+cluster://r0").addresses == (("r0", contract.DEFAULT_REDIS_PORT),)
 
 
 @pytest.mark.parametrize("url, problem", [
     ("redis+cluster://user:pw@h:1", "credentials"),
-    ("redis+cluster://h:1/0", "only database 0"),
+    ("redis+cluster://h:1/1", "only database 0"),
     ("redis+sentinel://s:26379", "master-name"),
-    ("redis+cluster://h", "host:port"),
-    ("redis+cluster://h:1,,h:2", "host:port"),
+    ("redis+cluster://h:1,,h:2", "empty node"),
+    ("redis+cluster://h_1:1", "host:port"),  # the contract's node, a host no Service can name
+    ("unix:///run/redis.sock", "unix socket"),
     ("mongodb://h:1", "scheme"),
 ])
 def test_bad_topology_urls_name_the_field(url: str, problem: str) -> None:

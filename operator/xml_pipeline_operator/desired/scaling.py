@@ -16,8 +16,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from xml_pipeline.contract import redis_mode
+
 from ..model import Organism
-from ..topology import format_address, mode_of, parse_url
+from ..topology import format_address, parse_url
 from .naming import PASSWORD_KEY, USERNAME_KEY, labels, pump_name, secret_name, selector_labels, worker_name
 
 KEDA_API = "keda.sh/v1alpha1"
@@ -77,7 +79,7 @@ def trigger_metadata(org: Organism, endpoint: str) -> list[dict[str, str]]:
 def trigger_type(endpoint: str) -> str:
     """KEDA's scaler for the endpoint's topology: one server, a Redis Cluster or a Sentinel set."""
     return {"standalone": "redis-streams", "cluster": "redis-cluster-streams",
-            "sentinel": "redis-sentinel-streams"}[mode_of(endpoint)]
+            "sentinel": "redis-sentinel-streams"}[redis_mode(endpoint)]
 
 
 def scaled_object(org: Organism, endpoint: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from .contract import CLIENT_COMMANDS, CLIENT_KEYS
 from .errors import BackendUnavailable, ConfigError, CredentialsRejected, XmlPipelineError
 from .memory.config import BackendConfig
 from .memory.context_buffer import ContextBuffer
-from .memory.keys import check_tagged_id
+from .memory.keys import ClusterKeys, check_tagged_id
 from .memory.slots import BufferSlot
 from .message_bus.message import Message
 
@@ -144,8 +144,10 @@ class OrganismClient:
 
     def _live_threads(self) -> Iterator[str]:
         client, keys = self._backend.client, self._backend.keys
+        # On a Redis Cluster the index is split into buckets (keys.ClusterKeys), each a set of its own.
+        index = keys.buckets() if isinstance(keys, ClusterKeys) else (keys.index(),)
         candidates = [e.decode("utf-8", "replace")[2:]
-                      for e in client.sscan_iter(keys.index(), match=b"t:*", count=1000)]
+                      for key in index for e in client.sscan_iter(key, match=b"t:*", count=1000)]
         for tid in dict.fromkeys(candidates):
             try:
                 check_tagged_id(tid, "thread id")

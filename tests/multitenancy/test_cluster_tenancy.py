@@ -268,3 +268,97 @@ def test_after_a_sentinel_failover_the_users_are_already_on_the_new_master(senti
     state = admin.ensure_tenant(t, "pw")
     assert state.ready and not state.repaired
     assert admin.client().connection_pool.connection_kwargs["port"] == new.port  # records follow the master
+
+
+# -- the client identity on a cluster ---------------------------------------------------------------------
+def test_a_client_user_on_the_cluster_sends_reads_and_is_refused_the_rest(cluster: LocalCluster) -> None:
+    """The client user the operator makes on every node (contract.client_commands / client_key_patterns
+    in cluster mode): the client API sends into ingress, gets its answer from egress, reads threads and
+    the registry through a cluster client; writes to the buffer, reads of ingress, scripts and another
+    organism's keys are NOPERM on every master."""
+    import threading
+    import time
+
+    from xml_pipeline import contract
+    from xml_pipeline.client import OrganismClient
+    from xml_pipeline.errors import BackendError
+    from xml_pipeline.memory import BackendConfig, ContextBuffer
+    from xml_pipeline.memory.redis_backend import RedisBackend
+    from xml_pipeline.message_bus.message import Message
+
+    admin = admin_for(cluster.url)
+    t, other = tenant("cli-org"), tenant("cli-other")
+    cuser = client_acl.client_username("team", "cli-org")
+    assert admin.ensure_tenant(t, "pw-org").ready and admin.ensure_tenant(other, "pw-other").ready
+    assert admin.ensure_client(t, cuser, "pw-cli").ready
+    for c in node_clients(cluster).values():  # the cluster's grant on every node, masters and replicas
+        user = acl.get_user(c, cuser)
+        assert user is not None and {f"%R~{t.prefix}meta:index:*", f"%W~{t.prefix}ingress:{{{t.prefix}}}"} \
+            <= user.key_patterns, user
+    key = secrets.token_hex(16)
+
+    def config(prefix: str, username: str, password: str) -> BackendConfig:
+        return BackendConfig(backend_type="redis", redis_url=cluster.url, redis_prefix=prefix, redis_ttl=600,
+                             redis_username=username, redis_password=password, signing_key=key)
+
+    org = RedisBackend(config(t.prefix, t.username, "pw-org"))
+    threads = [f"th-{i}" for i in range(24)]  # threads and index buckets on every master
+    assert {cluster.owner_of(cluster.key_slot(org.keys.buffer(th))).address for th in threads} \
+        == {m.address for m in cluster.masters()}
+    buffer = ContextBuffer(org)
+    for th in threads:
+        buffer.append(th, {"n": th}, "web", "greeter")
+    org.registry_set("web.greeter", threads[0])
+    client = OrganismClient(config(t.prefix, cuser, "pw-cli"))
+    try:
+        assert [s.payload for s in client.read_thread(threads[5])] == [{"n": threads[5]}]
+        assert client.threads() == sorted(threads)
+        assert client.thread_of("web.greeter") == threads[0] and client.chain_of(threads[0]) == "web.greeter"
+        # Send and wait: the organism (its own user) answers the message it finds on ingress.
+        message = Message(sender="web", to="greeter", payload="<hello/>")
+        got: dict[str, Message] = {}
+        asking = threading.Thread(target=lambda: got.setdefault("answer", client.request(message, timeout=20)))
+        asking.start()
+        ingress, egress = org.key("ingress"), org.key("egress")
+        deadline = time.monotonic() + 20
+        while not any(f.get(b"id") == message.id.encode() for _, f in org.client.xrange(ingress)):
+            assert time.monotonic() < deadline, "the client's message never reached ingress"
+            time.sleep(0.05)
+        answer = Message(sender="greeter", to="web", payload="<hi/>", in_reply_to=message.id)
+        org.client.xadd(egress, {"xml": answer.to_xml(), "in_reply_to": message.id})
+        asking.join(25)
+        assert got["answer"].payload == "<hi/>"
+        # Refused: writes to the buffer, reads of ingress, scripts, through the client API and raw.
+        with pytest.raises(BackendError, match="no permissions"):
+            ContextBuffer(client.backend).append(threads[1], {"n": "forged"}, "web", "greeter")
+        seed = cluster.masters()[0]
+        raw = redis.RedisCluster(host=seed.host, port=seed.port, username=cuser, password="pw-cli")
+        try:
+            for th in threads:
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    raw.rpush(org.keys.buffer(th), b"forged")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                raw.xrange(ingress)
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                raw.execute_command("FCALL_RO", "xp_buffer_len", 1, org.keys.buffer(threads[0]))
+            refused = set()
+            for k in keys_on_every_master(cluster, other.prefix, 30):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    raw.get(k)
+                refused.add(cluster.owner_of(cluster.key_slot(k)).address)
+            assert refused == {m.address for m in cluster.masters()}
+        finally:
+            raw.close()
+        # The client API pointed at another organism's prefix: refused.
+        stray = OrganismClient(config(other.prefix, cuser, "pw-cli"))
+        try:
+            with pytest.raises(BackendError, match="no permissions"):
+                stray.read_thread(threads[0])
+        finally:
+            stray.close()
+        assert set(contract.CLUSTER_TOPOLOGY_COMMANDS) <= set(contract.client_commands("cluster"))
+    finally:
+        client.close()
+        org.buffer_clear()
+        org.registry_clear()
+        org.close()

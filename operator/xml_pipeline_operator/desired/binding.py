@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from xml_pipeline.client import CLIENT_COMMANDS, CLIENT_KEYS
+from xml_pipeline.contract import client_commands, client_key_patterns
 from xml_pipeline.memory.keys import validate_prefix
 
 from ..model import Organism
@@ -55,20 +55,25 @@ def client_username(namespace: str, name: str) -> str:
 _VERSION_DEPENDENT = frozenset({"client|setinfo"})
 
 
-def key_patterns(prefix: str) -> tuple[str, ...]:
+def key_patterns(prefix: str, *, cluster: bool = False) -> tuple[str, ...]:
+    """The client's key selectors (contract.client_key_patterns; a cluster node: the cluster layout)."""
     validate_prefix(prefix, "backend.redis.prefix")
-    return tuple(f"%{mode}~{prefix}{suffix}" for suffix, mode in CLIENT_KEYS)
+    return tuple(f"%{how}~{pattern}"
+                 for pattern, how in client_key_patterns(prefix, "cluster" if cluster else "standalone"))
 
 
-def granted_commands(available: frozenset[str] | None = None) -> tuple[str, ...]:
-    return tuple(c for c in CLIENT_COMMANDS
+def granted_commands(available: frozenset[str] | None = None, *, cluster: bool = False) -> tuple[str, ...]:
+    """contract.client_commands (a cluster node: with the cluster's topology commands), minus the
+    version-dependent ones the server lacks."""
+    return tuple(c for c in client_commands("cluster" if cluster else "standalone")
                  if c not in _VERSION_DEPENDENT or (available is not None and c in available))
 
 
-def client_rules(prefix: str, *, available: frozenset[str] | None = None) -> list[str]:
-    """ACL SETUSER rules (without on/off and passwords) of a client of the organism at `prefix`."""
-    return ["resetkeys", *key_patterns(prefix), "resetchannels", "-@all",
-            *(f"+{c}" for c in granted_commands(available))]
+def client_rules(prefix: str, *, available: frozenset[str] | None = None, cluster: bool = False) -> list[str]:
+    """ACL SETUSER rules (without on/off and passwords) of a client of the organism at `prefix`; on a
+    Redis Cluster node (`cluster`) for the cluster's key layout and with its topology commands."""
+    return ["resetkeys", *key_patterns(prefix, cluster=cluster), "resetchannels", "-@all",
+            *(f"+{c}" for c in granted_commands(available, cluster=cluster))]
 
 
 def config_line(username: str, password: str, prefix: str) -> str:

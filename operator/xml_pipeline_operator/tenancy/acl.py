@@ -57,13 +57,13 @@ FORBIDDEN_COMMANDS: frozenset[str] = frozenset({
     "client|tracking", "client|info", "client|reply",
 })
 
-#: What a Redis Cluster client must be able to send besides the library's commands: learn the slot
-#: map (CLUSTER SLOTS / SHARDS), the command table (COMMAND, redis-py's cluster client reads it to
-#: find key positions), follow an ASK redirect during a slot migration (ASKING) and read from replicas
-#: (READONLY / READWRITE). None of them reads or writes data or acts on the server; they are granted
-#: only on cluster nodes (a one-server Redis refuses them anyway, and its tenants never send them).
-CLUSTER_CLIENT_COMMANDS: tuple[str, ...] = ("asking", "cluster|shards", "cluster|slots", "command", "readonly",
-                                            "readwrite")
+#: What a tenant's user needs on a Redis Cluster node besides ORGANISM_COMMANDS: exactly what the
+#: library's cluster backend sends there (xml_pipeline.contract.CLUSTER_COMMANDS, each explained
+#: there and proven against INFO commandstats on a real cluster by tests/library/test_cluster_backend.py
+#: and tests/multitenancy/test_command_contract.py): the slot map, the command table, ASKING during
+#: a slot migration, PEXPIRE and WAIT. None reads another tenant's data or acts on the server; they
+#: are granted only on cluster nodes (a one-server Redis refuses the cluster ones anyway).
+CLUSTER_CLIENT_COMMANDS: tuple[str, ...] = tuple(sorted(contract.CLUSTER_COMMANDS))
 
 #: What the operator itself needs on the shared Redis, for a platform team that does not want to hand
 #: it the `default` user: `ACL SETUSER xp-operator on >PASSWORD ~* resetchannels -@all +<each>`.

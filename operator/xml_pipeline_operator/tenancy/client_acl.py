@@ -44,13 +44,13 @@ def client_username(namespace: str, name: str) -> str:
     return binding_client_username(namespace, name)
 
 
-def described_commands(admin: redis.Redis, available: frozenset[str]) -> frozenset[str]:
+def described_commands(admin: redis.Redis, available: frozenset[str], *, cluster: bool = False) -> frozenset[str]:
     """How this server words the client's command rules (ACL GETUSER of a probe user that never logs in)."""
     import secrets
     probe = "xp-operator-acl-probe-" + secrets.token_hex(4)
     try:
         admin.execute_command("ACL", "SETUSER", probe, "reset", "-@all",
-                              *(f"+{c}" for c in granted_commands(available)))
+                              *(f"+{c}" for c in granted_commands(available, cluster=cluster)))
         raw = _pairs(admin.execute_command("ACL", "GETUSER", probe))
         return frozenset(_s(raw.get("commands", b"")).split())
     finally:
@@ -58,31 +58,33 @@ def described_commands(admin: redis.Redis, available: frozenset[str]) -> frozens
 
 
 def desired_user(username: str, prefix: str, passwords: Sequence[str], described: frozenset[str], *,
-                 extra_hashes: Iterable[str] = ()) -> AclUser:
+                 extra_hashes: Iterable[str] = (), cluster: bool = False) -> AclUser:
     return AclUser(username=username, enabled=True,
                    password_hashes=frozenset(password_hash(p) for p in passwords) | frozenset(extra_hashes),
-                   command_rules=described, key_patterns=frozenset(key_patterns(prefix)),
+                   command_rules=described, key_patterns=frozenset(key_patterns(prefix, cluster=cluster)),
                    channel_patterns=frozenset(), has_selectors=False)
 
 
 def ensure_client_user(admin: redis.Redis, username: str, password: str, prefix: str, *,
                        also_accept_hashes: Iterable[str] = (),
                        available: frozenset[str] | None = None,
-                       described: frozenset[str] | None = None) -> Change:
+                       described: frozenset[str] | None = None, cluster: bool = False) -> Change:
     """Make the client user exist exactly as desired (one ACL SETUSER when it differs, else nothing).
-    Accepts `password` and the SHA-256 digests in `also_accept_hashes` (a rotation in progress)."""
+    Accepts `password` and the SHA-256 digests in `also_accept_hashes` (a rotation in progress). On a
+    Redis Cluster node (`cluster`) the user gets the cluster's key layout and topology commands
+    (contract.CLUSTER_CLIENT_KEYS, CLUSTER_TOPOLOGY_COMMANDS); pass `described` for the same mode."""
     if not password:
         raise ValueError("password must be a non-empty string")
     if available is None:
         available = server_commands(admin)
     if described is None:
-        described = described_commands(admin, available)
+        described = described_commands(admin, available, cluster=cluster)
     extra = frozenset(also_accept_hashes)
-    want = desired_user(username, prefix, [password], described, extra_hashes=extra)
+    want = desired_user(username, prefix, [password], described, extra_hashes=extra, cluster=cluster)
     have = get_user(admin, username)
     if have == want:
         return Change.UNCHANGED
-    rules = ["on", "clearselectors", *client_rules(prefix, available=available), f">{password}",
+    rules = ["on", "clearselectors", *client_rules(prefix, available=available, cluster=cluster), f">{password}",
              *(f"#{h}" for h in sorted(extra))]
     if have is not None:
         rules += [f"!{h}" for h in sorted(have.password_hashes - want.password_hashes)]

@@ -80,7 +80,7 @@ class NodeAdmin:
     def __init__(self, nodeset: NodeSet) -> None:
         self.nodeset = nodeset
         self._recoveries: dict[str, UserRecovery] = {}
-        self._client_words: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        self._client_words: dict[str, tuple[tuple[frozenset[str], bool], frozenset[str]]] = {}
 
     def recovery(self, node: Node, client: redis.Redis) -> UserRecovery:
         r = self._recoveries.get(node.address)
@@ -101,13 +101,14 @@ class NodeAdmin:
 
     def ensure_client(self, username: str, password: str, prefix: str, extra: frozenset[str]) -> Spread:
         def step(node: Node, client: redis.Redis) -> Change:
-            available = self.recovery(node, client).current_profile().available
+            profile = self.recovery(node, client).current_profile()
+            available, cluster = profile.available, profile.cluster
             cached = self._client_words.get(node.address)
-            if cached is None or cached[0] != available:
-                cached = self._client_words[node.address] = (available,
-                                                             client_acl.described_commands(client, available))
+            if cached is None or cached[0] != (available, cluster):
+                cached = self._client_words[node.address] = (
+                    (available, cluster), client_acl.described_commands(client, available, cluster=cluster))
             return client_acl.ensure_client_user(client, username, password, prefix, also_accept_hashes=extra,
-                                                 available=available, described=cached[1])
+                                                 available=available, described=cached[1], cluster=cluster)
         return self._spread(step)
 
     def disable(self, username: str) -> Spread:

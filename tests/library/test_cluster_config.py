@@ -107,3 +107,29 @@ def test_sentinel_over_tls_verifies_like_one_server() -> None:
     with pytest.raises(redis.ConnectionError, match="sentinel"):
         direct.pipeline(backend.pack_commands([("PING",)]), 1)
     backend.close()
+
+
+def test_the_client_key_patterns_match_the_keys_the_client_reads_and_writes() -> None:
+    """contract.client_key_patterns (the client ACL user's selectors) against the key names the library
+    builds, on one server and on a cluster: every key the client API touches matches a pattern of the
+    right kind, and the pump's private keys match none."""
+    from fnmatch import fnmatchcase
+
+    from xml_pipeline.memory.keys import ClusterKeys, RedisKeys
+
+    prefix = "xp:team.orders:"
+    for mode, keys in (("standalone", RedisKeys(prefix)), ("cluster", ClusterKeys(prefix))):
+        patterns = contract.client_key_patterns(prefix, mode)  # type: ignore[arg-type]
+
+        def how(key: str) -> set[str]:
+            return {h for p, h in patterns if fnmatchcase(key, p)}
+
+        index = keys.buckets() if isinstance(keys, ClusterKeys) else (keys.index(),)
+        assert how(keys.key("ingress")) == {"W"}, mode
+        for key in (keys.key("egress"), keys.buffer("t-1"), keys.chain("web.greeter"), keys.uuid("t-1"), *index):
+            assert how(key) == {"R"}, (mode, key)
+        for key in (keys.key("tasks"), keys.key("results", "p-1"), keys.key("dlq"), keys.tmp("x"), keys.op("t-1"),
+                    RedisKeys("xp:team.other:").buffer("t-1"), ClusterKeys("xp:team.other:").key("ingress")):
+            assert how(key) == set(), (mode, key)
+    assert contract.client_commands("cluster")[:len(contract.CLIENT_COMMANDS)] == contract.CLIENT_COMMANDS
+    assert set(contract.client_commands("cluster")) - set(contract.CLIENT_COMMANDS) == contract.CLUSTER_TOPOLOGY_COMMANDS

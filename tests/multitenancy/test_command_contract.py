@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,84 @@ def test_the_declared_commands_are_exactly_the_ones_the_library_sends(private_re
         <= contract.BACKEND_COMMANDS | contract.REINDEX_COMMANDS | contract.CONNECT_COMMANDS  # SETINFO: redis-py, on 7.2+
     # And the tenant ACL grants exactly the library's set.
     assert set(acl.ORGANISM_COMMANDS) == contract.LIBRARY_COMMANDS
+
+
+def _sent_on(nodes: list[Any]) -> set[str]:
+    """What was called on `nodes` since their last CONFIG RESETSTAT (INFO counts as info|server)."""
+    seen: set[str] = set()
+    for n in nodes:
+        c = n.client()
+        try:
+            for name, stats in c.info("commandstats").items():
+                if int(stats["calls"]) - int(stats.get("rejected_calls", 0)) > 0:
+                    seen.add(name.removeprefix("cmdstat_").lower())
+        finally:
+            c.close()
+    # The test's own admin connections (INFO, HELLO, CONFIG RESETSTAT) and the replicas' acknowledgements.
+    return {"info|server" if c == "info" else c for c in seen} - {"config|resetstat", "hello", "replconf"}
+
+
+def _reset(nodes: list[Any]) -> None:
+    for n in nodes:
+        c = n.client()
+        c.config_resetstat()
+        c.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_on_a_cluster_the_backend_and_the_client_send_the_declared_commands(shared_cluster: Any) -> None:
+    """On a real 3 + 3 cluster with the function library loaded (as the operator does): the backend
+    sends LIBRARY_COMMANDS plus CLUSTER_COMMANDS and nothing else; the client API sends
+    contract.client_commands("cluster") and nothing else; the topology commands are really sent."""
+    from xml_pipeline.client import NoAnswer, OrganismClient
+    from xml_pipeline.memory import ContextBuffer
+    from xml_pipeline.memory.redis_functions import library
+
+    masters = shared_cluster.masters()  # replicas count the replication stream, not the clients
+    lib = library()
+    for m in masters:
+        c = m.client()
+        functions.ensure_library(c)
+        c.close()
+    prefix = f"xp:t.cc{secrets.token_hex(3)}:"
+    cfg = BackendConfig(backend_type="redis", redis_url=shared_cluster.url, redis_prefix=prefix, redis_ttl=600,
+                        signing_key=SIGNING_KEY)
+    try:
+        _reset(masters)
+        with RedisBackend(cfg) as b:
+            assert b.script_mechanism in (None, "fcall")
+            exercise(b)
+            buffer = ContextBuffer(b)
+            for i in range(12):  # threads in every master's slots, so each one sees the handshake
+                buffer.append(f"t-c{i}", "<x/>", "console", "greeter")
+            b.registry_set("console.greeter", "t-c0")
+            assert b.script_mechanism == "fcall"
+        backend_sent = _sent_on(masters)
+        assert backend_sent <= contract.LIBRARY_COMMANDS | contract.CLUSTER_COMMANDS, \
+            sorted(backend_sent - contract.LIBRARY_COMMANDS - contract.CLUSTER_COMMANDS)
+        assert {"cluster|slots", "command", "command|getkeys", "pexpire", "fcall"} <= backend_sent
+        assert not backend_sent & contract.EVAL_COMMANDS
+
+        _reset(masters)
+        with OrganismClient(cfg) as client:
+            with pytest.raises(NoAnswer):  # no pump here: sent, and waited for in vain
+                client.request(Message(sender="console", to="greeter", payload="<hello/>"), timeout=0.3)
+            assert client.read_thread("t-c3") and client.thread_of("console.greeter") == "t-c0"
+            assert client.chain_of("t-c0") == "console.greeter" and "t-c5" in client.threads()
+        client_sent = _sent_on(masters)
+        granted = set(contract.client_commands("cluster"))
+        assert client_sent <= granted, sorted(client_sent - granted)
+        # ASKING only during a slot migration (tests/faults resharding); the rest of the handshake here.
+        assert contract.CLUSTER_TOPOLOGY_COMMANDS - {"asking"} <= client_sent
+        # And the tenant's grant on a cluster node is exactly the library's sets.
+        assert set(acl.granted_commands(cluster=True)) == contract.LIBRARY_COMMANDS - contract.CONNECT_COMMANDS \
+            | contract.CLUSTER_COMMANDS
+    finally:
+        with RedisBackend(cfg) as b:
+            b.buffer_clear()
+            b.registry_clear()
+        for m in masters:
+            c = m.client()
+            c.execute_command("FUNCTION", "DELETE", lib.name)
+            c.close()

@@ -7,7 +7,10 @@ the library's client API (xml_pipeline.client) and nothing more:
 - `CLIENT_COMMANDS`, the commands the client API issues (no FCALL, FCALL_RO, EVAL, DEL, ...);
 - key permissions by Redis 7 selectors: `%W~<prefix>ingress` (XADD and EXPIRE, but no read of what
   other clients sent), `%R~` on egress, the context buffers, the registry and the thread index;
-- no Pub/Sub channel at all.
+- no Pub/Sub channel at all;
+- on a Redis Cluster node, the cluster's key names and the commands a cluster client sends to find
+  each key's node (contract.CLUSTER_CLIENT_KEYS, client_commands("cluster")): all from the library's
+  contract, none kept here.
 
 Every read of the client API is a plain command, so the user needs no scripts: without FCALL it cannot
 run a write function of the organism's library, and without FCALL_RO it cannot even run read ones

@@ -191,11 +191,16 @@ STREAM_COMMANDS: frozenset[str] = frozenset({
 #: Not here: READONLY / READWRITE (sent only by a client that reads from replicas; the library reads
 #: from masters) and CLUSTER SHARDS / NODES (redis-py maps slots with CLUSTER SLOTS).
 CLUSTER_TOPOLOGY_COMMANDS: frozenset[str] = frozenset({"cluster|slots", "command", "command|getkeys", "asking"})
+#: WAIT after each write, in any mode, when backend.redis_wait_replicas is set (opt-in durability on
+#: a server with replicas: Sentinel, a cluster, a replicated single server). Not in LIBRARY_COMMANDS
+#: (a default backend never sends it) but granted to every tenant: it only holds the caller's own
+#: connection until its writes reach the replicas.
+DURABILITY_COMMANDS: frozenset[str] = frozenset({"wait"})
 #: What a backend on a Redis Cluster sends besides BACKEND_COMMANDS and STREAM_COMMANDS: the topology
 #: commands, the expiry refresh of keys that live in other slots than their thread (PEXPIRE of the
-#: chain keys and index buckets, redis_cluster_index.py), and WAIT (backend.redis_wait_replicas; a
-#: backend on Sentinel sends WAIT too). A tenant's ACL user gets these on every cluster node.
-CLUSTER_COMMANDS: frozenset[str] = CLUSTER_TOPOLOGY_COMMANDS | {"pexpire", "wait"}
+#: chain keys and index buckets, redis_cluster_index.py), and WAIT. A tenant's ACL user gets these
+#: on every cluster node.
+CLUSTER_COMMANDS: frozenset[str] = CLUSTER_TOPOLOGY_COMMANDS | {"pexpire"} | DURABILITY_COMMANDS
 #: Version-dependent: redis-py sends CLIENT SETINFO on connect to Redis >= 7.2 (ignores a refusal).
 CONNECT_COMMANDS: frozenset[str] = frozenset({"client|setinfo"})
 #: Everything an organism's pods and clients send on a shared Redis (its ACL user's grant).

@@ -249,6 +249,16 @@ def test_sentinel_users_on_master_and_replica_and_repair(sentinel_set: LocalSent
     acl.delete_user(replica.client(), t.username)
     state = admin.ensure_tenant(t, "pw")
     assert state.repaired == (f"127.0.0.1:{replica.port}",)
+    # A tenant that opts into WAIT (backend.redis_wait_replicas) is granted it here too.
+    from xml_pipeline.memory import BackendConfig, ContextBuffer
+    from xml_pipeline.memory.redis_backend import RedisBackend
+    waiting = RedisBackend(BackendConfig(backend_type="redis", redis_url=sentinel_set.url, redis_prefix=t.prefix,
+                                         redis_ttl=600, redis_username=t.username, redis_password="pw",
+                                         signing_key=secrets.token_hex(16), redis_wait_replicas=1))
+    try:
+        assert ContextBuffer(waiting).append("t-w", "<x/>", "a", "b").metadata.slot_index == 0
+    finally:
+        waiting.close()
     # Keys live on the master; release removes them there and the user everywhere.
     master = sentinel_set.current_master().client()
     master.set(f"{t.prefix}buffer:{{t-1}}", "x")

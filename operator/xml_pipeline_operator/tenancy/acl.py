@@ -162,14 +162,15 @@ def server_profile(admin: redis.Redis) -> ServerProfile:
 
 
 def granted_commands(available: frozenset[str] | None = None, *, cluster: bool = False) -> tuple[str, ...]:
-    """`ORGANISM_COMMANDS` minus what the server lacks (version-dependent ones); on a cluster node
-    also CLUSTER_CLIENT_COMMANDS."""
+    """`ORGANISM_COMMANDS` minus what the server lacks (version-dependent ones), WAIT for an organism
+    that opts into it (contract.DURABILITY_COMMANDS, on any topology); on a cluster node also
+    CLUSTER_CLIENT_COMMANDS."""
     out = []
     for cmd in ORGANISM_COMMANDS:
         if cmd in _VERSION_DEPENDENT and (available is None or cmd not in available):
             continue
         out.append(cmd)
-    return tuple(out) + (CLUSTER_CLIENT_COMMANDS if cluster else ())
+    return tuple(out) + tuple(sorted(contract.DURABILITY_COMMANDS | (contract.CLUSTER_COMMANDS if cluster else set())))
 
 
 def acl_rules(prefix: str, *, available: frozenset[str] | None = None, cluster: bool = False) -> list[str]:

@@ -305,6 +305,11 @@ def test_a_client_user_on_the_cluster_sends_reads_and_is_refused_the_rest(cluste
         user = acl.get_user(c, cuser)
         assert user is not None and {f"%R~{t.prefix}meta:index:*", f"%W~{t.prefix}ingress:{{{t.prefix}}}"} \
             <= user.key_patterns, user
+    setusers = {a: c.info("commandstats").get("cmdstat_acl|setuser", {}).get("calls", 0)
+                for a, c in node_clients(cluster).items()}
+    assert admin.ensure_client(t, cuser, "pw-cli").ready  # converged: a second pass writes nothing
+    assert setusers == {a: c.info("commandstats").get("cmdstat_acl|setuser", {}).get("calls", 0)
+                        for a, c in node_clients(cluster).items()}
     key = secrets.token_hex(16)
 
     def config(prefix: str, username: str, password: str) -> BackendConfig:

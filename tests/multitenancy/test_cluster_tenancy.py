@@ -329,6 +329,11 @@ def test_a_client_user_on_the_cluster_sends_reads_and_is_refused_the_rest(cluste
         assert [s.payload for s in client.read_thread(threads[5])] == [{"n": threads[5]}]
         assert client.threads() == sorted(threads)
         assert client.thread_of("web.greeter") == threads[0] and client.chain_of(threads[0]) == "web.greeter"
+        # A reverse entry its chain key does not confirm (a re-mapping stopped half way): no chain, and
+        # the read-only client leaves the repair to the organism's own user.
+        org.client.set(org.keys.uuid("th-stale"), "web.gone")
+        assert client.chain_of("th-stale") is None and org.client.exists(org.keys.uuid("th-stale"))
+        assert org.registry_get_chain("th-stale") is None and not org.client.exists(org.keys.uuid("th-stale"))
         # Send and wait: the organism (its own user) answers the message it finds on ingress.
         message = Message(sender="web", to="greeter", payload="<hello/>")
         got: dict[str, Message] = {}

@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.exceptions import (AskError, ClusterDownError, ClusterError, MasterDownError, MovedError, NoScriptError,
-                              RedisClusterException, ResponseError, SlotNotCoveredError, TryAgainError)
+from redis.exceptions import (AskError, ClusterDownError, ClusterError, MasterDownError, MovedError, NoPermissionError,
+                              NoScriptError, RedisClusterException, ResponseError, SlotNotCoveredError, TryAgainError)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -369,7 +369,10 @@ class RedisClusterBackend(RedisBackend):
             # Read repair: the chain key is the authority; a reverse entry it does not confirm is
             # the leftover of a re-mapping that stopped half way.
             if self.client.get(self.keys.chain(chain)) != uuid.encode():
-                self._eval(cs.C_DEL_IF, (key,), (chain,))
+                try:
+                    self._eval(cs.C_DEL_IF, (key,), (chain,))
+                except NoPermissionError:
+                    pass  # a read-only client user (client_acl) answers right; a writer repairs it
                 return None
             return chain
 

@@ -33,7 +33,7 @@ from . import redis_scripts as scripts
 from .config import BackendConfig, is_tls_url, redact_url
 from .keys import RedisKeys
 from .redis_direct import DirectConnection
-from .redis_wire import pack_args, pack_commands, pack_head, tls_supported
+from .redis_wire import Packed, pack_args, pack_commands, pack_head, pieces, tls_supported
 from .signing import Signer
 
 __all__ = ["RedisCore", "TLS_DEFAULTS"]
@@ -230,7 +230,7 @@ class RedisCore:
         eval_head = pack_head(b"EVAL", script.source.encode(), script.numkeys, len(args))
         return self._roundtrip(self._heads.head(script, len(args)), body, script, eval_head)
 
-    def _roundtrip(self, head: bytes, body: bytes, script: scripts.LuaScript,
+    def _roundtrip(self, head: bytes, body: Packed, script: scripts.LuaScript,
                    eval_head: bytes | None = None) -> Any:
         """One FCALL or EVALSHA on a pooled connection (EVAL on NOSCRIPT).
 
@@ -248,12 +248,12 @@ class RedisCore:
         conn = pool.get_connection()
 
         def run(h: bytes) -> Any:
-            conn.send_packed_command([h + body])
+            conn.send_packed_command(pieces(h, body))
             try:
                 return conn.read_response()
             except NoScriptError:
                 # Server restarted or SCRIPT FLUSH: EVAL runs the script and caches it again.
-                conn.send_packed_command([(eval_head or self._eval_heads[script.name]) + body])
+                conn.send_packed_command(pieces(eval_head or self._eval_heads[script.name], body))
                 return conn.read_response()
 
         try:
@@ -283,7 +283,7 @@ class RedisCore:
         finally:
             pool.release(conn)
 
-    def _pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
+    def _pipeline(self, packed: Packed, count: int, *, best_effort_tail: int = 0) -> list[Any]:
         """Send already packed commands in one write and read their `count` replies; a command's
         error reply is returned in its place (every reply is read, so the connection stays in step).
         Connection errors are raised, and that connection dropped, as in _roundtrip."""
@@ -293,7 +293,7 @@ class RedisCore:
         pool = self._pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([packed])
+            conn.send_packed_command(packed if type(packed) is list else [packed])
             out: list[Any] = []
             for i in range(count):
                 try:

@@ -5,6 +5,9 @@ out in one sendall and the replies are read with hiredis (redis_wire.py). What i
 trip against a pooled redis-py connection: the pool's locks and queue, its liveness poll (a
 select() per checkout) and its metrics bookkeeping, about 60 us of a worker's CPU each time.
 
+Replies are received into one reusable buffer of RECV_BYTES and fed to hiredis from there: a 1 MB
+slot arrives in a few large reads, without a new bytes object per read.
+
 Plain TCP, a unix socket or TLS (rediss://, with the SSLContext redis-py would build for the same
 settings: redis_wire.tls_context); the handshake is redis_wire.handshake's.
 """
@@ -18,9 +21,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .redis_wire import MORE, handshake, pack_commands, reply_reader, tls_context
+from .redis_wire import MORE, Packed, handshake, pack_commands, reply_reader, send_packed, tls_context
 
-__all__ = ["DirectConnection"]
+__all__ = ["DirectConnection", "RECV_BYTES"]
+
+#: The receive buffer of a connection (one per worker thread): large slots arrive in few reads.
+RECV_BYTES = 256 * 1024
 
 
 class DirectConnection:
@@ -39,6 +45,7 @@ class DirectConnection:
         self._tls: ssl.SSLContext | None = tls_context(kwargs) if kwargs.get("tls") else None
         self._sock: socket.socket | None = None
         self._reader = reply_reader()
+        self._buffer: memoryview | None = None
         self.round_trips = 0
 
     def _connect(self) -> socket.socket:
@@ -75,19 +82,22 @@ class DirectConnection:
                     raise reply
         return sock
 
-    def pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
+    def pipeline(self, packed: Packed, count: int, *, best_effort_tail: int = 0) -> list[Any]:
         """RedisBackend._pipeline's contract on this connection."""
         if self._sock is None:
             self._connect()
         self.round_trips += 1
         return self._exchange(packed, count, best_effort_tail)
 
-    def _exchange(self, packed: bytes, count: int, best_effort_tail: int) -> list[Any]:
+    def _exchange(self, packed: Packed, count: int, best_effort_tail: int) -> list[Any]:
         sock, reader = self._sock, self._reader
         assert sock is not None
         out: list[Any] = []
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = memoryview(bytearray(RECV_BYTES))
         try:
-            sock.sendall(packed)
+            send_packed(sock, packed)
             while len(out) < count:
                 reply = reader.gets()
                 if reply is not MORE:
@@ -95,10 +105,10 @@ class DirectConnection:
                         raise reply  # e.g. an AuthenticationError, as redis-py raises it
                     out.append(reply)
                     continue
-                data = sock.recv(65536)
-                if not data:
+                n = sock.recv_into(buffer)
+                if not n:
                     raise RedisConnectionError("Connection closed by server.")
-                reader.feed(data)
+                reader.feed(buffer, 0, n)
         except (socket.timeout, RedisTimeoutError) as e:
             self.disconnect()
             error: Exception = RedisTimeoutError(f"Timeout reading from socket: {e}")

@@ -10,6 +10,7 @@ import pytest
 import redis
 from redis import exceptions as rx
 
+from xml_pipeline.memory.redis_direct import DirectConnection
 from xml_pipeline.memory.redis_wire import (
     MORE,
     error_reply,
@@ -77,11 +78,39 @@ def test_a_stream_that_is_not_resp_is_invalid_response() -> None:
 def test_error_replies_are_the_exceptions_redis_py_raises(text: str, cls: type, message: str) -> None:
     err = error_reply(text)
     assert type(err) is cls and str(err) == message
-    # The same reply read through redis-py's own client gives the same class and message.
+    # The same through the reader, as a reply.
     reader = reply_reader()
     reader.feed(b"-" + text.encode() + b"\r\n")
     again = reader.gets()
     assert type(again) is cls and str(again) == message
+
+
+def test_error_replies_of_a_real_server_match_redis_py(redis_factory) -> None:  # type: ignore[no-untyped-def]
+    server = redis_factory().start()
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pw-123", "~*", "+get", "+auth", "+ping")
+    admin.set("a-string", "v")
+    commands = [("EVALSHA", "0" * 40, 0), ("LPUSH", "a-string", "x"), ("FCALL", "no_such_function", 0),
+                ("NO-SUCH-COMMAND",), ("AUTH", "reader", "wrong-password")]
+    kw = {"host": "127.0.0.1", "port": server.port}
+    for command in commands:
+        with pytest.raises(rx.RedisError) as theirs:
+            admin.execute_command(*command)
+        direct = DirectConnection(kw, socket_timeout=5, connect_timeout=5)
+        try:
+            (ours,) = direct.pipeline(pack_commands([command]), 1)
+        except rx.RedisError as e:  # connection-level errors (AUTH) are raised, as redis-py raises them
+            ours = e
+        direct.disconnect()
+        assert type(ours) is type(theirs.value) and str(ours) == str(theirs.value), command
+    # NOPERM: a user without SET, on our connection (with its handshake) and on redis-py's.
+    user = {**kw, "username": "reader", "password": "reader-pw-123"}
+    direct = DirectConnection(user, socket_timeout=5, connect_timeout=5)
+    (ours,) = direct.pipeline(pack_commands([("SET", "a-string", "w")]), 1)
+    direct.disconnect()
+    with pytest.raises(rx.NoPermissionError) as theirs:
+        server.client(username="reader", password="reader-pw-123").set("a-string", "w")
+    assert type(ours) is rx.NoPermissionError and str(ours) == str(theirs.value)
 
 
 def test_moved_and_ask_carry_slot_and_node() -> None:

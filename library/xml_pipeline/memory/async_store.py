@@ -111,22 +111,19 @@ class RedisStore(ThreadedStore):
             await self._ready
         thread, append_id, max_slots = prepared.thread_id, prepared.append_id, buffer.max_slots_per_thread
         assert append_id is not None, "the pipe's appends are redone on doubt: they need an append id"
+        pipe = self.pipe
 
         async def send(index: int, blob: bytes) -> Appended:
-            return await self._append_at(thread, blob, index, max_slots, append_id, items)
+            try:
+                return await pipe.append_at(thread, blob, index, max_slots=max_slots, append_id=append_id,
+                                            items=items)
+            except Unsure:
+                # The same slot at the same index with the same append id, through the backend.
+                self._fallbacks += 1
+                return await self.io.run(functools.partial(self.redis.buffer_append_at, thread, blob, index,
+                                                           max_slots=max_slots, append_id=append_id, items=items))
 
         return await buffer.store_async(prepared, send)
-
-    async def _append_at(self, thread: str, blob: bytes, index: int, max_slots: int | None, append_id: str,
-                         items: Sequence[tuple[str, bytes]]) -> Appended:
-        assert self.pipe is not None
-        try:
-            return await self.pipe.append_at(thread, blob, index, max_slots=max_slots, append_id=append_id,
-                                             items=items)
-        except Unsure:
-            self._fallbacks += 1
-            return await self.io.run(functools.partial(self.redis.buffer_append_at, thread, blob, index,
-                                                       max_slots=max_slots, append_id=append_id, items=items))
 
     async def take(self, key: str, *also_delete: str) -> bytes | None:
         if self.pipe is None:

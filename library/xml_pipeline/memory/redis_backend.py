@@ -10,8 +10,10 @@ What it guarantees, and why (docs/storage.md has the full story):
   returns the first index instead of storing the slot twice (redis_core.py runs the retries).
 - Listing and clearing walk the prefix's index SET (redis_index.py), never KEYS or SCAN.
 
-The layers: redis_wire.py packs RESP; redis_core.py holds the connections, retries and script
-running; redis_index.py the index walks and admin; this module the SharedBackend's operations.
+The layers: redis_wire.py is the wire (packing, hiredis replies, handshake, TLS); redis_core.py holds
+the connections, retries and script running; redis_index.py the index walks and admin; this module
+the SharedBackend's operations. The pump's RedisPipe and a worker's DirectConnection send the same
+commands, packed by the pack_* methods below.
 """
 from __future__ import annotations
 
@@ -375,6 +377,7 @@ class RedisBackend(RedisIndex):
     def pack_delete(self, *keys: str) -> bytes:
         """temp_delete's command (one DEL): one reply."""
         return pack_command(b"DEL", [self.keys.tmp(check_tagged_id(k, "temp key")) for k in keys])
+
 
 def _rebuild(config: BackendConfig, local_keys: tuple[bytes, ...] | None) -> RedisBackend:
     """Unpickle a RedisBackend: its own pool, and its parent's process-local key if it had one."""

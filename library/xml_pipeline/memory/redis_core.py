@@ -29,7 +29,7 @@ from redis.retry import Retry
 from ..errors import BackendError, BackendUnavailable, CredentialsRejected
 from . import redis_functions
 from . import redis_scripts as scripts
-from .config import BackendConfig, redact_url
+from .config import BackendConfig, is_tls_url, redact_url
 from .keys import RedisKeys
 from .redis_direct import DirectConnection
 from .redis_wire import pack_args, pack_commands, pack_head, tls_supported
@@ -85,7 +85,7 @@ class RedisCore:
         self._ttl = config.ttl or 0
         self._url = redact_url(config.redis_url)
         url, url_user, url_password = _split_credentials(config.redis_url)
-        self._tls = urlsplit(url).scheme == "rediss"
+        self._tls = is_tls_url(url)
         self._username = config.redis_username or url_user
         self._password = config.redis_password or url_password
         self._signer = signer

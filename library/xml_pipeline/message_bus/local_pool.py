@@ -25,6 +25,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import time
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def _worker_main(conn: Connection, backend: SharedBackend, name: str, log_level:
             break
         result = execute_task(backend, task, worker=name)
         try:
-            conn.send(result)
+            conn.send_bytes(pickle.dumps(result, pickle.HIGHEST_PROTOCOL))  # recv() reads it as send() would
         except (BrokenPipeError, OSError):
             break
     try:
@@ -174,7 +175,9 @@ class LocalWorkerPool:
             if fut.cancelled():
                 continue
             try:
-                w.conn.send(task)
+                # pickle.dumps, not Connection.send's ForkingPickler (a Pickler and a BytesIO per call):
+                # a task is plain data.
+                w.conn.send_bytes(pickle.dumps(task, pickle.HIGHEST_PROTOCOL))
             except OSError:
                 self._pending.appendleft((task, fut))
                 self._on_death(w)

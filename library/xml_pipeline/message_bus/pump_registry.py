@@ -4,9 +4,9 @@ Routing asks for the same few chains over and over ("system.demo.console.greeter
 once made, only changes when it expires or is deleted. So every chain ↔ uuid answer the backend
 gives is remembered for `max_age` seconds (well inside the backend's TTL, which every append to the
 thread slides): a pump never routes on a mapping the backend dropped long ago. A lookup answered
-from the cache costs no await of anything; a miss asks the backend in the store's io threads
-(`AsyncStore.run`) and remembers the answer. A miss never routes differently from a hit: both
-answer what the backend holds (or held less than max_age ago), the miss only later.
+from the cache returns at once (the coroutine never suspends); a miss asks the backend in the
+store's io threads (`AsyncStore.run`) and remembers the answer. A miss never routes differently
+from a hit: both answer what the backend holds (or held less than max_age ago), the miss later.
 
 The operations and their semantics are ThreadRegistry's (thread_registry.py); the pump's other
 callers (tests, the CLI) keep using the blocking ThreadRegistry over the same backend.

@@ -145,9 +145,8 @@ class WorkerResult:
 
 
 # -- temp values --------------------------------------------------------------------------------------
-# The SharedBackend protocol has one-key temp operations. The manager and redis backends also offer
-# batches (temp_put_many, temp_get_many, temp_take, buffer_append_at with items: the same operations, one
-# round trip); the data flow uses them when present and the protocol calls otherwise.
+# The data flow uses the SharedBackend's batches (temp_put_many, temp_get_many, temp_take,
+# buffer_append_at with items: the one-key operations, one round trip each).
 #: Lifetime of temp values without a configured TTL (the backends' own default: 24 h).
 _DEFAULT_TEMP_TTL = 86400
 
@@ -160,13 +159,7 @@ def _signed(backend: SharedBackend, items: list[tuple[str, bytes, bytes]]) -> li
 
 def _put_many(backend: SharedBackend, items: list[tuple[str, bytes, bytes]]) -> None:
     """Store (key, tag, body) values, each in a signed envelope."""
-    signed = _signed(backend, items)
-    many = getattr(backend, "temp_put_many", None)
-    if many is not None:
-        many(signed)
-        return
-    for key, blob in signed:
-        backend.temp_put(key, blob)
+    backend.temp_put_many(_signed(backend, items))
 
 
 def _open(backend: SharedBackend, blob: bytes | None, key: str, tag: bytes, what: str) -> bytes:
@@ -179,10 +172,7 @@ def _open(backend: SharedBackend, blob: bytes | None, key: str, tag: bytes, what
 
 
 def _get_many(backend: SharedBackend, keys: list[str]) -> list[bytes | None]:
-    many = getattr(backend, "temp_get_many", None)
-    if many is not None:
-        return list(many(keys))
-    return [backend.temp_get(k) for k in keys]
+    return list(backend.temp_get_many(keys))
 
 
 def input_values(message: Message, *, chain: str | None = None) -> tuple[tuple[str, str], list[tuple[str, bytes, bytes]]]:
@@ -229,15 +219,7 @@ def take_response(backend: SharedBackend, key: str, also_delete: list[str]) -> l
     The keys are deleted whether or not the response verifies (one round trip where the backend
     has temp_take).
     """
-    take = getattr(backend, "temp_take", None)
-    if take is not None:
-        blob = take(key, *also_delete)
-    else:
-        try:
-            blob = backend.temp_get(key)
-        finally:
-            backend.temp_delete(key, *also_delete)
-    return open_response(backend, blob, key)
+    return open_response(backend, backend.temp_take(key, *also_delete), key)
 
 
 def open_response(backend: SharedBackend, blob: bytes | None, key: str) -> list[Action]:
@@ -308,11 +290,7 @@ def execute_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") 
         return outcome.result
     key, blob = outcome.response
     try:
-        many = getattr(backend, "temp_put_many", None)  # on Redis: the raw write, not redis-py's SET
-        if many is not None:
-            many([(key, blob)])
-        else:
-            backend.temp_put(key, blob)
+        backend.temp_put_many([(key, blob)])  # on Redis: the raw write, not redis-py's SET
     except BackendError as e:
         log.error("task %s: cannot store the response: %s", task.task_id, e)
         return WorkerResult(task.task_id, error=f"{type(e).__name__}: {e}", error_type=BACKEND_ERROR, worker=worker)

@@ -4,7 +4,8 @@
 
 A round trip is the whole path of one cpu_bound message: the StreamPump takes a message from
 outside, registers its thread, appends it to the ContextBuffer, stores payload + metadata in the
-backend's temp key space (signed), hands a WorkerTask to a worker process, the worker fetches and
+backend's temp key space (signed; a payload over 64 KiB as a signed reference to its slot, which the
+worker reads instead of a copy), hands a WorkerTask to a worker process, the worker fetches and
 verifies both, runs the handler, stores the response; the pump fetches it, deletes the temp keys,
 routes the reply and appends it to the ContextBuffer. Every message in flight at once (a window of
 256), so the figure is throughput.

@@ -3,11 +3,11 @@
 - The batch operations: a prepared slot appended with the worker's temp inputs in one step, a take
   that returns the value and deletes every key named, a delete; many appends to one thread at once
   land at consecutive indices, each once; a full thread raises ThreadFullError and stores no inputs.
-- On Redis, with the pipe and without it (as on TLS URLs): an append whose answer the pipe cannot
-  confirm (the reply overdue, the connection dropped) is redone through the blocking backend and
-  stored once; a script or function library flushed between calls (NOSCRIPT) is reloaded by the
-  fallback; Redis going away fails the calls with BackendUnavailable and the store works again
-  once it is back; the streams' commands (a MULTI of XADDs, an XREAD BLOCK) answer as Redis does.
+- On Redis, with the pipe and without it: an append whose answer the pipe cannot confirm (the
+  reply overdue, the connection killed) is redone through the blocking backend and stored once; a
+  script or function library flushed between calls (NOSCRIPT) is reloaded by the fallback; Redis
+  going away fails the calls with BackendUnavailable and the store works again once it is back;
+  the streams' commands (a MULTI of XADDs, an XREAD BLOCK) answer as Redis does.
 """
 from __future__ import annotations
 
@@ -136,6 +136,42 @@ async def test_unconfirmed_appends_are_redone_and_stored_once(fresh_redis: Redis
         else:
             assert store.fallbacks == 0
     finally:
+        store.close()
+        backend.close()
+
+
+@pytest.mark.parametrize("pipelined", PIPE, ids=PIPE_IDS)
+async def test_appends_on_a_killed_connection_are_redone_and_stored_once(fresh_redis: RedisServer,
+                                                                         pipelined: bool) -> None:
+    # The server holds writes (CLIENT PAUSE WRITE), the appends go out, their connection is killed:
+    # nothing answers them, so each is redone through the blocking backend once the pause ends.
+    backend = redis_on(fresh_redis, retries=3)
+    store = open_store(backend, pipelined=pipelined)
+    buffer = ContextBuffer(backend)
+    raw = fresh_redis.client()
+    thread = tid()
+    try:
+        for warm in ("warm", "warm-pipe"):  # the first goes through the backend, the second opens the pipe
+            await store.append(buffer, buffer.prepare(thread, warm, "console", "echo", append_id=warm))
+        pipe = store.pipe if isinstance(store, RedisStore) else None
+        writes = pipe.writes if pipe is not None else 0
+        raw.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        appends = asyncio.gather(*(store.append(buffer, buffer.prepare(thread, f"k{i}", "console", "echo",
+                                                                       append_id=f"k{i}")) for i in range(10)))
+        for _ in range(200):  # until the appends were written (sequencing, not timing)
+            await asyncio.sleep(0.01)
+            if pipe is None or pipe.writes > writes:
+                break
+        await asyncio.sleep(0.05)
+        raw.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        slots = await asyncio.wait_for(appends, 30)
+        assert sorted(s.metadata.slot_index for s in slots) == list(range(2, 12))
+        assert buffer.thread_len(thread) == 12
+        assert [s.payload for s in buffer.get_thread_slots(thread)][2:] == [
+            s.payload for s in sorted(slots, key=lambda s: s.metadata.slot_index)]
+        assert store.fallbacks == (10 if pipelined else 0)
+    finally:
+        raw.close()
         store.close()
         backend.close()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .protocol import Appended, SharedBackend
@@ -25,7 +25,7 @@ from .store import INLINE_MAX_BYTES, AsyncStore
 from .store_io import IoThreads
 
 if TYPE_CHECKING:
-    from .context_buffer import ContextBuffer, PreparedAppend
+    from .context_buffer import ContextBuffer, PreparedAppend, Temps
     from .redis_backend import RedisBackend
     from .slots import BufferSlot
 
@@ -55,7 +55,7 @@ class ThreadedStore:
         return await self.io.run(fn, *args)
 
     async def append(self, buffer: ContextBuffer, prepared: PreparedAppend,
-                     items: Sequence[tuple[str, bytes]] = ()) -> BufferSlot:
+                     items: Temps = ()) -> BufferSlot:
         # ContextBuffer.store, not store_async: it serialises the appends of one thread from several
         # io threads, so each lands in its first round trip instead of overtaking its predecessor.
         return await self.io.run(buffer.store, prepared, items)
@@ -95,7 +95,7 @@ class RedisStore(ThreadedStore):
         return self._fallbacks
 
     async def append(self, buffer: ContextBuffer, prepared: PreparedAppend,
-                     items: Sequence[tuple[str, bytes]] = ()) -> BufferSlot:
+                     items: Temps = ()) -> BufferSlot:
         if self.pipe is None or len(prepared.body) > INLINE_MAX_BYTES:
             return await super().append(buffer, prepared, items)
         if self._ready is None or not self._ready.done():
@@ -114,14 +114,15 @@ class RedisStore(ThreadedStore):
         pipe = self.pipe
 
         async def send(index: int, blob: bytes) -> Appended:
+            values = items(index) if callable(items) else items  # values may name the slot's index
             try:
                 return await pipe.append_at(thread, blob, index, max_slots=max_slots, append_id=append_id,
-                                            items=items)
+                                            items=values)
             except Unsure:
                 # The same slot at the same index with the same append id, through the backend.
                 self._fallbacks += 1
                 return await self.io.run(functools.partial(self.redis.buffer_append_at, thread, blob, index,
-                                                           max_slots=max_slots, append_id=append_id, items=items))
+                                                           max_slots=max_slots, append_id=append_id, items=values))
 
         return await buffer.store_async(prepared, send)
 

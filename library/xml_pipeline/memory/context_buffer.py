@@ -42,7 +42,7 @@ from .inmemory import InMemoryBackend, check_thread_id
 from .protocol import Appended, SharedBackend
 from .serialization import unpickle
 from .signing import MAX_APPEND_ID, SlotPlace
-from .slots import UNASSIGNED, BufferSlot, SlotMetadata
+from .slots import UNASSIGNED, BufferSlot, SlotMetadata, make_slot
 from .thread_context import ThreadContext
 
 __all__ = ["ContextBuffer", "ThreadContext", "BufferSlot", "SlotMetadata", "HandlerMetadata",
@@ -58,6 +58,11 @@ MAX_APPEND_ATTEMPTS = 1000
 EXPECTED_INDEX_CACHE = 4096
 #: Locks that order the blocking appends of one thread within a buffer (threads hash onto them).
 APPEND_LOCK_STRIPES = 64
+
+
+#: Temp values to store with an append: (key, signed value) pairs, or a function of the index the
+#: slot is signed for that returns them (a value that refers to the slot by its place).
+Temps = Sequence[tuple[str, bytes]] | Callable[[int], Sequence[tuple[str, bytes]]]
 
 
 class PreparedAppend:
@@ -164,9 +169,10 @@ class ContextBuffer:
                                        usage_instructions=usage_instructions, append_id=append_id))
 
     def append_and_put(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None = None,
-                       *, append_id: str | None = None, temps: list[tuple[str, bytes]]) -> BufferSlot:
-        """append(), then temp_put(key, value) of each of `temps` (values already signed), in one
-        round trip on the manager and redis backends. A full thread raises before anything is stored."""
+                       *, append_id: str | None = None, temps: Temps) -> BufferSlot:
+        """append(), then temp_put(key, value) of each of `temps` (values already signed; or a
+        function of the index the slot is signed for that returns them), in one round trip on the
+        manager and redis backends. A full thread raises before anything is stored."""
         return self.store(self.prepare(thread_id, payload, from_id, to_id, own_name, append_id=append_id), temps)
 
     def prepare(self, thread_id: str, payload: Any, from_id: str, to_id: str, own_name: str | None = None,
@@ -178,23 +184,14 @@ class ContextBuffer:
                                       or len(append_id.encode()) > MAX_APPEND_ID):
             raise ValueError(f"append_id must be a non-empty string of at most {MAX_APPEND_ID} bytes, "
                              f"got {append_id!r:.80}")
-        metadata = SlotMetadata(
-            thread_id=thread_id,
-            from_id=from_id,
-            to_id=to_id,
-            slot_index=UNASSIGNED,
-            timestamp=datetime.now(timezone.utc).isoformat(),
-            payload_type=type(payload).__name__,
-            own_name=own_name,
-            is_self_call=is_self_call,
-            usage_instructions=usage_instructions,
-        )
-        slot = BufferSlot(payload=payload, metadata=metadata)
+        slot = make_slot(payload, thread_id, from_id, to_id, UNASSIGNED, datetime.now(timezone.utc).isoformat(),
+                         type(payload).__name__, own_name, is_self_call, usage_instructions)
         body = pickle.dumps(slot, protocol=pickle.HIGHEST_PROTOCOL)
         return PreparedAppend(slot, body, append_id, self._place(thread_id))
 
-    def store(self, prepared: PreparedAppend, temps: Sequence[tuple[str, bytes]] = ()) -> BufferSlot:
-        """Store a prepared slot (compare-and-append, signed for the index it lands at)."""
+    def store(self, prepared: PreparedAppend, temps: Temps = ()) -> BufferSlot:
+        """Store a prepared slot (compare-and-append, signed for the index it lands at), and `temps`
+        in the same round trip (see append_and_put)."""
         # One blocking append per thread at a time from this buffer: threads of one process that
         # append to the same thread concurrently would reach the backend in any order, and every
         # slot that overtakes one with a lower index is refused and signed again. In turn, each
@@ -204,9 +201,14 @@ class ContextBuffer:
             for _ in range(MAX_APPEND_ATTEMPTS):
                 outcome = self._backend.buffer_append_at(prepared.thread_id, prepared.blob(index), index,
                                                          max_slots=self.max_slots_per_thread,
-                                                         append_id=prepared.append_id, items=temps)
+                                                         append_id=prepared.append_id,
+                                                         items=temps(index) if callable(temps) else temps)
                 done = self.settle(prepared, index, outcome)
                 if isinstance(done, BufferSlot):
+                    if callable(temps) and done.index != index:
+                        # A repeat: the slot is the first append's, at another index than the one
+                        # the values were made for. Values that name the slot's place are put again.
+                        self._backend.temp_put_many(list(temps(done.index)))
                     return done
                 index = done
         raise self._contended(prepared)
@@ -358,8 +360,15 @@ class ContextBuffer:
     def get_thread_slots(self, thread_id: str) -> list[BufferSlot]:
         """All slots of a thread, in order ([] for an unknown thread)."""
         blobs = self._backend.buffer_get_thread(thread_id)
-        place, load = self._place(thread_id), self._load
-        slots = [load(place, blob, i) for i, blob in enumerate(blobs)]
+        slots: list[BufferSlot] = []
+        for index, body in enumerate(self._place(thread_id).bodies(blobs)):  # every slot verified first
+            slot = unpickle(body)
+            meta = getattr(slot, "metadata", None)
+            if type(slot) is not BufferSlot or type(meta) is not SlotMetadata or meta.thread_id != thread_id:
+                slot = self._unpickle(body, thread_id, index)  # raises, saying what it holds
+            # A freshly unpickled slot nobody else holds: its position is set in place.
+            slot.metadata.__dict__["slot_index"] = index
+            slots.append(slot)
         self._remember(thread_id, len(slots))
         return slots
 

@@ -13,6 +13,7 @@ pump's RedisPipe and a worker's DirectConnection take their connection settings 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -71,8 +72,10 @@ def _ignore(_error: Exception) -> None:
 
 
 def _retryable(error: Exception) -> bool:
-    # Wrong credentials do not get better by asking again.
-    return not isinstance(error, AuthenticationError)
+    # Wrong credentials, or a server certificate that does not verify, do not get better by asking
+    # again. redis-py and DirectConnection raise ConnectionError from within the handler of the
+    # ssl error, so it is the error's context.
+    return not isinstance(error, AuthenticationError) and not isinstance(error.__context__, ssl.SSLCertVerificationError)
 
 
 class RedisCore:
@@ -165,7 +168,7 @@ class RedisCore:
                 f"Redis at {self._url} rejected the credentials of user {self._username or 'default'!r} "
                 f"({what}): {self._scrub(e)}") from None
         except (RedisConnectionError, RedisTimeoutError) as e:
-            attempts = 1 + (self._retry.get_retries() if retry else 0)
+            attempts = 1 + (self._retry.get_retries() if retry and _retryable(e) else 0)
             raise BackendUnavailable(
                 f"Redis at {self._url} is unavailable: {what} failed after {attempts} attempt(s) "
                 f"({type(e).__name__}: {self._scrub(e)})") from None

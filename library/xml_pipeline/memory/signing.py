@@ -221,8 +221,10 @@ class SlotPlace:
         outer.update(inner.digest())
         return b"".join((_HEAD, kid, outer.digest(), tail, body))  # one copy of the body
 
-    def open(self, blob: bytes, index: int) -> tuple[bytes, bytes]:
-        """(append id, body) of a slot that verifies at `index` of this thread, else SlotIntegrityError."""
+    def open(self, blob: bytes, index: int, *, view: bool = False) -> tuple[bytes, bytes]:
+        """(append id, body) of a slot that verifies at `index` of this thread, else SlotIntegrityError.
+        `view=True`: the body as a memoryview of `blob` instead of a copy (for a large slot that is
+        only unpickled)."""
         state = self._states.get(blob[4:8]) if type(blob) is bytes and blob[:4] == _HEAD else None
         if state is None:
             blob, _pads = self._signer._check(blob)  # noqa: SLF001 - raises for anything malformed
@@ -241,8 +243,40 @@ class SlotPlace:
         start = OVERHEAD + blob[_MAC_END]
         if len(blob) < start:
             raise SlotIntegrityError("envelope is truncated inside its append id")
+        if view:
+            return blob[OVERHEAD:start], memoryview(blob)[start:]  # type: ignore[return-value]
         return blob[OVERHEAD:start], blob[start:]
 
+
+    def bodies(self, blobs: Sequence[bytes]) -> list[bytes]:
+        """The bodies of a whole thread's slots (blob i verified at index i), else SlotIntegrityError
+        naming the first slot that fails. `open` per slot, in one loop: every read of a thread
+        comes here, and the per-call overhead was a third of the check."""
+        out: list[bytes] = []
+        states, head, end, compare = self._states, _HEAD, _MAC_END, hmac.compare_digest
+        for index, blob in enumerate(blobs):
+            state = states.get(blob[4:8]) if type(blob) is bytes and blob[:4] == head else None
+            if state is None or len(blob) < OVERHEAD:
+                out.append(self.open_at(blob, index))
+                continue
+            inner = state[0].copy()
+            inner.update(index.to_bytes(8, "big", signed=True))
+            inner.update(blob[end:])
+            outer = state[1].copy()
+            outer.update(inner.digest())
+            start = OVERHEAD + blob[end]
+            if not compare(blob[_HEADER:end], outer.digest()) or len(blob) < start:
+                out.append(self.open_at(blob, index))  # raises, saying why
+                continue
+            out.append(blob[start:])
+        return out
+
+    def open_at(self, blob: bytes, index: int) -> bytes:
+        """The body of `open`, with the error naming this thread and the slot's index."""
+        try:
+            return self.open(blob, index)[1]
+        except SlotIntegrityError as e:
+            raise SlotIntegrityError(f"thread {self.thread_id!r} slot {index}: {e}") from None
 
 def _pads(key: bytes) -> tuple[Any, Any]:
     """SHA-256 states after absorbing key^ipad and key^opad (RFC 2104), to be copied per message."""

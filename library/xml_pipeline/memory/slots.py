@@ -9,9 +9,12 @@ position on every slot it returns (see context_buffer.py).
 """
 from __future__ import annotations
 
+import copyreg
 from dataclasses import dataclass
 from typing import Any
 
+#: What pickle's default form of a class instance unpickles through (subclasses keep that form).
+_NEWOBJ = copyreg.__newobj__  # type: ignore[attr-defined]
 #: slot_index of a slot that has not been stored yet (and of the copy inside a stored blob).
 UNASSIGNED = -1
 
@@ -32,6 +35,12 @@ class SlotMetadata:
     is_self_call: bool = False
     usage_instructions: str = ""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        if type(self) is not SlotMetadata:  # a subclass keeps the default form (and its type)
+            return (_NEWOBJ, (type(self),), self.__dict__)
+        return (_metadata, (self.thread_id, self.from_id, self.to_id, self.slot_index, self.timestamp,
+                            self.payload_type, self.own_name, self.is_self_call, self.usage_instructions))
+
 
 @dataclass(frozen=True)
 class BufferSlot:
@@ -39,6 +48,17 @@ class BufferSlot:
 
     payload: Any
     metadata: SlotMetadata
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Still a pickle of a BufferSlot, but as one call with a flat tuple: the dataclass default
+        # (copyreg.__newobj__ and a state dict, per dataclass) costs ~3x more to pickle and to
+        # unpickle, and every append pickles one and every read unpickles them all. Blobs pickled
+        # the default way still load (the classes' layout is unchanged).
+        m = self.metadata
+        if type(self) is not BufferSlot or type(m) is not SlotMetadata:  # subclasses: the default form
+            return (_NEWOBJ, (type(self),), self.__dict__)
+        return (_slot, (self.payload, m.thread_id, m.from_id, m.to_id, m.slot_index, m.timestamp, m.payload_type,
+                        m.own_name, m.is_self_call, m.usage_instructions))
 
     @property
     def thread_id(self) -> str:
@@ -69,3 +89,26 @@ class BufferSlot:
         slot = object.__new__(BufferSlot)
         slot.__dict__.update(payload=self.payload, metadata=meta)
         return slot
+
+
+def _metadata(thread_id: str, from_id: str, to_id: str, slot_index: int, timestamp: str, payload_type: str,
+              own_name: str | None, is_self_call: bool, usage_instructions: str) -> SlotMetadata:
+    """A SlotMetadata without the frozen dataclass __init__ (one object.__setattr__ per field)."""
+    meta = object.__new__(SlotMetadata)
+    meta.__dict__.update(thread_id=thread_id, from_id=from_id, to_id=to_id, slot_index=slot_index,
+                         timestamp=timestamp, payload_type=payload_type, own_name=own_name,
+                         is_self_call=is_self_call, usage_instructions=usage_instructions)
+    return meta
+
+
+def _slot(payload: Any, thread_id: str, from_id: str, to_id: str, slot_index: int, timestamp: str,
+          payload_type: str, own_name: str | None, is_self_call: bool, usage_instructions: str) -> BufferSlot:
+    """A BufferSlot and its SlotMetadata from their fields (what a BufferSlot pickles to)."""
+    slot = object.__new__(BufferSlot)
+    slot.__dict__.update(payload=payload, metadata=_metadata(thread_id, from_id, to_id, slot_index, timestamp,
+                                                             payload_type, own_name, is_self_call, usage_instructions))
+    return slot
+
+
+#: For ContextBuffer: build a slot from trusted fields (the pickled form's constructor).
+make_slot = _slot

@@ -20,13 +20,13 @@ XADDs) and a blocking read (XREAD BLOCK on a connection of its own, so it never 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .protocol import SharedBackend
 
 if TYPE_CHECKING:
-    from .context_buffer import ContextBuffer, PreparedAppend
+    from .context_buffer import ContextBuffer, PreparedAppend, Temps
     from .slots import BufferSlot
 
 T = TypeVar("T")
@@ -55,9 +55,10 @@ class AsyncStore(Protocol):
         ...
 
     async def append(self, buffer: ContextBuffer, prepared: PreparedAppend,
-                     items: Sequence[tuple[str, bytes]] = ()) -> BufferSlot:
+                     items: Temps = ()) -> BufferSlot:
         """Store a prepared slot (compare-and-append, signed for the index it lands at) and the
-        signed temp `items` with it, in one round trip when nothing is contended. Raises what
+        signed temp `items` with it (or `items(index)`: values that depend on the index), in one
+        round trip when nothing is contended. Raises what
         `ContextBuffer.store` raises (ThreadFullError, AppendIdConflict, BackendError, ...)."""
         ...
 

@@ -15,6 +15,7 @@ it must be declared inside it.
 """
 from __future__ import annotations
 
+import copyreg
 import hashlib
 import re
 import uuid
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from xml.etree.ElementTree import Element, ParseError, tostring
+from xml.parsers import expat
 from xml.sax.saxutils import escape, quoteattr
 
 from defusedxml import DefusedXmlException
@@ -29,6 +31,8 @@ from defusedxml.ElementTree import DefusedXMLParser, fromstring
 
 from ..errors import XmlPipelineError
 
+#: What pickle's default form of a class instance unpickles through (subclasses keep that form).
+_NEWOBJ = copyreg.__newobj__  # type: ignore[attr-defined]
 NS = "https://xml-pipeline.dev/v1"
 #: Names of listeners and external senders. No '.', which separates the hops of a call chain.
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}\Z")  # \Z: "$" would pass a trailing newline
@@ -89,6 +93,14 @@ class Message:
         if not isinstance(self.payload, str):
             raise MessageError(f"payload must be a str (an XML fragment), got {type(self.payload).__name__}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A flat tuple: the dataclass default (a state list set field by field through fields())
+        # costs ~3x more per pickle and per unpickle, and every slot of the context buffer holds a
+        # Message. Unpickling does not validate again (see _rebuild). A subclass keeps the default.
+        if type(self) is not Message:
+            return (_NEWOBJ, (type(self),), self.__getstate__())
+        return (_rebuild, (self.sender, self.to, self.payload, self.thread, self.kind, self.id, self.in_reply_to))
+
     # -- convenience for handlers -----------------------------------------------------------------
     @property
     def is_error(self) -> bool:
@@ -114,9 +126,54 @@ class Message:
         return f"<message {' '.join(attrs)}><payload>{self.payload}</payload></message>"
 
     def with_(self, **changes: Any) -> "Message":
-        data = {f: getattr(self, f) for f in ("sender", "to", "payload", "thread", "kind", "id", "in_reply_to")}
-        data.update(changes)
-        return Message(**data)
+        """A copy with `changes` applied; only the changed fields are validated again."""
+        values: list[Any] = [self.sender, self.to, self.payload, self.thread, self.kind, self.id, self.in_reply_to]
+        for name, value in changes.items():
+            try:
+                values[_POSITION[name]] = value
+            except KeyError:
+                raise TypeError(f"Message has no field {name!r} (fields: {', '.join(_FIELDS)})") from None
+            _check(name, value)
+        return _rebuild(*values)
+
+
+#: Message's fields, in order.
+_FIELDS = ("sender", "to", "payload", "thread", "kind", "id", "in_reply_to")
+_POSITION = {name: i for i, name in enumerate(_FIELDS)}
+_ATTR_NAMES = {"sender": "from", "to": "to", "thread": "thread", "id": "id", "in_reply_to": "in-reply-to"}
+_set = object.__setattr__
+
+
+def _check(name: str, value: object) -> None:
+    """Raise MessageError unless `value` is valid for Message field `name` (what __post_init__
+    checks, one field at a time)."""
+    if name in ("sender", "to"):
+        if not isinstance(value, str) or not NAME_RE.match(value):
+            raise MessageError(f"attribute {_ATTR_NAMES[name]!r} must be a name matching {NAME_RE.pattern}, "
+                               f"got {value!r}")
+    elif name == "payload":
+        if not isinstance(value, str):
+            raise MessageError(f"payload must be a str (an XML fragment), got {type(value).__name__}")
+    elif name == "kind":
+        if value not in KINDS:
+            raise MessageError(f"attribute 'type' must be one of {', '.join(KINDS)}, got {value!r}")
+    elif value is not None and (not isinstance(value, str) or not ID_RE.match(value)):
+        raise MessageError(f"attribute {_ATTR_NAMES[name]!r} must match {ID_RE.pattern}, got {value!r}")
+
+
+def _rebuild(sender: str, to: str, payload: str, thread: str | None, kind: str, id: str,  # noqa: A002
+             in_reply_to: str | None) -> Message:
+    """A Message from fields that were validated already (a copy's, or an unpickled one's: pickle
+    restores state without checks, and whoever can feed pickle bytes can run code anyway)."""
+    m = object.__new__(Message)
+    _set(m, "sender", sender)
+    _set(m, "to", to)
+    _set(m, "payload", payload)
+    _set(m, "thread", thread)
+    _set(m, "kind", kind)
+    _set(m, "id", id)
+    _set(m, "in_reply_to", in_reply_to)
+    return m
 
 
 # -- what handlers return --------------------------------------------------------------------------
@@ -239,18 +296,36 @@ class _NullTarget:
     def close(self) -> None: ...
 
 
+class _DtdRefused(Exception):
+    """A fragment declared a DTD or an entity (check_fragment)."""
+
+
+def _refuse_dtd(*_args: object) -> Any:
+    raise _DtdRefused
+
+
 def check_fragment(fragment: str) -> str:
-    """Return `fragment` if it is a well-formed, safe XML fragment, else raise MessageError."""
+    """Return `fragment` if it is a well-formed, safe XML fragment, else raise MessageError.
+
+    Every payload a handler returns goes through here (in the worker, for cpu_bound ones), so this
+    is a bare expat parser with namespaces on (as ElementTree's, so an undeclared prefix fails the
+    same way) and the DTD refused, not a DefusedXMLParser: building one costs ~10x the parse of a
+    small fragment. No DTD means no entity declarations and no external entities either, which is
+    what the defused parser's forbid_dtd / forbid_entities / forbid_external guard against."""
     if "<!" in fragment and ("<!DOCTYPE" in fragment or "<!ENTITY" in fragment):
         raise MessageError("payload: DTDs and entity declarations are not allowed")
-    p = _parser(_NullTarget())
+    p = expat.ParserCreate(None, "}")
+    p.StartDoctypeDeclHandler = p.EntityDeclHandler = p.UnparsedEntityDeclHandler = _refuse_dtd
+    p.ExternalEntityRefHandler = _refuse_dtd
     try:
-        p.feed(b"<payload>")
-        p.feed(fragment.encode("utf-8"))
-        p.feed(b"</payload>")
-        p.close()
-    except (ParseError, DefusedXmlException) as e:
-        raise MessageError(f"payload is not a well-formed XML fragment: {_explain(e)}") from None
+        p.Parse(b"<payload>", False)
+        p.Parse(fragment.encode("utf-8"), False)
+        p.Parse(b"</payload>", True)
+    except expat.ExpatError as e:
+        detail = f"not well-formed XML at line {e.lineno}, column {e.offset}: {str(e).split(':')[0]}"
+        raise MessageError(f"payload is not a well-formed XML fragment: {detail}") from None
+    except _DtdRefused:
+        raise MessageError("payload: DTDs and entity declarations are not allowed") from None
     return fragment
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from ..errors import BackendError, SlotIntegrityError, ThreadFullError
 from ..memory.async_store import RedisStore, open_store
-from ..memory.context_buffer import ContextBuffer, PreparedAppend
+from ..memory.context_buffer import ContextBuffer, PreparedAppend, Temps
 from ..memory.protocol import SharedBackend
 from ..memory.redis_pipe import RedisPipe
 from ..memory.store import INLINE_MAX_BYTES, AsyncStore
@@ -50,7 +50,7 @@ from .pump_registry import PumpRegistry
 from .pump_feed import run_messages
 from .pump_routing import MAX_CHAIN_HOPS, Router
 from .thread_registry import ThreadRegistry
-from .worker_task import WorkerResult, WorkerTask, new_key, open_response, signed_inputs
+from .worker_task import WorkerResult, WorkerTask, new_key, open_response, worker_inputs
 
 log = logging.getLogger(__name__)
 
@@ -386,19 +386,18 @@ class StreamPump:
         if not listener.cpu_bound:
             await self._append(msg)
             return msg, None
-        if len(msg.payload) > INLINE_MAX_BYTES:  # signing it would hold up the loop
-            keys, values = await self.store.run(signed_inputs, self.backend, msg)
-        else:
-            keys, values = signed_inputs(self.backend, msg)
-        await self._append(msg, values)
-        return msg, keys
+        # A payload over INLINE_PAYLOAD_MAX travels once, in its slot: the payload value is a reference
+        # to the slot, signed for the index the append lands at (see worker_task.WorkerInputs).
+        inputs = worker_inputs(self.backend, msg)
+        await self._append(msg, inputs.items)
+        return msg, inputs.keys
 
-    async def _append(self, msg: Message, temps: list[tuple[str, bytes]] | None = None) -> None:
+    async def _append(self, msg: Message, temps: Temps = ()) -> None:
         if len(msg.payload) > INLINE_MAX_BYTES:  # pickling it would hold up the loop
             prepared = await self.store.run(self._prepare, msg)
         else:
             prepared = self._prepare(msg)
-        await self.store.append(self.buffer, prepared, temps or ())
+        await self.store.append(self.buffer, prepared, temps)
 
     def _prepare(self, msg: Message) -> PreparedAppend:
         assert msg.thread is not None

@@ -20,17 +20,25 @@ import logging
 import os
 import threading
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BackendError, SlotIntegrityError
 from ..memory.protocol import SharedBackend
+from ..memory.serialization import unpickle
+from ..memory.slots import BufferSlot
 from ..organism import resolve_handler
 from .message import Action, Message, MessageError, actions_from_json, actions_to_json, normalize_result
 
 log = logging.getLogger(__name__)
 
-_PAYLOAD, _META, _RESPONSE = b"P", b"M", b"R"
+_PAYLOAD, _META, _RESPONSE, _SLOT_REF = b"P", b"M", b"R", b"S"
+#: A payload larger than this is not copied into its temp key: the payload value is a reference to
+#: the message's slot in the context buffer (stored in the same round trip anyway), and the worker
+#: reads the payload from there. Such a payload then crosses to the backend once, is signed once
+#: (the slot's signature, bound to its prefix, thread and index) and read once; below this, a copy
+#: saves the worker's second round trip.
+INLINE_PAYLOAD_MAX = 64 * 1024
 
 #: error_type values of a WorkerResult
 HANDLER_ERROR = "HandlerError"
@@ -101,7 +109,10 @@ class WorkerTask:
                              self.reply_to, self.failures))
 
     def to_fields(self) -> dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items()}
+        """The task as a Redis Stream entry (field by field, not dataclasses.asdict: that deep-copies)."""
+        return {"task_id": self.task_id, "listener": self.listener, "handler": self.handler,
+                "payload_key": self.payload_key, "metadata_key": self.metadata_key, "reply_to": self.reply_to,
+                "failures": str(self.failures)}
 
     @classmethod
     def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> "WorkerTask":
@@ -133,7 +144,9 @@ class WorkerResult:
         return (WorkerResult, (self.task_id, self.response_key, self.error, self.error_type, self.worker))
 
     def to_fields(self) -> dict[str, str]:
-        return {k: ("" if v is None else str(v)) for k, v in asdict(self).items()}
+        """The result as a Redis Stream entry ("" for None)."""
+        return {"task_id": self.task_id, "response_key": self.response_key or "", "error": self.error or "",
+                "error_type": self.error_type or "", "worker": self.worker}
 
     @classmethod
     def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> "WorkerResult":
@@ -179,10 +192,14 @@ def input_values(message: Message, *, chain: str | None = None) -> tuple[tuple[s
     """Pump side, step 1 without the write: the new (payload_key, metadata_key) and the
     (key, tag, body) values to store under them."""
     payload_key, metadata_key = new_key(), new_key()
+    return (payload_key, metadata_key), [(payload_key, _PAYLOAD, message.payload.encode("utf-8")),
+                                         (metadata_key, _META, _metadata(message, chain))]
+
+
+def _metadata(message: Message, chain: str | None) -> bytes:
     meta = {"from": message.sender, "to": message.to, "thread": message.thread, "type": message.kind,
             "id": message.id, "in_reply_to": message.in_reply_to, "chain": chain}
-    return (payload_key, metadata_key), [(payload_key, _PAYLOAD, message.payload.encode("utf-8")),
-                                         (metadata_key, _META, json.dumps(meta, separators=(",", ":")).encode())]
+    return json.dumps(meta, separators=(",", ":")).encode()
 
 
 def signed_inputs(backend: SharedBackend, message: Message, *,
@@ -199,13 +216,85 @@ def store_inputs(backend: SharedBackend, message: Message, *, chain: str | None 
     return keys
 
 
+class WorkerInputs:
+    """The worker's inputs of one message, to store with the message's append: the temp keys, and
+    `items(index)`, the signed values for the slot signed for `index` (the same values whatever the
+    index, unless the payload is a reference to that slot)."""
+
+    __slots__ = ("keys", "_backend", "_message", "_meta", "_inline")
+
+    def __init__(self, backend: SharedBackend, message: Message, *, chain: str | None = None) -> None:
+        self._backend = backend
+        self._message = message
+        if len(message.payload) <= INLINE_PAYLOAD_MAX:
+            self.keys, values = input_values(message, chain=chain)
+            self._inline: list[tuple[str, bytes]] | None = _signed(backend, values)
+        else:
+            self.keys = (new_key(), new_key())
+            self._inline = None
+            self._meta = (self.keys[1], _META, _metadata(message, chain))
+
+    @property
+    def by_reference(self) -> bool:
+        """True when the payload is read from the message's slot, not from a copy."""
+        return self._inline is None
+
+    def items(self, index: int) -> list[tuple[str, bytes]]:
+        if self._inline is not None:
+            return self._inline
+        m = self._message
+        ref = json.dumps({"thread": m.thread, "index": index, "id": m.id}, separators=(",", ":")).encode()
+        return _signed(self._backend, [(self.keys[0], _SLOT_REF, ref), self._meta])
+
+
+def worker_inputs(backend: SharedBackend, message: Message, *, chain: str | None = None) -> WorkerInputs:
+    """Pump side, step 1 without the write: the worker's inputs of `message`, for
+    ContextBuffer.append_and_put(..., temps=inputs.items) (one round trip with the append)."""
+    return WorkerInputs(backend, message, chain=chain)
+
+
 def load_inputs(backend: SharedBackend, task: WorkerTask) -> Message:
     """Worker side: fetch and verify payload + metadata, rebuild the message."""
     blobs = _get_many(backend, [task.payload_key, task.metadata_key])
-    payload = _open(backend, blobs[0], task.payload_key, _PAYLOAD, "payload").decode("utf-8")
     meta = json.loads(_open(backend, blobs[1], task.metadata_key, _META, "metadata"))
+    if blobs[0] is None:
+        raise LookupError(f"payload {task.payload_key} is gone (expired or already consumed)")
+    body = backend.signer.verify(blobs[0])
+    tag = body[:1]
+    if tag == _PAYLOAD:
+        payload = body[1:].decode("utf-8")
+    elif tag == _SLOT_REF:
+        payload = _payload_from_slot(backend, json.loads(body[1:]), meta, task.payload_key)
+    else:
+        raise SlotIntegrityError(f"payload {task.payload_key} holds a different kind of value")
     return Message(sender=meta["from"], to=meta["to"], payload=payload, thread=meta.get("thread"),
                    kind=meta.get("type", "request"), id=meta["id"], in_reply_to=meta.get("in_reply_to"))
+
+
+def _payload_from_slot(backend: SharedBackend, ref: Any, meta: dict[str, Any], key: str) -> str:
+    """The payload of the message whose slot `ref` names, after the slot verified at its place
+    (prefix, thread, index) and proved to be this message's (its append id is the message id)."""
+    if not isinstance(ref, dict):
+        raise SlotIntegrityError(f"payload {key} holds a malformed slot reference")
+    thread, index, ident = ref.get("thread"), ref.get("index"), meta.get("id")
+    if thread != meta.get("thread") or ref.get("id") != ident or type(index) is not int or not isinstance(thread, str):
+        raise SlotIntegrityError(f"payload {key} refers to a slot of another message")
+    blob = backend.buffer_get_slot(thread, index)
+    if blob is None:
+        raise LookupError(f"the slot holding payload {key} (thread {thread}, index {index}) is gone "
+                          "(expired or deleted)")
+    place = backend.signer.place(getattr(backend, "slot_namespace", ""), thread)
+    try:
+        append_id, pickled = place.open(blob, index, view=True)  # a large payload: no copy before unpickling
+    except SlotIntegrityError as e:
+        raise SlotIntegrityError(f"thread {thread!r} slot {index} (payload {key}): {e}") from None
+    if append_id != str(ident).encode():
+        raise SlotIntegrityError(f"thread {thread!r} slot {index} holds another message than payload {key} names")
+    slot = unpickle(pickled)
+    message = getattr(slot, "payload", None)
+    if not isinstance(slot, BufferSlot) or not isinstance(message, Message) or message.id != ident:
+        raise BackendError(f"thread {thread!r} slot {index} does not hold message {ident} (payload {key})")
+    return message.payload
 
 
 def response_value(actions: list[Action]) -> tuple[str, bytes, bytes]:

@@ -94,3 +94,24 @@ def redis_sentinel() -> Iterator["LocalSentinel"]:
     local = start_sentinel()
     yield local
     local.close()
+
+
+@pytest.fixture(scope="session")
+def shared_cluster() -> Iterator["LocalCluster"]:
+    """One local Redis Cluster for the session (per xdist worker), for tests that leave every node
+    running and use prefixes of their own (the cluster contract suite, resharding)."""
+    from redis_cluster import start_cluster
+
+    cluster = start_cluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def shared_sentinel() -> Iterator["LocalSentinel"]:
+    """One Sentinel set for the session (per xdist worker), for tests that do not fail it over."""
+    from redis_cluster import start_sentinel
+
+    local = start_sentinel()
+    yield local
+    local.close()

@@ -92,6 +92,11 @@ KEY_SPACES: frozenset[str] = frozenset(
 BUFFER_SPACE: Final = "buffer"
 #: The SET (under the prefix) that lists a prefix's threads and registry chains.
 INDEX_KEY: Final = "meta:index"
+#: On a Redis Cluster the index is split into this many SETs, `meta:index:{<prefix><n>}` for n in
+#: 0..N-1, each in a slot of its own (an entry goes to crc32(entry) mod N), so one organism's
+#: listing load spreads over up to N masters. A constant, not a setting: every process of an
+#: organism must agree on it, and a listing reads all N.
+CLUSTER_INDEX_BUCKETS: Final = 16
 
 # -- the Kubernetes API and labels ----------------------------------------------------------------
 
@@ -176,6 +181,11 @@ STREAM_COMMANDS: frozenset[str] = frozenset({
     "xrange", "xrevrange", "xgroup|create", "xgroup|delconsumer",
     "multi", "exec", "expire", "del", "unlink", "hsetnx", "fcall",
 })
+#: What a backend on a Redis Cluster sends besides the above: redis-py's cluster handshake (COMMAND
+#: and COMMAND GETKEYS to learn where each command's keys are, CLUSTER SLOTS for the slot map, again
+#: after a redirection), the expiry refresh of keys in other slots than their thread (PEXPIRE), and
+#: WAIT (backend.redis_wait_replicas; a backend on Sentinel sends WAIT too).
+CLUSTER_COMMANDS: frozenset[str] = frozenset({"command", "command|getkeys", "cluster|slots", "pexpire", "wait"})
 #: Version-dependent: redis-py sends CLIENT SETINFO on connect to Redis >= 7.2 (ignores a refusal).
 CONNECT_COMMANDS: frozenset[str] = frozenset({"client|setinfo"})
 #: Everything an organism's pods and clients send on a shared Redis (its ACL user's grant).
@@ -209,3 +219,112 @@ CLIENT_KEYS: tuple[tuple[str, str], ...] = (
 #: `xml-pipeline backend reindex` (RedisBackend.reindex) rebuilds the index with SCAN, which a tenant
 #: is never granted (it would list other tenants' key names): an admin runs it.
 REINDEX_COMMANDS: frozenset[str] = frozenset({"scan"})
+
+
+# -- which Redis topology a URL names -------------------------------------------------------------
+# The URL in XP_REDIS_URL / backend.redis_url picks the mode (docs/storage.md, "Which mode to pick"):
+#   redis://host[:port][/db], rediss://..., unix:///path        one server (standalone)
+#   redis+cluster://host:port[,host:port...]                    Redis Cluster: seed nodes
+#   redis+sentinel://host:port[,host:port...]/<master-name>      Sentinel: the sentinels, the master
+# with `rediss+` for TLS. Credentials are never part of a cluster or sentinel URL: they come from
+# XP_REDIS_USERNAME / XP_REDIS_PASSWORD (backend.redis_username / redis_password), the same for every
+# node (the operator creates the ACL user on each).
+
+RedisMode = Literal["standalone", "cluster", "sentinel"]
+REDIS_MODES: tuple[RedisMode, ...] = ("standalone", "cluster", "sentinel")
+STANDALONE_SCHEMES: tuple[str, ...] = ("redis", "rediss", "unix")
+CLUSTER_SCHEMES: tuple[str, ...] = ("redis+cluster", "rediss+cluster")
+SENTINEL_SCHEMES: tuple[str, ...] = ("redis+sentinel", "rediss+sentinel")
+REDIS_URL_SCHEMES: tuple[str, ...] = (*STANDALONE_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
+#: Port of a node named without one.
+DEFAULT_REDIS_PORT: Final = 6379
+DEFAULT_SENTINEL_PORT: Final = 26379
+#: What a redis_url may look like (the `allowed` text of every URL error).
+REDIS_URL_FORMS: Final = ("redis://host[:port][/db], rediss://host[:port][/db], unix:///path/to/socket, "
+                          "redis+cluster://host:port[,host:port...], rediss+cluster://..., "
+                          "redis+sentinel://host:port[,host:port...]/<master-name>, rediss+sentinel://...")
+_MASTER_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_MAX_NODES = 64
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """What a redis_url names. `nodes` are the cluster's seed nodes or the sentinels (empty for a
+    standalone URL, which redis-py reads itself); `master_name` is set in sentinel mode only."""
+
+    mode: RedisMode
+    tls: bool
+    nodes: tuple[tuple[str, int], ...] = ()
+    master_name: str | None = None
+
+
+def redis_mode(url: str) -> RedisMode:
+    """The mode a URL's scheme selects (no other validation; `parse_redis_url` checks the rest)."""
+    scheme = url.partition("://")[0].lower()
+    if scheme in CLUSTER_SCHEMES:
+        return "cluster"
+    if scheme in SENTINEL_SCHEMES:
+        return "sentinel"
+    return "standalone"
+
+
+def parse_redis_url(url: object, field: str = "redis_url") -> RedisTarget:
+    """Parse a cluster or sentinel URL into its nodes (and master name); a standalone URL gives its
+    mode and TLS only. Raises ConfigError naming `field` and the allowed forms."""
+    if not isinstance(url, str) or not url:
+        raise ConfigError(field, f"must be a non-empty string, got {url!r}", REDIS_URL_FORMS)
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in REDIS_URL_SCHEMES:
+        shown = scheme if sep else url[:40]
+        raise ConfigError(field, f"has the scheme {shown!r}", REDIS_URL_FORMS)
+    mode = redis_mode(url)
+    tls = scheme.startswith("rediss")
+    if mode == "standalone":
+        return RedisTarget("standalone", tls)
+    netloc, slash, path = rest.partition("/")
+    if "?" in rest or "#" in rest:
+        raise ConfigError(field, f"{scheme}:// URLs take no query or fragment", REDIS_URL_FORMS)
+    if "@" in netloc:
+        raise ConfigError(field, f"a {scheme}:// URL may not carry credentials",
+                          "the node list only; set XP_REDIS_USERNAME / XP_REDIS_PASSWORD "
+                          "(backend.redis_username / redis_password) instead")
+    default_port = DEFAULT_SENTINEL_PORT if mode == "sentinel" else DEFAULT_REDIS_PORT
+    nodes = tuple(_parse_node(item, default_port, field) for item in netloc.split(","))
+    if len(nodes) > _MAX_NODES:
+        raise ConfigError(field, f"names {len(nodes)} nodes, at most {_MAX_NODES} are accepted", REDIS_URL_FORMS)
+    if mode == "cluster":
+        if path not in ("", "0"):
+            raise ConfigError(field, f"has the path /{path}: a Redis Cluster has only database 0",
+                              "redis+cluster://host:port[,host:port...] with no path")
+        return RedisTarget("cluster", tls, nodes)
+    if not slash or not path:
+        raise ConfigError(field, "names no master: a sentinel URL ends with /<master-name>",
+                          "redis+sentinel://host:port[,host:port...]/<master-name>, e.g. "
+                          "redis+sentinel://s1:26379,s2:26379/mymaster")
+    if not set(path) <= _MASTER_NAME_CHARS or len(path) > 128:
+        raise ConfigError(field, f"master name {path[:40]!r} is not valid",
+                          "letters, digits, '_', '.', '-' (at most 128), e.g. mymaster")
+    return RedisTarget("sentinel", tls, nodes, path)
+
+
+def _parse_node(item: str, default_port: int, field: str) -> tuple[str, int]:
+    allowed = "host[:port] or [ipv6]:port, comma-separated, e.g. redis-0:6379,redis-1:6379"
+    if not item:
+        raise ConfigError(field, "has an empty node in its node list (stray comma?)", allowed)
+    if item.startswith("["):
+        host, bracket, tail = item[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ConfigError(field, f"node {item[:80]!r} is malformed", allowed)
+        port_text = tail[1:] if tail else ""
+    else:
+        host, colon, port_text = item.partition(":")
+        if colon and not port_text:
+            raise ConfigError(field, f"node {item[:80]!r} has an empty port", allowed)
+    if not host or any(c in host for c in " /\\[]:") and not item.startswith("["):
+        raise ConfigError(field, f"node {item[:80]!r} names no valid host", allowed)
+    if not port_text:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(field, f"node {item[:80]!r} has the port {port_text[:12]!r}", "a port 1..65535")
+    return host, int(port_text)

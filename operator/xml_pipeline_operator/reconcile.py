@@ -24,7 +24,7 @@ from .desired import binding as binding_mod
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
 from .kube import Kube, NotFound
 from .model import Organism, SpecError, check_prefix_unchanged, parse_organism
-from .probe import probe_redis
+from .probe import probe_topology
 from .redis_admin import PASSWORD_CHANGED, RedisAdmin, Tenant, TenantState
 from .settings import OperatorSettings
 from .tenancy.dedicated_client import DedicatedClientAdmin
@@ -235,6 +235,7 @@ class Reconciler:
         for _ in range(4):  # at most: adopt a hand edit, publish, settle
             state = self.admin.ensure_tenant(tenant, values.get(PASSWORD_KEY, ""),
                                              rotation.accepted_besides_password(values))
+            rot.repaired += tuple(n for n in state.repaired if n not in rot.repaired)
             if state.reason == PASSWORD_CHANGED and state.still_accepted:
                 # redis-password was edited by hand: record what Redis accepts now, then keep it.
                 self._patch_secret(org, values, rotation.adopt_patch(values, state.still_accepted))
@@ -364,8 +365,8 @@ class Reconciler:
             if not self.settings.probe_external_redis:
                 return st.Condition("RedisReady", "True", "ExternalRedisConfigured",
                                     f"pods use {ext.url}; not probed by the operator (XPO_PROBE_EXTERNAL_REDIS=false)")
-            result = probe_redis(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"),
-                                 ca=found.get("caSecretRef"))
+            result = probe_topology(ext.url, found.get("usernameSecretRef"), found.get("passwordSecretRef"),
+                                    ca=found.get("caSecretRef"))
             user = found.get("usernameSecretRef") or "default"
             if result.ok:
                 return st.Condition("RedisReady", "True", "ExternalRedisReachable",
@@ -415,6 +416,8 @@ class _Rotation:
     waited: float = 0.0
     #: Steps taken in this pass, for events: started, adopted, published, retired.
     done: list[str] = field(default_factory=list)
+    #: Nodes of a clustered shared Redis where this pass re-created the lost ACL user (an event).
+    repaired: tuple[str, ...] = ()
 
     def stalled(self, timeout: float) -> bool:
         return self.phase is rotation.Phase.ROLLING_OUT and self.waited >= timeout
@@ -450,6 +453,10 @@ class _Rotation:
                  "published": "The shared Redis accepts the new password; it is in the Secret; rolling the pods",
                  "retired": "Every pod runs with the new password; the old one was removed from the shared Redis"}
         events = [Event("Normal", "CredentialsRotation", texts[d]) for d in self.done]
+        if self.repaired:
+            events.append(Event("Warning", "AclUserRepaired",
+                                f"The organism's ACL user was missing on node(s) {', '.join(self.repaired)} of the "
+                                "shared Redis (a restart without an ACL file?) and was re-created there"))
         old, new = st.condition(previous, "CredentialsCurrent"), st.condition(status, "CredentialsCurrent")
         if new is not None and new["reason"] == "RolloutTimedOut" and (old or {}).get("reason") != "RolloutTimedOut":
             events.append(Event("Warning", "RolloutTimedOut", new["message"]))

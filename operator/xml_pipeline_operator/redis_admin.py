@@ -28,6 +28,8 @@ class TenantState:
     #: hand); these are the SHA-256 digests it accepts instead. Nothing was written: record them
     #: (rotation.adopt_patch) and call again with them in `also_accept_hashes`.
     still_accepted: frozenset[str] = field(default=frozenset(), repr=False)
+    #: Nodes of a cluster or Sentinel set that had lost the user and got it back in this call.
+    repaired: tuple[str, ...] = ()
 
 
 PASSWORD_CHANGED = "PasswordChanged"

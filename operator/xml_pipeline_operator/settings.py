@@ -47,7 +47,8 @@ class OperatorSettings:
     default_image: str = field(default_factory=default_image)
     default_ttl: int = 86_400
     redis_image: str = DEFAULT_REDIS_IMAGE
-    #: Coordinates of the platform's shared Redis (mode shared). The URL never carries credentials.
+    #: Coordinates of the platform's shared Redis (mode shared): one server, or a Redis Cluster or
+    #: Sentinel set (topology.py). The URL never carries credentials.
     shared_redis_url: str | None = None
     shared_redis_username: str = "default"
     shared_redis_password: str | None = field(default=None, repr=False)
@@ -114,7 +115,7 @@ class OperatorSettings:
         if (raw := get("XPO_DEFAULT_TTL")) is not None:
             kwargs["default_ttl"] = _int("XPO_DEFAULT_TTL", raw, TTL_MIN, TTL_MAX)
         if (raw := get("XPO_SHARED_REDIS_URL")) is not None:
-            kwargs["shared_redis_url"] = check_redis_url("XPO_SHARED_REDIS_URL", raw)
+            kwargs["shared_redis_url"] = check_shared_redis_url("XPO_SHARED_REDIS_URL", raw)
         if (raw := get("XPO_SHARED_REDIS_USERNAME")) is not None:
             kwargs["shared_redis_username"] = raw
         if (raw := environ.get("XPO_SHARED_REDIS_PASSWORD")):
@@ -184,6 +185,17 @@ def check_redis_url(field_name: str, url: str) -> str:
         raise ConfigError(field_name, "must not have a query or fragment", allowed)
     del port
     return url
+
+
+def check_shared_redis_url(field_name: str, url: str) -> str:
+    """The shared Redis: one server (check_redis_url), or a Redis Cluster / Sentinel set by its URL
+    (`redis+cluster://h:p,...`, `redis+sentinel://h:p,.../<master>`, `rediss+` for TLS; topology.py).
+    The operator administers every node of it (tenancy/nodes.py)."""
+    from .topology import SCHEMES, parse_url
+    if url.partition("://")[0].lower() in SCHEMES.values():
+        parse_url(field_name, url)
+        return url
+    return check_redis_url(field_name, url)
 
 
 def read_ca_file(name: str, path: str, url: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from .desired import DesiredState
 from .desired.naming import selector_labels
 from .model import Organism
+from .topology import mode_of
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 #: Status keys the operator owns (a merge patch sets the ones it drops to null).
@@ -173,7 +174,8 @@ def build_status(*, previous: Mapping[str, Any], generation: int, now: str,
             status["workersReady"] = "0/0"
         if org.redis is not None:
             status["redis"] = {"mode": org.redis.mode, "endpoint": desired.endpoint, "prefix": org.redis.prefix,
-                               "ttl": org.redis.ttl, "secretName": desired.secret_name}
+                               "ttl": org.redis.ttl, "secretName": desired.secret_name,
+                               "topology": mode_of(desired.endpoint or "")}
     else:  # the spec could not be read: keep what describes the running objects
         for key in ("configHash", "workersReady", "redis", "credentials"):
             if key in previous:

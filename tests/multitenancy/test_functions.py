@@ -10,7 +10,7 @@ import pytest
 import redis
 from redis_server import RedisServer
 
-from xml_pipeline.memory import redis_scripts
+from xml_pipeline.memory import redis_cluster_scripts, redis_scripts
 from xml_pipeline.memory.redis_functions import FunctionLibrary, library, mechanism_error
 from xml_pipeline.message_bus import streams
 from xml_pipeline_operator.tenancy import functions
@@ -18,7 +18,7 @@ from xml_pipeline_operator.tenancy import functions
 
 def test_the_library_is_every_script_of_the_library() -> None:
     lib = library()
-    scripts = (*redis_scripts.ALL, *streams.SCRIPTS)
+    scripts = (*redis_scripts.ALL, *redis_cluster_scripts.ALL, *streams.SCRIPTS)
     assert set(lib.functions) == {s.name for s in scripts}
     for s in scripts:
         # Each script's body is in the text unchanged (but for the Redis 6 replication call).
@@ -28,7 +28,7 @@ def test_the_library_is_every_script_of_the_library() -> None:
 
 
 def test_a_script_edit_changes_the_version() -> None:
-    scripts = (*redis_scripts.ALL, *streams.SCRIPTS)
+    scripts = (*redis_scripts.ALL, *redis_cluster_scripts.ALL, *streams.SCRIPTS)
     edited = tuple(redis_scripts.LuaScript(s.name, s.numkeys, s.nargs, s.source + "\n-- edited")
                    if s.name == "append" else s for s in scripts)
     a, b = FunctionLibrary(scripts), FunctionLibrary(edited)

@@ -97,7 +97,8 @@ async def test_create_gives_objects_status_and_events(k8s: Cluster, start_operat
 
     status = org["status"]
     assert status["redis"] == {"mode": "dedicated", "endpoint": "redis://orders-redis.default.svc:6379/0",
-                               "prefix": "xp:default.orders:", "ttl": 600, "secretName": "orders-credentials"}
+                               "prefix": "xp:default.orders:", "ttl": 600, "secretName": "orders-credentials",
+                               "topology": "standalone"}
     assert status["phase"] == "Provisioning" and status["workersReady"] == "0/2"
     assert status["observedGeneration"] == org["metadata"]["generation"]
     assert [c["type"] for c in status["conditions"]] == ["RedisReady", "PumpReady", "WorkersReady", "Ready"]

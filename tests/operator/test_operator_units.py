@@ -147,7 +147,8 @@ def test_status_conditions_phase_and_redis() -> None:
         ("RedisReady", "True", "RedisAvailable"), ("PumpReady", "True", "PumpAvailable"),
         ("WorkersReady", "True", "NoWorkers"), ("Ready", "True", "OrganismReady")]
     assert status["redis"] == {"mode": "dedicated", "endpoint": "redis://orders-redis.shop.svc:6379/0",
-                               "prefix": "xp:shop.orders:", "ttl": 86400, "secretName": "orders-credentials"}
+                               "prefix": "xp:shop.orders:", "ttl": 86400, "secretName": "orders-credentials",
+                               "topology": "standalone"}
 
 
 def test_last_transition_time_moves_only_on_a_status_change() -> None:

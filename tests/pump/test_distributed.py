@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import time
@@ -223,7 +224,8 @@ def test_sigterm_drains_pump_and_worker_and_both_exit_0(
     assert len(answers) == 1 and answers[0][b"type"] == b"response"
     assert lines(marker) == [str(worker.pid)]
     log = (tmp_path / "pump.log").read_text()
-    assert "draining 1 conversation" in log and "pump stopped cleanly" in log
+    # At least the slow one (the first conversation may still be closing its ingress entry under load).
+    assert re.search(r"draining [1-9]\d* conversation", log) and "pump stopped cleanly" in log
     assert "stopped after 2 task(s)" in (tmp_path / "w.log").read_text()
     backend.close()
 

@@ -24,7 +24,8 @@ from .signing import Signer, parse_keys
 
 BackendType = Literal["memory", "manager", "redis"]
 BACKEND_TYPES: tuple[str, ...] = ("memory", "manager", "redis")
-URL_SCHEMES: tuple[str, ...] = ("redis", "rediss", "unix")
+#: Every scheme redis_url accepts: one server, a Redis Cluster, a Sentinel set (contract.parse_redis_url).
+URL_SCHEMES: tuple[str, ...] = contract.REDIS_URL_SCHEMES
 
 #: organism.yaml `backend:` keys → constructor argument names.
 _YAML_KEYS: dict[str, str] = {
@@ -44,6 +45,7 @@ _YAML_KEYS: dict[str, str] = {
     "retries": "retries",
     "health_check_interval": "health_check_interval",
     "max_connections": "max_connections",
+    "redis_wait_replicas": "redis_wait_replicas",
 }
 
 #: The environment contract (xml_pipeline.contract): exactly these variables are read.
@@ -57,6 +59,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "retries": (0, 100),
     "health_check_interval": (0, 86400),
     "max_connections": (1, 10_000),
+    "redis_wait_replicas": (0, 16),
     # Upstream's BackendConfig limits, accepted for its users (see the fields).
     "max_slots_per_thread": (1, 10_000_000),
     "max_threads": (1, 10_000_000),
@@ -111,6 +114,11 @@ class BackendConfig:
     retries: int = 3
     health_check_interval: int = 30
     max_connections: int = 64
+    #: Opt-in durability on a cluster or a replicated master: after each append (and registry write)
+    #: WAIT for this many replicas to acknowledge it. 0: asynchronous
+    #: replication, the Redis default (a failover can lose the last acknowledged writes). WAIT waits
+    #: at most socket_timeout / 2.
+    redis_wait_replicas: int = 0
     #: xml-pipeline's "common limits". Kept so its configs construct; ContextBuffer takes its own
     #: limits (max_slots_per_thread, max_threads), these are not read by any backend.
     max_slots_per_thread: int = 10_000
@@ -168,6 +176,11 @@ class BackendConfig:
         """redis-py connection arguments of the TLS settings: {} without a CA file (the system trust store
         verifies the server) or with a plain URL (no TLS, nothing to verify)."""
         return {"ssl_ca_certs": self.redis_ca_cert} if self.redis_ca_cert and is_tls_url(self.redis_url) else {}
+
+    @property
+    def redis_mode(self) -> contract.RedisMode:
+        """"standalone", "cluster" or "sentinel": what redis_url names."""
+        return contract.redis_mode(self.redis_url)
 
     @property
     def redacted_url(self) -> str:
@@ -287,15 +300,19 @@ def compat_config(config: BackendConfig | str | tuple[Any, ...] | None, backend_
 
 def _check_url(url: object) -> None:
     field_ = "backend.redis_url"
-    allowed = "redis://host[:port][/db], rediss://... or unix:///path/to/socket"
+    allowed = contract.REDIS_URL_FORMS
     if not isinstance(url, str) or not url:
         raise ConfigError(field_, f"must be a non-empty string, got {url!r}", allowed)
+    if contract.redis_mode(url) != "standalone":
+        # Cluster and sentinel URLs: a node list (and a master name), parsed by the contract.
+        contract.parse_redis_url(url, field_)
+        return
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a bad port
     except ValueError as e:
         raise ConfigError(field_, f"{redact_url(url)!r} is malformed ({e})", allowed) from None
-    if parts.scheme not in URL_SCHEMES:
+    if parts.scheme not in contract.STANDALONE_SCHEMES:
         raise ConfigError(field_, f"{redact_url(url)!r} has scheme {parts.scheme!r}", allowed)
     if parts.scheme == "unix":
         if not parts.path:

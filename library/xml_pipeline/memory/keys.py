@@ -14,6 +14,12 @@ thread id as a Redis Cluster hash tag (`{...}`), so they live in one slot:
     {prefix}<space>:...            tasks / results / dlq / ingress / egress / meta: the pump's keys,
                                    built with RedisKeys.key()
 
+On a Redis Cluster (ClusterKeys) two keys change, so that each lands in a slot of its own:
+
+    {prefix}chain:{<chain>}        the chain is its own hash tag (it cannot share its thread's)
+    {prefix}meta:index:{<prefix><n>}  the index split into CLUSTER_INDEX_BUCKETS sets (n = 0..15)
+    {prefix}<space>:{<prefix>}[:...]  the pump's streams and records, in one slot per organism
+
 Thread ids and tmp ids may not contain '{' or '}' (it would move the hash tag). Listing and
 clearing walk the index (SSCAN of one key under the prefix): Redis cannot confine SCAN to a prefix,
 so a tenant's ACL user is not granted it. Where SCAN is used (an admin sweeping a prefix, `reindex`)
@@ -23,11 +29,12 @@ match another tenant's keys. docs/storage.md explains the layout and the guarant
 from __future__ import annotations
 
 import re
+import zlib
 
-from ..contract import INDEX_KEY, KEY_SPACES
+from ..contract import CLUSTER_INDEX_BUCKETS, INDEX_KEY, KEY_SPACES
 from ..errors import ConfigError
 
-__all__ = ["KEY_SPACES", "MAX_PREFIX_LEN", "RedisKeys", "check_tagged_id", "glob_escape", "prefixes_overlap",
+__all__ = ["ClusterKeys", "KEY_SPACES", "MAX_PREFIX_LEN", "RedisKeys", "check_tagged_id", "glob_escape", "prefixes_overlap",
            "validate_prefix"]
 
 _SEGMENT = r"[A-Za-z0-9_.-]+"
@@ -138,3 +145,38 @@ class RedisKeys:
         if not key.startswith(self._chain):
             raise ValueError(f"{key!r} is not a chain key of prefix {self.prefix!r}")
         return key[len(self._chain):]
+
+
+class ClusterKeys(RedisKeys):
+    """The key layout of the Redis Cluster mode: RedisKeys with a tagged chain key and the index
+    split into buckets (module docstring)."""
+
+    __slots__ = ("_buckets",)
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix)
+        self._buckets = tuple(f"{prefix}{INDEX_KEY}:{{{prefix}{n}}}" for n in range(CLUSTER_INDEX_BUCKETS))
+
+    def chain(self, chain: str) -> str:
+        return f"{self._chain}{{{chain}}}"
+
+    def chain_of(self, key: str) -> str:
+        if not (key.startswith(self._chain + "{") and key.endswith("}")):
+            raise ValueError(f"{key!r} is not a cluster chain key of prefix {self.prefix!r}")
+        return key[len(self._chain) + 1:-1]
+
+    def key(self, space: str, *parts: str) -> str:
+        """`{prefix}<space>:{<prefix>}[:<part>...]`: the pump's streams (tasks, results, dlq, ingress,
+        egress) and their records share one hash tag per organism, so a MULTI or script over them
+        runs on one node."""
+        plain = super().key(space, *parts)  # validates space and parts
+        head = self.prefix + space
+        return f"{head}:{{{self.prefix}}}{plain[len(head):]}"
+
+    def buckets(self) -> tuple[str, ...]:
+        """Every index bucket key, in bucket order."""
+        return self._buckets
+
+    def bucket(self, entry: str) -> str:
+        """The index bucket that holds `entry` ("t:<thread id>" or "c:<chain>")."""
+        return self._buckets[zlib.crc32(entry.encode()) % CLUSTER_INDEX_BUCKETS]

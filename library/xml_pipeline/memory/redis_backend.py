@@ -27,6 +27,7 @@ from typing import Any, cast
 from redis.exceptions import NoScriptError, ResponseError
 
 from ..errors import AppendIdConflict, BackendError, ThreadFullError
+from .. import contract
 from . import redis_functions
 from . import redis_scripts as scripts
 from .config import BackendConfig, compat_config
@@ -74,6 +75,15 @@ class RedisBackend(RedisIndex):
     """SharedBackend on Redis. Thread-safe; one connection pool per instance (per process)."""
 
     is_shared = True
+
+    def __new__(cls, config: BackendConfig | str | None = None, **kwargs: Any) -> "RedisBackend":
+        # A redis+cluster:// URL gets the cluster backend (redis_cluster.py), whichever constructor
+        # was called.
+        url = kwargs.get("url") or (config.redis_url if isinstance(config, BackendConfig) else config)
+        if cls is RedisBackend and isinstance(url, str) and contract.redis_mode(url) == "cluster":
+            from .redis_cluster import RedisClusterBackend
+            return super().__new__(RedisClusterBackend)
+        return super().__new__(cls)
 
     def __init__(self, config: BackendConfig | str | None = None, *, url: str | None = None,
                  prefix: str | None = None, ttl: int | None = None, signer: Signer | None = None) -> None:
@@ -127,7 +137,11 @@ class RedisBackend(RedisIndex):
             raise ValueError(f"index must be an integer >= 0, got {index!r}")
         head = self._script_heads["append"]
         body = self._append_body(thread_id, slot, max_slots, append_id, index)
-        if items:
+        if items and self._wait_tail:
+            self.temp_put_many(list(items))  # then the append alone, followed by its WAIT
+            names = [self.keys.tmp(k) for k, _ in items]
+            reply = self._do("buffer_append", lambda: self._roundtrip(head, body, scripts.APPEND))
+        elif items:
             names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
             puts = self._pack_sets(names, [v for _, v in items])
 

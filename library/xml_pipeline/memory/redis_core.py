@@ -28,12 +28,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..errors import BackendError, BackendUnavailable, CredentialsRejected
-from . import redis_functions
+from . import redis_functions, redis_topology
 from . import redis_scripts as scripts
 from .config import BackendConfig, is_tls_url, redact_url
 from .keys import RedisKeys
 from .redis_direct import DirectConnection
-from .redis_wire import pack_args, pack_commands, pack_head, tls_supported
+from .redis_wire import pack_args, pack_command, pack_commands, pack_head, tls_supported
 from .signing import Signer
 
 __all__ = ["RedisCore", "TLS_DEFAULTS"]
@@ -95,28 +95,21 @@ class RedisCore:
         # The pool's connections never retry on their own (Retry(..., 0)): `client` is handed to the
         # pump for stream commands that are not idempotent (XADD). Our idempotent operations go
         # through self._retry instead.
-        self._pool = redis.BlockingConnectionPool.from_url(
-            url,
-            username=self._username,
-            password=self._password,
-            max_connections=config.max_connections,
-            timeout=config.connect_timeout + config.socket_timeout,  # wait for a free pooled connection
-            socket_connect_timeout=config.connect_timeout,
-            socket_timeout=config.socket_timeout,
-            socket_keepalive=True,
-            health_check_interval=config.health_check_interval,
-            retry=Retry(NoBackoff(), 0),
-            client_name=f"xml-pipeline:{config.redis_prefix}",
-            **(TLS_DEFAULTS if self._tls else {}),
-            # The CA file of backend.redis_ca_cert (else the system trust store verifies the server).
-            **config.tls_kwargs(),
-        )
+        # One server, or the master a Sentinel set names (redis_topology.py; a cluster URL gets
+        # RedisClusterBackend, see RedisBackend.__new__). TLS: verified against the CA file of
+        # backend.redis_ca_cert, else the system trust store.
+        self._pool = redis_topology.connection_pool(config, url, self._username, self._password,
+                                                    **(TLS_DEFAULTS if self._tls else {}), **config.tls_kwargs())
+        # Opt-in durability (backend.redis_wait_replicas): WAIT after every script, on its connection.
+        self._wait_tail = (pack_command(b"WAIT", [config.redis_wait_replicas, redis_topology.wait_timeout_ms(config)])
+                           if config.redis_wait_replicas else b"")
         #: The redis-py client (no automatic retries). The distributed worker mode builds its stream
         #: keys with `key()` so they stay under this tenant's prefix. decode_responses is off, so every
         #: string in a reply is bytes: the casts to bytes below narrow redis-py's `bytes | str` on that.
         self.client: redis.Redis = redis.Redis(connection_pool=self._pool)
         self._retry = Retry(ExponentialWithJitterBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE),
-                            config.retries, supported_errors=(RedisConnectionError, RedisTimeoutError))
+                            redis_topology.failover_retries(config),
+                            supported_errors=(RedisConnectionError, RedisTimeoutError))
         self._ping_retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError))
         # RESP heads "EVALSHA <sha> <numkeys>" / "EVAL <source> <numkeys>" of each script, packed once,
         # and "FCALL <function> <numkeys>" once the server is known to have our function library
@@ -247,14 +240,24 @@ class RedisCore:
         pool = self._pool
         conn = pool.get_connection()
 
-        def run(h: bytes) -> Any:
-            conn.send_packed_command([h + body])
+        wait = self._wait_tail
+
+        def send(packed: bytes) -> Any:
+            """One script (and its WAIT, when configured: both replies are read, so the connection
+            stays in step even when the script is refused)."""
+            conn.send_packed_command([packed + wait])
             try:
                 return conn.read_response()
+            finally:
+                if wait:
+                    self._check_wait(conn.read_response())
+
+        def run(h: bytes) -> Any:
+            try:
+                return send(h + body)
             except NoScriptError:
                 # Server restarted or SCRIPT FLUSH: EVAL runs the script and caches it again.
-                conn.send_packed_command([(eval_head or self._eval_heads[script.name]) + body])
-                return conn.read_response()
+                return send((eval_head or self._eval_heads[script.name]) + body)
 
         try:
             heads = self._heads
@@ -282,6 +285,13 @@ class RedisCore:
             raise
         finally:
             pool.release(conn)
+
+    def _check_wait(self, acked: Any) -> None:
+        """WAIT's answer: fewer replicas than redis_wait_replicas is a timeout (the write is on the
+        master and may be lost in a failover; retried, a repeat of the write is harmless)."""
+        if not isinstance(acked, int) or acked < self.config.redis_wait_replicas:
+            raise RedisTimeoutError(f"WAIT: {acked} of {self.config.redis_wait_replicas} replica(s) acknowledged "
+                                    f"the write within {redis_topology.wait_timeout_ms(self.config)} ms")
 
     def _pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
         """Send already packed commands in one write and read their `count` replies; a command's
@@ -355,13 +365,25 @@ class RedisCore:
     def pipe_capable(self) -> bool:
         """True when RedisPipe and DirectConnection can talk to this server: plain TCP, a unix socket
         or TLS (unless the pool's TLS settings ask for OCSP checks, which only redis-py makes)."""
+        # Sentinel: RedisPipe and DirectConnection ask connection_kwargs() for the current master on
+        # every (re)connection. WAIT (redis_wait_replicas) is sent by the pooled path only.
+        if self._wait_tail:
+            return False
         return not self._closed and (not self._tls or tls_supported(self._pool.connection_kwargs))
 
     def connection_kwargs(self) -> dict[str, Any]:
-        """host/port or path, db, username, password and client_name of this backend's connections,
-        `tls` (True for rediss://) and, over TLS, the pool's ssl_* settings."""
+        """host/port or path, db, username, password and client_name of this backend's connections
+        (on Sentinel: of the current master), `tls` (True for rediss://) and, over TLS, the pool's
+        ssl_* settings."""
         kw = self._pool.connection_kwargs
         out = {k: kw.get(k) for k in _RAW_KWARGS}
+        if self.config.redis_mode == "sentinel":
+            # The master the sentinels name now (a round trip to them): a raw connection asks
+            # again each time it connects, so after a failover it follows, as the pool does.
+            try:
+                out["host"], out["port"] = self._pool.get_master_address()  # type: ignore[attr-defined]
+            except RedisError:  # no sentinel answers now: a raw connection asks again when it connects
+                out["host"] = out["port"] = None
         out["tls"] = self._tls
         if self._tls:
             out.update((k, v) for k, v in kw.items() if k.startswith("ssl_"))
@@ -396,7 +418,8 @@ class RedisCore:
         if not self.pipe_capable():
             return None
         cfg = self.config
+        follow = self.connection_kwargs if self.config.redis_mode == "sentinel" else None
         return DirectConnection(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
-                                connect_timeout=cfg.connect_timeout)
+                                connect_timeout=cfg.connect_timeout, refresh=follow)
 
 

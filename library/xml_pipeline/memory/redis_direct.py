@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import InvalidResponse, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .redis_wire import MORE, handshake, pack_commands, reply_reader, tls_context
@@ -32,8 +33,11 @@ class DirectConnection:
     `kwargs` are the backend's connection_kwargs(): host/port or path, db, username, password,
     client_name, and `tls` with the ssl_* settings."""
 
-    def __init__(self, kwargs: dict[str, Any], *, socket_timeout: float, connect_timeout: float) -> None:
+    def __init__(self, kwargs: dict[str, Any], *, socket_timeout: float, connect_timeout: float,
+                 refresh: Callable[[], dict[str, Any]] | None = None) -> None:
         self._kw = kwargs
+        #: Where the server is may change (Sentinel): asked again before each reconnection.
+        self._refresh = refresh
         self._timeout = socket_timeout
         self._connect_timeout = connect_timeout
         self._tls: ssl.SSLContext | None = tls_context(kwargs) if kwargs.get("tls") else None
@@ -42,6 +46,10 @@ class DirectConnection:
         self.round_trips = 0
 
     def _connect(self) -> socket.socket:
+        if self._refresh is not None:
+            self._kw = self._refresh()
+            if not self._kw.get("host"):  # no sentinel answered: a connection error, retried as such
+                raise RedisConnectionError("Error connecting: no sentinel named the master")
         kw = self._kw
         host = kw.get("host") or "localhost"
         sock: socket.socket | None = None
@@ -93,6 +101,11 @@ class DirectConnection:
                 if reply is not MORE:
                     if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
                         raise reply  # e.g. an AuthenticationError, as redis-py raises it
+                    if isinstance(reply, ReadOnlyError) and self._refresh is not None:
+                        # A demoted master (after a Sentinel failover): as redis-py's sentinel
+                        # connections do, a connection error, so the next attempt reconnects to
+                        # the new master.
+                        raise RedisConnectionError(f"the master was demoted to a replica: {reply}")
                     out.append(reply)
                     continue
                 data = sock.recv(65536)

@@ -77,7 +77,8 @@ def _wrap(i: int, script: LuaScript) -> str:
 def library() -> FunctionLibrary:
     """The library of this release: the backend's scripts and the distributed mode's."""
     from ..message_bus.streams import SCRIPTS as DISTRIBUTED_SCRIPTS  # late: message_bus builds on memory
-    return FunctionLibrary((*BACKEND_SCRIPTS, *DISTRIBUTED_SCRIPTS))
+    from .redis_cluster_scripts import ALL as CLUSTER_SCRIPTS  # the cluster mode's one-slot scripts
+    return FunctionLibrary((*BACKEND_SCRIPTS, *CLUSTER_SCRIPTS, *DISTRIBUTED_SCRIPTS))
 
 
 def probe_reply_ok(reply: Any, lib: FunctionLibrary | None = None) -> bool:

@@ -18,7 +18,9 @@ append is idempotent through its append id, the SETs are plain overwrites). `tak
 idempotent (GET + DEL): a lost connection raises BackendUnavailable, as the backend's temp_take does.
 
 Supported: redis://, rediss:// (TLS with the SSLContext redis-py would build for the same settings,
-redis_wire.tls_context) and unix:// URLs. Replies are read by hiredis and the connection handshake
+redis_wire.tls_context) and unix:// URLs, and the master a Sentinel set names (redis+sentinel://:
+asked again on every connection, and a connection that meets a demoted master is dropped). Not a
+Redis Cluster (for_backend returns None there). Replies are read by hiredis and the connection handshake
 is redis_wire.handshake's. A reply overdue by socket_timeout fails every waiting command (the
 connection is dropped; the next command reconnects), so nothing waits forever on a dead server.
 """
@@ -31,7 +33,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import InvalidResponse
+from redis.exceptions import InvalidResponse, ReadOnlyError
 
 from ..errors import BackendError, BackendUnavailable
 from .protocol import Appended
@@ -92,6 +94,8 @@ class RedisPipe:
         self._timer: asyncio.TimerHandle | None = None
         self._progress = 0.0
         self._closed = False
+        #: The connection that met a demoted master (READONLY), until it is dropped.
+        self._demoted: _Protocol | None = None
         #: Writes sent and commands carried (tests count them: group commit means writes < commands).
         self.writes = 0
         self.commands = 0
@@ -145,6 +149,8 @@ class RedisPipe:
         error replies in place. Raises BackendUnavailable if the connection fails or stalls."""
         if self._closed:
             raise BackendUnavailable(f"the redis pipe to {self.backend.url} is closed ({what})")
+        if self._demoted is not None:
+            await self._leave_demoted()
         if self._transport is None:
             await self._connect(what)
         loop = asyncio.get_running_loop()
@@ -164,6 +170,19 @@ class RedisPipe:
         except (ConnectionError, OSError, asyncio.TimeoutError) as e:
             raise BackendUnavailable(f"Redis at {self.backend.url} is unavailable: {what} failed after 1 "
                                      f"attempt(s) ({type(e).__name__}: {self.backend.scrub(e)})") from None
+
+    async def _leave_demoted(self) -> None:
+        """After a READONLY reply: let the commands already sent on that connection have their
+        replies (they stand as they are), then drop it, so the next command reconnects to the
+        master the sentinels name now. Nothing new is sent to the demoted server meanwhile."""
+        demoted = self._demoted
+        deadline = time.monotonic() + self._timeout
+        while demoted is self._protocol and self._waiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        if self._demoted is demoted:
+            self._demoted = None
+            if demoted is self._protocol:
+                self._fail(ConnectionError("the master was demoted to a replica"))
 
     # -- connection -----------------------------------------------------------------------------------
     async def _connect(self, what: str) -> None:
@@ -196,6 +215,13 @@ class RedisPipe:
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.backend.config.redis_mode == "sentinel":
+            # The master may have changed since the last connection: ask the sentinels again
+            # (blocking calls, off the loop).
+            kw = await loop.run_in_executor(None, self.backend.connection_kwargs)
+            if not kw.get("host"):
+                raise ConnectionError("no sentinel named the master")
+            self._host, self._port = kw.get("host"), int(kw.get("port") or 6379)
         if self._path:
             transport, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
         else:
@@ -241,6 +267,10 @@ class RedisPipe:
                 reply = reader.gets()
                 if reply is MORE:
                     break
+                if type(reply) is ReadOnlyError:
+                    # A demoted master (Sentinel failover): this reply stands, the connection is
+                    # dropped before the next command so that it reconnects to the new master.
+                    self._demoted = protocol
                 request = waiting[0]
                 request.replies.append(reply)
                 if len(request.replies) == request.count:

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..model import Organism
+from ..topology import format_address, mode_of, parse_url
 from .naming import PASSWORD_KEY, USERNAME_KEY, labels, pump_name, secret_name, selector_labels, worker_name
 
 KEDA_API = "keda.sh/v1alpha1"
@@ -58,12 +59,25 @@ def trigger_authentication(org: Organism) -> dict[str, Any]:
 def trigger_metadata(org: Organism, endpoint: str) -> list[dict[str, str]]:
     """The two redis-streams triggers' metadata (strings, as KEDA wants them)."""
     assert org.workers is not None and org.workers.autoscaling is not None
-    url = urlsplit(endpoint)
-    common = {"address": f"{url.hostname}:{url.port or 6379}", "stream": tasks_stream(org),
-              "databaseIndex": (url.path.strip("/") or "0"), "enableTLS": "true" if url.scheme == "rediss" else "false"}
+    top = parse_url("endpoint", endpoint)
+    common: dict[str, str]
+    if top.mode == "standalone":
+        url = urlsplit(endpoint)
+        common = {"address": f"{url.hostname}:{url.port or 6379}", "databaseIndex": (url.path.strip("/") or "0")}
+    else:  # KEDA's redis-cluster-streams / redis-sentinel-streams scalers (trigger_type) take the node list
+        common = {"addresses": ",".join(format_address(a) for a in top.addresses)}
+        if top.master_name:
+            common["sentinelMaster"] = top.master_name
+    common.update({"stream": tasks_stream(org), "enableTLS": "true" if top.tls else "false"})
     backlog = {**common, "streamLength": str(org.workers.autoscaling.tasks_per_replica)}
     running = {**common, "consumerGroup": WORKER_GROUP, "pendingEntriesCount": str(org.workers.processes)}
     return [backlog, running]
+
+
+def trigger_type(endpoint: str) -> str:
+    """KEDA's scaler for the endpoint's topology: one server, a Redis Cluster or a Sentinel set."""
+    return {"standalone": "redis-streams", "cluster": "redis-cluster-streams",
+            "sentinel": "redis-sentinel-streams"}[mode_of(endpoint)]
 
 
 def scaled_object(org: Organism, endpoint: str) -> dict[str, Any]:
@@ -77,7 +91,7 @@ def scaled_object(org: Organism, endpoint: str) -> dict[str, Any]:
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker_name(org.name)},
             "minReplicaCount": a.min_replicas, "maxReplicaCount": a.max_replicas,
             "cooldownPeriod": a.cooldown_seconds, "pollingInterval": a.polling_seconds,
-            "triggers": [{"type": "redis-streams", "name": n, "metadata": m, "authenticationRef": auth}
+            "triggers": [{"type": trigger_type(endpoint), "name": n, "metadata": m, "authenticationRef": auth}
                          for n, m in zip(names, trigger_metadata(org, endpoint))],
         },
     }

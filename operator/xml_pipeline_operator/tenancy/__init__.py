@@ -10,6 +10,10 @@ client, so all of it is tested against a real redis-server. The operator's handl
 - `cleanup`  delete an organism's keys (SCAN + UNLINK, resumable)
 - `usage`    per-organism threads/keys/bytes with bounded work per tick
 - `recovery` re-create users a restarted Redis has lost
+- `nodes`    the nodes of a Redis Cluster or Sentinel set (CLUSTER NODES, SENTINEL replies; pure parsers)
+- `nodeset`  an admin client per node, discovery refreshed after failures
+- `fanout`   each user step on every node; what it did per node (a repaired node is named)
+- `bodies`   what the tenancy code reads from Organism objects (pure)
 - `admin`    SharedRedisAdmin: the operator's RedisAdmin for shared mode, built from the above
 - `handlers` the kopf index and timer it needs (imported by the operator's handlers only)
 

@@ -57,6 +57,14 @@ FORBIDDEN_COMMANDS: frozenset[str] = frozenset({
     "client|tracking", "client|info", "client|reply",
 })
 
+#: What a Redis Cluster client must be able to send besides the library's commands: learn the slot
+#: map (CLUSTER SLOTS / SHARDS), the command table (COMMAND, redis-py's cluster client reads it to
+#: find key positions), follow an ASK redirect during a slot migration (ASKING) and read from replicas
+#: (READONLY / READWRITE). None of them reads or writes data or acts on the server; they are granted
+#: only on cluster nodes (a one-server Redis refuses them anyway, and its tenants never send them).
+CLUSTER_CLIENT_COMMANDS: tuple[str, ...] = ("asking", "cluster|shards", "cluster|slots", "command", "readonly",
+                                            "readwrite")
+
 #: What the operator itself needs on the shared Redis, for a platform team that does not want to hand
 #: it the `default` user: `ACL SETUSER xp-operator on >PASSWORD ~* resetchannels -@all +<each>`.
 #: (ACL SETUSER is inherently powerful: whoever holds it can make any user. `~*` is needed to unlink
@@ -72,6 +80,7 @@ ADMIN_COMMANDS: tuple[str, ...] = (
     "watch", "unwatch", "multi", "exec", # claimed in a WATCH transaction
     "fcall_ro", "function|load",         # the function library tenants FCALL (functions.py)
     "ping", "client|setname", "client|setinfo",
+    "cluster|nodes",                     # the nodes of a Redis Cluster, to administer each (nodes.py)
 )
 
 #: Subcommands that exist only on newer servers; they are granted only where the server knows them
@@ -133,33 +142,37 @@ class ServerProfile:
     #: shortest form (`+@list -lset ...`, version dependent), so the comparison uses the server's
     #: wording of our rules, learnt from a probe user.
     described: frozenset[str]
+    #: A Redis Cluster node: its tenants also get CLUSTER_CLIENT_COMMANDS.
+    cluster: bool = False
 
 
 def server_profile(admin: redis.Redis) -> ServerProfile:
     """Learn the server's commands and its description of our rules (a few round trips, once)."""
     available = server_commands(admin)
+    cluster = str(admin.info("cluster").get("cluster_enabled", 0)) == "1"
     probe = PROBE_USER + secrets.token_hex(4)
     try:
-        cmds = [f"+{c}" for c in granted_commands(available)]
+        cmds = [f"+{c}" for c in granted_commands(available, cluster=cluster)]
         admin.execute_command("ACL", "SETUSER", probe, "reset", "-@all", *cmds)
         raw = _pairs(admin.execute_command("ACL", "GETUSER", probe))
         described = frozenset(_s(raw.get("commands", b"")).split())
     finally:
         admin.execute_command("ACL", "DELUSER", probe)
-    return ServerProfile(available=available, described=described)
+    return ServerProfile(available=available, described=described, cluster=cluster)
 
 
-def granted_commands(available: frozenset[str] | None = None) -> tuple[str, ...]:
-    """`ORGANISM_COMMANDS` minus what the server lacks (version-dependent ones)."""
+def granted_commands(available: frozenset[str] | None = None, *, cluster: bool = False) -> tuple[str, ...]:
+    """`ORGANISM_COMMANDS` minus what the server lacks (version-dependent ones); on a cluster node
+    also CLUSTER_CLIENT_COMMANDS."""
     out = []
     for cmd in ORGANISM_COMMANDS:
         if cmd in _VERSION_DEPENDENT and (available is None or cmd not in available):
             continue
         out.append(cmd)
-    return tuple(out)
+    return tuple(out) + (CLUSTER_CLIENT_COMMANDS if cluster else ())
 
 
-def acl_rules(prefix: str, *, available: frozenset[str] | None = None) -> list[str]:
+def acl_rules(prefix: str, *, available: frozenset[str] | None = None, cluster: bool = False) -> list[str]:
     """The ACL SETUSER rules (without passwords and on/off) confining a user to `prefix`.
 
     `resetkeys ~<prefix>* resetchannels &<prefix>* -@all +<each granted command>`. The prefix is
@@ -167,7 +180,7 @@ def acl_rules(prefix: str, *, available: frozenset[str] | None = None) -> list[s
     """
     validate_prefix(prefix, "backend.redis.prefix")
     return ["resetkeys", f"~{prefix}*", "resetchannels", f"&{prefix}*", "-@all",
-            *(f"+{c}" for c in granted_commands(available))]
+            *(f"+{c}" for c in granted_commands(available, cluster=cluster))]
 
 
 # -- reading and writing users -------------------------------------------------------------------
@@ -240,7 +253,7 @@ def ensure_user(admin: redis.Redis, username: str, password: str, prefix: str, *
     if have == want:
         return Change.UNCHANGED
     rules = ["on" if enabled else "off", "clearselectors",
-             *acl_rules(prefix, available=profile.available)]
+             *acl_rules(prefix, available=profile.available, cluster=profile.cluster)]
     rules += [f">{p}" for p in (password, *also_accept)] + [f"#{h}" for h in sorted(extra)]
     if have is not None:
         rules += [f"!{h}" for h in sorted(have.password_hashes - want.password_hashes)]

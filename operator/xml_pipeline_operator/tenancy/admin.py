@@ -12,6 +12,12 @@ It ties the pure pieces of this package to the operator's seam (redis_admin.py):
 - `periodic()` (called from a per-Organism kopf timer, rate-limited to once per interval for the
   whole operator) advances the usage sampler and re-creates users the server has lost.
 
+The shared Redis may be one server, a Redis Cluster or a Sentinel set (XPO_SHARED_REDIS_URL,
+topology.py). ACL users are per node, so every user step runs on every node (fanout.py over the
+nodes nodeset.py discovers); the operator's records and the cleanup progress live on one node
+(`NodeSet.primary`), the function library is loaded on every master, and cleanup and usage SCAN
+every master.
+
 Passwords are never logged and never put in messages.
 """
 from __future__ import annotations
@@ -25,20 +31,16 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
-from xml_pipeline.memory.config import redact_url
-
-from xml_pipeline.errors import ConfigError
-from xml_pipeline.memory.keys import validate_prefix
-
-from ..model import default_prefix, reserved_prefix_problem
+from ..model import reserved_prefix_problem
 from ..redis_admin import PASSWORD_CHANGED, Tenant, TenantState
 from ..settings import OperatorSettings
-from . import acl, client_acl, functions, overlap, ownership
+from . import acl, client_acl, fanout, functions, overlap, ownership
 from .cleanup import CleanupProgress, cleanup_prefix
-from .recovery import DesiredUser, UserRecovery
+from .nodes import DiscoveryError
+from .nodeset import NodeSet
+from .recovery import DesiredUser
+from .bodies import admissible, deletion_policy, tenant_from_body
 from .usage import Usage, UsageSampler
 
 logger = logging.getLogger(__name__)
@@ -65,36 +67,6 @@ class CleanupInProgress(Exception):
         super().__init__(f"deleted {progress.deleted} keys under {progress.prefix!r} so far; continuing")
 
 
-def tenant_from_body(namespace: str, name: str, body: Mapping[str, Any]) -> overlap.Tenant | None:
-    """The shared-Redis tenant an Organism object describes, or None if it does not use shared mode."""
-    spec = body.get("spec") or {}
-    backend = spec.get("backend") or {}
-    r = backend.get("redis") or {}
-    if not isinstance(r, Mapping) or backend.get("type", "redis") != "redis" or r.get("mode") != "shared":
-        return None
-    status_prefix = ((body.get("status") or {}).get("redis") or {}).get("prefix")
-    prefix = r.get("prefix") or status_prefix or default_prefix(namespace, name)
-    created = str((body.get("metadata") or {}).get("creationTimestamp") or "")
-    return overlap.Tenant(namespace, name, str(prefix), created=created)
-
-
-def admissible(tenant: overlap.Tenant) -> bool:
-    """False for a prefix the operator refuses whatever else exists (invalid, or reserved for other
-    Organisms' default prefixes): such an Organism must not block anyone in the overlap check."""
-    try:
-        validate_prefix(tenant.prefix, "spec.backend.redis.prefix")
-    except ConfigError:
-        return False
-    return reserved_prefix_problem(tenant.prefix, tenant.namespace, tenant.name) is None
-
-
-def deletion_policy(body: Mapping[str, Any]) -> str:
-    """spec.backend.redis.deletionPolicy: Delete (default) or Retain."""
-    r = ((body.get("spec") or {}).get("backend") or {}).get("redis") or {}
-    policy = r.get("deletionPolicy", "Delete") if isinstance(r, Mapping) else "Delete"
-    return "Retain" if policy == "Retain" else "Delete"
-
-
 class SharedRedisAdmin:
     """Administers organism users on one shared Redis. Thread-safe (kopf runs handlers in threads)."""
 
@@ -106,8 +78,9 @@ class SharedRedisAdmin:
         if not settings.shared_redis_url:
             raise ValueError("SharedRedisAdmin needs settings.shared_redis_url (XPO_SHARED_REDIS_URL)")
         self.settings = settings
-        self.url = redact_url(settings.shared_redis_url)
-        self._client_obj = client
+        self.nodeset = NodeSet(settings, client=client)
+        self.nodes = fanout.NodeAdmin(self.nodeset)
+        self.url = self.nodeset.describe()
         self._clock = clock
         self.usage_interval = usage_interval
         self.user_check_interval = user_check_interval
@@ -123,34 +96,24 @@ class SharedRedisAdmin:
         self._not_shared: set[tuple[str, str]] = set()
         self._desired: dict[tuple[str, str], DesiredUser] = {}
         self._failed: tuple[float, TenantState] | None = None
-        self._recovery: UserRecovery | None = None
-        self._sampler: UsageSampler | None = None
+        #: One usage sampler per master (a cluster's keys are spread over its masters).
+        self._samplers: dict[str, UsageSampler] = {}
         self._last_usage = float("-inf")
         self._last_check = float("-inf")
         #: The function library tenants FCALL was found or loaded (cleared when a check misses it).
         self._functions_ready = False
-        #: (server commands, their ACL wording) of the client users' rules (client_acl.py).
-        self._client_words: tuple[frozenset[str], frozenset[str]] | None = None
 
     # -- connection --------------------------------------------------------------------------------
     def client(self) -> redis.Redis:
-        if self._client_obj is None:
-            s = self.settings
-            self._client_obj = redis.Redis.from_url(
-                s.shared_redis_url or "", username=s.shared_redis_username or None,
-                password=s.shared_redis_password, socket_connect_timeout=2.0, socket_timeout=10.0,
-                health_check_interval=30, client_name="xml-pipeline-operator",
-                retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 2),
-                **({"ssl_ca_data": s.shared_redis_ca} if s.shared_redis_ca else {}))
-        return self._client_obj
-
-    def recovery(self) -> UserRecovery:
-        if self._recovery is None:
-            self._recovery = UserRecovery(self.client())
-        return self._recovery
+        """The node holding the operator's records (the one server; a Sentinel master; the cluster
+        master of the `{xp-operator}` hash slot)."""
+        return self.nodeset.primary()
 
     def _unavailable(self, e: Exception, what: str) -> TenantState:
-        if isinstance(e, redis.AuthenticationError):
+        if isinstance(e, DiscoveryError):
+            state = TenantState(False, "SharedRedisUnavailable",
+                                f"no node of the shared Redis at {self.url} could be found while {what}: {e}")
+        elif isinstance(e, redis.AuthenticationError):
             state = TenantState(False, "SharedRedisAuthFailed",
                                 f"the shared Redis at {self.url} refused the operator's credentials "
                                 f"(XPO_SHARED_REDIS_USERNAME/PASSWORD) while {what}")
@@ -201,10 +164,10 @@ class SharedRedisAdmin:
             # Admitted before the prefix rules refused its prefix (e.g. another Organism's default
             # prefix): it must not keep reading keys that may be another's.
             try:
-                acl.disable_user(self.client(), acl.username_for(namespace, name))
+                self.nodes.disable(acl.username_for(namespace, name))
                 logger.warning("Organism %s/%s has a prefix the operator refuses now: ACL user disabled",
                                namespace, name)
-            except redis.RedisError as e:
+            except (redis.RedisError, DiscoveryError) as e:
                 logger.warning("could not disable the ACL user of %s/%s on %s: %s", namespace, name, self.url,
                                type(e).__name__)
         if t is None and was_admitted:
@@ -212,9 +175,9 @@ class SharedRedisAdmin:
             # not keep working (the Secret's password now serves the new mode). Keys stay and expire
             # with their TTL; switching back re-enables the user.
             try:
-                acl.disable_user(self.client(), acl.username_for(namespace, name))
+                self.nodes.disable(acl.username_for(namespace, name))
                 logger.info("Organism %s/%s left shared mode: ACL user disabled", namespace, name)
-            except redis.RedisError as e:
+            except (redis.RedisError, DiscoveryError) as e:
                 logger.warning("could not disable the ACL user of %s/%s on %s: %s", namespace, name, self.url,
                                type(e).__name__)
 
@@ -240,8 +203,8 @@ class SharedRedisAdmin:
             candidate = overlap.Tenant(tenant.namespace, tenant.name, tenant.prefix)
             if self._recent_failure() is None:
                 try:  # a user made before the conflict was known must not keep the other's keys
-                    acl.disable_user(self.client(), tenant.username)
-                except redis.RedisError as e:
+                    self.nodes.disable(tenant.username)
+                except (redis.RedisError, DiscoveryError) as e:
                     self._unavailable(e, f"disabling ACL user {tenant.username!r}")
             return TenantState(False, "PrefixOverlap", overlap.conflict_message(candidate, conflict))
         reserved = reserved_prefix_problem(tenant.prefix, tenant.namespace, tenant.name)
@@ -259,34 +222,35 @@ class SharedRedisAdmin:
                     and held.uid != tenant.uid:
                 # Re-created under its old name: it takes the retained data back, with a new user (the
                 # old one, disabled at deletion, knows only the deleted Organism's passwords).
-                acl.delete_user(client, tenant.username)
+                self.nodes.delete(tenant.username)
                 logger.info("Organism %s/%s (uid %s) takes back prefix %s retained from uid %s", tenant.namespace,
                             tenant.name, tenant.uid, tenant.prefix, held.uid)
             if refusal is not None:
                 with self._lock:
                     self._desired.pop(key, None)
-                acl.disable_user(client, tenant.username)  # a user made earlier must not keep the keys
+                self.nodes.disable(tenant.username)  # a user made earlier must not keep the keys
                 return TenantState(False, refusal.reason, refusal.message)
             if not self._functions_ready:
-                self._ensure_functions(client)
-            profile = self.recovery().current_profile()
+                self._ensure_functions()
             extra = frozenset(also_accept_hashes)
-            user = acl.get_user(client, tenant.username)
-            if user is not None:
-                unknown = user.password_hashes - extra - {acl.password_hash(password)}
-                if acl.password_hash(password) not in user.password_hashes and unknown:
-                    # The Secret's password was changed behind the operator's back. Removing the
-                    # passwords Redis knows would lock out every running pod: the caller records
-                    # them durably first (rotation.adopt_patch) and calls again.
-                    return TenantState(False, PASSWORD_CHANGED,
-                                       f"the Secret {tenant.name}-credentials holds a password ACL user "
-                                       f"{tenant.username!r} does not know yet", still_accepted=unknown)
-            change = acl.ensure_user(client, tenant.username, password, tenant.prefix,
-                                     also_accept_hashes=extra, profile=profile)
+            unknown = fanout.still_accepted(self.nodes.users(tenant.username), password, extra)
+            if unknown:
+                # The Secret's password was changed behind the operator's back. Removing the
+                # passwords Redis knows would lock out every running pod: the caller records
+                # them durably first (rotation.adopt_patch) and calls again.
+                return TenantState(False, PASSWORD_CHANGED,
+                                   f"the Secret {tenant.name}-credentials holds a password ACL user "
+                                   f"{tenant.username!r} does not know yet", still_accepted=unknown)
+            spread = self.nodes.ensure_user(tenant.username, password, tenant.prefix, extra)
         except functions.FunctionsUnsupported as e:
             return TenantState(False, "SharedRedisTooOld", f"{e}; shared mode needs a newer shared Redis")
-        except redis.RedisError as e:
+        except (redis.RedisError, DiscoveryError) as e:
             return self._unavailable(e, f"provisioning ACL user {tenant.username!r}")
+        if not spread.complete:
+            return TenantState(False, "SharedRedisNodeUnavailable",
+                               f"ACL user {tenant.username!r} is in place on {len(spread.changes)} node(s) of "
+                               f"{self.url}, but node(s) {spread.failure_text()} could not be reached; retrying")
+        change = spread.overall()
         self._failed = None
         with self._lock:
             self._desired[key] = DesiredUser(tenant.username, tenant.prefix, password, also_accept_hashes=extra)
@@ -294,10 +258,15 @@ class SharedRedisAdmin:
             logger.info("ACL user %s %s on %s (prefix %s)", tenant.username, change.value, self.url, tenant.prefix)
             self._save_acl()
         message = (f"ACL user {tenant.username!r} may use keys and channels under {tenant.prefix!r} only, "
-                   f"on {self.url}")
+                   f"on {self.url}" + (f" (on each of its {len(spread.changes)} nodes)" if self.nodeset.clustered
+                                       else ""))
+        repaired = spread.repaired()
+        if repaired:
+            message += f"; re-created on node(s) {', '.join(repaired)}, which had lost it"
+            logger.warning("ACL user %s re-created on %s (lost there)", tenant.username, ", ".join(repaired))
         if extra:
             message += f"; {len(extra)} other password(s) accepted while a password rotation runs"
-        return TenantState(True, "AclUserReady", message)
+        return TenantState(True, "AclUserReady", message, repaired=repaired)
 
     def ensure_client(self, tenant: Tenant, username: str, password: str,
                       also_accept_hashes: AbstractSet[str] = frozenset()) -> TenantState:
@@ -309,18 +278,16 @@ class SharedRedisAdmin:
         if failed is not None:
             return failed
         try:
-            client = self.client()
-            available = self.recovery().current_profile().available
-            # How this server words the client's rules: learnt once per server profile (a probe user
+            # How each node words the client's rules is learnt once per server profile (a probe user
             # is an ACL write; an idle pass writes none).
-            cached = self._client_words
-            if cached is None or cached[0] != available:
-                cached = self._client_words = (available, client_acl.described_commands(client, available))
-            change = client_acl.ensure_client_user(client, username, password, tenant.prefix,
-                                                   also_accept_hashes=frozenset(also_accept_hashes),
-                                                   available=available, described=cached[1])
-        except redis.RedisError as e:
+            spread = self.nodes.ensure_client(username, password, tenant.prefix, frozenset(also_accept_hashes))
+        except (redis.RedisError, DiscoveryError) as e:
             return self._unavailable(e, f"provisioning client ACL user {username!r}")
+        if not spread.complete:
+            return TenantState(False, "SharedRedisNodeUnavailable",
+                               f"client ACL user {username!r} is in place on {len(spread.changes)} node(s), but "
+                               f"node(s) {spread.failure_text()} could not be reached; retrying")
+        change = spread.overall()
         if change is not acl.Change.UNCHANGED:
             logger.info("client ACL user %s %s on %s (prefix %s)", username, change.value, self.url, tenant.prefix)
             self._save_acl()
@@ -337,7 +304,7 @@ class SharedRedisAdmin:
                 policy = self._policies.get(key, "Delete")
         client = self.client()
         # The organism's clients go with it, whatever the policy (Retain keeps data, not access).
-        acl.delete_user(client, client_acl.client_username(tenant.namespace, tenant.name))
+        self._every(self.nodes.delete(client_acl.client_username(tenant.namespace, tenant.name)))
         conflict = self.conflict_of(tenant.namespace, tenant.name, tenant.prefix) if tenant.prefix else None
         with self._lock:
             admitted = key in self._desired
@@ -345,23 +312,49 @@ class SharedRedisAdmin:
         holder = ownership.owner_of(client, tenant.prefix) if tenant.prefix else None
         if holder is not None and not holder.same_organism(me):
             conflict = conflict or overlap.Tenant(holder.namespace, holder.name, tenant.prefix)
-        owned = admitted or (holder is not None and holder.same_organism(me)) or acl.user_exists(client, tenant.username)
+        owned = admitted or (holder is not None and holder.same_organism(me)) or self.nodes.exists_anywhere(
+            tenant.username)
         if conflict is not None or not tenant.prefix or not owned:
             # This Organism never owned its prefix (it was refused, or never got a user): keys there
             # may be another organism's. Only a user of its own name may go.
-            acl.delete_user(client, tenant.username)
+            self._every(self.nodes.delete(tenant.username))
             self._forget(key)
             return
         if policy == "Retain":
-            acl.disable_user(client, tenant.username)
+            self._every(self.nodes.disable(tenant.username))
             ownership.mark_retained(client, tenant.prefix, me)  # the data stays its owner's
             self._save_acl()
             self._forget(key)
             logger.info("ACL user %s disabled; keys under %s retained", tenant.username, tenant.prefix)
             return
         # Delete: no new writes first (disabling also closes the user's connections), then the keys.
-        acl.disable_user(client, tenant.username)
+        self._every(self.nodes.disable(tenant.username))
         progress_key = PROGRESS_KEY + tenant.prefix
+        deleted = (self._cleanup_masters(client, tenant.prefix, progress_key) if self.nodeset.clustered
+                   else self._cleanup_one(client, tenant.prefix, progress_key))
+        self._every(self.nodes.delete(tenant.username))
+        ownership.release(client, tenant.prefix, me)  # no data left: the prefix is free again
+        client.delete(progress_key)
+        self._save_acl()
+        self._forget(key)
+        logger.info("removed %d keys under %s and ACL user %s", deleted, tenant.prefix, tenant.username)
+
+    def _cleanup_masters(self, client: redis.Redis, prefix: str, progress_key: str) -> int:
+        """Cleanup of a cluster or Sentinel set: SCAN + UNLINK on every master, progress per master."""
+        start = fanout.progress_from_json(client.get(progress_key), prefix)
+        deadline = time.monotonic() + self.cleanup_budget
+
+        def persist(p: dict[str, CleanupProgress]) -> None:
+            client.set(progress_key, fanout.progress_to_json(p), ex=PROGRESS_TTL_SECONDS)
+
+        progress = fanout.cleanup_masters(self.nodeset, prefix, start, batch_size=self.cleanup_batch,
+                                          keep_going=lambda: time.monotonic() < deadline, persist=persist)
+        if not fanout.progress_done(progress, [m.address for m in self.nodeset.masters()]):
+            total = CleanupProgress(prefix=prefix, deleted=fanout.deleted(progress))
+            raise CleanupInProgress(total)
+        return fanout.deleted(progress)
+
+    def _cleanup_one(self, client: redis.Redis, prefix: str, progress_key: str) -> int:
         raw = client.get(progress_key)
         start = CleanupProgress.from_dict(json.loads(raw)) if raw else None
         deadline = time.monotonic() + self.cleanup_budget
@@ -369,33 +362,36 @@ class SharedRedisAdmin:
         def persist(p: CleanupProgress) -> None:
             client.set(progress_key, json.dumps(p.as_dict()), ex=PROGRESS_TTL_SECONDS)
 
-        progress = start or CleanupProgress(prefix=tenant.prefix)
+        progress = start or CleanupProgress(prefix=prefix)
         while not progress.done:  # at least one batch per call, then as many as the budget allows
-            progress = cleanup_prefix(client, tenant.prefix, start=progress, batch_size=self.cleanup_batch,
+            progress = cleanup_prefix(client, prefix, start=progress, batch_size=self.cleanup_batch,
                                       max_batches=1, on_batch=persist)
             if time.monotonic() >= deadline:
                 break
         if not progress.done:
             raise CleanupInProgress(progress)
-        acl.delete_user(client, tenant.username)
-        ownership.release(client, tenant.prefix, me)  # no data left: the prefix is free again
-        client.delete(progress_key)
-        self._save_acl()
-        self._forget(key)
-        logger.info("removed %d keys under %s and ACL user %s", progress.deleted, tenant.prefix, tenant.username)
+        return progress.deleted
 
-    def _ensure_functions(self, client: redis.Redis) -> None:
-        """Make sure the function library tenants FCALL is loaded (FunctionsUnsupported if it cannot be)."""
-        state = functions.ensure_library(client)
-        if state is functions.LibraryState.LOADED:
-            logger.info("function library %s loaded on %s", functions.library().name, self.url)
+    @staticmethod
+    def _every(spread: fanout.Spread) -> None:
+        """Deletion steps must reach every node (a node left out keeps a working user): retry else."""
+        if not spread.complete:
+            raise redis.ConnectionError(f"node(s) {spread.failure_text()} of the shared Redis could not be reached")
+
+    def _ensure_functions(self) -> None:
+        """Make sure the function library tenants FCALL is loaded on every master (FunctionsUnsupported
+        if it cannot be)."""
+        states = self.nodes.ensure_library()
+        loaded = sorted(a for a, s in states.items() if s is functions.LibraryState.LOADED)
+        if loaded:
+            logger.info("function library %s loaded on %s (%s)", functions.library().name, self.url, ", ".join(loaded))
         self._functions_ready = True
 
     def _save_acl(self) -> None:
-        """Best effort: persist users where the server has an ACL file (else recovery covers restarts)."""
+        """Best effort: persist users where a node has an ACL file (else recovery covers restarts)."""
         try:
-            acl.save_acl(self.client())
-        except redis.RedisError as e:
+            self.nodes.save()
+        except (redis.RedisError, DiscoveryError) as e:
             logger.debug("ACL SAVE on %s not done: %s", self.url, type(e).__name__)
 
     def _forget(self, key: tuple[str, str]) -> None:
@@ -403,8 +399,8 @@ class SharedRedisAdmin:
             self._desired.pop(key, None)
             self._observed.pop(key, None)
             self._policies.pop(key, None)
-            if self._sampler is not None:
-                self._sampler.latest.pop(key, None)
+            for sampler in self._samplers.values():
+                sampler.latest.pop(key, None)
 
     # -- periodic work -----------------------------------------------------------------------------
     def periodic(self) -> None:
@@ -420,25 +416,31 @@ class SharedRedisAdmin:
             if now - self._last_check >= self.user_check_interval:
                 self._last_check = now
                 try:
-                    report = self.recovery().check(desired)
-                except (redis.RedisError, functions.FunctionsUnsupported) as e:
+                    reports, failures = self.nodes.check(desired)
+                except (redis.RedisError, functions.FunctionsUnsupported, DiscoveryError) as e:
                     logger.warning("lost-user check on %s failed: %s", self.url, type(e).__name__)
                 else:
-                    if report.changed:
-                        logger.warning("shared Redis %s %s: re-created %d ACL user(s), repaired %d%s", self.url,
-                                       "restarted" if report.restarted else "lost users",
-                                       len(report.recreated), len(report.repaired),
-                                       ", loaded the function library again" if report.functions_reloaded else "")
+                    for address, report in reports.items():
+                        if report.changed:
+                            where = f"node {address} of {self.url}" if self.nodeset.clustered else self.url
+                            logger.warning("shared Redis %s %s: re-created %d ACL user(s), repaired %d%s", where,
+                                           "restarted" if report.restarted else "lost users",
+                                           len(report.recreated), len(report.repaired),
+                                           ", loaded the function library again" if report.functions_reloaded else "")
+                    for f in failures:
+                        logger.warning("lost-user check: node %s of %s unreachable (%s)", f.node, self.url, f.error)
                     self._disable_orphans()
 
             if now - self._last_usage >= self.usage_interval:
                 self._last_usage = now
-                if self._sampler is None:
-                    self._sampler = UsageSampler(self.client())
-                self._sampler.set_tenants(tenants)
                 try:
-                    self._sampler.tick()
-                except redis.RedisError as e:
+                    for node in self.nodeset.masters():
+                        sampler = self._samplers.get(node.address)
+                        if sampler is None:
+                            sampler = self._samplers[node.address] = UsageSampler(self.nodeset.client(node))
+                        sampler.set_tenants(tenants)
+                        sampler.tick()
+                except (redis.RedisError, DiscoveryError) as e:
                     logger.warning("usage tick on %s failed: %s", self.url, type(e).__name__)
         finally:
             self._periodic_lock.release()
@@ -449,32 +451,28 @@ class SharedRedisAdmin:
             candidates = {acl.username_for(*key) for key in self._not_shared}
         if not candidates:
             return
-        client = self.client()
-        for username in candidates & acl.list_users(client):
-            user = acl.get_user(client, username)
-            if user is not None and user.enabled:
-                acl.disable_user(client, username)
-                logger.info("ACL user %s belongs to an Organism no longer in shared mode: disabled", username)
+        def step(node: object, client: redis.Redis) -> list[str]:
+            done = []
+            for username in candidates & acl.list_users(client):
+                user = acl.get_user(client, username)
+                if user is not None and user.enabled:
+                    acl.disable_user(client, username)
+                    done.append(username)
+            return done
+        disabled, _ = self.nodeset.each(step)
+        for username in sorted({u for users in disabled.values() for u in users}):
+            logger.info("ACL user %s belongs to an Organism no longer in shared mode: disabled", username)
 
     def usage_of(self, namespace: str, name: str) -> Usage | None:
-        """The organism's usage as of the last complete round, or None before the first one."""
-        if self._sampler is None:
+        """The organism's usage as of the last complete round (summed over the masters), or None
+        before the first one."""
+        found = [u for s in list(self._samplers.values()) if (u := s.latest.get((namespace, name))) is not None]
+        if not found:
             return None
-        return self._sampler.latest.get((namespace, name))
+        return Usage(threads=sum(u.threads for u in found), keys=sum(u.keys for u in found),
+                     approx_bytes=sum(u.approx_bytes for u in found), sampled_keys=sum(u.sampled_keys for u in found),
+                     measured_at=max(u.measured_at for u in found))
 
     def desired_users(self) -> list[DesiredUser]:
         with self._lock:
             return list(self._desired.values())
-
-
-def usage_patch(current: Mapping[str, Any] | None, usage: Usage) -> dict[str, Any] | None:
-    """The status.usage to write, or None when the change is not worth a write (idle organisms are
-    not rewritten every round: same threads and keys, bytes within 10 %)."""
-    new = usage.as_status()
-    if current:
-        same_counts = current.get("threads") == new["threads"] and current.get("keys") == new["keys"]
-        old_bytes = int(current.get("approxBytes") or 0)
-        close = abs(int(new["approxBytes"]) - old_bytes) <= 0.1 * max(old_bytes, 1)
-        if same_counts and close:
-            return None
-    return new

@@ -54,14 +54,16 @@ class CleanupProgress:
 
 def cleanup_prefix(admin: redis.Redis, prefix: str, *, start: CleanupProgress | None = None,
                    batch_size: int = DEFAULT_BATCH, max_batches: int | None = None,
-                   on_batch: Callable[[CleanupProgress], None] | None = None) -> CleanupProgress:
+                   on_batch: Callable[[CleanupProgress], None] | None = None,
+                   unlink_each: bool = False) -> CleanupProgress:
     """Unlink every key starting with `prefix`; return the progress (``done`` when none is left).
 
     `start`: progress recorded by an earlier, interrupted call (its prefix must match).
     `max_batches`: bound the work of this call (the operator's finalizer uses it and retries);
     None runs to the end. `on_batch` is called after every batch with the new progress, for the
     caller to persist it (if it raises, the cleanup stops there and the last persisted progress
-    stays valid).
+    stays valid). `unlink_each`: one UNLINK per key (pipelined), for a Redis Cluster node, which
+    refuses a multi-key UNLINK whose keys are in different hash slots.
     """
     validate_prefix(prefix, "backend.redis.prefix")
     if batch_size < 1:
@@ -74,7 +76,7 @@ def cleanup_prefix(admin: redis.Redis, prefix: str, *, start: CleanupProgress | 
     done_here = 0
     while not progress.done and (max_batches is None or done_here < max_batches):
         cursor, keys = admin.scan(cursor=progress.cursor, match=pattern, count=batch_size)
-        removed = int(admin.unlink(*keys)) if keys else 0
+        removed = _unlink(admin, keys, unlink_each) if keys else 0
         cursor = int(cursor)
         pass_deleted = progress.pass_deleted + removed
         if cursor == 0:
@@ -89,3 +91,12 @@ def cleanup_prefix(admin: redis.Redis, prefix: str, *, start: CleanupProgress | 
         if on_batch is not None:
             on_batch(progress)
     return progress
+
+
+def _unlink(admin: redis.Redis, keys: list[Any], each: bool) -> int:
+    if not each:
+        return int(admin.unlink(*keys))
+    with admin.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.unlink(key)
+        return sum(int(n) for n in pipe.execute())

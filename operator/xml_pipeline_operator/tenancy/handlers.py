@@ -14,7 +14,8 @@ import kopf
 
 from .. import GROUP, PLURAL, VERSION
 from ..handlers import namespaced
-from .admin import SharedRedisAdmin, tenant_from_body, usage_patch
+from .admin import SharedRedisAdmin
+from .bodies import tenant_from_body, usage_patch
 
 
 def register_tenancy(registry: kopf.OperatorRegistry, admin: object) -> None:

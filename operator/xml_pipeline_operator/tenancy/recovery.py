@@ -61,7 +61,7 @@ class UserRecovery:
     """Keeps the run_id seen last; `check()` re-creates missing users. One per shared Redis."""
 
     def __init__(self, admin: redis.Redis) -> None:
-        self._admin = admin
+        self.admin = self._admin = admin
         self._run_id: str | None = None
         #: The server's profile (acl.server_profile), learnt on first need and again after a
         #: restart (the restarted server may be another version). Callers may reuse it.
@@ -74,7 +74,9 @@ class UserRecovery:
                 self.profile = server_profile(self._admin)
             return self.profile
 
-    def check(self, desired: Iterable[DesiredUser]) -> RecoveryReport:
+    def check(self, desired: Iterable[DesiredUser], *, functions: bool = True) -> RecoveryReport:
+        """Re-create missing users (all of them after a restart); with `functions`, load the function
+        library if it is missing (a replica gets it from its master and refuses FUNCTION LOAD)."""
         wanted = list(desired)
         run_id = server_run_id(self._admin)
         restarted = self._run_id is not None and run_id != self._run_id
@@ -96,7 +98,7 @@ class UserRecovery:
                     repaired.append(u.username)
         # Users' pods FCALL the library's functions: a server that lost its users after a restart
         # without persistence lost those too (one FCALL_RO when nothing is missing).
-        reloaded = bool(wanted) and ensure_library(self._admin) is LibraryState.LOADED
+        reloaded = functions and bool(wanted) and ensure_library(self._admin) is LibraryState.LOADED
         # Remember the run_id only once every user is in place: if ensure_user failed half way, the
         # next check sees the restart again and re-applies everything.
         self._run_id = run_id

@@ -1,0 +1,164 @@
+"""Benchmark: a Redis Cluster of 1 master against one of 3 masters, in one run, several producers.
+
+    .venv/bin/python bench/cluster.py [--producers 4] [--seconds 3] [--rounds 3] [--quick]
+
+Both clusters are local (tests/redis_cluster.py: loopback, no replicas, so the comparison is masters
+only), started side by side and measured round by round, interleaved. Per cluster:
+
+- append     `--producers` processes, each a RedisClusterBackend + ContextBuffer appending signed
+             slots to 64 threads of its own (spread over the slots) for `--seconds`: appends/s summed;
+- raw RPUSH  the same processes sending plain RPUSH of the same size through redis-py's RedisCluster
+             (no script, no signing, no index): the baseline of the same run;
+- dispatch   `--producers` processes, each a StreamPump with an in-process handler (no worker
+             processes) running conversations to the end: registry, append of the message, the
+             handler, append of the answer; conversations/s summed.
+- WAIT       on a third cluster, 3 masters + 3 replicas: the same appends with
+             `redis_wait_replicas` 0 and 1 (the cost of durability across a failover).
+
+Printed: each rate, ours / raw for appends, and the scaling 3 masters / 1 master. Not a test:
+nothing asserts on speed. docs/performance.md explains what the ratio means on this machine and
+what it would be with a master per machine.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import platform
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from redis_cluster import LocalCluster, start_cluster  # noqa: E402
+
+from xml_pipeline.memory import BackendConfig, ContextBuffer  # noqa: E402
+from xml_pipeline.memory.redis_backend import RedisBackend  # noqa: E402
+
+SIGNING_KEY = secrets.token_hex(16)
+ORGANISM = """
+organism: {name: bench}
+listeners:
+  - {name: echo, handler: "cluster:echo"}
+"""
+THREADS_PER_PRODUCER = 64
+
+
+def echo(message: Any) -> str:
+    """The dispatch bench's handler: answers at once (the store is what is measured)."""
+    return "<ok/>"
+
+
+def _config(url: str, prefix: str) -> BackendConfig:
+    return BackendConfig(backend_type="redis", redis_url=url, redis_prefix=prefix, redis_ttl=600,
+                         signing_key=SIGNING_KEY)
+
+
+def _append_producer(url: str, prefix: str, seconds: float, start_at: float, raw: bool, wait: int = 0) -> int:
+    backend = RedisBackend(_config(url, prefix).replace(redis_wait_replicas=wait))
+    buffer = ContextBuffer(backend)
+    tids = [f"{os.getpid()}-{j}" for j in range(THREADS_PER_PRODUCER)]
+    blob = b"x" * 200
+    client = backend.client
+    # Warm: the slot map, the scripts on every master, the connections.
+    for t in tids:
+        buffer.append(t, {"n": 0}, "a", "b")
+    while time.time() < start_at:
+        time.sleep(0.001)
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        t = tids[n % THREADS_PER_PRODUCER]
+        if raw:
+            client.rpush(f"{prefix}raw:{{{t}}}", blob)
+        else:
+            buffer.append(t, {"n": n}, "a", "b")
+        n += 1
+    backend.close()
+    return n
+
+
+def _dispatch_producer(url: str, prefix: str, count: int, start_at: float) -> float:
+    from xml_pipeline.message_bus.message import Message
+    from xml_pipeline.message_bus.stream_pump import StreamPump, run_messages
+    from xml_pipeline.organism import parse_organism
+
+    async def run() -> float:
+        org = parse_organism(ORGANISM, environ={})
+        backend = RedisBackend(_config(url, prefix))
+        async with StreamPump(org, backend, keep_outputs=False) as pump:
+            await run_messages(pump, [Message(f"s{i}", "echo", "<m/>") for i in range(32)])
+            while time.time() < start_at:
+                await asyncio.sleep(0.001)
+            # A sender per conversation: each is its own thread, spread over the slots.
+            elapsed = await run_messages(pump, [Message(f"c{os.getpid()}-{i}", "echo", "<m/>")
+                                                for i in range(count)])
+        backend.close()
+        return count / elapsed
+
+    return asyncio.run(run())
+
+
+def measure(pool: Any, kind: str, url: str, producers: int, seconds: float, dispatch_n: int) -> float:
+    prefix = f"bench{secrets.token_hex(3)}:"
+    start_at = time.time() + 1.5  # every producer warmed and waiting
+    if kind == "dispatch":
+        rates = pool.starmap(_dispatch_producer, [(url, prefix, dispatch_n, start_at)] * producers)
+        return float(sum(rates))
+    wait = 1 if kind == "append-wait1" else 0
+    counts = pool.starmap(_append_producer, [(url, prefix, seconds, start_at, kind == "raw", wait)] * producers)
+    return sum(counts) / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--producers", type=int, default=4, help="producer processes (default 4)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of each append measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="repetitions per figure; the median is shown")
+    ap.add_argument("--quick", action="store_true", help="one short round (a smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = 1.0, 1
+    dispatch_n = 300 if args.quick else 1500
+    print(f"# bench/cluster.py  producers={args.producers} seconds={args.seconds:g} rounds={args.rounds}  "
+          f"python {platform.python_version()}  {os.cpu_count()} cpu(s)  {platform.machine()}")
+    print(f"# load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    clusters: dict[int, LocalCluster] = {}
+    replicated: LocalCluster | None = None
+    try:
+        for masters in (1, 3):
+            clusters[masters] = start_cluster(masters, 0)
+        replicated = start_cluster(3, 1)
+        results: dict[tuple[int, str], list[float]] = {}
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(args.producers) as pool:
+            for _ in range(args.rounds):
+                for kind in ("append", "raw", "dispatch"):
+                    for masters, cluster in clusters.items():
+                        rate = measure(pool, kind, cluster.url, args.producers, args.seconds, dispatch_n)
+                        results.setdefault((masters, kind), []).append(rate)
+                for kind in ("append", "append-wait1"):
+                    assert replicated is not None
+                    rate = measure(pool, kind, replicated.url, args.producers, args.seconds, dispatch_n)
+                    results.setdefault((0, kind), []).append(rate)
+    finally:
+        for cluster in [*clusters.values(), *([replicated] if replicated else [])]:
+            cluster.close()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"{'masters':>7} {'append/s':>10} {'raw RPUSH/s':>12} {'ours/raw':>9} {'dispatch conv/s':>16}")
+    for masters in (1, 3):
+        a, r, d = med[(masters, "append")], med[(masters, "raw")], med[(masters, "dispatch")]
+        print(f"{masters:>7} {a:>10.0f} {r:>12.0f} {a / r:>9.2f} {d:>16.0f}")
+    print(f"scaling 3/1 masters: append {med[(3, 'append')] / med[(1, 'append')]:.2f}x, "
+          f"raw RPUSH {med[(3, 'raw')] / med[(1, 'raw')]:.2f}x, dispatch {med[(3, 'dispatch')] / med[(1, 'dispatch')]:.2f}x")
+    w0, w1 = med[(0, "append")], med[(0, "append-wait1")]
+    print(f"3 masters + 3 replicas: append {w0:.0f}/s, with redis_wait_replicas=1 {w1:.0f}/s "
+          f"({w1 / w0:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

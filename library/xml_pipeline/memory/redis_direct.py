@@ -2,8 +2,9 @@
 
 RedisBackend's `use_direct_connection` / `new_direct_connection` hand it out. Packed commands go
 out in one sendall (a large argument in one of its own, not copied) and the replies are read with
-hiredis (redis_wire.py). What it saves per round trip against a pooled redis-py connection: the pool's locks and queue, its liveness poll (a
-select() per checkout) and its metrics bookkeeping, about 60 us of a worker's CPU each time.
+hiredis (redis_wire.py). What it saves per round trip against a pooled redis-py connection: the
+pool's locks and queue, its liveness poll (a select() per checkout) and its metrics bookkeeping,
+about 60 us of a worker's CPU each time.
 
 Replies are received into one reusable buffer of RECV_BYTES and fed to hiredis from there, without
 a new bytes object per read. Reading a 1 MB slot (LINDEX) this way costs ~0.20 ms of CPU against

@@ -228,10 +228,7 @@ PODS = """
 """
 
 
-# Across a killed master this passes on its own, but under the full suite's load a worker once kept
-# reconnecting to the dead master's address for over a minute (not diagnosed yet): only the
-# resharding runs in the suite until it is.
-@pytest.mark.parametrize("fault", ["reshard"])
+@pytest.mark.parametrize("fault", ["kill-master", "reshard"])
 def test_pump_and_worker_pods_on_a_cluster_keep_answering(fault: str, redis_cluster: LocalCluster, tmp_path: Path,
                                                           cli_env: dict[str, str], procs: list[Any]) -> None:
     """`xml-pipeline pump` and `xml-pipeline worker` processes on a cluster (streams in one slot per

@@ -19,6 +19,7 @@ client never signs (it has no write access to the buffer).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ class OrganismClient:
         self.binding = Path(binding) if binding is not None else None
         if self.binding is not None:
             config = BackendConfig.from_binding(self.binding)
+        self._reread_lock = threading.Lock()
+        #: Pools replaced after a re-read, closed with the client (other threads may still be using them).
+        self._retired: list[Any] = []
         config = default_config() if config is None else config
         if config.backend_type != "redis":
             raise ConfigError("backend.type", f"is {config.backend_type!r}: a client talks to an organism through "
@@ -79,22 +83,23 @@ class OrganismClient:
         self._backend = RedisBackend(config)
         self._buffer = ContextBuffer(self._backend)
 
-    def _reread_binding(self) -> bool:
+    def _reread_binding(self, failed_with: Any) -> bool:
         """After Redis refused the password: the binding's credentials, if they changed since they were
         read (a rotation: the kubelet updates a mounted Secret in place), replace the connection pool's.
         True when they did (the call is worth repeating)."""
         if self.binding is None:
             return False
-        try:
-            fresh = BackendConfig.from_binding(self.binding)
-        except ConfigError:
-            return False  # mid-update or broken: the caller reports the authentication failure
-        if (fresh.redis_username, fresh.redis_password) == (self.config.redis_username, self.config.redis_password):
-            return False
-        old = self._backend
-        self._connect(fresh)
-        old.close()
-        return True
+        with self._reread_lock:  # one thread reconnects; the others find the new credentials in place
+            try:
+                fresh = BackendConfig.from_binding(self.binding)
+            except ConfigError:
+                return False  # mid-update or broken: the caller reports the authentication failure
+            if (fresh.redis_username, fresh.redis_password) == (self.config.redis_username,
+                                                                self.config.redis_password):
+                return failed_with is not self._backend  # another thread reconnected meanwhile
+            self._retired.append(self._backend)
+            self._connect(fresh)
+            return True
 
     @property
     def backend(self) -> Any:
@@ -158,12 +163,13 @@ class OrganismClient:
     def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
         import redis
         try:
+            backend = self._backend
             try:
                 return fn()
             except (redis.exceptions.AuthenticationError, CredentialsRejected):
                 # A new connection was refused its password: after a rotation, the binding may hold the
                 # new one (the command was never sent, so sending it again duplicates nothing).
-                if not self._reread_binding():
+                if not self._reread_binding(backend):
                     raise
                 return fn()
         except (redis.exceptions.AuthenticationError, CredentialsRejected) as e:
@@ -178,7 +184,9 @@ class OrganismClient:
                                      f"{self._backend.scrub(e)}") from None
 
     def close(self) -> None:
-        self._backend.close()
+        for b in [*self._retired, self._backend]:
+            b.close()
+        self._retired.clear()
 
     def __enter__(self) -> "OrganismClient":
         return self

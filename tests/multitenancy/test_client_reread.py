@@ -95,3 +95,24 @@ def test_an_env_client_reports_the_refusal(server: RedisServer) -> None:
             client.threads()
     with pytest.raises(TypeError):
         OrganismClient(config, binding="/bindings/shop")
+
+
+def test_threads_sharing_a_client_reconnect_once(server: RedisServer, tmp_path: Path) -> None:
+    """A web service shares one client between threads: after a rotation each thread's call succeeds, one
+    pool replaces the old one, and the old pool stays open until the client closes (a thread may use it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = tmp_path / "shop"
+    write(d, {"type": "redis", "provider": "xml-pipeline", "url": server.url, "username": USER,
+              "password": "old-password", "prefix": PREFIX, "ttl": "600", "signing-key": KEY})
+    client = OrganismClient(binding=d)
+    first = client.backend
+    client.threads()
+    rotate(server)
+    write(d, {"password": "new-password"})
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: client.threads(), range(16)))
+    assert results == [["t-1"]] * 16
+    assert client.backend is not first and client._retired == [first]
+    client.close()
+    assert client._retired == []

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_cluster import LocalCluster
 
 from xml_pipeline.memory import BackendConfig
@@ -82,4 +83,22 @@ def test_a_dead_default_node_does_not_pin_the_client(redis_cluster: LocalCluster
     client.zadd(stream + ":z", {"m": 1})
     assert client.execute_command("ZUNION", 1, stream + ":z") == [b"m"]
     assert client.get_default_node().name != dead.name
+    backend.close()
+
+
+def test_a_cluster_with_no_node_answering_is_a_connection_error(redis_cluster: LocalCluster) -> None:
+    """An outage that loops such as a worker's wait out (ConnectionError), not redis-py's
+    RedisClusterException from the slot-map refresh, which would stop them."""
+    backend = RedisClusterBackend(BackendConfig(backend_type="redis", redis_url=redis_cluster.url,
+                                                redis_prefix=f"xcc{time.monotonic_ns()}:", socket_timeout=1.0,
+                                                connect_timeout=0.5))
+    client = backend.client
+    stream = backend.key("tasks")
+    client.xgroup_create(stream, "g", id="0", mkstream=True)
+    for node in redis_cluster.live_nodes():
+        redis_cluster.kill(node)
+    with pytest.raises(RedisConnectionError):
+        client.xreadgroup("g", "c", {stream: ">"}, count=1, block=50)
+    with pytest.raises(RedisConnectionError):
+        backend.send_commands([("XADD", stream, "*", "f", "v")])
     backend.close()

@@ -15,7 +15,10 @@ This client:
   round trip saved per command as well);
 - for any other command with movable keys, when the lookup meets a connection error, replaces the
   default node with another master and refreshes the slot map, then asks once more; if that fails
-  too the connection error is raised for the caller's retry, which asks another node again.
+  too the connection error is raised for the caller's retry, which asks another node again;
+- reports a cluster none of whose nodes answers as a connection error (redis-py raises
+  RedisClusterException from the slot-map refresh), so loops that wait out an outage (a worker's)
+  wait it out instead of stopping.
 
 So after a node dies every attempt is routed by a slot map that redis-py refreshed on the previous
 attempt's connection error (the dead node asked last): an attempt after the promotion reaches the
@@ -80,6 +83,16 @@ def command_keys(args: tuple[Any, ...]) -> list[Any] | None:
 
 class ClusterClient(RedisCluster):
     """RedisCluster whose key lookups do not depend on one node staying up (module docstring)."""
+
+    def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._execute_command(target_node, *args, **kwargs)
+        except RedisClusterException as e:
+            # The slot-map refresh after a connection error found no node answering: that is an
+            # outage (a connection error, which callers wait out), not a wrong use of the cluster.
+            if isinstance(e.__context__, (RedisConnectionError, RedisTimeoutError)):
+                raise RedisConnectionError(f"no node of the cluster answers: {e}") from None
+            raise
 
     def _get_command_keys(self, *args: Any) -> Any:
         keys = command_keys(args)

@@ -21,6 +21,14 @@ from xml_pipeline.memory.redis_cluster_client import ClusterClient, command_keys
 
 pytestmark = pytest.mark.cluster
 
+SIGNING_KEY = "cluster-client-tests-signing-key-0123456789"
+
+def _backend(cluster: LocalCluster) -> RedisClusterBackend:
+    return RedisClusterBackend(BackendConfig(backend_type="redis", redis_url=cluster.url,
+                                             redis_prefix=f"xcc{time.monotonic_ns()}:", signing_key=SIGNING_KEY,
+                                             socket_timeout=1.0, connect_timeout=0.5))
+
+
 PARSED = [
     ("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "BLOCK", 50, "STREAMS", "s:{a}", ">"),
     (b"XREADGROUP", b"GROUP", b"g", b"c", b"NOACK", b"STREAMS", b"s1:{a}", b"s2:{a}", b">", b">"),
@@ -61,9 +69,7 @@ def test_other_or_malformed_commands_are_left_to_redis_py(args: tuple[Any, ...])
 def test_a_dead_default_node_does_not_pin_the_client(redis_cluster: LocalCluster) -> None:
     """The state a slot-map refresh during a failover leaves behind: the default node is the dead
     master. Commands with movable keys are still routed to their slot's live master."""
-    backend = RedisClusterBackend(BackendConfig(backend_type="redis", redis_url=redis_cluster.url,
-                                                redis_prefix=f"xcc{time.monotonic_ns()}:", socket_timeout=1.0,
-                                                connect_timeout=0.5))
+    backend = _backend(redis_cluster)
     client = backend.client
     assert isinstance(client, ClusterClient)
     stream = backend.key("tasks")
@@ -89,9 +95,7 @@ def test_a_dead_default_node_does_not_pin_the_client(redis_cluster: LocalCluster
 def test_a_cluster_with_no_node_answering_is_a_connection_error(redis_cluster: LocalCluster) -> None:
     """An outage that loops such as a worker's wait out (ConnectionError), not redis-py's
     RedisClusterException from the slot-map refresh, which would stop them."""
-    backend = RedisClusterBackend(BackendConfig(backend_type="redis", redis_url=redis_cluster.url,
-                                                redis_prefix=f"xcc{time.monotonic_ns()}:", socket_timeout=1.0,
-                                                connect_timeout=0.5))
+    backend = _backend(redis_cluster)
     client = backend.client
     stream = backend.key("tasks")
     client.xgroup_create(stream, "g", id="0", mkstream=True)

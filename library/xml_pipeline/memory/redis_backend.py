@@ -34,7 +34,7 @@ from .config import BackendConfig, compat_config
 from .keys import check_tagged_id
 from .protocol import Appended
 from .redis_index import RedisIndex
-from .redis_wire import pack_args, pack_command
+from .redis_wire import LARGE_ARG, Packed, join_packed, pack_args, pack_command, pieces
 from .serialization import default_signer
 from .signing import Signer
 
@@ -146,7 +146,7 @@ class RedisBackend(RedisIndex):
             puts = self._pack_sets(names, [v for _, v in items])
 
             def run() -> Any:
-                replies = self._pipeline(head + body + puts, 1 + len(names))
+                replies = self._pipeline(join_packed(head, body, puts), 1 + len(names))
                 first = replies[0]
                 for r in replies[1:]:
                     if isinstance(r, Exception):
@@ -184,7 +184,7 @@ class RedisBackend(RedisIndex):
         raise BackendError(f"unexpected reply {reply!r:.80} from the append script")
 
     def _append_body(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
-                     expected: int) -> bytes:
+                     expected: int) -> Packed:
         """The packed KEYS and ARGV of the append script (after its EVALSHA head)."""
         check_tagged_id(thread_id, "thread_id")
         if not isinstance(slot, (bytes, bytearray, memoryview)):
@@ -210,21 +210,32 @@ class RedisBackend(RedisIndex):
         exp = b"%d" % expected
         # KEYS buffer:{T} op:{T} uuid:{T} meta:index, ARGV slot append_id ttl max_slots prefix
         # expected, packed in one go.
-        return b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
-            n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid, self._packed_index,
-            len(slot), slot, len(aid), aid, tail, len(exp), exp)
+        if len(slot) <= LARGE_ARG:
+            return b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
+                n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid, self._packed_index,
+                len(slot), slot, len(aid), aid, tail, len(exp), exp)
+        # A large slot is not copied into the command: it is a piece of its own (redis_wire.pieces).
+        return [b"$%d\r\n%bbuffer:{%b}\r\n$%d\r\n%bop:{%b}\r\n$%d\r\n%buuid:{%b}\r\n%b$%d\r\n" % (
+                    n + 9, self._pb, tid, n + 5, self._pb, tid, n + 7, self._pb, tid, self._packed_index, len(slot)),
+                slot,
+                b"\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (len(aid), aid, tail, len(exp), exp)]
 
-    def _pack_sets(self, names: list[str], values: list[bytes]) -> bytes:
-        """SET name value EX ttl, for each pair, in RESP."""
+    def _pack_sets(self, names: list[str], values: list[bytes]) -> Packed:
+        """SET name value EX ttl, for each pair, in RESP (a value over LARGE_ARG as its own piece)."""
         ttl = b"%d" % (self._ttl or DEFAULT_TEMP_TTL)
         tail = b"$2\r\nEX\r\n$%d\r\n%b\r\n" % (len(ttl), ttl)
-        out = []
+        out: list[Any] = []
+        large = False
         for name, value in zip(names, values):
             if not isinstance(value, (bytes, bytearray, memoryview)):
                 raise TypeError(f"data must be bytes, got {type(value).__name__}")
             nb = name.encode()
-            out.append(b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (len(nb), nb, len(value), value, tail))
-        return b"".join(out)
+            if len(value) > LARGE_ARG:
+                large = True
+                out += [b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n" % (len(nb), nb, len(value)), value, b"\r\n" + tail]
+            else:
+                out.append(b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (len(nb), nb, len(value), value, tail))
+        return pieces(out) if large else b"".join(out)
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
@@ -234,7 +245,18 @@ class RedisBackend(RedisIndex):
         key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
-        return self._do("buffer_get_slot", lambda: cast("bytes | None", self.client.lindex(key, index)))
+        if self._direct is None or self._direct_owner != threading.get_ident():
+            return self._do("buffer_get_slot", lambda: cast("bytes | None", self.client.lindex(key, index)))
+        packed = pack_command(b"LINDEX", [key, index])
+
+        def run() -> bytes | None:
+            # On the worker's DirectConnection: a large slot is read into its reusable buffer.
+            (reply,) = self._pipeline(packed, 1)
+            if isinstance(reply, Exception):
+                raise reply
+            return cast("bytes | None", reply)
+
+        return self._do("buffer_get_slot", run)
 
     def buffer_thread_len(self, thread_id: str) -> int:
         key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
@@ -375,13 +397,13 @@ class RedisBackend(RedisIndex):
     # -- Packed commands for the pump's asyncio pipe (redis_pipe.py): the same commands as the -------
     # -- methods above, packed but not sent ------------------------------------------------------
     def pack_append_at(self, thread_id: str, slot: bytes, index: int, *, max_slots: int | None,
-                       append_id: str | None, items: Sequence[tuple[str, bytes]]) -> tuple[bytes, int]:
+                       append_id: str | None, items: Sequence[tuple[str, bytes]]) -> tuple[Packed, int]:
         """buffer_append_at's commands (the append script, then SET EX of each item) and their
         reply count; parse the first reply with parse_append_reply."""
         body = self._append_body(thread_id, slot, max_slots, append_id, index)
         names = [self.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
         puts = self._pack_sets(names, [v for _, v in items]) if items else b""
-        return self._script_heads["append"] + body + puts, 1 + len(items)
+        return join_packed(self._script_heads["append"], body, puts), 1 + len(items)
 
     def pack_take(self, key: str, *also_delete: str) -> bytes:
         """temp_take's commands (GET key, DEL key + also_delete): two replies."""

@@ -53,6 +53,7 @@ from .protocol import Appended
 from .redis_backend import RedisBackend, _signer_for
 from .redis_scripts import LuaScript
 from .signing import Signer
+from .redis_wire import Packed
 
 __all__ = ["RedisClusterBackend"]
 
@@ -422,7 +423,7 @@ class RedisClusterBackend(RedisBackend):
         self._do("temp_get+delete", lambda: self.client.delete(*names))
         return got
 
-    def _pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
+    def _pipeline(self, packed: Packed, count: int, *, best_effort_tail: int = 0) -> list[Any]:
         raise BackendError(f"Redis Cluster at {self._url}: packed commands cannot be routed to a node "
                            "(send_commands routes commands by their keys)")
 

@@ -33,7 +33,7 @@ from . import redis_scripts as scripts
 from .config import BackendConfig, is_tls_url, redact_url
 from .keys import RedisKeys
 from .redis_direct import DirectConnection
-from .redis_wire import pack_args, pack_command, pack_commands, pack_head, tls_supported
+from .redis_wire import Packed, join_packed, pack_args, pack_command, pack_commands, pack_head, tls_supported
 from .signing import Signer
 
 __all__ = ["RedisCore", "TLS_DEFAULTS"]
@@ -223,7 +223,7 @@ class RedisCore:
         eval_head = pack_head(b"EVAL", script.source.encode(), script.numkeys, len(args))
         return self._roundtrip(self._heads.head(script, len(args)), body, script, eval_head)
 
-    def _roundtrip(self, head: bytes, body: bytes, script: scripts.LuaScript,
+    def _roundtrip(self, head: bytes, body: Packed, script: scripts.LuaScript,
                    eval_head: bytes | None = None) -> Any:
         """One FCALL or EVALSHA on a pooled connection (EVAL on NOSCRIPT).
 
@@ -242,10 +242,11 @@ class RedisCore:
 
         wait = self._wait_tail
 
-        def send(packed: bytes) -> Any:
+        def send(*parts: Packed) -> Any:
             """One script (and its WAIT, when configured: both replies are read, so the connection
-            stays in step even when the script is refused)."""
-            conn.send_packed_command([packed + wait])
+            stays in step even when the script is refused). A large argument is a piece of its own."""
+            packed = join_packed(*parts, wait)
+            conn.send_packed_command(packed if type(packed) is list else [packed])
             try:
                 return conn.read_response()
             finally:
@@ -254,10 +255,10 @@ class RedisCore:
 
         def run(h: bytes) -> Any:
             try:
-                return send(h + body)
+                return send(h, body)
             except NoScriptError:
                 # Server restarted or SCRIPT FLUSH: EVAL runs the script and caches it again.
-                return send((eval_head or self._eval_heads[script.name]) + body)
+                return send(eval_head or self._eval_heads[script.name], body)
 
         try:
             heads = self._heads
@@ -293,7 +294,7 @@ class RedisCore:
             raise RedisTimeoutError(f"WAIT: {acked} of {self.config.redis_wait_replicas} replica(s) acknowledged "
                                     f"the write within {redis_topology.wait_timeout_ms(self.config)} ms")
 
-    def _pipeline(self, packed: bytes, count: int, *, best_effort_tail: int = 0) -> list[Any]:
+    def _pipeline(self, packed: Packed, count: int, *, best_effort_tail: int = 0) -> list[Any]:
         """Send already packed commands in one write and read their `count` replies; a command's
         error reply is returned in its place (every reply is read, so the connection stays in step).
         Connection errors are raised, and that connection dropped, as in _roundtrip."""
@@ -303,7 +304,7 @@ class RedisCore:
         pool = self._pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([packed])
+            conn.send_packed_command(packed if type(packed) is list else [packed])
             out: list[Any] = []
             for i in range(count):
                 try:

@@ -37,7 +37,7 @@ from redis.exceptions import InvalidResponse, ReadOnlyError
 
 from ..errors import BackendError, BackendUnavailable
 from .protocol import Appended
-from .redis_wire import MORE, handshake, pack_commands, reply_reader, tls_context
+from .redis_wire import MORE, Packed, handshake, pack_commands, pieces, reply_reader, tls_context
 
 if TYPE_CHECKING:
     from .redis_backend import RedisBackend
@@ -89,7 +89,8 @@ class RedisPipe:
         self._connecting: asyncio.Future[None] | None = None
         self._reader = reply_reader()
         self._waiting: collections.deque[_Request] = collections.deque()
-        self._out: list[bytes] = []
+        self._out: list[Any] = []
+        self._pieces = False  # _out holds a large piece (a memoryview): written piece by piece
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._progress = 0.0
@@ -144,7 +145,7 @@ class RedisPipe:
             raise BackendError(f"Redis at {self.backend.url} refused temp_delete: {n}")
         return int(n)
 
-    async def execute(self, packed: bytes, count: int, *, what: str = "command") -> list[Any]:
+    async def execute(self, packed: Packed, count: int, *, what: str = "command") -> list[Any]:
         """Send packed commands (with the next group of writes) and return their `count` replies,
         error replies in place. Raises BackendUnavailable if the connection fails or stalls."""
         if self._closed:
@@ -158,7 +159,11 @@ class RedisPipe:
         if not self._waiting:
             self._progress = time.monotonic()
         self._waiting.append(request)
-        self._out.append(packed)
+        if type(packed) is list:
+            self._out += packed
+            self._pieces = True
+        else:
+            self._out.append(packed)
         self.commands += count
         if not self._flush_pending:
             self._flush_pending = True
@@ -247,13 +252,20 @@ class RedisPipe:
         self._flush_pending = False
         if not self._out:
             return
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out = []
-        if self._transport is None:
+        out, self._out = self._out, []
+        transport = self._transport
+        if transport is None:
             self._fail(ConnectionError("connection lost"))
             return
         self.writes += 1
-        self._transport.write(data)
+        if self._pieces:
+            # Large values are written from their own buffers: the transport sends what the socket
+            # takes at once and keeps only the rest (a memoryview slice, copied once into its buffer).
+            self._pieces = False
+            for piece in pieces(out):
+                transport.write(piece)
+        else:
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def _on_data(self, protocol: _Protocol, data: bytes) -> None:
         if protocol is not self._protocol:
@@ -301,6 +313,7 @@ class RedisPipe:
             transport.abort()
         waiting, self._waiting = self._waiting, collections.deque()
         self._out = []
+        self._pieces = False
         for request in waiting:
             if not request.future.done():
                 request.future.set_exception(error)

@@ -10,6 +10,10 @@ commands, reading replies, the connection handshake and TLS.
   types our commands take (str, bytes, int), and the hot path packs the append's KEYS and ARGV in
   one `%` format (redis-py encodes argument by argument). tests/library/test_redis_wire.py checks
   it byte for byte against redis-py's own packer.
+- An argument over LARGE_ARG bytes (a large slot or temp value) is not copied into the packed
+  command: the command becomes a list of pieces (`Packed`), the argument's own buffer among them,
+  written with one write per large piece (`pieces`, `send_packed`). A 1 MB slot packed by
+  formatting and concatenation was copied twice more on the pump before it reached the socket.
 - `handshake` is the one list of commands a new raw connection sends (AUTH, CLIENT SETNAME,
   SELECT), built from the connection kwargs of the backend's pool, the same ones redis-py's pooled
   connections use; `tls_context` is the SSLContext redis-py's SSLConnection builds for them.
@@ -17,14 +21,58 @@ commands, reading replies, the connection handshake and TLS.
 from __future__ import annotations
 
 import ssl
+import socket
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Union
 
 import hiredis
 from redis import exceptions as rx
 
-__all__ = ["MORE", "error_reply", "handshake", "pack_args", "pack_command", "pack_commands", "pack_head",
+__all__ = ["LARGE_ARG", "MORE", "Packed", "error_reply", "pieces", "send_packed", "handshake", "pack_args", "pack_command", "pack_commands", "pack_head",
            "reply_reader", "tls_context", "tls_supported"]
+
+
+#: Arguments longer than this travel as their own buffer instead of being copied into the command.
+LARGE_ARG = 32 * 1024
+
+#: Packed commands: one bytes object, or a list of pieces (bytes / memoryview) sent back to back.
+Packed = Union[bytes, list[Any]]
+
+
+def pieces(*parts: Packed) -> list[Any]:
+    """`parts` as one list of pieces to write in order: neighbouring small pieces joined into one
+    bytes object, each piece over LARGE_ARG as a memoryview of its own buffer (not copied; a
+    transport slicing a partly sent memoryview does not copy it either)."""
+    out: list[Any] = []
+    small: list[Any] = []
+    for part in parts:
+        for piece in (part if isinstance(part, list) else (part,)):
+            if len(piece) > LARGE_ARG:
+                if small:
+                    out.append(b"".join(small))
+                    small = []
+                out.append(piece if isinstance(piece, memoryview) else memoryview(piece))
+            elif piece:
+                small.append(piece)
+    if small:
+        out.append(b"".join(small))
+    return out
+
+
+def join_packed(*parts: Packed) -> Packed:
+    """`parts` back to back: one bytes object when every part is bytes, else `pieces(*parts)`."""
+    if all(type(p) is bytes for p in parts):
+        return b"".join(parts)  # type: ignore[arg-type]
+    return pieces(*parts)
+
+
+def send_packed(sock: socket.socket, packed: Packed) -> None:
+    """Write `packed` on a blocking socket (plain or TLS): one sendall per piece."""
+    if type(packed) is bytes:
+        sock.sendall(packed)
+        return
+    for piece in pieces(packed):
+        sock.sendall(piece)
 
 
 def pack_head(command: bytes, script: bytes, numkeys: int, nargs: int) -> bytes:

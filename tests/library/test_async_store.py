@@ -121,8 +121,8 @@ async def test_unconfirmed_appends_are_redone_and_stored_once(fresh_redis: Redis
     try:
         for warm in ("warm", "warm-pipe"):  # the first goes through the backend, the second opens the pipe
             await store.append(buffer, buffer.prepare(thread, warm, "console", "echo", append_id=warm))
+        items = [signed(backend, 2) for _ in range(10)]  # ready before the block: it lasts only 1.2 s
         sleeper = await asyncio.to_thread(block_server, fresh_redis, 1.2)
-        items = [signed(backend, 2) for _ in range(10)]
         slots = await asyncio.gather(*(store.append(buffer, buffer.prepare(thread, f"m{i}", "console", "echo",
                                                                            append_id=f"m{i}"), items[i])
                                        for i in range(10)))

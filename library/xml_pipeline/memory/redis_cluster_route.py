@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
+from redis.exceptions import (AskError, ClusterDownError, MovedError, RedisClusterException, ResponseError,
+                              TryAgainError)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -65,6 +66,15 @@ def send_routed(client: Any, commands: list[tuple[Any, ...]], best_effort_tail: 
         out.append(reply)
     return out
 
+def _refresh(client: Any) -> None:
+    """Refresh the slot map after a connection error; if no node answers, the caller's connection
+    error stands (an outage its retry waits out), not redis-py's RedisClusterException."""
+    try:
+        client.nodes_manager.initialize()
+    except RedisClusterException:
+        pass
+
+
 def _on_node(client: Any, slot: int, commands: list[tuple[Any, ...]], best_effort_tail: int,
          pack: Callable[[list[tuple[Any, ...]]], bytes]) -> list[Any]:
     """`commands` on one connection to the master of `slot`; replies as RedisCore._pipeline."""
@@ -75,7 +85,7 @@ def _on_node(client: Any, slot: int, commands: list[tuple[Any, ...]], best_effor
     except (RedisConnectionError, RedisTimeoutError):
         # The node is gone: ask the cluster who serves the slot now (after a failover, the
         # promoted replica), for the caller's next attempt.
-        client.nodes_manager.initialize()
+        _refresh(client)
         raise
     try:
         conn.send_packed_command([pack(commands)])
@@ -93,7 +103,7 @@ def _on_node(client: Any, slot: int, commands: list[tuple[Any, ...]], best_effor
                 break
     except (RedisConnectionError, RedisTimeoutError, OSError):
         conn.disconnect()
-        client.nodes_manager.initialize()
+        _refresh(client)
         raise
     except BaseException:
         conn.disconnect()
@@ -101,7 +111,7 @@ def _on_node(client: Any, slot: int, commands: list[tuple[Any, ...]], best_effor
     finally:
         pool.release(conn)
     if any(isinstance(r, (MovedError, AskError, ClusterDownError, TryAgainError)) for r in out):
-        client.nodes_manager.initialize()
+        _refresh(client)
         raise RedisConnectionError(f"slot {slot} is moving or its node is failing over; the slot map was "
                                    "refreshed")
     return out

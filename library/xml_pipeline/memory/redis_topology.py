@@ -8,7 +8,8 @@ timeouts, pool size, client name and TLS as a single server:
 - sentinel: a SentinelConnectionPool. Every new connection asks the sentinels for the current
   master, and a connection that meets a demoted master (READONLY) is dropped, so after a failover
   the same pool reconnects to the new master by itself;
-- cluster: a RedisCluster client (memory/redis_cluster.py builds the backend on it). It keeps the
+- cluster: a RedisCluster client (redis_cluster_client.ClusterClient: key lookups that never pin a
+  dead node; memory/redis_cluster.py builds the backend on it). It keeps the
   slot map, follows MOVED and ASK, and retries TRYAGAIN / CLUSTERDOWN / connection errors with
   backoff while a slot migrates or a replica is promoted.
 
@@ -111,7 +112,9 @@ def connection_pool(config: BackendConfig, url: str, username: str | None,
 
 def cluster_client(config: BackendConfig, username: str | None, password: str | None) -> Any:
     """A redis-py RedisCluster on the seed nodes of a cluster URL (RESP2, bytes replies)."""
-    from redis.cluster import ClusterNode, RedisCluster
+    from redis.cluster import ClusterNode
+
+    from .redis_cluster_client import ClusterClient
     where = target(config)
     if where.mode != "cluster":
         raise ValueError(f"{config.redacted_url} is not a cluster URL")
@@ -122,7 +125,7 @@ def cluster_client(config: BackendConfig, username: str | None, password: str | 
     if where.tls:
         # Verified as on one server: the certificate against the system's CAs, and the host name.
         kwargs.update(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True, **config.tls_kwargs())
-    return RedisCluster(
+    return ClusterClient(
         startup_nodes=[ClusterNode(host, port) for host, port in where.nodes],
         max_connections=config.max_connections,
         # A slot without a master (during a failover) fails only the commands of that slot.

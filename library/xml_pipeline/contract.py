@@ -185,8 +185,9 @@ STREAM_COMMANDS: frozenset[str] = frozenset({
 #: client API alike) sends to find the node of each key. None reads or writes data:
 #:   cluster|slots    the slot map, read from a seed on connect and again after MOVED or a lost node
 #:   command          the command table (first/last key positions), read once per client
-#:   command|getkeys  the keys of a command whose key positions move with its arguments (FCALL,
-#:                    XREAD, XREADGROUP): redis-py asks the server
+#:   command|getkeys  the keys of a command whose key positions move with its arguments: redis-py
+#:                    asks the server for those ClusterClient does not parse itself (it does
+#:                    XREAD, XREADGROUP, FCALL, FCALL_RO; EVAL/EVALSHA without the function library)
 #:   asking           sent before a command redirected by ASK (its slot is being migrated: reshard)
 #: Not here: READONLY / READWRITE (sent only by a client that reads from replicas; the library reads
 #: from masters) and CLUSTER SHARDS / NODES (redis-py maps slots with CLUSTER SLOTS).

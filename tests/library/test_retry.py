@@ -26,3 +26,16 @@ def test_retrying_logs_the_words_operators_grep_for_and_returns_the_wait(caplog:
         "ingress xp:ingress: Redis unavailable (ConnectionError); retrying in 0.2 s",
         "ingress xp:ingress: Redis unavailable (ConnectionError); retrying in 0.4 s",
     ]
+
+
+def test_cluster_replies_that_mean_not_now_are_waited_out_and_others_are_not() -> None:
+    from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
+
+    from xml_pipeline.message_bus.retry import transient_reply
+
+    # What a blocked XREADGROUP gets when its stream's slot moves to another node mid-read.
+    assert transient_reply(ResponseError("UNBLOCKED the stream key no longer exists"))
+    assert transient_reply(TryAgainError("Multiple keys request during rehashing of slot"))
+    assert transient_reply(ClusterDownError("The cluster is down"))
+    assert not transient_reply(ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
+    assert not transient_reply(ResponseError("NOPERM this user has no permissions to access one of the keys"))

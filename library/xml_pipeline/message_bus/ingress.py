@@ -19,7 +19,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from ..errors import BackendError
-from .retry import _REDIS_DOWN, Backoff
+from .retry import _REDIS_DOWN, Backoff, transient_reply
 from .streams import (
     EGRESS_MAXLEN,
     EGRESS_ONCE,
@@ -133,6 +133,9 @@ class IngressBridge:
                     # The stream is gone (expired, or Redis restarted without its data).
                     s.ensure_group(s.ingress, PUMP_GROUP)
                     cursor = "0-0"
+                    continue
+                if transient_reply(e):  # e.g. the ingress stream moved to another node (resharding)
+                    self._stop.wait(backoff.retrying(log, f"ingress {s.ingress}", type(e).__name__))
                     continue
                 self.redis_error = f"{type(e).__name__}: {e}"
                 log.exception("ingress %s: read failed", s.ingress)

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import logging
 
+from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: The errors of an outage (worth waiting out); anything else is a real failure.
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+#: Replies of a Redis Cluster that mean "not here, not now" rather than "wrong": a blocked read
+#: whose stream moved to another node during a resharding (UNBLOCKED), a slot in the middle of a
+#: migration (TRYAGAIN), a cluster briefly without a majority (CLUSTERDOWN).
+_TRANSIENT_REPLIES = ("UNBLOCKED", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def transient_reply(error: ResponseError) -> bool:
+    """True for an error reply worth waiting out like an outage (the next attempt re-routes)."""
+    return isinstance(error, (TryAgainError, ClusterDownError)) or str(error).startswith(_TRANSIENT_REPLIES)
 
 
 class Backoff:

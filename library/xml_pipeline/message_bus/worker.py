@@ -15,7 +15,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from ..organism import Organism
-from .retry import _REDIS_DOWN, Backoff
+from .retry import _REDIS_DOWN, Backoff, transient_reply
 from .streams import (
     DLQ_MAXLEN,
     HEARTBEAT,
@@ -152,12 +152,16 @@ class DistributedWorker:
                               "another worker will reclaim it", self.name)
                     return None
             except ResponseError as e:
-                if "NOGROUP" not in str(e):
+                if transient_reply(e):  # e.g. the tasks stream moved to another node (resharding)
+                    attempts += 1
+                    delay = backoff.retrying(log, f"worker {self.name}", f"{type(e).__name__}: {e}")
+                elif "NOGROUP" not in str(e):
                     raise
-                # The stream expired (TTL) or was deleted while idle: recreate the group.
-                log.info("worker %s: consumer group missing (%s); recreating it", self.name, e)
-                self.streams.ensure_group(self.streams.tasks, WORKER_GROUP)
-                continue
+                else:
+                    # The stream expired (TTL) or was deleted while idle: recreate the group.
+                    log.info("worker %s: consumer group missing (%s); recreating it", self.name, e)
+                    self.streams.ensure_group(self.streams.tasks, WORKER_GROUP)
+                    continue
             if essential:
                 time.sleep(delay)
             else:

@@ -6,10 +6,14 @@ import itertools
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
 from redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from redis_cluster import LocalCluster, LocalSentinel
 
 from xml_pipeline_operator.tenancy import acl, functions
 
@@ -94,3 +98,24 @@ def make_org(shared_redis: RedisServer, admin: redis.Redis) -> Iterator[Callable
             keys = list(admin.scan_iter(match=f"{org.prefix}*", count=1000))
             if keys:
                 admin.unlink(*keys)
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest) -> Iterator["LocalCluster"]:
+    """One local cluster per module (its tests use distinct organisms); the admin is `default` with
+    the module's ADMIN_PASSWORD."""
+    from redis_cluster import start_cluster
+
+    c = start_cluster(password=request.module.ADMIN_PASSWORD)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def sentinel_set(request: pytest.FixtureRequest) -> Iterator["LocalSentinel"]:
+    """One local Sentinel set per module, its data nodes protected by the module's ADMIN_PASSWORD."""
+    from redis_cluster import start_sentinel
+
+    s = start_sentinel(password=request.module.ADMIN_PASSWORD)
+    yield s
+    s.close()

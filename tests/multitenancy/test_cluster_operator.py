@@ -9,13 +9,12 @@ import dataclasses
 import importlib.util
 import secrets
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from redis_cluster import LocalCluster, LocalSentinel, start_cluster, start_sentinel
+from redis_cluster import LocalCluster, LocalSentinel
 
 from xml_pipeline_operator.tenancy import acl
 from xml_pipeline_operator.tenancy.admin import SharedRedisAdmin
@@ -40,19 +39,6 @@ ADMIN_PASSWORD = "admin-" + secrets.token_hex(8)
 LISTENERS = [{"name": "greeter", "handler": "xml_pipeline.examples.greeter:handle"}]
 MERGE = {"Content-Type": "application/merge-patch+json"}
 
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    c = start_cluster(password=ADMIN_PASSWORD)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def sentinel_set() -> Iterator[LocalSentinel]:
-    s = start_sentinel(password=ADMIN_PASSWORD)
-    yield s
-    s.close()
 
 
 async def create(k8s: Any, name: str, spec: dict[str, Any]) -> None:

@@ -6,13 +6,12 @@ refused another tenant's keys on every master."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis_cluster import LocalCluster, LocalSentinel, start_cluster, start_sentinel
+from redis_cluster import LocalCluster, LocalSentinel
 
 from xml_pipeline_operator.redis_admin import Tenant
 from xml_pipeline_operator.settings import OperatorSettings
@@ -23,20 +22,6 @@ pytestmark = pytest.mark.cluster
 
 ADMIN_PASSWORD = "admin-" + secrets.token_hex(8)
 
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    """One cluster for the module (tests use distinct organisms); the admin is `default`."""
-    c = start_cluster(password=ADMIN_PASSWORD)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def sentinel_set() -> Iterator[LocalSentinel]:
-    s = start_sentinel(password=ADMIN_PASSWORD)
-    yield s
-    s.close()
 
 
 def admin_for(url: str, **kw: float) -> SharedRedisAdmin:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Callable, Iterator
+import signal
+import subprocess
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -98,6 +100,23 @@ def make_org(shared_redis: RedisServer, admin: redis.Redis) -> Iterator[Callable
             keys = list(admin.scan_iter(match=f"{org.prefix}*", count=1000))
             if keys:
                 admin.unlink(*keys)
+
+
+def stop_gracefully(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 20) -> list[tuple[int, str]]:
+    """Stop pods' processes as Kubernetes does: SIGTERM to all, then wait for each (SIGKILL after
+    `timeout`). Returns each one's exit code and stderr (empty when it was not piped)."""
+    procs = list(procs)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    results = []
+    for p in procs:
+        try:
+            _out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _out, err = p.communicate()
+        results.append((p.returncode, (err or b"").decode(errors="replace")))
+    return results
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from xml_pipeline_operator.model import parse_organism
 from xml_pipeline_operator.settings import OperatorSettings
 from xml_pipeline_operator.tenancy import client_acl
 
-from .conftest import Org
+from .conftest import Org, stop_gracefully
 from .test_pods_restricted import CLI, ORGANISM_YAML, acl_denials
 
 USER_POD = r'''
@@ -98,14 +97,7 @@ def pods(organism: dict[str, Any], tmp_path: Path) -> Iterator[None]:
                               env={**env, "XP_ROLE": role}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for role in ("pump", "worker")]
     yield
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
+    stop_gracefully(procs)
 
 
 def pod_env(organism: str, binding: dict[str, str]) -> dict[str, str]:

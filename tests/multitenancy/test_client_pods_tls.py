@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from xml_pipeline_operator.model import parse_organism
 from xml_pipeline_operator.settings import OperatorSettings
 from xml_pipeline_operator.tenancy import client_acl
 
-from .conftest import ADMIN_PASSWORD, Org
+from .conftest import ADMIN_PASSWORD, Org, stop_gracefully
 from .test_client_pods import USER_POD, check
 from .test_client_tls import start_tls
 from .test_pods_restricted import CLI, ORGANISM_YAML
@@ -116,13 +115,6 @@ def test_pods_and_a_user_pod_over_tls_with_the_ca_file(make_org: Callable[..., O
                                 text=True, timeout=60)
         assert failed.returncode != 0 and "certificate verify failed" in failed.stderr + failed.stdout, failed.stderr
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate()
+        stop_gracefully(procs)
         admin.execute_command("ACL", "DELUSER", binding["username"])
         admin.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from xml_pipeline.message_bus.ingress import send_message
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline_operator.tenancy import acl
 
-from .conftest import Org
+from .conftest import Org, stop_gracefully
 
 ORGANISM_YAML = """\
 organism:
@@ -88,16 +87,7 @@ def test_pump_and_worker_run_with_restricted_user(make_org: Callable[..., Org], 
         # greeter (in the pump) called primes (in the worker, through the task stream) and answered.
         assert "25 primes below 100" in reply.text(), reply.payload
     finally:
-        outputs = {}
-        for role, p in procs.items():
-            p.send_signal(signal.SIGTERM)
-        for role, p in procs.items():
-            try:
-                out, err = p.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                out, err = p.communicate()
-            outputs[role] = (p.returncode, err.decode(errors="replace"))
+        outputs = dict(zip(procs, stop_gracefully(procs.values())))
     for role, (code, err) in outputs.items():
         assert "NOPERM" not in err and "no permissions" not in err.lower(), f"{role}: {err[-2000:]}"
         assert code == 0, f"{role} exited {code}: {err[-2000:]}"

@@ -302,12 +302,6 @@ class RedisClusterBackend(RedisBackend):
 
         return self._do("buffer_delete_thread", run)
 
-    def buffer_list_threads(self) -> list[str]:
-        return self._do("buffer_list_threads", lambda: sorted(tid for tid, _ in self._live(b"t")))
-
-    def buffer_clear(self) -> int:
-        return self._do("buffer_clear", lambda: self._clear_index(b"t"))
-
     # -- Thread Registry ------------------------------------------------------------------------
     def registry_set(self, chain: str, uuid: str) -> None:
         self._check_chain(chain)
@@ -354,11 +348,6 @@ class RedisClusterBackend(RedisBackend):
                 entry = f"c:{old_chain}"
                 self.client.srem(self.keys.bucket(entry), entry)
 
-    def registry_get_uuid(self, chain: str) -> str | None:
-        key = self.keys.chain(self._check_chain(chain))
-        value = self._do("registry_get_uuid", lambda: cast("bytes | None", self.client.get(key)))
-        return None if value is None else value.decode()
-
     def registry_get_chain(self, uuid: str) -> str | None:
         key = self.keys.uuid(check_tagged_id(uuid, "uuid"))
 
@@ -393,12 +382,6 @@ class RedisClusterBackend(RedisBackend):
             return True
 
         return self._do("registry_delete", run)
-
-    def registry_list_all(self) -> dict[str, str]:
-        return self._do("registry_list_all", lambda: {uuid.decode(): chain for chain, uuid in self._live(b"c")})
-
-    def registry_clear(self) -> int:
-        return self._do("registry_clear", lambda: self._clear_index(b"c"))
 
     # -- Temporary data (single keys; batches are split by node) --------------------------------
     def temp_put_many(self, items: list[tuple[str, bytes]]) -> None:

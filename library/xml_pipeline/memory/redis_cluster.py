@@ -44,7 +44,7 @@ from redis.retry import Retry
 from ..errors import AppendIdConflict, BackendError, BackendUnavailable, ThreadFullError
 from . import redis_cluster_scripts as cs
 from .redis_cluster_index import ClusterIndex
-from .redis_cluster_route import send_routed
+from .redis_cluster_route import refresh, send_routed
 from . import redis_functions
 from . import redis_topology
 from .config import BackendConfig, compat_config, redact_url
@@ -53,7 +53,7 @@ from .protocol import Appended
 from .redis_backend import RedisBackend, _signer_for
 from .redis_scripts import LuaScript
 from .signing import Signer
-from .redis_wire import Packed
+from .redis_wire import Packed, tls_supported
 
 __all__ = ["RedisClusterBackend"]
 
@@ -246,8 +246,9 @@ class RedisClusterBackend(RedisBackend):
                 self.temp_delete(*(k for k, _ in items))
             raise
 
-    def _append(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
-                expected: int) -> Appended:
+    def _append_call(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
+                     expected: int) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+        """The KEYS and ARGV of C_APPEND for these arguments (checked here)."""
         check_tagged_id(thread_id, "thread_id")
         if not isinstance(slot, (bytes, bytearray, memoryview)):
             raise TypeError(f"slot must be bytes, got {type(slot).__name__}")
@@ -258,36 +259,65 @@ class RedisClusterBackend(RedisBackend):
             raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
         aid = append_id if append_id is not None else _random_id()
         keys = (self.keys.buffer(thread_id), self.keys.op(thread_id), self.keys.uuid(thread_id))
-        args = (bytes(slot), aid, self._ttl, max_slots or 0, expected)
+        return keys, (bytes(slot), aid, self._ttl, max_slots or 0, expected)
+
+    def _append(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
+                expected: int) -> Appended:
+        keys, args = self._append_call(thread_id, slot, max_slots, append_id, expected)
 
         def run() -> Any:
             reply = self._write(cs.C_APPEND, keys, args)
-            status = reply[0]
-            follow: list[tuple[Any, ...]] = []
-            if status in (cs.STORED, cs.REPEAT) and (status == cs.REPEAT or reply[2] == 1):
-                # A new thread (or a repeat, whose first attempt may have stopped before this): list it.
-                self._index_add(f"t:{thread_id}", follow)
-            elif status == cs.STORED:
-                self._touch_bucket(f"t:{thread_id}", follow)
-            if status == cs.STORED and self._ttl and reply[3]:
-                chain_key = self.keys.chain(reply[3].decode())
-                if self._due(chain_key):
-                    follow.append(("PEXPIRE", chain_key, self._slack_ms))
-                    self._touch_bucket(f"c:{reply[3].decode()}", follow)
-            self._follow_up(follow)
+            self._follow_up(self.append_follow_ups(thread_id, reply))
             return reply
 
-        reply = self._do("buffer_append", run)
+        outcome = self.append_outcome(self._do("buffer_append", run))
+        if outcome is None:
+            raise ThreadFullError(thread_id, max_slots or 0)
+        return outcome
+
+    def append_follow_ups(self, thread_id: str, reply: Any) -> list[tuple[Any, ...]]:
+        """The commands on other slots that C_APPEND's `reply` calls for: the thread's index entry
+        (a new thread, or a repeat whose first attempt may have stopped before adding it), the
+        expiry refreshes of its bucket and chain key when due. The pump's cluster pipe sends the
+        same ones (redis_cluster_pipe.py)."""
+        follow: list[tuple[Any, ...]] = []
+        if not (isinstance(reply, list) and reply):
+            return follow
         status = reply[0]
+        if status in (cs.STORED, cs.REPEAT) and (status == cs.REPEAT or reply[2] == 1):
+            self._index_add(f"t:{thread_id}", follow)
+        elif status == cs.STORED:
+            self._touch_bucket(f"t:{thread_id}", follow)
+        if status == cs.STORED and self._ttl and reply[3]:
+            chain_key = self.keys.chain(reply[3].decode())
+            if self._due(chain_key):
+                follow.append(("PEXPIRE", chain_key, self._slack_ms))
+                self._touch_bucket(f"c:{reply[3].decode()}", follow)
+        return follow
+
+    @staticmethod
+    def append_outcome(reply: Any) -> Appended | None:
+        """C_APPEND's reply as an Appended (None: the thread is full)."""
+        status = reply[0] if isinstance(reply, list) and len(reply) >= 2 else None
         if status == cs.STORED:
             return Appended("stored", int(reply[1]))
         if status == cs.MOVED:
             return Appended("moved", int(reply[1]))
-        if status == cs.REPEAT:
+        if status == cs.REPEAT and len(reply) == 3:
             return Appended("repeat", int(reply[1]), reply[2])
         if status == cs.FULL:
-            raise ThreadFullError(thread_id, max_slots or 0)
+            return None
         raise BackendError(f"unexpected reply {reply!r:.80} from the append script")
+
+    def append_command(self, thread_id: str, slot: bytes, index: int, *, max_slots: int | None,
+                       append_id: str, load: bool = False) -> tuple[str, tuple[Any, ...]]:
+        """buffer_append_at's compare-and-append as one command (FCALL, or EVALSHA: the mechanism
+        this backend uses now, probed on first use; EVAL with `load`, which caches the script on
+        that node) and the key it is routed by; the pump's cluster pipe sends it and reads the
+        reply with append_outcome / append_follow_ups."""
+        keys, args = self._append_call(thread_id, slot, max_slots, append_id, index)
+        commands = self._commands(cs.C_APPEND, keys, args)
+        return keys[0], commands[-1 if load else 0]
 
     def buffer_delete_thread(self, thread_id: str) -> bool:
         check_tagged_id(thread_id, "thread_id")
@@ -452,11 +482,37 @@ class RedisClusterBackend(RedisBackend):
                 self._client.close()
 
     def pipe_capable(self) -> bool:
+        """False: RedisPipe and DirectConnection talk to one server. The pump's store uses one
+        RedisPipe per master instead (node_pipes_capable, redis_cluster_pipe.py)."""
         return False
 
+    def node_pipes_capable(self) -> bool:
+        """True when the pump may send its hot path through one RedisPipe per master: not with
+        redis_wait_replicas (WAIT rides on the pooled path only), nor with TLS checks that only
+        redis-py makes (OCSP)."""
+        return not self._closed and not self._wait and tls_supported(self.connection_kwargs())
+
     def connection_kwargs(self) -> dict[str, Any]:
-        return {"host": None, "port": None, "path": None, "db": 0, "username": self._username,
-                "password": self._password, "client_name": f"xml-pipeline:{self._prefix}"}
+        """The settings of a raw connection to any node (RedisPipe(address=...)): no host of its
+        own, the credentials, the client name, and over TLS (`tls`) the ssl_* settings of redis-py's
+        cluster connections (redis_topology.cluster_tls)."""
+        tls = redis_topology.target(self.config).tls
+        out: dict[str, Any] = {"host": None, "port": None, "path": None, "db": 0, "username": self._username,
+                               "password": self._password, "client_name": f"xml-pipeline:{self._prefix}", "tls": tls}
+        if tls:
+            out.update(redis_topology.cluster_tls(self.config))
+        return out
+
+    def prepare_node_pipes(self) -> None:
+        """(blocking) What the pump's cluster pipe needs before its first command, made off its
+        event loop: the client with its slot map, and the script mechanism (probed once)."""
+        self._do("connect", self._mechanism_now)
+
+    def refresh_slots(self) -> None:
+        """(blocking) Ask the cluster for its slot map again; a cluster none of whose nodes answers
+        keeps the old map (the next attempt asks again)."""
+        if self._client is not None:
+            refresh(self._client)
 
 
 def _random_id() -> bytes:

@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import BackendError
 
-__all__ = ["send_routed"]
+__all__ = ["refresh", "send_routed"]
 
 
 def send_routed(client: Any, commands: list[tuple[Any, ...]], best_effort_tail: int,
@@ -66,7 +66,7 @@ def send_routed(client: Any, commands: list[tuple[Any, ...]], best_effort_tail: 
         out.append(reply)
     return out
 
-def _refresh(client: Any) -> None:
+def refresh(client: Any) -> None:
     """Refresh the slot map after a connection error; if no node answers, the caller's connection
     error stands (an outage its retry waits out), not redis-py's RedisClusterException."""
     try:
@@ -85,7 +85,7 @@ def _on_node(client: Any, slot: int, commands: list[tuple[Any, ...]], best_effor
     except (RedisConnectionError, RedisTimeoutError):
         # The node is gone: ask the cluster who serves the slot now (after a failover, the
         # promoted replica), for the caller's next attempt.
-        _refresh(client)
+        refresh(client)
         raise
     try:
         conn.send_packed_command([pack(commands)])
@@ -103,7 +103,7 @@ def _on_node(client: Any, slot: int, commands: list[tuple[Any, ...]], best_effor
                 break
     except (RedisConnectionError, RedisTimeoutError, OSError):
         conn.disconnect()
-        _refresh(client)
+        refresh(client)
         raise
     except BaseException:
         conn.disconnect()
@@ -111,7 +111,7 @@ def _on_node(client: Any, slot: int, commands: list[tuple[Any, ...]], best_effor
     finally:
         pool.release(conn)
     if any(isinstance(r, (MovedError, AskError, ClusterDownError, TryAgainError)) for r in out):
-        _refresh(client)
+        refresh(client)
         raise RedisConnectionError(f"slot {slot} is moving or its node is failing over; the slot map was "
                                    "refreshed")
     return out

@@ -73,12 +73,17 @@ class RedisPipe:
     """One pipelined asyncio connection of a pump to its RedisBackend's server. Loop-bound: use it
     from one event loop (the pump's); `close()` when done."""
 
-    def __init__(self, backend: "RedisBackend") -> None:
+    def __init__(self, backend: "RedisBackend", *, address: tuple[str, int] | None = None) -> None:
+        """`address`: the (host, port) of one node of a Redis Cluster (redis_cluster_pipe.py), with
+        the backend's credentials and TLS settings; None: the backend's server."""
         self.backend = backend
         kw = backend.connection_kwargs()
+        if address is not None:
+            kw.update(host=address[0], port=address[1], path=None)
         self._host: str | None = kw.get("host")
         self._port: int = int(kw.get("port") or 6379)
         self._path: str | None = kw.get("path")
+        self._fixed = address is not None
         self._username: str | None = kw.get("username")
         self._handshake = handshake(kw)
         self._tls: ssl.SSLContext | None = tls_context(kw) if kw.get("tls") else None
@@ -220,7 +225,7 @@ class RedisPipe:
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.backend.config.redis_mode == "sentinel":
+        if self.backend.config.redis_mode == "sentinel" and not self._fixed:
             # The master may have changed since the last connection: ask the sentinels again
             # (blocking calls, off the loop).
             kw = await loop.run_in_executor(None, self.backend.connection_kwargs)

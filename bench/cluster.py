@@ -11,11 +11,17 @@ only), started side by side and measured round by round, interleaved. Per cluste
              (no script, no signing, no index): the baseline of the same run;
 - dispatch   `--producers` processes, each a StreamPump with an in-process handler (no worker
              processes) running conversations to the end: registry, append of the message, the
-             handler, append of the answer; conversations/s summed.
+             handler, append of the answer; conversations/s summed. Once with the pump's fast path
+             (group commit through one RedisPipe per master, memory/redis_cluster_pipe.py) and once
+             with `pipelined=False` (every step a blocking redis-py cluster call in the io threads);
+- store      the pump's own append path alone: `--producers` processes, each a RedisStore appending
+             from 64 coroutines (one thread each) for `--seconds`, with the fast path and without;
+             appends/s summed.
 - WAIT       on a third cluster, 3 masters + 3 replicas: the same appends with
              `redis_wait_replicas` 0 and 1 (the cost of durability across a failover).
 
-Printed: each rate, ours / raw for appends, and the scaling 3 masters / 1 master. Not a test:
+Printed: each rate, ours / raw for appends, fast path / blocking path for dispatch and store
+appends (beside the raw RPUSH baseline of the same run), and the scaling 3 masters / 1 master. Not a test:
 nothing asserts on speed. docs/performance.md explains what the ratio means on this machine and
 what it would be with a master per machine.
 """
@@ -82,7 +88,38 @@ def _append_producer(url: str, prefix: str, seconds: float, start_at: float, raw
     return n
 
 
-def _dispatch_producer(url: str, prefix: str, count: int, start_at: float) -> float:
+def _store_producer(url: str, prefix: str, seconds: float, start_at: float, pipelined: bool) -> int:
+    from xml_pipeline.memory.async_store import open_store
+
+    async def run() -> int:
+        backend = RedisBackend(_config(url, prefix))
+        store = open_store(backend, pipelined=pipelined)
+        buffer = ContextBuffer(backend)
+        tids = [f"{os.getpid()}-{j}" for j in range(THREADS_PER_PRODUCER)]
+        payload = "x" * 200
+        # Warm: the slot map, the scripts on every master, the connections.
+        await asyncio.gather(*(store.append(buffer, buffer.prepare(t, payload, "a", "b", append_id=f"w-{t}"))
+                               for t in tids))
+        while time.time() < start_at:
+            await asyncio.sleep(0.001)
+        end = time.monotonic() + seconds
+        counts = [0] * len(tids)
+
+        async def writer(j: int) -> None:
+            t = tids[j]
+            while time.monotonic() < end:
+                await store.append(buffer, buffer.prepare(t, payload, "a", "b", append_id=f"{t}-{counts[j]}"))
+                counts[j] += 1
+
+        await asyncio.gather(*(writer(j) for j in range(len(tids))))
+        store.close()
+        backend.close()
+        return sum(counts)
+
+    return asyncio.run(run())
+
+
+def _dispatch_producer(url: str, prefix: str, count: int, start_at: float, pipelined: bool = True) -> float:
     from xml_pipeline.message_bus.message import Message
     from xml_pipeline.message_bus.stream_pump import StreamPump, run_messages
     from xml_pipeline.organism import parse_organism
@@ -90,7 +127,7 @@ def _dispatch_producer(url: str, prefix: str, count: int, start_at: float) -> fl
     async def run() -> float:
         org = parse_organism(ORGANISM, environ={})
         backend = RedisBackend(_config(url, prefix))
-        async with StreamPump(org, backend, keep_outputs=False) as pump:
+        async with StreamPump(org, backend, keep_outputs=False, pipelined=pipelined) as pump:
             await run_messages(pump, [Message(f"s{i}", "echo", "<m/>") for i in range(32)])
             while time.time() < start_at:
                 await asyncio.sleep(0.001)
@@ -106,9 +143,12 @@ def _dispatch_producer(url: str, prefix: str, count: int, start_at: float) -> fl
 def measure(pool: Any, kind: str, url: str, producers: int, seconds: float, dispatch_n: int) -> float:
     prefix = f"bench{secrets.token_hex(3)}:"
     start_at = time.time() + 1.5  # every producer warmed and waiting
-    if kind == "dispatch":
-        rates = pool.starmap(_dispatch_producer, [(url, prefix, dispatch_n, start_at)] * producers)
+    if kind in ("dispatch", "dispatch-blocking"):
+        rates = pool.starmap(_dispatch_producer, [(url, prefix, dispatch_n, start_at, kind == "dispatch")] * producers)
         return float(sum(rates))
+    if kind in ("store", "store-blocking"):
+        counts = pool.starmap(_store_producer, [(url, prefix, seconds, start_at, kind == "store")] * producers)
+        return sum(counts) / seconds
     wait = 1 if kind == "append-wait1" else 0
     counts = pool.starmap(_append_producer, [(url, prefix, seconds, start_at, kind == "raw", wait)] * producers)
     return sum(counts) / seconds
@@ -137,7 +177,7 @@ def main() -> None:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(args.producers) as pool:
             for _ in range(args.rounds):
-                for kind in ("append", "raw", "dispatch"):
+                for kind in ("append", "raw", "dispatch", "dispatch-blocking", "store", "store-blocking"):
                     for masters, cluster in clusters.items():
                         rate = measure(pool, kind, cluster.url, args.producers, args.seconds, dispatch_n)
                         results.setdefault((masters, kind), []).append(rate)
@@ -153,6 +193,12 @@ def main() -> None:
     for masters in (1, 3):
         a, r, d = med[(masters, "append")], med[(masters, "raw")], med[(masters, "dispatch")]
         print(f"{masters:>7} {a:>10.0f} {r:>12.0f} {a / r:>9.2f} {d:>16.0f}")
+    print(f"{'masters':>7} {'store append/s fast':>20} {'blocking':>9} {'fast/blocking':>14} {'fast/raw':>9} "
+          f"{'dispatch conv/s fast':>21} {'blocking':>9} {'fast/blocking':>14}")
+    for masters in (1, 3):
+        sf, sb, r = med[(masters, "store")], med[(masters, "store-blocking")], med[(masters, "raw")]
+        df, db = med[(masters, "dispatch")], med[(masters, "dispatch-blocking")]
+        print(f"{masters:>7} {sf:>20.0f} {sb:>9.0f} {sf / sb:>14.2f} {sf / r:>9.2f} {df:>21.0f} {db:>9.0f} {df / db:>14.2f}")
     print(f"scaling 3/1 masters: append {med[(3, 'append')] / med[(1, 'append')]:.2f}x, "
           f"raw RPUSH {med[(3, 'raw')] / med[(1, 'raw')]:.2f}x, dispatch {med[(3, 'dispatch')] / med[(1, 'dispatch')]:.2f}x")
     w0, w1 = med[(0, "append")], med[(0, "append-wait1")]

@@ -143,10 +143,18 @@ class ClusterPipe:
             elif isinstance(r, AskError):
                 self.redirects += 1
 
+    def _master(self, slot: int) -> Any:
+        """The master of `slot` in the client's slot map (read as NodesManager.get_node_from_slot
+        reads it, without its lock and argument checks: a dict read, on every command)."""
+        nodes = self.backend.client.nodes_manager.slots_cache.get(slot)
+        if not nodes:
+            raise SlotNotCoveredError(f"slot {slot} is not covered")
+        return nodes[0]
+
     def _node_of(self, slot: int) -> str:
         """The name ("host:port") of the master of `slot` in the slot map ("" if none serves it)."""
         try:
-            return str(self.backend.client.nodes_manager.get_node_from_slot(slot).name)
+            return str(self._master(slot).name)
         except SlotNotCoveredError:
             return ""
 
@@ -154,7 +162,7 @@ class ClusterPipe:
         """`packed` (commands of `slot`) on its master's pipe: their replies, error replies in place.
         A node that cannot be reached is BackendUnavailable, and a fresh slot map is asked for."""
         try:
-            node = self.backend.client.nodes_manager.get_node_from_slot(slot)
+            node = self._master(slot)
         except SlotNotCoveredError:
             self._refresh()
             raise _NotSent(f"Redis Cluster at {self.backend.url}: no master serves slot {slot} now ({what})") from None
@@ -195,13 +203,18 @@ class ClusterPipe:
             key, command = b.append_command(thread_id, slot, index, max_slots=max_slots, append_id=append_id,
                                             load=loading is not None)
             names = [b.keys.tmp(check_tagged_id(k, "temp key")) for k, _ in items]
-            sends = [self._send(_slot(key), pack_commands([command]), 1, "buffer_append")]
+            append = self._send(_slot(key), pack_commands([command]), 1, "buffer_append")
             if items:
+                sends = [append]
                 for s, where in self._by_slot(names).items():
-                    sends.append(self._send(s, b._pack_sets(  # noqa: SLF001 - the backend's own SET EX packing
-                        [names[i] for i in where], [items[i][1] for i in where]),
-                                            len(where), "temp_put"))
-            results = await asyncio.gather(*sends, return_exceptions=True)
+                    puts = b._pack_sets([names[i] for i in where], [items[i][1] for i in where])  # noqa: SLF001
+                    sends.append(self._send(s, puts, len(where), "temp_put"))
+                results: list[Any] = await asyncio.gather(*sends, return_exceptions=True)
+            else:  # no task of its own for the common case
+                try:
+                    results = [await append]
+                except Exception as e:  # noqa: BLE001 - judged below, as gather's results are
+                    results = [e]
         except BackendError as e:
             raise Unsure(str(e)) from None
         finally:
@@ -214,7 +227,7 @@ class ClusterPipe:
                 raise Unsure(f"{type(res).__name__}: {res}"[:200])
             if any(isinstance(r, Exception) for r in res):
                 raise Unsure(f"append replied {res!r}"[:200])
-        reply = results[0][0]  # type: ignore[index]
+        reply = results[0][0]
         try:
             outcome = b.append_outcome(reply)
         except BackendError:

@@ -9,6 +9,11 @@ same index with the same append id, through the blocking backend, whose retries,
 errors (ThreadFullError, BackendUnavailable, ...) are the contract's; a repeat of an append the pipe
 did store is recognised by its append id. Takes and deletes are not redone: GET + DEL is not
 idempotent, so a lost connection is the caller's BackendUnavailable, as from the blocking backend.
+
+On a Redis Cluster the pipe is a ClusterPipe (redis_cluster_pipe.py): one RedisPipe per master,
+each operation on the master of its slot. Appends fall back as above; takes, deletes and stream
+batches the cluster refuses ("not here, not now") are redone there, so a resharding or a failover
+reaches the caller only as a pause.
 """
 from __future__ import annotations
 

@@ -21,10 +21,12 @@ being migrated), CLUSTERDOWN and connection errors; on top of that every idempot
 retried with backoff for about as long as a failover takes (redis_topology.CLUSTER_RETRIES), so a
 resharding or a promoted replica is not seen by the caller.
 
-The pump's asyncio pipe and a worker's direct connection talk to one server: on a cluster
-`pipe_capable()` is False and they keep the blocking path. The distributed worker mode works: its
-streams share one hash tag per organism (keys.ClusterKeys.key) and `send_commands` routes a batch
-to the node of its slot.
+The pump's fast path runs one RedisPipe per master (redis_cluster_pipe.ClusterPipe, offered where
+`node_pipes_capable()`), with the commands this module packs (`append_command`,
+`append_follow_ups`, `append_outcome`: the same as the blocking path's) and the client's slot map.
+`pipe_capable()` stays False: a single RedisPipe or DirectConnection talks to one server. The
+distributed worker mode works: its streams share one hash tag per organism (keys.ClusterKeys.key)
+and `send_commands` routes a batch to the node of its slot.
 """
 from __future__ import annotations
 

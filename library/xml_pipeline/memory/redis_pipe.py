@@ -19,8 +19,9 @@ idempotent (GET + DEL): a lost connection raises BackendUnavailable, as the back
 
 Supported: redis://, rediss:// (TLS with the SSLContext redis-py would build for the same settings,
 redis_wire.tls_context) and unix:// URLs, and the master a Sentinel set names (redis+sentinel://:
-asked again on every connection, and a connection that meets a demoted master is dropped). Not a
-Redis Cluster (for_backend returns None there). Replies are read by hiredis and the connection handshake
+asked again on every connection, and a connection that meets a demoted master is dropped). On a
+Redis Cluster for_backend returns None: the store uses one RedisPipe per master instead, each made
+with `address=` (redis_cluster_pipe.ClusterPipe). Replies are read by hiredis and the connection handshake
 is redis_wire.handshake's. A reply overdue by socket_timeout fails every waiting command (the
 connection is dropped; the next command reconnects), so nothing waits forever on a dead server.
 """

@@ -8,7 +8,8 @@ on real local clusters (tests/redis_cluster.py).
 - ASK, step by step: a slot half migrated, the appends, takes and stream batches of that slot
   still answer, and the stream batch went to the importing node through the pipe (ASKING);
 - a master killed under load: the store carries on after the failover, on the promoted replica's pipe;
-- pump + worker processes on a cluster run with the pipe on (its command counters grow);
+- pump + worker processes on a cluster run with the pipe on (its command counters grow); a worker's
+  task loop sends on one connection of its own per master;
 - rediss+cluster:// keeps the fast path, with the TLS settings of redis-py's cluster connections.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import secrets
 import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +318,42 @@ listeners:
         log.close()
         backend.close()
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-2000:]
+
+
+def test_a_workers_own_connections_one_per_master(shared_cluster: LocalCluster) -> None:
+    """use_direct_connection on a cluster (what a worker's task loop calls): its batches and slot
+    reads go through a DirectConnection per master; other threads keep the pools; a moved slot is
+    followed (the MOVED is a retried connection error, with the slot map refreshed)."""
+    backend = backend_on(shared_cluster.url)
+    try:
+        backend.use_direct_connection()
+        nodes = getattr(backend, "_nodes")
+        assert nodes is not None
+        blobs = {secrets.token_hex(6): secrets.token_bytes(40_000 if i % 2 else 100) for i in range(12)}
+        for t, blob in blobs.items():
+            backend.buffer_append(t, blob)
+        assert {t: backend.buffer_get_slot(t, 0) for t in blobs} == blobs
+        stream = backend.key("tasks")
+        replies = backend.send_commands([("MULTI",), ("XADD", stream, "*", "f", "1"), ("EXEC",)])
+        assert replies[:2] == [b"OK", b"QUEUED"] and len(replies[2]) == 1
+        assert nodes.round_trips == len(blobs) + 1 and len(getattr(nodes, "_conns")) == 3
+        # Another thread: the pool, not this thread's connections.
+        first = next(iter(blobs))
+        other: list[Any] = []
+        worker = threading.Thread(target=lambda: other.append(backend.buffer_get_slot(first, 0)))
+        worker.start()
+        worker.join()
+        assert other == [blobs[first]] and nodes.round_trips == len(blobs) + 1
+        # The thread's slot moves: the next read meets MOVED, and the retry reads from the new owner.
+        slot = key_slot(first.encode())
+        target = other_master(shared_cluster, slot)
+        shared_cluster.migrate_slot(slot, target)
+        assert backend.buffer_get_slot(first, 0) == blobs[first]
+        assert f"{target.host}:{target.port}" in getattr(nodes, "_conns")
+    finally:
+        backend.buffer_clear()
+        backend.client.delete(backend.key("tasks"))
+        backend.close()
 
 
 def test_rediss_cluster_keeps_the_fast_path(tls_files: TLSFiles) -> None:

@@ -23,7 +23,8 @@ resharding or a promoted replica is not seen by the caller.
 
 The pump's fast path runs one RedisPipe per master (redis_cluster_pipe.ClusterPipe, offered where
 `node_pipes_capable()`), with the commands this module packs (`append_command`,
-`append_follow_ups`, `append_outcome`: the same as the blocking path's) and the client's slot map.
+`append_follow_ups`, `append_outcome`: the same as the blocking path's) and the client's slot map;
+a worker's task loop gets one DirectConnection per master (`use_direct_connection`).
 `pipe_capable()` stays False: a single RedisPipe or DirectConnection talks to one server. The
 distributed worker mode works: its streams share one hash tag per organism (keys.ClusterKeys.key)
 and `send_commands` routes a batch to the node of its slot.
@@ -46,7 +47,7 @@ from redis.retry import Retry
 from ..errors import AppendIdConflict, BackendError, BackendUnavailable, ThreadFullError
 from . import redis_cluster_scripts as cs
 from .redis_cluster_index import ClusterIndex
-from .redis_cluster_route import refresh, send_routed
+from .redis_cluster_route import NodeConnections, refresh, send_routed
 from . import redis_functions
 from . import redis_topology
 from .config import BackendConfig, compat_config, redact_url
@@ -68,7 +69,10 @@ RETRYABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotC
 
 
 class RedisClusterBackend(RedisBackend):
-    """SharedBackend on a Redis Cluster. Thread-safe; one RedisCluster client per instance."""
+    """SharedBackend on a Redis Cluster. Thread-safe; one RedisCluster client per instance.
+
+    (Over 500 lines: the contract's operations on a cluster and the commands the pump's per-node
+    pipes send for them share their checks and parsing, so they stay in one class.)"""
 
     def __init__(self, config: BackendConfig | str | None = None, *, url: str | None = None,
                  prefix: str | None = None, ttl: int | None = None, signer: Signer | None = None) -> None:
@@ -447,8 +451,41 @@ class RedisClusterBackend(RedisBackend):
 
     def send_commands(self, commands: list[tuple[Any, ...]], *, best_effort_tail: int = 0) -> list[Any]:
         """RedisCore.send_commands, routed to the node of the commands' slot
-        (redis_cluster_route.send_routed)."""
-        return send_routed(self.client, commands, best_effort_tail, self.pack_commands)
+        (redis_cluster_route.send_routed); on the calling thread's own connections after
+        use_direct_connection."""
+        return send_routed(self.client, commands, best_effort_tail, self.pack_commands, self._own_connections())
+
+    # -- A worker's own connections: one DirectConnection per master -------------------------------
+    _nodes: NodeConnections | None = None
+
+    def use_direct_connection(self) -> None:
+        """The calling thread's send_commands and buffer_get_slot (a worker's task loop: its reads,
+        its result transactions, large slots) go through connections of its own, one per master;
+        other threads keep the pools. Not with redis_wait_replicas (WAIT rides on the pooled path)."""
+        if self.node_pipes_capable():
+            cfg = self.config
+            self._nodes = NodeConnections(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
+                                          connect_timeout=cfg.connect_timeout)
+
+    def _own_connections(self) -> NodeConnections | None:
+        nodes = self._nodes
+        return nodes if nodes is not None and nodes.owner == threading.get_ident() else None
+
+    def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
+        if self._own_connections() is None:
+            return super().buffer_get_slot(thread_id, index)
+        key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+
+        def run() -> bytes | None:
+            # A large slot is read into the connection's reusable buffer (redis_direct.py).
+            (reply,) = self.send_commands([("LINDEX", key, index)])
+            if isinstance(reply, Exception):
+                raise reply
+            return cast("bytes | None", reply)
+
+        return self._do("buffer_get_slot", run)
 
     # -- Index (N buckets: redis_cluster_index.py) --------------------------------------------------
     def _live(self, kind: bytes, limit: int | None = None) -> Iterator[tuple[str, bytes]]:
@@ -482,6 +519,8 @@ class RedisClusterBackend(RedisBackend):
             self._closed = True
             if self._client is not None:
                 self._client.close()
+            if self._nodes is not None:
+                self._nodes.disconnect()
 
     def pipe_capable(self) -> bool:
         """False: RedisPipe and DirectConnection talk to one server. The pump's store uses one

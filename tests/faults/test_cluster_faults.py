@@ -246,7 +246,7 @@ def test_pump_and_worker_pods_on_a_cluster_keep_answering(fault: str, redis_clus
                           workers=1, claim_idle_seconds=1.0, heartbeat_seconds=0.2, max_attempts=3, drain_seconds=5)
     env = dict(cli_env, XP_CONFIG=str(path))
     for role in ("pump", "worker"):
-        procs.append(cli_popen(role, "--heartbeat-file", str(tmp_path / f"{role}.hb"), env=env,
+        procs.append(cli_popen(role, "-v", "--heartbeat-file", str(tmp_path / f"{role}.hb"), env=env,
                                log=tmp_path / f"{role}.log"))
     backend = create_backend(load(path).backend)
     streams = Streams(backend)  # type: ignore[arg-type]

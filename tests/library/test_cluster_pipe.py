@@ -7,7 +7,8 @@ on real local clusters (tests/redis_cluster.py).
   caller, every thread's slots are gap-free and each append is stored once; the pipe followed it;
 - ASK, step by step: a slot half migrated, the appends, takes and stream batches of that slot
   still answer, and the stream batch went to the importing node through the pipe (ASKING);
-- a master killed under load: the store carries on after the failover, on the promoted replica's pipe;
+- a master killed under load: the store carries on after the failover, on the promoted replica's pipe
+  (of the stream batches, only the one on the wire when the master died may fail);
 - pump + worker processes on a cluster run with the pipe on (its command counters grow); a worker's
   task loop sends on one connection of its own per master;
 - rediss+cluster:// keeps the fast path, with the TLS settings of redis-py's cluster connections.
@@ -29,6 +30,7 @@ from redis.crc import key_slot
 from redis_cluster import ClusterNode, LocalCluster
 from redis_server import TLSFiles
 
+from xml_pipeline.errors import BackendUnavailable
 from xml_pipeline.memory import BackendConfig, ContextBuffer
 from xml_pipeline.memory.async_store import RedisStore, open_store
 from xml_pipeline.memory.redis_backend import RedisBackend
@@ -249,6 +251,26 @@ async def test_a_killed_master_and_the_store_carries_on(redis_cluster: LocalClus
                 after[thread].append(payload)
             n += 1
 
+    stream = f"{backend.prefix}s:{{{threads[0]}}}"  # on the victim too
+    submitted: list[int] = []
+    lost: list[Exception] = []
+
+    async def submitter() -> None:
+        """One MULTI of an XADD at a time, as the dispatcher submits: only the batch on the wire
+        when the master dies may fail; one whose master cannot be reached waits for the new one."""
+        n, after = 0, 0
+        while after < 10:
+            done = failed_over.is_set()
+            try:
+                replies = await store.execute([("MULTI",), ("XADD", stream, "*", "n", n), ("EXEC",)], what="submit")
+                assert isinstance(replies[2], list), replies
+                submitted.append(n)
+                after += done
+            except BackendUnavailable as e:
+                assert not done, e
+                lost.append(e)
+            n += 1
+
     async def kill() -> None:
         await asyncio.sleep(0.3)
         await asyncio.to_thread(_wait_replicated, victim)
@@ -256,7 +278,10 @@ async def test_a_killed_master_and_the_store_carries_on(redis_cluster: LocalClus
         failed_over.set()
 
     try:
-        await asyncio.gather(kill(), *(appender(t) for t in threads))
+        await asyncio.gather(kill(), submitter(), *(appender(t) for t in threads))
+        assert len(lost) <= 1, lost
+        on_stream = {int(fields[b"n"]) for _, fields in backend.client.xrange(stream)}
+        assert set(submitted[-10:]) <= on_stream
         for t in threads:
             payloads = [s.payload for s in buffer.get_thread_slots(t)]
             assert len(payloads) == len(set(payloads))  # nothing stored twice

@@ -31,9 +31,10 @@ command did not run. They never reach the caller:
   that GET finds nothing and the take answers None (the pump reports the response as gone);
 - execute resends a batch none of whose commands ran, for up to RETRY_SECONDS: to the new owner after
   MOVED, with ASKING to the importing node after ASK, after a short backoff for TRYAGAIN,
-  CLUSTERDOWN and UNBLOCKED; then BackendUnavailable. A batch that ran in part returns its replies
-  with the errors in place, and a lost connection is BackendUnavailable, as on one server (a
-  MULTI of XADDs is not repeated blindly).
+  CLUSTERDOWN and UNBLOCKED, and when its master could not be reached at all (nothing was sent:
+  after a fresh slot map); then BackendUnavailable. A batch that ran in part returns its replies
+  with the errors in place, and a connection lost under a batch is BackendUnavailable, as on one
+  server (a MULTI of XADDs is not repeated blindly).
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def not_here(reply: object) -> bool:
 
 
 class _NotSent(BackendUnavailable):
-    """No master serves the slot now (during a failover): nothing was sent."""
+    """Nothing was sent: no master serves the slot now, or its master cannot be reached (during a
+    failover, until the fresh slot map names the promoted replica)."""
 
 
 def _slot(key: str) -> int:
@@ -166,8 +168,14 @@ class ClusterPipe:
         except SlotNotCoveredError:
             self._refresh()
             raise _NotSent(f"Redis Cluster at {self.backend.url}: no master serves slot {slot} now ({what})") from None
+        pipe = self._pipe_at(node.host, node.port)
         try:
-            replies = await self._pipe_at(node.host, node.port).execute(packed, count, what=what)
+            await pipe.connect(what)
+        except BackendUnavailable as e:  # a master that is gone: ask for a fresh map, nothing was sent
+            self._refresh()
+            raise _NotSent(str(e)) from None
+        try:
+            replies = await pipe.execute(packed, count, what=what)
         except BackendUnavailable:
             self._refresh()
             raise

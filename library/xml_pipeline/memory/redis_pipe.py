@@ -182,6 +182,14 @@ class RedisPipe:
             raise BackendUnavailable(f"Redis at {self.backend.url} is unavailable: {what} failed after 1 "
                                      f"attempt(s) ({type(e).__name__}: {self.backend.scrub(e)})") from None
 
+    async def connect(self, what: str = "connect") -> None:
+        """Make sure the connection is up (connect now if it is not): BackendUnavailable if it cannot
+        be made, before anything is sent."""
+        if self._closed:
+            raise BackendUnavailable(f"the redis pipe to {self.backend.url} is closed ({what})")
+        if self._transport is None:
+            await self._connect(what)
+
     async def _leave_demoted(self) -> None:
         """After a READONLY reply: let the commands already sent on that connection have their
         replies (they stand as they are), then drop it, so the next command reconnects to the

@@ -74,8 +74,21 @@ def _ignore(_error: Exception) -> None:
 def _retryable(error: Exception) -> bool:
     # Wrong credentials, or a server certificate that does not verify, do not get better by asking
     # again. redis-py and DirectConnection raise ConnectionError from within the handler of the
-    # ssl error, so it is the error's context.
-    return not isinstance(error, AuthenticationError) and not isinstance(error.__context__, ssl.SSLCertVerificationError)
+    # ssl error, so it is the error's context; the cluster client wraps that once more (no seed
+    # node reachable) and the sentinel lookup names it as its context (redis_topology), so the
+    # whole chain is looked at.
+    return not isinstance(error, AuthenticationError) and not _certificate_rejected(error)
+
+
+def _certificate_rejected(error: BaseException) -> bool:
+    cause: BaseException | None = error
+    for _ in range(8):  # the chains above are 2-4 long; the bound only guards against a cycle
+        if cause is None:
+            return False
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class RedisCore:

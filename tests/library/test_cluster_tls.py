@@ -1,0 +1,223 @@
+"""rediss+cluster:// and rediss+sentinel:// on real TLS-only sets (tests/redis_cluster.py with `tls=`:
+every node listens on its TLS port alone; the cluster bus, replication and the sentinels' links are
+TLS too). The backend verifies every node against `redis_ca_cert`:
+
+- the contract basics (append, read back byte-exact, registry, temp data) in both modes, and the
+  pump's fast path (RedisPipe) on the TLS master a Sentinel set names;
+- a wrong CA is one clear BackendUnavailable, not retried, and a one-line error in the CLI;
+- a Sentinel failover and a killed cluster master: the same backend object carries on over TLS.
+
+The sets are started once per module (conftest `tls_cluster`, `tls_sentinel`); the tests that fail
+a master over come last.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis_cluster import LocalCluster, LocalSentinel, wait_replicated
+from redis_server import RedisServer, TLSFiles
+
+from xml_pipeline.errors import BackendUnavailable
+from xml_pipeline.memory import BackendConfig, ContextBuffer
+from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.memory.redis_cluster import RedisClusterBackend
+from xml_pipeline.memory.redis_pipe import RedisPipe
+
+pytestmark = pytest.mark.cluster
+
+SIGNING_KEY = "cluster-tls-tests-signing-key-0123456789"
+MODES = ("cluster", "sentinel")
+#: Every byte value, a zero run and a long tail: what a slot holds must come back unchanged.
+PAYLOAD = bytes(range(256)) + b"\x00" * 64 + secrets.token_bytes(40_000)
+
+
+def backend_on(url: str, ca: Path, **config: Any) -> Any:
+    cfg: dict[str, Any] = dict(backend_type="redis", redis_url=url, redis_prefix=f"tls{secrets.token_hex(4)}:",
+                               redis_ca_cert=str(ca), signing_key=SIGNING_KEY, redis_ttl=600,
+                               socket_timeout=2.0, connect_timeout=1.0)
+    cfg.update(config)
+    return RedisBackend(BackendConfig(**cfg))
+
+
+def data_nodes(request: pytest.FixtureRequest, mode: str) -> tuple[str, list[RedisServer]]:
+    """(URL, the data node servers) of the module's TLS set of `mode`."""
+    if mode == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("tls_cluster")
+        return cluster.url, [n.server for n in cluster.nodes]
+    local: LocalSentinel = request.getfixturevalue("tls_sentinel")
+    return local.url, local.data_nodes()
+
+
+@pytest.fixture
+def made() -> Iterator[list[Any]]:
+    """Backends a test built: emptied (where they still reach their set) and closed at teardown."""
+    backends: list[Any] = []
+    yield backends
+    for b in backends:
+        try:
+            if b.ping():
+                b.buffer_clear()
+                b.registry_clear()
+        finally:
+            b.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_contract_basics_over_tls(mode: str, request: pytest.FixtureRequest, tls_files: TLSFiles,
+                                      made: list[Any]) -> None:
+    url, nodes = data_nodes(request, mode)
+    assert url.startswith(f"rediss+{mode}://")
+    # The nodes speak TLS only: whatever the backend reads below came over TLS.
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(host="127.0.0.1", port=nodes[0].port, socket_timeout=1, retry=Retry(NoBackoff(), 0)).ping()
+    backend = backend_on(url, tls_files.ca)
+    made.append(backend)
+    assert isinstance(backend, RedisClusterBackend) == (mode == "cluster")
+
+    thread = secrets.token_hex(16)
+    slots = [backend.signer.sign(PAYLOAD + b"%d" % i) for i in range(3)]
+    assert [backend.buffer_append(thread, s) for s in slots] == [0, 1, 2]
+    assert backend.buffer_get_thread(thread) == slots  # byte-exact, signature and all
+    assert backend.buffer_get_slot(thread, 1) == slots[1] and backend.buffer_thread_len(thread) == 3
+    buffer, signed = ContextBuffer(backend), secrets.token_hex(16)  # slots signed for their place
+    slot = buffer.append(signed, {"text": "über TLS", "n": 3}, "a", "b")
+    assert slot.index == 0 and buffer.get_thread_slots(signed)[0].payload == {"text": "über TLS", "n": 3}
+
+    backend.registry_set("root.a.b", thread)
+    assert backend.registry_get_uuid("root.a.b") == thread and backend.registry_get_chain(thread) == "root.a.b"
+    assert backend.registry_get_or_create("root.a.c", "u-first") == "u-first"
+    assert backend.registry_get_or_create("root.a.c", "u-second") == "u-first"
+    assert backend.registry_list_all() == {thread: "root.a.b", "u-first": "root.a.c"}
+
+    keys = [secrets.token_hex(16) for _ in range(4)]
+    backend.temp_put(keys[0], PAYLOAD)
+    backend.temp_put_many([(k, k.encode()) for k in keys[1:]])
+    assert backend.temp_get(keys[0]) == PAYLOAD
+    assert backend.temp_get_many(keys[1:]) == [k.encode() for k in keys[1:]]
+    assert backend.temp_take(keys[1], keys[2]) == keys[1].encode() and backend.temp_get(keys[2]) is None
+
+    assert backend.buffer_list_threads() == sorted([thread, signed]) and backend.ping()
+    assert backend.info()["buffer_threads"] == 2
+
+
+async def test_the_fast_path_follows_the_tls_master_of_a_sentinel_set(tls_sentinel: LocalSentinel,
+                                                                      tls_files: TLSFiles, made: list[Any]) -> None:
+    backend = backend_on(tls_sentinel.url, tls_files.ca)
+    made.append(backend)
+    kw = backend.connection_kwargs()
+    assert kw["tls"] is True and kw["ssl_ca_certs"] == str(tls_files.ca)
+    assert kw["port"] == tls_sentinel.current_master().port and backend.pipe_capable()
+    pipe = RedisPipe.for_backend(backend)
+    assert pipe is not None
+    try:
+        backend.buffer_append(secrets.token_hex(16), backend.signer.sign(b"warm-up"))  # the script is known
+        thread, n = secrets.token_hex(16), 20
+        keys = [secrets.token_hex(16) for _ in range(n)]
+        outcomes = await asyncio.gather(*(
+            pipe.append_at(thread, b"slot %d" % i, i, max_slots=None, append_id=f"a{i}", items=[(keys[i], PAYLOAD)])
+            for i in range(n)))
+        assert sorted(o.position for o in outcomes) == list(range(n)) and {o.status for o in outcomes} == {"stored"}
+        assert await pipe.take(keys[0]) == PAYLOAD
+        assert backend.buffer_get_thread(thread) == [b"slot %d" % i for i in range(n)]
+    finally:
+        pipe.close()
+
+
+def _other_ca_backend(mode: str, request: pytest.FixtureRequest, tls_files: TLSFiles, made: list[Any]) -> Any:
+    url, _ = data_nodes(request, mode)
+    backend = backend_on(url, tls_files.other_ca, retries=3)
+    made.append(backend)
+    return backend
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_wrong_ca_is_one_clear_error_not_retried(mode: str, request: pytest.FixtureRequest, tls_files: TLSFiles,
+                                                   made: list[Any]) -> None:
+    backend = _other_ca_backend(mode, request, tls_files, made)
+    for call in (lambda: backend.buffer_thread_len("t"), lambda: backend.buffer_append("t", b"x"),
+                 lambda: backend.registry_get_uuid("c")):
+        # A certificate that does not verify will not verify on the next attempt either: one attempt.
+        with pytest.raises(BackendUnavailable, match="after 1 attempt.*certificate verify failed") as caught:
+            call()
+        assert url_host(backend) in str(caught.value) and "\n" not in str(caught.value)
+    assert not backend.ping()
+
+
+def url_host(backend: Any) -> str:
+    """The first node of the backend's URL (the error names the URL)."""
+    return str(backend.config.redis_url).split("//")[1].split(",")[0].split("/")[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_cli_says_a_wrong_ca_in_one_line(mode: str, request: pytest.FixtureRequest, tls_files: TLSFiles,
+                                             tmp_path: Path) -> None:
+    url, _ = data_nodes(request, mode)
+    config = tmp_path / "organism.yaml"
+    config.write_text(f"organism: {{name: tls-{mode}}}\nbackend:\n  type: redis\n  redis_url: '{url}'\n"
+                      f"  redis_prefix: 'tlscli{secrets.token_hex(3)}:'\n  redis_ca_cert: '{tls_files.other_ca}'\n"
+                      "listeners: []\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XP_", "SSL_CERT"))}
+    env["XP_SIGNING_KEY"] = SIGNING_KEY
+    for action in ("info", "threads"):
+        done = subprocess.run([sys.executable, "-m", "xml_pipeline.cli", "backend", action, "--config", str(config)],
+                              capture_output=True, text=True, env=env, timeout=60)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1, done.stderr
+        assert lines[0].startswith("xml-pipeline backend: BackendUnavailable: ") and "certificate verify failed" in lines[0]
+        assert "after 1 attempt" in lines[0] and "Traceback" not in done.stderr
+    ping = subprocess.run([sys.executable, "-m", "xml_pipeline.cli", "backend", "ping", "--config", str(config)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert ping.returncode == 1 and ping.stdout.startswith("unreachable: ") and "Traceback" not in ping.stderr
+
+
+def _appended(backend: Any, thread: str, n: int, tag: bytes) -> list[bytes]:
+    slots = [backend.signer.sign(tag + b" %d" % i) for i in range(n)]
+    for s in slots:
+        backend.buffer_append(thread, s)
+    return slots
+
+
+# -- failovers: last in the module (they leave the sets with one node fewer) ---------------------
+
+def test_a_tls_sentinel_failover_and_the_same_backend_carries_on(tls_sentinel: LocalSentinel, tls_files: TLSFiles,
+                                                                made: list[Any]) -> None:
+    backend = backend_on(tls_sentinel.url, tls_files.ca)
+    made.append(backend)
+    thread = secrets.token_hex(16)
+    before = _appended(backend, thread, 5, b"before")
+    backend.registry_set("root.failover", thread)
+    old = tls_sentinel.current_master()
+    wait_replicated(old, [r for r in tls_sentinel.data_nodes() if r is not old])
+    new = tls_sentinel.failover(kill=True)
+    assert new is not old
+    after = _appended(backend, thread, 5, b"after")  # the same object: it asks the sentinels (TLS) again
+    assert backend.buffer_get_thread(thread) == before + after
+    assert backend.registry_get_uuid("root.failover") == thread
+    assert backend.connection_kwargs()["port"] == new.port
+
+
+def test_a_killed_tls_cluster_master_and_the_same_backend_carries_on(tls_cluster: LocalCluster, tls_files: TLSFiles,
+                                                                     made: list[Any]) -> None:
+    backend = backend_on(tls_cluster.url, tls_files.ca)
+    made.append(backend)
+    thread = secrets.token_hex(16)
+    before = _appended(backend, thread, 5, b"before")
+    slot = int(backend.client.keyslot(backend.keys.buffer(thread)))
+    victim = tls_cluster.owner_of(slot)
+    wait_replicated(victim.server, [n.server for n in tls_cluster.replicas_of(victim)])
+    promoted = tls_cluster.kill_master_and_wait_failover(victim)
+    assert tls_cluster.owner_of(slot) is promoted
+    after = _appended(backend, thread, 5, b"after")  # retried across the promotion, over TLS
+    assert backend.buffer_get_thread(thread) == before + after
+    assert len(backend.buffer_list_threads()) == 1

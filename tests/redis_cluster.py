@@ -464,7 +464,7 @@ def tls_unsupported(tls: TLSFiles) -> str:
     try:
         server.start()
     except RuntimeError as e:
-        return f"{server.binary} does not run with the --tls-* options (built without TLS?): {e}"
+        return f"the server refuses the --tls-* options (built without TLS?): {e}"
     finally:
         server.cleanup()
     return ""

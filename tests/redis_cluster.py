@@ -246,11 +246,12 @@ def _nodes_lines(node: ClusterNode) -> list[str]:
 
 
 def _node_server(tls: TLSFiles | None, password: str | None, args: tuple[str, ...]) -> RedisServer:
-    """A data node: plain, or TLS-only with TLS on its links to other nodes (bus and replication)."""
+    """A data node: plain, or TLS-only with TLS on its replication link (and, for a cluster node,
+    `args` asking for the bus on TLS)."""
     if tls is None:
         return RedisServer(password=password, extra_args=args)
     return TLSRedisServer(tls, password=password,
-                          extra_args=("--tls-cluster", "yes", "--tls-replication", "yes", *_client_cert(tls), *args))
+                          extra_args=("--tls-replication", "yes", *_client_cert(tls), *args))
 
 
 def _client_cert(tls: TLSFiles) -> tuple[str, ...]:
@@ -266,7 +267,7 @@ def start_cluster(masters: int = 3, replicas_per_master: int = 1, *, password: s
     count = masters * (1 + replicas_per_master)
     args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--cluster-require-full-coverage", "yes",
-            *_FAST_SYNC,
+            *_FAST_SYNC, *(("--tls-cluster", "yes") if tls else ()),
             *(("--masterauth", password) if password else ()), *extra_args)
     nodes: list[ClusterNode] = []
     try:

@@ -69,6 +69,25 @@ def made() -> Iterator[list[Any]]:
         b.close()
 
 
+def test_every_link_of_the_local_sets_is_tls(tls_cluster: LocalCluster, tls_sentinel: LocalSentinel) -> None:
+    """What the fixtures claim: no node or sentinel has a plain port, so the cluster bus (state ok),
+    replication (links up) and the sentinels' links (they see the replica and each other) work
+    over TLS or not at all."""
+    cluster_nodes = [n.server for n in tls_cluster.nodes]
+    for node in cluster_nodes + tls_sentinel.data_nodes():
+        config = node.client(decode_responses=True).config_get("port", "tls-port", "tls-replication", "tls-cluster")
+        assert config == {"port": "0", "tls-port": str(node.port), "tls-replication": "yes",
+                          "tls-cluster": "yes" if node in cluster_nodes else "no"}
+    tls_cluster.wait_ok(timeout=5)
+    for replica in [n.server for n in tls_cluster.replicas()] + tls_sentinel.replicas:
+        assert replica.client().info("replication")["master_link_status"] == "up"
+    for i, sentinel in enumerate(tls_sentinel.sentinels):
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(host="127.0.0.1", port=sentinel.port, socket_timeout=1, retry=Retry(NoBackoff(), 0)).ping()
+        state = tls_sentinel.sentinel_client(i).execute_command("SENTINEL", "MASTER", tls_sentinel.master_name)
+        assert (int(state["num-slaves"]), int(state["num-other-sentinels"])) == (1, 2)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_the_contract_basics_over_tls(mode: str, request: pytest.FixtureRequest, tls_files: TLSFiles,
                                       made: list[Any]) -> None:

@@ -167,6 +167,9 @@ def test_a_wrong_ca_is_one_clear_error_not_retried(mode: str, request: pytest.Fi
             call()
         assert url_host(backend) in str(caught.value) and "\n" not in str(caught.value)
     assert not backend.ping()
+    backend.use_direct_connection()  # a worker's own connection (on Sentinel: asks the sentinels first)
+    with pytest.raises(BackendUnavailable, match="after 1 attempt.*certificate verify failed"):
+        backend.temp_get_many([secrets.token_hex(16)])
 
 
 def url_host(backend: Any) -> str:

@@ -1,10 +1,11 @@
 """rediss+cluster:// and rediss+sentinel:// on real TLS-only sets (tests/redis_cluster.py with `tls=`:
 every node listens on its TLS port alone; the cluster bus, replication and the sentinels' links are
-TLS too). The backend verifies every node against `redis_ca_cert`:
+TLS too; the first test checks that). The backend verifies every node against `redis_ca_cert`:
 
 - the contract basics (append, read back byte-exact, registry, temp data) in both modes, and the
   pump's fast path (RedisPipe) on the TLS master a Sentinel set names;
-- a wrong CA is one clear BackendUnavailable, not retried, and a one-line error in the CLI;
+- a wrong CA is one clear BackendUnavailable, not retried (the pool, the cluster client, a worker's
+  own connection), and a one-line error in the CLI;
 - a Sentinel failover and a killed cluster master: the same backend object carries on over TLS.
 
 The sets are started once per module (conftest `tls_cluster`, `tls_sentinel`); the tests that fail
@@ -149,17 +150,12 @@ async def test_the_fast_path_follows_the_tls_master_of_a_sentinel_set(tls_sentin
         pipe.close()
 
 
-def _other_ca_backend(mode: str, request: pytest.FixtureRequest, tls_files: TLSFiles, made: list[Any]) -> Any:
-    url, _ = data_nodes(request, mode)
-    backend = backend_on(url, tls_files.other_ca, retries=3)
-    made.append(backend)
-    return backend
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_a_wrong_ca_is_one_clear_error_not_retried(mode: str, request: pytest.FixtureRequest, tls_files: TLSFiles,
                                                    made: list[Any]) -> None:
-    backend = _other_ca_backend(mode, request, tls_files, made)
+    url, _ = data_nodes(request, mode)
+    backend = backend_on(url, tls_files.other_ca, retries=3)
+    made.append(backend)
     for call in (lambda: backend.buffer_thread_len("t"), lambda: backend.buffer_append("t", b"x"),
                  lambda: backend.registry_get_uuid("c")):
         # A certificate that does not verify will not verify on the next attempt either: one attempt.

@@ -203,11 +203,24 @@ def _appended(backend: Any, thread: str, tag: bytes) -> list[bytes]:
 
 
 def _a_thread_on(url: str, tls_files: TLSFiles, made: list[Any]) -> tuple[Any, str, list[bytes]]:
-    """(a backend on `url`, a thread, the five slots appended to it) before a failover."""
+    """(a backend on `url`, a thread, the five slots appended to it) before a fault."""
     backend = backend_on(url, tls_files.ca)
     made.append(backend)
     thread = secrets.token_hex(16)
     return backend, thread, _appended(backend, thread, b"before")
+
+
+def test_a_slot_moved_between_tls_nodes_and_the_backend_follows(tls_cluster: LocalCluster, tls_files: TLSFiles,
+                                                                 made: list[Any]) -> None:
+    backend, thread, before = _a_thread_on(tls_cluster.url, tls_files, made)
+    slot = int(backend.client.keyslot(backend.keys.buffer(thread)))
+    owner = tls_cluster.owner_of(slot)
+    masters = tls_cluster.masters()
+    target = masters[(masters.index(owner) + 1) % len(masters)]
+    assert tls_cluster.migrate_slot(slot, target) >= 2  # MIGRATE node to node, over TLS (tls-cluster)
+    assert tls_cluster.owner_of(slot) is target
+    after = _appended(backend, thread, b"after")  # MOVED followed, to the new owner's TLS port
+    assert backend.buffer_get_thread(thread) == before + after
 
 
 # -- failovers: last in the module (they leave the sets with one node fewer) ---------------------

@@ -6,10 +6,11 @@ TLS too; the first test checks that). The backend verifies every node against `r
   pump's fast path (RedisPipe) on the TLS master a Sentinel set names;
 - a wrong CA is one clear BackendUnavailable, not retried (the pool, the cluster client, a worker's
   own connection), and a one-line error in the CLI;
-- a Sentinel failover and a killed cluster master: the same backend object carries on over TLS.
+- a slot moved between TLS nodes, a Sentinel failover and a killed cluster master: the same
+  backend object carries on over TLS.
 
-The sets are started once per module (conftest `tls_cluster`, `tls_sentinel`); the tests that fail
-a master over come last.
+The sets are started once per module (conftest `tls_cluster`, `tls_sentinel`); the tests that move
+a slot or fail a master over come last.
 """
 from __future__ import annotations
 

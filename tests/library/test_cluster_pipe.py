@@ -402,12 +402,10 @@ def test_rediss_cluster_keeps_the_fast_path(tls_files: TLSFiles) -> None:
     assert not backend_on("redis+cluster://127.0.0.1:1", redis_wait_replicas=1).node_pipes_capable()
 
 
-async def test_the_pipe_over_a_tls_cluster(request: pytest.FixtureRequest) -> None:
-    try:
-        cluster: LocalCluster = request.getfixturevalue("tls_cluster")
-        tls_files = request.getfixturevalue("tls_files")
-    except pytest.FixtureLookupError:
-        pytest.skip("no tls_cluster fixture in this tree (tests/conftest.py)")
+async def test_the_pipe_over_a_tls_cluster(tls_cluster: LocalCluster, tls_files: TLSFiles) -> None:
+    """A TLS-only cluster (every link TLS, conftest `tls_cluster`): the per-node pipes speak TLS,
+    verifying each master against backend.redis_ca_cert."""
+    cluster = tls_cluster
     backend = backend_on(cluster.url, redis_ca_cert=str(tls_files.ca), socket_timeout=2.0, connect_timeout=1.0)
     store = open_store(backend)
     buffer = ContextBuffer(backend)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -50,15 +51,19 @@ def _pipelined(store: AsyncStore) -> bool:
 class RedisDispatcher:
     """The pump's Dispatcher in distributed mode: XADD tasks, XREAD BLOCK results (no polling).
 
-    The tasks submitted during one loop iteration share one MULTI; results are read by one task of
-    the event loop (XREAD BLOCK on a connection of its own)."""
+    The tasks submitted during one loop iteration share one MULTI per task bucket (one bucket off
+    a cluster: streams.py); results are read by one task of the event loop (XREAD BLOCK on a
+    connection of its own)."""
 
     def __init__(self, backend: RedisBackend, *, pump_id: str | None = None, pipelined: bool = True,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, tasks_buckets: int | None = None) -> None:
         """`pipelined=False`: the store's io threads instead of its RedisPipe (always used where no pipe can go).
         `deadline`: seconds to wait for a task's result before answering it with a TaskDeadline
-        error (None: wait forever); see process_pool.task_deadline."""
-        self.streams = Streams(backend)
+        error (None: wait forever); see process_pool.task_deadline. `tasks_buckets`: see Streams
+        (the workers must use the same number)."""
+        self.streams = Streams(backend, buckets=tasks_buckets)
+        # Round robin over the buckets, from a random start: pumps do not all begin with bucket 0.
+        self._next_bucket = random.randrange(len(self.streams.task_streams))
         self.deadline = deadline
         #: Tasks answered by the deadline, and when the last one was (health: are results overdue?).
         self.deadline_misses = 0
@@ -80,7 +85,7 @@ class RedisDispatcher:
         self.completed_ids: collections.deque[str] = collections.deque(maxlen=1000)
 
     def describe(self) -> str:
-        return f"Redis stream {self.streams.tasks} (worker pods, consumer group {WORKER_GROUP!r})"
+        return f"{self.streams.describe_tasks()} (worker pods, consumer group {WORKER_GROUP!r})"
 
     def adopt_store(self, store: AsyncStore) -> None:
         """Submit through the pump's store when it is a pipelined StreamStore on this backend (as
@@ -97,7 +102,7 @@ class RedisDispatcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self.store.run(self.streams.ensure_group, self.streams.tasks, WORKER_GROUP)
+        await self.store.run(self.streams.ensure_task_groups)
         self._read_task = asyncio.ensure_future(self._read_results())
 
     async def run(self, task: WorkerTask) -> WorkerResult:
@@ -128,7 +133,7 @@ class RedisDispatcher:
         self.last_miss = time.monotonic()
         error = (f"no result from a worker within {self.deadline:g} s (process_pool.task_deadline_seconds): "
                  f"the task was lost (e.g. Redis restarted without persistence) or no worker is consuming "
-                 f"{self.streams.tasks}")
+                 f"{self.streams.describe_tasks()}")
         log.error("task %s (listener %s): %s", task.task_id, task.listener, error)
         fut.set_result(WorkerResult(task.task_id, error=error, error_type=TASK_DEADLINE))
 
@@ -139,29 +144,46 @@ class RedisDispatcher:
                     f"{self.deadline:g} s and no worker result has arrived since")
         return None
 
-    def _submit_commands(self, batch: list[WorkerTask]) -> list[tuple[Any, ...]]:
+    def _submit_commands(self, batch: list[WorkerTask], stream: str | None = None) -> list[tuple[Any, ...]]:
         s = self.streams
+        stream = stream or s.tasks
         cmds: list[tuple[Any, ...]] = [("MULTI",)]
-        cmds.extend(("XADD", s.tasks, "*", *(x for kv in task.to_fields().items() for x in kv)) for task in batch)
+        cmds.extend(("XADD", stream, "*", *(x for kv in task.to_fields().items() for x in kv)) for task in batch)
         if s.ttl:
-            cmds.append(("EXPIRE", s.tasks, s.ttl))
+            cmds.append(("EXPIRE", stream, s.ttl))
         cmds.append(("EXEC",))
         return cmds
 
-    def _submit_batch(self) -> None:
-        """(loop) Everything submitted since the last call: one MULTI per SUBMIT_BATCH tasks."""
-        batch, self._batch = self._batch, []
-        for i in range(0, len(batch), SUBMIT_BATCH):
-            sending = asyncio.ensure_future(self._submit(batch[i:i + SUBMIT_BATCH]))
-            self._sending.add(sending)
-            sending.add_done_callback(self._sending.discard)
+    def _by_bucket(self, batch: list[WorkerTask]) -> dict[str, list[WorkerTask]]:
+        """`batch` dealt out over the task buckets, round robin (one bucket: all of it)."""
+        streams = self.streams.task_streams
+        if len(streams) == 1:
+            return {streams[0]: batch}
+        out: dict[str, list[WorkerTask]] = {}
+        n = self._next_bucket
+        for task in batch:
+            out.setdefault(streams[n], []).append(task)
+            n = (n + 1) % len(streams)
+        self._next_bucket = n
+        return out
 
-    async def _submit(self, batch: list[WorkerTask]) -> None:
+    def _submit_batch(self) -> None:
+        """(loop) Everything submitted since the last call: one MULTI per task bucket and
+        SUBMIT_BATCH tasks (a MULTI stays in one slot)."""
+        batch, self._batch = self._batch, []
+        for stream, tasks in self._by_bucket(batch).items():
+            for i in range(0, len(tasks), SUBMIT_BATCH):
+                sending = asyncio.ensure_future(self._submit(tasks[i:i + SUBMIT_BATCH], stream))
+                self._sending.add(sending)
+                sending.add_done_callback(self._sending.discard)
+
+    async def _submit(self, batch: list[WorkerTask], stream: str | None = None) -> None:
         """One MULTI (XADD..., EXPIRE); a submit that fails answers each of its tasks with an error."""
+        stream = stream or self.streams.tasks
         try:
-            _check_transaction(await self.store.execute(self._submit_commands(batch), what="submit tasks"))
+            _check_transaction(await self.store.execute(self._submit_commands(batch, stream), what="submit tasks"))
         except Exception as e:  # noqa: BLE001 - the callers get an error response
-            log.error("could not submit %d task(s) to %s: %s", len(batch), self.streams.tasks, e)
+            log.error("could not submit %d task(s) to %s: %s", len(batch), stream, e)
             for task in batch:
                 self._deliver(WorkerResult(task.task_id, error=f"could not submit the task: {e}",
                                            error_type=BACKEND_ERROR))

@@ -17,6 +17,7 @@ import redis
 
 from ..errors import BackendUnavailable
 from ..memory.async_store import RedisStore, open_stream_store
+from ..memory.redis_cluster_route import SlotMoving
 from ..memory.store import AsyncStore, StreamStore
 from .retry import Backoff
 from .streams import WORKER_GROUP, Streams, _check_transaction, _entries, _s, consumer_name
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: Tasks the pump sends in one MULTI when many are waiting.
 SUBMIT_BATCH = 256
+#: How long a submit to a task bucket whose slot is being moved (or whose master is failing over:
+#: CLUSTERDOWN) is sent again: a slot with a few keys moves in milliseconds, a promotion takes a
+#: few seconds.
+SUBMIT_MOVED_SECONDS = 10.0
 
 
 def _results_of(resp: Any, consumed: list[Any], last: str) -> tuple[list["WorkerResult"], str]:
@@ -180,13 +185,34 @@ class RedisDispatcher:
     async def _submit(self, batch: list[WorkerTask], stream: str | None = None) -> None:
         """One MULTI (XADD..., EXPIRE); a submit that fails answers each of its tasks with an error."""
         stream = stream or self.streams.tasks
+        cmds = self._submit_commands(batch, stream)
         try:
-            _check_transaction(await self.store.execute(self._submit_commands(batch, stream), what="submit tasks"))
+            if self.streams.sharded:
+                replies = await self.store.run(self._send_to_bucket, cmds)
+            else:
+                replies = await self.store.execute(cmds, what="submit tasks")
+            _check_transaction(replies)
         except Exception as e:  # noqa: BLE001 - the callers get an error response
             log.error("could not submit %d task(s) to %s: %s", len(batch), stream, e)
             for task in batch:
                 self._deliver(WorkerResult(task.task_id, error=f"could not submit the task: {e}",
                                            error_type=BACKEND_ERROR))
+
+    def _send_to_bucket(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        """(io thread) A submit to a task bucket on a cluster. A MULTI that meets the bucket's slot
+        being moved (a resharding) was refused whole, so it is sent again once the slot map is
+        refreshed, for up to SUBMIT_MOVED_SECONDS; any other failure is the caller's (a lost
+        connection may have applied it: not repeated, as on one server)."""
+        give_up = time.monotonic() + SUBMIT_MOVED_SECONDS
+        delay = 0.01
+        while True:
+            try:
+                return self.backend.send_commands(cmds)
+            except SlotMoving:
+                if time.monotonic() + delay > give_up:
+                    raise
+                time.sleep(delay)
+                delay = min(0.25, delay * 2)
 
     async def _read_results(self) -> None:
         """Read this pump's results stream until close(): XREAD BLOCK, with the XDEL of what the

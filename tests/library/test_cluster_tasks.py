@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,6 +134,7 @@ def test_dead_letters_of_every_bucket_newest_first(backend: Any) -> None:
     ids = []
     for i, n in enumerate((3, 11, 0, 7)):
         ids.append(backend.client.xadd(s.dlqs[n], {"task_id": f"t{i}", "error": "boom"}).decode())
+        time.sleep(0.003)  # entry ids of different masters are ordered by their millisecond only
     rows = dead_letters(backend)
     assert [r["task_id"] for r in rows] == ["t3", "t2", "t1", "t0"]
     assert rows[0]["_stream"] == s.dlqs[7] and rows[0]["_id"] == ids[3]

@@ -57,6 +57,10 @@ _NEVER = 2**31 - 1
 
 #: A task in hand: (bucket index, stream entry id, fields, times delivered).
 Entry = tuple[int, str, dict[Any, Any], int]
+#: On a sharded tasks stream, how many tasks in a row a worker reads from one bucket in the round
+#: trip of the previous one's acknowledgement before it moves on to the next bucket: a round trip
+#: saved per task under load, while every bucket still gets its turn.
+CHAINED_PER_BUCKET = 4
 
 
 class DistributedWorker:
@@ -89,6 +93,7 @@ class DistributedWorker:
         # (stream, entry id) of the task in hand (the heartbeat re-claims it)
         self._entry: tuple[str, str] | None = None
         self._next: Entry | None = None  # read along with the last result
+        self._chained = 0  # tasks read in a row from one bucket along with an acknowledgement
         self._next_claim = 0.0
         self._beat_stop = threading.Event()
 
@@ -299,7 +304,7 @@ class DistributedWorker:
                 # The result first (the pump's stream, its own slot), then the acknowledgement in
                 # the bucket: a death in between reruns the task, whose second result is dropped.
                 if self._with_redis(lambda: self._write_result(task, outcome), essential=True):
-                    self._with_redis(lambda: self._ack(bucket, entry_id), essential=True)
+                    self._with_redis(lambda: self._ack(bucket, entry_id, chain=True), essential=True)
             else:
                 # Response, result and acknowledgement in one MULTI: one round trip, all or nothing.
                 self._with_redis(lambda: self._finish(entry_id, task, outcome), essential=True)
@@ -330,7 +335,12 @@ class DistributedWorker:
 
     def _transaction(self, what: str, cmds: list[tuple[Any, ...]]) -> bool:
         """MULTI `cmds` EXEC in one round trip; raise the first error. True (for _with_redis)."""
-        replies = self.backend.send_commands([("MULTI",), *cmds, ("EXEC",)])
+        self._check_exec(what, self.backend.send_commands([("MULTI",), *cmds, ("EXEC",)]))
+        return True
+
+    @staticmethod
+    def _check_exec(what: str, replies: list[Any]) -> None:
+        """Raise the first error of a MULTI ... EXEC's replies (EXEC's last)."""
         for r in replies:
             if isinstance(r, Exception):  # a refused command or EXECABORT: nothing was applied
                 raise r
@@ -340,15 +350,35 @@ class DistributedWorker:
         for r in exec_reply:
             if isinstance(r, Exception):
                 raise r
-        return True
 
     def _write_result(self, task: WorkerTask, outcome: Outcome) -> bool:
         return self._transaction(f"the result of task {task.task_id}", self._result_commands(task, outcome))
 
-    def _ack(self, bucket: int, entry_id: str) -> bool:
+    def _ack(self, bucket: int, entry_id: str, *, chain: bool = False) -> bool:
+        """XACK + XDEL of a task in its bucket, in one MULTI; with `chain`, in the same round trip
+        (after EXEC) a read of the bucket's next task without blocking, CHAINED_PER_BUCKET times
+        in a row at most (then the loop reads the next bucket: no bucket waits behind another)."""
         stream = self.streams.task_streams[bucket]
-        return self._transaction(f"task entry {entry_id}", [("XACK", stream, WORKER_GROUP, entry_id),
-                                                            ("XDEL", stream, entry_id)])
+        chain = (chain and self._chained < CHAINED_PER_BUCKET and not self._stop.is_set()
+                 and time.monotonic() < self._next_claim)
+        if not chain:
+            self._chained = 0
+            return self._transaction(f"task entry {entry_id}", [("XACK", stream, WORKER_GROUP, entry_id),
+                                                                ("XDEL", stream, entry_id)])
+        cmds: list[tuple[Any, ...]] = [("MULTI",), ("XACK", stream, WORKER_GROUP, entry_id), ("XDEL", stream, entry_id),
+                                       ("EXEC",), ("XREADGROUP", "GROUP", WORKER_GROUP, self.name, "COUNT", 1,
+                                                   "STREAMS", stream, ">")]
+        # The read is best effort: once EXEC answered, the acknowledgement is done and not repeated.
+        replies = self.backend.send_commands(cmds, best_effort_tail=1)
+        self._check_exec(f"task entry {entry_id}", replies[:-1])
+        read = replies[-1]
+        got = None if isinstance(read, Exception) else self._first(bucket, read)
+        if got is None:
+            self._chained = 0
+        else:
+            self._chained += 1
+            self._next = got
+        return True
 
     def _finish(self, entry_id: str, task: WorkerTask, outcome: Outcome) -> None:
         """Response, result, XACK and XDEL in one MULTI; in the same round trip (after EXEC, outside

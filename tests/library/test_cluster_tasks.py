@@ -19,8 +19,9 @@ from xml_pipeline.memory.keys import CLUSTER_SLOTS, ClusterKeys, RedisKeys, key_
 from xml_pipeline.message_bus.dispatcher import RedisDispatcher
 from xml_pipeline.message_bus.streams import (WORKER_GROUP, Streams, dead_letters, stream_info,
                                               task_bucket_count)
-from xml_pipeline.message_bus.worker import release_consumer
+from xml_pipeline.message_bus.worker import CHAINED_PER_BUCKET, DistributedWorker, release_consumer
 from xml_pipeline.message_bus.worker_task import WORKER_DIED, WorkerTask
+from xml_pipeline.organism import parse_organism
 
 pytestmark = pytest.mark.cluster
 
@@ -140,3 +141,27 @@ def test_dead_letters_of_every_bucket_newest_first(backend: Any) -> None:
     assert rows[0]["_stream"] == s.dlqs[7] and rows[0]["_id"] == ids[3]
     assert [r["task_id"] for r in dead_letters(backend, count=2)] == ["t3", "t2"]
     assert stream_info(backend)["dlq"] == {"length": 4, "buckets": N}
+
+
+def test_a_worker_chains_at_most_a_few_tasks_of_one_bucket_before_the_next_bucket(backend: Any) -> None:
+    """A bucket that keeps having tasks does not hold a worker: the next task of the same bucket is
+    read along with an acknowledgement CHAINED_PER_BUCKET times in a row at most, then the worker
+    reads on from the next bucket, where a lone task waits."""
+    org = parse_organism("organism: {name: fair}\nlisteners:\n  - {name: work, handler: "
+                         "'xml_pipeline.examples.cpu:burn', cpu_bound: true}\n", environ={})
+    s = Streams(backend)
+    s.ensure_task_groups()
+    for i in range(12):
+        backend.client.xadd(s.task_streams[0], {"n": str(i)})
+    backend.client.xadd(s.task_streams[3], {"n": "lone"})
+    worker = DistributedWorker(backend, org, name="fair-worker")
+    worker._cursor, worker._next_claim = 0, time.monotonic() + 600  # noqa: SLF001 - no reclaim due
+    order = []
+    for _ in range(13):
+        entry, worker._next = worker._next or worker._read_one(), None  # noqa: SLF001
+        assert entry is not None
+        order.append(entry[0])
+        worker._ack(entry[0], entry[1], chain=True)  # noqa: SLF001
+    assert order.index(3) == CHAINED_PER_BUCKET + 1, order  # four chained after the first, then on
+    assert sorted(order) == [0] * 12 + [3]
+    assert sum(backend.client.xlen(k) for k in s.task_streams) == 0  # every one acknowledged and deleted

@@ -253,7 +253,8 @@ def _clear_streams(backend: Any) -> tuple[int, bool]:
     from ..message_bus.streams import Streams
 
     s = Streams(backend)  # the task buckets and their dead-letter streams on a cluster
-    fixed = dict.fromkeys((*s.task_streams, *s.dlqs, *(backend.key(x) for x in ("tasks", "dlq", "ingress", "egress"))))
+    fixed = dict.fromkeys((*s.task_streams, *s.dlqs, *([s.wake] if s.wake else []),
+                           *(backend.key(x) for x in ("tasks", "dlq", "ingress", "egress"))))
     removed = int(backend.client.unlink(*fixed))
     try:
         for space in ("tasks", "results", "dlq", "ingress", "egress", "tmp"):

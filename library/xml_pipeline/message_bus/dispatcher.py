@@ -20,7 +20,7 @@ from ..memory.async_store import RedisStore, open_stream_store
 from ..memory.redis_cluster_route import SlotMoving
 from ..memory.store import AsyncStore, StreamStore
 from .retry import Backoff
-from .streams import WORKER_GROUP, Streams, _check_transaction, _entries, _s, consumer_name
+from .streams import WAKE_MAXLEN, WORKER_GROUP, Streams, _check_transaction, _entries, _s, consumer_name
 from .worker_task import BACKEND_ERROR, TASK_DEADLINE, WORKER_DIED, WorkerResult, WorkerTask
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class RedisDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._batch: list[WorkerTask] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Future[Any]] = set()
         self._read_task: asyncio.Task[None] | None = None
         self.duplicates = 0
         #: Ids of the latest tasks answered (for logs and tests; dedupe itself uses the futures).
@@ -176,14 +176,46 @@ class RedisDispatcher:
         """(loop) Everything submitted since the last call: one MULTI per task bucket and
         SUBMIT_BATCH tasks (a MULTI stays in one slot)."""
         batch, self._batch = self._batch, []
-        for stream, tasks in self._by_bucket(batch).items():
+        groups = self._by_bucket(batch)
+        if self.streams.sharded:
+            sending = asyncio.ensure_future(self._submit_sharded(groups))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
+            return
+        for stream, tasks in groups.items():
             for i in range(0, len(tasks), SUBMIT_BATCH):
-                sending = asyncio.ensure_future(self._submit(tasks[i:i + SUBMIT_BATCH], stream))
-                self._sending.add(sending)
-                sending.add_done_callback(self._sending.discard)
+                submit = asyncio.ensure_future(self._submit(tasks[i:i + SUBMIT_BATCH], stream))
+                self._sending.add(submit)
+                submit.add_done_callback(self._sending.discard)
 
-    async def _submit(self, batch: list[WorkerTask], stream: str | None = None) -> None:
-        """One MULTI (XADD..., EXPIRE); a submit that fails answers each of its tasks with an error."""
+    async def _submit_sharded(self, groups: dict[str, list[WorkerTask]]) -> None:
+        """Every bucket's MULTIs at once, then the doorbell naming the buckets that got tasks
+        (streams.py, "Task buckets")."""
+        chunks = [(stream, tasks[i:i + SUBMIT_BATCH]) for stream, tasks in groups.items()
+                  for i in range(0, len(tasks), SUBMIT_BATCH)]
+        done = await asyncio.gather(*(self._submit(tasks, stream) for stream, tasks in chunks))
+        index = {stream: n for n, stream in enumerate(self.streams.task_streams)}
+        rung = sorted({index[stream] for (stream, _), ok in zip(chunks, done) if ok})
+        if rung:
+            try:
+                await self.store.run(self._ring, rung)
+            except Exception as e:  # noqa: BLE001 - idle workers look at every bucket soon anyway
+                log.debug("could not ring the tasks doorbell: %s", e)
+
+    def _ring(self, buckets: list[int]) -> None:
+        """(io thread) XADD a bell naming `buckets` to the doorbell (and its TTL)."""
+        s = self.streams
+        cmds: list[tuple[Any, ...]] = [("XADD", s.wake, "MAXLEN", "~", WAKE_MAXLEN, "*",
+                                        "b", ",".join(map(str, buckets)))]
+        if s.ttl:
+            cmds.append(("EXPIRE", s.wake, s.ttl))
+        for reply in self.backend.send_commands(cmds):
+            if isinstance(reply, Exception):
+                raise reply
+
+    async def _submit(self, batch: list[WorkerTask], stream: str | None = None) -> bool:
+        """One MULTI (XADD..., EXPIRE); a submit that fails answers each of its tasks with an error.
+        True when the tasks are in."""
         stream = stream or self.streams.tasks
         cmds = self._submit_commands(batch, stream)
         try:
@@ -192,11 +224,13 @@ class RedisDispatcher:
             else:
                 replies = await self.store.execute(cmds, what="submit tasks")
             _check_transaction(replies)
+            return True
         except Exception as e:  # noqa: BLE001 - the callers get an error response
             log.error("could not submit %d task(s) to %s: %s", len(batch), stream, e)
             for task in batch:
                 self._deliver(WorkerResult(task.task_id, error=f"could not submit the task: {e}",
                                            error_type=BACKEND_ERROR))
+            return False
 
     def _send_to_bucket(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
         """(io thread) A submit to a task bucket on a cluster. A MULTI that meets the bucket's slot

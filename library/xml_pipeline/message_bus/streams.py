@@ -20,12 +20,18 @@ Task buckets (Redis Cluster only). On one server and on Sentinel the tasks strea
 above. On a cluster it is split into contract.CLUSTER_TASKS_BUCKETS buckets, each a stream with
 its own hash tag and its own dead-letter stream (`tasks:{<tag n>}`, `dlq:{<tag n>}`,
 keys.ClusterKeys.task_buckets), so one organism's task traffic spreads over the masters:
-- the pump puts each task in the next bucket (round robin, from a random start per pump);
-- a worker reads the buckets in turn, one XREADGROUP per bucket (a multi-key XREADGROUP must be in
-  one slot), starting after the bucket it last took a task from, so no bucket waits behind
-  another; when none has a task it blocks on one bucket for at most SHARDED_IDLE_BLOCK_MS and then
-  looks at all of them again: a task put in a bucket no idle worker blocks on waits at most that
-  long (a polling cost of N + 1 reads per idle worker per interval, spread over the masters);
+- the pump puts each task in the next bucket (round robin, from a random start per pump), then
+  rings the doorbell `tasks:{<prefix>}:wake` (a short stream in the organism's slot: one XADD per
+  batch of tasks, not per task, naming the buckets that got tasks);
+- a busy worker reads the buckets in turn, one XREADGROUP per bucket (a multi-key XREADGROUP must
+  be in one slot), starting after the bucket it last took a task from, so no bucket waits behind
+  another; and it reads the next task of the same bucket along with an acknowledgement, at most
+  CHAINED_PER_BUCKET times in a row (worker.py);
+- an idle worker (a look at every bucket found nothing) blocks in XREAD on the doorbell, from the
+  last bell it has seen, so no bell rung after it looked is missed; a bell wakes it at once and it
+  reads the buckets the bell names. A bell that never came (its XADD failed; a task re-queued by a
+  worker or a release rings none) costs at most SHARDED_IDLE_BLOCK_MS: then it looks at every
+  bucket again;
 - every step on a task stays in its bucket's slot (acknowledge, re-queue, heartbeat, dead-letter
   with its bucket's dead-letter stream, release of a dead consumer). What crosses slots is the
   result, whose stream is the pump's (`results:{<prefix>}:<pump>`): the worker writes the result
@@ -216,9 +222,12 @@ def as_redis(backend: object) -> RedisBackend:
     return backend
 
 
-#: How long an idle worker blocks on one task bucket before it looks at all of them again (the
-#: longest a task waits in a bucket that no idle worker blocks on; module docstring).
+#: How long an idle worker blocks on the doorbell before it looks at every task bucket again (the
+#: longest a task whose bell did not ring waits; module docstring).
 SHARDED_IDLE_BLOCK_MS = 100
+#: Bells kept in the doorbell stream (approximate MAXLEN): a worker that comes back from a long task
+#: reads at most these before it is at the newest.
+WAKE_MAXLEN = 64
 
 
 def task_bucket_count(backend: RedisBackend) -> int:
@@ -252,6 +261,8 @@ class Streams:
         self.tasks = self.task_streams[0]
         self.dlq = self.dlqs[0]
         self.sharded = len(pairs) > 1
+        #: The doorbell of a sharded tasks stream (module docstring); None with one bucket.
+        self.wake: str | None = backend.key("tasks", "wake") if self.sharded else None
         self.ingress = backend.key("ingress")
         self.egress = backend.key("egress")
         self.results_prefix = backend.key("results") + ":"

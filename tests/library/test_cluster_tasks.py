@@ -36,7 +36,7 @@ def backend(shared_cluster: LocalCluster) -> Iterator[Any]:
                                      signing_key=SIGNING_KEY))
     yield b
     s = Streams(b)
-    b.client.delete(*s.task_streams, *s.dlqs)
+    b.client.delete(*s.task_streams, *s.dlqs, s.wake)
     b.close()
 
 
@@ -165,3 +165,38 @@ def test_a_worker_chains_at_most_a_few_tasks_of_one_bucket_before_the_next_bucke
     assert order.index(3) == CHAINED_PER_BUCKET + 1, order  # four chained after the first, then on
     assert sorted(order) == [0] * 12 + [3]
     assert sum(backend.client.xlen(k) for k in s.task_streams) == 0  # every one acknowledged and deleted
+
+
+async def test_the_pump_rings_the_doorbell_and_an_idle_worker_takes_the_task_it_names(backend: Any) -> None:
+    """An idle worker waits on the doorbell, not on one bucket: the bell rung after a submit names
+    the buckets that got tasks, and the worker takes its task from there without looking at every
+    bucket (and without waiting out SHARDED_IDLE_BLOCK_MS)."""
+    org = parse_organism("organism: {name: bell}\nlisteners:\n  - {name: work, handler: "
+                         "'xml_pipeline.examples.cpu:burn', cpu_bound: true}\n", environ={})
+    worker = DistributedWorker(backend, org, name="idle-worker")
+    s = worker.streams
+    assert s.wake is not None and s.wake.startswith(backend.keys.prefix + "tasks:{")
+    dispatcher = RedisDispatcher(backend, deadline=None)
+    await dispatcher.start()
+    first = dispatcher._next_bucket  # noqa: SLF001 - where the round robin starts
+    runs = [asyncio.ensure_future(dispatcher.run(_task(i, ""))) for i in range(3)]
+    try:
+        for _ in range(200):
+            if backend.client.xlen(s.wake):
+                break
+            await asyncio.sleep(0.02)
+        ((_, bell),) = backend.client.xrange(s.wake)
+        named = [int(b) for b in bell[b"b"].decode().split(",")]
+        assert named == sorted((first + i) % N for i in range(3))
+        worker._wake_id, worker._look = "0-0", False  # noqa: SLF001 - idle: straight to the doorbell
+        got = []
+        for _ in range(3):
+            entry = worker._read_one()  # noqa: SLF001
+            assert entry is not None
+            got.append(entry[0])
+            worker._ack(entry[0], entry[1])  # noqa: SLF001
+        assert sorted(got) == named
+        assert worker._read_one() is None and worker._look  # noqa: SLF001 - no bell: look everywhere next
+    finally:
+        await dispatcher.close()
+    await asyncio.gather(*runs)

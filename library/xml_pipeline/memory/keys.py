@@ -20,7 +20,8 @@ On a Redis Cluster (ClusterKeys) two keys change, so that each lands in a slot o
     {prefix}meta:index:{<prefix><n>}  the index split into CLUSTER_INDEX_BUCKETS sets (n = 0..15)
     {prefix}<space>:{<prefix>}[:...]  the pump's streams and records, in one slot per organism
     {prefix}tasks:{<tag n>}, {prefix}dlq:{<tag n>}  the tasks stream and its dead letters split into
-                                   CLUSTER_TASKS_BUCKETS buckets, slots spread evenly (task_buckets)
+                                   CLUSTER_TASKS_BUCKETS buckets, slots spread evenly (task_buckets);
+                                   their doorbell is key("tasks", "wake"), in the organism's slot
 
 Thread ids and tmp ids may not contain '{' or '}' (it would move the hash tag). Listing and
 clearing walk the index (SSCAN of one key under the prefix): Redis cannot confine SCAN to a prefix,

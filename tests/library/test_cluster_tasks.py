@@ -168,9 +168,9 @@ def test_a_worker_chains_at_most_a_few_tasks_of_one_bucket_before_the_next_bucke
 
 
 async def test_the_pump_rings_the_doorbell_and_an_idle_worker_takes_the_task_it_names(backend: Any) -> None:
-    """An idle worker waits on the doorbell, not on one bucket: the bell rung after a submit names
-    the buckets that got tasks, and the worker takes its task from there without looking at every
-    bucket (and without waiting out SHARDED_IDLE_BLOCK_MS)."""
+    """An idle worker waits on the doorbell, not on one bucket: the pump rings a bell per bucket that
+    got tasks, each bell wakes one idle worker (a consumer group), which takes its task from that
+    bucket without looking at every bucket; no bell within SHARDED_IDLE_BLOCK_MS: look everywhere."""
     org = parse_organism("organism: {name: bell}\nlisteners:\n  - {name: work, handler: "
                          "'xml_pipeline.examples.cpu:burn', cpu_bound: true}\n", environ={})
     worker = DistributedWorker(backend, org, name="idle-worker")
@@ -182,21 +182,22 @@ async def test_the_pump_rings_the_doorbell_and_an_idle_worker_takes_the_task_it_
     runs = [asyncio.ensure_future(dispatcher.run(_task(i, ""))) for i in range(3)]
     try:
         for _ in range(200):
-            if backend.client.xlen(s.wake):
+            if backend.client.xlen(s.wake) == 3:
                 break
             await asyncio.sleep(0.02)
-        ((_, bell),) = backend.client.xrange(s.wake)
-        named = [int(b) for b in bell[b"b"].decode().split(",")]
+        named = [int(bell[b"b"]) for _, bell in backend.client.xrange(s.wake)]
         assert named == sorted((first + i) % N for i in range(3))
-        worker._wake_id, worker._look = "0-0", False  # noqa: SLF001 - idle: straight to the doorbell
-        got = []
-        for _ in range(3):
+        for bucket in named:
+            worker._look = False  # noqa: SLF001 - idle: straight to the doorbell
             entry = worker._read_one()  # noqa: SLF001
-            assert entry is not None
-            got.append(entry[0])
+            assert entry is not None and entry[0] == bucket  # the bell's bucket, nothing else looked at
             worker._ack(entry[0], entry[1])  # noqa: SLF001
-        assert sorted(got) == named
+            assert worker._look  # noqa: SLF001 - served: look at every bucket next
+        worker._look = False  # noqa: SLF001
         assert worker._read_one() is None and worker._look  # noqa: SLF001 - no bell: look everywhere next
+        assert sum(backend.client.xlen(k) for k in s.task_streams) == 0
+        worker._leave()  # noqa: SLF001
+        assert backend.client.xinfo_consumers(s.wake, WORKER_GROUP) == []
     finally:
         await dispatcher.close()
     await asyncio.gather(*runs)

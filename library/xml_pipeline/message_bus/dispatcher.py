@@ -203,10 +203,9 @@ class RedisDispatcher:
                 log.debug("could not ring the tasks doorbell: %s", e)
 
     def _ring(self, buckets: list[int]) -> None:
-        """(io thread) XADD a bell naming `buckets` to the doorbell (and its TTL)."""
+        """(io thread) A bell per bucket in `buckets` on the doorbell (and its TTL), one round trip."""
         s = self.streams
-        cmds: list[tuple[Any, ...]] = [("XADD", s.wake, "MAXLEN", "~", WAKE_MAXLEN, "*",
-                                        "b", ",".join(map(str, buckets)))]
+        cmds: list[tuple[Any, ...]] = [("XADD", s.wake, "MAXLEN", "~", WAKE_MAXLEN, "*", "b", b) for b in buckets]
         if s.ttl:
             cmds.append(("EXPIRE", s.wake, s.ttl))
         for reply in self.backend.send_commands(cmds):

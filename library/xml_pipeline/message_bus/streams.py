@@ -21,17 +21,19 @@ above. On a cluster it is split into contract.CLUSTER_TASKS_BUCKETS buckets, eac
 its own hash tag and its own dead-letter stream (`tasks:{<tag n>}`, `dlq:{<tag n>}`,
 keys.ClusterKeys.task_buckets), so one organism's task traffic spreads over the masters:
 - the pump puts each task in the next bucket (round robin, from a random start per pump), then
-  rings the doorbell `tasks:{<prefix>}:wake` (a short stream in the organism's slot: one XADD per
-  batch of tasks, not per task, naming the buckets that got tasks);
+  rings the doorbell `tasks:{<prefix>}:wake` (a short stream in the organism's slot): one bell per
+  bucket that got tasks in a batch, all in one round trip;
 - a busy worker reads the buckets in turn, one XREADGROUP per bucket (a multi-key XREADGROUP must
   be in one slot), starting after the bucket it last took a task from, so no bucket waits behind
   another; and it reads the next task of the same bucket along with an acknowledgement, at most
   CHAINED_PER_BUCKET times in a row (worker.py);
-- an idle worker (a look at every bucket found nothing) blocks in XREAD on the doorbell, from the
-  last bell it has seen, so no bell rung after it looked is missed; a bell wakes it at once and it
-  reads the buckets the bell names. A bell that never came (its XADD failed; a task re-queued by a
-  worker or a release rings none) costs at most SHARDED_IDLE_BLOCK_MS: then it looks at every
-  bucket again;
+- an idle worker (a look at every bucket found nothing) blocks in XREADGROUP on the doorbell (its
+  own "workers" group, NOACK): each bell wakes one idle worker, which takes a task from the bucket
+  the bell names (or, if another worker was first, waits again). Bells rung while it looked stay
+  in the group for the next idle worker, so none is missed; bells nobody was idle for are trimmed
+  (WAKE_MAXLEN). A task whose bell never rang (the XADD failed; a task re-queued by a worker or a
+  release rings none) waits at most SHARDED_IDLE_BLOCK_MS: then the worker looks at every bucket
+  again;
 - every step on a task stays in its bucket's slot (acknowledge, re-queue, heartbeat, dead-letter
   with its bucket's dead-letter stream, release of a dead consumer). What crosses slots is the
   result, whose stream is the pump's (`results:{<prefix>}:<pump>`): the worker writes the result
@@ -225,8 +227,7 @@ def as_redis(backend: object) -> RedisBackend:
 #: How long an idle worker blocks on the doorbell before it looks at every task bucket again (the
 #: longest a task whose bell did not ring waits; module docstring).
 SHARDED_IDLE_BLOCK_MS = 100
-#: Bells kept in the doorbell stream (approximate MAXLEN): a worker that comes back from a long task
-#: reads at most these before it is at the newest.
+#: Bells kept in the doorbell stream (approximate MAXLEN): bells nobody was idle for are dropped.
 WAKE_MAXLEN = 64
 
 
@@ -295,9 +296,11 @@ class Streams:
             raise err
 
     def ensure_task_groups(self) -> None:
-        """The workers' group on every task bucket."""
+        """The workers' group on every task bucket (and on the doorbell)."""
         for stream in self.task_streams:
             self.ensure_group(stream, WORKER_GROUP)
+        if self.wake is not None:
+            self.ensure_group(self.wake, WORKER_GROUP)
 
 
 @functools.lru_cache(maxsize=64)

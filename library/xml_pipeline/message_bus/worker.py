@@ -23,7 +23,6 @@ from .streams import (
     RELEASE,
     RESULTS_MAXLEN,
     SHARDED_IDLE_BLOCK_MS,
-    WAKE_MAXLEN,
     WORKER_GROUP,
     Streams,
     _entries,
@@ -95,7 +94,6 @@ class DistributedWorker:
         self._entry: tuple[str, str] | None = None
         self._next: Entry | None = None  # read along with the last result
         self._chained = 0  # tasks read in a row from one bucket along with an acknowledgement
-        self._wake_id: str | None = None  # the last doorbell entry seen (sharded tasks stream)
         self._look = True  # look at every bucket before waiting on the doorbell
         self._next_claim = 0.0
         self._beat_stop = threading.Event()
@@ -205,37 +203,27 @@ class DistributedWorker:
             return self._first(0, s.client.xreadgroup(WORKER_GROUP, self.name, {s.tasks: ">"}, count=1,
                                                       block=s.block_ms))
         # streams.py, "Task buckets": every bucket in turn from the one after the last served; when
-        # idle, the doorbell from the last bell seen (read before looking, so none is missed).
+        # idle, the doorbell.
         wake = s.wake
         assert wake is not None  # sharded
-        if self._wake_id is None:
-            last = s.client.xrevrange(wake, count=1)
-            self._wake_id = _s(last[0][0]) if last else "0-0"
         n = len(s.task_streams)
         if self._look:
             for i in range(n):
                 got = self._take((self._cursor + i) % n)
                 if got is not None:
                     return got
-        resp = s.client.xread({wake: self._wake_id}, count=WAKE_MAXLEN, block=SHARDED_IDLE_BLOCK_MS)
-        rung: set[int] = set()
-        for bell_id, fields in _entries(resp):
-            self._wake_id = _s(bell_id)
+        resp = s.client.xreadgroup(WORKER_GROUP, self.name, {wake: ">"}, count=1, block=SHARDED_IDLE_BLOCK_MS,
+                                   noack=True)
+        bells = _entries(resp)
+        # No bell within the wait: look at every bucket next time (a bell may have failed). A bell:
+        # its bucket; if another worker was first, back to the doorbell.
+        self._look = not bells
+        for _, fields in bells:
             if isinstance(fields, list):
                 fields = dict(zip(fields[::2], fields[1::2]))
-            for named in _s(fields.get(b"b", fields.get("b", b""))).split(","):
-                if named.isdigit() and int(named) < n:
-                    rung.add(int(named))
-        # No bell within the wait: look at every bucket next time (a bell may have failed). A bell:
-        # its buckets now, from a random one (idle workers woken together spread); if another
-        # worker was first, back to the doorbell.
-        self._look = not rung
-        order = sorted(rung)
-        start = random.randrange(len(order)) if order else 0
-        for b in order[start:] + order[:start]:
-            got = self._take(b)
-            if got is not None:
-                return got
+            named = _s(fields.get(b"b", fields.get("b", b"")))
+            if named.isdigit() and int(named) < n:
+                return self._take(int(named))
         return None
 
     def _take(self, bucket: int) -> Entry | None:
@@ -502,7 +490,7 @@ class DistributedWorker:
     def _leave(self) -> None:
         """Remove this consumer from the group of each bucket where it holds no pending task."""
         s = self.streams
-        for stream in s.task_streams:
+        for stream in (*s.task_streams, *([s.wake] if s.wake else [])):
             try:
                 pending = s.client.xpending_range(stream, WORKER_GROUP, min="-", max="+", count=1,
                                                   consumername=self.name)

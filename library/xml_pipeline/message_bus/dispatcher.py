@@ -206,7 +206,7 @@ class RedisDispatcher:
         """(io thread) A bell per bucket in `buckets` on the doorbell (and its TTL), one round trip."""
         s = self.streams
         cmds: list[tuple[Any, ...]] = [("XADD", s.wake, "MAXLEN", "~", WAKE_MAXLEN, "*", "b", b) for b in buckets]
-        if s.ttl:
+        if s.wake is not None and s.expire_due(s.wake):
             cmds.append(("EXPIRE", s.wake, s.ttl))
         for reply in self.backend.send_commands(cmds):
             if isinstance(reply, Exception):

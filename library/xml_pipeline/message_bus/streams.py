@@ -86,6 +86,7 @@ import functools
 import json
 import os
 import socket
+import time
 import uuid
 from typing import TYPE_CHECKING, Any, cast
 
@@ -270,6 +271,24 @@ class Streams:
         # Blocking reads must return before the socket timeout fires.
         self.block_ms = max(50, min(1000, int(backend.config.socket_timeout * 500)))
 
+    def expire_due(self, key: str) -> bool:
+        """True when `key` needs its TTL set by this writer: always with one bucket (every write
+        carries it, in its MULTI); on a sharded tasks stream at most every ttl/8 per key and process,
+        for the single-command writes to the organism's slot (a result, a bell), whose streams then
+        live at least 7/8 of the TTL after a write."""
+        if not self.ttl:
+            return False
+        if not self.sharded:
+            return True
+        now = time.monotonic()
+        last = _EXPIRED.get(key)
+        if last is not None and now - last < self.ttl / 8:
+            return False
+        if len(_EXPIRED) > 4096:
+            _EXPIRED.clear()
+        _EXPIRED[key] = now
+        return True
+
     def results(self, pump_id: str) -> str:
         return self.backend.key("results", pump_id)
 
@@ -301,6 +320,10 @@ class Streams:
             self.ensure_group(stream, WORKER_GROUP)
         if self.wake is not None:
             self.ensure_group(self.wake, WORKER_GROUP)
+
+
+#: When this process last set the TTL of a key it writes with single commands (Streams.expire_due).
+_EXPIRED: dict[str, float] = {}
 
 
 @functools.lru_cache(maxsize=64)

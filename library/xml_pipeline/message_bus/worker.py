@@ -375,7 +375,16 @@ class DistributedWorker:
                 raise r
 
     def _write_result(self, task: WorkerTask, outcome: Outcome) -> bool:
-        return self._transaction(f"the result of task {task.task_id}", self._result_commands(task, outcome))
+        """The response and the result, without a MULTI: the response's SET is in another slot and
+        sent on its own anyway, and an XADD is atomic; the stream's TTL with it when due."""
+        s = self.streams
+        cmds = [c for c in self._result_commands(task, outcome) if c[0] != "EXPIRE"]
+        if s.expire_due(task.reply_to):
+            cmds.append(("EXPIRE", task.reply_to, s.ttl))
+        for reply in self.backend.send_commands(cmds):
+            if isinstance(reply, Exception):
+                raise reply
+        return True
 
     def _ack(self, bucket: int, entry_id: str, *, chain: bool = False) -> bool:
         """XACK + XDEL of a task in its bucket, in one MULTI; with `chain`, in the same round trip

@@ -381,9 +381,12 @@ class DistributedWorker:
         cmds = [c for c in self._result_commands(task, outcome) if c[0] != "EXPIRE"]
         if s.expire_due(task.reply_to):
             cmds.append(("EXPIRE", task.reply_to, s.ttl))
-        for reply in self.backend.send_commands(cmds):
-            if isinstance(reply, Exception):
-                raise reply
+        # The response strictly before the result that names it (a batch of two slots would be
+        # sent in either order).
+        for batch in ([cmds[:1], cmds[1:]] if outcome.response is not None else [cmds]):
+            for reply in self.backend.send_commands(batch):
+                if isinstance(reply, Exception):
+                    raise reply
         return True
 
     def _ack(self, bucket: int, entry_id: str, *, chain: bool = False) -> bool:

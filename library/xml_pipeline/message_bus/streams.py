@@ -36,8 +36,9 @@ keys.ClusterKeys.task_buckets), so one organism's task traffic spreads over the 
   again;
 - every step on a task stays in its bucket's slot (acknowledge, re-queue, heartbeat, dead-letter
   with its bucket's dead-letter stream, release of a dead consumer). What crosses slots is the
-  result, whose stream is the pump's (`results:{<prefix>}:<pump>`): the worker writes the result
-  first and then acknowledges the task in its bucket, as two steps. A worker that dies between
+  result, whose stream is the pump's (`results:{<prefix>}:<pump>`): the worker writes the response
+  (its temp key), then the result (one XADD), then acknowledges the task in its bucket (XACK + XDEL
+  in one MULTI), as separate sends in that order. A worker that dies between
   the two leaves its task pending: it is reclaimed and run again, and the pump keeps the first
   result for the task id and drops the second. So no result is lost (the task is acknowledged only
   after its result is in) and none is delivered twice; the cost is a rerun of a task whose worker

@@ -13,9 +13,9 @@ What an operation sends, by slot (keys.ClusterKeys):
   then, where the script's reply calls for them (a new thread, an expiry refresh that is due), the
   index and expiry commands on theirs (RedisClusterBackend.append_follow_ups, as the blocking path);
 - take: GET + DEL on the key's master, DEL of the other keys on theirs; delete: one DEL per slot;
-- execute (the dispatcher's stream commands): the batch on the master of its slot (an organism's
-  streams share a hash tag); a batch that spans slots goes through the blocking backend, whose
-  send_commands splits it (redis_cluster_route.py).
+- execute (the dispatcher's stream commands): the batch on the master of its slot (a task bucket's
+  MULTI, the read of the organism's results stream); a batch that spans slots goes through the
+  blocking backend, whose send_commands splits it (redis_cluster_route.py).
 
 A cluster's "not here, not now" replies (MOVED, ASK, TRYAGAIN, CLUSTERDOWN, UNBLOCKED) mean that the
 command did not run. They never reach the caller:

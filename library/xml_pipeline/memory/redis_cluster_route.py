@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import BackendError
 from .redis_direct import DirectConnection
 
-__all__ = ["NodeConnections", "refresh", "send_routed"]
+__all__ = ["NodeConnections", "SlotMoving", "refresh", "send_routed"]
 
 
 class NodeConnections:
@@ -51,6 +51,12 @@ class NodeConnections:
     def disconnect(self) -> None:
         for conn in self._conns.values():
             conn.disconnect()
+
+
+class SlotMoving(RedisConnectionError):
+    """A command of the batch met a redirection (MOVED, ASK, TRYAGAIN, CLUSTERDOWN): a MULTI of
+    the batch was refused whole (EXECABORT), so a batch that is one MULTI of one slot was not
+    applied and may be sent again (the dispatcher's task submits do)."""
 
 
 def send_routed(client: Any, commands: list[tuple[Any, ...]], best_effort_tail: int,
@@ -157,6 +163,5 @@ def _on_node(client: Any, slot: int, commands: list[tuple[Any, ...]], best_effor
 def _checked(client: Any, slot: int, out: list[Any]) -> list[Any]:
     if any(isinstance(r, (MovedError, AskError, ClusterDownError, TryAgainError)) for r in out):
         refresh(client)
-        raise RedisConnectionError(f"slot {slot} is moving or its node is failing over; the slot map was "
-                                   "refreshed")
+        raise SlotMoving(f"slot {slot} is moving or its node is failing over; the slot map was refreshed")
     return out

@@ -274,8 +274,8 @@ def start_cluster(masters: int = 3, replicas_per_master: int = 1, *, password: s
         for _ in range(count):
             # The bus port defaults to port + 10000, past 65535 for high free ports: pick one.
             bus = free_port()
-            server = _node_server(tls, password, (*args, "--cluster-port", str(bus)))
-            nodes.append(ClusterNode(server.start(), bus))
+            server = _node_server(tls, password, (*args, "--cluster-port", str(bus))).start()
+            nodes.append(ClusterNode(server, server.bus_port or bus))  # a start may have moved the ports
         for n in nodes:
             n.node_id = str(n.client().execute_command("CLUSTER", "MYID").decode())
         first = nodes[0].client()

@@ -98,6 +98,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class PortTaken(RuntimeError):
+    """The server could not listen: another process took its port after free_port found it free."""
+
+
 class RedisServer:
     """One server child process (Redis or Valkey, see `server_binary`). `stop()`/`start()` keep the port,
     so clients can reconnect."""
@@ -110,6 +114,7 @@ class RedisServer:
         self.extra_args = extra_args
         self.dir = Path(tempfile.mkdtemp(prefix="xp-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def url(self) -> str:
@@ -122,6 +127,20 @@ class RedisServer:
         return redis.Redis.from_url(self.url, **kw)  # type: ignore[arg-type]
 
     def start(self) -> "RedisServer":
+        """Start the server (again, on the same ports). A first start whose port another process took
+        meanwhile (free_port only found it free) moves to fresh ports, up to three times."""
+        for attempt in range(3):
+            try:
+                self._start_once()
+                self._started = True
+                return self
+            except PortTaken:
+                if self._started or attempt == 2:
+                    raise
+                self._new_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> None:
         args = [
             self.exe, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(self.dir),
@@ -130,19 +149,41 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         args += list(self.extra_args)
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = self.dir / "server.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:
             try:
                 if self.client(socket_connect_timeout=0.2).ping():
-                    return self
+                    return
             except redis.RedisError:
                 pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.binary} exited with {self.proc.returncode} on port {self.port}")
+                tail = log.read_text(errors="replace")[-1500:]
+                error = PortTaken if "already in use" in tail else RuntimeError
+                raise error(f"{self.binary} exited with {self.proc.returncode} on port {self.port}:\n{tail}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.binary} on port {self.port} did not answer within 10 s")
             time.sleep(0.02)
+
+    def _new_ports(self) -> None:
+        """Fresh ports for a start that lost its port: the server's (also where extra_args names it,
+        as a TLS port does) and a cluster bus port."""
+        old, self.port = str(self.port), free_port()
+        args = list(self.extra_args)
+        for i, a in enumerate(args):
+            if i and args[i - 1] == "--cluster-port":
+                args[i] = str(free_port())
+            elif a == old:
+                args[i] = str(self.port)
+        self.extra_args = tuple(args)
+
+    @property
+    def bus_port(self) -> int | None:
+        """The cluster bus port given in extra_args (None for a server outside a cluster)."""
+        args = list(self.extra_args)
+        return int(args[args.index("--cluster-port") + 1]) if "--cluster-port" in args else None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -45,7 +45,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import (AskError, ClusterDownError, ExecAbortError, MovedError, ResponseError, SlotNotCoveredError,
+                              TryAgainError)
 
 from ..errors import BackendError, BackendUnavailable
 from .keys import check_tagged_id
@@ -68,6 +69,22 @@ _REFUSED = (AskError, TryAgainError, ClusterDownError)  # MovedError and MasterD
 def not_here(reply: object) -> bool:
     """True for a reply by which the cluster refused a command without running it."""
     return isinstance(reply, _REFUSED) or (type(reply) is ResponseError and str(reply).startswith("UNBLOCKED"))
+
+
+def _refusal(commands: list[tuple[Any, ...]], replies: list[Any]) -> Exception | None:
+    """The cluster's refusal of a batch none of whose commands ran (module docstring), else None.
+
+    A transaction is refused where a server says so: Redis answers the refused command while
+    queueing it and aborts the EXEC (EXECABORT); Valkey queues it and answers the EXEC itself with
+    the refusal. Outside a transaction, the batch was refused if every keyed command was."""
+    if len(commands) >= 2 and commands[0][0] == "MULTI" and commands[-1][0] == "EXEC":
+        done = replies[-1]
+        if not_here(done):
+            return done
+        refused = [r for r in replies[1:-1] if not_here(r)]
+        return refused[0] if refused and isinstance(done, ExecAbortError) else None
+    keyed = [r for c, r in zip(commands, replies) if c[0] not in ("MULTI", "EXEC")]
+    return keyed[0] if keyed and all(not_here(r) for r in keyed) else None
 
 
 class _NotSent(BackendUnavailable):
@@ -350,13 +367,12 @@ class ClusterPipe:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 continue
-            keyed = [r for c, r in zip(commands, replies) if c[0] not in ("MULTI", "EXEC")]
-            if not keyed or not all(not_here(r) for r in keyed):
+            first = _refusal(commands, replies)
+            if first is None:
                 return replies  # ran (in part, where some were refused: the errors are in place)
             if time.monotonic() >= deadline:
                 raise BackendUnavailable(f"Redis Cluster at {b.url}: {what} was refused for {RETRY_SECONDS:g} s "
-                                         f"(slot {slot}: {b.scrub(keyed[0])})")
-            first = keyed[0]
+                                         f"(slot {slot}: {b.scrub(first)})")
             asking = first if isinstance(first, AskError) and not isinstance(first, MovedError) else None
             if not isinstance(first, AskError):  # TRYAGAIN, CLUSTERDOWN, UNBLOCKED: wait a little
                 await asyncio.sleep(delay)

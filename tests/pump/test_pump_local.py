@@ -18,6 +18,7 @@ from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump
 from xml_pipeline.message_bus.worker_task import (
     INTEGRITY_ERROR,
+    WorkerResult,
     WorkerTask,
     execute_task,
     load_inputs,
@@ -163,12 +164,18 @@ def test_forged_or_swapped_temp_values_raise_slot_integrity_error(manager: Manag
     manager.temp_delete(pk, mk, pk2, mk2)
 
 
+class InputsThroughTheBackend(LocalWorkerPool):
+    """Worker processes that read their inputs from the temp key space, as worker pods do."""
+
+    carries_messages = False
+
+
 async def test_temp_keys_are_not_threads_carry_the_ttl_and_are_cleaned_up(redis_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
     config = BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
                            redis_ttl=300, signing_key=SIGNING_KEY)
     backend = create_backend(config)
     client = redis_server.client()
-    pool = LocalWorkerPool(backend, workers=1)
+    pool = InputsThroughTheBackend(backend, workers=1)
     async with StreamPump(make_organism("tmpkeys", backend="redis"), backend, dispatcher=pool) as pump:
         job = asyncio.create_task(pump.request(ask("slow", '<s seconds="1.5"/>'), timeout=60))
         tmp_keys: list[bytes] = []
@@ -189,6 +196,46 @@ async def test_temp_keys_are_not_threads_carry_the_ttl_and_are_cleaned_up(redis_
     assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
     assert all(client.ttl(k) > 0 for k in client.scan_iter(match=f"{prefix}*"))
     backend.close()
+
+
+async def test_a_local_worker_gets_its_message_with_the_task_and_no_temp_keys(redis_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    """The local pool's workers are the pump's children on pipes of their own: the message goes with
+    the task and the response with the result; the slot is in the context buffer all the same."""
+    backend = create_backend(BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
+                                           redis_ttl=300, signing_key=SIGNING_KEY))
+    client = redis_server.client()
+    pool = LocalWorkerPool(backend, workers=1)
+    async with StreamPump(make_organism("carried", backend="redis"), backend, dispatcher=pool) as pump:
+        request = ask("slow", '<s seconds="1"/>')
+        job = asyncio.create_task(pump.request(request, timeout=60))
+        for _ in range(200):  # until the request's slot is stored (the task is under way from then on)
+            if any(s.payload.id == request.id for t in backend.buffer_list_threads()
+                   for s in pump.buffer.get_thread_slots(t)):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the request never reached the context buffer")
+        assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
+        (out,) = await job
+        assert out.kind == "response" and out.in_reply_to == request.id
+        assert pump.stats.worker_tasks == 1
+    # Request and response both in the buffer, signed at their places; still no temp key.
+    slots = [s for t in backend.buffer_list_threads() for s in pump.buffer.get_thread_slots(t)]
+    assert sorted(s.from_id for s in slots) == ["console", "slow"]
+    assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
+    backend.close()
+
+
+async def test_a_carried_response_that_does_not_decode_is_an_error_response(manager: ManagerBackend) -> None:
+    """What a local worker sends back is checked like a stored response: garbage is MissingData."""
+    class Garbled(LocalWorkerPool):
+        async def run(self, task: WorkerTask) -> WorkerResult:
+            result = await super().run(task)
+            return WorkerResult(result.task_id, worker=result.worker, response=b'[{"op": "launch", "payload": "<x/>"}]')
+
+    async with StreamPump(make_organism("garbled"), manager, dispatcher=Garbled(manager, workers=1)) as pump:
+        (out,) = await pump.request(ask("echo", "<e/>"), timeout=60)
+    assert out.kind == "error" and "MissingData" in out.payload and "unknown action" in out.payload
 
 
 @pytest.mark.parametrize("backend_type", ["memory", "manager"])

@@ -14,7 +14,7 @@ Event-driven, no polling: the pump's event loop watches each worker's pipe and p
 
 `ThreadWorkerPool` is the same interface for the single-process memory backend, whose data other
 processes cannot see: cpu_bound handlers then run in threads of the pump process (said in a log
-line), still through the temp key space.
+line), which, like the worker processes, take the message with the task (worker_task.py).
 """
 from __future__ import annotations
 
@@ -48,7 +48,12 @@ MAX_BOOT_FAILURES = 3
 
 
 class Dispatcher(Protocol):
-    """Where the pump sends WorkerTasks: a local pool, threads, or a Redis Stream."""
+    """Where the pump sends WorkerTasks: a local pool, threads, or a Redis Stream.
+
+    A dispatcher whose workers only it can reach (the pump's own child processes or threads) sets
+    `carries_messages = True`: the pump then puts the message into the task and reads the response
+    from the result (WorkerTask.message, WorkerResult.response) instead of passing both through the
+    backend's temp key space. Without the attribute, the inputs and the response are temp keys."""
 
     def adopt_store(self, store: AsyncStore) -> None:
         """The pump's store, offered before start(): a dispatcher that talks to the same backend
@@ -106,6 +111,9 @@ class _Worker:
 
 class LocalWorkerPool:
     """N worker processes, one task each at a time, replaced when they die."""
+
+    #: Each worker's pipe is its own (a child process of the pump): tasks carry their message.
+    carries_messages = True
 
     def __init__(self, backend: SharedBackend, *, workers: int, start_method: str = "spawn") -> None:
         if workers < 1:
@@ -289,6 +297,9 @@ def _join_all(procs: list[Any], timeout: float) -> None:
 
 class ThreadWorkerPool:
     """cpu_bound handlers in threads of the pump process (for the unshared memory backend)."""
+
+    #: The workers are threads of the pump: tasks carry their message.
+    carries_messages = True
 
     def __init__(self, backend: SharedBackend, *, workers: int) -> None:
         self.backend = backend

@@ -80,10 +80,10 @@ async def test_same_answers_and_buffer_with_and_without_the_pipe(redis_server: R
         if pipelined:
             assert pump.pipe is not None
             # The request's and the reply's append per echo/fail message (the local workers take the
-            # message with the task: no temp keys): far more commands than writes, since steps of
-            # many conversations share a write.
+            # message with the task: no temp keys). The 52 requests' appends share a few writes (the
+            # replies' follow the workers' results, one or two at a time).
             assert pump.pipe.commands >= 2 * 44
-            assert pump.pipe.writes * 2 <= pump.pipe.commands
+            assert pump.pipe.writes + 40 <= pump.pipe.commands
     # Nothing left in the temp key space.
     assert list(redis_server.client().scan_iter(match=f"{backend.config.redis_prefix}tmp:*")) == []  # type: ignore[attr-defined]
     backend.close()  # type: ignore[attr-defined]

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BackendError, SlotIntegrityError, ThreadFullError
+from ..errors import BackendError, ThreadFullError
 from ..memory.async_store import RedisStore, open_store
 from ..memory.context_buffer import ContextBuffer, PreparedAppend, Temps
 from ..memory.protocol import SharedBackend
@@ -52,7 +52,8 @@ from .pump_registry import PumpRegistry
 from .pump_feed import run_messages
 from .pump_routing import MAX_CHAIN_HOPS, Router
 from .thread_registry import ThreadRegistry
-from .worker_task import WorkerResult, WorkerTask, carried_response, new_key, open_response, worker_inputs
+from .pump_outcome import Outcome, carried, collect
+from .worker_task import WorkerResult, WorkerTask, new_key, worker_inputs
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ MAX_CONVERSATION_MESSAGES = 1000
 
 OutputCallback = Callable[[Message], Awaitable[None] | None]
 DoneCallback = Callable[[str], Awaitable[None] | None]
-Outcome = tuple[list[Action] | None, tuple[str, str] | None]
 
 
 @dataclass(eq=False)
@@ -417,7 +417,8 @@ class StreamPump:
         """Collect the worker's response (deleting the temp keys), route what the handler returned,
         and append the outputs to the outside (each answers the conversation's first message)."""
         if result is not None:
-            actions, error = await (self._collect(result, keys) if keys is not None else self._carried(result))
+            actions, error = await (collect(self.store, result, keys) if keys is not None
+                                    else carried(self.store, result))
         out: list[tuple[Message, bool]] = []
         for m, external in await self._router.route(msg, listener, actions or [], error):
             if external:
@@ -425,50 +426,6 @@ class StreamPump:
                 await self._append(m)
             out.append((m, external))
         return out
-
-    async def _collect(self, result: WorkerResult, keys: tuple[str, str]) -> Outcome:
-        """Fetch the worker's response, and delete every temp key of the task."""
-        try:
-            if not result.ok or result.response_key is None:
-                await self.store.delete(*keys)
-                return None, (result.error_type or "WorkerError", result.error or "unknown error")
-            response_key = result.response_key
-            blob = await self.store.take(response_key, *keys)
-            if blob is not None and len(blob) > INLINE_MAX_BYTES:  # verifying it would hold up the loop
-                return await self.store.run(self._response_outcome, result, blob, response_key)
-            return self._response_outcome(result, blob, response_key)
-        except BackendError as e:
-            # Could not reach the backend to collect: the temp keys expire with the TTL anyway.
-            log.error("task %s: cannot collect the response: %s", result.task_id, e)
-            return None, ("BackendError", f"{type(e).__name__}: {e}")
-
-    async def _carried(self, result: WorkerResult) -> Outcome:
-        """The outcome of a task that carried its message: the response came back with the result."""
-        body = result.response
-        if not result.ok or body is None:
-            return None, (result.error_type or "WorkerError", result.error or "the worker sent no response")
-        if len(body) > INLINE_MAX_BYTES:  # decoding it would hold up the loop
-            return await self.store.run(self._carried_outcome, result, body)
-        return self._carried_outcome(result, body)
-
-    def _carried_outcome(self, result: WorkerResult, body: bytes) -> Outcome:
-        try:
-            return carried_response(body), None
-        except (MessageError, ValueError) as e:
-            log.error("task %s: cannot read the response: %s", result.task_id, e)
-            return None, ("MissingData", f"{type(e).__name__}: {e}")
-
-    def _response_outcome(self, result: WorkerResult, blob: bytes | None, key: str) -> Outcome:
-        """(actions, None), or (None, error) for a response that is gone, fails its integrity check
-        or cannot be decoded."""
-        try:
-            return open_response(self.backend, blob, key), None
-        except SlotIntegrityError as e:
-            log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
-            return None, ("IntegrityError", f"SlotIntegrityError: {e}")
-        except (LookupError, MessageError, ValueError) as e:
-            log.error("task %s: cannot read the response: %s", result.task_id, e)
-            return None, ("MissingData", f"{type(e).__name__}: {e}")
 
     def _forward(self, item: _Item, out: Message) -> None:
         conv = self._conversations.get(item.conversation)

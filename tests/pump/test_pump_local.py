@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pump_harness import SIGNING_KEY, organism_yaml
@@ -13,7 +14,7 @@ from pump_harness import SIGNING_KEY, organism_yaml
 from xml_pipeline.errors import SlotIntegrityError
 from xml_pipeline.memory import BackendConfig, InMemoryBackend, ManagerBackend, create_backend
 from xml_pipeline.memory.signing import Signer
-from xml_pipeline.message_bus.local_pool import LocalWorkerPool, ThreadWorkerPool
+from xml_pipeline.message_bus.local_pool import PREFETCH, LocalWorkerPool, ThreadWorkerPool
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump
 from xml_pipeline.message_bus.worker_task import (
@@ -120,6 +121,23 @@ async def test_worker_that_dies_gives_an_error_response_and_is_replaced(
     assert all(o[0].kind == "response" and int(attr(o[0], "pid")) != first_pid for o in outs)
     assert any("died (exit code 17) while running listener 'die'" in r.getMessage() for r in caplog.records)
     assert manager.info()["temp_entries"] == 0
+
+
+async def test_tasks_queued_behind_a_dying_task_run_once_on_the_next_worker(
+        manager: ManagerBackend, tmp_path: Path) -> None:
+    """A worker has the next task waiting on its pipe (PREFETCH): when it dies, only the task it was
+    running is answered with WorkerDied; the one behind it never started and runs on the new worker."""
+    assert PREFETCH >= 2
+    pool = LocalWorkerPool(manager, workers=1)
+    marker = tmp_path / "echo.marker"
+    async with StreamPump(make_organism("prefetch"), manager, dispatcher=pool) as pump:
+        first_pid = pool._workers[0].process.pid
+        died, echoed = await asyncio.gather(pump.request(ask("die", "<x/>"), timeout=60),
+                                            pump.request(ask("echo", f'<e marker="{marker}"/>'), timeout=60))
+        assert pool.deaths == 1
+    assert died[0].kind == "error" and 'type="WorkerDied"' in died[0].payload
+    assert echoed[0].kind == "response" and int(attr(echoed[0], "pid")) != first_pid
+    assert marker.read_text().split() == [attr(echoed[0], "pid")]  # ran once, on the new worker
 
 
 async def test_plain_listeners_run_in_the_pump_and_failures_become_errors(caplog: pytest.LogCaptureFixture) -> None:

@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from xml_pipeline.contract import LABEL_COMPONENT
 
 from . import apply, client_rotation, desired as desired_mod, rotation, status as st
+from .rotation_pass import RotationPass, seconds_between
+from .status import Event
 from .desired import binding as binding_mod
 from .desired.naming import CONFIG_HASH_ANNOTATION, PASSWORD_KEY
 from .kube import Kube, NotFound
@@ -32,13 +34,6 @@ from .tenancy.dedicated_client import DedicatedClientAdmin
 logger = logging.getLogger(__name__)
 #: How long the answer to "does the cluster serve KEDA's API" is trusted.
 KEDA_RECHECK_SECONDS = 300.0
-
-
-@dataclass(frozen=True)
-class Event:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
 
 
 @dataclass
@@ -133,7 +128,7 @@ class Reconciler:
         blocked: st.Condition | None = None
         retry: str | None = None
         redis_cond: st.Condition | None = None
-        rot: _Rotation | None = None
+        rot: RotationPass | None = None
         binding: dict[str, str] | None = None
         clients = client_rotation.ClientRotation()
         client_credentials: dict[str, str] | None = None  # dedicated: status.credentials (the client's rotation)
@@ -210,12 +205,12 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------------ shared mode
     def _shared(self, org: Organism, body: Mapping[str, Any], previous: dict[str, Any], values: dict[str, str],
-                now: str) -> tuple[st.Condition, _Rotation]:
+                now: str) -> tuple[st.Condition, RotationPass]:
         """The Organism's ACL user, and the steps of a password rotation that come before the pods roll
         (rotation.py): start, generate, accept, publish -- Redis always before the Secret."""
         assert org.redis is not None
         cred = previous.get("credentials") or {}
-        rot = _Rotation(phase=rotation.phase_of(cred.get("phase"), values), request=cred.get("request"),
+        rot = RotationPass(phase=rotation.phase_of(cred.get("phase"), values), request=cred.get("request"),
                         since=cred.get("since"), last=cred.get("lastRotation"))
         annotations = (body.get("metadata") or {}).get("annotations") or {}
         def before_redis(request: bool) -> rotation.Step:  # the steps that come before Redis is asked
@@ -255,7 +250,7 @@ class Reconciler:
         return st.Condition("RedisReady", "True" if state.ready else "False", state.reason, state.message), rot
 
     def _client(self, org: Organism, values: dict[str, str], want: desired_mod.DesiredState,
-                outcomes: list[apply.Outcome], rot: _Rotation, clients: client_rotation.ClientRotation,
+                outcomes: list[apply.Outcome], rot: RotationPass, clients: client_rotation.ClientRotation,
                 now: str) -> dict[str, str] | None:
         """The organism's client identity (shared mode): the binding Secret, then its ACL user, its
         password rotated with the organism's (desired/binding.client_rotation_step; Redis always
@@ -301,7 +296,7 @@ class Reconciler:
             else:
                 values[k] = v
 
-    def _after_rollout(self, org: Organism, rot: _Rotation, values: dict[str, str],
+    def _after_rollout(self, org: Organism, rot: RotationPass, values: dict[str, str],
                        outcomes: list[apply.Outcome], want: desired_mod.DesiredState, now: str) -> st.Condition | None:
         """Rotation steps after the pods were told to roll: wait for them, then retire the old password."""
         assert org.redis is not None
@@ -313,7 +308,7 @@ class Reconciler:
                 if obj["kind"] == "Deployment"
                 and obj["metadata"]["labels"].get(LABEL_COMPONENT) in ("pump", "worker")]
         rolled = bool(pods) and all(rotation.rollout_complete(b, digest) for b in pods)
-        rot.waited = _seconds_between(rot.since, now)
+        rot.waited = seconds_between(rot.since, now)
         step = rotation.next_step(phase=rot.phase, request=False, secret=values, redis_accepts_all=True,
                                   rolled=rolled, waited=rot.waited, timeout=self.rotation_timeout)
         if step is not rotation.Step.RETIRE:
@@ -403,72 +398,6 @@ class Reconciler:
             except NotFound:  # deleted meanwhile: nothing to report on
                 pass
         return Result(status=status, events=events, retry=retry)
-
-
-@dataclass
-class _Rotation:
-    """A password rotation as one pass sees it (rotation.py holds the decisions)."""
-
-    phase: rotation.Phase
-    request: str | None = None
-    since: str | None = None
-    last: str | None = None
-    waited: float = 0.0
-    #: Steps taken in this pass, for events: started, adopted, published, retired.
-    done: list[str] = field(default_factory=list)
-    #: Nodes of a clustered shared Redis where this pass re-created the lost ACL user (an event).
-    repaired: tuple[str, ...] = ()
-
-    def stalled(self, timeout: float) -> bool:
-        return self.phase is rotation.Phase.ROLLING_OUT and self.waited >= timeout
-
-    def as_status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"phase": self.phase.value}
-        for key, value in (("request", self.request), ("since", self.since), ("lastRotation", self.last)):
-            if value:
-                out[key] = value
-        return out
-
-    def condition(self, timeout: float) -> st.Condition:
-        if self.phase is rotation.Phase.IDLE:
-            return st.Condition("CredentialsCurrent", "True", "NoRotation",
-                                "no password rotation in progress (request one by setting the annotation "
-                                f"{rotation.ROTATE_ANNOTATION} to a new value)")
-        if self.phase is rotation.Phase.ACCEPTING:
-            return st.Condition("CredentialsCurrent", "False", "Rotating",
-                                "a new password was generated; the shared Redis is to accept it beside the old one")
-        if self.stalled(timeout):
-            return st.Condition("CredentialsCurrent", "False", "RolloutTimedOut",
-                                f"the pump and worker pods have not all moved to the new password after "
-                                f"{int(self.waited)} s; both passwords stay accepted (no pod is locked out) "
-                                "until they do: check the Deployments")
-        return st.Condition("CredentialsCurrent", "False", "Rotating",
-                            "the new password is in the Secret and the pods are rolling; the old password "
-                            "stays accepted until every pod runs with the new one")
-
-    def events_for(self, previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
-        texts = {"started": "Password rotation requested: generating a new password",
-                 "adopted": "redis-password was changed in the Secret: the old password stays accepted "
-                            "until the pods rolled",
-                 "published": "The shared Redis accepts the new password; it is in the Secret; rolling the pods",
-                 "retired": "Every pod runs with the new password; the old one was removed from the shared Redis"}
-        events = [Event("Normal", "CredentialsRotation", texts[d]) for d in self.done]
-        if self.repaired:
-            events.append(Event("Warning", "AclUserRepaired",
-                                f"The organism's ACL user was missing on node(s) {', '.join(self.repaired)} of the "
-                                "shared Redis (a restart without an ACL file?) and was re-created there"))
-        old, new = st.condition(previous, "CredentialsCurrent"), st.condition(status, "CredentialsCurrent")
-        if new is not None and new["reason"] == "RolloutTimedOut" and (old or {}).get("reason") != "RolloutTimedOut":
-            events.append(Event("Warning", "RolloutTimedOut", new["message"]))
-        return events
-
-
-def _seconds_between(since: str | None, now: str) -> float:
-    fmt = "%Y-%m-%dT%H:%M:%SZ"
-    try:
-        return (datetime.datetime.strptime(now, fmt) - datetime.datetime.strptime(since or now, fmt)).total_seconds()
-    except ValueError:
-        return 0.0
 
 
 def _object_events(outcomes: list[apply.Outcome]) -> list[Event]:

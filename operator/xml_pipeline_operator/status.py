@@ -23,6 +23,15 @@ STATUS_KEYS = ("observedGeneration", "phase", "configHash", "workersReady", "wor
 
 
 @dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event a pass attaches to its Organism."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Condition:
     type: str
     status: ConditionStatus

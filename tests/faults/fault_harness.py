@@ -61,8 +61,27 @@ class Tally:
         """Every conversation got exactly one output (answer or error), none for unknown ids."""
         per = self.per_conversation()
         assert set(per) == set(self.sent), (len(per), len(self.sent))
-        assert max(per.values()) == 1, [k for k, v in per.items() if v > 1][:5]
+        assert max(per.values()) == 1, self._repeated(per)
         assert self.answered + self.errored == len(self.sent)
+
+    def assert_one_output_id_each(self) -> int:
+        """Every conversation got outputs of exactly one message id (one answer or one error), none
+        for unknown ids; an output may be on egress more than once under that one id (a reader saw
+        it on a master that died before replicating it, and the re-run wrote it again). Returns how
+        many such repeats there were."""
+        per = self.per_conversation()
+        assert set(per) == set(self.sent), (len(per), len(self.sent))
+        by_id: dict[str, set[str]] = {}
+        for m in self.outputs:
+            by_id.setdefault(m.in_reply_to or "", set()).add(m.id)
+            first = next(o for o in self.outputs if o.id == m.id)
+            assert (m.kind, m.payload) == (first.kind, first.payload), (m.id, m.payload[:200], first.payload[:200])
+        assert max(len(ids) for ids in by_id.values()) == 1, self._repeated(per)
+        return len(self.outputs) - len(self.sent)
+
+    def _repeated(self, per: Counter[str]) -> list[tuple[str | None, str, str, str]]:
+        return [(m.in_reply_to, m.id, m.kind, m.payload[:200]) for m in self.outputs
+                if per[m.in_reply_to or ""] > 1][:6]
 
 
 def executions(marker: Path) -> Counter[str]:

@@ -246,7 +246,7 @@ def test_pump_and_worker_pods_on_a_cluster_keep_answering(fault: str, redis_clus
                           workers=1, claim_idle_seconds=1.0, heartbeat_seconds=0.2, max_attempts=3, drain_seconds=5)
     env = dict(cli_env, XP_CONFIG=str(path))
     for role in ("pump", "worker"):
-        procs.append(cli_popen(role, "--heartbeat-file", str(tmp_path / f"{role}.hb"), env=env,
+        procs.append(cli_popen(role, "-v", "--heartbeat-file", str(tmp_path / f"{role}.hb"), env=env,
                                log=tmp_path / f"{role}.log"))
     backend = create_backend(load(path).backend)
     streams = Streams(backend)  # type: ignore[arg-type]
@@ -268,7 +268,7 @@ def test_pump_and_worker_pods_on_a_cluster_keep_answering(fault: str, redis_clus
         return tally.complete()
 
     def logs() -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-8000:]}" for p in sorted(tmp_path.glob("*.log")))
 
     for m in sent[:20]:
         send_message(backend, m)  # type: ignore[arg-type]
@@ -291,10 +291,19 @@ def test_pump_and_worker_pods_on_a_cluster_keep_answering(fault: str, redis_clus
             wait_for(lambda: poll() or len(tally.outputs) > answered, "an answer after the promotion", 60)
             print(f"\nfirst answer {time.monotonic() - promoted_at:.1f} s after the replica was promoted")
         wait_for(poll, "an output for every conversation", 90)
+        if fault == "kill-master":
+            # Asynchronous replication: egress is read on the master, so this reader can see an output
+            # the replica never received; the promoted replica lacks it, the conversation runs again
+            # and writes it again under the same message id (docs/storage.md, "Egress across a
+            # failover"). One answer or error per conversation still holds, counted by message id.
+            repeats = tally.assert_one_output_id_each()
+        else:
+            tally.assert_exactly_one_each()
+            repeats = 0
     except AssertionError as e:
         raise AssertionError(f"{e}\n{logs()}") from None
-    tally.assert_exactly_one_each()
     assert "Traceback" not in logs()
-    print(f"\npods across {fault}: {tally.answered} answered, {tally.errored} errors of {len(sent)}; "
+    print(f"\npods across {fault}: {tally.answered} answered, {tally.errored} errors of {len(sent)}, "
+          f"{repeats} output(s) written again after the failover; "
           f"handler runs per task at most {max(executions(marker).values())}")
     backend.close()

@@ -32,6 +32,11 @@ How a task stays safe:
 - A pump that dies mid-conversation leaves its ingress entry pending; every live pump sweeps the
   ingress stream with XAUTOCLAIM every claim_idle_seconds / 2 (not only at start), takes it over,
   runs the conversation again and writes only the outputs egress has not seen yet.
+- Across a failover to a replica (Sentinel, Cluster), an output the dead master wrote but had not
+  yet replicated is gone with the conversation's ack; a reader of egress may already have seen it
+  on the old master. The re-run writes it again with the same message id: one answer or error per
+  conversation, possibly on egress twice under one id (readers that must see it once skip a
+  message id they already took; docs/storage.md, "Egress across a failover").
 - Every task has a deadline (process_pool.task_deadline): a task whose result never comes (Redis
   lost it in a restart without persistence, say) is answered with a TaskDeadline error, so lost
   work never holds a pump's consumer or ingress slot.

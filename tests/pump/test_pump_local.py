@@ -31,6 +31,7 @@ LISTENERS = """
 - {name: echo, handler: "xp_test_handlers:echo", cpu_bound: true}
 - {name: fail, handler: "xp_test_handlers:fail", cpu_bound: true}
 - {name: die, handler: "xp_test_handlers:die", cpu_bound: true}
+- {name: diewhen, handler: "xp_test_handlers:die_when", cpu_bound: true}
 - {name: slow, handler: "xp_test_handlers:slow", cpu_bound: true}
 - {name: relay, handler: "xp_test_handlers:relay"}
 - {name: plainfail, handler: "xp_test_handlers:fail"}
@@ -129,14 +130,25 @@ async def test_tasks_queued_behind_a_dying_task_run_once_on_the_next_worker(
     running is answered with WorkerDied; the one behind it never started and runs on the new worker."""
     assert PREFETCH >= 2
     pool = LocalWorkerPool(manager, workers=1)
-    marker = tmp_path / "echo.marker"
+    marker, go = tmp_path / "echo.marker", tmp_path / "go"
     async with StreamPump(make_organism("prefetch"), manager, dispatcher=pool) as pump:
-        first_pid = pool._workers[0].process.pid
-        died, echoed = await asyncio.gather(pump.request(ask("die", "<x/>"), timeout=60),
-                                            pump.request(ask("echo", f'<e marker="{marker}"/>'), timeout=60))
+        worker = pool._workers[0]
+        dying = asyncio.create_task(pump.request(ask("diewhen", f'<x go="{go}"/>'), timeout=60))
+        for _ in range(500):  # sequencing, not timing: the dying task is on the worker's pipe first
+            if len(worker.tasks) == 1:
+                break
+            await asyncio.sleep(0.01)
+        echoing = asyncio.create_task(pump.request(ask("echo", f'<e marker="{marker}"/>'), timeout=60))
+        for _ in range(500):  # ... and the echo behind it
+            if len(worker.tasks) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert [t.listener for t, _ in worker.tasks] == ["diewhen", "echo"]
+        go.touch()
+        died, echoed = await dying, await echoing
         assert pool.deaths == 1
     assert died[0].kind == "error" and 'type="WorkerDied"' in died[0].payload
-    assert echoed[0].kind == "response" and int(attr(echoed[0], "pid")) != first_pid
+    assert echoed[0].kind == "response" and int(attr(echoed[0], "pid")) != worker.process.pid
     assert marker.read_text().split() == [attr(echoed[0], "pid")]  # ran once, on the new worker
 
 

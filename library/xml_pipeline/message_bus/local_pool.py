@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 MAX_BOOT_FAILURES = 3
 #: Tasks sent to one worker before it answered: the one it runs and the next, waiting on its pipe.
 PREFETCH = 2
+#: A task whose message is longer (characters) waits for an idle worker instead of queueing on a
+#: busy one's pipe: the pipe's buffer would not hold it, and the pump's event loop would block in
+#: the write until that worker has finished its current task and reads.
+PREFETCH_MAX_PAYLOAD = 16 * 1024
 
 
 class Dispatcher(Protocol):
@@ -190,6 +194,8 @@ class LocalWorkerPool:
                     return
                 if w.dead or len(w.tasks) > depth:
                     continue
+                if depth and _large(self._pending[0][0]):
+                    return  # first in line, for the next idle worker
                 task, fut = self._pending.popleft()
                 while fut.cancelled() and self._pending:
                     task, fut = self._pending.popleft()
@@ -311,6 +317,10 @@ class LocalWorkerPool:
             w.tasks.clear()
             w.conn.close()
         self._workers.clear()
+
+
+def _large(task: WorkerTask) -> bool:
+    return task.message is not None and len(task.message.payload) > PREFETCH_MAX_PAYLOAD
 
 
 def _join_all(procs: list[Any], timeout: float) -> None:

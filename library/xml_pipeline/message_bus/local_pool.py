@@ -8,8 +8,8 @@ queued behind it on its pipe never started and go to another worker. A new worke
 one's place, and the pump keeps running.
 
 Each worker has up to `PREFETCH` tasks on its pipe: when it finishes one, the next is already there
-to read, so it does not sleep until the pump's event loop gets round to sending one (on a busy
-machine, every wake-up of a sleeping process costs tens of microseconds of both processes).
+to read, so it does not go to sleep and wait for the pump's event loop to get round to sending one
+(and on a busy machine, for the scheduler to run it again once it does).
 
 Safe under spawn and forkserver: a worker starts from `_worker_main` (a module-level function), gets
 the backend by pickling (a ManagerBackend reconnects by address and authkey, a RedisBackend builds

@@ -115,3 +115,38 @@ def shared_sentinel() -> Iterator["LocalSentinel"]:
     local = start_sentinel()
     yield local
     local.close()
+
+
+def _tls_sets_or_skip(tls_files: TLSFiles) -> None:
+    """Skip with the reason where this server binary cannot run a TLS cluster / Sentinel set."""
+    from redis_cluster import cluster_supported, tls_unsupported
+
+    reason = cluster_supported() or tls_unsupported(tls_files)
+    if reason:
+        pytest.skip(f"no TLS cluster or Sentinel set here: {reason}")
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tls_files: TLSFiles) -> Iterator["LocalCluster"]:
+    """A TLS-only local Redis Cluster (3 masters + 3 replicas; clients, the cluster bus and
+    replication all on TLS with a certificate of `tls_files.ca`), one per test module: tests that
+    kill a master come last in their module. Skipped where the server binary lacks TLS."""
+    from redis_cluster import start_cluster
+
+    _tls_sets_or_skip(tls_files)
+    cluster = start_cluster(tls=tls_files)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def tls_sentinel(tls_files: TLSFiles) -> Iterator["LocalSentinel"]:
+    """A TLS-only Sentinel set (1 master, 1 replica, 3 sentinels; replication and the sentinels'
+    links on TLS too), one per test module: tests that fail it over come last in their module.
+    Skipped where the server binary lacks TLS."""
+    from redis_cluster import start_sentinel
+
+    _tls_sets_or_skip(tls_files)
+    local = start_sentinel(tls=tls_files)
+    yield local
+    local.close()

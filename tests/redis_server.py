@@ -235,12 +235,13 @@ class TLSRedisServer(RedisServer):
     Clients find the CA through `tls.ca` (ssl_ca_certs, or SSL_CERT_FILE for code that uses the
     system's CAs)."""
 
-    def __init__(self, tls: TLSFiles, *, auth_clients: bool = False, password: str | None = None) -> None:
+    def __init__(self, tls: TLSFiles, *, auth_clients: bool = False, password: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         super().__init__(password=password)
         # The free port becomes the TLS port; the plain port is switched off (the later --port wins).
         self.extra_args = ("--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(tls.cert),
                            "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
-                           "--tls-auth-clients", "yes" if auth_clients else "no")
+                           "--tls-auth-clients", "yes" if auth_clients else "no", *extra_args)
         self.tls = tls
         self.auth_clients = auth_clients
 

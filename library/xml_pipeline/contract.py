@@ -97,6 +97,13 @@ INDEX_KEY: Final = "meta:index"
 #: listing load spreads over up to N masters. A constant, not a setting: every process of an
 #: organism must agree on it, and a listing reads all N.
 CLUSTER_INDEX_BUCKETS: Final = 16
+#: On a Redis Cluster an organism's tasks stream is split into this many streams,
+#: `tasks:{<tag n>}` for n in 0..N-1 (each with its dead-letter stream `dlq:{<tag n>}`), whose hash
+#: tags are picked so that their slots are spread evenly over the slot space
+#: (memory/keys.py ClusterKeys.task_buckets): the task traffic of one organism then spreads over up to
+#: N masters. A constant for the reason the index's is: every pump, worker and the operator's KEDA
+#: triggers must agree on it (docs/storage.md, "Why 16 task buckets").
+CLUSTER_TASKS_BUCKETS: Final = 16
 
 # -- the Kubernetes API and labels ----------------------------------------------------------------
 

@@ -172,11 +172,13 @@ WORK = """
 """
 
 
-def _run_across(url: str, inject: Any, tmp_path: Path, cli_env: dict[str, str]) -> Tally:
-    """`xml-pipeline run` (the pump and its worker processes) on `url` while `inject()` happens:
-    every conversation gets exactly one answer or one error, and no handler runs twice."""
+def _run_across(url: str, inject: Any, tmp_path: Path, cli_env: dict[str, str], **backend: Any) -> Tally:
+    """`xml-pipeline run` (the pump and its worker processes) on `url` (with more `backend:` keys of
+    organism.yaml) while `inject()` happens: every conversation gets exactly one answer or one
+    error, and no handler runs twice."""
     marker = tmp_path / "runs"
-    path = write_organism(tmp_path, WORK, backend=redis_backend(url, f"xpr{time.monotonic_ns()}:"), workers=2)
+    path = write_organism(tmp_path, WORK, backend={**redis_backend(url, f"xpr{time.monotonic_ns()}:"), **backend},
+                          workers=2)
     sent = [Message(sender="console", to=to, payload=f'<m tag="{to}{i}" marker="{marker}" seconds="0.01"/>')
             for to in ("work", "wait") for i in range(150)]
     tally = Tally(sent)

@@ -250,7 +250,12 @@ def _clear_streams(backend: Any) -> tuple[int, bool]:
     # key("tasks") itself is "{prefix}tasks" (no trailing ':'), which the patterns below do not match.
     import redis  # only the redis backend gets here; the CLI does not pay the import otherwise
 
-    removed = int(backend.client.unlink(*(backend.key(s) for s in ("tasks", "dlq", "ingress", "egress"))))
+    from ..message_bus.streams import Streams
+
+    s = Streams(backend)  # the task buckets and their dead-letter streams on a cluster
+    fixed = dict.fromkeys((*s.task_streams, *s.dlqs, *([s.wake] if s.wake else []),
+                           *(backend.key(x) for x in ("tasks", "dlq", "ingress", "egress"))))
+    removed = int(backend.client.unlink(*fixed))
     try:
         for space in ("tasks", "results", "dlq", "ingress", "egress", "tmp"):
             batch = []

@@ -19,6 +19,9 @@ On a Redis Cluster (ClusterKeys) two keys change, so that each lands in a slot o
     {prefix}chain:{<chain>}        the chain is its own hash tag (it cannot share its thread's)
     {prefix}meta:index:{<prefix><n>}  the index split into CLUSTER_INDEX_BUCKETS sets (n = 0..15)
     {prefix}<space>:{<prefix>}[:...]  the pump's streams and records, in one slot per organism
+    {prefix}tasks:{<tag n>}, {prefix}dlq:{<tag n>}  the tasks stream and its dead letters split into
+                                   CLUSTER_TASKS_BUCKETS buckets, slots spread evenly (task_buckets);
+                                   their doorbell is key("tasks", "wake"), in the organism's slot
 
 Thread ids and tmp ids may not contain '{' or '}' (it would move the hash tag). Listing and
 clearing walk the index (SSCAN of one key under the prefix): Redis cannot confine SCAN to a prefix,
@@ -31,13 +34,15 @@ from __future__ import annotations
 import re
 import zlib
 
-from ..contract import CLUSTER_INDEX_BUCKETS, INDEX_KEY, KEY_SPACES
+from ..contract import CLUSTER_INDEX_BUCKETS, CLUSTER_TASKS_BUCKETS, INDEX_KEY, KEY_SPACES
 from ..errors import ConfigError
 
-__all__ = ["ClusterKeys", "KEY_SPACES", "MAX_PREFIX_LEN", "RedisKeys", "check_tagged_id", "glob_escape", "prefixes_overlap",
-           "validate_prefix"]
+__all__ = ["ClusterKeys", "KEY_SPACES", "MAX_PREFIX_LEN", "RedisKeys", "check_tagged_id", "glob_escape", "key_slot",
+           "prefixes_overlap", "validate_prefix"]
 
 _SEGMENT = r"[A-Za-z0-9_.-]+"
+#: Hash slots of a Redis Cluster.
+CLUSTER_SLOTS = 16384
 _PREFIX_RE = re.compile(rf"^(?:{_SEGMENT}:)+\Z")  # \Z: "$" would pass "xp:\n"
 MAX_PREFIX_LEN = 128
 
@@ -180,3 +185,48 @@ class ClusterKeys(RedisKeys):
     def bucket(self, entry: str) -> str:
         """The index bucket that holds `entry` ("t:<thread id>" or "c:<chain>")."""
         return self._buckets[zlib.crc32(entry.encode()) % CLUSTER_INDEX_BUCKETS]
+
+    def task_buckets(self, count: int = CLUSTER_TASKS_BUCKETS) -> tuple[tuple[str, str], ...]:
+        """(tasks stream, dead-letter stream) of each of `count` task buckets, in bucket order.
+
+        One bucket is the organism's own slot (`key("tasks")`, `key("dlq")`). With more, bucket n
+        gets the hash tag `<prefix>t<n>.<k>` with the smallest k whose slot lies in the n-th of
+        `count` equal ranges of the slot space: a pure function of the prefix (every process and
+        the operator compute the same names), and buckets land on different masters wherever the
+        masters own contiguous ranges (as `redis-cli --cluster create` assigns them)."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= CLUSTER_SLOTS:
+            raise ValueError(f"task bucket count must be an integer from 1 to {CLUSTER_SLOTS}, got {count!r}")
+        if count == 1:
+            return ((self.key("tasks"), self.key("dlq")),)
+        out = []
+        for n in range(count):
+            low, high = n * CLUSTER_SLOTS // count, (n + 1) * CLUSTER_SLOTS // count
+            k = 0
+            while not low <= key_slot(f"{self.prefix}t{n}.{k}") < high:
+                k += 1
+            tag = f"{self.prefix}t{n}.{k}"
+            out.append((f"{self.prefix}tasks:{{{tag}}}", f"{self.prefix}dlq:{{{tag}}}"))
+        return tuple(out)
+
+
+def _crc16(data: bytes) -> int:
+    """CRC-16/XMODEM, the checksum Redis Cluster maps keys to slots with."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        crc &= 0xFFFF
+    return crc
+
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster slot of `key` (hash tag rules: the text between the first '{' and the next
+    '}' when not empty, else the whole key)."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1:end]
+    return _crc16(raw) % CLUSTER_SLOTS

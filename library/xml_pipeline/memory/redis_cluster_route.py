@@ -17,7 +17,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import BackendError
 
-__all__ = ["send_routed"]
+__all__ = ["SlotMoving", "send_routed"]
+
+
+class SlotMoving(RedisConnectionError):
+    """A command of the batch met a redirection (MOVED, ASK, TRYAGAIN, CLUSTERDOWN): a MULTI of
+    the batch was refused whole (EXECABORT), so a batch that is one MULTI of one slot was not
+    applied and may be sent again (the dispatcher's task submits do)."""
 
 
 def send_routed(client: Any, commands: list[tuple[Any, ...]], best_effort_tail: int,
@@ -112,6 +118,5 @@ def _on_node(client: Any, slot: int, commands: list[tuple[Any, ...]], best_effor
         pool.release(conn)
     if any(isinstance(r, (MovedError, AskError, ClusterDownError, TryAgainError)) for r in out):
         _refresh(client)
-        raise RedisConnectionError(f"slot {slot} is moving or its node is failing over; the slot map was "
-                                   "refreshed")
+        raise SlotMoving(f"slot {slot} is moving or its node is failing over; the slot map was refreshed")
     return out

@@ -74,8 +74,21 @@ def _ignore(_error: Exception) -> None:
 def _retryable(error: Exception) -> bool:
     # Wrong credentials, or a server certificate that does not verify, do not get better by asking
     # again. redis-py and DirectConnection raise ConnectionError from within the handler of the
-    # ssl error, so it is the error's context.
-    return not isinstance(error, AuthenticationError) and not isinstance(error.__context__, ssl.SSLCertVerificationError)
+    # ssl error, so it is the error's context; the cluster client wraps that once more (no seed
+    # node reachable) and the sentinel lookup names it as its context (redis_topology), so the
+    # whole chain is looked at.
+    return not isinstance(error, AuthenticationError) and not _certificate_rejected(error)
+
+
+def _certificate_rejected(error: BaseException) -> bool:
+    cause: BaseException | None = error
+    for _ in range(8):  # the chains above are 2-4 long; the bound only guards against a cycle
+        if cause is None:
+            return False
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class RedisCore:
@@ -374,8 +387,17 @@ class RedisCore:
 
     def connection_kwargs(self) -> dict[str, Any]:
         """host/port or path, db, username, password and client_name of this backend's connections
-        (on Sentinel: of the current master), `tls` (True for rediss://) and, over TLS, the pool's
-        ssl_* settings."""
+        (on Sentinel: of the current master, None when no sentinel answers), `tls` (True for
+        rediss://) and, over TLS, the pool's ssl_* settings."""
+        return self._connection_kwargs(strict=False)
+
+    def _reconnect_kwargs(self) -> dict[str, Any]:
+        """connection_kwargs() for a DirectConnection that reconnects on Sentinel: a lookup that
+        failed because no sentinel's certificate verifies raises that error, so the operation fails
+        at once (_retryable) instead of being retried as "no sentinel named the master"."""
+        return self._connection_kwargs(strict=True)
+
+    def _connection_kwargs(self, *, strict: bool) -> dict[str, Any]:
         kw = self._pool.connection_kwargs
         out = {k: kw.get(k) for k in _RAW_KWARGS}
         if self.config.redis_mode == "sentinel":
@@ -383,7 +405,9 @@ class RedisCore:
             # again each time it connects, so after a failover it follows, as the pool does.
             try:
                 out["host"], out["port"] = self._pool.get_master_address()  # type: ignore[attr-defined]
-            except RedisError:  # no sentinel answers now: a raw connection asks again when it connects
+            except RedisError as e:  # no sentinel answers now: a raw connection asks again when it connects
+                if strict and _certificate_rejected(e):
+                    raise
                 out["host"] = out["port"] = None
         out["tls"] = self._tls
         if self._tls:
@@ -419,7 +443,7 @@ class RedisCore:
         if not self.pipe_capable():
             return None
         cfg = self.config
-        follow = self.connection_kwargs if self.config.redis_mode == "sentinel" else None
+        follow = self._reconnect_kwargs if self.config.redis_mode == "sentinel" else None
         return DirectConnection(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
                                 connect_timeout=cfg.connect_timeout, refresh=follow)
 

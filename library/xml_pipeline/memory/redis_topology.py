@@ -20,11 +20,13 @@ of its own).
 """
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from .. import contract
 from .config import BackendConfig
@@ -94,7 +96,7 @@ def connection_pool(config: BackendConfig, url: str, username: str | None,
     where = target(config)
     if where.mode != "sentinel":
         raise ValueError(f"{config.redacted_url} is a {where.mode} URL: use cluster_client()")
-    from redis.sentinel import Sentinel, SentinelConnectionPool
+    from redis.sentinel import SentinelConnectionPool
     sentinel_kwargs: dict[str, Any] = {
         "socket_connect_timeout": config.connect_timeout,
         "socket_timeout": config.socket_timeout,
@@ -103,11 +105,39 @@ def connection_pool(config: BackendConfig, url: str, username: str | None,
     }
     if where.tls:
         sentinel_kwargs.update(ssl=True, **tls)  # the same CA file and checks as the master's
-    sentinel = Sentinel(list(where.nodes), sentinel_kwargs=sentinel_kwargs)
+    sentinel = _Sentinels(list(where.nodes), sentinel_kwargs=sentinel_kwargs)
     assert where.master_name is not None
     return SentinelConnectionPool(where.master_name, sentinel, ssl=where.tls,
                                   max_connections=config.max_connections,
                                   check_connection=False, **common, **(tls if where.tls else {}))
+
+
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel, with a "no master found" that says what the sentinels failed with in
+    one short line (redis-py's names each sentinel by its client's repr), and, when every sentinel
+    refused our TLS handshake because its certificate does not verify against the CA, has that
+    error as its context: the backend then does not retry it (redis_core._retryable), as it does
+    not for a single server."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        failures: list[Exception] = []
+        for i, sentinel in enumerate(self.sentinels):
+            try:
+                masters = sentinel.sentinel_masters()
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                failures.append(e)
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                # The sentinel that answered is asked first next time.
+                self.sentinels[0], self.sentinels[i] = sentinel, self.sentinels[0]
+                return state["ip"], state["port"]
+        what = "; ".join(f"{type(e).__name__}: {e}" for e in failures) or "none names it as up"
+        error = MasterNotFoundError(f"no sentinel named the master of {service_name!r} ({what})")
+        rejected = [e.__context__ for e in failures if isinstance(e.__context__, ssl.SSLCertVerificationError)]
+        if rejected and len(rejected) == len(self.sentinels):
+            error.__context__ = rejected[0]
+        raise error
 
 
 def cluster_client(config: BackendConfig, username: str | None, password: str | None) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +17,10 @@ import redis
 
 from ..errors import BackendUnavailable
 from ..memory.async_store import RedisStore, open_stream_store
+from ..memory.redis_cluster_route import SlotMoving
 from ..memory.store import AsyncStore, StreamStore
 from .retry import Backoff
-from .streams import WORKER_GROUP, Streams, _check_transaction, _entries, _s, consumer_name
+from .streams import WAKE_MAXLEN, WORKER_GROUP, Streams, _check_transaction, _entries, _s, consumer_name
 from .worker_task import BACKEND_ERROR, TASK_DEADLINE, WORKER_DIED, WorkerResult, WorkerTask
 
 if TYPE_CHECKING:
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: Tasks the pump sends in one MULTI when many are waiting.
 SUBMIT_BATCH = 256
+#: How long a submit to a task bucket whose slot is being moved (or whose master is failing over:
+#: CLUSTERDOWN) is sent again: a slot with a few keys moves in milliseconds, a promotion takes a
+#: few seconds.
+SUBMIT_MOVED_SECONDS = 10.0
 
 
 def _results_of(resp: Any, consumed: list[Any], last: str) -> tuple[list["WorkerResult"], str]:
@@ -50,15 +56,19 @@ def _pipelined(store: AsyncStore) -> bool:
 class RedisDispatcher:
     """The pump's Dispatcher in distributed mode: XADD tasks, XREAD BLOCK results (no polling).
 
-    The tasks submitted during one loop iteration share one MULTI; results are read by one task of
-    the event loop (XREAD BLOCK on a connection of its own)."""
+    The tasks submitted during one loop iteration share one MULTI per task bucket (one bucket off
+    a cluster: streams.py); results are read by one task of the event loop (XREAD BLOCK on a
+    connection of its own)."""
 
     def __init__(self, backend: RedisBackend, *, pump_id: str | None = None, pipelined: bool = True,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, tasks_buckets: int | None = None) -> None:
         """`pipelined=False`: the store's io threads instead of its RedisPipe (always used where no pipe can go).
         `deadline`: seconds to wait for a task's result before answering it with a TaskDeadline
-        error (None: wait forever); see process_pool.task_deadline."""
-        self.streams = Streams(backend)
+        error (None: wait forever); see process_pool.task_deadline. `tasks_buckets`: see Streams
+        (the workers must use the same number)."""
+        self.streams = Streams(backend, buckets=tasks_buckets)
+        # Round robin over the buckets, from a random start: pumps do not all begin with bucket 0.
+        self._next_bucket = random.randrange(len(self.streams.task_streams))
         self.deadline = deadline
         #: Tasks answered by the deadline, and when the last one was (health: are results overdue?).
         self.deadline_misses = 0
@@ -73,14 +83,14 @@ class RedisDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._batch: list[WorkerTask] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Future[Any]] = set()
         self._read_task: asyncio.Task[None] | None = None
         self.duplicates = 0
         #: Ids of the latest tasks answered (for logs and tests; dedupe itself uses the futures).
         self.completed_ids: collections.deque[str] = collections.deque(maxlen=1000)
 
     def describe(self) -> str:
-        return f"Redis stream {self.streams.tasks} (worker pods, consumer group {WORKER_GROUP!r})"
+        return f"{self.streams.describe_tasks()} (worker pods, consumer group {WORKER_GROUP!r})"
 
     def adopt_store(self, store: AsyncStore) -> None:
         """Submit through the pump's store when it is a pipelined StreamStore on this backend (as
@@ -97,7 +107,7 @@ class RedisDispatcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self.store.run(self.streams.ensure_group, self.streams.tasks, WORKER_GROUP)
+        await self.store.run(self.streams.ensure_task_groups)
         self._read_task = asyncio.ensure_future(self._read_results())
 
     async def run(self, task: WorkerTask) -> WorkerResult:
@@ -128,7 +138,7 @@ class RedisDispatcher:
         self.last_miss = time.monotonic()
         error = (f"no result from a worker within {self.deadline:g} s (process_pool.task_deadline_seconds): "
                  f"the task was lost (e.g. Redis restarted without persistence) or no worker is consuming "
-                 f"{self.streams.tasks}")
+                 f"{self.streams.describe_tasks()}")
         log.error("task %s (listener %s): %s", task.task_id, task.listener, error)
         fut.set_result(WorkerResult(task.task_id, error=error, error_type=TASK_DEADLINE))
 
@@ -139,32 +149,103 @@ class RedisDispatcher:
                     f"{self.deadline:g} s and no worker result has arrived since")
         return None
 
-    def _submit_commands(self, batch: list[WorkerTask]) -> list[tuple[Any, ...]]:
+    def _submit_commands(self, batch: list[WorkerTask], stream: str | None = None) -> list[tuple[Any, ...]]:
         s = self.streams
+        stream = stream or s.tasks
         cmds: list[tuple[Any, ...]] = [("MULTI",)]
-        cmds.extend(("XADD", s.tasks, "*", *(x for kv in task.to_fields().items() for x in kv)) for task in batch)
+        cmds.extend(("XADD", stream, "*", *(x for kv in task.to_fields().items() for x in kv)) for task in batch)
         if s.ttl:
-            cmds.append(("EXPIRE", s.tasks, s.ttl))
+            cmds.append(("EXPIRE", stream, s.ttl))
         cmds.append(("EXEC",))
         return cmds
 
+    def _by_bucket(self, batch: list[WorkerTask]) -> dict[str, list[WorkerTask]]:
+        """`batch` dealt out over the task buckets, round robin (one bucket: all of it)."""
+        streams = self.streams.task_streams
+        if len(streams) == 1:
+            return {streams[0]: batch}
+        out: dict[str, list[WorkerTask]] = {}
+        n = self._next_bucket
+        for task in batch:
+            out.setdefault(streams[n], []).append(task)
+            n = (n + 1) % len(streams)
+        self._next_bucket = n
+        return out
+
     def _submit_batch(self) -> None:
-        """(loop) Everything submitted since the last call: one MULTI per SUBMIT_BATCH tasks."""
+        """(loop) Everything submitted since the last call: one MULTI per task bucket and
+        SUBMIT_BATCH tasks (a MULTI stays in one slot)."""
         batch, self._batch = self._batch, []
-        for i in range(0, len(batch), SUBMIT_BATCH):
-            sending = asyncio.ensure_future(self._submit(batch[i:i + SUBMIT_BATCH]))
+        groups = self._by_bucket(batch)
+        if self.streams.sharded:
+            sending = asyncio.ensure_future(self._submit_sharded(groups))
             self._sending.add(sending)
             sending.add_done_callback(self._sending.discard)
+            return
+        for stream, tasks in groups.items():
+            for i in range(0, len(tasks), SUBMIT_BATCH):
+                submit = asyncio.ensure_future(self._submit(tasks[i:i + SUBMIT_BATCH], stream))
+                self._sending.add(submit)
+                submit.add_done_callback(self._sending.discard)
 
-    async def _submit(self, batch: list[WorkerTask]) -> None:
-        """One MULTI (XADD..., EXPIRE); a submit that fails answers each of its tasks with an error."""
+    async def _submit_sharded(self, groups: dict[str, list[WorkerTask]]) -> None:
+        """Every bucket's MULTIs at once, then the doorbell naming the buckets that got tasks
+        (streams.py, "Task buckets")."""
+        chunks = [(stream, tasks[i:i + SUBMIT_BATCH]) for stream, tasks in groups.items()
+                  for i in range(0, len(tasks), SUBMIT_BATCH)]
+        done = await asyncio.gather(*(self._submit(tasks, stream) for stream, tasks in chunks))
+        index = {stream: n for n, stream in enumerate(self.streams.task_streams)}
+        rung = sorted({index[stream] for (stream, _), ok in zip(chunks, done) if ok})
+        if rung:
+            try:
+                await self.store.run(self._ring, rung)
+            except Exception as e:  # noqa: BLE001 - idle workers look at every bucket soon anyway
+                log.debug("could not ring the tasks doorbell: %s", e)
+
+    def _ring(self, buckets: list[int]) -> None:
+        """(io thread) A bell per bucket in `buckets` on the doorbell (and its TTL), one round trip."""
+        s = self.streams
+        cmds: list[tuple[Any, ...]] = [("XADD", s.wake, "MAXLEN", "~", WAKE_MAXLEN, "*", "b", b) for b in buckets]
+        if s.wake is not None and s.expire_due(s.wake):
+            cmds.append(("EXPIRE", s.wake, s.ttl))
+        for reply in self.backend.send_commands(cmds):
+            if isinstance(reply, Exception):
+                raise reply
+
+    async def _submit(self, batch: list[WorkerTask], stream: str | None = None) -> bool:
+        """One MULTI (XADD..., EXPIRE); a submit that fails answers each of its tasks with an error.
+        True when the tasks are in."""
+        stream = stream or self.streams.tasks
+        cmds = self._submit_commands(batch, stream)
         try:
-            _check_transaction(await self.store.execute(self._submit_commands(batch), what="submit tasks"))
+            if self.streams.sharded:
+                replies = await self.store.run(self._send_to_bucket, cmds)
+            else:
+                replies = await self.store.execute(cmds, what="submit tasks")
+            _check_transaction(replies)
+            return True
         except Exception as e:  # noqa: BLE001 - the callers get an error response
-            log.error("could not submit %d task(s) to %s: %s", len(batch), self.streams.tasks, e)
+            log.error("could not submit %d task(s) to %s: %s", len(batch), stream, e)
             for task in batch:
                 self._deliver(WorkerResult(task.task_id, error=f"could not submit the task: {e}",
                                            error_type=BACKEND_ERROR))
+            return False
+
+    def _send_to_bucket(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        """(io thread) A submit to a task bucket on a cluster. A MULTI that meets the bucket's slot
+        being moved (a resharding) was refused whole, so it is sent again once the slot map is
+        refreshed, for up to SUBMIT_MOVED_SECONDS; any other failure is the caller's (a lost
+        connection may have applied it: not repeated, as on one server)."""
+        give_up = time.monotonic() + SUBMIT_MOVED_SECONDS
+        delay = 0.01
+        while True:
+            try:
+                return self.backend.send_commands(cmds)
+            except SlotMoving:
+                if time.monotonic() + delay > give_up:
+                    raise
+                time.sleep(delay)
+                delay = min(0.25, delay * 2)
 
     async def _read_results(self) -> None:
         """Read this pump's results stream until close(): XREAD BLOCK, with the XDEL of what the

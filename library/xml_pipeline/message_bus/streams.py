@@ -16,9 +16,43 @@ Streams (all under the organism's prefix, so tenants never meet):
     {prefix}egress:sent:<id>  outputs of unfinished conversation <id> already on egress (a pump that
                               takes the conversation over does not write them again)
 
+Task buckets (Redis Cluster only). On one server and on Sentinel the tasks stream is the one key
+above. On a cluster it is split into contract.CLUSTER_TASKS_BUCKETS buckets, each a stream with
+its own hash tag and its own dead-letter stream (`tasks:{<tag n>}`, `dlq:{<tag n>}`,
+keys.ClusterKeys.task_buckets), so one organism's task traffic spreads over the masters:
+- the pump puts each task in the next bucket (round robin, from a random start per pump), then
+  rings the doorbell `tasks:{<prefix>}:wake` (a short stream in the organism's slot): one bell per
+  bucket that got tasks in a batch, all in one round trip;
+- a busy worker reads the buckets in turn, one XREADGROUP per bucket (a multi-key XREADGROUP must
+  be in one slot), starting after the bucket it last took a task from, so no bucket waits behind
+  another; and it reads the next task of the same bucket along with an acknowledgement, at most
+  CHAINED_PER_BUCKET times in a row (worker.py);
+- an idle worker (a look at every bucket found nothing) blocks in XREADGROUP on the doorbell (its
+  own "workers" group, NOACK): each bell wakes one idle worker, which takes a task from the bucket
+  the bell names (or, if another worker was first, waits again). Bells rung while it looked stay
+  in the group for the next idle worker, so none is missed; bells nobody was idle for are trimmed
+  (WAKE_MAXLEN). A task whose bell never rang (the XADD failed; a task re-queued by a worker or a
+  release rings none) waits at most SHARDED_IDLE_BLOCK_MS: then the worker looks at every bucket
+  again;
+- every step on a task stays in its bucket's slot (acknowledge, re-queue, heartbeat, dead-letter
+  with its bucket's dead-letter stream, release of a dead consumer). What crosses slots is the
+  result, whose stream is the pump's (`results:{<prefix>}:<pump>`): the worker writes the response
+  (its temp key), then the result (one XADD), then acknowledges the task in its bucket (XACK + XDEL
+  in one MULTI), as separate sends in that order. A worker that dies between
+  the two leaves its task pending: it is reclaimed and run again, and the pump keeps the first
+  result for the task id and drops the second. So no result is lost (the task is acknowledged only
+  after its result is in) and none is delivered twice; the cost is a rerun of a task whose worker
+  died in that gap, which a death mid-task costs anyway;
+- a dead consumer's tasks are re-queued in their bucket with failures + 1 (release_consumer);
+  one that reached max_attempts is dead-lettered by the worker that reads it next, before it runs
+  (that worker writes the DeadLetter result first, then moves the task to its bucket's dead-letter
+  stream and acknowledges it in one MULTI);
+- heartbeat, XAUTOCLAIM of a dead worker's tasks, stream_info and dead_letters cover every bucket.
+
 How a task stays safe:
 - A worker takes a task with XREADGROUP; it stays in the group's pending list until the worker
-  XACKs it (and XDELs it: the stream only holds unfinished tasks) in one MULTI with the result.
+  XACKs it (and XDELs it: the stream only holds unfinished tasks) in one MULTI with the result
+  (in the task's bucket after the result, on a cluster: above).
 - While a task runs, a heartbeat thread re-claims it for its own consumer every heartbeat_seconds
   (XCLAIM ... JUSTID, only while it still owns it: a Lua script checks first), which resets its idle
   time. A worker that dies stops heartbeating; after claim_idle_seconds another worker's XAUTOCLAIM
@@ -49,9 +83,11 @@ How a task stays safe:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
+import time
 import uuid
 from typing import TYPE_CHECKING, Any, cast
 
@@ -59,6 +95,8 @@ import redis
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
+from ..contract import CLUSTER_TASKS_BUCKETS
+from ..memory.keys import ClusterKeys
 from ..memory.redis_scripts import LuaScript
 
 if TYPE_CHECKING:
@@ -188,24 +226,80 @@ def as_redis(backend: object) -> RedisBackend:
     return backend
 
 
-class Streams:
-    """Key names of one organism's streams and the small Redis steps shared by pump and workers."""
+#: How long an idle worker blocks on the doorbell before it looks at every task bucket again (the
+#: longest a task whose bell did not ring waits; module docstring).
+SHARDED_IDLE_BLOCK_MS = 100
+#: Bells kept in the doorbell stream (approximate MAXLEN): bells nobody was idle for are dropped.
+WAKE_MAXLEN = 64
 
-    def __init__(self, backend: RedisBackend) -> None:
+
+def task_bucket_count(backend: RedisBackend) -> int:
+    """How many task buckets the organism on `backend` has: CLUSTER_TASKS_BUCKETS on a Redis
+    Cluster, 1 (the plain tasks stream) on one server or Sentinel."""
+    return CLUSTER_TASKS_BUCKETS if backend.config.redis_mode == "cluster" else 1
+
+
+class Streams:
+    """Key names of one organism's streams and the small Redis steps shared by pump and workers.
+
+    `buckets`: the number of task buckets (task_bucket_count by default; 1 on a cluster puts every
+    task in the organism's slot, as a baseline for bench/cluster_tasks.py)."""
+
+    def __init__(self, backend: RedisBackend, *, buckets: int | None = None) -> None:
         as_redis(backend)  # a caller outside mypy's view may hand in another backend
         self.backend = backend
         self.client: redis.Redis = backend.client
         self.ttl: int | None = backend.config.ttl
-        self.tasks = backend.key("tasks")
-        self.dlq = backend.key("dlq")
+        count = task_bucket_count(backend) if buckets is None else buckets
+        if count == 1:
+            pairs: tuple[tuple[str, str], ...] = ((backend.key("tasks"), backend.key("dlq")),)
+        else:
+            if not isinstance(backend.keys, ClusterKeys):
+                raise ValueError(f"{count} task buckets need a Redis Cluster backend, not {type(backend).__name__}")
+            pairs = _bucket_keys(backend.keys.prefix, count)
+        #: The task buckets (tasks stream, its dead-letter stream), in bucket order; one off a cluster.
+        self.task_streams: tuple[str, ...] = tuple(t for t, _ in pairs)
+        self.dlqs: tuple[str, ...] = tuple(d for _, d in pairs)
+        #: The first bucket: the tasks stream itself where there is one bucket.
+        self.tasks = self.task_streams[0]
+        self.dlq = self.dlqs[0]
+        self.sharded = len(pairs) > 1
+        #: The doorbell of a sharded tasks stream (module docstring); None with one bucket.
+        self.wake: str | None = backend.key("tasks", "wake") if self.sharded else None
         self.ingress = backend.key("ingress")
         self.egress = backend.key("egress")
         self.results_prefix = backend.key("results") + ":"
         # Blocking reads must return before the socket timeout fires.
         self.block_ms = max(50, min(1000, int(backend.config.socket_timeout * 500)))
 
+    def expire_due(self, key: str) -> bool:
+        """True when `key` needs its TTL set by this writer: always with one bucket (every write
+        carries it, in its MULTI); on a sharded tasks stream at most every ttl/8 per key and process,
+        for the single-command writes to the organism's slot (a result, a bell), whose streams then
+        live at least 7/8 of the TTL after a write."""
+        if not self.ttl:
+            return False
+        if not self.sharded:
+            return True
+        now = time.monotonic()
+        last = _EXPIRED.get(key)
+        if last is not None and now - last < self.ttl / 8:
+            return False
+        if len(_EXPIRED) > 4096:
+            _EXPIRED.clear()
+        _EXPIRED[key] = now
+        return True
+
     def results(self, pump_id: str) -> str:
         return self.backend.key("results", pump_id)
+
+    def dlq_of(self, bucket: int) -> str:
+        return self.dlqs[bucket]
+
+    def describe_tasks(self) -> str:
+        if not self.sharded:
+            return f"Redis stream {self.tasks}"
+        return f"{len(self.task_streams)} Redis streams {self.task_streams[0]} .. {self.task_streams[-1]}"
 
     def expire(self, pipe: Any, key: str) -> None:
         if self.ttl:
@@ -220,6 +314,23 @@ class Streams:
         err = results[0]
         if isinstance(err, Exception) and "BUSYGROUP" not in str(err):
             raise err
+
+    def ensure_task_groups(self) -> None:
+        """The workers' group on every task bucket (and on the doorbell)."""
+        for stream in self.task_streams:
+            self.ensure_group(stream, WORKER_GROUP)
+        if self.wake is not None:
+            self.ensure_group(self.wake, WORKER_GROUP)
+
+
+#: When this process last set the TTL of a key it writes with single commands (Streams.expire_due).
+_EXPIRED: dict[str, float] = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_keys(prefix: str, count: int) -> tuple[tuple[str, str], ...]:
+    # A few thousand CRC16s: computed once per prefix and process.
+    return ClusterKeys(prefix).task_buckets(count)
 
 
 def _transaction(backend: RedisBackend, cmds: list[tuple[Any, ...]]) -> list[Any]:
@@ -243,29 +354,47 @@ def _check_transaction(replies: list[Any]) -> list[Any]:
 
 
 def dead_letters(backend: RedisBackend, count: int = 100) -> list[dict[str, str]]:
-    """The newest entries of the dead-letter stream (for inspection and tests)."""
+    """The newest entries of the dead-letter stream(s) (for inspection and tests), newest first."""
     s = Streams(backend)
-    # redis-py's stub allows a nil reply and nil fields; XREVRANGE sends an array (empty for a missing
-    # stream) of entries that all have fields, so `or` only narrows the type.
-    rows = s.client.xrevrange(s.dlq, count=count) or []
-    return [{**{_s(k): _s(v) for k, v in (f or {}).items()}, "_id": _s(i)} for i, f in rows]
+    out: list[tuple[tuple[int, int], dict[str, str]]] = []
+    for dlq in s.dlqs:
+        # redis-py's stub allows a nil reply and nil fields; XREVRANGE sends an array (empty for a
+        # missing stream) of entries that all have fields, so `or` only narrows the type.
+        for i, f in s.client.xrevrange(dlq, count=count) or []:
+            entry = {**{_s(k): _s(v) for k, v in (f or {}).items()}, "_id": _s(i)}
+            if s.sharded:
+                entry["_stream"] = dlq
+            ms, _, seq = entry["_id"].partition("-")
+            out.append(((int(ms), int(seq or 0)), entry))
+    out.sort(key=lambda pair: pair[0], reverse=True)
+    return [entry for _, entry in out[:count]]
+
+
+def _stream_figures(s: Streams, keys: tuple[str, ...], group: str | None) -> dict[str, Any]:
+    length, pending = 0, None
+    for key in keys:
+        length += int(s.client.xlen(key) or 0)
+        if group is not None:
+            try:
+                pending = (pending or 0) + int(s.client.xpending(key, group).get("pending") or 0)
+            except ResponseError:  # no group on this stream (yet)
+                pass
+    out: dict[str, Any] = {"length": length}
+    if group:
+        out["pending"] = pending
+    if len(keys) > 1:
+        out["buckets"] = len(keys)
+    return out
 
 
 def stream_info(backend: RedisBackend) -> dict[str, Any]:
-    """Lengths and pending counts of the organism's streams."""
+    """Lengths and pending counts of the organism's streams (the task buckets summed up)."""
     s = Streams(backend)
     out: dict[str, Any] = {}
-    for name, key, group in (("tasks", s.tasks, WORKER_GROUP), ("ingress", s.ingress, PUMP_GROUP),
-                             ("egress", s.egress, None), ("dlq", s.dlq, None)):
+    for name, keys, group in (("tasks", s.task_streams, WORKER_GROUP), ("ingress", (s.ingress,), PUMP_GROUP),
+                              ("egress", (s.egress,), None), ("dlq", s.dlqs, None)):
         try:
-            length = s.client.xlen(key)
-            pending = None
-            if group and length is not None:
-                try:
-                    pending = s.client.xpending(key, group).get("pending")
-                except ResponseError:
-                    pending = None
-            out[name] = {"length": length, "pending": pending} if group else {"length": length}
+            out[name] = _stream_figures(s, keys, group)
         except redis.RedisError as e:
             out[name] = {"error": str(e)}
     return json.loads(json.dumps(out))

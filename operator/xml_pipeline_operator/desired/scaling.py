@@ -10,13 +10,21 @@ What KEDA's `redis-streams` scaler reads, and why these triggers:
   KEDA takes the larger of the two.
 The group's lag (XINFO GROUPS) is not used: the scaler reads plain INFO before it, which the tenant
 ACL user of a shared Redis may not run (it has `info|server` only).
+
+On a Redis Cluster the tasks stream is CLUSTER_TASKS_BUCKETS bucket streams (the library's
+message_bus/streams.py, "Task buckets"), and KEDA takes the largest of its triggers, so a trigger
+per bucket would see one bucket's share of the backlog. There the ScaledObject has the two triggers
+per bucket (`backlog<n>`, `running<n>`) and a scaling modifier that adds them up: the composite
+metric max(sum of XLEN, sum of XPENDING * tasksPerReplica / processes) against the target
+tasksPerReplica gives the same replicas as the two triggers on one stream.
 """
 from __future__ import annotations
 
 from typing import Any
 from urllib.parse import urlsplit
 
-from xml_pipeline.contract import redis_mode
+from xml_pipeline.contract import CLUSTER_TASKS_BUCKETS, redis_mode
+from xml_pipeline.memory.keys import ClusterKeys
 
 from ..model import Organism
 from ..topology import format_address, parse_url
@@ -29,8 +37,18 @@ HPA_CPU_UTILIZATION = 80
 
 
 def tasks_stream(org: Organism) -> str:
+    """The tasks stream of an organism on one server or Sentinel."""
     assert org.redis is not None
     return f"{org.redis.prefix}{TASKS_SPACE}"
+
+
+def tasks_streams(org: Organism, endpoint: str) -> tuple[str, ...]:
+    """Every stream the organism's tasks wait in: the tasks stream, or on a Redis Cluster its
+    buckets (the names the library computes, keys.ClusterKeys.task_buckets)."""
+    assert org.redis is not None
+    if redis_mode(endpoint) != "cluster":
+        return (tasks_stream(org),)
+    return tuple(tasks for tasks, _ in ClusterKeys(org.redis.prefix).task_buckets(CLUSTER_TASKS_BUCKETS))
 
 
 def _meta(org: Organism, name: str, component: str = "worker") -> dict[str, Any]:
@@ -59,7 +77,8 @@ def trigger_authentication(org: Organism) -> dict[str, Any]:
 
 
 def trigger_metadata(org: Organism, endpoint: str) -> list[dict[str, str]]:
-    """The two redis-streams triggers' metadata (strings, as KEDA wants them)."""
+    """The redis-streams triggers' metadata (strings, as KEDA wants them): backlog and running of
+    each tasks stream (one, or one per bucket on a cluster), in that order."""
     assert org.workers is not None and org.workers.autoscaling is not None
     top = parse_url("endpoint", endpoint)
     common: dict[str, str]
@@ -70,10 +89,31 @@ def trigger_metadata(org: Organism, endpoint: str) -> list[dict[str, str]]:
         common = {"addresses": ",".join(format_address(a) for a in top.addresses)}
         if top.master_name:
             common["sentinelMaster"] = top.master_name
-    common.update({"stream": tasks_stream(org), "enableTLS": "true" if top.tls else "false"})
-    backlog = {**common, "streamLength": str(org.workers.autoscaling.tasks_per_replica)}
-    running = {**common, "consumerGroup": WORKER_GROUP, "pendingEntriesCount": str(org.workers.processes)}
-    return [backlog, running]
+    common["enableTLS"] = "true" if top.tls else "false"
+    out = []
+    for stream in tasks_streams(org, endpoint):
+        out.append({**common, "stream": stream, "streamLength": str(org.workers.autoscaling.tasks_per_replica)})
+        out.append({**common, "stream": stream, "consumerGroup": WORKER_GROUP,
+                    "pendingEntriesCount": str(org.workers.processes)})
+    return out
+
+
+def trigger_names(count: int) -> list[str]:
+    """The triggers' names, in trigger_metadata's order: `tasks-backlog`, `tasks-running` for one
+    stream; `backlog<n>`, `running<n>` per bucket (names the scaling modifier's formula uses)."""
+    if count == 1:
+        return ["tasks-backlog", "tasks-running"]
+    return [name for n in range(count) for name in (f"backlog{n}", f"running{n}")]
+
+
+def scaling_modifiers(org: Organism, count: int) -> dict[str, str]:
+    """KEDA's composite metric over `count` bucket streams (module docstring)."""
+    assert org.workers is not None and org.workers.autoscaling is not None
+    tpr = org.workers.autoscaling.tasks_per_replica
+    backlog = " + ".join(f"backlog{n}" for n in range(count))
+    running = " + ".join(f"running{n}" for n in range(count))
+    return {"formula": f"max({backlog}, ({running}) * {tpr} / {org.workers.processes})",
+            "target": str(tpr), "activationTarget": "0", "metricType": "AverageValue"}
 
 
 def trigger_type(endpoint: str) -> str:
@@ -86,17 +126,18 @@ def scaled_object(org: Organism, endpoint: str) -> dict[str, Any]:
     assert org.workers is not None and org.workers.autoscaling is not None
     a = org.workers.autoscaling
     auth = {"name": worker_name(org.name)}
-    names = ("tasks-backlog", "tasks-running")
-    return {
-        "apiVersion": KEDA_API, "kind": "ScaledObject", "metadata": _meta(org, worker_name(org.name)),
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker_name(org.name)},
-            "minReplicaCount": a.min_replicas, "maxReplicaCount": a.max_replicas,
-            "cooldownPeriod": a.cooldown_seconds, "pollingInterval": a.polling_seconds,
-            "triggers": [{"type": trigger_type(endpoint), "name": n, "metadata": m, "authenticationRef": auth}
-                         for n, m in zip(names, trigger_metadata(org, endpoint))],
-        },
+    count = len(tasks_streams(org, endpoint))
+    spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker_name(org.name)},
+        "minReplicaCount": a.min_replicas, "maxReplicaCount": a.max_replicas,
+        "cooldownPeriod": a.cooldown_seconds, "pollingInterval": a.polling_seconds,
+        "triggers": [{"type": trigger_type(endpoint), "name": n, "metadata": m, "authenticationRef": auth}
+                     for n, m in zip(trigger_names(count), trigger_metadata(org, endpoint))],
     }
+    if count > 1:
+        spec["advanced"] = {"scalingModifiers": scaling_modifiers(org, count)}
+    return {"apiVersion": KEDA_API, "kind": "ScaledObject", "metadata": _meta(org, worker_name(org.name)),
+            "spec": spec}
 
 
 def hpa(org: Organism) -> dict[str, Any]:

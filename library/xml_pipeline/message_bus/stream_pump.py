@@ -50,9 +50,9 @@ from .local_pool import Dispatcher, default_dispatcher
 from .message import Action, Message, MessageError, derived_id, error_payload, normalize_result
 from .pump_registry import PumpRegistry
 from .pump_feed import run_messages
+from .pump_outcome import Outcome, carried, collect
 from .pump_routing import MAX_CHAIN_HOPS, Router
 from .thread_registry import ThreadRegistry
-from .pump_outcome import Outcome, carried, collect
 from .worker_task import WorkerResult, WorkerTask, new_key, worker_inputs
 
 log = logging.getLogger(__name__)

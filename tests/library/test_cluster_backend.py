@@ -40,7 +40,7 @@ def _make(url: str, **config: Any) -> Any:
 def test_a_cluster_url_gives_the_cluster_backend_and_one_slot_per_thread(backend: RedisClusterBackend,
                                                                          shared_cluster: LocalCluster) -> None:
     assert isinstance(backend, RedisClusterBackend) and not backend.pipe_capable()
-    assert backend.new_direct_connection() is None  # workers keep the blocking path
+    assert backend.new_direct_connection() is None  # one server's; a worker gets one per master (test_cluster_pipe.py)
     backend.buffer_append("t1", b"x")
     backend.registry_set("a.chain", "t1")
     p = backend.prefix

@@ -9,6 +9,11 @@ same index with the same append id, through the blocking backend, whose retries,
 errors (ThreadFullError, BackendUnavailable, ...) are the contract's; a repeat of an append the pipe
 did store is recognised by its append id. Takes and deletes are not redone: GET + DEL is not
 idempotent, so a lost connection is the caller's BackendUnavailable, as from the blocking backend.
+
+On a Redis Cluster the pipe is a ClusterPipe (redis_cluster_pipe.py): one RedisPipe per master,
+each operation on the master of its slot. Appends fall back as above; takes, deletes and stream
+batches the cluster refuses ("not here, not now") are redone there, so a resharding or a failover
+reaches the caller only as a pause.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .protocol import Appended, SharedBackend
+from .redis_cluster_pipe import ClusterPipe
 from .redis_direct import DirectConnection
 from .redis_pipe import RedisPipe, Unsure
 from .store import INLINE_MAX_BYTES, AsyncStore
@@ -73,14 +79,15 @@ class ThreadedStore:
 
 class RedisStore(ThreadedStore):
     """AsyncStore (and StreamStore) on a RedisBackend: group commit through a RedisPipe in the event
-    loop where the URL allows one (`pipelined`), the io threads otherwise and for large values."""
+    loop where the URL allows one (`pipelined`; on a Redis Cluster a ClusterPipe, one RedisPipe per
+    master), the io threads otherwise and for large values."""
 
     def __init__(self, backend: RedisBackend, io: IoThreads | int = 8, *, pipelined: bool = True) -> None:
         super().__init__(backend, io)
         self.redis = backend
-        #: The group-commit connection (None: no pipe for this URL, or pipelined=False).
-        self.pipe: RedisPipe | None = RedisPipe.for_backend(backend) if pipelined else None
-        self._read_pipe: RedisPipe | None = None
+        #: The group-commit connection(s) (None: no pipe for this URL, or pipelined=False).
+        self.pipe: RedisPipe | ClusterPipe | None = self._new_pipe() if pipelined else None
+        self._read_pipe: RedisPipe | ClusterPipe | None = None
         #: Without a pipe: one thread for the blocking reads, on a connection of its own.
         self._reader: IoThreads | None = None
         self._direct: DirectConnection | None = None
@@ -90,9 +97,18 @@ class RedisStore(ThreadedStore):
         self._fallbacks = 0
         self._ready: asyncio.Future[None] | None = None
 
+    def _new_pipe(self) -> RedisPipe | ClusterPipe | None:
+        from .redis_cluster import RedisClusterBackend
+        backend = self.redis
+        if isinstance(backend, RedisClusterBackend):
+            return ClusterPipe(backend, self.io.run) if backend.node_pipes_capable() else None
+        return RedisPipe.for_backend(backend)
+
     @property
     def fallbacks(self) -> int:
-        return self._fallbacks
+        """Operations the pipe could not confirm, redone through the blocking backend."""
+        extra = sum(p.fallbacks for p in (self.pipe, self._read_pipe) if isinstance(p, ClusterPipe))
+        return self._fallbacks + extra
 
     async def append(self, buffer: ContextBuffer, prepared: PreparedAppend,
                      items: Temps = ()) -> BufferSlot:
@@ -140,6 +156,8 @@ class RedisStore(ThreadedStore):
     async def execute(self, commands: list[tuple[Any, ...]], *, what: str) -> list[Any]:
         if self.pipe is None:
             return await self.io.run(self._execute_blocking, commands, what)
+        if isinstance(self.pipe, ClusterPipe):
+            return await self.pipe.execute(commands, what=what)
         return await self.pipe.execute(self.redis.pack_commands(commands), len(commands), what=what)
 
     def _execute_blocking(self, commands: list[tuple[Any, ...]], what: str) -> list[Any]:
@@ -149,7 +167,10 @@ class RedisStore(ThreadedStore):
     async def read(self, commands: list[tuple[Any, ...]], *, what: str) -> list[Any]:
         if self.pipe is not None:
             if self._read_pipe is None:
-                self._read_pipe = RedisPipe(self.redis)
+                self._read_pipe = self._new_pipe()
+                assert self._read_pipe is not None
+            if isinstance(self._read_pipe, ClusterPipe):
+                return await self._read_pipe.execute(commands, what=what)
             return await self._read_pipe.execute(self.redis.pack_commands(commands), len(commands), what=what)
         if self._reader is None:
             self._reader = IoThreads(1, name="xp-read")

@@ -21,10 +21,13 @@ being migrated), CLUSTERDOWN and connection errors; on top of that every idempot
 retried with backoff for about as long as a failover takes (redis_topology.CLUSTER_RETRIES), so a
 resharding or a promoted replica is not seen by the caller.
 
-The pump's asyncio pipe and a worker's direct connection talk to one server: on a cluster
-`pipe_capable()` is False and they keep the blocking path. The distributed worker mode works: its
-streams share one hash tag per organism (keys.ClusterKeys.key) and `send_commands` routes a batch
-to the node of its slot.
+The pump's fast path runs one RedisPipe per master (redis_cluster_pipe.ClusterPipe, offered where
+`node_pipes_capable()`), with the commands this module packs (`append_command`,
+`append_follow_ups`, `append_outcome`: the same as the blocking path's) and the client's slot map;
+a worker's task loop gets one DirectConnection per master (`use_direct_connection`).
+`pipe_capable()` stays False: a single RedisPipe or DirectConnection talks to one server. The
+distributed worker mode works: its streams share one hash tag per organism (keys.ClusterKeys.key)
+and `send_commands` routes a batch to the node of its slot.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from redis.retry import Retry
 from ..errors import AppendIdConflict, BackendError, BackendUnavailable, ThreadFullError
 from . import redis_cluster_scripts as cs
 from .redis_cluster_index import ClusterIndex
-from .redis_cluster_route import send_routed
+from .redis_cluster_route import NodeConnections, refresh, send_routed
 from . import redis_functions
 from . import redis_topology
 from .config import BackendConfig, compat_config, redact_url
@@ -53,7 +56,7 @@ from .protocol import Appended
 from .redis_backend import RedisBackend, _signer_for
 from .redis_scripts import LuaScript
 from .signing import Signer
-from .redis_wire import Packed
+from .redis_wire import Packed, tls_supported
 
 __all__ = ["RedisClusterBackend"]
 
@@ -66,7 +69,10 @@ RETRYABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotC
 
 
 class RedisClusterBackend(RedisBackend):
-    """SharedBackend on a Redis Cluster. Thread-safe; one RedisCluster client per instance."""
+    """SharedBackend on a Redis Cluster. Thread-safe; one RedisCluster client per instance.
+
+    (Over 500 lines: the contract's operations on a cluster and the commands the pump's per-node
+    pipes send for them share their checks and parsing, so they stay in one class.)"""
 
     def __init__(self, config: BackendConfig | str | None = None, *, url: str | None = None,
                  prefix: str | None = None, ttl: int | None = None, signer: Signer | None = None) -> None:
@@ -246,8 +252,9 @@ class RedisClusterBackend(RedisBackend):
                 self.temp_delete(*(k for k, _ in items))
             raise
 
-    def _append(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
-                expected: int) -> Appended:
+    def _append_call(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
+                     expected: int) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+        """The KEYS and ARGV of C_APPEND for these arguments (checked here)."""
         check_tagged_id(thread_id, "thread_id")
         if not isinstance(slot, (bytes, bytearray, memoryview)):
             raise TypeError(f"slot must be bytes, got {type(slot).__name__}")
@@ -258,36 +265,65 @@ class RedisClusterBackend(RedisBackend):
             raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
         aid = append_id if append_id is not None else _random_id()
         keys = (self.keys.buffer(thread_id), self.keys.op(thread_id), self.keys.uuid(thread_id))
-        args = (bytes(slot), aid, self._ttl, max_slots or 0, expected)
+        return keys, (bytes(slot), aid, self._ttl, max_slots or 0, expected)
+
+    def _append(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
+                expected: int) -> Appended:
+        keys, args = self._append_call(thread_id, slot, max_slots, append_id, expected)
 
         def run() -> Any:
             reply = self._write(cs.C_APPEND, keys, args)
-            status = reply[0]
-            follow: list[tuple[Any, ...]] = []
-            if status in (cs.STORED, cs.REPEAT) and (status == cs.REPEAT or reply[2] == 1):
-                # A new thread (or a repeat, whose first attempt may have stopped before this): list it.
-                self._index_add(f"t:{thread_id}", follow)
-            elif status == cs.STORED:
-                self._touch_bucket(f"t:{thread_id}", follow)
-            if status == cs.STORED and self._ttl and reply[3]:
-                chain_key = self.keys.chain(reply[3].decode())
-                if self._due(chain_key):
-                    follow.append(("PEXPIRE", chain_key, self._slack_ms))
-                    self._touch_bucket(f"c:{reply[3].decode()}", follow)
-            self._follow_up(follow)
+            self._follow_up(self.append_follow_ups(thread_id, reply))
             return reply
 
-        reply = self._do("buffer_append", run)
+        outcome = self.append_outcome(self._do("buffer_append", run))
+        if outcome is None:
+            raise ThreadFullError(thread_id, max_slots or 0)
+        return outcome
+
+    def append_follow_ups(self, thread_id: str, reply: Any) -> list[tuple[Any, ...]]:
+        """The commands on other slots that C_APPEND's `reply` calls for: the thread's index entry
+        (a new thread, or a repeat whose first attempt may have stopped before adding it), the
+        expiry refreshes of its bucket and chain key when due. The pump's cluster pipe sends the
+        same ones (redis_cluster_pipe.py)."""
+        follow: list[tuple[Any, ...]] = []
+        if not (isinstance(reply, list) and reply):
+            return follow
         status = reply[0]
+        if status in (cs.STORED, cs.REPEAT) and (status == cs.REPEAT or reply[2] == 1):
+            self._index_add(f"t:{thread_id}", follow)
+        elif status == cs.STORED:
+            self._touch_bucket(f"t:{thread_id}", follow)
+        if status == cs.STORED and self._ttl and reply[3]:
+            chain_key = self.keys.chain(reply[3].decode())
+            if self._due(chain_key):
+                follow.append(("PEXPIRE", chain_key, self._slack_ms))
+                self._touch_bucket(f"c:{reply[3].decode()}", follow)
+        return follow
+
+    @staticmethod
+    def append_outcome(reply: Any) -> Appended | None:
+        """C_APPEND's reply as an Appended (None: the thread is full)."""
+        status = reply[0] if isinstance(reply, list) and len(reply) >= 2 else None
         if status == cs.STORED:
             return Appended("stored", int(reply[1]))
         if status == cs.MOVED:
             return Appended("moved", int(reply[1]))
-        if status == cs.REPEAT:
+        if status == cs.REPEAT and len(reply) == 3:
             return Appended("repeat", int(reply[1]), reply[2])
         if status == cs.FULL:
-            raise ThreadFullError(thread_id, max_slots or 0)
+            return None
         raise BackendError(f"unexpected reply {reply!r:.80} from the append script")
+
+    def append_command(self, thread_id: str, slot: bytes, index: int, *, max_slots: int | None,
+                       append_id: str, load: bool = False) -> tuple[str, tuple[Any, ...]]:
+        """buffer_append_at's compare-and-append as one command (FCALL, or EVALSHA: the mechanism
+        this backend uses now, probed on first use; EVAL with `load`, which caches the script on
+        that node) and the key it is routed by; the pump's cluster pipe sends it and reads the
+        reply with append_outcome / append_follow_ups."""
+        keys, args = self._append_call(thread_id, slot, max_slots, append_id, index)
+        commands = self._commands(cs.C_APPEND, keys, args)
+        return keys[0], commands[-1 if load else 0]
 
     def buffer_delete_thread(self, thread_id: str) -> bool:
         check_tagged_id(thread_id, "thread_id")
@@ -415,8 +451,41 @@ class RedisClusterBackend(RedisBackend):
 
     def send_commands(self, commands: list[tuple[Any, ...]], *, best_effort_tail: int = 0) -> list[Any]:
         """RedisCore.send_commands, routed to the node of the commands' slot
-        (redis_cluster_route.send_routed)."""
-        return send_routed(self.client, commands, best_effort_tail, self.pack_commands)
+        (redis_cluster_route.send_routed); on the calling thread's own connections after
+        use_direct_connection."""
+        return send_routed(self.client, commands, best_effort_tail, self.pack_commands, self._own_connections())
+
+    # -- A worker's own connections: one DirectConnection per master -------------------------------
+    _nodes: NodeConnections | None = None
+
+    def use_direct_connection(self) -> None:
+        """The calling thread's send_commands and buffer_get_slot (a worker's task loop: its reads,
+        its result transactions, large slots) go through connections of its own, one per master;
+        other threads keep the pools. Not with redis_wait_replicas (WAIT rides on the pooled path)."""
+        if self.node_pipes_capable():
+            cfg = self.config
+            self._nodes = NodeConnections(self.connection_kwargs(), socket_timeout=cfg.socket_timeout,
+                                          connect_timeout=cfg.connect_timeout)
+
+    def _own_connections(self) -> NodeConnections | None:
+        nodes = self._nodes
+        return nodes if nodes is not None and nodes.owner == threading.get_ident() else None
+
+    def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
+        if self._own_connections() is None:
+            return super().buffer_get_slot(thread_id, index)
+        key = self.keys.buffer(check_tagged_id(thread_id, "thread_id"))
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+
+        def run() -> bytes | None:
+            # A large slot is read into the connection's reusable buffer (redis_direct.py).
+            (reply,) = self.send_commands([("LINDEX", key, index)])
+            if isinstance(reply, Exception):
+                raise reply
+            return cast("bytes | None", reply)
+
+        return self._do("buffer_get_slot", run)
 
     # -- Index (N buckets: redis_cluster_index.py) --------------------------------------------------
     def _live(self, kind: bytes, limit: int | None = None) -> Iterator[tuple[str, bytes]]:
@@ -450,13 +519,41 @@ class RedisClusterBackend(RedisBackend):
             self._closed = True
             if self._client is not None:
                 self._client.close()
+            if self._nodes is not None:
+                self._nodes.disconnect()
 
     def pipe_capable(self) -> bool:
+        """False: RedisPipe and DirectConnection talk to one server. The pump's store uses one
+        RedisPipe per master instead (node_pipes_capable, redis_cluster_pipe.py)."""
         return False
 
+    def node_pipes_capable(self) -> bool:
+        """True when the pump may send its hot path through one RedisPipe per master: not with
+        redis_wait_replicas (WAIT rides on the pooled path only), nor with TLS checks that only
+        redis-py makes (OCSP)."""
+        return not self._closed and not self._wait and tls_supported(self.connection_kwargs())
+
     def connection_kwargs(self) -> dict[str, Any]:
-        return {"host": None, "port": None, "path": None, "db": 0, "username": self._username,
-                "password": self._password, "client_name": f"xml-pipeline:{self._prefix}"}
+        """The settings of a raw connection to any node (RedisPipe(address=...)): no host of its
+        own, the credentials, the client name, and over TLS (`tls`) the ssl_* settings of redis-py's
+        cluster connections (redis_topology.cluster_tls)."""
+        tls = redis_topology.target(self.config).tls
+        out: dict[str, Any] = {"host": None, "port": None, "path": None, "db": 0, "username": self._username,
+                               "password": self._password, "client_name": f"xml-pipeline:{self._prefix}", "tls": tls}
+        if tls:
+            out.update(redis_topology.cluster_tls(self.config))
+        return out
+
+    def prepare_node_pipes(self) -> None:
+        """(blocking) What the pump's cluster pipe needs before its first command, made off its
+        event loop: the client with its slot map, and the script mechanism (probed once)."""
+        self._do("connect", self._mechanism_now)
+
+    def refresh_slots(self) -> None:
+        """(blocking) Ask the cluster for its slot map again; a cluster none of whose nodes answers
+        keeps the old map (the next attempt asks again)."""
+        if self._client is not None:
+            refresh(self._client)
 
 
 def _random_id() -> bytes:

@@ -19,8 +19,9 @@ idempotent (GET + DEL): a lost connection raises BackendUnavailable, as the back
 
 Supported: redis://, rediss:// (TLS with the SSLContext redis-py would build for the same settings,
 redis_wire.tls_context) and unix:// URLs, and the master a Sentinel set names (redis+sentinel://:
-asked again on every connection, and a connection that meets a demoted master is dropped). Not a
-Redis Cluster (for_backend returns None there). Replies are read by hiredis and the connection handshake
+asked again on every connection, and a connection that meets a demoted master is dropped). On a
+Redis Cluster for_backend returns None: the store uses one RedisPipe per master instead, each made
+with `address=` (redis_cluster_pipe.ClusterPipe). Replies are read by hiredis and the connection handshake
 is redis_wire.handshake's. A reply overdue by socket_timeout fails every waiting command (the
 connection is dropped; the next command reconnects), so nothing waits forever on a dead server.
 """
@@ -73,12 +74,17 @@ class RedisPipe:
     """One pipelined asyncio connection of a pump to its RedisBackend's server. Loop-bound: use it
     from one event loop (the pump's); `close()` when done."""
 
-    def __init__(self, backend: "RedisBackend") -> None:
+    def __init__(self, backend: "RedisBackend", *, address: tuple[str, int] | None = None) -> None:
+        """`address`: the (host, port) of one node of a Redis Cluster (redis_cluster_pipe.py), with
+        the backend's credentials and TLS settings; None: the backend's server."""
         self.backend = backend
         kw = backend.connection_kwargs()
+        if address is not None:
+            kw.update(host=address[0], port=address[1], path=None)
         self._host: str | None = kw.get("host")
         self._port: int = int(kw.get("port") or 6379)
         self._path: str | None = kw.get("path")
+        self._fixed = address is not None
         self._username: str | None = kw.get("username")
         self._handshake = handshake(kw)
         self._tls: ssl.SSLContext | None = tls_context(kw) if kw.get("tls") else None
@@ -176,6 +182,14 @@ class RedisPipe:
             raise BackendUnavailable(f"Redis at {self.backend.url} is unavailable: {what} failed after 1 "
                                      f"attempt(s) ({type(e).__name__}: {self.backend.scrub(e)})") from None
 
+    async def connect(self, what: str = "connect") -> None:
+        """Make sure the connection is up (connect now if it is not): BackendUnavailable if it cannot
+        be made, before anything is sent."""
+        if self._closed:
+            raise BackendUnavailable(f"the redis pipe to {self.backend.url} is closed ({what})")
+        if self._transport is None:
+            await self._connect(what)
+
     async def _leave_demoted(self) -> None:
         """After a READONLY reply: let the commands already sent on that connection have their
         replies (they stand as they are), then drop it, so the next command reconnects to the
@@ -220,7 +234,7 @@ class RedisPipe:
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.backend.config.redis_mode == "sentinel":
+        if self.backend.config.redis_mode == "sentinel" and not self._fixed:
             # The master may have changed since the last connection: ask the sentinels again
             # (blocking calls, off the loop).
             kw = await loop.run_in_executor(None, self.backend.connection_kwargs)

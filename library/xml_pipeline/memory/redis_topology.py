@@ -31,7 +31,7 @@ from redis.sentinel import MasterNotFoundError, Sentinel
 from .. import contract
 from .config import BackendConfig
 
-__all__ = ["cluster_client", "connection_pool", "failover_retries", "target", "wait_timeout_ms", "FAILOVER_RETRIES"]
+__all__ = ["cluster_client", "cluster_tls", "connection_pool", "failover_retries", "target", "wait_timeout_ms", "FAILOVER_RETRIES"]
 
 #: Seconds between the cluster client's retries of a command that met a moving slot or a node
 #: that is down: 20 ms * 2**k with jitter, at most 0.5 s.
@@ -112,6 +112,13 @@ def connection_pool(config: BackendConfig, url: str, username: str | None,
                                   check_connection=False, **common, **(tls if where.tls else {}))
 
 
+def cluster_tls(config: BackendConfig) -> dict[str, Any]:
+    """The ssl_* settings of every connection to a rediss+cluster:// node (redis-py's and the pump's
+    per-node pipes): verified as on one server, the certificate against the system's CAs (or the
+    CA file of backend.redis_ca_cert), and the host name."""
+    return {"ssl_cert_reqs": "required", "ssl_check_hostname": True, **config.tls_kwargs()}
+
+
 class _Sentinels(Sentinel):
     """redis-py's Sentinel, with a "no master found" that says what the sentinels failed with in
     one short line (redis-py's names each sentinel by its client's repr), and, when every sentinel
@@ -151,10 +158,7 @@ def cluster_client(config: BackendConfig, username: str | None, password: str | 
     common = _common(config, username, password)
     common.pop("retry")
     common.pop("health_check_interval")
-    kwargs: dict[str, Any] = {}
-    if where.tls:
-        # Verified as on one server: the certificate against the system's CAs, and the host name.
-        kwargs.update(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True, **config.tls_kwargs())
+    kwargs: dict[str, Any] = {"ssl": True, **cluster_tls(config)} if where.tls else {}
     return ClusterClient(
         startup_nodes=[ClusterNode(host, port) for host, port in where.nodes],
         max_connections=config.max_connections,

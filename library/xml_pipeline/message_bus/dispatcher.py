@@ -218,9 +218,9 @@ class RedisDispatcher:
         stream = stream or self.streams.tasks
         cmds = self._submit_commands(batch, stream)
         try:
-            if self.streams.sharded:
+            if self.streams.sharded and not _pipelined(self.store):
                 replies = await self.store.run(self._send_to_bucket, cmds)
-            else:
+            else:  # a pipelined store on a cluster resends a MULTI refused whole itself (redis_cluster_pipe.py)
                 replies = await self.store.execute(cmds, what="submit tasks")
             _check_transaction(replies)
             return True

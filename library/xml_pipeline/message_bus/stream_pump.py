@@ -43,6 +43,7 @@ from ..errors import BackendError, ThreadFullError
 from ..memory.async_store import RedisStore, open_store
 from ..memory.context_buffer import ContextBuffer, PreparedAppend, Temps
 from ..memory.protocol import SharedBackend
+from ..memory.redis_cluster_pipe import ClusterPipe
 from ..memory.redis_pipe import RedisPipe
 from ..memory.store import INLINE_MAX_BYTES, AsyncStore
 from ..organism import ListenerSpec, Organism
@@ -162,7 +163,7 @@ class StreamPump:
         self._accepting = False
 
     @property
-    def pipe(self) -> RedisPipe | None:
+    def pipe(self) -> RedisPipe | ClusterPipe | None:
         """The store's group-commit connection (Redis with a pipe-capable URL), or None."""
         return self.store.pipe if isinstance(self.store, RedisStore) else None
 

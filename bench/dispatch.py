@@ -18,7 +18,8 @@ Paths measured (each with `--workers` worker processes):
                pickled into the call, result pickled back; no backend, no buffer, no routing)
 
 Handler: xml_pipeline.examples.cpu:burn (SHA-256 rounds over the payload). Work levels: 0 rounds
-(pure dispatch overhead), 2,000 rounds (about 1 ms of CPU) and 20,000 (about 10 ms; 100 B only).
+(pure dispatch overhead), 2,000 rounds (about 1 ms of CPU), 4,000 (about 2 ms: issue 12's "~2 ms
+handler"; 100 B only) and 20,000 (about 10 ms; 100 B only).
 Payloads: 100 B and 1 MB. Besides throughput, the CPU per round trip summed over every process
 involved (pump, workers, manager server / redis-server; from /proc) — the figure that other load on
 the machine does not distort.
@@ -84,18 +85,25 @@ def _stream_worker(config: BackendConfig, workers: int, stop: Any) -> None:
 Sample = tuple[float, float]  # (round trips per second, CPU seconds per round trip over all processes)
 
 
+#: CPU per round trip of each kind of process, per (case, path): the rounds' readings (--per-process).
+PARTS: dict[tuple[str, str], list[dict[str, float]]] = {}
+
+
 async def pump_rate(backend: Any, dispatcher: Any, workers: int, fragment: str, count: int,
-                    other_pids: list[int]) -> Sample:
+                    server_pids: list[int], worker_pids: list[int] | None = None, part: tuple[str, str] = ("", "")
+                    ) -> Sample:
     org = parse_organism(ORGANISM % workers, environ={})
     async with StreamPump(org, backend, dispatcher=dispatcher, keep_outputs=False) as pump:
         # Warm up: workers started, imports done, connections open.
         await run_messages(pump, [Message("console", "work", fragment) for _ in range(workers * 4)])
-        pids = [os.getpid(), *other_pids, *getattr(dispatcher, "pids", [])]
+        groups = {"pump": [os.getpid()], "workers": worker_pids or list(getattr(dispatcher, "pids", [])),
+                  "server": server_pids}
         messages = [Message("console", "work", fragment) for _ in range(count)]
-        cpu0 = cpu_seconds(*pids)
+        cpu0 = {k: cpu_seconds(*v) for k, v in groups.items()}
         elapsed = await run_messages(pump, messages)
-        cpu = cpu_seconds(*pids) - cpu0
-    return count / elapsed, cpu / count
+        cpu = {k: (cpu_seconds(*v) - cpu0[k]) / count for k, v in groups.items()}
+    PARTS.setdefault(part, []).append(cpu)
+    return count / elapsed, sum(cpu.values())
 
 
 def plain_rate(pool: concurrent.futures.ProcessPoolExecutor, fragment: str, count: int) -> Sample:
@@ -115,12 +123,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--rounds", type=int, default=3, help="repetitions per figure; the median is shown")
     ap.add_argument("--quick", action="store_true", help="fewer messages (a smoke run)")
+    ap.add_argument("--per-process", action="store_true",
+                    help="also print the CPU per round trip of the pump, the workers and the server apart")
     args = ap.parse_args()
     ctx = multiprocessing.get_context("spawn")
     workers = args.workers
     small_n = 300 if args.quick else 1500
     big_n = 20 if args.quick else 80
-    cases = [("100 B", 100, 0, small_n), ("100 B", 100, 2000, small_n), ("100 B", 100, 20000, small_n // 5),
+    cases = [("100 B", 100, 0, small_n), ("100 B", 100, 2000, small_n), ("100 B", 100, 4000, small_n // 2),
+             ("100 B", 100, 20000, small_n // 5),
              ("1 MB", 1 << 20, 0, big_n), ("1 MB", 1 << 20, 2000, big_n)]
 
     print(f"# bench/dispatch.py  workers={workers} rounds={args.rounds}  python {platform.python_version()}  "
@@ -147,9 +158,11 @@ def main() -> None:
                                      signing_key=SIGNING_KEY, redis_ttl=3600)
                 rb = get_shared_backend(rcfg)
 
-                async def local(backend: Any, server: list[int]) -> Sample:
+                case = f"{label}, {rounds} rounds"
+
+                async def local(backend: Any, server: list[int], path: str) -> Sample:
                     pool = LocalWorkerPool(backend, workers=workers, start_method="spawn")
-                    return await pump_rate(backend, pool, workers, frag, count, server)
+                    return await pump_rate(backend, pool, workers, frag, count, server, part=(case, path))
 
                 stop = ctx.Event()
                 procs = [ctx.Process(target=_stream_worker, args=(rcfg, workers, stop)) for _ in range(workers)]
@@ -162,11 +175,11 @@ def main() -> None:
                     # Interleaved: a burst of load from other processes hits every path alike.
                     for _ in range(args.rounds):
                         samples["baseline"].append(plain_rate(plain, frag, count))
-                        samples["manager"].append(asyncio.run(local(manager, server_pids["manager"])))
-                        samples["redis-local"].append(asyncio.run(local(rb, server_pids["redis"])))
+                        samples["manager"].append(asyncio.run(local(manager, server_pids["manager"], "manager")))
+                        samples["redis-local"].append(asyncio.run(local(rb, server_pids["redis"], "redis-local")))
                         samples["redis-stream"].append(asyncio.run(pump_rate(
-                            rb, RedisDispatcher(rb), workers, frag, count,
-                            [*server_pids["redis"], *(p.pid for p in procs if p.pid)])))
+                            rb, RedisDispatcher(rb), workers, frag, count, server_pids["redis"],
+                            [p.pid for p in procs if p.pid], part=(case, "redis-stream"))))
                 finally:
                     stop.set()
                     for p in procs:
@@ -201,6 +214,18 @@ def main() -> None:
         cells = " | ".join(f"{r[k]:.0f}/s ({r[k] / b:.2f}×), {c[k] * 1000:.2f} ms CPU ({bc / c[k]:.2f}×)"
                            for k in ("manager", "redis-local", "redis-stream"))
         print(f"| {label} | {work} | {b:.0f}/s, {bc * 1000:.2f} ms CPU | {cells} |")
+    if args.per_process:
+        print()
+        print("CPU per round trip by process (median of rounds): pump / workers / manager server or redis-server")
+        print()
+        print("| case | manager + local pool | redis + local pool | redis + streams |")
+        print("| --- | --- | --- | --- |")
+        for label, work, _count, _r, _c in rows:
+            case = f"{label}, {work}"
+            cells = " | ".join(" / ".join(f"{statistics.median(p[k] for p in PARTS[(case, path)]) * 1000:.2f}"
+                                          for k in ("pump", "workers", "server")) + " ms"
+                               for path in ("manager", "redis-local", "redis-stream"))
+            print(f"| {case} | {cells} |")
 
 
 if __name__ == "__main__":

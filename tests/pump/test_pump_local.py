@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pump_harness import SIGNING_KEY, organism_yaml
@@ -13,11 +14,12 @@ from pump_harness import SIGNING_KEY, organism_yaml
 from xml_pipeline.errors import SlotIntegrityError
 from xml_pipeline.memory import BackendConfig, InMemoryBackend, ManagerBackend, create_backend
 from xml_pipeline.memory.signing import Signer
-from xml_pipeline.message_bus.local_pool import LocalWorkerPool, ThreadWorkerPool
+from xml_pipeline.message_bus.local_pool import PREFETCH, LocalWorkerPool, ThreadWorkerPool
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump
 from xml_pipeline.message_bus.worker_task import (
     INTEGRITY_ERROR,
+    WorkerResult,
     WorkerTask,
     execute_task,
     load_inputs,
@@ -29,6 +31,7 @@ LISTENERS = """
 - {name: echo, handler: "xp_test_handlers:echo", cpu_bound: true}
 - {name: fail, handler: "xp_test_handlers:fail", cpu_bound: true}
 - {name: die, handler: "xp_test_handlers:die", cpu_bound: true}
+- {name: diewhen, handler: "xp_test_handlers:die_when", cpu_bound: true}
 - {name: slow, handler: "xp_test_handlers:slow", cpu_bound: true}
 - {name: relay, handler: "xp_test_handlers:relay"}
 - {name: plainfail, handler: "xp_test_handlers:fail"}
@@ -121,6 +124,34 @@ async def test_worker_that_dies_gives_an_error_response_and_is_replaced(
     assert manager.info()["temp_entries"] == 0
 
 
+async def test_tasks_queued_behind_a_dying_task_run_once_on_the_next_worker(
+        manager: ManagerBackend, tmp_path: Path) -> None:
+    """A worker has the next task waiting on its pipe (PREFETCH): when it dies, only the task it was
+    running is answered with WorkerDied; the one behind it never started and runs on the new worker."""
+    assert PREFETCH >= 2
+    pool = LocalWorkerPool(manager, workers=1)
+    marker, go = tmp_path / "echo.marker", tmp_path / "go"
+    async with StreamPump(make_organism("prefetch"), manager, dispatcher=pool) as pump:
+        worker = pool._workers[0]
+        dying = asyncio.create_task(pump.request(ask("diewhen", f'<x go="{go}"/>'), timeout=60))
+        for _ in range(500):  # sequencing, not timing: the dying task is on the worker's pipe first
+            if len(worker.tasks) == 1:
+                break
+            await asyncio.sleep(0.01)
+        echoing = asyncio.create_task(pump.request(ask("echo", f'<e marker="{marker}"/>'), timeout=60))
+        for _ in range(500):  # ... and the echo behind it
+            if len(worker.tasks) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert [t.listener for t, _ in worker.tasks] == ["diewhen", "echo"]
+        go.touch()
+        died, echoed = await dying, await echoing
+        assert pool.deaths == 1
+    assert died[0].kind == "error" and 'type="WorkerDied"' in died[0].payload
+    assert echoed[0].kind == "response" and int(attr(echoed[0], "pid")) != worker.process.pid
+    assert marker.read_text().split() == [attr(echoed[0], "pid")]  # ran once, on the new worker
+
+
 async def test_plain_listeners_run_in_the_pump_and_failures_become_errors(caplog: pytest.LogCaptureFixture) -> None:
     backend = InMemoryBackend()
     caplog.set_level(logging.ERROR, logger="xml_pipeline")
@@ -163,12 +194,18 @@ def test_forged_or_swapped_temp_values_raise_slot_integrity_error(manager: Manag
     manager.temp_delete(pk, mk, pk2, mk2)
 
 
+class InputsThroughTheBackend(LocalWorkerPool):
+    """Worker processes that read their inputs from the temp key space, as worker pods do."""
+
+    carries_messages = False
+
+
 async def test_temp_keys_are_not_threads_carry_the_ttl_and_are_cleaned_up(redis_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
     config = BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
                            redis_ttl=300, signing_key=SIGNING_KEY)
     backend = create_backend(config)
     client = redis_server.client()
-    pool = LocalWorkerPool(backend, workers=1)
+    pool = InputsThroughTheBackend(backend, workers=1)
     async with StreamPump(make_organism("tmpkeys", backend="redis"), backend, dispatcher=pool) as pump:
         job = asyncio.create_task(pump.request(ask("slow", '<s seconds="1.5"/>'), timeout=60))
         tmp_keys: list[bytes] = []
@@ -189,6 +226,46 @@ async def test_temp_keys_are_not_threads_carry_the_ttl_and_are_cleaned_up(redis_
     assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
     assert all(client.ttl(k) > 0 for k in client.scan_iter(match=f"{prefix}*"))
     backend.close()
+
+
+async def test_a_local_worker_gets_its_message_with_the_task_and_no_temp_keys(redis_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    """The local pool's workers are the pump's children on pipes of their own: the message goes with
+    the task and the response with the result; the slot is in the context buffer all the same."""
+    backend = create_backend(BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
+                                           redis_ttl=300, signing_key=SIGNING_KEY))
+    client = redis_server.client()
+    pool = LocalWorkerPool(backend, workers=1)
+    async with StreamPump(make_organism("carried", backend="redis"), backend, dispatcher=pool) as pump:
+        request = ask("slow", '<s seconds="1"/>')
+        job = asyncio.create_task(pump.request(request, timeout=60))
+        for _ in range(200):  # until the request's slot is stored (the task is under way from then on)
+            if any(s.payload.id == request.id for t in backend.buffer_list_threads()
+                   for s in pump.buffer.get_thread_slots(t)):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the request never reached the context buffer")
+        assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
+        (out,) = await job
+        assert out.kind == "response" and out.in_reply_to == request.id
+        assert pump.stats.worker_tasks == 1
+    # Request and response both in the buffer, signed at their places; still no temp key.
+    slots = [s for t in backend.buffer_list_threads() for s in pump.buffer.get_thread_slots(t)]
+    assert sorted(s.from_id for s in slots) == ["console", "slow"]
+    assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
+    backend.close()
+
+
+async def test_a_carried_response_that_does_not_decode_is_an_error_response(manager: ManagerBackend) -> None:
+    """What a local worker sends back is checked like a stored response: garbage is MissingData."""
+    class Garbled(LocalWorkerPool):
+        async def run(self, task: WorkerTask) -> WorkerResult:
+            result = await super().run(task)
+            return WorkerResult(result.task_id, worker=result.worker, response=b'[{"op": "launch", "payload": "<x/>"}]')
+
+    async with StreamPump(make_organism("garbled"), manager, dispatcher=Garbled(manager, workers=1)) as pump:
+        (out,) = await pump.request(ask("echo", "<e/>"), timeout=60)
+    assert out.kind == "error" and "MissingData" in out.payload and "unknown action" in out.payload
 
 
 @pytest.mark.parametrize("backend_type", ["memory", "manager"])

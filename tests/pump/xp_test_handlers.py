@@ -42,6 +42,16 @@ def die(message: Message) -> str:
     os._exit(17)
 
 
+def die_when(message: Message) -> str:
+    """Wait until the file named by the payload's `go` attribute exists, then die like `die`."""
+    _mark(message)
+    go = Path(_attr(message, "go"))
+    deadline = time.monotonic() + 60
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os._exit(17)
+
+
 def slow(message: Message) -> str:
     """Burn CPU for `seconds` (a long task), after writing the marker."""
     _mark(message)

@@ -209,10 +209,15 @@ class RedisStore(ThreadedStore):
 
 
 def open_store(backend: SharedBackend, io: IoThreads | int = 8, *, pipelined: bool = True) -> AsyncStore:
-    """The AsyncStore for `backend`: a RedisStore on Redis, a ThreadedStore otherwise."""
+    """The AsyncStore for `backend`: a RedisStore on Redis, a ManagerStore (batched appends) on the
+    manager, a ThreadedStore otherwise."""
+    from .manager import ManagerBackend
     from .redis_backend import RedisBackend
     if isinstance(backend, RedisBackend):
         return RedisStore(backend, io, pipelined=pipelined)
+    if isinstance(backend, ManagerBackend):
+        from .manager_store import ManagerStore
+        return ManagerStore(backend, io)
     return ThreadedStore(backend, io)
 
 

@@ -49,6 +49,8 @@ from .signing import Signer
 __all__ = ["ManagerBackend", "derive_manager_signer", "format_address", "parse_address"]
 
 _NO_KWARGS: dict[str, Any] = {}
+#: One append of buffer_append_many: (thread, slot, index, max_slots, append_id, temp items).
+AppendCall = tuple[str, bytes, int, int | None, str | None, list[tuple[str, bytes]]]
 _ADDRESS_FIELD = "backend.manager_address"
 _ADDRESS_ALLOWED = "'127.0.0.1:PORT', 'localhost:PORT' or an absolute Unix socket path ('/run/xp.sock', 'unix:///run/xp.sock')"
 
@@ -332,6 +334,20 @@ class ManagerBackend:
             except BackendUnavailable:
                 pass
         return Appended(*self._call("buffer_append_at", (thread_id, slot, index), kwargs))
+
+    def buffer_append_many(self, calls: Sequence[AppendCall]) -> list[Appended | Exception]:
+        """buffer_append_at of each (thread, slot, index, max_slots, append_id, items), in order, in
+        one round trip (the pump's group commit, manager_store.py): each call's Appended, or the
+        exception it raised (ThreadFullError, ValueError, ...), in its place."""
+        calls = list(calls)
+        if all(c[4] is not None for c in calls):
+            # Every append has an id: a repeat stores nothing and the puts overwrite, so a retry on
+            # a fresh connection is safe (as for buffer_append_at).
+            try:
+                return self._call("buffer_append_many", (calls,))
+            except BackendUnavailable:
+                pass
+        return self._call("buffer_append_many", (calls,))
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         return self._call("buffer_get_thread", (thread_id,))

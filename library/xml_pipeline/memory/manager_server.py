@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 from ..errors import BackendUnavailable
 from .config import BackendConfig
 from .inmemory import InMemoryBackend
+from .protocol import Appended
 from .signing import Signer
 
 __all__ = ["PROTOCOL", "STORE_ID", "derive_manager_signer", "read_msg", "serve", "start_server", "tune_socket",
@@ -53,7 +54,7 @@ _EXPOSED = (
     "buffer_thread_exists", "buffer_delete_thread", "buffer_list_threads", "buffer_clear",
     "registry_set", "registry_get_or_create", "registry_get_uuid", "registry_get_chain",
     "registry_delete", "registry_list_all", "registry_clear", "temp_put", "temp_get", "temp_delete",
-    "temp_put_many", "temp_get_many", "temp_take", "buffer_append_at",
+    "temp_put_many", "temp_get_many", "temp_take", "buffer_append_at", "buffer_append_many",
 )
 
 
@@ -86,6 +87,19 @@ class _ServerStore(InMemoryBackend):
 
     def temp_get_many(self, keys: list[str]) -> list[bytes | None]:
         return [self.temp_get(k) for k in keys]
+
+    def buffer_append_many(self, calls: list[tuple[str, bytes, int, int | None, str | None,
+                                                  list[tuple[str, bytes]]]]) -> list[Appended | Exception]:
+        """buffer_append_at of each (thread, slot, index, max_slots, append_id, items), in order; each
+        call's own outcome or exception in its place, so one full thread fails only its append."""
+        out: list[Appended | Exception] = []
+        for thread_id, slot, index, max_slots, append_id, items in calls:
+            try:
+                out.append(self.buffer_append_at(thread_id, slot, index, max_slots=max_slots,
+                                                 append_id=append_id, items=items))
+            except Exception as e:  # noqa: BLE001 - sent back to that append's caller
+                out.append(e)
+        return out
 
     def temp_take(self, key: str, also_delete: tuple[str, ...]) -> bytes | None:  # type: ignore[override]  # the wire form: keys as one tuple
         try:

@@ -1,9 +1,15 @@
 """Local mode: cpu_bound handlers in a pool of worker processes on this machine.
 
 Why not concurrent.futures.ProcessPoolExecutor: when one of its workers dies, the whole pool breaks
-and every task in flight fails with it. Here each worker owns one pipe and runs one task at a time,
-so the pump knows exactly which task a dead worker held: that task (and only that one) gets an
-error response, a new worker takes the dead one's place, and the pump keeps running.
+and every task in flight fails with it. Here each worker owns one pipe and runs its tasks one at a
+time, in the order they were sent, so the pump knows exactly which task a dead worker held: the
+oldest one it has not answered (that one, and only that one, gets an error response); the tasks
+queued behind it on its pipe never started and go to another worker. A new worker takes the dead
+one's place, and the pump keeps running.
+
+Each worker has up to `PREFETCH` tasks on its pipe: when it finishes one, the next is already there
+to read, so it does not go to sleep and wait for the pump's event loop to get round to sending one
+(and on a busy machine, for the scheduler to run it again once it does).
 
 Safe under spawn and forkserver: a worker starts from `_worker_main` (a module-level function), gets
 the backend by pickling (a ManagerBackend reconnects by address and authkey, a RedisBackend builds
@@ -14,7 +20,7 @@ Event-driven, no polling: the pump's event loop watches each worker's pipe and p
 
 `ThreadWorkerPool` is the same interface for the single-process memory backend, whose data other
 processes cannot see: cpu_bound handlers then run in threads of the pump process (said in a log
-line), still through the temp key space.
+line), which, like the worker processes, take the message with the task (worker_task.py).
 """
 from __future__ import annotations
 
@@ -45,10 +51,21 @@ log = logging.getLogger(__name__)
 
 #: A worker that dies this many times in a row before it ever got ready means the pool cannot start.
 MAX_BOOT_FAILURES = 3
+#: Tasks sent to one worker before it answered: the one it runs and the next, waiting on its pipe.
+PREFETCH = 2
+#: A task whose message is longer (characters) waits for an idle worker instead of queueing on a
+#: busy one's pipe: the pipe's buffer would not hold it, and the pump's event loop would block in
+#: the write until that worker has finished its current task and reads.
+PREFETCH_MAX_PAYLOAD = 16 * 1024
 
 
 class Dispatcher(Protocol):
-    """Where the pump sends WorkerTasks: a local pool, threads, or a Redis Stream."""
+    """Where the pump sends WorkerTasks: a local pool, threads, or a Redis Stream.
+
+    A dispatcher whose workers only it can reach (the pump's own child processes or threads) sets
+    `carries_messages = True`: the pump then puts the message into the task and reads the response
+    from the result (WorkerTask.message, WorkerResult.response) instead of passing both through the
+    backend's temp key space. Without the attribute, the inputs and the response are temp keys."""
 
     def adopt_store(self, store: AsyncStore) -> None:
         """The pump's store, offered before start(): a dispatcher that talks to the same backend
@@ -95,8 +112,9 @@ class _Worker:
     conn: Connection
     ready: bool = False
     dead: bool = False
-    task: WorkerTask | None = None
-    future: asyncio.Future[WorkerResult] | None = None
+    #: Tasks sent and not answered yet, oldest first: the worker runs them in this order.
+    tasks: collections.deque[tuple[WorkerTask, asyncio.Future[WorkerResult]]] = field(
+        default_factory=collections.deque)
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -106,6 +124,9 @@ class _Worker:
 
 class LocalWorkerPool:
     """N worker processes, one task each at a time, replaced when they die."""
+
+    #: Each worker's pipe is its own (a child process of the pump): tasks carry their message.
+    carries_messages = True
 
     def __init__(self, backend: SharedBackend, *, workers: int, start_method: str = "spawn") -> None:
         if workers < 1:
@@ -166,23 +187,29 @@ class LocalWorkerPool:
         return await fut
 
     def _assign(self) -> None:
-        for w in self._workers:
-            if not self._pending:
-                return
-            if w.dead or w.task is not None:
-                continue
-            task, fut = self._pending.popleft()
-            if fut.cancelled():
-                continue
-            try:
-                # pickle.dumps, not Connection.send's ForkingPickler (a Pickler and a BytesIO per call):
-                # a task is plain data.
-                w.conn.send_bytes(pickle.dumps(task, pickle.HIGHEST_PROTOCOL))
-            except OSError:
-                self._pending.appendleft((task, fut))
-                self._on_death(w)
-                continue
-            w.task, w.future = task, fut
+        # Breadth first: every worker gets a task before any gets a second one.
+        for depth in range(PREFETCH):
+            for w in list(self._workers):
+                if not self._pending:
+                    return
+                if w.dead or len(w.tasks) > depth:
+                    continue
+                if depth and _large(self._pending[0][0]):
+                    return  # first in line, for the next idle worker
+                task, fut = self._pending.popleft()
+                while fut.cancelled() and self._pending:
+                    task, fut = self._pending.popleft()
+                if fut.cancelled():
+                    return
+                try:
+                    # pickle.dumps, not Connection.send's ForkingPickler (a Pickler and a BytesIO per
+                    # call): a task is plain data.
+                    w.conn.send_bytes(pickle.dumps(task, pickle.HIGHEST_PROTOCOL))
+                except OSError:
+                    self._pending.appendleft((task, fut))
+                    self._on_death(w)
+                    continue
+                w.tasks.append((task, fut))
 
     def _on_readable(self, w: _Worker) -> None:
         try:
@@ -190,14 +217,18 @@ class LocalWorkerPool:
         except (EOFError, OSError):
             self._on_death(w)
             return
+        self._receive(w, msg)
+        self._assign()
+
+    def _receive(self, w: _Worker, msg: Any) -> None:
         if isinstance(msg, tuple) and msg and msg[0] == "ready":
             w.ready = True
             self._boot_failures = 0
             return
-        fut, w.task, w.future = w.future, None, None
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
-        self._assign()
+        if w.tasks:
+            _task, fut = w.tasks.popleft()
+            if not fut.done():
+                fut.set_result(msg)
 
     def _on_exit(self, w: _Worker) -> None:
         self._on_death(w)
@@ -205,6 +236,13 @@ class LocalWorkerPool:
     def _on_death(self, w: _Worker) -> None:
         if w.dead:
             return
+        # Answers the worker sent before it died still count: read them first, so the task it
+        # died on is the oldest one left.
+        try:
+            while w.tasks and w.conn.poll(0):
+                self._receive(w, w.conn.recv())
+        except (EOFError, OSError):
+            pass
         w.dead = True
         assert self._loop is not None
         self._loop.remove_reader(w.conn.fileno())
@@ -213,17 +251,22 @@ class LocalWorkerPool:
         code = w.process.exitcode
         w.conn.close()
         self._workers.remove(w)
-        if self._closing and w.task is None:
+        held = w.tasks.popleft() if w.tasks else None
+        # The tasks queued behind it never started: first in line for the other workers.
+        while w.tasks:
+            self._pending.appendleft(w.tasks.pop())
+        if self._closing and held is None:
             return
         self.deaths += 1
-        if w.task is not None and w.future is not None:
+        if held is not None:
+            task, fut = held
             what = f"signal {-code}" if isinstance(code, int) and code < 0 else f"exit code {code}"
             log.error("worker process %s (pid %s) died (%s) while running listener %r (task %s); "
                       "the task gets an error response and a new worker starts",
-                      w.name, w.process.pid, what, w.task.listener, w.task.task_id)
-            if not w.future.done():
-                w.future.set_result(WorkerResult(
-                    w.task.task_id, error=f"worker process died ({what}) while running listener {w.task.listener!r}",
+                      w.name, w.process.pid, what, task.listener, task.task_id)
+            if not fut.done():
+                fut.set_result(WorkerResult(
+                    task.task_id, error=f"worker process died ({what}) while running listener {task.listener!r}",
                     error_type=WORKER_DIED, worker=w.name))
         else:
             log.error("worker process %s (pid %s) exited unexpectedly (exit code %s)", w.name, w.process.pid, code)
@@ -267,11 +310,17 @@ class LocalWorkerPool:
                 pass
         await self._loop.run_in_executor(None, _join_all, [w.process for w in workers], 5.0)
         for w in workers:
-            if w.future is not None and not w.future.done():
-                w.future.set_result(WorkerResult(w.task.task_id if w.task else "", error="the worker pool was closed",
-                                                 error_type=WORKER_DIED))
+            for task, fut in w.tasks:
+                if not fut.done():
+                    fut.set_result(WorkerResult(task.task_id, error="the worker pool was closed",
+                                                error_type=WORKER_DIED))
+            w.tasks.clear()
             w.conn.close()
         self._workers.clear()
+
+
+def _large(task: WorkerTask) -> bool:
+    return task.message is not None and len(task.message.payload) > PREFETCH_MAX_PAYLOAD
 
 
 def _join_all(procs: list[Any], timeout: float) -> None:
@@ -289,6 +338,9 @@ def _join_all(procs: list[Any], timeout: float) -> None:
 
 class ThreadWorkerPool:
     """cpu_bound handlers in threads of the pump process (for the unshared memory backend)."""
+
+    #: The workers are threads of the pump: tasks carry their message.
+    carries_messages = True
 
     def __init__(self, backend: SharedBackend, *, workers: int) -> None:
         self.backend = backend

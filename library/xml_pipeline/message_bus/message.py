@@ -1,4 +1,4 @@
-"""The XML envelope an organism exchanges, parsed safely, and what handlers return.
+"""The XML envelope an organism exchanges: `Message`, its ids, and the envelope parsed safely.
 
     <message xmlns="https://xml-pipeline.dev/v1" id="..." from="console" to="greeter"
              thread="..." type="request" in-reply-to="...">
@@ -6,12 +6,15 @@
     </message>
 
 Messages come from outside (files, stdin, the ingress stream of a pod), so parsing treats them as
-untrusted: defusedxml with DTDs forbidden (no entity expansion: no billion laughs; no external
-entities or DTDs: no file or network reads), a size limit, and an error that says what is wrong.
+untrusted (safe_xml.py: defusedxml with DTDs forbidden, bounded depth), with a size limit, and an
+error that says what is wrong.
 
 The payload is an XML *fragment* (text and/or elements) carried verbatim: the pump never rebuilds it,
 so a 1 MB payload costs one scan, not a tree. A fragment stands alone: namespace prefixes used inside
 it must be declared inside it.
+
+What handlers return lives in actions.py, the XML safety rules in safe_xml.py; both are imported
+here too, so `message` keeps naming everything of the message API in one place.
 """
 from __future__ import annotations
 
@@ -19,40 +22,52 @@ import copyreg
 import hashlib
 import re
 import uuid
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from xml.etree.ElementTree import Element, ParseError, tostring
-from xml.parsers import expat
-from xml.sax.saxutils import escape, quoteattr
+from xml.etree.ElementTree import Element, ParseError
+from xml.sax.saxutils import quoteattr
 
 from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import DefusedXMLParser, fromstring
 
-from ..errors import XmlPipelineError
+# The message API in one place: what handlers return, and the XML safety rules (re-exported).
+from .actions import (  # noqa: F401
+    Action,
+    Call,
+    HandlerResult,
+    Reply,
+    actions_from_json,
+    actions_to_json,
+    normalize_result,
+)
+from .safe_xml import (  # noqa: F401
+    ID_RE,
+    MAX_XML_DEPTH,
+    NAME_RE,
+    MessageError,
+    check_encoding,
+    check_fragment,
+    error_payload,
+    explain,
+    fragment_tree,
+    parser,
+    text_payload,
+)
+
+__all__ = ["Action", "Call", "HandlerResult", "ID_RE", "KINDS", "MAX_MESSAGE_BYTES", "MAX_XML_DEPTH", "Message",
+           "MessageError", "MessageKind", "NAME_RE", "NS", "Reply", "actions_from_json", "actions_to_json",
+           "check_fragment", "derived_id", "error_payload", "new_id", "normalize_result", "parse_message",
+           "split_messages", "text_payload"]
 
 #: What pickle's default form of a class instance unpickles through (subclasses keep that form).
 _NEWOBJ = copyreg.__newobj__  # type: ignore[attr-defined]
 NS = "https://xml-pipeline.dev/v1"
-#: Names of listeners and external senders. No '.', which separates the hops of a call chain.
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}\Z")  # \Z: "$" would pass a trailing newline
-#: Thread ids and message ids: uuids from the registry, or ids an external client chose.
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 #: Default size limit of one message (bytes of XML).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-#: Deepest element nesting of a message or an input file (envelope, payload and its content).
-MAX_XML_DEPTH = 256
 
 MessageKind = Literal["request", "response", "error"]
 KINDS: tuple[str, ...] = ("request", "response", "error")
 _ATTRS = frozenset({"id", "from", "to", "thread", "type", "in-reply-to"})
-_XML_DECL = re.compile(rb"^\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._-]+)[\"']")
 _LEADING_DOCTYPE = re.compile(rb"\s*(?:<!--.*?-->\s*)*<!DOCTYPE", re.S)
-_UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
-
-
-class MessageError(XmlPipelineError, ValueError):
-    """An XML message is malformed, unsafe or not a valid envelope. The text says what and where."""
 
 
 def new_id() -> str:
@@ -108,12 +123,12 @@ class Message:
 
     def element(self) -> Element | None:
         """The payload's first element, parsed safely (None if the payload is only text)."""
-        wrapper = _fragment_tree(self.payload)
+        wrapper = fragment_tree(self.payload)
         return wrapper[0] if len(wrapper) else None
 
     def text(self) -> str:
         """All text of the payload, without markup."""
-        return "".join(_fragment_tree(self.payload).itertext())
+        return "".join(fragment_tree(self.payload).itertext())
 
     def to_xml(self) -> str:
         attrs = [f"xmlns={quoteattr(NS)}", f"id={quoteattr(self.id)}", f"from={quoteattr(self.sender)}",
@@ -176,177 +191,19 @@ def _rebuild(sender: str, to: str, payload: str, thread: str | None, kind: str, 
     return m
 
 
-# -- what handlers return --------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """Answer the caller: the message goes back one hop along the call chain."""
-
-    payload: str
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """Call another listener: the call chain grows by one hop ("a" calls "b" → "a.b")."""
-
-    to: str
-    payload: str
-
-
-Action = Reply | Call
-#: What a handler returns (normalize_result turns it into Actions): None (no reply), an XML fragment
-#: (str/bytes), an Element, a Reply, a Call, or a list of them.
-HandlerResult = None | str | bytes | Element | Reply | Call | Sequence["str | bytes | Element | Reply | Call"]
-
-
-def normalize_result(result: object) -> list[Action]:
-    """Turn whatever a handler returned into a list of Reply/Call with checked payloads.
-
-    None → nothing; str/bytes/Element → a Reply; Reply/Call or a list of them as given. Every payload
-    must be a well-formed XML fragment (raises MessageError otherwise), so a message the pump emits
-    always parses.
-    """
-    if result is None:
-        return []
-    items: Iterable[object]
-    if isinstance(result, (list, tuple)):
-        items = result
-    else:
-        items = (result,)
-    out: list[Action] = []
-    for item in items:
-        if isinstance(item, Reply):
-            out.append(Reply(_as_fragment(item.payload)))
-        elif isinstance(item, Call):
-            if not isinstance(item.to, str) or not NAME_RE.match(item.to):
-                raise MessageError(f"Call.to must be a listener name, got {item.to!r}")
-            out.append(Call(item.to, _as_fragment(item.payload)))
-        elif isinstance(item, (str, bytes, Element)):
-            out.append(Reply(_as_fragment(item)))
-        else:
-            raise MessageError(
-                f"a handler returned {type(item).__name__}; allowed: None, str (XML fragment), "
-                "an Element, Reply, Call, or a list of Reply/Call")
-    return out
-
-
-def actions_to_json(actions: Sequence[Action]) -> list[dict[str, str]]:
-    return [{"op": "reply", "payload": a.payload} if isinstance(a, Reply)
-            else {"op": "call", "to": a.to, "payload": a.payload} for a in actions]
-
-
-def actions_from_json(data: object) -> list[Action]:
-    if not isinstance(data, list):
-        raise MessageError("worker response is not a list of actions")
-    out: list[Action] = []
-    for d in data:
-        if not isinstance(d, dict) or not isinstance(d.get("payload"), str):
-            raise MessageError("worker response holds a malformed action")
-        if d.get("op") == "reply":
-            out.append(Reply(d["payload"]))
-        elif d.get("op") == "call" and isinstance(d.get("to"), str):
-            out.append(Call(d["to"], d["payload"]))
-        else:
-            raise MessageError(f"worker response holds an unknown action {d.get('op')!r}")
-    return out
-
-
-def text_payload(text: str, tag: str | None = None) -> str:
-    """A fragment holding `text` escaped, optionally inside <tag>…</tag>."""
-    body = escape(text)
-    return f"<{tag}>{body}</{tag}>" if tag else body
-
-
-def error_payload(listener: str, error_type: str, detail: str) -> str:
-    return (f"<error listener={quoteattr(listener)} type={quoteattr(error_type)}>"
-            f"{escape(detail)}</error>")
-
-
-# -- parsing ----------------------------------------------------------------------------------------
-def _parser(target: object) -> DefusedXMLParser:
-    # forbid_dtd: no DOCTYPE at all, which rules out entity expansion and external entities/DTDs.
-    p = DefusedXMLParser(target=target, forbid_dtd=True, forbid_entities=True, forbid_external=True)
-    # Exact byte offsets need unbuffered character data (see _Scanner).
-    p.parser.buffer_text = False
-    return p
-
-
-def _explain(e: Exception) -> str:
-    if isinstance(e, DefusedXmlException):
-        return (f"{type(e).__name__}: DTDs and entity declarations are not allowed "
-                "(they enable entity expansion and external entity attacks)")
-    if isinstance(e, ParseError):
-        line, col = getattr(e, "position", (None, None))
-        msg = str(e).split(":")[0]
-        return f"not well-formed XML at line {line}, column {col}: {msg}"
-    return f"{type(e).__name__}: {e}"
-
-
-def _check_encoding(raw: bytes) -> None:
-    m = _XML_DECL.match(raw[:200])
-    if m and m.group(1).decode().lower() not in _UTF8:
-        raise MessageError(f"XML declaration names encoding {m.group(1).decode()!r}; messages must be UTF-8")
-
-
-class _NullTarget:
-    """Parse for well-formedness only: build nothing."""
-
-    def start(self, tag: str, attrib: dict[str, str]) -> None: ...
-    def end(self, tag: str) -> None: ...
-    def data(self, data: str) -> None: ...
-    def close(self) -> None: ...
-
-
-class _DtdRefused(Exception):
-    """A fragment declared a DTD or an entity (check_fragment)."""
-
-
-def _refuse_dtd(*_args: object) -> Any:
-    raise _DtdRefused
-
-
-def check_fragment(fragment: str) -> str:
-    """Return `fragment` if it is a well-formed, safe XML fragment, else raise MessageError.
-
-    Every payload a handler returns goes through here (in the worker, for cpu_bound ones), so this
-    is a bare expat parser with namespaces on (as ElementTree's, so an undeclared prefix fails the
-    same way) and the DTD refused, not a DefusedXMLParser: building one costs ~10x the parse of a
-    small fragment. No DTD means no entity declarations and no external entities either, which is
-    what the defused parser's forbid_dtd / forbid_entities / forbid_external guard against."""
-    if "<!" in fragment and ("<!DOCTYPE" in fragment or "<!ENTITY" in fragment):
-        raise MessageError("payload: DTDs and entity declarations are not allowed")
-    p = expat.ParserCreate(None, "}")
-    p.StartDoctypeDeclHandler = p.EntityDeclHandler = p.UnparsedEntityDeclHandler = _refuse_dtd
-    p.ExternalEntityRefHandler = _refuse_dtd
+def _pickle_code(code: int) -> None:
+    """What memory.slots.pickle_code does, for Message (this module stays free of memory's imports)."""
     try:
-        p.Parse(b"<payload>", False)
-        p.Parse(fragment.encode("utf-8"), False)
-        p.Parse(b"</payload>", True)
-    except expat.ExpatError as e:
-        detail = f"not well-formed XML at line {e.lineno}, column {e.offset}: {str(e).split(':')[0]}"
-        raise MessageError(f"payload is not a well-formed XML fragment: {detail}") from None
-    except _DtdRefused:
-        raise MessageError("payload: DTDs and entity declarations are not allowed") from None
-    return fragment
+        copyreg.add_extension(__name__, _rebuild.__qualname__, code)
+    except ValueError:  # the code is taken: pickles name _rebuild instead, and still load
+        pass
 
 
-def _as_fragment(value: object) -> str:
-    if isinstance(value, Element):
-        return tostring(value, encoding="unicode")
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MessageError("payload bytes are not UTF-8") from None
-    if not isinstance(value, str):
-        raise MessageError(f"payload must be an XML fragment (str), got {type(value).__name__}")
-    return check_fragment(value)
+# Every slot the pump stores holds a Message: its reconstructor pickles as a copyreg extension code
+# (see memory.slots: 240 and 241 are the slot's and its metadata's).
+_pickle_code(242)
 
 
-def _fragment_tree(fragment: str) -> Element:
-    try:
-        return fromstring(f"<payload>{fragment}</payload>", forbid_dtd=True)
-    except (ParseError, DefusedXmlException) as e:
-        raise MessageError(f"payload is not a well-formed XML fragment: {_explain(e)}") from None
 
 
 def _local(tag: str) -> tuple[str | None, str]:
@@ -430,15 +287,15 @@ def _element_end(raw: bytes, end_index: int, empty: bool, content_start: int) ->
 
 
 def _scan(raw: bytes, what: str) -> _Scanner:
-    _check_encoding(raw)
+    check_encoding(raw)
     scanner = _Scanner()
-    p = _parser(scanner)
+    p = parser(scanner)
     scanner.expat = p.parser
     try:
         p.feed(raw)
         p.close()
     except (ParseError, DefusedXmlException) as e:
-        raise MessageError(f"{what}: {_explain(e)}") from None
+        raise MessageError(f"{what}: {explain(e)}") from None
     except MessageError as e:
         raise MessageError(f"{what}: {e}") from None
     except RecursionError:
@@ -503,7 +360,7 @@ def split_messages(data: str | bytes, *, max_bytes: int = 256 * 1024 * 1024) -> 
     """Parse a file of messages: one <message>, several <message> elements one after another, or a
     <messages> document holding them. Raises MessageError naming the message's position."""
     raw = _as_bytes(data, max_bytes)
-    _check_encoding(raw)
+    check_encoding(raw)
     body = re.sub(rb"^\s*<\?xml[^>]*\?>", b"", raw, count=1)
     if _LEADING_DOCTYPE.match(body):
         # Said plainly here: inside the <messages> wrapper it would only be "invalid token".

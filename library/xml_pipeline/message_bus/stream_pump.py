@@ -7,8 +7,10 @@ Every message is addressed to a listener by name. The pump
    back one hop, to the caller, on the pruned chain's thread),
 2. appends it to the ContextBuffer (every message, including replies and errors),
 3. runs the listener's handler: plain listeners in the pump's event loop (write them `async def`
-   if they wait on I/O), cpu_bound listeners in a worker through the Shared Backend's data flow
-   (worker_task.py: temp keys in, WorkerTask, response key back, temp keys deleted),
+   if they wait on I/O), cpu_bound listeners in a worker (worker_task.py): a worker pod through
+   the Shared Backend's data flow (temp keys in, WorkerTask, response key back, temp keys
+   deleted); a local pool's worker, which only the pump can reach, gets the message with the task
+   and answers with the response (`carries_messages`),
 4. routes what the handler returned: a reply to the caller, a Call to another listener, and
    anything addressed to a name that is not a listener (an external sender such as "console") to
    the pump's output (`on_output`: the CLI prints it, a pod writes it to its egress stream).
@@ -37,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BackendError, SlotIntegrityError, ThreadFullError
+from ..errors import BackendError, ThreadFullError
 from ..memory.async_store import RedisStore, open_store
 from ..memory.context_buffer import ContextBuffer, PreparedAppend, Temps
 from ..memory.protocol import SharedBackend
@@ -49,9 +51,10 @@ from .local_pool import Dispatcher, default_dispatcher
 from .message import Action, Message, MessageError, derived_id, error_payload, normalize_result
 from .pump_registry import PumpRegistry
 from .pump_feed import run_messages
+from .pump_outcome import Outcome, carried, collect
 from .pump_routing import MAX_CHAIN_HOPS, Router
 from .thread_registry import ThreadRegistry
-from .worker_task import WorkerResult, WorkerTask, new_key, open_response, worker_inputs
+from .worker_task import WorkerResult, WorkerTask, new_key, worker_inputs
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,6 @@ MAX_CONVERSATION_MESSAGES = 1000
 
 OutputCallback = Callable[[Message], Awaitable[None] | None]
 DoneCallback = Callable[[str], Awaitable[None] | None]
-Outcome = tuple[list[Action] | None, tuple[str, str] | None]
 
 
 @dataclass(eq=False)
@@ -129,6 +131,8 @@ class StreamPump:
         if dispatcher is None and organism.has_cpu_bound:
             dispatcher = default_dispatcher(organism, backend)
         self.dispatcher = dispatcher
+        #: The dispatcher's workers take the message with the task (see local_pool.Dispatcher).
+        self._carries = bool(getattr(dispatcher, "carries_messages", False))
         #: Every backend operation of the hot path, awaited (store.py).
         self.store = open_store(backend, io_threads, pipelined=pipelined)
         if dispatcher is not None:
@@ -355,15 +359,18 @@ class StreamPump:
         result: WorkerResult | None = None
         actions: list[Action] | None = None
         error: tuple[str, str] | None = None
-        if keys is not None:
-            task = WorkerTask(task_id=new_key(), listener=listener.name, handler=listener.handler,
-                              payload_key=keys[0], metadata_key=keys[1])
+        if listener.cpu_bound:
+            if keys is None:  # the worker takes the message with the task
+                task = WorkerTask(new_key(), listener.name, listener.handler, "", "", message=msg)
+            else:
+                task = WorkerTask(new_key(), listener.name, listener.handler, keys[0], keys[1])
             self.stats.worker_tasks += 1
             assert self.dispatcher is not None
             try:
                 result = await self.dispatcher.run(task)
             except BaseException:
-                await self.store.delete(*keys)
+                if keys is not None:
+                    await self.store.delete(*keys)
                 raise
         else:
             actions, error = await self._run_plain(listener, msg)
@@ -378,13 +385,14 @@ class StreamPump:
     # -- the steps of one message: in (admit, append, store the worker's inputs), run, out ------------
     async def _step_in(self, msg: Message, admit: bool,
                        listener: ListenerSpec | None) -> tuple[Message, tuple[str, str] | None]:
-        """Admit (a message from outside), then append to the buffer; for a cpu_bound listener the
-        worker's inputs go with the append (one round trip; append first, so a full thread stores
-        no inputs). Returns the message (with its thread) and the inputs' keys."""
+        """Admit (a message from outside), then append to the buffer; for a cpu_bound listener whose
+        worker reads its inputs from the backend, they go with the append (one round trip; append
+        first, so a full thread stores no inputs). Returns the message (with its thread) and the
+        inputs' keys (None: no temp inputs)."""
         if admit:
             msg = await self._router.admit(msg)
         assert listener is not None
-        if not listener.cpu_bound:
+        if not listener.cpu_bound or self._carries:
             await self._append(msg)
             return msg, None
         # A payload over INLINE_PAYLOAD_MAX travels once, in its slot: the payload value is a reference
@@ -409,8 +417,9 @@ class StreamPump:
                         keys: tuple[str, str] | None, conversation: str) -> list[tuple[Message, bool]]:
         """Collect the worker's response (deleting the temp keys), route what the handler returned,
         and append the outputs to the outside (each answers the conversation's first message)."""
-        if result is not None and keys is not None:
-            actions, error = await self._collect(result, keys)
+        if result is not None:
+            actions, error = await (collect(self.store, result, keys) if keys is not None
+                                    else carried(self.store, result))
         out: list[tuple[Message, bool]] = []
         for m, external in await self._router.route(msg, listener, actions or [], error):
             if external:
@@ -418,34 +427,6 @@ class StreamPump:
                 await self._append(m)
             out.append((m, external))
         return out
-
-    async def _collect(self, result: WorkerResult, keys: tuple[str, str]) -> Outcome:
-        """Fetch the worker's response, and delete every temp key of the task."""
-        try:
-            if not result.ok or result.response_key is None:
-                await self.store.delete(*keys)
-                return None, (result.error_type or "WorkerError", result.error or "unknown error")
-            response_key = result.response_key
-            blob = await self.store.take(response_key, *keys)
-            if blob is not None and len(blob) > INLINE_MAX_BYTES:  # verifying it would hold up the loop
-                return await self.store.run(self._response_outcome, result, blob, response_key)
-            return self._response_outcome(result, blob, response_key)
-        except BackendError as e:
-            # Could not reach the backend to collect: the temp keys expire with the TTL anyway.
-            log.error("task %s: cannot collect the response: %s", result.task_id, e)
-            return None, ("BackendError", f"{type(e).__name__}: {e}")
-
-    def _response_outcome(self, result: WorkerResult, blob: bytes | None, key: str) -> Outcome:
-        """(actions, None), or (None, error) for a response that is gone, fails its integrity check
-        or cannot be decoded."""
-        try:
-            return open_response(self.backend, blob, key), None
-        except SlotIntegrityError as e:
-            log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
-            return None, ("IntegrityError", f"SlotIntegrityError: {e}")
-        except (LookupError, MessageError, ValueError) as e:
-            log.error("task %s: cannot read the response: %s", result.task_id, e)
-            return None, ("MissingData", f"{type(e).__name__}: {e}")
 
     def _forward(self, item: _Item, out: Message) -> None:
         conv = self._conversations.get(item.conversation)

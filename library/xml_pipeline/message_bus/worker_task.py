@@ -5,8 +5,12 @@
             return a WorkerResult naming it
     pump    fetch + verify the response, delete the three temp keys, route the response on
 
-A WorkerTask carries only ids and the handler reference, so it is tiny on any transport (a pipe to a
-local process, a Redis Stream entry to a worker pod) whatever the payload size. Every temp value is
+A WorkerTask sent through the backend (a Redis Stream entry to a worker pod) carries only ids and
+the handler reference, so it is tiny whatever the payload size. A local pool's worker is a child of
+the pump reached over a pipe of its own that nobody else can read or write: there the task carries
+the message itself and the result the response (`WorkerTask.message`, `WorkerResult.response`),
+which saves the three temp-key round trips (the worker's fetch and store, the pump's take); the
+message's signed slot is appended to the context buffer either way. Every temp value is
 an envelope signed with the backend's key ring, with a one-byte domain tag inside (payload,
 metadata, response), so a value can neither be forged nor swapped for another kind of value. The
 metadata and the response are JSON, not pickle: nothing a worker reads can run code.
@@ -90,7 +94,8 @@ def new_key() -> str:
 
 @dataclass(frozen=True, slots=True)
 class WorkerTask:
-    """One cpu_bound handler call: ids and a handler reference, never the payload itself."""
+    """One cpu_bound handler call: ids and a handler reference; the message itself only over a
+    local worker's own pipe (`message`), never through the backend."""
 
     task_id: str
     listener: str
@@ -101,15 +106,21 @@ class WorkerTask:
     reply_to: str = ""
     #: Distributed mode: failed attempts so far (handler errors; deaths are counted by Redis).
     failures: int = 0
+    #: Local pool: the message, over the worker's own pipe (no temp keys: payload_key and
+    #: metadata_key are empty). Never part of a stream entry.
+    message: Message | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A plain tuple through the pipe to a local worker: the dataclass default (getstate /
         # setstate over fields()) costs ~10x more per task.
         return (WorkerTask, (self.task_id, self.listener, self.handler, self.payload_key, self.metadata_key,
-                             self.reply_to, self.failures))
+                             self.reply_to, self.failures, self.message))
 
     def to_fields(self) -> dict[str, str]:
         """The task as a Redis Stream entry (field by field, not dataclasses.asdict: that deep-copies)."""
+        if self.message is not None:
+            raise ValueError(f"task {self.task_id} carries its message: it goes over a local worker's pipe, "
+                             "not into a stream")
         return {"task_id": self.task_id, "listener": self.listener, "handler": self.handler,
                 "payload_key": self.payload_key, "metadata_key": self.metadata_key, "reply_to": self.reply_to,
                 "failures": str(self.failures)}
@@ -135,16 +146,23 @@ class WorkerResult:
     error: str | None = None
     error_type: str | None = None
     worker: str = ""
+    #: The answer to a task that carried its message (local pool): the response's JSON body, over
+    #: the worker's own pipe instead of under response_key. Never part of a stream entry.
+    response: bytes | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (WorkerResult, (self.task_id, self.response_key, self.error, self.error_type, self.worker))
+        return (WorkerResult, (self.task_id, self.response_key, self.error, self.error_type, self.worker,
+                               self.response))
 
     def to_fields(self) -> dict[str, str]:
         """The result as a Redis Stream entry ("" for None)."""
+        if self.response is not None:
+            raise ValueError(f"the result of task {self.task_id} carries its response: it goes over a local "
+                             "worker's pipe, not into a stream")
         return {"task_id": self.task_id, "response_key": self.response_key or "", "error": self.error or "",
                 "error_type": self.error_type or "", "worker": self.worker}
 
@@ -316,6 +334,13 @@ def open_response(backend: SharedBackend, blob: bytes | None, key: str) -> list[
     return actions_from_json(json.loads(_open(backend, blob, key, _RESPONSE, "response")))
 
 
+def carried_response(body: bytes) -> list[Action]:
+    """Pump side, step 3 of a task that carried its message: decode the response a local worker sent
+    back over its own pipe (the same JSON and checks as a stored response, without a signature:
+    nothing but that worker writes to the pipe)."""
+    return actions_from_json(json.loads(body))
+
+
 def call_handler(func: Any, message: Message) -> list[Action]:
     """Run a handler (sync or async) and normalize what it returned."""
     result = func(message)
@@ -344,7 +369,7 @@ def run_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") -> O
         return Outcome(WorkerResult(task.task_id, error=error, error_type=error_type, worker=worker))
 
     try:
-        message = load_inputs(backend, task)
+        message = task.message if task.message is not None else load_inputs(backend, task)
     except SlotIntegrityError as e:
         log.error("task %s (%s): input failed its integrity check: %s", task.task_id, task.listener, e)
         return fail(f"SlotIntegrityError: {e}", INTEGRITY_ERROR)
@@ -363,6 +388,9 @@ def run_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") -> O
                   message.thread, type(e).__name__, e)
         log.debug("traceback of the failure above:\n%s", traceback.format_exc().rstrip())
         return fail(f"{type(e).__name__}: {e}", HANDLER_ERROR)
+    if task.message is not None:  # the answer goes back the way the message came: over the pipe
+        body = json.dumps(actions_to_json(actions), separators=(",", ":")).encode()
+        return Outcome(WorkerResult(task.task_id, worker=worker, response=body))
     ((key, blob),) = _signed(backend, [response_value(actions)])
     return Outcome(WorkerResult(task.task_id, response_key=key, worker=worker), (key, blob))
 

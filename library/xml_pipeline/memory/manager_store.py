@@ -1,0 +1,94 @@
+"""ManagerStore: the pump's AsyncStore on a ManagerBackend, with its appends group-committed.
+
+On the manager backend every operation is a round trip to the server process, and the appends of
+one context-buffer thread must reach it one after another (each is signed for the index it lands
+at). Made one by one from the io threads, a busy pump pays a thread hop, a pickled request, the
+server's dispatch and a reply per append, all of a thread's appends queued behind each other. Here
+every append issued while the previous batch is on its way waits for it and then leaves with the
+others in ONE server call (`ManagerBackend.buffer_append_many`), in the order the appends claimed
+their indices (so a thread's appends all land in that call), from one io thread hop.
+
+Nothing else changes: each append is still the server store's compare-and-append with its append
+id and temp items, and comes back as its own outcome or its own exception (a full thread fails only
+its append). A failed call (the server gone) fails every append of the batch with the backend's
+BackendUnavailable, after the one retry on a fresh connection that buffer_append_at also makes when
+every append carries an append id. Takes, deletes and every other call take the io threads as in
+ThreadedStore.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from .async_store import ThreadedStore
+from .manager import AppendCall, ManagerBackend
+from .protocol import Appended
+from .store_io import IoThreads
+
+if TYPE_CHECKING:
+    from .context_buffer import ContextBuffer, PreparedAppend, Temps
+    from .slots import BufferSlot
+
+__all__ = ["ManagerStore"]
+
+_Pending = tuple[AppendCall, "asyncio.Future[Appended]"]
+
+
+class ManagerStore(ThreadedStore):
+    """ThreadedStore whose appends leave in batches, one batch in flight at a time."""
+
+    def __init__(self, backend: ManagerBackend, io: IoThreads | int = 8) -> None:
+        super().__init__(backend, io)
+        self.manager = backend
+        self._batch: list[_Pending] = []
+        self._sending = False
+        #: Server calls made for appends, and the appends they carried (tests compare them).
+        self.calls = 0
+        self.appends = 0
+
+    async def append(self, buffer: ContextBuffer, prepared: PreparedAppend,
+                     items: Temps = ()) -> BufferSlot:
+        thread, append_id, max_slots = prepared.thread_id, prepared.append_id, buffer.max_slots_per_thread
+        first: list[int] = []
+
+        async def send(index: int, blob: bytes) -> Appended:
+            values = list(items(index) if callable(items) else items)  # values may name the slot's index
+            if not first:
+                first.append(index)
+            fut: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+            self._batch.append(((thread, blob, index, max_slots, append_id, values), fut))
+            if not self._sending:
+                self._sending = True
+                # At the end of this loop iteration: the appends of every step that runs in it join.
+                fut.get_loop().call_soon(self._send_batch)
+            return await fut
+
+        slot = await buffer.store_async(prepared, send)
+        if callable(items) and first and slot.index != first[0]:
+            # A repeat: the slot is the first append's, at another index than the values were made
+            # for. Values that name the slot's place are put again (as ContextBuffer.store does).
+            await self.io.run(self.manager.temp_put_many, list(items(slot.index)))
+        return slot
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        batch = [p for p in batch if not p[1].cancelled()]
+        if not batch:
+            self._sending = False
+            return
+        self.calls += 1
+        self.appends += len(batch)
+        call = asyncio.ensure_future(self.io.run(self.manager.buffer_append_many, [c for c, _ in batch]))
+        call.add_done_callback(lambda done: self._settle(batch, done))
+
+    def _settle(self, batch: list[_Pending], done: asyncio.Future[list[Any]]) -> None:
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        outcomes: list[Any] = [error] * len(batch) if error is not None else done.result()
+        for (_, fut), outcome in zip(batch, outcomes):
+            if fut.done():
+                continue
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(Appended(*outcome))
+        self._send_batch()  # the appends that came meanwhile, or nothing more to send

@@ -3,9 +3,7 @@ write and read, while slots pickled the dataclass default way (already stored) s
 from __future__ import annotations
 
 import base64
-import copyreg
 import pickle
-import pickletools
 from dataclasses import dataclass
 
 import pytest
@@ -40,30 +38,6 @@ def test_a_slot_pickles_to_a_buffer_slot_holding_an_equal_message() -> None:
     assert back == slot and back.payload == slot.payload and hash(back.payload) == hash(slot.payload)
     assert len(body) < len(DEFAULT_FORM)  # the flat form is also smaller (208 vs 375 bytes here)
     assert pickle.loads(pickle.dumps(slot.metadata)) == slot.metadata
-
-
-def test_a_slot_names_its_reconstructors_by_extension_code_and_the_named_form_still_loads() -> None:
-    """The reconstructors pickle as copyreg extension codes (no module or function name in the
-    bytes, nothing imported to unpickle); a slot written with their names loads all the same."""
-    slot = _slot()
-    body = pickle.dumps(slot, pickle.HIGHEST_PROTOCOL)
-    assert b"xml_pipeline" not in body and b"_slot" not in body and b"_rebuild" not in body
-    ops = [op.name for op, _arg, _pos in pickletools.genops(body)]
-    assert ops.count("EXT1") == 2  # the slot's and the message's reconstructor
-    # What the same slot pickled to before the codes: each reconstructor by module and name.
-    codes = {key: code for key, code in copyreg._extension_registry.items()  # type: ignore[attr-defined]
-             if key[0] in ("xml_pipeline.memory.slots", "xml_pipeline.message_bus.message")}
-    assert sorted(codes.values()) == [240, 241, 242]
-    for key, code in codes.items():
-        copyreg.remove_extension(*key, code)
-    try:
-        named = pickle.dumps(slot, pickle.HIGHEST_PROTOCOL)
-    finally:
-        for key, code in codes.items():
-            copyreg.add_extension(*key, code)
-    assert b"xml_pipeline.memory.slots" in named and b"_rebuild" in named
-    back = pickle.loads(named)
-    assert back == slot and type(back) is BufferSlot and type(back.payload) is Message
 
 
 def test_a_slot_pickled_the_dataclass_default_way_still_loads() -> None:

@@ -191,19 +191,6 @@ def _rebuild(sender: str, to: str, payload: str, thread: str | None, kind: str, 
     return m
 
 
-def _pickle_code(code: int) -> None:
-    """What memory.slots.pickle_code does, for Message (this module stays free of memory's imports)."""
-    try:
-        copyreg.add_extension(__name__, _rebuild.__qualname__, code)
-    except ValueError:  # the code is taken: pickles name _rebuild instead, and still load
-        pass
-
-
-# Every slot the pump stores holds a Message: its reconstructor pickles as a copyreg extension code
-# (see memory.slots: 240 and 241 are the slot's and its metadata's).
-_pickle_code(242)
-
-
 
 
 def _local(tag: str) -> tuple[str | None, str]:

@@ -94,21 +94,29 @@ class BufferSlot:
 def _metadata(thread_id: str, from_id: str, to_id: str, slot_index: int, timestamp: str, payload_type: str,
               own_name: str | None, is_self_call: bool, usage_instructions: str) -> SlotMetadata:
     """A SlotMetadata without the frozen dataclass __init__ (one object.__setattr__ per field)."""
-    meta = object.__new__(SlotMetadata)
-    meta.__dict__.update(thread_id=thread_id, from_id=from_id, to_id=to_id, slot_index=slot_index,
-                         timestamp=timestamp, payload_type=payload_type, own_name=own_name,
-                         is_self_call=is_self_call, usage_instructions=usage_instructions)
+    meta = _new(SlotMetadata)
+    meta.__dict__.update({"thread_id": thread_id, "from_id": from_id, "to_id": to_id, "slot_index": slot_index,
+                          "timestamp": timestamp, "payload_type": payload_type, "own_name": own_name,
+                          "is_self_call": is_self_call, "usage_instructions": usage_instructions})
     return meta
 
 
 def _slot(payload: Any, thread_id: str, from_id: str, to_id: str, slot_index: int, timestamp: str,
           payload_type: str, own_name: str | None, is_self_call: bool, usage_instructions: str) -> BufferSlot:
-    """A BufferSlot and its SlotMetadata from their fields (what a BufferSlot pickles to)."""
-    slot = object.__new__(BufferSlot)
-    slot.__dict__.update(payload=payload, metadata=_metadata(thread_id, from_id, to_id, slot_index, timestamp,
-                                                             payload_type, own_name, is_self_call, usage_instructions))
+    """A BufferSlot and its SlotMetadata from their fields (what a BufferSlot pickles to). Every
+    slot of every read is built here: a dict display and one update each, no keyword arguments."""
+    meta = _new(SlotMetadata)
+    meta.__dict__.update({"thread_id": thread_id, "from_id": from_id, "to_id": to_id, "slot_index": slot_index,
+                          "timestamp": timestamp, "payload_type": payload_type, "own_name": own_name,
+                          "is_self_call": is_self_call, "usage_instructions": usage_instructions})
+    slot = _new(BufferSlot)
+    fields = slot.__dict__
+    fields["payload"] = payload
+    fields["metadata"] = meta
     return slot
 
+
+_new = object.__new__
 
 #: For ContextBuffer: build a slot from trusted fields (the pickled form's constructor).
 make_slot = _slot

@@ -339,14 +339,15 @@ def _transaction(backend: RedisBackend, cmds: list[tuple[Any, ...]]) -> list[Any
     return _check_transaction(backend.send_commands(cmds))
 
 
-def _check_transaction(replies: list[Any]) -> list[Any]:
-    """EXEC's reply of a MULTI ... EXEC's replies; raise the first error."""
+def _check_transaction(replies: list[Any], what: str = "") -> list[Any]:
+    """EXEC's reply of a MULTI ... EXEC's replies; raise the first error (a refused command or
+    EXECABORT: nothing was applied)."""
     for r in replies:
         if isinstance(r, Exception):
             raise r
     exec_reply = replies[-1]
     if not isinstance(exec_reply, list):
-        raise ResponseError(f"MULTI/EXEC returned {exec_reply!r}")
+        raise ResponseError(f"MULTI/EXEC{' for ' + what if what else ''} returned {exec_reply!r}")
     for r in exec_reply:
         if isinstance(r, Exception):
             raise r

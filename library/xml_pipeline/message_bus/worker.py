@@ -25,6 +25,7 @@ from .streams import (
     SHARDED_IDLE_BLOCK_MS,
     WORKER_GROUP,
     Streams,
+    _check_transaction,
     _entries,
     _s,
     _xfields,
@@ -358,21 +359,8 @@ class DistributedWorker:
 
     def _transaction(self, what: str, cmds: list[tuple[Any, ...]]) -> bool:
         """MULTI `cmds` EXEC in one round trip; raise the first error. True (for _with_redis)."""
-        self._check_exec(what, self.backend.send_commands([("MULTI",), *cmds, ("EXEC",)]))
+        _check_transaction(self.backend.send_commands([("MULTI",), *cmds, ("EXEC",)]), what)
         return True
-
-    @staticmethod
-    def _check_exec(what: str, replies: list[Any]) -> None:
-        """Raise the first error of a MULTI ... EXEC's replies (EXEC's last)."""
-        for r in replies:
-            if isinstance(r, Exception):  # a refused command or EXECABORT: nothing was applied
-                raise r
-        exec_reply = replies[-1]
-        if not isinstance(exec_reply, list):
-            raise ResponseError(f"MULTI/EXEC for {what} returned {exec_reply!r}")
-        for r in exec_reply:
-            if isinstance(r, Exception):
-                raise r
 
     def _write_result(self, task: WorkerTask, outcome: Outcome) -> bool:
         """The response and the result, without a MULTI: the response's SET is in another slot and
@@ -405,7 +393,7 @@ class DistributedWorker:
                                                    "STREAMS", stream, ">")]
         # The read is best effort: once EXEC answered, the acknowledgement is done and not repeated.
         replies = self.backend.send_commands(cmds, best_effort_tail=1)
-        self._check_exec(f"task entry {entry_id}", replies[:-1])
+        _check_transaction(replies[:-1], f"task entry {entry_id}")
         read = replies[-1]
         got = None if isinstance(read, Exception) else self._first(bucket, read)
         if got is None:

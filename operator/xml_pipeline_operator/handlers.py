@@ -166,7 +166,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, kub
             tenant = Tenant(namespace=namespace, name=name, prefix=str(redis.get("prefix", "")),
                             username=_shared_username(namespace, name))
             try:
-                reconciler.admin.release_tenant(tenant)
+                # Under the Organism's lock: a pass that began before the deletion (a Deployment's
+                # event) finishes first, so it cannot put back a user this release has removed;
+                # passes after it see the deletionTimestamp and do nothing.
+                with reconciler.lock(namespace, name):
+                    reconciler.admin.release_tenant(tenant)
             except Exception as e:  # noqa: BLE001 -- any failure of the seam is retried, never lost
                 raise kopf.TemporaryError(f"releasing the shared-Redis tenant failed: {e}",
                                           delay=settings.retry_delay(retry)) from None

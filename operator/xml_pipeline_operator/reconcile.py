@@ -81,7 +81,7 @@ class Reconciler:
         return served
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
-        """Handlers of one Organism (change, timer, Deployment events) run one at a time."""
+        """Handlers of one Organism (change, timer, Deployment events, deletion) run one at a time."""
         with self._locks_guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
 

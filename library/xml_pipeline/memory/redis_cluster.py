@@ -193,7 +193,7 @@ class RedisClusterBackend(RedisBackend):
         try:
             reply = self._first_available(self._commands(script, keys, args), send)
             conn.send_command("WAIT", self._wait, redis_topology.wait_timeout_ms(self.config))
-            acked = int(conn.read_response())
+            acked = conn.read_response()
         except (MovedError, AskError):
             client.nodes_manager.initialize()  # the slot moved: the next attempt asks its new owner
             raise
@@ -202,9 +202,7 @@ class RedisClusterBackend(RedisBackend):
             raise
         finally:
             pool.release(conn)
-        if acked < self._wait:
-            raise RedisTimeoutError(f"WAIT: {acked} of {self._wait} replica(s) acknowledged the write "
-                                    f"within {redis_topology.wait_timeout_ms(self.config)} ms")
+        self._check_wait(acked)
         return reply
 
     def _write(self, script: LuaScript, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:

@@ -71,6 +71,18 @@ def _signer_for(config: BackendConfig) -> Signer:
     return signer
 
 
+def check_append_args(thread_id: str, slot: Any, max_slots: int | None, append_id: str | None) -> None:
+    """The append's arguments as the contract takes them (TypeError / ValueError naming the one
+    that is not)."""
+    check_tagged_id(thread_id, "thread_id")
+    if not isinstance(slot, (bytes, bytearray, memoryview)):
+        raise TypeError(f"slot must be bytes, got {type(slot).__name__}")
+    if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1):
+        raise ValueError(f"max_slots must be None or an integer >= 1, got {max_slots!r}")
+    if append_id is not None and not (isinstance(append_id, str) and append_id):
+        raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
+
+
 class RedisBackend(RedisIndex):
     """SharedBackend on Redis. Thread-safe; one connection pool per instance (per process)."""
 
@@ -186,20 +198,10 @@ class RedisBackend(RedisIndex):
     def _append_body(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
                      expected: int) -> Packed:
         """The packed KEYS and ARGV of the append script (after its EVALSHA head)."""
-        check_tagged_id(thread_id, "thread_id")
-        if not isinstance(slot, (bytes, bytearray, memoryview)):
-            raise TypeError(f"slot must be bytes, got {type(slot).__name__}")
-        if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int)
-                                      or max_slots < 1):
-            raise ValueError(f"max_slots must be None or an integer >= 1, got {max_slots!r}")
-        if append_id is None:
-            # One id per call (96 random bits, stored as raw bytes): every retry of this call carries
-            # it, so the server stores the slot once.
-            aid = os.urandom(12)
-        elif isinstance(append_id, str) and append_id:
-            aid = append_id.encode()
-        else:
-            raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
+        check_append_args(thread_id, slot, max_slots, append_id)
+        # Without an id, one per call (96 random bits, stored as raw bytes): every retry of this
+        # call carries it, so the server stores the slot once.
+        aid = os.urandom(12) if append_id is None else append_id.encode()
         tid = thread_id.encode()
         n = self._plen + len(tid)
         tail = self._append_tails.get(max_slots or 0)

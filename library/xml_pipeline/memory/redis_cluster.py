@@ -53,7 +53,7 @@ from . import redis_topology
 from .config import BackendConfig, compat_config, redact_url
 from .keys import ClusterKeys, check_tagged_id
 from .protocol import Appended
-from .redis_backend import RedisBackend, _signer_for
+from .redis_backend import RedisBackend, _signer_for, check_append_args
 from .redis_scripts import LuaScript
 from .signing import Signer
 from .redis_wire import Packed, tls_supported
@@ -253,14 +253,7 @@ class RedisClusterBackend(RedisBackend):
     def _append_call(self, thread_id: str, slot: bytes, max_slots: int | None, append_id: str | None,
                      expected: int) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         """The KEYS and ARGV of C_APPEND for these arguments (checked here)."""
-        check_tagged_id(thread_id, "thread_id")
-        if not isinstance(slot, (bytes, bytearray, memoryview)):
-            raise TypeError(f"slot must be bytes, got {type(slot).__name__}")
-        if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int)
-                                      or max_slots < 1):
-            raise ValueError(f"max_slots must be None or an integer >= 1, got {max_slots!r}")
-        if append_id is not None and not (isinstance(append_id, str) and append_id):
-            raise ValueError(f"append_id must be a non-empty string, got {append_id!r}")
+        check_append_args(thread_id, slot, max_slots, append_id)
         aid = append_id if append_id is not None else _random_id()
         keys = (self.keys.buffer(thread_id), self.keys.op(thread_id), self.keys.uuid(thread_id))
         return keys, (bytes(slot), aid, self._ttl, max_slots or 0, expected)

@@ -19,6 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from redis_server import server_binary  # noqa: E402
 
 
+#: The organism of the dispatch benchmarks (`% workers`): one cpu_bound listener whose handler burns
+#: the rounds its message asks for.
+CPU_ORGANISM = """
+organism: {name: bench}
+process_pool: {workers: %d, claim_idle_seconds: 30, heartbeat_seconds: 5}
+listeners:
+  - {name: work, handler: "xml_pipeline.examples.cpu:burn", cpu_bound: true}
+"""
+
+
 class BenchRedis:
     """A redis-server child process on a free loopback port, in its own temp dir, no persistence."""
 

@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from redis_cluster import LocalCluster, start_cluster  # noqa: E402
 
-from benchkit import cpu_seconds  # noqa: E402  (bench/ is the script directory)
+from benchkit import CPU_ORGANISM as ORGANISM, cpu_seconds  # noqa: E402  (bench/ is the script directory)
 from xml_pipeline import contract  # noqa: E402
 from xml_pipeline.memory import BackendConfig, get_shared_backend  # noqa: E402
 from xml_pipeline.message_bus.dispatcher import RedisDispatcher  # noqa: E402
@@ -55,12 +55,6 @@ from xml_pipeline.message_bus.worker_task import Outcome, WorkerResult, WorkerTa
 from xml_pipeline.organism import parse_organism  # noqa: E402
 
 SIGNING_KEY = secrets.token_hex(16)
-ORGANISM = """
-organism: {name: bench}
-process_pool: {workers: %d, claim_idle_seconds: 30, heartbeat_seconds: 5}
-listeners:
-  - {name: work, handler: "xml_pipeline.examples.cpu:burn", cpu_bound: true}
-"""
 FRAGMENT = '<work rounds="0">x</work>'
 
 

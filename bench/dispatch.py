@@ -48,15 +48,9 @@ from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump, run_messages
 from xml_pipeline.organism import parse_organism
 
-from benchkit import BenchRedis, cpu_seconds  # noqa: E402  (bench/ is the script directory)
+from benchkit import CPU_ORGANISM as ORGANISM, BenchRedis, cpu_seconds  # noqa: E402  (bench/ is the script directory)
 
 SIGNING_KEY = secrets.token_hex(16)
-ORGANISM = """
-organism: {name: bench}
-process_pool: {workers: %d, claim_idle_seconds: 30, heartbeat_seconds: 5}
-listeners:
-  - {name: work, handler: "xml_pipeline.examples.cpu:burn", cpu_bound: true}
-"""
 
 
 def payload(size: int, rounds: int) -> str:

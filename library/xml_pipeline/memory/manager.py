@@ -42,6 +42,7 @@ from typing import Any
 from ..errors import BackendError, BackendUnavailable, ConfigError
 from . import manager_server
 from .config import BackendConfig, compat_config
+from .manager_io import BufferedConnection
 from .manager_server import PROTOCOL, STORE_ID, Address, derive_manager_signer, tune_socket
 from .protocol import Appended
 from .signing import Signer
@@ -109,8 +110,9 @@ def _authkey_bytes(value: str | bytes) -> bytes:
 _CLOSE_LOCK = threading.Lock()
 
 
-class _Connection(mpc.Connection):
-    """A Connection whose fd is closed exactly once, whichever thread gets there first.
+class _Connection(BufferedConnection):
+    """A Connection whose fd is closed exactly once, whichever thread gets there first (and whose
+    messages skip the stdlib's copies of large slots, manager_io.py).
 
     close() may run in the owner's thread while another thread's connection is being finalized
     (CPython calls __del__ before it clears weak references, so the WeakSet in ManagerBackend can

@@ -39,6 +39,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..memory.async_store import use_from_one_thread
+from ..memory.manager_io import Receiver, send_obj
 from ..memory.protocol import SharedBackend
 from ..memory.store import AsyncStore
 from ..organism import Organism
@@ -86,16 +87,19 @@ def _worker_main(conn: Connection, backend: SharedBackend, name: str, log_level:
     # One task at a time in this thread: its Redis commands skip the connection pool.
     use_from_one_thread(backend)
     conn.send(("ready", os.getpid()))
+    # Tasks and results as Connection.send frames them, without its copies of a large message
+    # (memory/manager_io.py): a task's message is read into one buffer reused for every task.
+    fd, receiver = conn.fileno(), Receiver()
     while True:
         try:
-            task = conn.recv()
+            task = receiver.recv(fd)
         except (EOFError, OSError):
             break  # the pump went away
         if task is None:
             break
         result = execute_task(backend, task, worker=name)
         try:
-            conn.send_bytes(pickle.dumps(result, pickle.HIGHEST_PROTOCOL))  # recv() reads it as send() would
+            send_obj(fd, result, pickle.Pickler, pickle.HIGHEST_PROTOCOL)
         except (BrokenPipeError, OSError):
             break
     try:
@@ -116,6 +120,8 @@ class _Worker:
     tasks: collections.deque[tuple[WorkerTask, asyncio.Future[WorkerResult]]] = field(
         default_factory=collections.deque)
     started: float = field(default_factory=time.monotonic)
+    #: Reads the worker's results from `conn` (manager_io.Receiver).
+    receiver: Receiver = field(default_factory=Receiver)
 
     @property
     def name(self) -> str:
@@ -202,9 +208,9 @@ class LocalWorkerPool:
                 if fut.cancelled():
                     return
                 try:
-                    # pickle.dumps, not Connection.send's ForkingPickler (a Pickler and a BytesIO per
-                    # call): a task is plain data.
-                    w.conn.send_bytes(pickle.dumps(task, pickle.HIGHEST_PROTOCOL))
+                    # A plain Pickler, not Connection.send's ForkingPickler: a task is plain data.
+                    # Its message's text is written from the pickler's own object, not copied.
+                    send_obj(w.conn.fileno(), task, pickle.Pickler, pickle.HIGHEST_PROTOCOL)
                 except OSError:
                     self._pending.appendleft((task, fut))
                     self._on_death(w)
@@ -213,7 +219,7 @@ class LocalWorkerPool:
 
     def _on_readable(self, w: _Worker) -> None:
         try:
-            msg = w.conn.recv()
+            msg = w.receiver.recv(w.conn.fileno())
         except (EOFError, OSError):
             self._on_death(w)
             return
@@ -240,7 +246,7 @@ class LocalWorkerPool:
         # died on is the oldest one left.
         try:
             while w.tasks and w.conn.poll(0):
-                self._receive(w, w.conn.recv())
+                self._receive(w, w.receiver.recv(w.conn.fileno()))
         except (EOFError, OSError):
             pass
         w.dead = True

@@ -257,6 +257,28 @@ def test_a_reused_append_id_with_a_different_slot_is_refused(any_backend: Shared
     assert any_backend.buffer_thread_len("raw") == 1
 
 
+def test_a_large_slot_signed_again_for_another_index_and_retried(any_backend: SharedBackend) -> None:
+    """A large slot is kept once, inside its envelope: signed for a stale index, then for the real
+    one (another writer's slot landed first), then sent again under its append id, it is stored
+    once, verifies where it lies, and reads back whole."""
+    big = "x" * (200 * 1024) + "end"
+    mine, other = ContextBuffer(any_backend), ContextBuffer(any_backend)
+    mine.append("t", "first", "a", "b")
+    other.append("t", "overtakes", "a", "b")  # `mine` still expects index 1
+    prepared = mine.prepare("t", big, "a", "b", append_id="big-1")
+    pickled = bytes(prepared.body)
+    stale = prepared.blob(1)
+    assert isinstance(prepared.body, memoryview) and bytes(prepared.body) == pickled
+    slot = mine.store(prepared)  # refused at 1 ("moved"), signed again for 2
+    assert slot.index == 2 and slot.payload == big
+    assert bytes(prepared.body) == pickled and prepared.blob(2) != stale
+    assert mine.store(prepared).index == 2  # a retry: the stored slot, compared with the view
+    assert [s.payload for s in ContextBuffer(any_backend).get_thread_slots("t")] == ["first", "overtakes", big]
+    with pytest.raises(SlotIntegrityError):
+        # The envelope signed for index 1 does not verify at 2.
+        any_backend.signer.place(getattr(any_backend, "slot_namespace", ""), "t").open(stale, 2)
+
+
 def test_writers_with_stale_expected_indexes_still_land_in_order(any_backend: SharedBackend) -> None:
     """Two buffers (two processes' views) alternate: each append first tries the index its buffer
     last saw, is told the real length, signs again, and lands there."""

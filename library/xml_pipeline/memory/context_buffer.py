@@ -60,6 +60,9 @@ EXPECTED_INDEX_CACHE = 4096
 APPEND_LOCK_STRIPES = 64
 
 
+#: A pickled slot longer than this is kept once, inside its signed envelope, not also on its own.
+SHARED_BODY_MIN = 64 * 1024
+
 #: Temp values to store with an append: (key, signed value) pairs, or a function of the index the
 #: slot is signed for that returns them (a value that refers to the slot by its place).
 Temps = Sequence[tuple[str, bytes]] | Callable[[int], Sequence[tuple[str, bytes]]]
@@ -73,7 +76,8 @@ class PreparedAppend:
     def __init__(self, slot: BufferSlot, body: bytes, append_id: str | None, place: SlotPlace) -> None:
         self.thread_id = slot.metadata.thread_id
         self.slot = slot
-        self.body = body
+        #: The pickled slot: bytes, or for a large one, once signed, a view of the envelope's body.
+        self.body: bytes | memoryview = body
         self.append_id = append_id
         self._aid = append_id.encode() if append_id else b""
         self._place = place
@@ -83,7 +87,14 @@ class PreparedAppend:
         """The signed envelope of this slot at `index` of its thread."""
         signed = self._signed
         if signed is None or signed[0] != index:
-            signed = self._signed = (index, self._place.sign(index, self._aid, self.body))
+            body = self.body
+            blob = self._place.sign(index, self._aid, body)
+            if len(body) >= SHARED_BODY_MIN:
+                # The envelope holds the body: one copy of a large slot stays alive while the append
+                # is in flight, not two (a pump with many 1 MiB messages in flight touches half the
+                # fresh memory, and page faults were most of the cost of a large append).
+                self.body = memoryview(blob)[len(blob) - len(body):]
+            signed = self._signed = (index, blob)
         return signed[1]
 
 

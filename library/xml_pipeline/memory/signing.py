@@ -207,7 +207,7 @@ class SlotPlace:
             state = self._states[kid] = (inner, pads[1])
         return state
 
-    def sign(self, index: int, append_id: bytes, body: bytes) -> bytes:
+    def sign(self, index: int, append_id: bytes, body: bytes | memoryview) -> bytes:
         if len(append_id) > MAX_APPEND_ID:
             raise ValueError(f"an append id is at most {MAX_APPEND_ID} bytes, got {len(append_id)}")
         kid = self._signer._sign_id  # noqa: SLF001

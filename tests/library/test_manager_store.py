@@ -17,7 +17,7 @@ from xml_pipeline.errors import BackendUnavailable, ThreadFullError
 from xml_pipeline.memory import BackendConfig, ManagerBackend
 from xml_pipeline.memory.async_store import open_store
 from xml_pipeline.memory.context_buffer import ContextBuffer
-from xml_pipeline.memory.manager_store import ManagerStore
+from xml_pipeline.memory.manager_store import BATCH_BYTES, ManagerStore
 
 SIGNING_KEY = "manager-store-tests-signing-key-0123456789"
 
@@ -107,3 +107,22 @@ async def test_a_server_that_is_gone_fails_every_waiting_append(manager: Manager
     finally:
         store.close()
     assert all(isinstance(o, BackendUnavailable) for o in outcomes), outcomes
+
+
+async def test_large_slots_leave_in_calls_of_a_few_mib_in_order(manager: ManagerBackend) -> None:
+    store = open_store(manager)
+    assert isinstance(store, ManagerStore)
+    buffer = ContextBuffer(manager)
+    thread = tid()
+    big = 3 << 19  # 1.5 MiB: two fit under BATCH_BYTES, a third does not
+    assert 2 * big < BATCH_BYTES < 3 * big
+    try:
+        slots = await asyncio.gather(*(store.append(buffer, buffer.prepare(thread, f"{i}" * big, "console", "echo",
+                                                                           append_id=f"b{i}")) for i in range(6)))
+    finally:
+        store.close()
+    assert [s.index for s in slots] == list(range(6))
+    assert [s.payload[0] for s in buffer.get_thread_slots(thread)] == [f"{i}" for i in range(6)]
+    # Three calls of two slots each, not one call of 9 MiB (a small append joins the others at once:
+    # the first test).
+    assert store.appends == 6 and store.calls == 3

@@ -33,6 +33,11 @@ __all__ = ["ManagerStore"]
 
 _Pending = tuple[AppendCall, "asyncio.Future[Appended]"]
 
+#: The slots of one server call add up to at most this many bytes (a larger slot goes alone): the
+#: server reads a request into a buffer it keeps (manager_io.KEEP_BUFFER), and a request larger
+#: than that is read into fresh memory, page by page. Beyond a few MiB, grouping saves nothing.
+BATCH_BYTES = 4 << 20
+
 
 class ManagerStore(ThreadedStore):
     """ThreadedStore whose appends leave in batches, one batch in flight at a time."""
@@ -71,8 +76,14 @@ class ManagerStore(ThreadedStore):
         return slot
 
     def _send_batch(self) -> None:
-        batch, self._batch = self._batch, []
-        batch = [p for p in batch if not p[1].cancelled()]
+        waiting = [p for p in self._batch if not p[1].cancelled()]
+        size, cut = 0, len(waiting)
+        for i, (call, _fut) in enumerate(waiting):
+            size += len(call[1])
+            if size > BATCH_BYTES and i:
+                cut = i
+                break
+        batch, self._batch = waiting[:cut], waiting[cut:]  # the rest leaves when this call is answered
         if not batch:
             self._sending = False
             return

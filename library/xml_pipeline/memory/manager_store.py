@@ -78,8 +78,8 @@ class ManagerStore(ThreadedStore):
     def _send_batch(self) -> None:
         waiting = [p for p in self._batch if not p[1].cancelled()]
         size, cut = 0, len(waiting)
-        for i, (call, _fut) in enumerate(waiting):
-            size += len(call[1])
+        for i, pending in enumerate(waiting):
+            size += len(pending[0][1])
             if size > BATCH_BYTES and i:
                 cut = i
                 break

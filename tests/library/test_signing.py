@@ -120,3 +120,37 @@ def test_forged_slot_in_a_backend_is_refused(any_backend: SharedBackend, tmp_pat
         buffer.get_slot("victim", 1)
     assert buffer.get_slot("victim", 0).payload == "a genuine slot"  # type: ignore[union-attr]
     assert not marker.exists()
+
+
+def test_a_thread_read_whole_checks_each_slot_where_it_lies() -> None:
+    """SlotPlace.bodies: the read of a whole thread. Slots of a rotated key ring, slots given as
+    bytearray or memoryview and slots with long append ids all verify; a slot moved, forged, cut
+    short or of an unknown key fails, naming its index, and nothing after it is returned."""
+    old = Signer((OLD_KEY.encode(),))
+    ring = Signer((NEW_KEY.encode(), OLD_KEY.encode()))
+    before, after = old.place("ns", "t"), ring.place("ns", "t")
+    bodies = [b"slot %d" % i * (i + 1) for i in range(8)]
+    blobs: list[object] = [(before if i < 3 else after).sign(i, b"a" * (i * 30), body)
+                           for i, body in enumerate(bodies)]
+    blobs[4] = bytearray(blobs[4])  # type: ignore[arg-type]
+    blobs[5] = memoryview(blobs[5])  # type: ignore[arg-type]
+    reader = ring.place("ns", "t")
+    assert reader.bodies(blobs) == bodies  # type: ignore[arg-type]
+    assert reader.bodies(blobs) == bodies  # type: ignore[arg-type]  # a second read, every key known now
+
+    def fails(broken: object, index: int, why: str) -> None:
+        with pytest.raises(SlotIntegrityError, match=f"thread 't' slot {index}: .*{why}"):
+            reader.bodies([*blobs[:index], broken, *blobs[index + 1:]])  # type: ignore[arg-type]
+
+    fails(blobs[2], 6, "does not match here")  # a genuine slot moved to another index
+    fails(ring.place("ns", "other").sign(6, b"", bodies[6]), 6, "does not match here")  # another thread's
+    flipped = bytearray(blobs[7])  # type: ignore[arg-type]
+    flipped[-1] ^= 1
+    fails(bytes(flipped), 7, "does not match here")
+    fails(bytes(blobs[3])[:OVERHEAD - 1], 3, "truncated or foreign")  # type: ignore[arg-type]
+    fails(Signer((b"another-key-0123456789abcdef",)).place("ns", "t").sign(1, b"", b"x"), 1,
+          "key this process does not know")
+    # A head that claims a long append id the blob does not hold: the MAC fails before the length does.
+    cut = bytearray(blobs[0])  # type: ignore[arg-type]
+    cut[OVERHEAD - 1] = 200
+    fails(bytes(cut), 0, "does not match here")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from xml_pipeline.errors import BackendError
 from xml_pipeline.memory import InMemoryBackend
 from xml_pipeline.memory.context_buffer import ContextBuffer
 from xml_pipeline.memory.slots import BufferSlot, SlotMetadata
@@ -83,3 +84,26 @@ def test_subclasses_keep_their_type_and_fields_through_pickle() -> None:
     back = pickle.loads(pickle.dumps(slot, pickle.HIGHEST_PROTOCOL))
     assert back == slot and type(back.metadata) is _TaggedMetadata and back.metadata.tag == "m"
     assert type(back.payload) is _TaggedMessage and back.payload.tag == "p"
+
+
+def test_a_thread_read_whole_takes_subclasses_and_names_what_is_not_a_slot_of_it() -> None:
+    """ContextBuffer.get_thread_slots: a signed slot whose metadata is a subclass reads back (with its
+    index set); a signed body that is no BufferSlot, or another thread's slot signed for this place,
+    raises BackendError naming the slot."""
+    backend = InMemoryBackend()
+    buffer = ContextBuffer(backend)
+    place = backend.signer.place(backend.slot_namespace, "t1")
+    tagged = BufferSlot(payload="p", metadata=_TaggedMetadata("t1", "a", "b", -1, "ts", "str", tag="m"))
+    backend.buffer_append_at("t1", place.sign(0, b"", pickle.dumps(tagged, 5)), 0)
+    buffer.append("t1", "plain", "a", "b")
+    first, second = buffer.get_thread_slots("t1")
+    assert type(first.metadata) is _TaggedMetadata and first.metadata.tag == "m" and first.index == 0
+    assert second.payload == "plain" and second.index == 1 and type(second.metadata) is SlotMetadata
+    for index, body in ((2, pickle.dumps("not a slot", 5)),
+                        (2, pickle.dumps(BufferSlot("x", SlotMetadata("t2", "a", "b", -1, "ts", "str")), 5))):
+        bad = InMemoryBackend(signer=backend.signer)
+        for blob in backend.buffer_get_thread("t1"):
+            bad.buffer_append("t1", blob)
+        bad.buffer_append("t1", place.sign(index, b"", body))
+        with pytest.raises(BackendError, match="thread 't1' slot 2 holds a (str|BufferSlot), not a BufferSlot of this thread"):
+            ContextBuffer(bad).get_thread_slots("t1")

@@ -372,14 +372,20 @@ class ContextBuffer:
         """All slots of a thread, in order ([] for an unknown thread)."""
         blobs = self._backend.buffer_get_thread(thread_id)
         slots: list[BufferSlot] = []
+        append, loads = slots.append, pickle.loads
         for index, body in enumerate(self._place(thread_id).bodies(blobs)):  # every slot verified first
-            slot = unpickle(body)
-            meta = getattr(slot, "metadata", None)
-            if type(slot) is not BufferSlot or type(meta) is not SlotMetadata or meta.thread_id != thread_id:
+            try:
+                slot = loads(body)
+                fields = slot.metadata.__dict__
+                ok = type(slot) is BufferSlot and type(slot.metadata) is SlotMetadata and fields["thread_id"] == thread_id
+            except Exception:  # noqa: BLE001 - said precisely by _unpickle below
+                ok = False
+            if not ok:
                 slot = self._unpickle(body, thread_id, index)  # raises, saying what it holds
+                fields = slot.metadata.__dict__
             # A freshly unpickled slot nobody else holds: its position is set in place.
-            slot.metadata.__dict__["slot_index"] = index
-            slots.append(slot)
+            fields["slot_index"] = index
+            append(slot)
         self._remember(thread_id, len(slots))
         return slots
 

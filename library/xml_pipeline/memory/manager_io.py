@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import struct
 from collections.abc import Callable
 from multiprocessing import connection as mpc
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-__all__ = ["BufferedConnection", "KEEP_BUFFER", "Receiver", "send_obj"]
+__all__ = ["BufferedConnection", "KEEP_BUFFER", "Receiver", "frame", "send_obj", "send_some", "write_all"]
 
 _LEN = struct.Struct("!i")
 _LEN64 = struct.Struct("!Q")
@@ -54,30 +55,48 @@ class _Parts:
         return n
 
 
-def send_obj(fd: int, obj: object, pickler: Callable[..., Any] = ForkingPickler, protocol: int | None = None) -> None:
-    """Send `obj` on `fd` as `Connection.send` would (pickled by `pickler(file, protocol)`)."""
+def frame(obj: object, pickler: Callable[..., Any] = ForkingPickler, protocol: int | None = None) -> list[Any]:
+    """`obj` as `Connection.send` frames it (pickled by `pickler(file, protocol)`), as a list of
+    parts: the length, then what the pickler wrote (large payloads as their own objects)."""
     out = _Parts()
     pickler(out, protocol).dump(obj)
     n = out.size
     head = _LEN.pack(n) if n <= _MAX32 else _LEN.pack(-1) + _LEN64.pack(n)
-    write_all(fd, [head, *out.parts])
+    return [head, *out.parts]
+
+
+def send_obj(fd: int, obj: object, pickler: Callable[..., Any] = ForkingPickler, protocol: int | None = None) -> None:
+    """Send `obj` on `fd` as `Connection.send` would (pickled by `pickler(file, protocol)`)."""
+    write_all(fd, frame(obj, pickler, protocol))
 
 
 def write_all(fd: int, parts: list[Any]) -> None:
     """os.writev until every byte of `parts` is written (a socket takes what its buffer holds)."""
-    views: list[Any] = parts
-    while views:
-        done = os.writev(fd, views[:_IOV_MAX])
-        rest: list[Any] = []
-        for i, part in enumerate(views):
-            n = len(part) if type(part) is bytes else memoryview(part).nbytes
-            if done >= n:
-                done -= n
-                continue
-            rest.append(memoryview(part).cast("B")[done:] if done else part)
-            rest.extend(views[i + 1:])
-            break
-        views = rest
+    while parts:
+        parts = _after(parts, os.writev(fd, parts[:_IOV_MAX]))
+
+
+def send_some(sock: socket.socket, parts: list[Any]) -> list[Any]:
+    """Send what `sock` takes of `parts` now, without waiting; the rest (views of what was cut).
+    MSG_DONTWAIT makes this one call non-blocking, whatever the socket's mode (a blocking reader of
+    the same socket stays blocking)."""
+    while parts:
+        try:
+            sent = sock.sendmsg(parts[:_IOV_MAX], (), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return parts
+        parts = _after(parts, sent)
+    return parts
+
+
+def _after(parts: list[Any], done: int) -> list[Any]:
+    """`parts` without their first `done` bytes."""
+    for i, part in enumerate(parts):
+        n = len(part) if type(part) is bytes else memoryview(part).nbytes
+        if done < n:
+            return [memoryview(part).cast("B")[done:] if done else part, *parts[i + 1:]]
+        done -= n
+    return []
 
 
 class Receiver:

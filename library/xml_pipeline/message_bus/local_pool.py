@@ -16,7 +16,10 @@ the backend by pickling (a ManagerBackend reconnects by address and authkey, a R
 its own pool) and imports handlers by reference. No state is inherited by forking a threaded parent.
 
 Event-driven, no polling: the pump's event loop watches each worker's pipe and process sentinel
-(`loop.add_reader`), so a result or a death wakes it at once.
+(`loop.add_reader`), so a result or a death wakes it at once. A task is written without waiting:
+what the pipe does not take at once (a large message is far bigger than its buffer) is written as
+the worker reads it (`loop.add_writer`), so the loop goes on with other messages meanwhile instead
+of blocking in the write until the worker has read the whole task.
 
 `ThreadWorkerPool` is the same interface for the single-process memory backend, whose data other
 processes cannot see: cpu_bound handlers then run in threads of the pump process (said in a log
@@ -33,13 +36,14 @@ import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..memory.async_store import use_from_one_thread
-from ..memory.manager_io import Receiver, send_obj
+from ..memory.manager_io import Receiver, frame, send_obj, send_some
 from ..memory.protocol import SharedBackend
 from ..memory.store import AsyncStore
 from ..organism import Organism
@@ -55,8 +59,8 @@ MAX_BOOT_FAILURES = 3
 #: Tasks sent to one worker before it answered: the one it runs and the next, waiting on its pipe.
 PREFETCH = 2
 #: A task whose message is longer (characters) waits for an idle worker instead of queueing on a
-#: busy one's pipe: the pipe's buffer would not hold it, and the pump's event loop would block in
-#: the write until that worker has finished its current task and reads.
+#: busy one's pipe: the pipe's buffer would not hold it, so it would wait in the pump behind that
+#: worker's running task while another worker may be free first.
 PREFETCH_MAX_PAYLOAD = 16 * 1024
 
 
@@ -122,6 +126,10 @@ class _Worker:
     started: float = field(default_factory=time.monotonic)
     #: Reads the worker's results from `conn` (manager_io.Receiver).
     receiver: Receiver = field(default_factory=Receiver)
+    #: The same socket as `conn` (a dup), for writes that never wait (manager_io.send_some).
+    sock: socket.socket | None = None
+    #: What the pipe has not taken yet of the tasks sent, in order (written when it is writable).
+    out: list[Any] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -176,7 +184,8 @@ class LocalWorkerPool:
                                  daemon=True)
         proc.start()
         child.close()
-        w = _Worker(index=index, process=proc, conn=parent)
+        w = _Worker(index=index, process=proc, conn=parent,
+                    sock=socket.socket(fileno=os.dup(parent.fileno())))
         self._workers.append(w)
         self._loop.add_reader(parent.fileno(), self._on_readable, w)
         self._loop.add_reader(proc.sentinel, self._on_exit, w)
@@ -208,14 +217,46 @@ class LocalWorkerPool:
                 if fut.cancelled():
                     return
                 try:
-                    # A plain Pickler, not Connection.send's ForkingPickler: a task is plain data.
-                    # Its message's text is written from the pickler's own object, not copied.
-                    send_obj(w.conn.fileno(), task, pickle.Pickler, pickle.HIGHEST_PROTOCOL)
+                    self._send(w, task)
                 except OSError:
                     self._pending.appendleft((task, fut))
                     self._on_death(w)
                     continue
                 w.tasks.append((task, fut))
+
+    def _send(self, w: _Worker, task: WorkerTask) -> None:
+        """Write `task` to the worker's pipe without waiting: what the pipe does not take now is
+        written by `_on_writable` as the worker reads, before any later task (order is kept)."""
+        # A plain Pickler, not Connection.send's ForkingPickler: a task is plain data. Its message's
+        # text is written from the pickler's own object, not copied into a buffer first.
+        parts = frame(task, pickle.Pickler, pickle.HIGHEST_PROTOCOL)
+        if w.out:
+            w.out.extend(parts)
+            return
+        assert w.sock is not None and self._loop is not None
+        w.out = send_some(w.sock, parts)
+        if w.out:
+            self._loop.add_writer(w.sock.fileno(), self._on_writable, w)
+
+    def _on_writable(self, w: _Worker) -> None:
+        assert w.sock is not None and self._loop is not None
+        try:
+            w.out = send_some(w.sock, w.out)
+        except OSError:
+            self._on_death(w)
+            return
+        if not w.out:
+            self._loop.remove_writer(w.sock.fileno())
+
+    def _stop_writing(self, w: _Worker) -> None:
+        """Forget what the worker's pipe has not taken, and close the socket used to write it."""
+        if w.sock is None:
+            return
+        if w.out and self._loop is not None:
+            self._loop.remove_writer(w.sock.fileno())
+            w.out = []
+        w.sock.close()
+        w.sock = None
 
     def _on_readable(self, w: _Worker) -> None:
         try:
@@ -251,6 +292,7 @@ class LocalWorkerPool:
             pass
         w.dead = True
         assert self._loop is not None
+        self._stop_writing(w)
         self._loop.remove_reader(w.conn.fileno())
         self._loop.remove_reader(w.process.sentinel)
         w.process.join(timeout=1)
@@ -311,9 +353,14 @@ class LocalWorkerPool:
             self._loop.remove_reader(w.conn.fileno())
             self._loop.remove_reader(w.process.sentinel)
             try:
-                w.conn.send(None)
+                if w.out:  # a task the worker has not read whole: end its input, it stops at EOF
+                    assert w.sock is not None
+                    w.sock.shutdown(socket.SHUT_WR)
+                else:
+                    w.conn.send(None)
             except OSError:
                 pass
+            self._stop_writing(w)
         await self._loop.run_in_executor(None, _join_all, [w.process for w in workers], 5.0)
         for w in workers:
             for task, fut in w.tasks:

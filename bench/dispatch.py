@@ -3,11 +3,11 @@
     .venv/bin/python bench/dispatch.py [--workers 2] [--rounds 3] [--quick]
 
 A round trip is the whole path of one cpu_bound message: the StreamPump takes a message from
-outside, registers its thread, appends it to the ContextBuffer, stores payload + metadata in the
-backend's temp key space (signed; a payload over 64 KiB as a signed reference to its slot, which the
-worker reads instead of a copy), hands a WorkerTask to a worker process, the worker fetches and
-verifies both, runs the handler, stores the response; the pump fetches it, deletes the temp keys,
-routes the reply and appends it to the ContextBuffer. Every message in flight at once (a window of
+outside, registers its thread, appends it to the ContextBuffer, hands a WorkerTask carrying the
+message to a worker process (over a local worker's own pipe; to a worker pod sealed — signed for the
+task — in the tasks stream entry, a payload over 64 KiB as a sealed reference to its slot, which the
+worker reads instead of a copy), the worker runs the handler and answers with the response (over
+the pipe; sealed in its result entry); the pump routes the reply and appends it to the ContextBuffer. Every message in flight at once (a window of
 256), so the figure is throughput.
 
 Paths measured (each with `--workers` worker processes):

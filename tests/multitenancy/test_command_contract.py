@@ -25,7 +25,7 @@ from redis_server import RedisServer
 from xml_pipeline import contract
 from xml_pipeline.memory import BackendConfig
 from xml_pipeline.memory.redis_backend import RedisBackend
-from xml_pipeline.message_bus import ingress, streams as stream_mod, worker as worker_mod
+from xml_pipeline.message_bus import ingress, streams as stream_mod, worker as worker_mod, worker_task
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline_operator.tenancy import acl, functions
 
@@ -181,6 +181,18 @@ def test_the_declared_commands_are_exactly_the_ones_the_library_sends(private_re
             streams.client.xclaim(streams.tasks, stream_mod.WORKER_GROUP, "gone-worker", 0, [entry])
             assert worker_mod.release_consumer(b, "gone-worker", max_attempts=5) == (1, 0)
             _wait_for(lambda: not pending(), 30, "the released task to finish")
+            # A task in the temp-key form (what a pump of an earlier release sends): the worker
+            # fetches its inputs (MGET) and stores the response under a temp key (SET).
+            pk, mk = worker_task.store_inputs(b, Message("console", "primes", '<count below="50"/>', thread="t"))
+            reply_to = streams.results("earlier-pump")
+            streams.client.xadd(streams.tasks, worker_task.WorkerTask(  # type: ignore[arg-type]
+                "old-form", "primes", "xml_pipeline.examples.cpu:count_primes", pk, mk, reply_to=reply_to).to_fields())
+            _wait_for(lambda: streams.client.xrange(reply_to), 30, "the temp-key task's result")
+            ((_, fields),) = streams.client.xrange(reply_to)
+            result = worker_task.WorkerResult.from_fields(fields)
+            assert result.ok and result.response_key is not None, result
+            (answer,) = worker_task.take_response(b, result.response_key, [pk, mk])
+            assert 'count="15"' in answer.payload, answer
     finally:
         for role, p in (("worker", worker), ("pump", pump)):
             errors[role] = _stop(p)

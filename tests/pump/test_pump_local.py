@@ -15,6 +15,7 @@ from xml_pipeline.errors import SlotIntegrityError
 from xml_pipeline.memory import BackendConfig, InMemoryBackend, ManagerBackend, create_backend
 from xml_pipeline.memory.signing import Signer
 from xml_pipeline.message_bus.local_pool import PREFETCH, LocalWorkerPool, ThreadWorkerPool
+from xml_pipeline.message_bus.actions import Reply
 from xml_pipeline.message_bus.message import Message
 from xml_pipeline.message_bus.stream_pump import StreamPump
 from xml_pipeline.message_bus.worker_task import (
@@ -24,6 +25,7 @@ from xml_pipeline.message_bus.worker_task import (
     execute_task,
     load_inputs,
     store_inputs,
+    take_response,
 )
 from xml_pipeline.organism import Organism, parse_organism
 
@@ -194,35 +196,26 @@ def test_forged_or_swapped_temp_values_raise_slot_integrity_error(manager: Manag
     manager.temp_delete(pk, mk, pk2, mk2)
 
 
-class InputsThroughTheBackend(LocalWorkerPool):
-    """Worker processes that read their inputs from the temp key space, as worker pods do."""
-
-    carries_messages = False
-
-
-async def test_temp_keys_are_not_threads_carry_the_ttl_and_are_cleaned_up(redis_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_temp_keys_are_not_threads_carry_the_ttl_and_are_cleaned_up(redis_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    """The temp-key form of the data flow (what a worker answers for a task whose inputs a caller
+    stored): inputs and response carry the backend's TTL, are not threads, and are gone once taken."""
     config = BackendConfig(backend_type="redis", redis_url=redis_server.url, redis_prefix=prefix,
                            redis_ttl=300, signing_key=SIGNING_KEY)
     backend = create_backend(config)
     client = redis_server.client()
-    pool = InputsThroughTheBackend(backend, workers=1)
-    async with StreamPump(make_organism("tmpkeys", backend="redis"), backend, dispatcher=pool) as pump:
-        job = asyncio.create_task(pump.request(ask("slow", '<s seconds="1.5"/>'), timeout=60))
-        tmp_keys: list[bytes] = []
-        for _ in range(200):  # wait until the task's temp keys exist (no timing assumptions)
-            tmp_keys = list(client.scan_iter(match=f"{prefix}tmp:*"))
-            if tmp_keys:
-                break
-            await asyncio.sleep(0.02)
-        assert len(tmp_keys) >= 2  # payload + metadata
-        assert all(0 < client.ttl(k) <= 300 for k in tmp_keys)
-        threads = backend.buffer_list_threads()
-        assert threads and not any("tmp" in t for t in threads)
-        info = backend.info()
-        assert info["buffer_threads"] == len(threads) == 1
-        assert info["registry_entries"] == len(backend.registry_list_all())
-        (out,) = await job
-    assert out.kind == "response"
+    msg = Message("console", "echo", "<e/>", thread="t1")
+    backend.buffer_append("t1", b"not a temp value")
+    pk, mk = store_inputs(backend, msg)
+    result = execute_task(backend, WorkerTask("task1", "echo", "xp_test_handlers:echo", pk, mk), worker="w")
+    assert result.ok and result.response_key is not None
+    tmp_keys = list(client.scan_iter(match=f"{prefix}tmp:*"))
+    assert len(tmp_keys) == 3  # payload, metadata, response
+    assert all(0 < client.ttl(k) <= 300 for k in tmp_keys)
+    assert backend.buffer_list_threads() == ["t1"]
+    info = backend.info()
+    assert info["buffer_threads"] == 1 and info["registry_entries"] == len(backend.registry_list_all())
+    (action,) = take_response(backend, result.response_key, [pk, mk])
+    assert isinstance(action, Reply) and 'size="4"' in action.payload
     assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
     assert all(client.ttl(k) > 0 for k in client.scan_iter(match=f"{prefix}*"))
     backend.close()

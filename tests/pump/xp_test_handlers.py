@@ -27,6 +27,12 @@ def echo(message: Message) -> str:
     return f'<echo pid="{os.getpid()}" size="{len(message.payload)}" tag="{_attr(message, "tag")}"/>'
 
 
+def mirror(message: Message) -> str:
+    """Reply with the payload itself (a response as large as the request)."""
+    _mark(message)
+    return message.payload
+
+
 async def async_echo(message: Message) -> str:
     return f'<echo pid="{os.getpid()}" async="yes"/>'
 

@@ -1,6 +1,10 @@
 """The pump's side of distributed mode: WorkerTasks out to the tasks stream, WorkerResults in from
 the pump's own results stream (streams.py describes the streams and how a task stays safe).
 
+A task goes out with its message sealed in the entry and its result comes back with the response
+sealed in it (task_seal.py): the dispatcher seals and opens them, so the pump hands it the message
+and gets the response's JSON back, as from a local pool.
+
 Both directions go through the dispatcher's StreamStore (memory/store.py): on a pipe-capable URL a
 RedisPipe in the event loop (group commit), otherwise the io threads; the dispatcher has one submit
 path and one read loop either way."""
@@ -15,13 +19,22 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, SlotIntegrityError
 from ..memory.async_store import RedisStore, open_stream_store
 from ..memory.redis_cluster_route import SlotMoving
-from ..memory.store import AsyncStore, StreamStore
+from ..memory.store import INLINE_MAX_BYTES, AsyncStore, StreamStore
 from .retry import Backoff
 from .streams import WAKE_MAXLEN, WORKER_GROUP, Streams, _check_transaction, _entries, _s, consumer_name
-from .worker_task import BACKEND_ERROR, TASK_DEADLINE, WORKER_DIED, WorkerResult, WorkerTask
+from .task_seal import namespace_of, open_response_body, seal_input
+from .worker_task import (
+    BACKEND_ERROR,
+    INTEGRITY_ERROR,
+    MISSING_DATA,
+    TASK_DEADLINE,
+    WORKER_DIED,
+    WorkerResult,
+    WorkerTask,
+)
 
 if TYPE_CHECKING:
     from ..memory.redis_backend import RedisBackend
@@ -75,6 +88,7 @@ class RedisDispatcher:
         self.last_miss = 0.0
         self.last_result = time.monotonic()
         self.backend = backend
+        self._namespace = namespace_of(backend)
         self.pump_id = pump_id or consumer_name("pump")
         self.results_key = self.streams.results(self.pump_id)
         self.store: StreamStore = open_stream_store(backend, pipelined=pipelined)
@@ -111,9 +125,16 @@ class RedisDispatcher:
         self._read_task = asyncio.ensure_future(self._read_results())
 
     async def run(self, task: WorkerTask) -> WorkerResult:
+        """Run `task` on a worker pod. A task carrying its message goes out sealed, and its result
+        comes back with the response's JSON (`response`) or an error; a task in the temp-key form
+        (its inputs stored by the caller) goes out as it is, and its result names the response key."""
         assert self._loop is not None, "start() the dispatcher first"
+        sealed = b""
+        if task.message is not None:
+            sealed = seal_input(self.backend.signer, self._namespace, task.task_id, task.listener, task.handler,
+                                task.message, task.slot_index)
         task = WorkerTask(task.task_id, task.listener, task.handler, task.payload_key, task.metadata_key,
-                          reply_to=self.results_key, failures=0)
+                          reply_to=self.results_key, failures=0, sealed_input=sealed)
         fut: asyncio.Future[WorkerResult] = self._loop.create_future()
         self._futures[task.task_id] = fut
         # A timer, not wait_for: no extra task per worker task on the hot path.
@@ -122,11 +143,32 @@ class RedisDispatcher:
             self._batch.append(task)
             if len(self._batch) == 1:
                 self._loop.call_soon(self._submit_batch)
-            return await fut
+            result = await fut
         finally:
             if timer is not None:
                 timer.cancel()
             self._futures.pop(task.task_id, None)
+        return await self._opened(result) if sealed else result
+
+    async def _opened(self, result: WorkerResult) -> WorkerResult:
+        """The result of a sealed task with its response opened (verified for the task, then
+        `response` = the actions' JSON), or an error result saying why there is none."""
+        if not result.ok:
+            return result
+        blob = result.sealed_response
+        if not blob:
+            return WorkerResult(result.task_id, error="the worker answered a sealed task without a response",
+                                error_type=MISSING_DATA, worker=result.worker)
+        args = (self.backend.signer, self._namespace, result.task_id, blob)
+        try:
+            # Verifying a large response would hold up the loop: the io threads do it.
+            body = await self.store.run(open_response_body, *args) if len(blob) > INLINE_MAX_BYTES \
+                else open_response_body(*args)
+        except SlotIntegrityError as e:
+            log.error("task %s: the response failed its integrity check: %s", result.task_id, e)
+            return WorkerResult(result.task_id, error=f"SlotIntegrityError: {e}", error_type=INTEGRITY_ERROR,
+                                worker=result.worker)
+        return WorkerResult(result.task_id, worker=result.worker, response=body)
 
     def _expire(self, task: WorkerTask) -> None:
         """(loop) The deadline of `task` passed without a result: answer it with an error. A result

@@ -67,10 +67,10 @@ PREFETCH_MAX_PAYLOAD = 16 * 1024
 class Dispatcher(Protocol):
     """Where the pump sends WorkerTasks: a local pool, threads, or a Redis Stream.
 
-    A dispatcher whose workers only it can reach (the pump's own child processes or threads) sets
-    `carries_messages = True`: the pump then puts the message into the task and reads the response
-    from the result (WorkerTask.message, WorkerResult.response) instead of passing both through the
-    backend's temp key space. Without the attribute, the inputs and the response are temp keys."""
+    The pump puts the message into the task (WorkerTask.message, and slot_index: where its slot
+    landed) and reads the response's JSON from the result (WorkerResult.response), or the error.
+    How both travel is the dispatcher's: over the pipe of a worker only it can reach (the pump's own
+    child processes or threads), or sealed for the task in stream entries (dispatcher.py)."""
 
     def adopt_store(self, store: AsyncStore) -> None:
         """The pump's store, offered before start(): a dispatcher that talks to the same backend
@@ -138,9 +138,6 @@ class _Worker:
 
 class LocalWorkerPool:
     """N worker processes, one task each at a time, replaced when they die."""
-
-    #: Each worker's pipe is its own (a child process of the pump): tasks carry their message.
-    carries_messages = True
 
     def __init__(self, backend: SharedBackend, *, workers: int, start_method: str = "spawn") -> None:
         if workers < 1:
@@ -391,9 +388,6 @@ def _join_all(procs: list[Any], timeout: float) -> None:
 
 class ThreadWorkerPool:
     """cpu_bound handlers in threads of the pump process (for the unshared memory backend)."""
-
-    #: The workers are threads of the pump: tasks carry their message.
-    carries_messages = True
 
     def __init__(self, backend: SharedBackend, *, workers: int) -> None:
         self.backend = backend

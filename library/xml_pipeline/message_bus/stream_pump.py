@@ -7,10 +7,9 @@ Every message is addressed to a listener by name. The pump
    back one hop, to the caller, on the pruned chain's thread),
 2. appends it to the ContextBuffer (every message, including replies and errors),
 3. runs the listener's handler: plain listeners in the pump's event loop (write them `async def`
-   if they wait on I/O), cpu_bound listeners in a worker (worker_task.py): a worker pod through
-   the Shared Backend's data flow (temp keys in, WorkerTask, response key back, temp keys
-   deleted); a local pool's worker, which only the pump can reach, gets the message with the task
-   and answers with the response (`carries_messages`),
+   if they wait on I/O), cpu_bound listeners in a worker (worker_task.py): the task carries the
+   message and the result the response — over a local worker's own pipe, or sealed (signed for
+   the task) in the stream entries of a worker pod (task_seal.py),
 4. routes what the handler returned: a reply to the caller, a Call to another listener, and
    anything addressed to a name that is not a listener (an external sender such as "console") to
    the pump's output (`on_output`: the CLI prints it, a pod writes it to its egress stream).
@@ -41,20 +40,21 @@ from typing import Any
 
 from ..errors import BackendError, ThreadFullError
 from ..memory.async_store import RedisStore, open_store
-from ..memory.context_buffer import ContextBuffer, PreparedAppend, Temps
+from ..memory.context_buffer import ContextBuffer, PreparedAppend
 from ..memory.protocol import SharedBackend
 from ..memory.redis_cluster_pipe import ClusterPipe
 from ..memory.redis_pipe import RedisPipe
+from ..memory.slots import BufferSlot
 from ..memory.store import INLINE_MAX_BYTES, AsyncStore
 from ..organism import ListenerSpec, Organism
 from .local_pool import Dispatcher, default_dispatcher
 from .message import Action, Message, MessageError, derived_id, error_payload, normalize_result
 from .pump_registry import PumpRegistry
 from .pump_feed import run_messages
-from .pump_outcome import Outcome, carried, collect
+from .pump_outcome import Outcome, carried
 from .pump_routing import MAX_CHAIN_HOPS, Router
 from .thread_registry import ThreadRegistry
-from .worker_task import WorkerResult, WorkerTask, new_key, worker_inputs
+from .worker_task import WorkerResult, WorkerTask, new_key
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,6 @@ class StreamPump:
         if dispatcher is None and organism.has_cpu_bound:
             dispatcher = default_dispatcher(organism, backend)
         self.dispatcher = dispatcher
-        #: The dispatcher's workers take the message with the task (see local_pool.Dispatcher).
-        self._carries = bool(getattr(dispatcher, "carries_messages", False))
         #: Every backend operation of the hot path, awaited (store.py).
         self.store = open_store(backend, io_threads, pipelined=pipelined)
         if dispatcher is not None:
@@ -347,7 +345,7 @@ class StreamPump:
         msg = item.message
         listener = self._listeners.get(msg.to)
         try:
-            msg, keys = await self._step_in(msg, item.admit, listener)
+            msg, index = await self._step_in(msg, item.admit, listener)
         except MessageError as e:
             log.warning("rejected message %s from %r to %r: %s", msg.id, msg.sender, msg.to, e)
             await self._emit(item, Message(sender="pump", to=msg.sender, kind="error", thread=msg.thread,
@@ -360,21 +358,13 @@ class StreamPump:
         actions: list[Action] | None = None
         error: tuple[str, str] | None = None
         if listener.cpu_bound:
-            if keys is None:  # the worker takes the message with the task
-                task = WorkerTask(new_key(), listener.name, listener.handler, "", "", message=msg)
-            else:
-                task = WorkerTask(new_key(), listener.name, listener.handler, keys[0], keys[1])
+            task = WorkerTask(new_key(), listener.name, listener.handler, "", "", message=msg, slot_index=index)
             self.stats.worker_tasks += 1
             assert self.dispatcher is not None
-            try:
-                result = await self.dispatcher.run(task)
-            except BaseException:
-                if keys is not None:
-                    await self.store.delete(*keys)
-                raise
+            result = await self.dispatcher.run(task)
         else:
             actions, error = await self._run_plain(listener, msg)
-        for out, external in await self._step_out(msg, listener, actions, error, result, keys, item.conversation):
+        for out, external in await self._step_out(msg, listener, actions, error, result, item.conversation):
             if out.kind == "error":
                 self.stats.errors += 1
             if external:
@@ -382,31 +372,21 @@ class StreamPump:
             else:
                 self._forward(item, out)
 
-    # -- the steps of one message: in (admit, append, store the worker's inputs), run, out ------------
-    async def _step_in(self, msg: Message, admit: bool,
-                       listener: ListenerSpec | None) -> tuple[Message, tuple[str, str] | None]:
-        """Admit (a message from outside), then append to the buffer; for a cpu_bound listener whose
-        worker reads its inputs from the backend, they go with the append (one round trip; append
-        first, so a full thread stores no inputs). Returns the message (with its thread) and the
-        inputs' keys (None: no temp inputs)."""
+    # -- the steps of one message: in (admit, append), run, out -------------------------------------
+    async def _step_in(self, msg: Message, admit: bool, listener: ListenerSpec | None) -> tuple[Message, int]:
+        """Admit (a message from outside), then append to the buffer. Returns the message (with its
+        thread) and the index its slot landed at (a worker pod reads a large payload from there)."""
         if admit:
             msg = await self._router.admit(msg)
         assert listener is not None
-        if not listener.cpu_bound or self._carries:
-            await self._append(msg)
-            return msg, None
-        # A payload over INLINE_PAYLOAD_MAX travels once, in its slot: the payload value is a reference
-        # to the slot, signed for the index the append lands at (see worker_task.WorkerInputs).
-        inputs = worker_inputs(self.backend, msg)
-        await self._append(msg, inputs.items)
-        return msg, inputs.keys
+        return msg, (await self._append(msg)).index
 
-    async def _append(self, msg: Message, temps: Temps = ()) -> None:
+    async def _append(self, msg: Message) -> BufferSlot:
         if len(msg.payload) > INLINE_MAX_BYTES:  # pickling it would hold up the loop
             prepared = await self.store.run(self._prepare, msg)
         else:
             prepared = self._prepare(msg)
-        await self.store.append(self.buffer, prepared, temps)
+        return await self.store.append(self.buffer, prepared)
 
     def _prepare(self, msg: Message) -> PreparedAppend:
         assert msg.thread is not None
@@ -414,12 +394,11 @@ class StreamPump:
 
     async def _step_out(self, msg: Message, listener: ListenerSpec, actions: list[Action] | None,
                         error: tuple[str, str] | None, result: WorkerResult | None,
-                        keys: tuple[str, str] | None, conversation: str) -> list[tuple[Message, bool]]:
-        """Collect the worker's response (deleting the temp keys), route what the handler returned,
-        and append the outputs to the outside (each answers the conversation's first message)."""
+                        conversation: str) -> list[tuple[Message, bool]]:
+        """Take the worker's response, route what the handler returned, and append the outputs to
+        the outside (each answers the conversation's first message)."""
         if result is not None:
-            actions, error = await (collect(self.store, result, keys) if keys is not None
-                                    else carried(self.store, result))
+            actions, error = await carried(self.store, result)
         out: list[tuple[Message, bool]] = []
         for m, external in await self._router.route(msg, listener, actions or [], error):
             if external:

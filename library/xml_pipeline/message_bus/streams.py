@@ -8,8 +8,10 @@ the outage backoff is retry.py.
 
 Streams (all under the organism's prefix, so tenants never meet):
 
-    {prefix}tasks             WorkerTasks; consumer group "workers" (one consumer per worker process)
-    {prefix}results:<pump>    WorkerResults for one pump process (it XREAD BLOCKs on it)
+    {prefix}tasks             WorkerTasks, each with its message sealed in it (task_seal.py);
+                              consumer group "workers" (one consumer per worker process)
+    {prefix}results:<pump>    WorkerResults for one pump process (it XREAD BLOCKs on it), each
+                              with its response sealed in it
     {prefix}dlq               tasks that failed max_attempts times, with the last error
     {prefix}ingress           messages for the pump; consumer group "pump"
     {prefix}egress            every output of the pump (responses to external senders)
@@ -36,9 +38,10 @@ keys.ClusterKeys.task_buckets), so one organism's task traffic spreads over the 
   again;
 - every step on a task stays in its bucket's slot (acknowledge, re-queue, heartbeat, dead-letter
   with its bucket's dead-letter stream, release of a dead consumer). What crosses slots is the
-  result, whose stream is the pump's (`results:{<prefix>}:<pump>`): the worker writes the response
-  (its temp key), then the result (one XADD), then acknowledges the task in its bucket (XACK + XDEL
-  in one MULTI), as separate sends in that order. A worker that dies between
+  result, whose stream is the pump's (`results:{<prefix>}:<pump>`): the worker writes the result
+  (one XADD, the response sealed in it; a task in the temp-key form: its response's temp key
+  first), then acknowledges the task in its bucket (XACK + XDEL in one MULTI), as separate sends in
+  that order. A worker that dies between
   the two leaves its task pending: it is reclaimed and run again, and the pump keeps the first
   result for the task id and drops the second. So no result is lost (the task is acknowledged only
   after its result is in) and none is delivered twice; the cost is a rerun of a task whose worker
@@ -62,7 +65,7 @@ How a task stays safe:
   stream and the pump gets an error result — the caller still gets exactly one response.
 - Exactly one response: a task may run twice (a stalled worker comes back after its task was
   reclaimed). The pump keeps a future per task id and takes the first result; a later duplicate
-  is dropped and its response key deleted.
+  is dropped (and its response key deleted, for a task in the temp-key form).
 - A pump that dies mid-conversation leaves its ingress entry pending; every live pump sweeps the
   ingress stream with XAUTOCLAIM every claim_idle_seconds / 2 (not only at start), takes it over,
   runs the conversation again and writes only the outputs egress has not seen yet.
@@ -192,9 +195,9 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _xfields(fields: dict[str, str]) -> dict[FieldT, EncodableT]:
+def _xfields(fields: dict[str, str] | dict[str, str | bytes]) -> dict[FieldT, EncodableT]:
     """`fields` typed as xadd wants it. redis-py asks for a dict of its wide key/value unions and a
-    dict is invariant, so a dict[str, str] (a valid value) needs this cast; no copy is made."""
+    dict is invariant, so a dict of str (a valid value) needs this cast; no copy is made."""
     return cast("dict[FieldT, EncodableT]", fields)
 
 
@@ -354,6 +357,13 @@ def _check_transaction(replies: list[Any], what: str = "") -> list[Any]:
     return exec_reply
 
 
+def _shown(field: str, value: Any) -> str:
+    """A dead letter's field as text: a task's sealed input is binary (task_seal.py), shown by size."""
+    if field == "input" and isinstance(value, bytes):
+        return f"<signed input, {len(value)} bytes>"
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def dead_letters(backend: RedisBackend, count: int = 100) -> list[dict[str, str]]:
     """The newest entries of the dead-letter stream(s) (for inspection and tests), newest first."""
     s = Streams(backend)
@@ -362,7 +372,7 @@ def dead_letters(backend: RedisBackend, count: int = 100) -> list[dict[str, str]
         # redis-py's stub allows a nil reply and nil fields; XREVRANGE sends an array (empty for a
         # missing stream) of entries that all have fields, so `or` only narrows the type.
         for i, f in s.client.xrevrange(dlq, count=count) or []:
-            entry = {**{_s(k): _s(v) for k, v in (f or {}).items()}, "_id": _s(i)}
+            entry = {**{_s(k): _shown(_s(k), v) for k, v in (f or {}).items()}, "_id": _s(i)}
             if s.sharded:
                 entry["_stream"] = dlq
             ms, _, seq = entry["_id"].partition("-")

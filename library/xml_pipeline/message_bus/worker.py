@@ -445,8 +445,7 @@ class DistributedWorker:
     def _requeue(self, bucket: int, entry_id: str, task: WorkerTask, failures: int) -> None:
         s = self.streams
         stream = s.task_streams[bucket]
-        again = WorkerTask(task.task_id, task.listener, task.handler, task.payload_key, task.metadata_key,
-                           reply_to=task.reply_to, failures=failures)
+        again = task.with_failures(failures)
         pipe = s.client.pipeline(transaction=True)
         pipe.xadd(stream, _xfields(again.to_fields()))
         s.expire(pipe, stream)
@@ -454,7 +453,7 @@ class DistributedWorker:
         pipe.xdel(stream, entry_id)
         pipe.execute()
 
-    def _dead_letter(self, bucket: int, entry_id: str, task: WorkerTask | None, fields: dict[str, str], error: str,
+    def _dead_letter(self, bucket: int, entry_id: str, task: WorkerTask | None, fields: dict[str, str | bytes], error: str,
                      *, error_type: str | None = None) -> None:
         """Move the task to its bucket's dead-letter stream and acknowledge it; its pump gets a
         DeadLetter result. One MULTI with one bucket; on a sharded stream the result first, then

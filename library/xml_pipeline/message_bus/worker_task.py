@@ -1,19 +1,26 @@
 """The worker data flow (spec: "Worker Data Flow"): what crosses between the pump and a worker.
 
+The pump appends the message to the context buffer (a signed slot), then hands the worker a
+WorkerTask carrying the message, and the worker's WorkerResult carries the response back:
+- a local pool's worker is a child of the pump reached over a pipe of its own that nobody else can
+  read or write: the task carries the message itself and the result the response's JSON
+  (`WorkerTask.message`, `WorkerResult.response`);
+- a worker pod is reached through a Redis Stream anyone with write access to it could add to: the
+  task entry carries the message sealed for the task (`sealed_input`) and the result entry the
+  response sealed for it (`sealed_response`), both signed with the organism's key ring
+  (task_seal.py). The dispatcher seals and opens them, so the pump handles both alike.
+
+The temp-key form is the one the spec draws, and what a worker still answers for a task that
+arrives in it (from a pump of an earlier release, or a caller of store_inputs):
+
     pump    store payload + metadata in the backend's temp key space (signed), submit a WorkerTask
     worker  fetch + verify both, run the handler, store the response (signed) under a response uuid,
             return a WorkerResult naming it
     pump    fetch + verify the response, delete the three temp keys, route the response on
 
-A WorkerTask sent through the backend (a Redis Stream entry to a worker pod) carries only ids and
-the handler reference, so it is tiny whatever the payload size. A local pool's worker is a child of
-the pump reached over a pipe of its own that nobody else can read or write: there the task carries
-the message itself and the result the response (`WorkerTask.message`, `WorkerResult.response`),
-which saves the three temp-key round trips (the worker's fetch and store, the pump's take); the
-message's signed slot is appended to the context buffer either way. Every temp value is
-an envelope signed with the backend's key ring, with a one-byte domain tag inside (payload,
-metadata, response), so a value can neither be forged nor swapped for another kind of value. The
-metadata and the response are JSON, not pickle: nothing a worker reads can run code.
+Every temp value is an envelope signed with the backend's key ring, with a one-byte domain tag
+inside (payload, metadata, response), so a value can neither be forged nor swapped for another kind
+of value. Metadata and responses are JSON, not pickle: nothing a worker reads can run code.
 """
 from __future__ import annotations
 
@@ -29,20 +36,14 @@ from typing import Any
 
 from ..errors import BackendError, SlotIntegrityError
 from ..memory.protocol import SharedBackend
-from ..memory.serialization import unpickle
-from ..memory.slots import BufferSlot
 from ..organism import resolve_handler
 from .message import Action, Message, MessageError, actions_from_json, actions_to_json, normalize_result
+from .task_seal import INLINE_PAYLOAD_MAX as INLINE_PAYLOAD_MAX  # re-exported: the data flow's size limit
+from .task_seal import metadata_json, namespace_of, open_input, payload_from_slot, seal_response
 
 log = logging.getLogger(__name__)
 
 _PAYLOAD, _META, _RESPONSE, _SLOT_REF = b"P", b"M", b"R", b"S"
-#: A payload larger than this is not copied into its temp key: the payload value is a reference to
-#: the message's slot in the context buffer (stored in the same round trip anyway), and the worker
-#: reads the payload from there. Such a payload then crosses to the backend once, is signed once
-#: (the slot's signature, bound to its prefix, thread and index) and read once; below this, a copy
-#: saves the worker's second round trip.
-INLINE_PAYLOAD_MAX = 64 * 1024
 
 #: error_type values of a WorkerResult
 HANDLER_ERROR = "HandlerError"
@@ -94,8 +95,9 @@ def new_key() -> str:
 
 @dataclass(frozen=True, slots=True)
 class WorkerTask:
-    """One cpu_bound handler call: ids and a handler reference; the message itself only over a
-    local worker's own pipe (`message`), never through the backend."""
+    """One cpu_bound handler call: the handler reference and the message — itself over a local
+    worker's pipe (`message`), sealed in a stream entry (`sealed_input`), or (the temp-key form)
+    the ids of its temp values (`payload_key`, `metadata_key`)."""
 
     task_id: str
     listener: str
@@ -106,35 +108,53 @@ class WorkerTask:
     reply_to: str = ""
     #: Distributed mode: failed attempts so far (handler errors; deaths are counted by Redis).
     failures: int = 0
-    #: Local pool: the message, over the worker's own pipe (no temp keys: payload_key and
-    #: metadata_key are empty). Never part of a stream entry.
+    #: The message (the pump's side; over a local worker's own pipe as it is). Never part of a
+    #: stream entry: the dispatcher seals it into `sealed_input`.
     message: Message | None = None
+    #: Where the message's slot landed in its thread (-1: unknown): a sealed input leaves a large
+    #: payload there instead of copying it (task_seal.py).
+    slot_index: int = -1
+    #: A worker pod's task: the message signed for this task (task_seal.seal_input).
+    sealed_input: bytes = b""
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A plain tuple through the pipe to a local worker: the dataclass default (getstate /
         # setstate over fields()) costs ~10x more per task.
         return (WorkerTask, (self.task_id, self.listener, self.handler, self.payload_key, self.metadata_key,
-                             self.reply_to, self.failures, self.message))
+                             self.reply_to, self.failures, self.message, self.slot_index, self.sealed_input))
 
-    def to_fields(self) -> dict[str, str]:
-        """The task as a Redis Stream entry (field by field, not dataclasses.asdict: that deep-copies)."""
+    def to_fields(self) -> dict[str, str | bytes]:
+        """The task as a Redis Stream entry (field by field, not dataclasses.asdict: that deep-copies).
+        A sealed task keeps empty temp-key fields: a worker of an earlier release that takes it
+        answers at once with a MissingData error instead of dropping it as malformed."""
         if self.message is not None:
-            raise ValueError(f"task {self.task_id} carries its message: it goes over a local worker's pipe, "
-                             "not into a stream")
-        return {"task_id": self.task_id, "listener": self.listener, "handler": self.handler,
-                "payload_key": self.payload_key, "metadata_key": self.metadata_key, "reply_to": self.reply_to,
-                "failures": str(self.failures)}
+            raise ValueError(f"task {self.task_id} carries its message unsealed: it goes over a local worker's "
+                             "pipe, or is sealed by the dispatcher before it goes into a stream")
+        fields: dict[str, str | bytes] = {
+            "task_id": self.task_id, "listener": self.listener, "handler": self.handler,
+            "payload_key": self.payload_key, "metadata_key": self.metadata_key, "reply_to": self.reply_to,
+            "failures": str(self.failures)}
+        if self.sealed_input:
+            fields["input"] = self.sealed_input
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> "WorkerTask":
-        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in fields.items()}
+        d: dict[str, bytes | str] = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        sealed = d.pop("input", b"")
         try:
-            return cls(task_id=d["task_id"], listener=d["listener"], handler=d["handler"],
-                       payload_key=d["payload_key"], metadata_key=d["metadata_key"],
-                       reply_to=d.get("reply_to", ""), failures=int(d.get("failures", "0")))
-        except (KeyError, ValueError) as e:
+            s = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in d.items()}
+            return cls(task_id=s["task_id"], listener=s["listener"], handler=s["handler"],
+                       payload_key=s.get("payload_key", ""), metadata_key=s.get("metadata_key", ""),
+                       reply_to=s.get("reply_to", ""), failures=int(s.get("failures", "0")),
+                       sealed_input=sealed.encode() if isinstance(sealed, str) else sealed)
+        except (KeyError, ValueError) as e:  # UnicodeDecodeError is a ValueError
             raise ValueError(f"malformed task entry: {e}") from None
+
+    def with_failures(self, failures: int) -> "WorkerTask":
+        """This task, to queue again after `failures` failed attempts."""
+        return WorkerTask(self.task_id, self.listener, self.handler, self.payload_key, self.metadata_key,
+                          reply_to=self.reply_to, failures=failures, sealed_input=self.sealed_input)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +166,13 @@ class WorkerResult:
     error: str | None = None
     error_type: str | None = None
     worker: str = ""
-    #: The answer to a task that carried its message (local pool): the response's JSON body, over
-    #: the worker's own pipe instead of under response_key. Never part of a stream entry.
+    #: The answer to a task that carried its message: the response's JSON body (over a local
+    #: worker's pipe; from a worker pod once the dispatcher opened `sealed_response`). Never part of
+    #: a stream entry.
     response: bytes | None = None
+    #: A worker pod's answer to a sealed task: the response signed for the task
+    #: (task_seal.seal_response), in the result entry.
+    sealed_response: bytes = b""
 
     @property
     def ok(self) -> bool:
@@ -156,23 +180,28 @@ class WorkerResult:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (WorkerResult, (self.task_id, self.response_key, self.error, self.error_type, self.worker,
-                               self.response))
+                               self.response, self.sealed_response))
 
-    def to_fields(self) -> dict[str, str]:
+    def to_fields(self) -> dict[str, str | bytes]:
         """The result as a Redis Stream entry ("" for None)."""
         if self.response is not None:
-            raise ValueError(f"the result of task {self.task_id} carries its response: it goes over a local "
-                             "worker's pipe, not into a stream")
-        return {"task_id": self.task_id, "response_key": self.response_key or "", "error": self.error or "",
-                "error_type": self.error_type or "", "worker": self.worker}
+            raise ValueError(f"the result of task {self.task_id} carries its response unsealed: it goes over a "
+                             "local worker's pipe, not into a stream")
+        fields: dict[str, str | bytes] = {
+            "task_id": self.task_id, "response_key": self.response_key or "", "error": self.error or "",
+            "error_type": self.error_type or "", "worker": self.worker}
+        if self.sealed_response:
+            fields["response"] = self.sealed_response
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> "WorkerResult":
-        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in fields.items()}
-        return cls(task_id=d.get("task_id", ""), response_key=d.get("response_key") or None,
-                   error=d.get("error") or None, error_type=d.get("error_type") or None,
-                   worker=d.get("worker", ""))
+        d: dict[str, bytes | str] = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        sealed = d.pop("response", b"")
+        s = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in d.items()}
+        return cls(task_id=s.get("task_id", ""), response_key=s.get("response_key") or None,
+                   error=s.get("error") or None, error_type=s.get("error_type") or None,
+                   worker=s.get("worker", ""), sealed_response=sealed.encode() if isinstance(sealed, str) else sealed)
 
 
 # -- temp values --------------------------------------------------------------------------------------
@@ -211,13 +240,7 @@ def input_values(message: Message, *, chain: str | None = None) -> tuple[tuple[s
     (key, tag, body) values to store under them."""
     payload_key, metadata_key = new_key(), new_key()
     return (payload_key, metadata_key), [(payload_key, _PAYLOAD, message.payload.encode("utf-8")),
-                                         (metadata_key, _META, _metadata(message, chain))]
-
-
-def _metadata(message: Message, chain: str | None) -> bytes:
-    meta = {"from": message.sender, "to": message.to, "thread": message.thread, "type": message.kind,
-            "id": message.id, "in_reply_to": message.in_reply_to, "chain": chain}
-    return json.dumps(meta, separators=(",", ":")).encode()
+                                         (metadata_key, _META, metadata_json(message, chain))]
 
 
 def signed_inputs(backend: SharedBackend, message: Message, *,
@@ -234,43 +257,6 @@ def store_inputs(backend: SharedBackend, message: Message, *, chain: str | None 
     return keys
 
 
-class WorkerInputs:
-    """The worker's inputs of one message, to store with the message's append: the temp keys, and
-    `items(index)`, the signed values for the slot signed for `index` (the same values whatever the
-    index, unless the payload is a reference to that slot)."""
-
-    __slots__ = ("keys", "_backend", "_message", "_meta", "_inline")
-
-    def __init__(self, backend: SharedBackend, message: Message, *, chain: str | None = None) -> None:
-        self._backend = backend
-        self._message = message
-        if len(message.payload) <= INLINE_PAYLOAD_MAX:
-            self.keys, values = input_values(message, chain=chain)
-            self._inline: list[tuple[str, bytes]] | None = _signed(backend, values)
-        else:
-            self.keys = (new_key(), new_key())
-            self._inline = None
-            self._meta = (self.keys[1], _META, _metadata(message, chain))
-
-    @property
-    def by_reference(self) -> bool:
-        """True when the payload is read from the message's slot, not from a copy."""
-        return self._inline is None
-
-    def items(self, index: int) -> list[tuple[str, bytes]]:
-        if self._inline is not None:
-            return self._inline
-        m = self._message
-        ref = json.dumps({"thread": m.thread, "index": index, "id": m.id}, separators=(",", ":")).encode()
-        return _signed(self._backend, [(self.keys[0], _SLOT_REF, ref), self._meta])
-
-
-def worker_inputs(backend: SharedBackend, message: Message, *, chain: str | None = None) -> WorkerInputs:
-    """Pump side, step 1 without the write: the worker's inputs of `message`, for
-    ContextBuffer.append_and_put(..., temps=inputs.items) (one round trip with the append)."""
-    return WorkerInputs(backend, message, chain=chain)
-
-
 def load_inputs(backend: SharedBackend, task: WorkerTask) -> Message:
     """Worker side: fetch and verify payload + metadata, rebuild the message."""
     blobs = _get_many(backend, [task.payload_key, task.metadata_key])
@@ -282,37 +268,11 @@ def load_inputs(backend: SharedBackend, task: WorkerTask) -> Message:
     if tag == _PAYLOAD:
         payload = body[1:].decode("utf-8")
     elif tag == _SLOT_REF:
-        payload = _payload_from_slot(backend, json.loads(body[1:]), meta, task.payload_key)
+        payload = payload_from_slot(backend, json.loads(body[1:]), meta, task.payload_key)
     else:
         raise SlotIntegrityError(f"payload {task.payload_key} holds a different kind of value")
     return Message(sender=meta["from"], to=meta["to"], payload=payload, thread=meta.get("thread"),
                    kind=meta.get("type", "request"), id=meta["id"], in_reply_to=meta.get("in_reply_to"))
-
-
-def _payload_from_slot(backend: SharedBackend, ref: Any, meta: dict[str, Any], key: str) -> str:
-    """The payload of the message whose slot `ref` names, after the slot verified at its place
-    (prefix, thread, index) and proved to be this message's (its append id is the message id)."""
-    if not isinstance(ref, dict):
-        raise SlotIntegrityError(f"payload {key} holds a malformed slot reference")
-    thread, index, ident = ref.get("thread"), ref.get("index"), meta.get("id")
-    if thread != meta.get("thread") or ref.get("id") != ident or type(index) is not int or not isinstance(thread, str):
-        raise SlotIntegrityError(f"payload {key} refers to a slot of another message")
-    blob = backend.buffer_get_slot(thread, index)
-    if blob is None:
-        raise LookupError(f"the slot holding payload {key} (thread {thread}, index {index}) is gone "
-                          "(expired or deleted)")
-    place = backend.signer.place(getattr(backend, "slot_namespace", ""), thread)
-    try:
-        append_id, pickled = place.open(blob, index, view=True)  # a large payload: no copy before unpickling
-    except SlotIntegrityError as e:
-        raise SlotIntegrityError(f"thread {thread!r} slot {index} (payload {key}): {e}") from None
-    if append_id != str(ident).encode():
-        raise SlotIntegrityError(f"thread {thread!r} slot {index} holds another message than payload {key} names")
-    slot = unpickle(pickled)
-    message = getattr(slot, "payload", None)
-    if not isinstance(slot, BufferSlot) or not isinstance(message, Message) or message.id != ident:
-        raise BackendError(f"thread {thread!r} slot {index} does not hold message {ident} (payload {key})")
-    return message.payload
 
 
 def response_value(actions: list[Action]) -> tuple[str, bytes, bytes]:
@@ -363,13 +323,20 @@ class Outcome:
 
 
 def run_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") -> Outcome:
-    """Worker side, step 2 without the final write: fetch + verify the inputs, run the handler,
-    sign the response. Never raises for a task's fault (the result says what went wrong)."""
+    """Worker side, step 2 without the final write: take the message (carried, sealed, or fetched
+    and verified from its temp keys), run the handler, and answer the way the message came (over
+    the pipe, sealed in the result, or signed for a temp key). Never raises for a task's fault (the
+    result says what went wrong)."""
     def fail(error: str, error_type: str) -> Outcome:
         return Outcome(WorkerResult(task.task_id, error=error, error_type=error_type, worker=worker))
 
     try:
-        message = task.message if task.message is not None else load_inputs(backend, task)
+        if task.message is not None:
+            message = task.message
+        elif task.sealed_input:
+            message = open_input(backend, task.task_id, task.listener, task.handler, task.sealed_input)
+        else:
+            message = load_inputs(backend, task)
     except SlotIntegrityError as e:
         log.error("task %s (%s): input failed its integrity check: %s", task.task_id, task.listener, e)
         return fail(f"SlotIntegrityError: {e}", INTEGRITY_ERROR)
@@ -391,6 +358,10 @@ def run_task(backend: SharedBackend, task: WorkerTask, *, worker: str = "") -> O
     if task.message is not None:  # the answer goes back the way the message came: over the pipe
         body = json.dumps(actions_to_json(actions), separators=(",", ":")).encode()
         return Outcome(WorkerResult(task.task_id, worker=worker, response=body))
+    if task.sealed_input:  # in the result entry, sealed for the task
+        body = json.dumps(actions_to_json(actions), separators=(",", ":")).encode()
+        sealed = seal_response(backend.signer, namespace_of(backend), task.task_id, body)
+        return Outcome(WorkerResult(task.task_id, worker=worker, sealed_response=sealed))
     ((key, blob),) = _signed(backend, [response_value(actions)])
     return Outcome(WorkerResult(task.task_id, response_key=key, worker=worker), (key, blob))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from xml_pipeline.errors import BackendUnavailable, ThreadFullError
 from xml_pipeline.memory import BackendConfig, ManagerBackend
 from xml_pipeline.memory.async_store import open_store
-from xml_pipeline.memory.context_buffer import ContextBuffer
+from xml_pipeline.memory.context_buffer import ContextBuffer, PreparedAppend
 from xml_pipeline.memory.manager_store import BATCH_BYTES, ManagerStore
 
 SIGNING_KEY = "manager-store-tests-signing-key-0123456789"
@@ -126,3 +127,29 @@ async def test_large_slots_leave_in_calls_of_a_few_mib_in_order(manager: Manager
     # Three calls of two slots each, not one call of 9 MiB (a small append joins the others at once:
     # the first test).
     assert store.appends == 6 and store.calls == 3
+
+
+async def test_slots_are_signed_in_the_io_thread_not_the_event_loop(manager: ManagerBackend,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HMAC of a large slot must not hold the pump's loop: ManagerStore signs each slot for its
+    index in the io thread that sends the batch; what lands verifies where it lies."""
+    signed_in: list[str] = []
+    real_blob = PreparedAppend.blob
+
+    def blob(self: PreparedAppend, index: int) -> bytes:
+        signed_in.append(threading.current_thread().name)
+        return real_blob(self, index)
+
+    monkeypatch.setattr(PreparedAppend, "blob", blob)
+    store = open_store(manager)
+    buffer = ContextBuffer(manager)
+    thread = tid()
+    try:
+        slots = await asyncio.gather(*(store.append(buffer, buffer.prepare(thread, f"p{i}" * 40_000, "console", "echo",
+                                                                           append_id=f"s{i}")) for i in range(5)))
+    finally:
+        store.close()
+    assert [s.index for s in slots] == list(range(5))
+    loop_thread = threading.current_thread().name
+    assert len(signed_in) >= 5 and loop_thread not in signed_in
+    assert [s.payload for s in ContextBuffer(manager).get_thread_slots(thread)] == [f"p{i}" * 40_000 for i in range(5)]

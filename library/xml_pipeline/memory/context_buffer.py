@@ -227,9 +227,15 @@ class ContextBuffer:
     async def store_async(self, prepared: PreparedAppend,
                           send: Callable[[int, bytes], Awaitable[Appended]]) -> BufferSlot:
         """`store` with the backend call made by `send(index, blob)` (e.g. the pump's RedisPipe)."""
+        return await self.store_claimed(prepared, lambda index: send(index, prepared.blob(index)))
+
+    async def store_claimed(self, prepared: PreparedAppend,
+                            send: Callable[[int], Awaitable[Appended]]) -> BufferSlot:
+        """`store_async` where `send(index)` also signs: it calls `prepared.blob(index)` itself, so
+        a sender that batches can sign in its own thread (manager_store.py)."""
         index = self._claim(prepared.thread_id)
         for _ in range(MAX_APPEND_ATTEMPTS):
-            done = self.settle(prepared, index, await send(index, prepared.blob(index)))
+            done = self.settle(prepared, index, await send(index))
             if isinstance(done, BufferSlot):
                 return done
             index = done

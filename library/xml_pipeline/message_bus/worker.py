@@ -297,7 +297,8 @@ class DistributedWorker:
             task = WorkerTask.from_fields(fields)
         except ValueError as e:
             log.error("worker %s: dropping malformed task entry %s: %s", self.name, entry_id, e)
-            self._dead_letter(bucket, entry_id, None, {_s(k): _s(v) for k, v in fields.items()},
+            # Shown as text whatever it holds: an entry that is not UTF-8 must not stop the worker.
+            self._dead_letter(bucket, entry_id, None, {_text(k): _text(v) for k, v in fields.items()},
                               f"malformed task: {e}")
             return
         dlq = self.streams.dlq_of(bucket)
@@ -500,6 +501,10 @@ class DistributedWorker:
                     s.client.xgroup_delconsumer(stream, WORKER_GROUP, self.name)
             except redis.RedisError:
                 pass
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def release_consumer(backend: RedisBackend, consumer: str, *, max_attempts: int, by: str = "supervisor") -> tuple[int, int]:

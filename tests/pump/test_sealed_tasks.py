@@ -37,6 +37,10 @@ def _organism(tmp_path: Path, redis_url: str, prefix: str) -> Path:
     return path
 
 
+def _mgets(client: Any) -> int:
+    return int(client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+
+
 async def test_the_task_entry_carries_the_sealed_message_and_no_temp_key_is_made(
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
     path = _organism(tmp_path, redis_server.url, prefix)
@@ -44,6 +48,7 @@ async def test_the_task_entry_carries_the_sealed_message_and_no_temp_key_is_made
     backend = create_backend(org.backend)
     client = redis_server.client()
     dispatcher = RedisDispatcher(backend)
+    mgets_before = _mgets(client)
     big = "<big>" + "y" * (INLINE_PAYLOAD_MAX * 16) + "</big>"  # ~1 MB
     async with StreamPump(org, backend, dispatcher=dispatcher) as pump:
         small_job = asyncio.create_task(pump.request(ask("mirror", "<small/>"), timeout=60))
@@ -64,9 +69,8 @@ async def test_the_task_entry_carries_the_sealed_message_and_no_temp_key_is_made
     assert small.kind == "response" and small.payload == "<small/>"
     assert large.kind == "response" and large.payload == big  # a 1 MB response in the result entry
     assert list(client.scan_iter(match=f"{prefix}tmp:*")) == []
-    stats = client.info("commandstats")
-    # Temp values are written with SET / read with MGET and GETDEL-like GET+DEL: none were sent.
-    assert "cmdstat_mget" not in stats, stats.get("cmdstat_mget")
+    # A worker reads temp-key inputs with MGET: none was sent (the server is shared with other tests).
+    assert _mgets(client) == mgets_before
     backend.close()
 
 

@@ -354,7 +354,15 @@ def test_a_workers_own_connections_one_per_master(shared_cluster: LocalCluster) 
         backend.use_direct_connection()
         nodes = getattr(backend, "_nodes")
         assert nodes is not None
-        blobs = {secrets.token_hex(6): secrets.token_bytes(40_000 if i % 2 else 100) for i in range(12)}
+        # Twelve threads, four on each master (random ids could all miss one).
+        per_master: dict[int, list[str]] = {}
+        while sum(len(v) for v in per_master.values()) < 12:
+            t = secrets.token_hex(6)
+            owned = per_master.setdefault(shared_cluster.owner_of(key_slot(backend.keys.buffer(t).encode())).port, [])
+            if len(owned) < 4:
+                owned.append(t)
+        blobs = {t: secrets.token_bytes(40_000 if i % 2 else 100)
+                 for i, t in enumerate(t for ids in per_master.values() for t in ids)}
         for t, blob in blobs.items():
             backend.buffer_append(t, blob)
         assert {t: backend.buffer_get_slot(t, 0) for t in blobs} == blobs

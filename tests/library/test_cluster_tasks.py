@@ -158,7 +158,8 @@ def test_a_worker_chains_at_most_a_few_tasks_of_one_bucket_before_the_next_bucke
     worker._cursor, worker._next_claim = 0, time.monotonic() + 600  # noqa: SLF001 - no reclaim due
     order = []
     for _ in range(13):
-        entry, worker._next = worker._next or worker._read_one(), None  # noqa: SLF001
+        queued = worker._queue  # noqa: SLF001 - the task read along with the last acknowledgement
+        entry = queued.popleft() if queued else worker._read_one()  # noqa: SLF001
         assert entry is not None
         order.append(entry[0])
         worker._ack(entry[0], entry[1], chain=True)  # noqa: SLF001

@@ -121,6 +121,9 @@ def test_a_forged_input_is_refused(make_backend: MakeBackend) -> None:
     forged = seal_input(Signer.random(), namespace_of(backend), "t", "work", HANDLER, msg)
     with pytest.raises(SlotIntegrityError, match="key this process does not know"):
         _open(backend, WorkerTask("t", "work", HANDLER, "", "", sealed_input=forged))
+    for garbage in (b"no separator", b"!!notbase64.body", b"." + forged.partition(b".")[2]):
+        with pytest.raises(SlotIntegrityError, match="is not a sealed value|not a signed xml-pipeline envelope"):
+            _open(backend, WorkerTask("t", "work", HANDLER, "", "", sealed_input=garbage))
 
 
 def test_a_gone_slot_is_missing_data(make_backend: MakeBackend) -> None:

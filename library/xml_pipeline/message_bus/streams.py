@@ -55,10 +55,12 @@ keys.ClusterKeys.task_buckets), so one organism's task traffic spreads over the 
 How a task stays safe:
 - A worker takes a task with XREADGROUP; it stays in the group's pending list until the worker
   XACKs it (and XDELs it: the stream only holds unfinished tasks) in one MULTI with the result
-  (in the task's bucket after the result, on a cluster: above).
+  (in the task's bucket after the result, on a cluster: above). On one tasks stream a worker whose
+  tasks run short reads several at once and hands their results in with one MULTI (worker.py,
+  MAX_BATCH, BATCH_SECONDS).
 - While a task runs, a heartbeat thread re-claims it for its own consumer every heartbeat_seconds
   (XCLAIM ... JUSTID, only while it still owns it: a Lua script checks first), which resets its idle
-  time. A worker that dies stops heartbeating; after claim_idle_seconds another worker's XAUTOCLAIM
+  time; so are the tasks the worker read with it and has not handed in yet. A worker that dies stops heartbeating; after claim_idle_seconds another worker's XAUTOCLAIM
   takes the task over. Long tasks of live workers are never stolen (heartbeat < claim idle).
 - Failures: a handler error re-queues the task with failures+1; a death is counted by Redis
   (delivery count). When failures + deaths reach max_attempts the task goes to the dead-letter

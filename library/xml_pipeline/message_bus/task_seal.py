@@ -15,8 +15,12 @@ and bound to a context that is not stored:
 The contexts are tagged, so neither can equal a slot's place or a temp value's context. The bodies
 are JSON and text, never pickle: nothing a worker or the pump reads from a stream can run code.
 
-    input     b"I" | 4-byte length of the metadata JSON | metadata JSON | payload (UTF-8)
+    input     b"I" | metadata JSON | b"\n" | payload (UTF-8)      (compact JSON holds no newline)
     response  b"R" | the actions' JSON (what a local worker sends back over its pipe)
+
+In the entry a sealed value is text: the envelope's binary head (version, key id, MAC) in base64,
+b".", then the body as it is. So every field of a task entry stays UTF-8, which readers that decode
+each field as text (redis-cli, a worker of an earlier release) can take.
 
 A payload over INLINE_PAYLOAD_MAX is not copied into the entry: the metadata names the message's
 slot ("index") and the worker reads the payload from there, after the slot verified at its place
@@ -24,13 +28,15 @@ and proved to be this message's (`payload_from_slot`). Such a payload crosses to
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
 
 from ..errors import BackendError, SlotIntegrityError
 from ..memory.protocol import SharedBackend
 from ..memory.serialization import unpickle
-from ..memory.signing import Signer
+from ..memory.signing import OVERHEAD, Signer
 from ..memory.slots import BufferSlot
 from .message import Message
 
@@ -52,6 +58,23 @@ def _context(tag: bytes, *parts: str) -> bytes:
         out.append(len(b).to_bytes(4, "big"))
         out.append(b)
     return b"".join(out)
+
+
+def _as_text(blob: bytes) -> bytes:
+    """A signed envelope as entry text: base64 of its head, b".", its body."""
+    start = OVERHEAD + blob[OVERHEAD - 1]  # the head ends after the append id
+    return b"".join((base64.b64encode(blob[:start]), b".", blob[start:]))
+
+
+def _from_text(text: bytes, what: str) -> bytes:
+    """The signed envelope of entry text (SlotIntegrityError if it is not in that form)."""
+    head, dot, body = text.partition(b".")
+    try:
+        if not dot:
+            raise ValueError("no separator")
+        return base64.b64decode(head, validate=True) + body
+    except (ValueError, binascii.Error):
+        raise SlotIntegrityError(f"{what} is not a sealed value") from None
 
 
 def namespace_of(backend: SharedBackend) -> str:
@@ -77,24 +100,25 @@ def seal_input(signer: Signer, namespace: str, task_id: str, listener: str, hand
         meta, payload = metadata_json(message, index=slot_index), b""
     else:
         meta = metadata_json(message)
-    body = b"".join((_INPUT, len(meta).to_bytes(4, "big"), meta, payload))
-    return signer.sign(body, context=_context(_INPUT_CONTEXT, namespace, task_id, listener, handler))
+    body = b"".join((_INPUT, meta, b"\n", payload))
+    return _as_text(signer.sign(body, context=_context(_INPUT_CONTEXT, namespace, task_id, listener, handler)))
 
 
 def open_input(backend: SharedBackend, task_id: str, listener: str, handler: str, blob: bytes) -> Message:
     """Worker side: the message a sealed input holds, after it verified for this task
     (SlotIntegrityError otherwise; LookupError when the slot it names is gone)."""
     namespace = namespace_of(backend)
-    body = backend.signer.verify(blob, context=_context(_INPUT_CONTEXT, namespace, task_id, listener, handler))
-    if body[:1] != _INPUT or len(body) < 5:
+    body = backend.signer.verify(_from_text(blob, f"the input of task {task_id}"),
+                                 context=_context(_INPUT_CONTEXT, namespace, task_id, listener, handler))
+    end = body.find(b"\n")
+    if body[:1] != _INPUT or end < 0:
         raise SlotIntegrityError(f"the input of task {task_id} holds a different kind of value")
-    end = 5 + int.from_bytes(body[1:5], "big")
-    meta = json.loads(body[5:end])
+    meta = json.loads(body[1:end])
     if not isinstance(meta, dict):
         raise SlotIntegrityError(f"the input of task {task_id} holds malformed metadata")
     index = meta.get("index")
     if index is None:
-        payload = body[end:].decode("utf-8")
+        payload = body[end + 1:].decode("utf-8")
     else:
         payload = payload_from_slot(backend, {"thread": meta.get("thread"), "index": index, "id": meta.get("id")},
                                     meta, f"of task {task_id}")
@@ -104,12 +128,13 @@ def open_input(backend: SharedBackend, task_id: str, listener: str, handler: str
 
 def seal_response(signer: Signer, namespace: str, task_id: str, actions_json: bytes) -> bytes:
     """The result's `response` field: the actions' JSON, signed for this task."""
-    return signer.sign(_RESPONSE + actions_json, context=_context(_RESPONSE_CONTEXT, namespace, task_id))
+    return _as_text(signer.sign(_RESPONSE + actions_json, context=_context(_RESPONSE_CONTEXT, namespace, task_id)))
 
 
 def open_response_body(signer: Signer, namespace: str, task_id: str, blob: bytes) -> bytes:
     """Pump side: the actions' JSON of a sealed response, after it verified for this task."""
-    body = signer.verify(blob, context=_context(_RESPONSE_CONTEXT, namespace, task_id))
+    body = signer.verify(_from_text(blob, f"the response to task {task_id}"),
+                         context=_context(_RESPONSE_CONTEXT, namespace, task_id))
     if body[:1] != _RESPONSE:
         raise SlotIntegrityError(f"the response to task {task_id} holds a different kind of value")
     return body[1:]

@@ -3,6 +3,7 @@ supervisor's release of a dead child's tasks (release_consumer) and the heartbea
 streams.py describes the streams and how a task stays safe."""
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -62,6 +63,15 @@ Entry = tuple[int, str, dict[Any, Any], int]
 #: trip of the previous one's acknowledgement before it moves on to the next bucket: a round trip
 #: saved per task under load, while every bucket still gets its turn.
 CHAINED_PER_BUCKET = 4
+#: One tasks stream (one server, Sentinel): while tasks run short, a worker reads up to MAX_BATCH
+#: at once and hands in their results and acknowledgements in one MULTI (with the next read in the
+#: same round trip), so a round trip serves a batch instead of one task. A batch is sized so its
+#: tasks are expected to run within BATCH_SECONDS in all (from the worker's recent run times), and
+#: results are handed in at the latest once BATCH_SECONDS have passed: a long task in a batch
+#: holds back the short ones behind it (re-claimed by the heartbeat while they wait) by little more
+#: than its own run, and the results before it by at most BATCH_SECONDS.
+MAX_BATCH = 8
+BATCH_SECONDS = 0.005
 
 
 class DistributedWorker:
@@ -96,7 +106,15 @@ class DistributedWorker:
         self.current: str | None = None
         # (stream, entry id) of the task in hand (the heartbeat re-claims it)
         self._entry: tuple[str, str] | None = None
-        self._next: Entry | None = None  # read along with the last result
+        # Tasks read and not started yet (read along with the last results, or a batch).
+        self._queue: collections.deque[Entry] = collections.deque()
+        # One tasks stream: tasks run and not handed in yet (entry id, task, outcome), and since when.
+        self._done: list[tuple[str, WorkerTask, Outcome]] = []
+        self._done_since = 0.0
+        # Entry ids in hand besides the running one (queued or done), for the heartbeat: a tuple
+        # replaced whole, so the heartbeat thread reads it without a lock.
+        self._held: tuple[tuple[str, str], ...] = ()
+        self._run_avg = BATCH_SECONDS  # recent run time per task (moving average), sizes a batch
         self._chained = 0  # tasks read in a row from one bucket along with an acknowledgement
         self._look = True  # look at every bucket before waiting on the doorbell
         self._next_claim = 0.0
@@ -136,8 +154,8 @@ class DistributedWorker:
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("worker %s: parent process is gone; exiting", self.name)
                 break
-            # A task read in the same round trip as the previous task's result (see _finish).
-            entry, self._next = self._next, None
+            # A task read in the same round trip as earlier results (see _finish), or in a batch.
+            entry = self._queue.popleft() if self._queue else None
             if entry is None and time.monotonic() >= self._next_claim:
                 entry = self._with_redis(self._reclaim_one)
                 if entry is None:
@@ -146,11 +164,23 @@ class DistributedWorker:
                 entry = self._with_redis(self._read_one)
             if entry is not None:
                 self._handle(*entry)
-        if self._next is not None:
-            # Stopped while the chained read was waiting and it brought a task: run it, as a task
-            # returned by a plain read is run (draining means finishing what we took).
-            entry, self._next = self._next, None
-            self._handle(*entry)
+            self._hand_in(final=False)
+        # Stopped: what was read is run and handed in (draining means finishing what we took).
+        while self._queue:
+            self._handle(*self._queue.popleft())
+        self._hand_in(final=True)
+
+    def _hand_in(self, *, final: bool) -> None:
+        """Hand in the tasks run and not handed in yet, in one MULTI, when nothing read waits or
+        the batch's time is up (always when `final`); the next read rides along unless `final`."""
+        streams = self.streams.task_streams
+        self._held = tuple((streams[e[0]], e[1]) for e in self._queue) + tuple((streams[0], d[0]) for d in self._done)
+        if not self._done or not (final or not self._queue
+                                  or time.monotonic() - self._done_since >= BATCH_SECONDS):
+            return
+        done, self._done = self._done, []
+        self._with_redis(lambda: self._finish(done, chain=not final and not self._queue), essential=True)
+        self._held = tuple((streams[e[0]], e[1]) for e in self._queue)
 
     def touch(self) -> None:
         if self.heartbeat_file:
@@ -194,6 +224,23 @@ class DistributedWorker:
             else:
                 self._stop.wait(delay)
 
+    def _batch_size(self) -> int:
+        """How many tasks to read at once from one tasks stream: as many as are expected to run
+        within BATCH_SECONDS (at least one, at most MAX_BATCH)."""
+        return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(self._run_avg, 1e-6))))
+
+    def _batch(self, resp: Any) -> Entry | None:
+        """The first task of an XREADGROUP reply on the tasks stream; the others are queued."""
+        entries: list[Entry] = []
+        for entry_id, fields in _entries(resp):
+            if isinstance(fields, list):
+                fields = dict(zip(fields[::2], fields[1::2]))
+            entries.append((0, _s(entry_id), fields, 1))
+        if not entries:
+            return None
+        self._queue.extend(entries[1:])
+        return entries[0]
+
     def _first(self, bucket: int, resp: Any) -> Entry | None:
         for entry_id, fields in _entries(resp):
             if isinstance(fields, list):
@@ -204,8 +251,8 @@ class DistributedWorker:
     def _read_one(self) -> Entry | None:
         s = self.streams
         if not s.sharded:
-            return self._first(0, s.client.xreadgroup(WORKER_GROUP, self.name, {s.tasks: ">"}, count=1,
-                                                      block=s.block_ms))
+            return self._batch(s.client.xreadgroup(WORKER_GROUP, self.name, {s.tasks: ">"}, count=self._batch_size(),
+                                                   block=s.block_ms))
         # streams.py, "Task buckets": every bucket in turn from the one after the last served; when
         # idle, the doorbell.
         wake = s.wake
@@ -278,6 +325,11 @@ class DistributedWorker:
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.error("worker %s: parent process is gone; exiting", self.name)
                 os._exit(1)
+            for held_stream, held_id in self._held:  # read or run, not handed in yet: not to be taken over
+                try:
+                    self.backend.run_script(HEARTBEAT, (held_stream,), (WORKER_GROUP, self.name, held_id))
+                except redis.RedisError as e:
+                    log.warning("worker %s: heartbeat for %s failed: %s", self.name, held_id, e)
             entry = self._entry
             if entry is None or entry == warned:
                 continue
@@ -297,7 +349,8 @@ class DistributedWorker:
             task = WorkerTask.from_fields(fields)
         except ValueError as e:
             log.error("worker %s: dropping malformed task entry %s: %s", self.name, entry_id, e)
-            self._dead_letter(bucket, entry_id, None, {_s(k): _s(v) for k, v in fields.items()},
+            # Shown as text whatever it holds: an entry that is not UTF-8 must not stop the worker.
+            self._dead_letter(bucket, entry_id, None, {_text(k): _text(v) for k, v in fields.items()},
                               f"malformed task: {e}")
             return
         dlq = self.streams.dlq_of(bucket)
@@ -321,10 +374,12 @@ class DistributedWorker:
             outcome = Outcome(result)
         else:
             self.current, self._entry = task.task_id, (self.streams.task_streams[bucket], entry_id)
+            started = time.monotonic()
             try:
                 outcome = run_task(self.backend, task, worker=self.name)
             finally:
                 self.current = self._entry = None
+            self._run_avg = 0.7 * self._run_avg + 0.3 * (time.monotonic() - started)
             result = outcome.result
         if result.ok:
             if self.streams.sharded:
@@ -333,8 +388,11 @@ class DistributedWorker:
                 if self._with_redis(lambda: self._write_result(task, outcome), essential=True):
                     self._with_redis(lambda: self._ack(bucket, entry_id, chain=True), essential=True)
             else:
-                # Response, result and acknowledgement in one MULTI: one round trip, all or nothing.
-                self._with_redis(lambda: self._finish(entry_id, task, outcome), essential=True)
+                # Handed in with the batch's others: response, result and acknowledgement in one
+                # MULTI, one round trip, all or nothing (_hand_in).
+                if not self._done:
+                    self._done_since = time.monotonic()
+                self._done.append((entry_id, task, outcome))
             self.completed += 1
         elif result.error_type in RETRYABLE and prior + 1 < self.max_attempts:
             log.warning("worker %s: task %s failed (attempt %d of %d): %s; re-queued", self.name, task.task_id,
@@ -403,44 +461,56 @@ class DistributedWorker:
             self._chained = 0
         else:
             self._chained += 1
-            self._next = got
+            self._queue.append(got)
         return True
 
-    def _finish(self, entry_id: str, task: WorkerTask, outcome: Outcome) -> None:
-        """Response, result, XACK and XDEL in one MULTI; in the same round trip (after EXEC, outside
-        the transaction) the XREADGROUP for the next task, unless the worker is stopping or a
-        reclaim is due. One write, two replies read: the same commands as a separate read, one round
-        trip less per task, and without redis-py's pipeline machinery (its CPU cost per task is larger
-        than the round trip's). One task bucket only (the tasks stream shares the results' slot)."""
+    def _finish(self, done: list[tuple[str, WorkerTask, Outcome]], *, chain: bool) -> None:
+        """The responses, results, XACK and XDEL of the tasks `done`, in one MULTI; in the same round
+        trip (after EXEC, outside the transaction) with `chain` the XREADGROUP for the next batch,
+        unless the worker is stopping or a reclaim is due. One write, two replies read: the same
+        commands as a separate read, one round trip less per batch, and without redis-py's pipeline
+        machinery (its CPU cost per task is larger than the round trip's). One task bucket only (the
+        tasks stream shares the results' slot)."""
         s = self.streams
-        cmds: list[tuple[Any, ...]] = [("MULTI",), *self._result_commands(task, outcome)]
-        cmds.append(("XACK", s.tasks, WORKER_GROUP, entry_id))
-        cmds.append(("XDEL", s.tasks, entry_id))
+        cmds: list[tuple[Any, ...]] = [("MULTI",)]
+        expired: set[str] = set()
+        for _, task, outcome in done:
+            for c in self._result_commands(task, outcome):
+                if c[0] == "EXPIRE":  # once per results stream and batch
+                    if c[1] in expired:
+                        continue
+                    expired.add(c[1])
+                cmds.append(c)
+        ids = [entry_id for entry_id, _, _ in done]
+        cmds.append(("XACK", s.tasks, WORKER_GROUP, *ids))
+        cmds.append(("XDEL", s.tasks, *ids))
         cmds.append(("EXEC",))
-        chain = not self._stop.is_set() and time.monotonic() < self._next_claim
+        chain = chain and not self._stop.is_set() and time.monotonic() < self._next_claim
         if chain:
-            cmds.append(("XREADGROUP", "GROUP", WORKER_GROUP, self.name, "COUNT", 1, "BLOCK", s.block_ms,
-                         "STREAMS", s.tasks, ">"))
-        # The read's reply is best effort: if the connection fails after EXEC's reply, the result
-        # is in and _finish must not be repeated (that would send the result twice).
+            cmds.append(("XREADGROUP", "GROUP", WORKER_GROUP, self.name, "COUNT", self._batch_size(), "BLOCK",
+                         s.block_ms, "STREAMS", s.tasks, ">"))
+        # The read's reply is best effort: if the connection fails after EXEC's reply, the results
+        # are in and _finish must not be repeated (that would send them twice).
         replies = self.backend.send_commands(cmds, best_effort_tail=1 if chain else 0)
         exec_reply = replies[len(cmds) - 2] if chain else replies[-1]
         for r in replies[:len(cmds) - (1 if chain else 0)]:
             if isinstance(r, Exception):  # a refused command or EXECABORT: nothing was applied
                 raise r
         if not isinstance(exec_reply, list):
-            raise ResponseError(f"MULTI/EXEC for task {task.task_id} returned {exec_reply!r}")
+            raise ResponseError(f"MULTI/EXEC for {len(done)} task(s) returned {exec_reply!r}")
         for r in exec_reply:
             if isinstance(r, Exception):
                 raise r
         if chain:
             read = replies[-1]
             if isinstance(read, Exception):
-                # The result is in; a failed read (NOGROUP after the stream expired, say) is left
+                # The results are in; a failed read (NOGROUP after the stream expired, say) is left
                 # to the loop's own read, which knows how to recover.
                 log.debug("worker %s: chained read failed: %s", self.name, read)
                 return
-            self._next = self._first(0, read)
+            first = self._batch(read)
+            if first is not None:
+                self._queue.appendleft(first)
 
     def _requeue(self, bucket: int, entry_id: str, task: WorkerTask, failures: int) -> None:
         s = self.streams
@@ -500,6 +570,10 @@ class DistributedWorker:
                     s.client.xgroup_delconsumer(stream, WORKER_GROUP, self.name)
             except redis.RedisError:
                 pass
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def release_consumer(backend: RedisBackend, consumer: str, *, max_attempts: int, by: str = "supervisor") -> tuple[int, int]:

@@ -196,7 +196,8 @@ class WorkerResult:
 
     @classmethod
     def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> "WorkerResult":
-        d: dict[str, bytes | str] = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        d: dict[str, bytes | str] = {(k.decode(errors="replace") if isinstance(k, bytes) else k): v
+                                     for k, v in fields.items()}
         sealed = d.pop("response", b"")
         s = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in d.items()}
         return cls(task_id=s.get("task_id", ""), response_key=s.get("response_key") or None,

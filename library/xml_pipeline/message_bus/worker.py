@@ -72,6 +72,8 @@ CHAINED_PER_BUCKET = 4
 #: than its own run, and the results before it by at most BATCH_SECONDS.
 MAX_BATCH = 8
 BATCH_SECONDS = 0.005
+#: The heartbeat file is refreshed at most this often (`xml-pipeline healthcheck --max-age`: 30 s by default).
+TOUCH_SECONDS = 1.0
 
 
 class DistributedWorker:
@@ -115,6 +117,7 @@ class DistributedWorker:
         # replaced whole, so the heartbeat thread reads it without a lock.
         self._held: tuple[tuple[str, str], ...] = ()
         self._run_avg = BATCH_SECONDS  # recent run time per task (moving average), sizes a batch
+        self._touched = float("-inf")  # when the heartbeat file was last refreshed
         self._chained = 0  # tasks read in a row from one bucket along with an acknowledgement
         self._look = True  # look at every bucket before waiting on the doorbell
         self._next_claim = 0.0
@@ -183,8 +186,13 @@ class DistributedWorker:
         self._held = tuple((streams[e[0]], e[1]) for e in self._queue)
 
     def touch(self) -> None:
+        """Refresh the heartbeat file, at most once per TOUCH_SECONDS (the task loop passes here
+        once per task: a file's mtime every few milliseconds says no more than once a second)."""
         if self.heartbeat_file:
-            touch(self.heartbeat_file)
+            now = time.monotonic()
+            if now - self._touched >= TOUCH_SECONDS:
+                self._touched = now
+                touch(self.heartbeat_file)
 
     # -- Redis steps ------------------------------------------------------------------------------------
     def _with_redis(self, fn: Callable[[], Any], *, essential: bool = False) -> Any:

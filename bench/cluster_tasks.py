@@ -69,7 +69,7 @@ class AnswerAtOnce(DistributedWorker):
             self._write_result(task, outcome)
             self._ack(bucket, entry_id, chain=True)
         else:
-            self._finish(entry_id, task, outcome)
+            self._finish([(entry_id, task, outcome)], chain=True)
 
 
 def _worker(config: BackendConfig, workers: int, buckets: int, stop: Any, bare: bool = False) -> None:

@@ -87,6 +87,34 @@ def test_a_receiver_reads_what_a_stdlib_connection_sends(pair: tuple[socket.sock
     writer.close()
 
 
+def test_a_small_message_that_does_not_fit_the_socket_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
+    """A message under the one-read size but over the socket's 32 KiB buffer: its single write and
+    its single read are partial, and the rest follows (both ways, against the stdlib's ends)."""
+    a, b = pair
+    stdlib_reader, stdlib_writer = mpc.Connection(os.dup(b.fileno())), mpc.Connection(os.dup(a.fileno()))
+    receiver = Receiver()
+    for size in (20_000, 40_000, 60_000):
+        got = in_thread(stdlib_reader.recv)
+        send_obj(a.fileno(), ("x", b"s" * size))
+        assert joined(got) == ("x", b"s" * size)
+        sent = in_thread(stdlib_writer.send, ("y", b"t" * size))
+        assert receiver.recv(b.fileno()) == ("y", b"t" * size)
+        joined(sent)
+    stdlib_reader.close()
+    stdlib_writer.close()
+
+
+def test_a_small_message_that_arrives_in_pieces(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    data = pickle.dumps(("piece", "z" * 1000))
+    framed = len(data).to_bytes(4, "big") + data
+    got = in_thread(Receiver().recv, b.fileno())
+    a.sendall(framed[:600])  # the length and part of the body: the one read gets only that
+    threading.Event().wait(0.2)
+    a.sendall(framed[600:])
+    assert joined(got) == ("piece", "z" * 1000)
+
+
 def test_the_wire_bytes_are_the_stdlib_connections(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
     obj = message(100_000)

@@ -35,6 +35,8 @@ _LEN64 = struct.Struct("!Q")
 _MAX32 = 0x7FFFFFFF
 #: A receive buffer up to this size is kept for the next message; a larger message gets its own.
 KEEP_BUFFER = 8 << 20
+#: A message up to this size is read with one plain read when it is all there (the common case).
+_SMALL = 64 << 10
 #: Buffers per writev call (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
 
@@ -67,7 +69,15 @@ def frame(obj: object, pickler: Callable[..., Any] = ForkingPickler, protocol: i
 
 def send_obj(fd: int, obj: object, pickler: Callable[..., Any] = ForkingPickler, protocol: int | None = None) -> None:
     """Send `obj` on `fd` as `Connection.send` would (pickled by `pickler(file, protocol)`)."""
-    write_all(fd, frame(obj, pickler, protocol))
+    parts = frame(obj, pickler, protocol)
+    if len(parts) == 2 and type(parts[1]) is bytes and len(parts[1]) <= _SMALL:
+        # A small message (one part): one plain write, as the stdlib's.
+        data = parts[0] + parts[1]
+        written = os.write(fd, data)
+        if written == len(data):
+            return
+        parts = _after([data], written)  # a full socket buffer took part of it: the rest below (rare)
+    write_all(fd, parts)
 
 
 def write_all(fd: int, parts: list[Any]) -> None:
@@ -112,15 +122,25 @@ class Receiver:
         """The next message's object; EOFError if the peer closed before it, OSError within it."""
         head = _read_exact(fd, 4, first=True)
         (size,) = _LEN.unpack(head)
+        got = b""
         if size == -1:
             (size,) = _LEN64.unpack(_read_exact(fd, 8))
+        elif size <= _SMALL:
+            # Most messages (a registry call, an append's reply) are small and already there whole:
+            # one read, no buffer to manage.
+            got = os.read(fd, size)
+            if len(got) == size:
+                return self.loads(got)
+            if not got:
+                raise OSError("got end of file during message")
         buf = self._buf
         if size > len(buf):
             buf = bytearray(size)
             if size <= KEEP_BUFFER:
                 self._buf = buf
         with memoryview(buf) as whole, whole[:size] as view:
-            pos = 0
+            pos = len(got)
+            view[:pos] = got
             while pos < size:
                 n = os.readv(fd, [view[pos:]])
                 if n == 0:

@@ -37,16 +37,20 @@ def _organism(tmp_path: Path, redis_url: str, prefix: str) -> Path:
     return path
 
 
+def _setup(tmp_path: Path, server: Any, prefix: str) -> tuple[Path, Any, Any, Any]:
+    """(organism.yaml, the organism, its backend, a raw client of the server)."""
+    path = _organism(tmp_path, server.url, prefix)
+    org = load(path)
+    return path, org, create_backend(org.backend), server.client()
+
+
 def _mgets(client: Any) -> int:
     return int(client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
 
 
 async def test_the_task_entry_carries_the_sealed_message_and_no_temp_key_is_made(
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
-    path = _organism(tmp_path, redis_server.url, prefix)
-    org = load(path)
-    backend = create_backend(org.backend)
-    client = redis_server.client()
+    path, org, backend, client = _setup(tmp_path, redis_server, prefix)
     dispatcher = RedisDispatcher(backend)
     mgets_before = _mgets(client)
     big = "<big>" + "y" * (INLINE_PAYLOAD_MAX * 16) + "</big>"  # ~1 MB
@@ -76,10 +80,7 @@ async def test_the_task_entry_carries_the_sealed_message_and_no_temp_key_is_made
 
 async def test_a_forged_or_moved_task_entry_runs_nothing(
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
-    path = _organism(tmp_path, redis_server.url, prefix)
-    org = load(path)
-    backend = create_backend(org.backend)
-    client = redis_server.client()
+    path, org, backend, client = _setup(tmp_path, redis_server, prefix)
     s = Streams(backend)
     s.ensure_task_groups()
     marker = tmp_path / "ran"
@@ -105,9 +106,7 @@ async def test_a_forged_or_moved_task_entry_runs_nothing(
 
 
 async def test_a_forged_or_moved_response_is_an_integrity_error(redis_server, prefix: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    path = _organism(tmp_path, redis_server.url, prefix)
-    backend = create_backend(load(path).backend)
-    client = redis_server.client()
+    _, _, backend, client = _setup(tmp_path, redis_server, prefix)
     dispatcher = RedisDispatcher(backend)
     await dispatcher.start()
     ns = namespace_of(backend)
@@ -136,10 +135,7 @@ async def test_a_forged_or_moved_response_is_an_integrity_error(redis_server, pr
 
 async def test_an_entry_that_is_not_text_is_dead_lettered_and_both_sides_go_on(
         redis_server, prefix: str, tmp_path: Path, cli_env: dict[str, str], procs: list[Any]) -> None:  # type: ignore[no-untyped-def]
-    path = _organism(tmp_path, redis_server.url, prefix)
-    org = load(path)
-    backend = create_backend(org.backend)
-    client = redis_server.client()
+    path, org, backend, client = _setup(tmp_path, redis_server, prefix)
     dispatcher = RedisDispatcher(backend)
     s = Streams(backend)
     s.ensure_task_groups()

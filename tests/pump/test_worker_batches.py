@@ -1,7 +1,9 @@
 """A worker on one tasks stream reads short tasks in batches and hands their results in with one
-MULTI; a long task in a batch keeps the tasks behind it from being taken over (the heartbeat
-re-claims every task in hand), and each task is answered once. A real redis-server; the worker
-runs in a thread of the test (the same loop `xml-pipeline worker` runs)."""
+MULTI. Before a task of a listener known to run long it hands in what is done and gives the tasks
+read behind it back to the stream; a task that runs long unexpectedly keeps the ones behind it from
+being taken over (the heartbeat re-claims every task in hand). Each task is answered once. A real
+redis-server; the worker runs in a thread of the test (the loop `xml-pipeline worker` runs), or
+step by step."""
 from __future__ import annotations
 
 import asyncio
@@ -77,7 +79,8 @@ async def test_short_tasks_are_handed_in_a_batch_at_a_time(redis_server, prefix:
     backend.close()
 
 
-async def test_a_long_task_in_a_batch_keeps_the_ones_behind_it(redis_server, prefix: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_an_unexpectedly_long_task_in_a_batch_keeps_the_ones_behind_it(redis_server, prefix: str,  # type: ignore[no-untyped-def]
+                                                                               tmp_path: Path) -> None:
     # claim_idle well under the long task: without the heartbeat of every task in hand, another
     # consumer's XAUTOCLAIM would take the queued short tasks while the long one runs.
     organism, backend = _setup(tmp_path, redis_server.url, prefix, claim_idle_seconds=0.6, heartbeat_seconds=0.1)
@@ -88,7 +91,9 @@ async def test_a_long_task_in_a_batch_keeps_the_ones_behind_it(redis_server, pre
     worker = DistributedWorker(backend, organism)
     markers = [tmp_path / f"m{i}" for i in range(5)]
     try:
-        warm = [asyncio.ensure_future(dispatcher.run(_task("echo", "<e/>"))) for i in range(16)]
+        # Both listeners known as short: a slow task that runs 2 s is a surprise.
+        warm = [asyncio.ensure_future(dispatcher.run(_task(name, '<s seconds="0"/>')))
+                for i in range(16) for name in ("echo", "slow")]
         thread = _start(worker)
         await asyncio.wait_for(asyncio.gather(*warm), 30)
         runs = [asyncio.ensure_future(dispatcher.run(_task("slow", f'<s seconds="2" marker="{markers[0]}"/>')))]
@@ -106,4 +111,43 @@ async def test_a_long_task_in_a_batch_keeps_the_ones_behind_it(redis_server, pre
     assert stolen == []
     assert all(r.ok for r in results)
     assert [len(m.read_text().split()) for m in markers] == [1] * 5  # each ran once
+    backend.close()
+
+
+async def test_before_a_task_known_to_run_long_the_ones_read_behind_it_are_given_back(
+        redis_server, prefix: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    organism, backend = _setup(tmp_path, redis_server.url, prefix)
+    client = redis_server.client()
+    s = Streams(backend)
+    dispatcher = RedisDispatcher(backend)
+    await dispatcher.start()
+    worker = DistributedWorker(backend, organism)
+    worker._next_claim = float("inf")  # noqa: SLF001 - no reclaim in these steps
+    try:
+        for long_one in (False, True):
+            worker._run_avg = 1e-4  # noqa: SLF001 - recent tasks short: batches of MAX_BATCH
+            worker._listener_avg = {"echo": 1e-4, "slow": 1.0 if long_one else 1e-4}  # noqa: SLF001
+            tasks = [_task("slow", '<s seconds="0.1"/>')] + [_task("echo", f'<e tag="{i}"/>') for i in range(4)]
+            runs = [asyncio.ensure_future(dispatcher.run(t)) for t in tasks]
+            while client.xlen(s.tasks) < 5:
+                await asyncio.sleep(0.01)
+            first = worker._read_one()  # noqa: SLF001
+            assert first is not None and len(worker._queue) == 4  # noqa: SLF001 - one batch of five
+            worker._handle(*first)  # noqa: SLF001 - the slow task
+            pending = client.xpending(s.tasks, WORKER_GROUP)["pending"]
+            if long_one:
+                # Given back: four new entries nobody holds; only the slow task's (run, not handed in).
+                assert len(worker._queue) == 0 and pending == 1 and client.xlen(s.tasks) == 5  # noqa: SLF001
+            else:
+                assert len(worker._queue) == 4 and pending == 5  # noqa: SLF001 - kept, in hand
+            while worker._queue or worker._done or client.xlen(s.tasks):  # noqa: SLF001 - finish the rest
+                entry = worker._queue.popleft() if worker._queue else worker._read_one()  # noqa: SLF001
+                if entry is not None:
+                    worker._handle(*entry)  # noqa: SLF001
+                worker._hand_in(final=not worker._queue)  # noqa: SLF001
+            results = await asyncio.wait_for(asyncio.gather(*runs), 30)
+            assert all(r.ok for r in results) and len({r.task_id for r in results}) == 5
+            assert client.xlen(s.tasks) == 0 and client.xpending(s.tasks, WORKER_GROUP)["pending"] == 0
+    finally:
+        await dispatcher.close()
     backend.close()

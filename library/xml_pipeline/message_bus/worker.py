@@ -67,9 +67,11 @@ CHAINED_PER_BUCKET = 4
 #: at once and hands in their results and acknowledgements in one MULTI (with the next read in the
 #: same round trip), so a round trip serves a batch instead of one task. A batch is sized so its
 #: tasks are expected to run within BATCH_SECONDS in all (from the worker's recent run times), and
-#: results are handed in at the latest once BATCH_SECONDS have passed: a long task in a batch
-#: holds back the short ones behind it (re-claimed by the heartbeat while they wait) by little more
-#: than its own run, and the results before it by at most BATCH_SECONDS.
+#: results are handed in once BATCH_SECONDS have passed. Before a task whose listener runs longer
+#: than BATCH_SECONDS (as far as this worker has seen; a listener it has not run yet counts as long)
+#: the results are handed in and the tasks read behind it are given back to the stream for other
+#: workers; a task that runs long against its listener's habit holds back the ones behind it (kept
+#: by the heartbeat meanwhile) and the results before it for its run.
 MAX_BATCH = 8
 BATCH_SECONDS = 0.005
 #: The heartbeat file is refreshed at most this often (`xml-pipeline healthcheck --max-age`: 30 s by default).
@@ -117,6 +119,7 @@ class DistributedWorker:
         # replaced whole, so the heartbeat thread reads it without a lock.
         self._held: tuple[tuple[str, str], ...] = ()
         self._run_avg = BATCH_SECONDS  # recent run time per task (moving average), sizes a batch
+        self._listener_avg: dict[str, float] = {}  # the same per listener: is the next task long?
         self._touched = float("-inf")  # when the heartbeat file was last refreshed
         self._chained = 0  # tasks read in a row from one bucket along with an acknowledgement
         self._look = True  # look at every bucket before waiting on the doorbell
@@ -381,13 +384,18 @@ class DistributedWorker:
                                   error_type="UnknownListener", worker=self.name)
             outcome = Outcome(result)
         else:
+            known = self._listener_avg.get(task.listener)
+            if (known is None or known > BATCH_SECONDS) and not self.streams.sharded:
+                self._clear_the_way()
             self.current, self._entry = task.task_id, (self.streams.task_streams[bucket], entry_id)
             started = time.monotonic()
             try:
                 outcome = run_task(self.backend, task, worker=self.name)
             finally:
                 self.current = self._entry = None
-            self._run_avg = 0.7 * self._run_avg + 0.3 * (time.monotonic() - started)
+            took = time.monotonic() - started
+            self._run_avg = 0.7 * self._run_avg + 0.3 * took
+            self._listener_avg[task.listener] = took if known is None else 0.7 * known + 0.3 * took
             result = outcome.result
         if result.ok:
             if self.streams.sharded:
@@ -471,6 +479,29 @@ class DistributedWorker:
             self._chained += 1
             self._queue.append(got)
         return True
+
+    def _clear_the_way(self) -> None:
+        """Before a task expected to run long: hand in what is done, and give the tasks read behind
+        it back to the tasks stream (copies at its end, the originals acknowledged, in one MULTI),
+        where an idle worker takes them instead of their waiting for this one."""
+        if self._done:
+            done, self._done = self._done, []
+            self._with_redis(lambda: self._finish(done, chain=False), essential=True)
+        if self._queue:
+            back = list(self._queue)
+            self._queue.clear()
+            self._with_redis(lambda: self._give_back(back), essential=True)
+        self._held = ()
+
+    def _give_back(self, entries: list[Entry]) -> bool:
+        s = self.streams
+        cmds: list[tuple[Any, ...]] = [("XADD", s.tasks, "*", *(x for kv in fields.items() for x in kv))
+                                       for _, _, fields, _ in entries]
+        if s.ttl:
+            cmds.append(("EXPIRE", s.tasks, s.ttl))
+        ids = [entry_id for _, entry_id, _, _ in entries]
+        cmds += [("XACK", s.tasks, WORKER_GROUP, *ids), ("XDEL", s.tasks, *ids)]
+        return self._transaction(f"{len(entries)} task(s) given back", cmds)
 
     def _finish(self, done: list[tuple[str, WorkerTask, Outcome]], *, chain: bool) -> None:
         """The responses, results, XACK and XDEL of the tasks `done`, in one MULTI; in the same round

@@ -57,7 +57,8 @@ How a task stays safe:
   XACKs it (and XDELs it: the stream only holds unfinished tasks) in one MULTI with the result
   (in the task's bucket after the result, on a cluster: above). On one tasks stream a worker whose
   tasks run short reads several at once and hands their results in with one MULTI (worker.py,
-  MAX_BATCH, BATCH_SECONDS).
+  MAX_BATCH, BATCH_SECONDS); before a task of a listener known to run long it gives the tasks read
+  behind it back (copies at the stream's end, the originals acknowledged, in one MULTI).
 - While a task runs, a heartbeat thread re-claims it for its own consumer every heartbeat_seconds
   (XCLAIM ... JUSTID, only while it still owns it: a Lua script checks first), which resets its idle
   time; so are the tasks the worker read with it and has not handed in yet. A worker that dies stops heartbeating; after claim_idle_seconds another worker's XAUTOCLAIM

@@ -40,8 +40,8 @@ from ..memory.signing import OVERHEAD, Signer
 from ..memory.slots import BufferSlot
 from .message import Message
 
-__all__ = ["INLINE_PAYLOAD_MAX", "metadata_json", "seal_input", "open_input", "seal_response", "open_response_body",
-           "payload_from_slot"]
+__all__ = ["INLINE_PAYLOAD_MAX", "metadata_json", "namespace_of", "seal_input", "open_input", "seal_response",
+           "open_response_body", "payload_from_slot"]
 
 #: A payload larger than this is not copied into the task (or a temp key): the worker reads it from
 #: the message's slot in the context buffer, which the pump stores anyway.

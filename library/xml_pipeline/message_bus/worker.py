@@ -72,8 +72,11 @@ CHAINED_PER_BUCKET = 4
 #: the results are handed in and the tasks read behind it are given back to the stream for other
 #: workers; a task that runs long against its listener's habit holds back the ones behind it (kept
 #: by the heartbeat meanwhile) and the results before it for its run.
+#: A batch forms only when tasks wait in the stream (a read returns what is there), so the time a
+#: result may wait for its batch's others is spent under a backlog, where the task would have waited
+#: for a worker anyway.
 MAX_BATCH = 8
-BATCH_SECONDS = 0.005
+BATCH_SECONDS = 0.01
 #: The heartbeat file is refreshed at most this often (`xml-pipeline healthcheck --max-age`: 30 s by default).
 TOUCH_SECONDS = 1.0
 

@@ -57,6 +57,19 @@ def pipe_of(store: Any) -> ClusterPipe:
     return store.pipe
 
 
+def pipe_rig(url: str, **config: Any) -> tuple[RedisClusterBackend, RedisStore, ContextBuffer, ClusterPipe]:
+    """A cluster backend, its store (with the cluster pipe) and a ContextBuffer on it; close_rig ends it."""
+    backend = backend_on(url, **config)
+    store = open_store(backend)
+    return backend, store, ContextBuffer(backend), pipe_of(store)
+
+
+def close_rig(backend: RedisClusterBackend, store: Any) -> None:
+    store.close()
+    backend.buffer_clear()
+    backend.close()
+
+
 def ids_in_slot(slot: int, n: int) -> list[str]:
     """`n` ids whose hash tag falls in `slot` (thread ids and temp ids are their keys' hash tags)."""
     out: list[str] = []
@@ -73,10 +86,7 @@ def other_master(cluster: LocalCluster, slot: int) -> ClusterNode:
 
 
 async def test_the_pipe_sends_to_every_master(shared_cluster: LocalCluster) -> None:
-    backend = backend_on(shared_cluster.url)
-    store = open_store(backend)
-    buffer = ContextBuffer(backend)
-    pipe = pipe_of(store)
+    backend, store, buffer, pipe = pipe_rig(shared_cluster.url)
     threads = [secrets.token_hex(6) for _ in range(30)]
     try:
         items = {t: [(secrets.token_hex(6), backend.signer.sign(t.encode()))] for t in threads}
@@ -110,17 +120,12 @@ async def test_the_pipe_sends_to_every_master(shared_cluster: LocalCluster) -> N
         assert [fields for _, fields in read[0][0][1]] == [[b"f", b"1"], [b"f", b"2"]]
         assert store.fallbacks == 0
     finally:
-        store.close()
-        backend.buffer_clear()
         backend.client.delete(backend.key("tasks"))
-        backend.close()
+        close_rig(backend, store)
 
 
 async def test_a_slot_moved_under_append_load(shared_cluster: LocalCluster) -> None:
-    backend = backend_on(shared_cluster.url)
-    store = open_store(backend)
-    buffer = ContextBuffer(backend)
-    pipe = pipe_of(store)
+    backend, store, buffer, pipe = pipe_rig(shared_cluster.url)
     slot = secrets.randbelow(16384)
     moving = ids_in_slot(slot, 3)
     threads = moving + [secrets.token_hex(6) for _ in range(3)]
@@ -161,16 +166,11 @@ async def test_a_slot_moved_under_append_load(shared_cluster: LocalCluster) -> N
         assert pipe.redirects >= 1
         assert pipe.node_commands().get(target.address, 0) > 0
     finally:
-        store.close()
-        backend.buffer_clear()
-        backend.close()
+        close_rig(backend, store)
 
 
 async def test_ask_while_a_slot_is_half_moved(shared_cluster: LocalCluster) -> None:
-    backend = backend_on(shared_cluster.url)
-    store = open_store(backend)
-    buffer = ContextBuffer(backend)
-    pipe = pipe_of(store)
+    backend, store, buffer, pipe = pipe_rig(shared_cluster.url)
     slot = secrets.randbelow(16384)
     thread, temp, other = ids_in_slot(slot, 3)
     stream = f"{backend.prefix}s:{{{thread}}}"
@@ -215,10 +215,8 @@ async def test_ask_while_a_slot_is_half_moved(shared_cluster: LocalCluster) -> N
         assert pipe.node_commands()[target.address] > sent and tgt.xlen(stream) == 3
         assert [s.payload for s in buffer.get_thread_slots(thread)] == ["before", "before2", "during", "after"]
     finally:
-        store.close()
-        backend.buffer_clear()
         backend.client.delete(stream)
-        backend.close()
+        close_rig(backend, store)
 
 
 def _wait_replicated(master: ClusterNode) -> None:
@@ -414,10 +412,8 @@ async def test_the_pipe_over_a_tls_cluster(tls_cluster: LocalCluster, tls_files:
     """A TLS-only cluster (every link TLS, conftest `tls_cluster`): the per-node pipes speak TLS,
     verifying each master against backend.redis_ca_cert."""
     cluster = tls_cluster
-    backend = backend_on(cluster.url, redis_ca_cert=str(tls_files.ca), socket_timeout=2.0, connect_timeout=1.0)
-    store = open_store(backend)
-    buffer = ContextBuffer(backend)
-    pipe = pipe_of(store)
+    backend, store, buffer, pipe = pipe_rig(cluster.url, redis_ca_cert=str(tls_files.ca), socket_timeout=2.0,
+                                            connect_timeout=1.0)
     threads = [secrets.token_hex(6) for _ in range(12)]
     try:
         for r in range(2):
@@ -429,6 +425,4 @@ async def test_the_pipe_over_a_tls_cluster(tls_cluster: LocalCluster, tls_files:
         context = getattr(tls_pipe, "_tls")
         assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
     finally:
-        store.close()
-        backend.buffer_clear()
-        backend.close()
+        close_rig(backend, store)

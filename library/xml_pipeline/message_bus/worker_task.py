@@ -244,13 +244,6 @@ def input_values(message: Message, *, chain: str | None = None) -> tuple[tuple[s
                                          (metadata_key, _META, metadata_json(message, chain))]
 
 
-def signed_inputs(backend: SharedBackend, message: Message, *,
-                  chain: str | None = None) -> tuple[tuple[str, str], list[tuple[str, bytes]]]:
-    """input_values(), signed with the backend's key ring: ((payload_key, metadata_key), [(key, blob)])."""
-    keys, items = input_values(message, chain=chain)
-    return keys, _signed(backend, items)
-
-
 def store_inputs(backend: SharedBackend, message: Message, *, chain: str | None = None) -> tuple[str, str]:
     """Pump side, step 1: store payload and metadata; return (payload_key, metadata_key)."""
     keys, items = input_values(message, chain=chain)

@@ -497,14 +497,19 @@ class DistributedWorker:
         self._held = ()
 
     def _give_back(self, entries: list[Entry]) -> bool:
+        return self._put_back(self.streams.tasks, [entry_id for _, entry_id, _, _ in entries],
+                              [fields for _, _, fields, _ in entries], f"{len(entries)} task(s) given back")
+
+    def _put_back(self, stream: str, ids: list[str], copies: list[dict[Any, Any]], what: str) -> bool:
+        """`copies` added at the end of `stream` (with its TTL) and the entries `ids` acknowledged
+        and deleted, in one MULTI: a task given back or re-queued is never lost nor doubled."""
         s = self.streams
-        cmds: list[tuple[Any, ...]] = [("XADD", s.tasks, "*", *(x for kv in fields.items() for x in kv))
-                                       for _, _, fields, _ in entries]
+        cmds: list[tuple[Any, ...]] = [("XADD", stream, "*", *(x for kv in fields.items() for x in kv))
+                                       for fields in copies]
         if s.ttl:
-            cmds.append(("EXPIRE", s.tasks, s.ttl))
-        ids = [entry_id for _, entry_id, _, _ in entries]
-        cmds += [("XACK", s.tasks, WORKER_GROUP, *ids), ("XDEL", s.tasks, *ids)]
-        return self._transaction(f"{len(entries)} task(s) given back", cmds)
+            cmds.append(("EXPIRE", stream, s.ttl))
+        cmds += [("XACK", stream, WORKER_GROUP, *ids), ("XDEL", stream, *ids)]
+        return self._transaction(what, cmds)
 
     def _finish(self, done: list[tuple[str, WorkerTask, Outcome]], *, chain: bool) -> None:
         """The responses, results, XACK and XDEL of the tasks `done`, in one MULTI; in the same round
@@ -554,16 +559,9 @@ class DistributedWorker:
             if first is not None:
                 self._queue.appendleft(first)
 
-    def _requeue(self, bucket: int, entry_id: str, task: WorkerTask, failures: int) -> None:
-        s = self.streams
-        stream = s.task_streams[bucket]
-        again = task.with_failures(failures)
-        pipe = s.client.pipeline(transaction=True)
-        pipe.xadd(stream, _xfields(again.to_fields()))
-        s.expire(pipe, stream)
-        pipe.xack(stream, WORKER_GROUP, entry_id)
-        pipe.xdel(stream, entry_id)
-        pipe.execute()
+    def _requeue(self, bucket: int, entry_id: str, task: WorkerTask, failures: int) -> bool:
+        return self._put_back(self.streams.task_streams[bucket], [entry_id], [task.with_failures(failures).to_fields()],
+                              f"task {task.task_id} re-queued")
 
     def _dead_letter(self, bucket: int, entry_id: str, task: WorkerTask | None, fields: dict[str, str | bytes], error: str,
                      *, error_type: str | None = None) -> None:

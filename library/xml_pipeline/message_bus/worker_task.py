@@ -140,14 +140,12 @@ class WorkerTask:
 
     @classmethod
     def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> "WorkerTask":
-        d: dict[str, bytes | str] = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
-        sealed = d.pop("input", b"")
         try:
-            s = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in d.items()}
+            s, sealed = _entry_fields(fields, "input", "strict")
             return cls(task_id=s["task_id"], listener=s["listener"], handler=s["handler"],
                        payload_key=s.get("payload_key", ""), metadata_key=s.get("metadata_key", ""),
                        reply_to=s.get("reply_to", ""), failures=int(s.get("failures", "0")),
-                       sealed_input=sealed.encode() if isinstance(sealed, str) else sealed)
+                       sealed_input=sealed)
         except (KeyError, ValueError) as e:  # UnicodeDecodeError is a ValueError
             raise ValueError(f"malformed task entry: {e}") from None
 
@@ -196,13 +194,24 @@ class WorkerResult:
 
     @classmethod
     def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> "WorkerResult":
-        d: dict[str, bytes | str] = {(k.decode(errors="replace") if isinstance(k, bytes) else k): v
-                                     for k, v in fields.items()}
-        sealed = d.pop("response", b"")
-        s = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in d.items()}
+        s, sealed = _entry_fields(fields, "response", "replace")
         return cls(task_id=s.get("task_id", ""), response_key=s.get("response_key") or None,
                    error=s.get("error") or None, error_type=s.get("error_type") or None,
-                   worker=s.get("worker", ""), sealed_response=sealed.encode() if isinstance(sealed, str) else sealed)
+                   worker=s.get("worker", ""), sealed_response=sealed)
+
+
+def _entry_fields(fields: dict[bytes | str, bytes | str], sealed: str, errors: str) -> tuple[dict[str, str], bytes]:
+    """A stream entry's fields as text, and its sealed field (`sealed`, b"" if none) as bytes.
+    `errors`: how bytes that are not UTF-8 decode ("strict" raises UnicodeDecodeError)."""
+    text: dict[str, str] = {}
+    value: bytes = b""
+    for k, v in fields.items():
+        name = k.decode(errors=errors) if isinstance(k, bytes) else k
+        if name == sealed:
+            value = v.encode() if isinstance(v, str) else v
+        else:
+            text[name] = v.decode(errors=errors) if isinstance(v, bytes) else v
+    return text, value
 
 
 # -- temp values --------------------------------------------------------------------------------------

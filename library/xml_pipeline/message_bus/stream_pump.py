@@ -345,7 +345,7 @@ class StreamPump:
         msg = item.message
         listener = self._listeners.get(msg.to)
         try:
-            msg, index = await self._step_in(msg, item.admit, listener)
+            msg, index = await self._step_in(msg, item.admit)
         except MessageError as e:
             log.warning("rejected message %s from %r to %r: %s", msg.id, msg.sender, msg.to, e)
             await self._emit(item, Message(sender="pump", to=msg.sender, kind="error", thread=msg.thread,
@@ -373,12 +373,11 @@ class StreamPump:
                 self._forward(item, out)
 
     # -- the steps of one message: in (admit, append), run, out -------------------------------------
-    async def _step_in(self, msg: Message, admit: bool, listener: ListenerSpec | None) -> tuple[Message, int]:
+    async def _step_in(self, msg: Message, admit: bool) -> tuple[Message, int]:
         """Admit (a message from outside), then append to the buffer. Returns the message (with its
         thread) and the index its slot landed at (a worker pod reads a large payload from there)."""
         if admit:
             msg = await self._router.admit(msg)
-        assert listener is not None
         return msg, (await self._append(msg)).index
 
     async def _append(self, msg: Message) -> BufferSlot:

@@ -85,8 +85,9 @@ class DistributedWorker:
     """One consumer of the tasks stream (of every task bucket, on a cluster). `run()` blocks until
     `request_stop()` (SIGTERM). `tasks_buckets`: see Streams (the pumps must use the same number).
 
-    (Over 500 lines: the read, claim, heartbeat, result and dead-letter steps serve one stream and
-    the cluster's task buckets alike; split by mode, each would exist twice.)"""
+    (Over 500 lines: the read, batch, claim, heartbeat, result and dead-letter steps share the
+    worker's state — the tasks in hand, the batch, the bucket cursor — and serve one stream and the
+    cluster's task buckets alike; split by mode, each would exist twice.)"""
 
     def __init__(self, backend: RedisBackend, organism: Organism, *, name: str | None = None,
                  heartbeat_file: str | None = None, parent_pid: int | None = None,
